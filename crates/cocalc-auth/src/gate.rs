@@ -1,0 +1,151 @@
+//! [`Gate`]: the one check every data-plane request passes — token, then
+//! project, then revocations and ACL — with an audit record either way.
+
+use std::sync::Arc;
+
+use cocalc_core::{
+    ApiError, AuditOutcome, AuditRecord, HostId, Permission, ProjectId, SharedClock, TokenClaims,
+    TokenError, TokenVerifier,
+};
+
+use crate::acl::{AccessError, AclCache};
+use crate::audit::AuditSink;
+
+/// Why the gate refused a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthError {
+    /// The token itself failed a check.
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    /// The token is fine; access is not.
+    #[error(transparent)]
+    Access(#[from] AccessError),
+}
+
+impl AuthError {
+    /// Stable code for audit records and API errors.
+    pub fn code(&self) -> &'static str {
+        match self {
+            AuthError::Token(e) => e.code(),
+            AuthError::Access(e) => e.code(),
+        }
+    }
+}
+
+impl From<&AuthError> for ApiError {
+    fn from(e: &AuthError) -> Self {
+        match e {
+            AuthError::Token(t) => ApiError::from(t),
+            AuthError::Access(a) => ApiError::from(a),
+        }
+    }
+}
+
+/// What a successful check yields.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    /// The verified claims.
+    pub claims: Arc<TokenClaims>,
+    /// The effective permission (the lesser of token and ACL).
+    pub permission: Permission,
+}
+
+/// Token verification plus ACL check plus audit, for one host.
+pub struct Gate {
+    host: HostId,
+    verifier: Arc<dyn TokenVerifier>,
+    acl: Arc<AclCache>,
+    audit: Arc<dyn AuditSink>,
+    clock: SharedClock,
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gate")
+            .field("host", &self.host)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Gate {
+    /// A gate for `host`.
+    pub fn new(
+        host: HostId,
+        verifier: Arc<dyn TokenVerifier>,
+        acl: Arc<AclCache>,
+        audit: Arc<dyn AuditSink>,
+        clock: SharedClock,
+    ) -> Self {
+        Gate {
+            host,
+            verifier,
+            acl,
+            audit,
+            clock,
+        }
+    }
+
+    /// The ACL cache behind the gate (for push updates).
+    pub fn acl(&self) -> &Arc<AclCache> {
+        &self.acl
+    }
+
+    /// Checks that `token` lets its bearer do `action` (needing `needed`) on
+    /// `project`. Every outcome is audited. [`AccessError::NeedsRefresh`]
+    /// means: fetch the ACL entry from the master, `set` it, call again.
+    pub async fn authorize(
+        &self,
+        token: &str,
+        project: ProjectId,
+        needed: Permission,
+        action: &str,
+    ) -> Result<Grant, AuthError> {
+        let result = self.decide(token, project, needed).await;
+        let (outcome, reason, detail, claims) = match &result {
+            Ok(g) => (
+                AuditOutcome::Grant,
+                "granted",
+                String::new(),
+                Some(g.claims.clone()),
+            ),
+            Err((e, claims)) => (
+                AuditOutcome::Refuse,
+                e.code(),
+                e.to_string(),
+                claims.clone(),
+            ),
+        };
+        let mut rec = AuditRecord::new(self.clock.now(), outcome, action, reason, detail);
+        rec.host = Some(self.host);
+        rec.project = Some(project);
+        if let Some(c) = claims {
+            rec.user = Some(c.user);
+            rec.token_id = Some(c.token_id.clone());
+        }
+        self.audit.record(rec);
+        result.map_err(|(e, _)| e)
+    }
+
+    async fn decide(
+        &self,
+        token: &str,
+        project: ProjectId,
+        needed: Permission,
+    ) -> Result<Grant, (AuthError, Option<Arc<TokenClaims>>)> {
+        let claims = self
+            .verifier
+            .verify(token)
+            .await
+            .map_err(|e| (AuthError::Token(e), None))?;
+        let fail = |e: AuthError| (e, Some(claims.clone()));
+        claims
+            .require_project(project)
+            .map_err(|e| fail(e.into()))?;
+        let permission = self
+            .acl
+            .check(&claims, needed)
+            .map_err(|e| fail(e.into()))?;
+        Ok(Grant { claims, permission })
+    }
+}

@@ -1,0 +1,62 @@
+//! The [`Transport`] trait: how the master and the proxy reach a host.
+//!
+//! A host is reached either directly at a URL or through a reverse tunnel it
+//! dialled out (see [`HostEndpoint`]). Control-plane code opens connections
+//! only through a `Transport`, so tests and the network simulator can swap
+//! the network out. `TcpTransport` (direct) lives in `cocalc-proxy`, as will
+//! the tunnel transport; `cocalc-testkit` has an in-memory one.
+
+use async_trait::async_trait;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::id::HostId;
+use crate::record::HostEndpoint;
+
+/// A bidirectional byte connection.
+pub trait Connection: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection for T {}
+
+/// A boxed connection, as [`Transport::connect`] returns it.
+pub type BoxedConnection = Box<dyn Connection>;
+
+/// Why a host could not be reached.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// The endpoint is not of a kind this transport serves.
+    #[error("transport cannot reach endpoint {0:?}")]
+    UnsupportedEndpoint(HostEndpoint),
+    /// The endpoint is malformed (bad URL).
+    #[error("invalid endpoint: {0}")]
+    InvalidEndpoint(String),
+    /// Connecting failed; may succeed later.
+    #[error("host {host} unreachable: {reason}")]
+    Unreachable {
+        /// The host.
+        host: HostId,
+        /// What failed.
+        reason: String,
+    },
+}
+
+impl TransportError {
+    /// True when retrying later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, TransportError::Unreachable { .. })
+    }
+}
+
+/// Opens byte connections to hosts.
+///
+/// Contract: `connect` either returns a connection on which the host's data
+/// plane (HTTP/1.1 or HTTP/2) can be spoken, or an error; it never hangs
+/// longer than the implementation's documented connect timeout.
+#[async_trait]
+pub trait Transport: Send + Sync {
+    /// Connects to `host` at `endpoint`.
+    async fn connect(
+        &self,
+        host: HostId,
+        endpoint: &HostEndpoint,
+    ) -> Result<BoxedConnection, TransportError>;
+}

@@ -1,0 +1,378 @@
+//! Serde wire types of the control-plane APIs, defined once for server and
+//! client.
+//!
+//! Every top-level message carries `v`, the wire version ([`WIRE_VERSION`]).
+//! A receiver refuses a message whose major version it does not know
+//! ([`check_version`]); fields added later are optional so older senders keep
+//! working. Messages that may grow are `#[non_exhaustive]`: build them with
+//! their constructors.
+
+use serde::{Deserialize, Serialize};
+
+use crate::id::{HostId, ProjectId, UserId};
+use crate::placement::PlacementDecision;
+use crate::record::{
+    Capacity, Generation, Health, HostEndpoint, HostState, Load, Permission, Region,
+};
+use crate::time::Timestamp;
+
+/// The wire version this build speaks.
+pub const WIRE_VERSION: u16 = 1;
+
+fn v1() -> u16 {
+    WIRE_VERSION
+}
+
+/// `Ok` if `v` is a version this build understands.
+pub fn check_version(v: u16) -> Result<(), crate::error::ApiError> {
+    if v == WIRE_VERSION {
+        Ok(())
+    } else {
+        Err(crate::error::ApiError::new(
+            400,
+            "unsupported_version",
+            format!("wire version {v} is not supported; this build speaks {WIRE_VERSION}"),
+        ))
+    }
+}
+
+/// `POST /v1/projects`: create a project owned by the caller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct CreateProjectRequest {
+    /// Wire version.
+    #[serde(default = "v1")]
+    pub v: u16,
+    /// Human-readable name, unique per owner.
+    pub name: String,
+    /// Image to run; `None` = the host's default.
+    #[serde(default)]
+    pub image: Option<String>,
+}
+
+impl CreateProjectRequest {
+    /// A request for a project called `name` with the default image.
+    pub fn new(name: impl Into<String>) -> Self {
+        CreateProjectRequest {
+            v: WIRE_VERSION,
+            name: name.into(),
+            image: None,
+        }
+    }
+}
+
+/// A project as the master describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ProjectInfo {
+    /// Wire version.
+    #[serde(default = "v1")]
+    pub v: u16,
+    /// Its id.
+    pub id: ProjectId,
+    /// Its name.
+    pub name: String,
+    /// Its owner.
+    pub owner: UserId,
+    /// Collaborators and their permissions (the owner is `admin`).
+    pub collaborators: Vec<(UserId, Permission)>,
+    /// Host it is placed on, if any.
+    pub host: Option<HostId>,
+    /// Current placement generation.
+    pub generation: Generation,
+}
+
+/// `POST /v1/projects/{id}/open`: answer of an open-project call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct OpenProjectResponse {
+    /// Wire version.
+    #[serde(default = "v1")]
+    pub v: u16,
+    /// The project.
+    pub project: ProjectId,
+    /// The host it is placed on.
+    pub host: HostId,
+    /// How to reach the host (or the proxy in front of it).
+    pub endpoint: HostEndpoint,
+    /// Placement generation the token is bound to.
+    pub generation: Generation,
+    /// The connect token for that host.
+    pub token: String,
+    /// When the token expires.
+    pub expires: Timestamp,
+}
+
+impl OpenProjectResponse {
+    /// An open-project answer.
+    pub fn new(
+        project: ProjectId,
+        host: HostId,
+        endpoint: HostEndpoint,
+        generation: Generation,
+        token: String,
+        expires: Timestamp,
+    ) -> Self {
+        OpenProjectResponse {
+            v: WIRE_VERSION,
+            project,
+            host,
+            endpoint,
+            generation,
+            token,
+            expires,
+        }
+    }
+}
+
+/// `GET /v1/projects/{id}/placement`: why the project is where it is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct PlacementExplanation {
+    /// Wire version.
+    #[serde(default = "v1")]
+    pub v: u16,
+    /// The project.
+    pub project: ProjectId,
+    /// Its generation.
+    pub generation: Generation,
+    /// The stored decision.
+    pub decision: PlacementDecision,
+    /// When it was made.
+    pub decided_at: Timestamp,
+}
+
+/// `POST /v1/hosts/register`: a host introduces itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct RegisterHostRequest {
+    /// Wire version.
+    #[serde(default = "v1")]
+    pub v: u16,
+    /// The host's id.
+    pub host: HostId,
+    /// The host's Ed25519 public key, as PASERK `k4.public`.
+    pub public_key: String,
+    /// One-time bootstrap token minted by an operator (first registration only).
+    #[serde(default)]
+    pub bootstrap_token: Option<String>,
+    /// Its region.
+    pub region: Region,
+    /// How to reach it.
+    pub endpoint: HostEndpoint,
+    /// Its capacity.
+    pub capacity: Capacity,
+}
+
+impl RegisterHostRequest {
+    /// A registration request.
+    pub fn new(
+        host: HostId,
+        public_key: String,
+        bootstrap_token: Option<String>,
+        region: Region,
+        endpoint: HostEndpoint,
+        capacity: Capacity,
+    ) -> Self {
+        RegisterHostRequest {
+            v: WIRE_VERSION,
+            host,
+            public_key,
+            bootstrap_token,
+            region,
+            endpoint,
+            capacity,
+        }
+    }
+}
+
+/// Answer to registration and to every keepalive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct LeaseGrant {
+    /// Wire version.
+    #[serde(default = "v1")]
+    pub v: u16,
+    /// The host's state as the master sees it.
+    pub state: HostState,
+    /// When the lease runs out unless renewed.
+    pub lease_expires: Timestamp,
+    /// When to send the next keepalive, milliseconds from now (jitter applied).
+    pub next_keepalive_ms: u64,
+    /// The master's token-signing public keys (PASERK `k4.public`), newest first.
+    pub signing_keys: Vec<String>,
+}
+
+impl LeaseGrant {
+    /// A lease answer.
+    pub fn new(
+        state: HostState,
+        lease_expires: Timestamp,
+        next_keepalive_ms: u64,
+        signing_keys: Vec<String>,
+    ) -> Self {
+        LeaseGrant {
+            v: WIRE_VERSION,
+            state,
+            lease_expires,
+            next_keepalive_ms,
+            signing_keys,
+        }
+    }
+}
+
+/// `POST /v1/hosts/{id}/keepalive`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct KeepaliveRequest {
+    /// Wire version.
+    #[serde(default = "v1")]
+    pub v: u16,
+    /// The host.
+    pub host: HostId,
+    /// Health now.
+    pub health: Health,
+    /// Capacity now (disk free changes).
+    pub capacity: Capacity,
+    /// Load now.
+    pub load: Load,
+}
+
+impl KeepaliveRequest {
+    /// A keepalive.
+    pub fn new(host: HostId, health: Health, capacity: Capacity, load: Load) -> Self {
+        KeepaliveRequest {
+            v: WIRE_VERSION,
+            host,
+            health,
+            capacity,
+            load,
+        }
+    }
+}
+
+/// `POST /v1/hosts/{id}/activity`: last use of projects on a host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ActivityReport {
+    /// Wire version.
+    #[serde(default = "v1")]
+    pub v: u16,
+    /// The reporting host.
+    pub host: HostId,
+    /// Projects and when each was last used.
+    pub last_use: Vec<(ProjectId, Timestamp)>,
+}
+
+impl ActivityReport {
+    /// An activity report.
+    pub fn new(host: HostId, last_use: Vec<(ProjectId, Timestamp)>) -> Self {
+        ActivityReport {
+            v: WIRE_VERSION,
+            host,
+            last_use,
+        }
+    }
+}
+
+/// A message on the master→host push channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum PushMessage {
+    /// Set (or, with `None`, remove) a user's permission on a project.
+    Acl {
+        /// The project.
+        project: ProjectId,
+        /// The user.
+        user: UserId,
+        /// New permission; `None` removes access.
+        permission: Option<Permission>,
+    },
+    /// Refuse every token of `user` issued before `not_before`
+    /// ("sign out everywhere").
+    RevokeUser {
+        /// The user.
+        user: UserId,
+        /// Cutoff.
+        not_before: Timestamp,
+    },
+    /// Refuse one token by its `jti` until it expires anyway.
+    RevokeToken {
+        /// The token id.
+        token_id: String,
+        /// The token's expiry (after it the entry can be dropped).
+        expires: Timestamp,
+    },
+    /// Start a project at this generation.
+    Start {
+        /// The project.
+        project: ProjectId,
+        /// Its generation.
+        generation: Generation,
+    },
+    /// Stop a project.
+    Stop {
+        /// The project.
+        project: ProjectId,
+    },
+    /// The master's current signing keys (PASERK `k4.public`), newest first.
+    SigningKeys {
+        /// The keys.
+        keys: Vec<String>,
+    },
+}
+
+/// One frame on the push channel: a sequence number and a message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct PushFrame {
+    /// Wire version.
+    #[serde(default = "v1")]
+    pub v: u16,
+    /// Monotonic per host; lets a reconnecting host ask for what it missed.
+    pub seq: u64,
+    /// The message.
+    pub message: PushMessage,
+}
+
+impl PushFrame {
+    /// A frame.
+    pub fn new(seq: u64, message: PushMessage) -> Self {
+        PushFrame {
+            v: WIRE_VERSION,
+            seq,
+            message,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_defaults_and_is_checked() {
+        let r: CreateProjectRequest = serde_json::from_str(r#"{"name":"x"}"#).unwrap();
+        assert_eq!(r.v, WIRE_VERSION);
+        assert!(check_version(r.v).is_ok());
+        let e = check_version(99).unwrap_err();
+        assert_eq!(e.status, 400);
+        assert_eq!(e.code, "unsupported_version");
+    }
+
+    #[test]
+    fn push_frames_round_trip() {
+        let f = PushFrame::new(
+            7,
+            PushMessage::Acl {
+                project: ProjectId::from_bytes([1; 16]),
+                user: UserId::from_bytes([2; 16]),
+                permission: None,
+            },
+        );
+        let j = serde_json::to_string(&f).unwrap();
+        assert!(j.contains(r#""type":"acl""#), "{j}");
+        assert_eq!(serde_json::from_str::<PushFrame>(&j).unwrap(), f);
+    }
+}

@@ -1,0 +1,28 @@
+//! # cocalc-proxy
+//!
+//! Optional ingress in front of project-hosts. This crate will hold:
+//!
+//! * **HTTP/WebSocket ingress**: routes `/<project id>/…` to the host that
+//!   holds the project, enforcing the base path (a canonical 36-byte UUID
+//!   segment) before anything is sliced, validating the same connect tokens
+//!   as hosts, streaming bodies, rate-limiting per project and per client;
+//! * **SSH ingress** (`ssh project-<uuid>@proxy`), public-key only;
+//! * **reverse tunnels**: the far end for hosts that accept no inbound
+//!   connections, as a [`Transport`](cocalc_core::Transport).
+//!
+//! What exists today is the direct transport, [`TcpTransport`], which the
+//! master and the proxy use to reach hosts that publish a URL.
+//!
+//! ```no_run
+//! use cocalc_core::{HostEndpoint, HostId, Transport};
+//! use cocalc_proxy::TcpTransport;
+//! # async fn demo() -> Result<(), cocalc_core::TransportError> {
+//! let t = TcpTransport::default();
+//! let endpoint = HostEndpoint::Url("http://127.0.0.1:8443".into());
+//! let _conn = t.connect(HostId::from_bytes([1; 16]), &endpoint).await?;
+//! # Ok(()) }
+//! ```
+
+mod tcp;
+
+pub use tcp::{parse_host_url, TcpTransport};

@@ -1,0 +1,161 @@
+//! Direct TCP transport to hosts that publish a URL.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cocalc_core::{BoxedConnection, HostEndpoint, HostId, Transport, TransportError};
+use tokio::net::TcpStream;
+
+/// Connects to [`HostEndpoint::Url`] endpoints over plain TCP, with a connect
+/// timeout (default 5 s). For `https` URLs it opens the TCP connection only;
+/// TLS is layered on top by the caller. Tunnel endpoints are refused with
+/// [`TransportError::UnsupportedEndpoint`].
+#[derive(Debug, Clone)]
+pub struct TcpTransport {
+    connect_timeout: Duration,
+}
+
+impl Default for TcpTransport {
+    fn default() -> Self {
+        TcpTransport {
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl TcpTransport {
+    /// A transport with the given connect timeout.
+    pub fn with_timeout(connect_timeout: Duration) -> Self {
+        TcpTransport { connect_timeout }
+    }
+}
+
+/// Splits `http://host:port[/...]` (or `https://`) into `host:port`,
+/// supplying the scheme's default port. Refuses other schemes, user info,
+/// and empty hosts.
+pub fn parse_host_url(url: &str) -> Result<String, TransportError> {
+    let bad = |why: &str| TransportError::InvalidEndpoint(format!("{url:?}: {why}"));
+    let (rest, default_port) = if let Some(r) = url.strip_prefix("http://") {
+        (r, 80)
+    } else if let Some(r) = url.strip_prefix("https://") {
+        (r, 443)
+    } else {
+        return Err(bad("scheme must be http:// or https://"));
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.is_empty() {
+        return Err(bad("no host"));
+    }
+    if authority.contains('@') {
+        return Err(bad("user info is not allowed"));
+    }
+    // `[v6]:port`, `[v6]`, `host:port`, `host`.
+    let has_port = match authority.rfind(':') {
+        Some(i) => !authority[i..].contains(']'),
+        None => false,
+    };
+    if has_port {
+        let port = &authority[authority.rfind(':').map_or(0, |i| i + 1)..];
+        if port.parse::<u16>().is_err() {
+            return Err(bad("invalid port"));
+        }
+        Ok(authority.to_string())
+    } else {
+        Ok(format!("{authority}:{default_port}"))
+    }
+}
+
+#[async_trait]
+impl Transport for TcpTransport {
+    async fn connect(
+        &self,
+        host: HostId,
+        endpoint: &HostEndpoint,
+    ) -> Result<BoxedConnection, TransportError> {
+        let url = match endpoint {
+            HostEndpoint::Url(u) => u,
+            other => return Err(TransportError::UnsupportedEndpoint(other.clone())),
+        };
+        let addr = parse_host_url(url)?;
+        let unreachable = |reason: String| TransportError::Unreachable { host, reason };
+        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&addr))
+            .await
+            .map_err(|_| unreachable(format!("connect to {addr} timed out")))?
+            .map_err(|e| unreachable(format!("connect to {addr}: {e}")))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|e| unreachable(format!("set TCP_NODELAY: {e}")))?;
+        Ok(Box::new(stream))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn parses_urls() {
+        assert_eq!(
+            parse_host_url("http://127.0.0.1:8/x").unwrap(),
+            "127.0.0.1:8"
+        );
+        assert_eq!(
+            parse_host_url("https://h.example").unwrap(),
+            "h.example:443"
+        );
+        assert_eq!(parse_host_url("http://[::1]:9").unwrap(), "[::1]:9");
+        assert_eq!(parse_host_url("http://[::1]").unwrap(), "[::1]:80");
+        assert!(parse_host_url("ftp://h").is_err());
+        assert!(parse_host_url("http://").is_err());
+        assert!(parse_host_url("http://u@h:1").is_err());
+        assert!(parse_host_url("http://h:99999").is_err());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn connects_and_carries_bytes() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut b = [0u8; 4];
+            s.read_exact(&mut b).await.unwrap();
+            s.write_all(&b).await.unwrap();
+        });
+        let t = TcpTransport::default();
+        let host = HostId::from_bytes([1; 16]);
+        let mut c = t
+            .connect(host, &HostEndpoint::Url(format!("http://{addr}")))
+            .await
+            .unwrap();
+        c.write_all(b"ping").await.unwrap();
+        let mut b = [0u8; 4];
+        c.read_exact(&mut b).await.unwrap();
+        assert_eq!(&b, b"ping");
+        server.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn refuses_tunnels_and_reports_unreachable() {
+        let t = TcpTransport::with_timeout(Duration::from_secs(2));
+        let host = HostId::from_bytes([1; 16]);
+        let e = t
+            .connect(host, &HostEndpoint::Tunnel("t1".into()))
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(e, TransportError::UnsupportedEndpoint(_)));
+        // Bind then drop to get a port nobody listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let e = t
+            .connect(host, &HostEndpoint::Url(format!("http://127.0.0.1:{port}")))
+            .await
+            .err()
+            .unwrap();
+        assert!(e.is_retryable(), "{e}");
+    }
+}

@@ -1,0 +1,83 @@
+//! Shared wiring for the cocalc binaries: argument types and the mapping of
+//! failures to exit codes. Logic belongs in the library crates; this holds
+//! only what the command line itself needs.
+
+use std::time::Duration;
+
+/// Parses a duration written as a number with an optional unit:
+/// `90` or `90s` (seconds), `10m` (minutes), `2h` (hours), `1d` (days).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected a number with unit s, m, h or d"))?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => {
+            return Err(format!(
+                "invalid duration unit {unit:?} in {s:?}: use s, m, h or d"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("duration {s:?} is too large"))
+}
+
+/// A command-line failure: what to print and the exit code.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct CliError {
+    /// One line for stderr.
+    pub message: String,
+    /// Process exit code (see [`cocalc_core::ApiError::exit_code`]).
+    pub code: i32,
+}
+
+impl CliError {
+    /// A usage or input error (exit code 2).
+    pub fn usage(message: impl Into<String>) -> Self {
+        CliError {
+            message: message.into(),
+            code: 2,
+        }
+    }
+
+    /// An error carrying the exit code of an API error.
+    pub fn api(e: &cocalc_core::ApiError) -> Self {
+        CliError {
+            message: e.message.clone(),
+            code: e.exit_code(),
+        }
+    }
+
+    /// A local I/O or environment failure (exit code 1).
+    pub fn local(message: impl Into<String>) -> Self {
+        CliError {
+            message: message.into(),
+            code: 1,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_duration("10 minutes").is_err());
+        assert!(parse_duration("m").is_err());
+        assert!(parse_duration("99999999999999999999d").is_err());
+    }
+}
