@@ -227,6 +227,25 @@ pub struct ProjectPlacement {
     pub last_activity: Option<Timestamp>,
 }
 
+impl ProjectPlacement {
+    /// A map entry.
+    pub fn new(
+        project: ProjectId,
+        host: HostId,
+        generation: Generation,
+        state: ProjectState,
+        last_activity: Option<Timestamp>,
+    ) -> Self {
+        ProjectPlacement {
+            project,
+            host,
+            generation,
+            state,
+            last_activity,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

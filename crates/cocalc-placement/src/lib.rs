@@ -1,24 +1,59 @@
 //! # cocalc-placement
 //!
-//! The master's control-plane logic, as a library. This crate will hold:
+//! The master's control-plane logic, as a library:
 //!
-//! * the **host registry**: registration with a host key and a one-time
-//!   bootstrap token, keepalives that renew a lease (interval scaled with the
-//!   fleet size, with jitter), host states `up` / `draining` / `down`;
-//! * the **project→host map**, durable in SQLite (WAL) behind a store trait so
-//!   a PostgreSQL store can follow, with a generation per project that grows
-//!   on every assignment or move;
-//! * **placement strategies** implementing [`Placement`](cocalc_core::Placement)
-//!   (least-loaded with region preference, data-aware), each returning a
-//!   decision that lists candidates, scores and the reason;
-//! * later, the move coordinator (a persisted state machine).
+//! * [`Registry`]: registered hosts, leases renewed by keepalives, states
+//!   `up` / `draining` / `down` derived from the lease and the drain flag,
+//!   and a keepalive interval that grows with the fleet
+//!   ([`keepalive_interval`]) so the total keepalive rate stays flat;
+//! * [`MapStore`]: the durable project→host map with a generation per
+//!   project and the decision behind each assignment — [`SqliteStore`]
+//!   (WAL, one transaction per change) and [`MemoryStore`];
+//! * placement strategies implementing [`Placement`]: [`LeastLoaded`] (with
+//!   region preference) and [`DataAware`] (prefers hosts holding the
+//!   project's data, skips hosts below a disk-headroom floor), both able to
+//!   score a seeded random sample of hosts at fleet scale.
 //!
-//! Status: only the trait and the reference [`StaticPlacement`] (from
-//! `cocalc-core`) exist so far; the rest arrives with the master issue.
+//! Time comes from an injected clock and randomness from a seeded
+//! [`SeededRng`], so the control-plane simulator can drive all of it.
+//! Not here yet: the HTTP API, bootstrap tokens and host-key authentication,
+//! the push channel, and the move coordinator (the master issue).
+//!
+//! ## Example
 //!
 //! ```
-//! use cocalc_placement::{Placement, StaticPlacement};
-//! assert_eq!(StaticPlacement.name(), "static");
+//! use std::sync::Arc;
+//! use cocalc_core::wire::RegisterHostRequest;
+//! use cocalc_core::{Capacity, HostEndpoint, HostId, ManualClock, PlacementRequest,
+//!                   ProjectId, Region, Timestamp};
+//! use cocalc_placement::{Placement, LeastLoaded, Registry, RegistryPolicy};
+//!
+//! let clock = Arc::new(ManualClock::new(Timestamp::from_secs(1_000)));
+//! let registry = Registry::new(clock, RegistryPolicy::default(), 42);
+//! for n in 1..=3u8 {
+//!     registry.register(&RegisterHostRequest::new(
+//!         HostId::new_v4([n; 16]),
+//!         "k4.public.unused-here".into(),
+//!         None,
+//!         Region("eu".into()),
+//!         HostEndpoint::Url(format!("http://10.0.0.{n}:8443")),
+//!         Capacity { project_slots: 100, ..Capacity::default() },
+//!     ));
+//! }
+//! let decision = LeastLoaded::new()
+//!     .place(&PlacementRequest::new(ProjectId::new_v4([7; 16])), &registry.hosts())?;
+//! println!("{} because {}", decision.host, decision.reason);
+//! assert_eq!(decision.candidates.len(), 3);
+//! # Ok::<(), cocalc_core::PlacementError>(())
 //! ```
 
+pub mod registry;
+pub mod rng;
+pub mod store;
+pub mod strategy;
+
 pub use cocalc_core::placement::*;
+pub use registry::{keepalive_interval, HostRecord, Registry, RegistryError, RegistryPolicy};
+pub use rng::SeededRng;
+pub use store::{MapStore, MemoryStore, SqliteStore, StoreError, StoredDecision};
+pub use strategy::{DataAware, LeastLoaded};
