@@ -57,6 +57,7 @@
 pub mod acl;
 pub mod audit;
 pub mod gate;
+pub mod host_auth;
 pub mod keys;
 pub mod paserk;
 pub mod paseto;
@@ -65,5 +66,6 @@ pub mod token;
 pub use acl::{AccessError, AclCache, AclEntry, AclPolicy};
 pub use audit::{AuditSink, MemoryAuditSink, TracingAuditSink};
 pub use gate::{AuthError, Gate, Grant};
+pub use host_auth::{BootstrapToken, HostAuthError};
 pub use keys::{KeyEntry, KeyError, KeySet};
 pub use token::{encode_claims, MintError, MintRequest, Minter, TokenPolicy, Verifier};

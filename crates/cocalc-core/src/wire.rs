@@ -82,6 +82,28 @@ pub struct ProjectInfo {
     pub generation: Generation,
 }
 
+impl ProjectInfo {
+    /// A project description.
+    pub fn new(
+        id: ProjectId,
+        name: String,
+        owner: UserId,
+        collaborators: Vec<(UserId, Permission)>,
+        host: Option<HostId>,
+        generation: Generation,
+    ) -> Self {
+        ProjectInfo {
+            v: WIRE_VERSION,
+            id,
+            name,
+            owner,
+            collaborators,
+            host,
+            generation,
+        }
+    }
+}
+
 /// `POST /v1/projects/{id}/open`: answer of an open-project call.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -140,6 +162,24 @@ pub struct PlacementExplanation {
     pub decision: PlacementDecision,
     /// When it was made.
     pub decided_at: Timestamp,
+}
+
+impl PlacementExplanation {
+    /// An explanation.
+    pub fn new(
+        project: ProjectId,
+        generation: Generation,
+        decision: PlacementDecision,
+        decided_at: Timestamp,
+    ) -> Self {
+        PlacementExplanation {
+            v: WIRE_VERSION,
+            project,
+            generation,
+            decision,
+            decided_at,
+        }
+    }
 }
 
 /// `POST /v1/hosts/register`: a host introduces itself.

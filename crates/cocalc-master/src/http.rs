@@ -1,0 +1,414 @@
+//! The master's HTTP JSON API, as an axum [`Router`] ([`router`]), so
+//! tests and embedders can serve it on any listener or call it in-process.
+//!
+//! Users and the operator authenticate with `Authorization: Bearer <key>`.
+//! Hosts sign their control calls with their host key
+//! ([`cocalc_auth::host_auth`]). Every error is an [`ApiError`] JSON body
+//! with its status code.
+//!
+//! | method | path | who | what |
+//! | --- | --- | --- | --- |
+//! | GET | `/v1/health` | anyone | liveness |
+//! | POST | `/v1/users` | admin | create a user `{name}` → `{id, name, api_key}` |
+//! | POST | `/v1/users/{user}/signout` | that user, admin | revoke their tokens everywhere |
+//! | GET, POST | `/v1/projects` | user | list / create (`CreateProjectRequest`) |
+//! | GET | `/v1/projects/{p}` | collaborator | `ProjectInfo` (`p`: id or name) |
+//! | PUT, DELETE | `/v1/projects/{p}/collaborators/{user}` | project admin | `{permission}` / remove |
+//! | POST | `/v1/projects/{p}/open` | collaborator | place if needed; `OpenProjectResponse` |
+//! | GET | `/v1/projects/{p}/placement` | collaborator | `PlacementExplanation` |
+//! | POST | `/v1/admin/bootstrap-tokens` | admin | one-time host bootstrap token |
+//! | POST | `/v1/admin/keys/rotate` | admin | new signing key (old ones keep verifying) |
+//! | GET | `/v1/hosts` | admin | every `HostInfo` |
+//! | POST | `/v1/hosts/{h}/drain`, `/undrain` | admin | stop/resume new placements |
+//! | POST | `/v1/hosts/register` | host | `RegisterHostRequest` → `LeaseGrant` |
+//! | POST | `/v1/hosts/{h}/keepalive` | host (signed) | `KeepaliveRequest` → `LeaseGrant` |
+//! | POST | `/v1/hosts/{h}/activity` | host (signed) | `ActivityReport` |
+//! | GET | `/v1/hosts/{h}/acl?project=&user=` | host (signed) | `{permission, not_before}` |
+//! | GET | `/v1/hosts/{h}/push` | host (signed) | WebSocket of `PushFrame`s |
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use cocalc_auth::host_auth::{self, HEADER_HOST, HEADER_SIGNATURE, HEADER_TIME};
+use cocalc_core::wire::{
+    ActivityReport, CreateProjectRequest, KeepaliveRequest, RegisterHostRequest,
+};
+use cocalc_core::{ApiError, HostId, Permission, ProjectId, Timestamp, UserId};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::MasterError;
+use crate::master::{Caller, Master};
+
+type AppState = Arc<Master>;
+type Result<T> = std::result::Result<T, MasterError>;
+
+/// The API router over `master`.
+pub fn router(master: Arc<Master>) -> Router {
+    Router::new()
+        .route(
+            "/v1/health",
+            get(|| async { Json(serde_json::json!({"ok": true})) }),
+        )
+        .route("/v1/users", post(create_user))
+        .route("/v1/users/{user}/signout", post(sign_out))
+        .route("/v1/projects", get(list_projects).post(create_project))
+        .route("/v1/projects/{p}", get(get_project))
+        .route(
+            "/v1/projects/{p}/collaborators/{user}",
+            put(put_collaborator).delete(delete_collaborator),
+        )
+        .route("/v1/projects/{p}/open", post(open_project))
+        .route("/v1/projects/{p}/placement", get(explain))
+        .route("/v1/admin/bootstrap-tokens", post(bootstrap_token))
+        .route("/v1/admin/keys/rotate", post(rotate_key))
+        .route("/v1/hosts", get(list_hosts))
+        .route("/v1/hosts/{h}/drain", post(drain))
+        .route("/v1/hosts/{h}/undrain", post(undrain))
+        .route("/v1/hosts/register", post(register))
+        .route("/v1/hosts/{h}/keepalive", post(keepalive))
+        .route("/v1/hosts/{h}/activity", post(activity))
+        .route("/v1/hosts/{h}/acl", get(host_acl))
+        .route("/v1/hosts/{h}/push", get(push))
+        .fallback(|uri: axum::http::Uri| async move {
+            MasterError::NotFound(format!("no API route {}", uri.path()))
+        })
+        .with_state(master)
+}
+
+/// The authenticated caller, from `Authorization: Bearer <key>`.
+struct Auth(Caller);
+
+impl FromRequestParts<AppState> for Auth {
+    type Rejection = MasterError;
+
+    async fn from_request_parts(parts: &mut Parts, m: &AppState) -> Result<Self> {
+        let key = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| MasterError::Unauthorized("missing bearer API key".into()))?;
+        m.authenticate(key.trim()).map(Auth)
+    }
+}
+
+fn json<T: DeserializeOwned>(body: &Bytes) -> Result<T> {
+    serde_json::from_slice(body)
+        .map_err(|e| MasterError::BadRequest(format!("invalid JSON body: {e}")))
+}
+
+fn id<T: std::str::FromStr<Err = cocalc_core::IdError>>(s: &str) -> Result<T> {
+    s.parse()
+        .map_err(|e: cocalc_core::IdError| MasterError::BadRequest(e.to_string()))
+}
+
+#[derive(Deserialize)]
+struct NewUser {
+    name: String,
+}
+
+#[derive(Serialize)]
+struct CreatedUser {
+    id: UserId,
+    name: String,
+    api_key: String,
+}
+
+async fn create_user(State(m): State<AppState>, Auth(c): Auth, body: Bytes) -> Result<Response> {
+    let req: NewUser = json(&body)?;
+    let (u, key) = m.create_user(&c, &req.name)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedUser {
+            id: u.id,
+            name: u.name,
+            api_key: key,
+        }),
+    )
+        .into_response())
+}
+
+async fn sign_out(
+    State(m): State<AppState>,
+    Auth(c): Auth,
+    Path(user): Path<String>,
+) -> Result<Response> {
+    let n = m.sign_out_everywhere(&c, &user)?;
+    Ok(Json(serde_json::json!({ "hosts_notified": n })).into_response())
+}
+
+async fn list_projects(State(m): State<AppState>, Auth(c): Auth) -> Result<Response> {
+    Ok(Json(m.projects(&c).await?).into_response())
+}
+
+async fn create_project(State(m): State<AppState>, Auth(c): Auth, body: Bytes) -> Result<Response> {
+    let req: CreateProjectRequest = json(&body)?;
+    cocalc_core::wire::check_version(req.v).map_err(|e| MasterError::BadRequest(e.message))?;
+    let info = m
+        .create_project(&c, &req.name, req.image.as_deref())
+        .await?;
+    Ok((StatusCode::CREATED, Json(info)).into_response())
+}
+
+async fn get_project(
+    State(m): State<AppState>,
+    Auth(c): Auth,
+    Path(p): Path<String>,
+) -> Result<Response> {
+    let p = m.resolve_project(&c, &p)?;
+    Ok(Json(m.project(&c, p).await?).into_response())
+}
+
+#[derive(Deserialize)]
+struct SetPermission {
+    permission: Permission,
+}
+
+async fn put_collaborator(
+    State(m): State<AppState>,
+    Auth(c): Auth,
+    Path((p, user)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Response> {
+    let req: SetPermission = json(&body)?;
+    let p = m.resolve_project(&c, &p)?;
+    Ok(Json(
+        m.set_collaborator(&c, p, &user, Some(req.permission))
+            .await?,
+    )
+    .into_response())
+}
+
+async fn delete_collaborator(
+    State(m): State<AppState>,
+    Auth(c): Auth,
+    Path((p, user)): Path<(String, String)>,
+) -> Result<Response> {
+    let p = m.resolve_project(&c, &p)?;
+    Ok(Json(m.set_collaborator(&c, p, &user, None).await?).into_response())
+}
+
+async fn open_project(
+    State(m): State<AppState>,
+    Auth(c): Auth,
+    Path(p): Path<String>,
+) -> Result<Response> {
+    let p = m.resolve_project(&c, &p)?;
+    Ok(Json(m.open_project(&c, p).await?).into_response())
+}
+
+async fn explain(
+    State(m): State<AppState>,
+    Auth(c): Auth,
+    Path(p): Path<String>,
+) -> Result<Response> {
+    let p = m.resolve_project(&c, &p)?;
+    Ok(Json(m.explain(&c, p).await?).into_response())
+}
+
+async fn bootstrap_token(State(m): State<AppState>, Auth(c): Auth) -> Result<Response> {
+    let (token, expires) = m.bootstrap_token(&c)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({ "token": token, "expires": expires })),
+    )
+        .into_response())
+}
+
+async fn rotate_key(State(m): State<AppState>, Auth(c): Auth) -> Result<Response> {
+    let (kid, _) = m.rotate_key(&c)?;
+    Ok(
+        Json(serde_json::json!({ "key_id": kid, "signing_keys": m.signing_keys() }))
+            .into_response(),
+    )
+}
+
+async fn list_hosts(State(m): State<AppState>, Auth(c): Auth) -> Result<Response> {
+    Ok(Json(m.hosts(&c)?).into_response())
+}
+
+async fn drain(
+    State(m): State<AppState>,
+    Auth(c): Auth,
+    Path(h): Path<String>,
+) -> Result<Response> {
+    let rec = m.set_draining(&c, id(&h)?, true).await?;
+    Ok(Json(rec.info).into_response())
+}
+
+async fn undrain(
+    State(m): State<AppState>,
+    Auth(c): Auth,
+    Path(h): Path<String>,
+) -> Result<Response> {
+    let rec = m.set_draining(&c, id(&h)?, false).await?;
+    Ok(Json(rec.info).into_response())
+}
+
+/// Checks a host-signed request: the host in the path, the header and the
+/// signature must agree.
+fn signed_host(
+    m: &Master,
+    path_host: Option<&str>,
+    method: &Method,
+    uri: &axum::http::Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<HostId> {
+    let h = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let host = host_auth::request_host(h(HEADER_HOST))
+        .map_err(|e| MasterError::Unauthorized(e.to_string()))?;
+    if let Some(p) = path_host {
+        let p: HostId = id(p)?;
+        if p != host {
+            return Err(MasterError::Forbidden(format!(
+                "signed by host {host}, path names {p}"
+            )));
+        }
+    }
+    let key = m.host_key(host)?;
+    let path = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
+    host_auth::verify_request(
+        &key,
+        host,
+        method.as_str(),
+        path,
+        h(HEADER_TIME),
+        h(HEADER_SIGNATURE),
+        body,
+        m.now(),
+        m.config().request_max_age,
+    )
+    .map_err(|e| MasterError::Unauthorized(e.to_string()))?;
+    Ok(host)
+}
+
+async fn register(
+    State(m): State<AppState>,
+    method: Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response> {
+    let req: RegisterHostRequest = json(&body)?;
+    let signed = headers.contains_key(HEADER_SIGNATURE)
+        && signed_host(
+            &m,
+            Some(&req.host.to_string()),
+            &method,
+            &uri,
+            &headers,
+            &body,
+        )
+        .is_ok();
+    Ok(Json(m.register_host(&req, signed).await?).into_response())
+}
+
+async fn keepalive(
+    State(m): State<AppState>,
+    Path(h): Path<String>,
+    method: Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response> {
+    let host = signed_host(&m, Some(&h), &method, &uri, &headers, &body)?;
+    let req: KeepaliveRequest = json(&body)?;
+    Ok(Json(m.keepalive(host, &req).await?).into_response())
+}
+
+async fn activity(
+    State(m): State<AppState>,
+    Path(h): Path<String>,
+    method: Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response> {
+    let host = signed_host(&m, Some(&h), &method, &uri, &headers, &body)?;
+    let req: ActivityReport = json(&body)?;
+    m.activity(host, &req).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize)]
+struct AclQuery {
+    project: String,
+    user: String,
+}
+
+/// Answer of the host ACL lookup.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AclAnswer {
+    /// The user's permission, `None` for no access.
+    pub permission: Option<Permission>,
+    /// The user's revocation cutoff, if any.
+    pub not_before: Option<Timestamp>,
+}
+
+async fn host_acl(
+    State(m): State<AppState>,
+    Path(h): Path<String>,
+    Query(q): Query<AclQuery>,
+    method: Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+) -> Result<Response> {
+    let host = signed_host(&m, Some(&h), &method, &uri, &headers, b"")?;
+    let project: ProjectId = id(&q.project)?;
+    let user: UserId = id(&q.user)?;
+    let (permission, not_before) = m.host_acl(host, project, user).await?;
+    Ok(Json(AclAnswer {
+        permission,
+        not_before,
+    })
+    .into_response())
+}
+
+async fn push(
+    State(m): State<AppState>,
+    Path(h): Path<String>,
+    method: Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Result<Response> {
+    let host = signed_host(&m, Some(&h), &method, &uri, &headers, b"")?;
+    Ok(ws.on_upgrade(move |socket| serve_push(m, host, socket)))
+}
+
+async fn serve_push(m: AppState, host: HostId, mut socket: WebSocket) {
+    let mut sub = m.push().subscribe(host);
+    tracing::info!(%host, "push channel connected");
+    loop {
+        tokio::select! {
+            frame = sub.rx.recv() => {
+                let Some(frame) = frame else { break };
+                let Ok(text) = serde_json::to_string(&frame) else { continue };
+                if socket.send(Message::Text(text.into())).await.is_err() {
+                    break;
+                }
+            }
+            incoming = socket.recv() => match incoming {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+    m.push().unsubscribe(&sub);
+    tracing::info!(%host, "push channel closed");
+}
+
+/// Renders an [`ApiError`] for callers outside this module (the daemon).
+pub fn error_response(e: &ApiError) -> Response {
+    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, Json(e.clone())).into_response()
+}

@@ -1,0 +1,559 @@
+//! [`Master`]: the control plane's operations, independent of HTTP.
+//!
+//! Every operation takes the authenticated caller and checks access first.
+//! Projects the caller cannot see answer "not found", so ids do not leak.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use cocalc_auth::host_auth::BootstrapToken;
+use cocalc_auth::{paserk, KeySet, MintRequest, Minter};
+use cocalc_core::wire::{
+    ActivityReport, KeepaliveRequest, LeaseGrant, OpenProjectResponse, PlacementExplanation,
+    ProjectInfo, PushMessage, RegisterHostRequest,
+};
+use cocalc_core::{
+    Generation, HostId, HostState, Permission, Placement, PlacementRequest, ProjectId, SharedClock,
+    Timestamp, UserId,
+};
+use cocalc_placement::{HostRecord, MapStore, Registry, RegistryError};
+
+use crate::directory::{hash_secret, new_api_key, Directory, Project, User};
+use crate::error::MasterError;
+use crate::push::PushHub;
+
+/// Master tunables.
+#[derive(Debug, Clone)]
+pub struct MasterConfig {
+    /// Issuer name in tokens.
+    pub issuer: String,
+    /// Lifetime of connect tokens (default 10 min).
+    pub token_ttl: Duration,
+    /// Lifetime of host bootstrap tokens (default 24 h).
+    pub bootstrap_ttl: Duration,
+    /// How far a host's request time may be from the master's (default 60 s).
+    pub request_max_age: Duration,
+    /// Hash ([`hash_secret`]) of the admin API key.
+    pub admin_key_hash: String,
+}
+
+impl MasterConfig {
+    /// Defaults, with the given admin key.
+    pub fn new(admin_key: &str) -> Self {
+        MasterConfig {
+            issuer: "cocalc-master".into(),
+            token_ttl: Duration::from_secs(600),
+            bootstrap_ttl: Duration::from_secs(24 * 3600),
+            request_max_age: Duration::from_secs(60),
+            admin_key_hash: hash_secret(admin_key),
+        }
+    }
+}
+
+/// Who is calling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// The operator (admin API key).
+    Admin,
+    /// A user (their API key).
+    User(User),
+}
+
+impl Caller {
+    fn user(&self) -> Result<&User, MasterError> {
+        match self {
+            Caller::User(u) => Ok(u),
+            Caller::Admin => Err(MasterError::BadRequest(
+                "this call acts as a user; use a user's API key".into(),
+            )),
+        }
+    }
+
+    fn require_admin(&self) -> Result<(), MasterError> {
+        match self {
+            Caller::Admin => Ok(()),
+            Caller::User(_) => Err(MasterError::Forbidden("admin key required".into())),
+        }
+    }
+}
+
+fn random<const N: usize>() -> Result<[u8; N], MasterError> {
+    let mut b = [0u8; N];
+    getrandom::getrandom(&mut b)
+        .map_err(|e| MasterError::Internal(format!("random source: {e}")))?;
+    Ok(b)
+}
+
+/// The master.
+pub struct Master {
+    cfg: MasterConfig,
+    clock: SharedClock,
+    dir: Directory,
+    store: Arc<dyn MapStore>,
+    registry: Registry,
+    placement: Box<dyn Placement>,
+    minter: RwLock<Arc<Minter>>,
+    push: PushHub,
+}
+
+impl std::fmt::Debug for Master {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Master")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Master {
+    /// A master over the given parts; host records are loaded from `store`.
+    pub async fn new(
+        cfg: MasterConfig,
+        clock: SharedClock,
+        dir: Directory,
+        store: Arc<dyn MapStore>,
+        registry: Registry,
+        placement: Box<dyn Placement>,
+        keys: KeySet,
+    ) -> Result<Self, MasterError> {
+        keys.signing_key()
+            .map_err(|e| MasterError::Internal(format!("signing keys: {e}")))?;
+        registry.load(store.hosts().await?);
+        let minter = Minter::new(cfg.issuer.clone(), keys, clock.clone());
+        Ok(Master {
+            cfg,
+            clock,
+            dir,
+            store,
+            registry,
+            placement,
+            minter: RwLock::new(Arc::new(minter)),
+            push: PushHub::new(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &MasterConfig {
+        &self.cfg
+    }
+
+    /// The push hub (the HTTP layer attaches host connections to it).
+    pub fn push(&self) -> &PushHub {
+        &self.push
+    }
+
+    /// The current time.
+    pub fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    fn minter(&self) -> Arc<Minter> {
+        self.minter
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Public signing keys (PASERK), newest first.
+    pub fn signing_keys(&self) -> Vec<String> {
+        self.minter().keys().public_paserks()
+    }
+
+    /// Identifies the holder of an API key.
+    pub fn authenticate(&self, api_key: &str) -> Result<Caller, MasterError> {
+        let h = hash_secret(api_key);
+        if h == self.cfg.admin_key_hash {
+            return Ok(Caller::Admin);
+        }
+        self.dir
+            .user_by_key_hash(&h)?
+            .map(Caller::User)
+            .ok_or_else(|| MasterError::Unauthorized("unknown API key".into()))
+    }
+
+    /// Creates a user; returns it with its API key (shown only now).
+    pub fn create_user(&self, caller: &Caller, name: &str) -> Result<(User, String), MasterError> {
+        caller.require_admin()?;
+        let key = new_api_key(random()?);
+        let user = self
+            .dir
+            .create_user(UserId::new_v4(random()?), name, &hash_secret(&key))?;
+        Ok((user, key))
+    }
+
+    async fn info(&self, p: &Project) -> Result<ProjectInfo, MasterError> {
+        let placed = self.store.placement(p.id).await?;
+        let collaborators = self.dir.collaborators(p.id)?;
+        Ok(ProjectInfo::new(
+            p.id,
+            p.name.clone(),
+            p.owner,
+            collaborators,
+            placed.as_ref().map(|e| e.host),
+            placed.map_or(Generation(0), |e| e.generation),
+        ))
+    }
+
+    /// Creates a project owned by the calling user.
+    pub async fn create_project(
+        &self,
+        caller: &Caller,
+        name: &str,
+        image: Option<&str>,
+    ) -> Result<ProjectInfo, MasterError> {
+        let user = caller.user()?;
+        let p = self
+            .dir
+            .create_project(ProjectId::new_v4(random()?), name, user.id, image)?;
+        self.info(&p).await
+    }
+
+    /// The project with the caller's permission on it; not found if none.
+    fn visible(
+        &self,
+        caller: &Caller,
+        project: ProjectId,
+    ) -> Result<(Project, Permission), MasterError> {
+        let not_found = || MasterError::NotFound(format!("no project {project} visible to you"));
+        let p = self.dir.project(project)?.ok_or_else(not_found)?;
+        let perm = match caller {
+            Caller::Admin => Permission::Admin,
+            Caller::User(u) => self.dir.permission(project, u.id)?.ok_or_else(not_found)?,
+        };
+        Ok((p, perm))
+    }
+
+    /// Resolves a project given by id, or by name among the caller's.
+    pub fn resolve_project(
+        &self,
+        caller: &Caller,
+        id_or_name: &str,
+    ) -> Result<ProjectId, MasterError> {
+        if let Ok(id) = id_or_name.parse::<ProjectId>() {
+            return Ok(id);
+        }
+        let user = caller.user()?;
+        let mut matches = self
+            .dir
+            .projects_of(user.id)?
+            .into_iter()
+            .filter(|(p, _)| p.name == id_or_name);
+        match (matches.next(), matches.next()) {
+            (Some((p, _)), None) => Ok(p.id),
+            (None, _) => Err(MasterError::NotFound(format!(
+                "no project named {id_or_name:?}"
+            ))),
+            (Some(_), Some(_)) => Err(MasterError::Conflict(format!(
+                "several projects named {id_or_name:?}; use the id"
+            ))),
+        }
+    }
+
+    /// A project's description.
+    pub async fn project(
+        &self,
+        caller: &Caller,
+        project: ProjectId,
+    ) -> Result<ProjectInfo, MasterError> {
+        let (p, _) = self.visible(caller, project)?;
+        self.info(&p).await
+    }
+
+    /// The calling user's projects.
+    pub async fn projects(&self, caller: &Caller) -> Result<Vec<ProjectInfo>, MasterError> {
+        let user = caller.user()?;
+        let mut out = Vec::new();
+        for (p, _) in self.dir.projects_of(user.id)? {
+            out.push(self.info(&p).await?);
+        }
+        Ok(out)
+    }
+
+    /// Adds, changes (`Some`) or removes (`None`) a collaborator; needs
+    /// admin on the project. The host holding the project hears at once.
+    pub async fn set_collaborator(
+        &self,
+        caller: &Caller,
+        project: ProjectId,
+        user: &str,
+        permission: Option<Permission>,
+    ) -> Result<ProjectInfo, MasterError> {
+        let (p, perm) = self.visible(caller, project)?;
+        if perm != Permission::Admin {
+            return Err(MasterError::Forbidden(format!(
+                "managing collaborators needs admin on the project; you have {perm}"
+            )));
+        }
+        let target = self
+            .dir
+            .user(user)?
+            .ok_or_else(|| MasterError::NotFound(format!("no user {user:?}")))?;
+        self.dir.set_collaborator(&p, target.id, permission)?;
+        if let Some(e) = self.store.placement(project).await? {
+            self.push.send(
+                e.host,
+                PushMessage::Acl {
+                    project,
+                    user: target.id,
+                    permission,
+                },
+            );
+        }
+        self.info(&p).await
+    }
+
+    /// Opens a project: places it if unplaced, and returns its host and a
+    /// connect token bound to that host and generation.
+    pub async fn open_project(
+        &self,
+        caller: &Caller,
+        project: ProjectId,
+    ) -> Result<OpenProjectResponse, MasterError> {
+        let user = caller.user()?.clone();
+        let (_, perm) = self.visible(caller, project)?;
+        let entry = match self.store.placement(project).await? {
+            Some(e) => e,
+            None => self.place(project).await?,
+        };
+        let host = self.registry.get(entry.host).ok_or_else(|| {
+            MasterError::Internal(format!("host {} of project is unknown", entry.host))
+        })?;
+        if host.state_at(self.now()) == HostState::Down {
+            return Err(MasterError::Conflict(format!(
+                "host {} holding this project is down; wait for it, or an operator can re-place \
+                 the project",
+                entry.host
+            )));
+        }
+        let (token, claims) = self
+            .minter()
+            .mint(&MintRequest {
+                user: user.id,
+                project,
+                host: entry.host,
+                generation: entry.generation,
+                permission: perm,
+                ttl: self.cfg.token_ttl,
+            })
+            .map_err(|e| MasterError::Internal(e.to_string()))?;
+        Ok(OpenProjectResponse::new(
+            project,
+            entry.host,
+            host.info.endpoint,
+            entry.generation,
+            token,
+            claims.expires,
+        ))
+    }
+
+    async fn place(
+        &self,
+        project: ProjectId,
+    ) -> Result<cocalc_core::ProjectPlacement, MasterError> {
+        let decision = self
+            .placement
+            .place(&PlacementRequest::new(project), &self.registry.hosts())?;
+        let host = decision.host;
+        match self
+            .store
+            .assign(project, host, Some(Generation(0)), decision, self.now())
+            .await
+        {
+            Ok(e) => Ok(e),
+            // Someone placed it concurrently: theirs stands.
+            Err(cocalc_placement::StoreError::Conflict { .. }) => self
+                .store
+                .placement(project)
+                .await?
+                .ok_or_else(|| MasterError::Internal("placement vanished".into())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Why the project is where it is.
+    pub async fn explain(
+        &self,
+        caller: &Caller,
+        project: ProjectId,
+    ) -> Result<PlacementExplanation, MasterError> {
+        self.visible(caller, project)?;
+        let d =
+            self.store.decision(project).await?.ok_or_else(|| {
+                MasterError::NotFound(format!("project {project} is not placed yet"))
+            })?;
+        Ok(PlacementExplanation::new(
+            project,
+            d.generation,
+            d.decision,
+            d.decided_at,
+        ))
+    }
+
+    /// Revokes every token of `user` issued until now ("sign out
+    /// everywhere"); users may do this for themselves, the admin for anyone.
+    pub fn sign_out_everywhere(&self, caller: &Caller, user: &str) -> Result<usize, MasterError> {
+        let target = self
+            .dir
+            .user(user)?
+            .ok_or_else(|| MasterError::NotFound(format!("no user {user:?}")))?;
+        if let Caller::User(u) = caller {
+            if u.id != target.id {
+                return Err(MasterError::Forbidden(
+                    "you can only sign yourself out".into(),
+                ));
+            }
+        }
+        // Tokens carry whole seconds: cut off everything issued up to now.
+        let cutoff = Timestamp::from_secs(self.now().as_secs() + 1);
+        self.dir.set_not_before(target.id, cutoff)?;
+        Ok(self.push.broadcast(PushMessage::RevokeUser {
+            user: target.id,
+            not_before: cutoff,
+        }))
+    }
+
+    /// Mints a one-time host bootstrap token (admin).
+    pub fn bootstrap_token(&self, caller: &Caller) -> Result<(String, Timestamp), MasterError> {
+        caller.require_admin()?;
+        let t = BootstrapToken::generate().map_err(|e| MasterError::Internal(e.to_string()))?;
+        let expires = self.now().saturating_add(self.cfg.bootstrap_ttl);
+        self.dir.add_bootstrap(&t.hash(), expires)?;
+        Ok((t.as_str().to_string(), expires))
+    }
+
+    /// The registered public key of `host`.
+    pub fn host_key(&self, host: HostId) -> Result<ed25519_dalek::VerifyingKey, MasterError> {
+        let rec = self
+            .registry
+            .get(host)
+            .ok_or_else(|| MasterError::Unauthorized(format!("host {host} is not registered")))?;
+        paserk::decode_public(&rec.public_key)
+            .map_err(|e| MasterError::Internal(format!("stored key of host {host}: {e}")))
+    }
+
+    /// Registers a host. A new host (or a known host with a new key) must
+    /// present an unused bootstrap token; a known host re-registering with
+    /// its key must have `signed_by_known_key` (checked by the HTTP layer).
+    pub async fn register_host(
+        &self,
+        req: &RegisterHostRequest,
+        signed_by_known_key: bool,
+    ) -> Result<LeaseGrant, MasterError> {
+        cocalc_core::wire::check_version(req.v).map_err(|e| MasterError::BadRequest(e.message))?;
+        paserk::decode_public(&req.public_key)
+            .map_err(|e| MasterError::BadRequest(format!("public_key: {e}")))?;
+        let known_same_key = self
+            .registry
+            .get(req.host)
+            .is_some_and(|r| r.public_key == req.public_key);
+        if !(known_same_key && signed_by_known_key) {
+            let token = req.bootstrap_token.as_deref().ok_or_else(|| {
+                MasterError::Unauthorized(
+                    "a new host (or a new host key) needs a bootstrap token".into(),
+                )
+            })?;
+            let t = BootstrapToken::parse(token)
+                .map_err(|e| MasterError::Unauthorized(e.to_string()))?;
+            self.dir.consume_bootstrap(&t.hash(), self.now())?;
+        }
+        let (rec, grant) = self.registry.register(req);
+        self.store.put_host(&rec).await?;
+        Ok(self.with_keys(grant))
+    }
+
+    fn with_keys(&self, mut grant: LeaseGrant) -> LeaseGrant {
+        grant.signing_keys = self.signing_keys();
+        grant
+    }
+
+    /// Renews a host's lease.
+    pub async fn keepalive(
+        &self,
+        host: HostId,
+        req: &KeepaliveRequest,
+    ) -> Result<LeaseGrant, MasterError> {
+        let (rec, grant) = self.registry.keepalive(host, req).map_err(registry_err)?;
+        self.store.put_host(&rec).await?;
+        Ok(self.with_keys(grant))
+    }
+
+    /// Records the last use of projects on `host` (only projects it holds).
+    pub async fn activity(&self, host: HostId, report: &ActivityReport) -> Result<(), MasterError> {
+        for (project, at) in &report.last_use {
+            if let Some(e) = self.store.placement(*project).await? {
+                if e.host == host {
+                    self.store.record_activity(*project, *at).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What `user` may do on `project`, for `host`'s ACL cache; refused for
+    /// projects not placed on that host.
+    pub async fn host_acl(
+        &self,
+        host: HostId,
+        project: ProjectId,
+        user: UserId,
+    ) -> Result<(Option<Permission>, Option<Timestamp>), MasterError> {
+        let placed = self.store.placement(project).await?;
+        if placed.map(|e| e.host) != Some(host) {
+            return Err(MasterError::Forbidden(format!(
+                "project {project} is not placed on host {host}"
+            )));
+        }
+        let cutoff = self.dir.user(&user.to_string())?.and_then(|u| u.not_before);
+        Ok((self.dir.permission(project, user)?, cutoff))
+    }
+
+    /// Every host (admin).
+    pub fn hosts(&self, caller: &Caller) -> Result<Vec<cocalc_core::HostInfo>, MasterError> {
+        caller.require_admin()?;
+        Ok(self.registry.hosts())
+    }
+
+    /// Drains or undrains a host (admin).
+    pub async fn set_draining(
+        &self,
+        caller: &Caller,
+        host: HostId,
+        draining: bool,
+    ) -> Result<HostRecord, MasterError> {
+        caller.require_admin()?;
+        let rec = self
+            .registry
+            .set_draining(host, draining)
+            .map_err(registry_err)?;
+        self.store.put_host(&rec).await?;
+        Ok(rec)
+    }
+
+    /// Adds a new signing key that signs from now on; older keys keep
+    /// verifying. Returns the new key id; hosts hear of it at once.
+    pub fn rotate_key(&self, caller: &Caller) -> Result<(String, KeySet), MasterError> {
+        caller.require_admin()?;
+        let mut g = self.minter.write().unwrap_or_else(|p| p.into_inner());
+        let mut keys = g.keys().clone();
+        let kid = keys
+            .rotate(self.now())
+            .map_err(|e| MasterError::Internal(e.to_string()))?;
+        *g = Arc::new(Minter::new(
+            self.cfg.issuer.clone(),
+            keys.clone(),
+            self.clock.clone(),
+        ));
+        drop(g);
+        self.push.broadcast(PushMessage::SigningKeys {
+            keys: self.signing_keys(),
+        });
+        Ok((kid, keys))
+    }
+}
+
+fn registry_err(e: RegistryError) -> MasterError {
+    match e {
+        RegistryError::UnknownHost(_) => MasterError::NotFound(e.to_string()),
+        RegistryError::HostMismatch { .. } => MasterError::Forbidden(e.to_string()),
+        other => MasterError::Internal(other.to_string()),
+    }
+}
