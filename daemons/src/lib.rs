@@ -4,6 +4,16 @@
 
 use std::time::Duration;
 
+/// Logs to stderr through `tracing`, filtered by `RUST_LOG` (default `info`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
 /// Parses a duration written as a number with an optional unit:
 /// `90` or `90s` (seconds), `10m` (minutes), `2h` (hours), `1d` (days).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {

@@ -13,7 +13,10 @@
 //!   lookups, drain hosts, rotate signing keys without cutover.
 //! * [`PushHub`]: the master→host push channel (ACL changes, revocations,
 //!   signing keys), one WebSocket per host.
-//! * [`http::router`]: the HTTP JSON API over a `Master`.
+//! * [`http::router`]: the HTTP JSON API over a `Master`;
+//!   [`MasterClient`]: the same API from the caller's side;
+//!   [`daemon`]: config file, start-up and serving for the `cocalc-master`
+//!   binary.
 //!
 //! Placement, the registry and the map come from `cocalc-placement`; tokens
 //! and host request signatures from `cocalc-auth`.
@@ -48,12 +51,15 @@
 //! # }).unwrap();
 //! ```
 
+pub mod client;
+pub mod daemon;
 pub mod directory;
 pub mod error;
 pub mod http;
 pub mod master;
 pub mod push;
 
+pub use client::MasterClient;
 pub use directory::{Directory, Project, User};
 pub use error::MasterError;
 pub use master::{Caller, Master, MasterConfig};

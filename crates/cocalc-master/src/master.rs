@@ -35,6 +35,8 @@ pub struct MasterConfig {
     pub request_max_age: Duration,
     /// Hash ([`hash_secret`]) of the admin API key.
     pub admin_key_hash: String,
+    /// Where signing keys are saved after a rotation (`None`: not saved).
+    pub key_dir: Option<std::path::PathBuf>,
 }
 
 impl MasterConfig {
@@ -46,6 +48,7 @@ impl MasterConfig {
             bootstrap_ttl: Duration::from_secs(24 * 3600),
             request_max_age: Duration::from_secs(60),
             admin_key_hash: hash_secret(admin_key),
+            key_dir: None,
         }
     }
 }
@@ -537,6 +540,11 @@ impl Master {
         let kid = keys
             .rotate(self.now())
             .map_err(|e| MasterError::Internal(e.to_string()))?;
+        if let Some(dir) = &self.cfg.key_dir {
+            // Saved before use: a restart never loses a key that signed tokens.
+            keys.save_dir(dir)
+                .map_err(|e| MasterError::Internal(format!("saving rotated keys: {e}")))?;
+        }
         *g = Arc::new(Minter::new(
             self.cfg.issuer.clone(),
             keys.clone(),

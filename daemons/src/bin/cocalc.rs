@@ -8,10 +8,12 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use cocalc_auth::keys::load_secret_file;
 use cocalc_auth::{KeySet, MintRequest, Minter, Verifier};
+use cocalc_core::wire::CreateProjectRequest;
 use cocalc_core::{
-    ApiError, Clock, Generation, HostId, Permission, ProjectId, SystemClock, UserId,
+    ApiError, Clock, Generation, HostEndpoint, HostId, Permission, ProjectId, SystemClock, UserId,
 };
 use cocalc_daemons::{parse_duration, CliError};
+use cocalc_master::MasterClient;
 
 #[derive(Parser)]
 #[command(
@@ -20,6 +22,20 @@ use cocalc_daemons::{parse_duration, CliError};
     about = "Command-line client of the cocalc federation"
 )]
 struct Cli {
+    /// The master's base URL.
+    #[arg(
+        long,
+        global = true,
+        env = "COCALC_MASTER",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    master: String,
+    /// API key for the master (a user's key, or the admin key).
+    #[arg(long, global = true, env = "COCALC_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Print results as JSON.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -37,6 +53,83 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Users (admin).
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+    /// Projects.
+    Project {
+        #[command(subcommand)]
+        command: ProjectCommand,
+    },
+    /// Hosts (admin).
+    Host {
+        #[command(subcommand)]
+        command: HostCommand,
+    },
+    /// The master's signing keys (admin).
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Create a user; prints its id and API key (shown only once).
+    Create {
+        /// Unique user name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProjectCommand {
+    /// Create a project you own.
+    Create {
+        /// Its name (unique among your projects).
+        name: String,
+        /// Image to run (default: the host's).
+        #[arg(long)]
+        image: Option<String>,
+    },
+    /// List your projects.
+    List,
+    /// Open a project: place it if needed; prints its host and a connect token.
+    Open {
+        /// Project name or id.
+        project: String,
+    },
+    /// Explain why a project is on its host.
+    Explain {
+        /// Project name or id.
+        project: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum HostCommand {
+    /// List hosts with state, load and lease.
+    List,
+    /// Stop placing new projects on a host.
+    Drain {
+        /// Host id.
+        host: HostId,
+    },
+    /// Resume placing projects on a host.
+    Undrain {
+        /// Host id.
+        host: HostId,
+    },
+    /// Mint a one-time token a new host registers with (valid 24 h).
+    BootstrapToken,
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Add a new signing key; older keys keep verifying until retired.
+    Rotate,
 }
 
 #[derive(Subcommand)]
@@ -93,7 +186,13 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<(), CliError> {
     let clock = Arc::new(SystemClock);
-    match cli.command {
+    let Cli {
+        master,
+        api_key,
+        json,
+        command,
+    } = cli;
+    match command {
         Command::Keygen { dir } => {
             let keys = KeySet::generate(clock.now()).map_err(|e| CliError::local(e.to_string()))?;
             keys.save_dir(&dir)
@@ -134,6 +233,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 Ok(())
             }
             TokenCommand::Verify { keys, host, token } => {
+                let (keys, host, token) = (keys, host, token);
                 let keys = KeySet::load_dir(&keys).map_err(|e| CliError::local(e.to_string()))?;
                 let verifier = Verifier::new(host, keys, clock);
                 match verifier.verify_uncached(token.trim()) {
@@ -153,7 +253,171 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 }
             }
         },
+        remote => run_remote(master, api_key, json, remote),
     }
+}
+
+/// Commands that talk to the master.
+fn run_remote(
+    master: String,
+    api_key: Option<String>,
+    json: bool,
+    command: Command,
+) -> Result<(), CliError> {
+    let key = api_key
+        .ok_or_else(|| CliError::usage("no API key: pass --api-key or set COCALC_API_KEY"))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::local(e.to_string()))?;
+    let client = MasterClient::new(master, key);
+    let api = |e: ApiError| {
+        let mut c = CliError::api(&e);
+        if let Some(h) = &e.hint {
+            c.message = format!("{} ({h})", c.message);
+        }
+        c
+    };
+    match &command {
+        Command::User { command } => match command {
+            UserCommand::Create { name } => {
+                let v = rt.block_on(client.create_user(name)).map_err(api)?;
+                if json {
+                    print_json(&v)?;
+                } else {
+                    println!(
+                        "user {} created: id {}",
+                        v["name"].as_str().unwrap_or(""),
+                        v["id"].as_str().unwrap_or("")
+                    );
+                    println!(
+                        "api key (shown once): {}",
+                        v["api_key"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        },
+        Command::Project { command } => match command {
+            ProjectCommand::Create { name, image } => {
+                let mut req = CreateProjectRequest::new(name.clone());
+                req.image = image.clone();
+                let p = rt.block_on(client.create_project(&req)).map_err(api)?;
+                if json {
+                    print_json(&p)?;
+                } else {
+                    println!("project {} created: id {}", p.name, p.id);
+                }
+            }
+            ProjectCommand::List => {
+                let ps = rt.block_on(client.projects()).map_err(api)?;
+                if json {
+                    print_json(&ps)?;
+                } else {
+                    for p in ps {
+                        let host = p.host.map_or("-".to_string(), |h| h.to_string());
+                        println!("{}  {:<24} host {host} gen {}", p.id, p.name, p.generation);
+                    }
+                }
+            }
+            ProjectCommand::Open { project } => {
+                let o = rt.block_on(client.open(project)).map_err(api)?;
+                if json {
+                    print_json(&o)?;
+                } else {
+                    let ep = match &o.endpoint {
+                        HostEndpoint::Url(u) => u.clone(),
+                        HostEndpoint::Tunnel(t) => format!("tunnel {t}"),
+                        other => format!("{other:?}"),
+                    };
+                    println!(
+                        "project {} on host {} ({ep}), generation {}",
+                        o.project, o.host, o.generation
+                    );
+                    println!("token: {}", o.token);
+                }
+            }
+            ProjectCommand::Explain { project } => {
+                let x = rt.block_on(client.explain(project)).map_err(api)?;
+                if json {
+                    print_json(&x)?;
+                } else {
+                    let d = &x.decision;
+                    println!(
+                        "project {} generation {}: host {} chosen by {}",
+                        x.project, x.generation, d.host, d.strategy
+                    );
+                    println!("  why: {}", d.reason);
+                    for c in &d.candidates {
+                        println!("  candidate {} score {:.3} ({})", c.host, c.score, c.note);
+                    }
+                    for (why, n) in &d.excluded {
+                        println!("  excluded {n}: {why}");
+                    }
+                }
+            }
+        },
+        Command::Host { command } => match command {
+            HostCommand::List => {
+                let hs = rt.block_on(client.hosts()).map_err(api)?;
+                if json {
+                    print_json(&hs)?;
+                } else {
+                    for h in hs {
+                        println!(
+                            "{}  {:<9} region {:<8} running {}/{} cpu {:.2}",
+                            h.id,
+                            format!("{:?}", h.state).to_lowercase(),
+                            h.region,
+                            h.load.running_projects,
+                            h.capacity.project_slots,
+                            h.load.cpu
+                        );
+                    }
+                }
+            }
+            HostCommand::Drain { host } | HostCommand::Undrain { host } => {
+                let drain = matches!(command, HostCommand::Drain { .. });
+                let h = rt.block_on(client.drain(*host, drain)).map_err(api)?;
+                if json {
+                    print_json(&h)?;
+                } else {
+                    println!(
+                        "host {} is {}",
+                        h.id,
+                        format!("{:?}", h.state).to_lowercase()
+                    );
+                }
+            }
+            HostCommand::BootstrapToken => {
+                let v = rt.block_on(client.bootstrap_token()).map_err(api)?;
+                if json {
+                    print_json(&v)?;
+                } else {
+                    println!("{}", v["token"].as_str().unwrap_or(""));
+                }
+            }
+        },
+        Command::Key {
+            command: KeyCommand::Rotate,
+        } => {
+            let v = rt.block_on(client.rotate_key()).map_err(api)?;
+            if json {
+                print_json(&v)?;
+            } else {
+                println!("new signing key {}", v["key_id"].as_str().unwrap_or(""));
+            }
+        }
+        Command::Keygen { .. } | Command::Token { .. } => {
+            return Err(CliError::local("not a master command"));
+        }
+    }
+    Ok(())
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<(), CliError> {
+    let s = serde_json::to_string_pretty(v).map_err(|e| CliError::local(e.to_string()))?;
+    println!("{s}");
+    Ok(())
 }
 
 fn load_signing_keys(path: &Path) -> Result<KeySet, CliError> {

@@ -1,0 +1,155 @@
+//! [`MasterClient`]: the master's HTTP API from the caller's side, shared by
+//! the `cocalc` CLI and embedders. Errors come back as the server's
+//! [`ApiError`].
+
+use cocalc_core::wire::{
+    CreateProjectRequest, OpenProjectResponse, PlacementExplanation, ProjectInfo,
+};
+use cocalc_core::{ApiError, HostId, HostInfo};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+/// A client of one master, acting with one API key.
+#[derive(Debug, Clone)]
+pub struct MasterClient {
+    base: String,
+    key: String,
+    http: reqwest::Client,
+}
+
+impl MasterClient {
+    /// A client of the master at `base` (e.g. `http://127.0.0.1:8080`).
+    pub fn new(base: impl Into<String>, api_key: impl Into<String>) -> Self {
+        MasterClient {
+            base: base.into().trim_end_matches('/').to_string(),
+            key: api_key.into(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<T, ApiError> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.request(method, &url).bearer_auth(&self.key);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.map_err(|e| {
+            ApiError::new(
+                503,
+                "master_unreachable",
+                format!("cannot reach the master at {}: {e}", self.base),
+            )
+            .with_hint("is cocalc-master running? set --master or COCALC_MASTER")
+        })?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| {
+            ApiError::new(
+                502,
+                "bad_response",
+                format!("reading the master's answer: {e}"),
+            )
+        })?;
+        if !status.is_success() {
+            return Err(
+                serde_json::from_slice::<ApiError>(&bytes).unwrap_or_else(|_| {
+                    ApiError::new(
+                        status.as_u16(),
+                        "http_error",
+                        String::from_utf8_lossy(&bytes).into_owned(),
+                    )
+                }),
+            );
+        }
+        let bytes = if bytes.is_empty() {
+            &b"null"[..]
+        } else {
+            &bytes[..]
+        };
+        serde_json::from_slice(bytes).map_err(|e| {
+            ApiError::new(
+                502,
+                "bad_response",
+                format!("unexpected answer from the master: {e}"),
+            )
+        })
+    }
+
+    /// Creates a user (admin); returns `{id, name, api_key}`.
+    pub async fn create_user(&self, name: &str) -> Result<Value, ApiError> {
+        self.call(
+            reqwest::Method::POST,
+            "/v1/users",
+            Some(serde_json::json!({ "name": name })),
+        )
+        .await
+    }
+
+    /// Creates a project.
+    pub async fn create_project(
+        &self,
+        req: &CreateProjectRequest,
+    ) -> Result<ProjectInfo, ApiError> {
+        let body = serde_json::to_value(req)
+            .map_err(|e| ApiError::new(400, "bad_request", e.to_string()))?;
+        self.call(reqwest::Method::POST, "/v1/projects", Some(body))
+            .await
+    }
+
+    /// The caller's projects.
+    pub async fn projects(&self) -> Result<Vec<ProjectInfo>, ApiError> {
+        self.call(reqwest::Method::GET, "/v1/projects", None).await
+    }
+
+    /// Opens a project (by id or name).
+    pub async fn open(&self, project: &str) -> Result<OpenProjectResponse, ApiError> {
+        self.call(
+            reqwest::Method::POST,
+            &format!("/v1/projects/{project}/open"),
+            None,
+        )
+        .await
+    }
+
+    /// Why a project is where it is.
+    pub async fn explain(&self, project: &str) -> Result<PlacementExplanation, ApiError> {
+        self.call(
+            reqwest::Method::GET,
+            &format!("/v1/projects/{project}/placement"),
+            None,
+        )
+        .await
+    }
+
+    /// Every host (admin).
+    pub async fn hosts(&self) -> Result<Vec<HostInfo>, ApiError> {
+        self.call(reqwest::Method::GET, "/v1/hosts", None).await
+    }
+
+    /// Drains (`true`) or undrains a host (admin).
+    pub async fn drain(&self, host: HostId, drain: bool) -> Result<HostInfo, ApiError> {
+        let verb = if drain { "drain" } else { "undrain" };
+        self.call(
+            reqwest::Method::POST,
+            &format!("/v1/hosts/{host}/{verb}"),
+            None,
+        )
+        .await
+    }
+
+    /// A one-time host bootstrap token (admin): `{token, expires}`.
+    pub async fn bootstrap_token(&self) -> Result<Value, ApiError> {
+        self.call(reqwest::Method::POST, "/v1/admin/bootstrap-tokens", None)
+            .await
+    }
+
+    /// Rotates the signing key (admin): `{key_id, signing_keys}`.
+    pub async fn rotate_key(&self) -> Result<Value, ApiError> {
+        self.call(reqwest::Method::POST, "/v1/admin/keys/rotate", None)
+            .await
+    }
+}

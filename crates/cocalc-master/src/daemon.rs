@@ -1,0 +1,243 @@
+//! Everything the `cocalc-master` binary does besides parsing arguments:
+//! the config file, building a [`Master`] from it, and serving until a
+//! shutdown signal.
+//!
+//! ## Config file (TOML)
+//!
+//! ```toml
+//! listen = "127.0.0.1:8080"          # address of the HTTP API
+//! data_dir = "/var/lib/cocalc-master" # map.db, directory.db, keys/, admin.key
+//! placement = "least-loaded"          # or "data-aware"
+//! issuer = "cocalc-master"            # `iss` of connect tokens
+//! token_ttl_secs = 600                # connect token lifetime (60..=1800)
+//! # admin_key_file = "/etc/cocalc/admin.key"  # default: <data_dir>/admin.key
+//! ```
+//!
+//! On first start the master generates its signing key (`<data_dir>/keys/`)
+//! and, if the admin key file does not exist, an admin key (mode 0600).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cocalc_auth::KeySet;
+use cocalc_core::{SharedClock, SystemClock};
+use cocalc_placement::{DataAware, LeastLoaded, Registry, RegistryPolicy, SqliteStore};
+use serde::Deserialize;
+
+use crate::directory::{new_api_key, Directory};
+use crate::master::{Master, MasterConfig};
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DaemonError {
+    /// The config file is missing or invalid.
+    #[error("config {path}: {message}")]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A file or directory could not be used.
+    #[error("{path}: {message}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What failed.
+        message: String,
+    },
+    /// Building the master failed.
+    #[error("{0}")]
+    Master(#[from] crate::MasterError),
+    /// The listen address could not be bound.
+    #[error("listen on {addr}: {message}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// What failed.
+        message: String,
+    },
+}
+
+impl DaemonError {
+    /// Process exit code: 2 for configuration errors, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            DaemonError::Config { .. } => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// The master's config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// HTTP listen address.
+    pub listen: SocketAddr,
+    /// State directory.
+    pub data_dir: PathBuf,
+    /// `least-loaded` (default) or `data-aware`.
+    #[serde(default = "default_placement")]
+    pub placement: String,
+    /// Token issuer name.
+    #[serde(default = "default_issuer")]
+    pub issuer: String,
+    /// Connect token lifetime in seconds.
+    #[serde(default = "default_ttl")]
+    pub token_ttl_secs: u64,
+    /// Admin key file (default `<data_dir>/admin.key`).
+    #[serde(default)]
+    pub admin_key_file: Option<PathBuf>,
+}
+
+fn default_placement() -> String {
+    "least-loaded".into()
+}
+fn default_issuer() -> String {
+    "cocalc-master".into()
+}
+fn default_ttl() -> u64 {
+    600
+}
+
+impl DaemonConfig {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Self, DaemonError> {
+        let bad = |message: String| DaemonError::Config {
+            path: path.to_path_buf(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        let cfg: DaemonConfig = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        if !matches!(cfg.placement.as_str(), "least-loaded" | "data-aware") {
+            return Err(bad(format!(
+                "placement {:?}: expected \"least-loaded\" or \"data-aware\"",
+                cfg.placement
+            )));
+        }
+        if !(60..=1800).contains(&cfg.token_ttl_secs) {
+            return Err(bad(format!(
+                "token_ttl_secs {} outside 60..=1800",
+                cfg.token_ttl_secs
+            )));
+        }
+        Ok(cfg)
+    }
+
+    /// The admin key file in use.
+    pub fn admin_key_path(&self) -> PathBuf {
+        self.admin_key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("admin.key"))
+    }
+}
+
+fn io(path: &Path, e: impl std::fmt::Display) -> DaemonError {
+    DaemonError::Io {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+/// Reads the admin key, creating one (mode 0600) if the file is missing.
+pub fn ensure_admin_key(path: &Path) -> Result<String, DaemonError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::read_to_string(path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_string()),
+        Ok(_) => return Err(io(path, "admin key file is empty")),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(path, e)),
+        Err(_) => {}
+    }
+    let mut b = [0u8; 32];
+    getrandom::getrandom(&mut b).map_err(|e| io(path, e))?;
+    let key = new_api_key(b).replacen("cuk.", "cak.", 1);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| io(path, e))?;
+    writeln!(f, "{key}").map_err(|e| io(path, e))?;
+    f.sync_all().map_err(|e| io(path, e))?;
+    Ok(key)
+}
+
+/// Builds the master from its config: opens the databases, loads (or
+/// creates) the signing keys and the admin key.
+pub async fn build(cfg: &DaemonConfig) -> Result<Arc<Master>, DaemonError> {
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| io(&cfg.data_dir, e))?;
+    let clock: SharedClock = Arc::new(SystemClock);
+    let key_dir = cfg.data_dir.join("keys");
+    let keys = if key_dir.exists() {
+        KeySet::load_dir(&key_dir).map_err(|e| io(&key_dir, e))?
+    } else {
+        let k = KeySet::generate(clock.now()).map_err(|e| io(&key_dir, e))?;
+        k.save_dir(&key_dir).map_err(|e| io(&key_dir, e))?;
+        k
+    };
+    let admin_key = ensure_admin_key(&cfg.admin_key_path())?;
+    let mut mc = MasterConfig::new(&admin_key);
+    mc.issuer = cfg.issuer.clone();
+    mc.token_ttl = Duration::from_secs(cfg.token_ttl_secs);
+    mc.key_dir = Some(key_dir);
+    let map_path = cfg.data_dir.join("map.db");
+    let store = SqliteStore::open(&map_path).map_err(|e| io(&map_path, e))?;
+    let dir = Directory::open(Some(&cfg.data_dir.join("directory.db")))?;
+    let placement: Box<dyn cocalc_core::Placement> = match cfg.placement.as_str() {
+        "data-aware" => Box::new(DataAware::default().sampled(64, seed())),
+        _ => Box::new(LeastLoaded::sampled(64, seed())),
+    };
+    let registry = Registry::new(clock.clone(), RegistryPolicy::default(), seed());
+    let master = Master::new(mc, clock, dir, Arc::new(store), registry, placement, keys).await?;
+    Ok(Arc::new(master))
+}
+
+fn seed() -> u64 {
+    let mut b = [0u8; 8];
+    // A failing random source only makes jitter predictable; not fatal.
+    let _ = getrandom::getrandom(&mut b);
+    u64::from_le_bytes(b)
+}
+
+/// Serves the API on `listener` until `shutdown` completes; in-flight
+/// requests finish first.
+pub async fn serve(
+    master: Arc<Master>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, crate::http::router(master))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Binds the configured address.
+pub async fn bind(cfg: &DaemonConfig) -> Result<tokio::net::TcpListener, DaemonError> {
+    tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| DaemonError::Listen {
+            addr: cfg.listen,
+            message: e.to_string(),
+        })
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,207 @@
+//! `cocalc-master` started from its config file with one command, driven by
+//! the `cocalc` CLI as an operator and a user would.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+
+use cocalc_auth::paserk;
+use cocalc_core::wire::RegisterHostRequest;
+use cocalc_core::{Capacity, HostEndpoint, HostId, Region};
+
+struct Daemon {
+    child: Child,
+    url: String,
+    admin_key: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_master() -> Daemon {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("master.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nplacement = \"data-aware\"\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cocalc-master"))
+        .args(["-c", cfg.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let url = loop {
+        let line = lines
+            .next()
+            .expect("master exited before listening")
+            .unwrap();
+        if let Some(u) = line.strip_prefix("cocalc-master: listening on ") {
+            break u.to_string();
+        }
+    };
+    // Keep draining stderr so the daemon never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    let admin_key = std::fs::read_to_string(dir.path().join("data/admin.key"))
+        .unwrap()
+        .trim()
+        .to_string();
+    Daemon {
+        child,
+        url,
+        admin_key,
+        _dir: dir,
+    }
+}
+
+fn cocalc(d: &Daemon, key: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cocalc"))
+        .args(args)
+        .env("COCALC_MASTER", &d.url)
+        .env("COCALC_API_KEY", key)
+        .output()
+        .unwrap()
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    serde_json::from_str(&ok(o)).unwrap()
+}
+
+#[test]
+fn master_starts_from_config_and_serves_the_cli() {
+    let d = start_master();
+    let admin = d.admin_key.clone();
+
+    // Operator: a user, a bootstrap token.
+    let alice = json(&cocalc(&d, &admin, &["user", "create", "alice", "--json"]));
+    let alice_key = alice["api_key"].as_str().unwrap().to_string();
+    let token = ok(&cocalc(&d, &admin, &["host", "bootstrap-token"]))
+        .trim()
+        .to_string();
+    assert!(token.starts_with("cbt."), "{token}");
+
+    // User: a project; opening it with no host is a clear refusal.
+    let p = json(&cocalc(
+        &d,
+        &alice_key,
+        &["project", "create", "thesis", "--json"],
+    ));
+    assert_eq!(p["name"], "thesis");
+    let o = cocalc(&d, &alice_key, &["project", "open", "thesis"]);
+    assert_eq!(o.status.code(), Some(5));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("no hosts are registered"), "{err}");
+
+    // A host registers with the bootstrap token (as the host agent will).
+    let host_key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+    let host = HostId::new_v4([5; 16]);
+    let req = RegisterHostRequest::new(
+        host,
+        paserk::encode_public(&host_key.verifying_key()),
+        Some(token.clone()),
+        Region("local".into()),
+        HostEndpoint::Url("http://127.0.0.1:9".into()),
+        Capacity {
+            project_slots: 10,
+            disk_free_bytes: 100 << 30,
+            disk_total_bytes: 200 << 30,
+            ..Capacity::default()
+        },
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let status = rt.block_on(async {
+        reqwest::Client::new()
+            .post(format!("{}/v1/hosts/register", d.url))
+            .json(&req)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    assert_eq!(status, 200);
+
+    // Now open works, explains itself, and the host list shows the host.
+    let o = json(&cocalc(
+        &d,
+        &alice_key,
+        &["project", "open", "thesis", "--json"],
+    ));
+    assert_eq!(o["host"], host.to_string());
+    assert_eq!(o["generation"], 1);
+    let text = ok(&cocalc(&d, &alice_key, &["project", "explain", "thesis"]));
+    assert!(text.contains("chosen by data-aware"), "{text}");
+    assert!(text.contains("no host holds data yet"), "{text}");
+    let hosts = json(&cocalc(&d, &admin, &["host", "list", "--json"]));
+    assert_eq!(hosts[0]["state"], "up");
+    let drained = ok(&cocalc(&d, &admin, &["host", "drain", &host.to_string()]));
+    assert!(drained.contains("draining"), "{drained}");
+
+    // Key rotation, and the admin-only guard.
+    let rotated = json(&cocalc(&d, &admin, &["key", "rotate", "--json"]));
+    assert_eq!(rotated["signing_keys"].as_array().unwrap().len(), 2);
+    let o = cocalc(&d, &alice_key, &["key", "rotate"]);
+    assert_eq!(o.status.code(), Some(3));
+    // A wrong key is refused with a hint.
+    let o = cocalc(&d, "cuk.wrong", &["project", "list"]);
+    assert_eq!(o.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown API key"));
+}
+
+#[test]
+fn bad_config_is_refused_before_starting() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("m.toml");
+    std::fs::write(
+        &cfg,
+        "listen = \"127.0.0.1:0\"\ndata_dir = \"/tmp/x\"\nplacement = \"random\"\n",
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_cocalc-master"))
+        .args(["-c", cfg.to_str().unwrap(), "--check-config"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("placement \"random\""));
+    std::fs::write(&cfg, "listen = \"127.0.0.1:0\"\ndata_dir = \"/tmp/x\"\n").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_cocalc-master"))
+        .args(["-c", cfg.to_str().unwrap(), "--check-config"])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    // No master listening: the CLI says so.
+    let o = Command::new(env!("CARGO_BIN_EXE_cocalc"))
+        .args([
+            "--master",
+            "http://127.0.0.1:9",
+            "--api-key",
+            "x",
+            "project",
+            "list",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(5));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot reach the master"));
+}
