@@ -97,6 +97,7 @@ pub struct Master {
     placement: Box<dyn Placement>,
     minter: RwLock<Arc<Minter>>,
     push: PushHub,
+    host_keys: RwLock<std::collections::HashMap<HostId, (String, ed25519_dalek::VerifyingKey)>>,
 }
 
 impl std::fmt::Debug for Master {
@@ -131,6 +132,7 @@ impl Master {
             placement,
             minter: RwLock::new(Arc::new(minter)),
             push: PushHub::new(),
+            host_keys: RwLock::new(std::collections::HashMap::new()),
         })
     }
 
@@ -429,8 +431,24 @@ impl Master {
             .registry
             .get(host)
             .ok_or_else(|| MasterError::Unauthorized(format!("host {host} is not registered")))?;
-        paserk::decode_public(&rec.public_key)
-            .map_err(|e| MasterError::Internal(format!("stored key of host {host}: {e}")))
+        if let Some((text, key)) = self
+            .host_keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&host)
+        {
+            if *text == rec.public_key {
+                return Ok(*key);
+            }
+        }
+        // Decoding decompresses a curve point: worth caching per host.
+        let key = paserk::decode_public(&rec.public_key)
+            .map_err(|e| MasterError::Internal(format!("stored key of host {host}: {e}")))?;
+        self.host_keys
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(host, (rec.public_key, key));
+        Ok(key)
     }
 
     /// Registers a host. A new host (or a known host with a new key) must

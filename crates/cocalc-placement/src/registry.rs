@@ -143,11 +143,20 @@ impl Registry {
     }
 
     /// Loads records (from the durable store) into the registry, replacing
-    /// any with the same id.
+    /// any with the same id. Each loaded host gets at least one fresh lease
+    /// from now: stored leases are not kept current (keepalives are not
+    /// written through), so this gives every host one lease to check in
+    /// after a master restart instead of marking the whole fleet down.
     pub fn load(&self, records: impl IntoIterator<Item = HostRecord>) {
+        let now = self.clock.now();
         let mut g = self.write();
         for r in records {
             g.insert(r.info.id, r);
+        }
+        let lease = keepalive_interval(g.len(), &self.policy) * self.policy.lease_multiplier.max(1);
+        let fresh = now.saturating_add(lease);
+        for r in g.values_mut() {
+            r.info.lease_expires = r.info.lease_expires.max(fresh);
         }
     }
 
@@ -339,6 +348,26 @@ mod tests {
         assert_eq!(
             reg.keepalive(other, &ka9),
             Err(RegistryError::UnknownHost(other))
+        );
+    }
+
+    #[test]
+    fn loaded_hosts_get_one_fresh_lease_to_check_in() {
+        let clock = ManualClock::new(Timestamp::from_secs(1000));
+        let reg = Registry::new(Arc::new(clock.clone()), RegistryPolicy::default(), 1);
+        let (mut rec, _) = reg.register(&req(1));
+        rec.info.lease_expires = Timestamp::from_secs(10); // long expired
+        clock.advance(Duration::from_secs(3600));
+        let restarted = Registry::new(Arc::new(clock.clone()), RegistryPolicy::default(), 1);
+        restarted.load([rec.clone()]);
+        assert_eq!(
+            restarted.get(rec.info.id).unwrap().info.state,
+            HostState::Up
+        );
+        clock.advance(Duration::from_secs(15));
+        assert_eq!(
+            restarted.get(rec.info.id).unwrap().info.state,
+            HostState::Down
         );
     }
 

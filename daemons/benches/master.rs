@@ -1,0 +1,302 @@
+//! The master daemon under load, measured in one run against anchors from
+//! the same run:
+//!
+//! 1. `open project` requests/s over HTTP (keep-alive, 16 concurrent
+//!    clients) and p50/p99 latency, vs raw Ed25519 signatures/s on this
+//!    machine (one thread) — goal ≥ 0.5×;
+//! 2. the master's CPU while 10,000 registered hosts send 2,000 signed
+//!    keepalives/s — goal < 20 % of one core. CPU is read from
+//!    `/proc/<pid>/task/*/schedstat` of the master process only (the load
+//!    generator runs in this process).
+//!
+//! Run: `cargo bench -p cocalc-daemons --bench master`
+//! (`-- --hosts 2000 --secs 2` for a quicker run).
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cocalc_auth::host_auth::sign_request;
+use cocalc_auth::paserk;
+use cocalc_core::wire::{KeepaliveRequest, RegisterHostRequest};
+use cocalc_core::{Capacity, Health, HostEndpoint, HostId, Load, Region, Timestamp};
+use ed25519_dalek::{Signer, SigningKey};
+
+fn arg(name: &str, default: f64) -> f64 {
+    std::env::args()
+        .skip_while(|a| a != name)
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+struct Daemon(Child);
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn cpu_ns(pid: u32) -> u64 {
+    let mut total = 0;
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) {
+                total += s
+                    .split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    total
+}
+
+fn now() -> Timestamp {
+    Timestamp(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64,
+    )
+}
+
+fn start(dir: &Path) -> (Daemon, String, String) {
+    use std::io::{BufRead, BufReader};
+    let cfg = dir.join("m.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n",
+            dir.join("data").display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cocalc-master"))
+        .args(["-c", cfg.to_str().unwrap()])
+        .env("RUST_LOG", "error")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let url = loop {
+        let l = lines.next().expect("master exited").unwrap();
+        if let Some(u) = l.strip_prefix("cocalc-master: listening on ") {
+            break u.to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let admin = std::fs::read_to_string(dir.join("data/admin.key"))
+        .unwrap()
+        .trim()
+        .to_string();
+    (Daemon(child), url, admin)
+}
+
+fn host(i: usize) -> (HostId, SigningKey) {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&(i as u64).to_le_bytes());
+    let mut seed = [7u8; 32];
+    seed[..8].copy_from_slice(&(i as u64).to_le_bytes());
+    (HostId::new_v4(b), SigningKey::from_bytes(&seed))
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let n_hosts = arg("--hosts", 10_000.0) as usize;
+    let secs = arg("--secs", 3.0);
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, url, admin) = start(dir.path());
+    let pid = daemon.0.id();
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()
+        .unwrap();
+
+    // Anchor: raw Ed25519 signatures per second, one thread.
+    let sk = SigningKey::from_bytes(&[1; 32]);
+    let msg = [0u8; 400];
+    let t = Instant::now();
+    let mut n = 0u64;
+    while t.elapsed() < Duration::from_secs(2) {
+        for _ in 0..100 {
+            std::hint::black_box(sk.sign(std::hint::black_box(&msg)));
+        }
+        n += 100;
+    }
+    let sign_rate = n as f64 / t.elapsed().as_secs_f64();
+
+    // Register the fleet (bootstrap token per host, as in production).
+    let t = Instant::now();
+    let sem = Arc::new(tokio::sync::Semaphore::new(32));
+    let mut tasks = Vec::new();
+    for i in 0..n_hosts {
+        let (http, url, admin, sem) = (http.clone(), url.clone(), admin.clone(), sem.clone());
+        tasks.push(tokio::spawn(async move {
+            let _p = sem.acquire().await.unwrap();
+            let tok: serde_json::Value = http
+                .post(format!("{url}/v1/admin/bootstrap-tokens"))
+                .bearer_auth(&admin)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let (id, key) = host(i);
+            let req = RegisterHostRequest::new(
+                id,
+                paserk::encode_public(&key.verifying_key()),
+                tok["token"].as_str().map(str::to_string),
+                Region(["eu", "us"][i % 2].into()),
+                HostEndpoint::Url(format!("http://10.0.{}.{}:8443", i / 250, i % 250)),
+                Capacity {
+                    project_slots: 100,
+                    disk_free_bytes: 500 << 30,
+                    disk_total_bytes: 1000 << 30,
+                    ..Capacity::default()
+                },
+            );
+            let s = http
+                .post(format!("{url}/v1/hosts/register"))
+                .json(&req)
+                .send()
+                .await
+                .unwrap()
+                .status();
+            assert_eq!(s, 200);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    println!(
+        "registered {n_hosts} hosts in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+
+    // A user and a project, opened once so it is placed.
+    let user: serde_json::Value = http
+        .post(format!("{url}/v1/users"))
+        .bearer_auth(&admin)
+        .json(&serde_json::json!({"name": "bench"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = user["api_key"].as_str().unwrap().to_string();
+    let p: serde_json::Value = http
+        .post(format!("{url}/v1/projects"))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({"name": "p"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let open_url = format!("{url}/v1/projects/{}/open", p["id"].as_str().unwrap());
+    let s = http
+        .post(&open_url)
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(s, 200);
+
+    // 1. open project throughput and latency.
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (http, open_url, key) = (http.clone(), open_url.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let r = http.post(&open_url).bearer_auth(&key).send().await.unwrap();
+                assert_eq!(r.status(), 200);
+                let _ = r.bytes().await.unwrap();
+                lat.push(t.elapsed());
+            }
+            lat
+        }));
+    }
+    let started = Instant::now();
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.unwrap());
+    }
+    let open_rate = lat.len() as f64 / started.elapsed().as_secs_f64();
+    lat.sort();
+
+    // 2. keepalive CPU at 2,000/s.
+    let rate = 2_000u64;
+    let sent = Arc::new(AtomicU64::new(0));
+    let cpu0 = cpu_ns(pid);
+    let t0 = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let mut i = 0usize;
+    let mut tasks = Vec::new();
+    while t0.elapsed() < Duration::from_secs_f64(secs) {
+        tick.tick().await;
+        for _ in 0..rate / 100 {
+            let (http, url, sent) = (http.clone(), url.clone(), sent.clone());
+            let (id, key) = host(i % n_hosts);
+            i += 1;
+            tasks.push(tokio::spawn(async move {
+                let path = format!("/v1/hosts/{id}/keepalive");
+                let body = serde_json::to_vec(&KeepaliveRequest::new(
+                    id,
+                    Health::Ok,
+                    Capacity::default(),
+                    Load::default(),
+                ))
+                .unwrap();
+                let mut req = http
+                    .post(format!("{url}{path}"))
+                    .body(body.clone())
+                    .header("content-type", "application/json");
+                for (k, v) in sign_request(&key, id, "POST", &path, now(), &body) {
+                    req = req.header(k, v);
+                }
+                let s = req.send().await.unwrap().status();
+                assert_eq!(s, 200);
+                sent.fetch_add(1, Ordering::Relaxed);
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu = (cpu_ns(pid) - cpu0) as f64 / 1e9;
+    let ka = sent.load(Ordering::Relaxed) as f64 / wall;
+
+    println!();
+    println!("raw ed25519 sign (1 thread)            {sign_rate:>10.0} /s");
+    println!(
+        "open project over HTTP (16 clients)    {open_rate:>10.0} /s   p50 {:?}  p99 {:?}",
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99)
+    );
+    println!(
+        "  ratio open / raw sign = {:.3}x   (goal >= 0.5)",
+        open_rate / sign_rate
+    );
+    println!(
+        "keepalives: {ka:.0}/s from {n_hosts} hosts for {wall:.1} s; master CPU {cpu:.2} s = {:.1} % of one core   (goal < 20 %)",
+        100.0 * cpu / wall
+    );
+    drop(daemon);
+}
