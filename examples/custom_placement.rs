@@ -5,7 +5,7 @@
 
 use cocalc_core::placement::ineligibility;
 use cocalc_core::{
-    Candidate, Capacity, HostEndpoint, HostId, HostInfo, Placement, PlacementDecision,
+    Candidate, Capacity, Exclusion, HostEndpoint, HostId, HostInfo, Placement, PlacementDecision,
     PlacementError, PlacementRequest, ProjectId, Region,
 };
 
@@ -25,11 +25,8 @@ impl Placement for MostFreeSlots {
         if hosts.is_empty() {
             return Err(PlacementError::NoHosts);
         }
-        let mut excluded: Vec<(String, u32)> = Vec::new();
-        let mut note = |why: &str| match excluded.iter_mut().find(|(r, _)| r == why) {
-            Some((_, n)) => *n += 1,
-            None => excluded.push((why.to_string(), 1)),
-        };
+        let mut excluded: Vec<Exclusion> = Vec::new();
+        let mut note = |why: &str| Exclusion::count(&mut excluded, why);
         let mut candidates = Vec::new();
         for h in hosts {
             if let Some(why) = ineligibility(h) {
@@ -87,8 +84,8 @@ fn main() {
             for c in &d.candidates {
                 println!("  candidate {} score {} ({})", c.host, c.score, c.note);
             }
-            for (why, n) in &d.excluded {
-                println!("  excluded {n}: {why}");
+            for e in &d.excluded {
+                println!("  excluded {}: {}", e.hosts, e.reason);
             }
         }
         Err(e) => println!("no placement: {e}"),

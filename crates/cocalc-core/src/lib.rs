@@ -58,7 +58,8 @@ pub use audit::{AuditOutcome, AuditRecord};
 pub use error::ApiError;
 pub use id::{HostId, IdError, ProjectId, UserId};
 pub use placement::{
-    Candidate, Placement, PlacementDecision, PlacementError, PlacementRequest, StaticPlacement,
+    Candidate, Exclusion, Placement, PlacementDecision, PlacementError, PlacementRequest,
+    StaticPlacement,
 };
 pub use record::{
     Capacity, Generation, Health, HostEndpoint, HostInfo, HostState, Load, Permission,

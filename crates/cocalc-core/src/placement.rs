@@ -43,6 +43,28 @@ pub struct Candidate {
     pub note: String,
 }
 
+/// How many hosts a strategy excluded for one reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exclusion {
+    /// Why (`down`, `draining`, `full`, `low disk headroom`, ...).
+    pub reason: String,
+    /// How many hosts.
+    pub hosts: u32,
+}
+
+impl Exclusion {
+    /// Counts one more host excluded for `reason` in `list`.
+    pub fn count(list: &mut Vec<Exclusion>, reason: &str) {
+        match list.iter_mut().find(|e| e.reason == reason) {
+            Some(e) => e.hosts += 1,
+            None => list.push(Exclusion {
+                reason: reason.to_string(),
+                hosts: 1,
+            }),
+        }
+    }
+}
+
 /// A placement choice that explains itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -55,8 +77,8 @@ pub struct PlacementDecision {
     pub reason: String,
     /// The best-scoring eligible hosts, best first (at most a handful).
     pub candidates: Vec<Candidate>,
-    /// How many hosts were excluded, by reason (`draining`, `down`, ...).
-    pub excluded: Vec<(String, u32)>,
+    /// How many hosts were excluded, by reason.
+    pub excluded: Vec<Exclusion>,
 }
 
 impl PlacementDecision {
@@ -66,7 +88,7 @@ impl PlacementDecision {
         strategy: impl Into<String>,
         reason: impl Into<String>,
         candidates: Vec<Candidate>,
-        excluded: Vec<(String, u32)>,
+        excluded: Vec<Exclusion>,
     ) -> Self {
         PlacementDecision {
             host,
@@ -91,14 +113,14 @@ pub enum PlacementError {
         /// Hosts considered.
         total: usize,
         /// Excluded hosts by reason.
-        excluded: Vec<(String, u32)>,
+        excluded: Vec<Exclusion>,
     },
 }
 
-fn summary(excluded: &[(String, u32)]) -> String {
+fn summary(excluded: &[Exclusion]) -> String {
     excluded
         .iter()
-        .map(|(r, n)| format!("{n} {r}"))
+        .map(|e| format!("{} {}", e.hosts, e.reason))
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -152,7 +174,7 @@ impl Placement for StaticPlacement {
         if hosts.is_empty() {
             return Err(PlacementError::NoHosts);
         }
-        let mut excluded: Vec<(String, u32)> = Vec::new();
+        let mut excluded: Vec<Exclusion> = Vec::new();
         for h in hosts {
             match ineligibility(h) {
                 None => {
@@ -168,10 +190,7 @@ impl Placement for StaticPlacement {
                         excluded,
                     ))
                 }
-                Some(why) => match excluded.iter_mut().find(|(r, _)| r == why) {
-                    Some((_, n)) => *n += 1,
-                    None => excluded.push((why.to_string(), 1)),
-                },
+                Some(why) => Exclusion::count(&mut excluded, why),
             }
         }
         Err(PlacementError::NoEligibleHost {
@@ -208,10 +227,12 @@ mod tests {
             .unwrap();
         assert_eq!(d.host, hosts[2].id);
         assert_eq!(d.strategy, "static");
-        assert_eq!(
-            d.excluded,
-            vec![("draining".to_string(), 1), ("down".to_string(), 1)]
-        );
+        let ex: Vec<(&str, u32)> = d
+            .excluded
+            .iter()
+            .map(|e| (e.reason.as_str(), e.hosts))
+            .collect();
+        assert_eq!(ex, vec![("draining", 1), ("down", 1)]);
         let err = StaticPlacement
             .place(&PlacementRequest::default(), &hosts[..2])
             .unwrap_err();

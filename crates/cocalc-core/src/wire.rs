@@ -61,6 +61,24 @@ impl CreateProjectRequest {
     }
 }
 
+/// A user's access to a project.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Collaborator {
+    /// The user.
+    pub user: UserId,
+    /// What they may do.
+    pub permission: Permission,
+}
+
+/// When a project was last used.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProjectActivity {
+    /// The project.
+    pub project: ProjectId,
+    /// Last use.
+    pub last_use: Timestamp,
+}
+
 /// A project as the master describes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -75,7 +93,7 @@ pub struct ProjectInfo {
     /// Its owner.
     pub owner: UserId,
     /// Collaborators and their permissions (the owner is `admin`).
-    pub collaborators: Vec<(UserId, Permission)>,
+    pub collaborators: Vec<Collaborator>,
     /// Host it is placed on, if any.
     pub host: Option<HostId>,
     /// Current placement generation.
@@ -88,7 +106,7 @@ impl ProjectInfo {
         id: ProjectId,
         name: String,
         owner: UserId,
-        collaborators: Vec<(UserId, Permission)>,
+        collaborators: Vec<Collaborator>,
         host: Option<HostId>,
         generation: Generation,
     ) -> Self {
@@ -301,16 +319,16 @@ pub struct ActivityReport {
     /// The reporting host.
     pub host: HostId,
     /// Projects and when each was last used.
-    pub last_use: Vec<(ProjectId, Timestamp)>,
+    pub projects: Vec<ProjectActivity>,
 }
 
 impl ActivityReport {
     /// An activity report.
-    pub fn new(host: HostId, last_use: Vec<(ProjectId, Timestamp)>) -> Self {
+    pub fn new(host: HostId, projects: Vec<ProjectActivity>) -> Self {
         ActivityReport {
             v: WIRE_VERSION,
             host,
-            last_use,
+            projects,
         }
     }
 }

@@ -11,6 +11,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use blake2::digest::{Update, VariableOutput};
 use blake2::Blake2bVar;
+use cocalc_core::wire::Collaborator;
 use cocalc_core::{Permission, ProjectId, Timestamp, UserId};
 use rusqlite::{params, Connection, OptionalExtension};
 
@@ -305,10 +306,7 @@ impl Directory {
     }
 
     /// Every collaborator of a project.
-    pub fn collaborators(
-        &self,
-        project: ProjectId,
-    ) -> Result<Vec<(UserId, Permission)>, MasterError> {
+    pub fn collaborators(&self, project: ProjectId) -> Result<Vec<Collaborator>, MasterError> {
         let c = self.lock();
         let mut st = c
             .prepare("SELECT user, perm FROM collaborators WHERE project = ?1 ORDER BY user")
@@ -320,7 +318,10 @@ impl Directory {
             .map_err(db)?;
         rows.map(|r| {
             let (u, p) = r.map_err(db)?;
-            Ok((parse(u)?, parse(p)?))
+            Ok(Collaborator {
+                user: parse(u)?,
+                permission: parse(p)?,
+            })
         })
         .collect()
     }

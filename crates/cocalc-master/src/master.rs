@@ -499,10 +499,10 @@ impl Master {
 
     /// Records the last use of projects on `host` (only projects it holds).
     pub async fn activity(&self, host: HostId, report: &ActivityReport) -> Result<(), MasterError> {
-        for (project, at) in &report.last_use {
-            if let Some(e) = self.store.placement(*project).await? {
+        for a in &report.projects {
+            if let Some(e) = self.store.placement(a.project).await? {
                 if e.host == host {
-                    self.store.record_activity(*project, *at).await?;
+                    self.store.record_activity(a.project, a.last_use).await?;
                 }
             }
         }

@@ -16,7 +16,8 @@
 
 use cocalc_core::placement::ineligibility;
 use cocalc_core::{
-    Candidate, Health, HostInfo, Placement, PlacementDecision, PlacementError, PlacementRequest,
+    Candidate, Exclusion, Health, HostInfo, Placement, PlacementDecision, PlacementError,
+    PlacementRequest,
 };
 
 use crate::rng::SeededRng;
@@ -81,14 +82,11 @@ impl Best {
 }
 
 #[derive(Default)]
-struct Excluded(Vec<(String, u32)>);
+struct Excluded(Vec<Exclusion>);
 
 impl Excluded {
     fn add(&mut self, why: &str) {
-        match self.0.iter_mut().find(|(r, _)| r == why) {
-            Some((_, n)) => *n += 1,
-            None => self.0.push((why.to_string(), 1)),
-        }
+        Exclusion::count(&mut self.0, why);
     }
 }
 

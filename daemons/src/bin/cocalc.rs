@@ -350,8 +350,8 @@ fn run_remote(
                     for c in &d.candidates {
                         println!("  candidate {} score {:.3} ({})", c.host, c.score, c.note);
                     }
-                    for (why, n) in &d.excluded {
-                        println!("  excluded {n}: {why}");
+                    for e in &d.excluded {
+                        println!("  excluded {}: {}", e.hosts, e.reason);
                     }
                 }
             }
