@@ -21,6 +21,8 @@
 //! # });
 //! ```
 
+pub mod runner_contract;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
