@@ -155,7 +155,7 @@ pub async fn start_is_idempotent(r: &dyn Runner, env: &ContractEnv) {
     assert_eq!(
         out.stdout_text(),
         "alive\n",
-        "state survived the second start"
+        "state must survive the second start (marker {marker:?}, cat {out:?})"
     );
     r.stop(spec.project, GRACE).await.expect("stop");
 }

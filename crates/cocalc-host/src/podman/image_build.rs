@@ -44,6 +44,9 @@ pub async fn import_busybox_image(
     ] {
         std::fs::create_dir_all(root.join(d)).map_err(|e| io("creating rootfs", e))?;
     }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777))
+        .map_err(|e| io("chmod /tmp", e))?;
     std::fs::copy(busybox, root.join("bin/busybox")).map_err(|e| io("copying busybox", e))?;
     let list = tokio::process::Command::new(busybox)
         .arg("--list")

@@ -37,7 +37,8 @@ use async_trait::async_trait;
 use bollard::container::LogOutput;
 use bollard::exec::{CreateExecOptions, ResizeExecOptions, StartExecOptions, StartExecResults};
 use bollard::models::{
-    ContainerCreateBody, ContainerInspectResponse, HostConfig, ResourcesUlimits,
+    ContainerCreateBody, ContainerInspectResponse, HostConfig, Mount, MountTmpfsOptions, MountType,
+    ResourcesUlimits,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, InspectContainerOptions, ListContainersOptionsBuilder,
@@ -355,20 +356,28 @@ impl PodmanRunner {
             prepare_dir(s, uid, gid)?;
         }
         let mut binds = vec![format!("{}:/home/user:rw", path_str(&spec.home)?)];
-        let mut tmpfs = None;
+        let mut mounts = None;
         match &spec.scratch {
             Some(s) => binds.push(format!("{}:/tmp:rw", path_str(s)?)),
             None => {
-                tmpfs = Some(HashMap::from([(
-                    "/tmp".to_string(),
-                    format!("rw,nosuid,nodev,size=64m,uid={uid},gid={gid},mode=1777"),
-                )]))
+                // Podman copies the image's /tmp onto the tmpfs ("tmpcopyup"),
+                // mode included: images must have a 1777 /tmp.
+                mounts = Some(vec![Mount {
+                    target: Some("/tmp".into()),
+                    typ: Some(MountType::TMPFS),
+                    tmpfs_options: Some(MountTmpfsOptions {
+                        size_bytes: Some(64 << 20),
+                        mode: Some(0o1777),
+                        options: None,
+                    }),
+                    ..Default::default()
+                }]);
             }
         }
         let limits = spec.limits;
         let host_config = HostConfig {
             binds: Some(binds),
-            tmpfs,
+            mounts,
             memory: Some(i64::try_from(limits.memory_bytes).unwrap_or(i64::MAX)),
             // Same as memory: no swap beyond the memory limit.
             memory_swap: Some(i64::try_from(limits.memory_bytes).unwrap_or(i64::MAX)),

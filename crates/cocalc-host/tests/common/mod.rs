@@ -55,7 +55,9 @@ pub fn privileged() -> bool {
         panic!("COCALC_TEST_PRIVILEGED=require but {why}");
     }
     static ONCE: Once = Once::new();
-    ONCE.call_once(|| eprintln!("skipping: {why} (set COCALC_TEST_PRIVILEGED=require to fail instead)"));
+    ONCE.call_once(|| {
+        eprintln!("skipping: {why} (set COCALC_TEST_PRIVILEGED=require to fail instead)")
+    });
     false
 }
 
@@ -93,7 +95,9 @@ impl PodmanFixture {
             dir,
             homes: AtomicU64::new(0),
         };
-        let runner = PodmanRunner::new(fx.config(host)).await.expect("podman runner");
+        let runner = PodmanRunner::new(fx.config(host))
+            .await
+            .expect("podman runner");
         runner
             .import_busybox_image(IMAGE)
             .await
@@ -167,7 +171,11 @@ impl Drop for PodmanFixture {
                 .map(String::from)
                 .collect();
             if !ids.is_empty() {
-                let _ = self.podman().args(["rm", "-f", "-t", "0"]).args(&ids).output();
+                let _ = self
+                    .podman()
+                    .args(["rm", "-f", "-t", "0"])
+                    .args(&ids)
+                    .output();
             }
         }
         // Stops the service the runner started.
