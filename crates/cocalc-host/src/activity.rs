@@ -294,28 +294,24 @@ fn read_v2_usage_usec(p: &Path) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// Established TCP connections (v4 and v6) in the network namespace of host
-/// process `pid`, from `/proc/PID/net/tcp{,6}`.
+/// Established TCP connections (IPv4 and IPv6) in the network namespace of
+/// host process `pid`: `CurrEstab` of `/proc/PID/net/snmp`. (Walking
+/// `/proc/PID/net/tcp` instead costs ~10 ms here: the kernel scans every
+/// namespace's sockets.)
 pub fn count_established(pid: u32) -> std::io::Result<u64> {
-    let mut n = 0;
-    for f in ["tcp", "tcp6"] {
-        match std::fs::read_to_string(format!("/proc/{pid}/net/{f}")) {
-            Ok(s) => n += count_established_in(&s),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && f == "tcp6" => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
+    let snmp = std::fs::read_to_string(format!("/proc/{pid}/net/snmp"))?;
+    curr_estab(&snmp)
+        .ok_or_else(|| std::io::Error::other(format!("no Tcp CurrEstab in /proc/{pid}/net/snmp")))
 }
 
-/// Counts the rows of a `/proc/net/tcp` table whose state is `01`
-/// (ESTABLISHED).
-pub fn count_established_in(table: &str) -> u64 {
-    table
-        .lines()
-        .skip(1)
-        .filter(|l| l.split_whitespace().nth(3) == Some("01"))
-        .count() as u64
+/// `CurrEstab` from the text of a `/proc/net/snmp` file (a `Tcp:` header
+/// line followed by a `Tcp:` value line).
+pub fn curr_estab(snmp: &str) -> Option<u64> {
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let names = tcp.next()?;
+    let values = tcp.next()?;
+    let idx = names.split_whitespace().position(|n| n == "CurrEstab")?;
+    values.split_whitespace().nth(idx)?.parse().ok()
 }
 
 #[cfg(test)]
@@ -413,9 +409,13 @@ mod tests {
     }
 
     #[test]
-    fn parses_proc_net_tcp() {
-        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000  2001        0 1 1 0 100 0 0 10 0\n   1: 0100007F:1F90 0100007F:D3A2 01 00000000:00000000 00:00000000 00000000  2001        0 2 1 0 20 4 30 10 -1\n";
-        assert_eq!(count_established_in(table), 1);
+    fn parses_curr_estab_from_proc_net_snmp() {
+        let snmp = "Ip: Forwarding DefaultTTL\nIp: 1 64\n\
+Tcp: RtoAlgorithm RtoMin RtoMax MaxConn ActiveOpens PassiveOpens AttemptFails EstabResets CurrEstab InSegs\n\
+Tcp: 1 200 120000 -1 5 3 0 0 2 100\n\
+Udp: InDatagrams\nUdp: 0\n";
+        assert_eq!(curr_estab(snmp), Some(2));
+        assert_eq!(curr_estab("Ip: 1\n"), None);
     }
 
     /// A runner with fixed running projects that records stops.

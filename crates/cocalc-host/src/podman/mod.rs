@@ -150,6 +150,9 @@ pub struct PodmanRunner {
     env: PodmanEnv,
     generations: Mutex<HashMap<ProjectId, Generation>>,
     project_locks: Mutex<HashMap<ProjectId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Running containers as last inspected, so that a `start` of a running
+    /// project needs no API round trip (podman's inspect takes ~15 ms).
+    live: Mutex<HashMap<ProjectId, Live>>,
     // Declared last: dropped after everything that talks to it.
     service: Option<PodmanService>,
 }
@@ -162,6 +165,24 @@ impl std::fmt::Debug for PodmanRunner {
             .field("service", &self.service)
             .finish_non_exhaustive()
     }
+}
+
+/// A container seen running: its main process (host pid and the kernel's
+/// start time of that pid, so a reused pid is not mistaken for it) and the
+/// status reported then.
+#[derive(Debug, Clone)]
+struct Live {
+    pid: u32,
+    starttime: u64,
+    status: RunStatus,
+}
+
+/// Field 22 of `/proc/PID/stat`: when the process started, in clock ticks
+/// after boot.
+fn proc_starttime(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -227,6 +248,7 @@ impl PodmanRunner {
             env,
             generations: Mutex::new(HashMap::new()),
             project_locks: Mutex::new(HashMap::new()),
+            live: Mutex::new(HashMap::new()),
             service,
         })
     }
@@ -316,11 +338,17 @@ impl PodmanRunner {
                     }
                 }
             });
-            st.usage = sample_cgroup_of(pid).ok().map(|(s, mem)| ResourceUsage {
-                cpu_time_us: s.cpu_time_us,
-                memory_bytes: mem,
-                pids: s.processes,
-            });
+            st.usage = usage_of(pid);
+            if let Some(starttime) = proc_starttime(pid) {
+                let live = Live {
+                    pid,
+                    starttime,
+                    status: st.clone(),
+                };
+                lock(&self.live).insert(project, live);
+            }
+        } else {
+            lock(&self.live).remove(&project);
         }
         if let Some(g) = generation_label(c) {
             let mut seen = lock(&self.generations);
@@ -519,6 +547,14 @@ type AttachedOutput = std::pin::Pin<
 >;
 type AttachedInput = std::pin::Pin<Box<dyn AsyncWrite + Send>>;
 
+fn usage_of(pid: u32) -> Option<ResourceUsage> {
+    sample_cgroup_of(pid).ok().map(|(s, mem)| ResourceUsage {
+        cpu_time_us: s.cpu_time_us,
+        memory_bytes: mem,
+        pids: s.processes,
+    })
+}
+
 fn running_pid(c: &ContainerInspectResponse) -> Option<u32> {
     let s = c.state.as_ref()?;
     if s.running != Some(true) {
@@ -598,6 +634,17 @@ impl Runner for PodmanRunner {
         }
         let guard = self.project_lock(spec.project);
         let _g = guard.lock().await;
+        // Fast path: seen running, and its main process is still the same.
+        let known = lock(&self.live).get(&spec.project).cloned();
+        if let Some(l) = known {
+            if proc_starttime(l.pid) == Some(l.starttime) {
+                check_generation(&self.generations, spec)?;
+                let mut st = l.status;
+                st.usage = usage_of(l.pid);
+                return Ok(st);
+            }
+            lock(&self.live).remove(&spec.project);
+        }
         let name = container_name(spec.project);
         let existing = match self
             .docker
@@ -651,6 +698,7 @@ impl Runner for PodmanRunner {
     async fn stop(&self, project: ProjectId, grace: Duration) -> Result<(), RunnerError> {
         let guard = self.project_lock(project);
         let _g = guard.lock().await;
+        lock(&self.live).remove(&project);
         let name = container_name(project);
         if self.inspect_own(project).await?.is_none() {
             return Ok(());
