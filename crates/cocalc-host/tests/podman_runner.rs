@@ -382,3 +382,72 @@ async fn read_until(out: &mut cocalc_core::ByteStream, seen: &mut String, needle
     .await;
     assert!(res.is_ok(), "no {needle:?} in {seen:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn culler_stops_the_idle_project_and_spares_the_busy_one() {
+    use cocalc_core::{ManualClock, Timestamp};
+    use cocalc_host::activity::{ActiveBecause, CullDecision, CullPolicy, IdleCuller};
+    use std::sync::Arc;
+
+    if !privileged() {
+        return;
+    }
+    let fx = PodmanFixture::new().await;
+    let r = fx.runner();
+    let idle = spec(&fx);
+    let busy = spec(&fx);
+    r.start(&idle).await.expect("start idle");
+    r.start(&busy).await.expect("start busy");
+    // A long computation with no browser attached (held open: dropping an
+    // exec stream ends the command).
+    let mut req = cocalc_core::ExecRequest::new(
+        ["sh", "-c", "while :; do :; done"]
+            .map(String::from)
+            .to_vec(),
+    );
+    req.timeout = Some(Duration::from_secs(120));
+    let _computation = r.exec(busy.project, req).await.expect("busy loop");
+
+    // The fake clock moves 6 minutes per tick while about a second passes
+    // for real: a threshold of 0.1 % of a core separates a spinning loop
+    // (~1 s of CPU per tick) from a sleeping shell (~0).
+    let clock = ManualClock::new(Timestamp::from_secs(1_000_000));
+    let policy = CullPolicy {
+        idle_timeout: Duration::from_secs(600),
+        cpu_threshold: 0.001,
+        stop_grace: Duration::from_secs(2),
+    };
+    let mut culler = IdleCuller::new(policy, Arc::new(clock.clone()));
+    let verdict = |v: &[(cocalc_core::ProjectId, Result<CullDecision, RunnerError>)],
+                   p: cocalc_core::ProjectId| {
+        v.iter()
+            .find(|(q, _)| *q == p)
+            .map(|(_, d)| d.clone().expect("decision"))
+    };
+    culler.tick(r, r).await.expect("baseline tick");
+    let mut last = Vec::new();
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        clock.advance(Duration::from_secs(360));
+        last = culler.tick(r, r).await.expect("tick");
+        assert_eq!(
+            verdict(&last, busy.project),
+            Some(CullDecision::Active(ActiveBecause::Cpu)),
+            "{last:?}"
+        );
+    }
+    assert_eq!(
+        verdict(&last, idle.project),
+        Some(CullDecision::Stop),
+        "{last:?}"
+    );
+    assert_eq!(
+        r.status(idle.project).await.expect("status").state,
+        ProjectState::Stopped
+    );
+    assert_eq!(
+        r.status(busy.project).await.expect("status").state,
+        ProjectState::Running
+    );
+    r.stop(busy.project, GRACE).await.expect("stop");
+}
