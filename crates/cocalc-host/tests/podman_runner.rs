@@ -41,6 +41,7 @@ contract_tests!(
     stop_is_idempotent,
     exec_needs_a_running_project,
     exec_runs_in_the_home,
+    exec_streams_output_as_produced,
     exec_passes_stdin,
     exec_timeout_is_reported,
     image_outside_allowlist_is_refused,

@@ -202,6 +202,30 @@ pub async fn exec_runs_in_the_home(r: &dyn Runner, env: &ContractEnv) {
     r.stop(spec.project, GRACE).await.expect("stop");
 }
 
+/// Output arrives while the command still runs, not only at its end.
+pub async fn exec_streams_output_as_produced(r: &dyn Runner, env: &ContractEnv) {
+    let spec = spec(env);
+    r.start(&spec).await.expect("start");
+    let req = ExecRequest::new(
+        ["sh", "-c", "echo first; sleep 3; echo second"]
+            .map(String::from)
+            .to_vec(),
+    );
+    let t0 = std::time::Instant::now();
+    let mut s = r.exec(spec.project, req).await.expect("exec");
+    let first = next(&mut s).await.expect("an event").expect("ok");
+    assert_eq!(first, ExecEvent::Stdout("first\n".into()));
+    assert!(
+        t0.elapsed() < Duration::from_millis(2500),
+        "first line took {:?}: output is not streamed",
+        t0.elapsed()
+    );
+    let rest = collect(s).await.expect("rest");
+    assert_eq!(rest.stdout_text(), "second\n");
+    assert_eq!(rest.code, Some(0));
+    r.stop(spec.project, GRACE).await.expect("stop");
+}
+
 /// `stdin` bytes reach the command, then it sees end of input.
 pub async fn exec_passes_stdin(r: &dyn Runner, env: &ContractEnv) {
     let spec = spec(env);
@@ -292,6 +316,7 @@ pub async fn run_all(r: &dyn Runner, env: &ContractEnv) {
     stop_is_idempotent(r, env).await;
     exec_needs_a_running_project(r, env).await;
     exec_runs_in_the_home(r, env).await;
+    exec_streams_output_as_produced(r, env).await;
     exec_passes_stdin(r, env).await;
     exec_timeout_is_reported(r, env).await;
     image_outside_allowlist_is_refused(r, env).await;

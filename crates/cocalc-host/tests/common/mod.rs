@@ -56,7 +56,13 @@ pub fn privileged() -> bool {
     }
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        eprintln!("skipping: {why} (set COCALC_TEST_PRIVILEGED=require to fail instead)")
+        // Straight to the stderr handle: libtest captures `eprintln!` of
+        // passing tests, and this note must be seen.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipping: {why} (set COCALC_TEST_PRIVILEGED=require to fail instead)"
+        );
     });
     false
 }
