@@ -49,6 +49,7 @@ pub mod image;
 #[cfg(feature = "podman")]
 pub mod podman;
 pub mod process;
+mod procfs;
 pub mod started_at;
 
 pub use activity::{ActivitySample, ActivitySource, CullDecision, CullPolicy, IdleCuller};

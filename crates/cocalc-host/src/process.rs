@@ -16,6 +16,10 @@
 //! same errors as with podman, but nothing is pulled or run from an image.
 //! Projects do not survive the runner: dropping it kills every group, and
 //! [`list`](Runner::list) knows only the projects this instance started.
+//! Terminals ([`pty`](Runner::pty)) are `setsid -c /bin/sh -i` on a
+//! pseudo-terminal, each in its own session, killed on `close` and on stop.
+//! [`ActivitySource`] samples count CPU time and processes of the group;
+//! connections cannot be told apart from the host's and count as 0.
 
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
@@ -27,7 +31,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use cocalc_core::{
     ExecEvent, ExecRequest, ExecStream, Generation, ProjectId, ProjectSpec, ProjectState,
-    RunStatus, Runner, RunnerError, SharedClock, Timestamp,
+    PtyControl, PtySession, PtySize, RunStatus, Runner, RunnerError, SharedClock, Timestamp,
 };
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
@@ -35,6 +39,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
+use crate::activity::{ActivitySample, ActivitySource};
 use crate::image::ImagePolicy;
 
 /// The keep-alive leader of every project group: sleeps until told to stop.
@@ -46,11 +51,16 @@ struct Proc {
     home: PathBuf,
     image: String,
     started_at: Timestamp,
+    /// Session leaders of the project's terminals (each in its own session).
+    terminals: Arc<Mutex<Vec<i32>>>,
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = killpg(self.pgid, Signal::SIGKILL);
+        for t in lock(&self.terminals).drain(..) {
+            crate::procfs::kill_session(t);
+        }
     }
 }
 
@@ -172,6 +182,7 @@ impl Runner for ProcessRunner {
             home: spec.home.clone(),
             image,
             started_at: self.clock.now(),
+            terminals: Arc::default(),
         };
         lock(&self.procs).insert(spec.project, proc);
         Ok(self.live_status(spec.project))
@@ -280,6 +291,70 @@ impl Runner for ProcessRunner {
         Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 
+    async fn pty(&self, project: ProjectId, size: PtySize) -> Result<PtySession, RunnerError> {
+        let (home, terminals) = {
+            if self.live_status(project).state != ProjectState::Running {
+                return Err(RunnerError::NotRunning(project));
+            }
+            let procs = lock(&self.procs);
+            let p = &procs[&project];
+            (p.home.clone(), p.terminals.clone())
+        };
+        let io = |what: &str, e: std::io::Error| RunnerError::Backend(format!("{what}: {e}"));
+        let master = open_pty_master().map_err(|e| io("opening a pseudo-terminal", e))?;
+        set_size(&master, size)?;
+        let slave = open_pty_slave(&master).map_err(|e| io("opening the terminal", e))?;
+        let mut cmd = std::process::Command::new("setsid");
+        cmd.args(["-c", "/bin/sh", "-i"])
+            .current_dir(&home)
+            .env("HOME", &home)
+            .env("TERM", "xterm-256color")
+            .stdin(slave.try_clone().map_err(|e| io("dup", e))?)
+            .stdout(slave.try_clone().map_err(|e| io("dup", e))?)
+            .stderr(slave);
+        let mut child = cmd.spawn().map_err(|e| io("starting the shell", e))?;
+        drop(cmd); // our copies of the terminal's slave side
+        let pid = child.id() as i32;
+        lock(&terminals).push(pid);
+        let master = Arc::new(master);
+        let reader = master.try_clone().map_err(|e| io("dup", e))?;
+        let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(64);
+        std::thread::Builder::new()
+            .name(format!("pty-{pid}"))
+            .spawn(move || {
+                use std::io::Read;
+                let mut reader = reader;
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    match reader.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            if tx
+                                .blocking_send(Ok(Bytes::copy_from_slice(&buf[..n])))
+                                .is_err()
+                            {
+                                break;
+                            }
+                        }
+                        // EIO: every slave side is closed (the shell is gone).
+                        Err(e) if e.raw_os_error() == Some(libc::EIO) => break,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            let _ = tx.blocking_send(Err(e));
+                            break;
+                        }
+                    }
+                }
+                let _ = child.wait();
+                lock(&terminals).retain(|t| *t != pid);
+            })
+            .map_err(|e| io("starting the terminal reader", e))?;
+        Ok(PtySession {
+            output: Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)),
+            control: Box::new(ProcessPty { master, pid }),
+        })
+    }
+
     async fn list(&self) -> Result<Vec<RunStatus>, RunnerError> {
         let ids: Vec<ProjectId> = lock(&self.procs).keys().copied().collect();
         Ok(ids
@@ -288,6 +363,110 @@ impl Runner for ProcessRunner {
             .filter(|s| s.state == ProjectState::Running)
             .collect())
     }
+}
+
+#[async_trait]
+impl ActivitySource for ProcessRunner {
+    async fn sample(&self, project: ProjectId) -> Result<Option<ActivitySample>, RunnerError> {
+        if self.live_status(project).state != ProjectState::Running {
+            return Ok(None);
+        }
+        let (pgid, terminals) = {
+            let procs = lock(&self.procs);
+            let Some(p) = procs.get(&project) else {
+                return Ok(None);
+            };
+            let terminals: Vec<i32> = lock(&p.terminals).clone();
+            (p.pgid.as_raw(), terminals)
+        };
+        let tick_us = match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
+            Ok(Some(t)) if t > 0 => 1_000_000 / t as u64,
+            _ => 10_000,
+        };
+        let mut pids = crate::procfs::group_members(pgid);
+        for t in terminals {
+            pids.extend(crate::procfs::session_members(t));
+        }
+        pids.sort_unstable();
+        pids.dedup();
+        let mut ticks = 0u64;
+        for pid in &pids {
+            if let Some(f) = crate::procfs::stat_fields(*pid) {
+                // utime, stime, and the reaped children's cutime, cstime.
+                ticks += (11..=14)
+                    .filter_map(|i| f.get(i).and_then(|v| v.parse::<u64>().ok()))
+                    .sum::<u64>();
+            }
+        }
+        Ok(Some(ActivitySample {
+            cpu_time_us: ticks * tick_us,
+            processes: pids.len() as u64,
+            connections: 0,
+        }))
+    }
+}
+
+/// The input side of a [`ProcessRunner`] terminal.
+struct ProcessPty {
+    master: Arc<std::fs::File>,
+    pid: i32,
+}
+
+#[async_trait]
+impl PtyControl for ProcessPty {
+    async fn write(&self, data: Bytes) -> Result<(), RunnerError> {
+        let master = self.master.clone();
+        tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            (&*master).write_all(&data)
+        })
+        .await
+        .map_err(|e| RunnerError::Backend(format!("terminal writer: {e}")))?
+        .map_err(|e| RunnerError::Backend(format!("writing to terminal: {e}")))
+    }
+
+    async fn resize(&self, size: PtySize) -> Result<(), RunnerError> {
+        set_size(&self.master, size)
+    }
+
+    async fn close(&self) -> Result<(), RunnerError> {
+        crate::procfs::kill_session(self.pid);
+        Ok(())
+    }
+}
+
+fn open_pty_master() -> std::io::Result<std::fs::File> {
+    use rustix::pty::{grantpt, openpt, unlockpt, OpenptFlags};
+    let fd = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)?;
+    grantpt(&fd)?;
+    unlockpt(&fd)?;
+    Ok(std::fs::File::from(fd))
+}
+
+fn open_pty_slave(master: &std::fs::File) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = rustix::pty::ptsname(master, Vec::new())?;
+    let path = name
+        .to_str()
+        .map_err(|_| std::io::Error::other("terminal name is not UTF-8"))?
+        .to_string();
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        // Never become the agent's own controlling terminal.
+        .custom_flags(libc::O_NOCTTY)
+        .open(path)
+}
+
+fn set_size(master: &std::fs::File, size: PtySize) -> Result<(), RunnerError> {
+    let ws = rustix::termios::Winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    rustix::termios::tcsetwinsize(master, ws)
+        .map_err(|e| RunnerError::Backend(format!("resizing terminal: {e}")))
 }
 
 fn exit_code(status: std::process::ExitStatus) -> i32 {

@@ -14,7 +14,7 @@ use cocalc_core::{
     Generation, ProjectSpec, ProjectState, PtySize, ResourceLimits, Runner, RunnerError,
 };
 use cocalc_host::podman::{container_name, PodmanRunner, LABEL_HOST, LABEL_PROJECT};
-use cocalc_testkit::runner_contract::{self as contract, fresh_project, run};
+use cocalc_testkit::runner_contract::{self as contract, fresh_project, read_until, run};
 use common::{privileged, PodmanFixture, IMAGE, MISSING_IMAGE};
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -47,6 +47,7 @@ contract_tests!(
     image_outside_allowlist_is_refused,
     stale_generation_is_refused,
     list_shows_running_projects,
+    pty_echoes_resizes_and_closes,
 );
 
 fn spec(fx: &PodmanFixture) -> ProjectSpec {
@@ -223,7 +224,7 @@ async fn restarted_runner_adopts_running_projects_and_ignores_other_hosts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pty_echoes_resizes_and_closes() {
+async fn pty_close_ends_the_shell_inside_the_container() {
     if !privileged() {
         return;
     }
@@ -371,17 +372,6 @@ async fn busy_project_shows_cpu_use_in_samples() {
             .expect("sample"),
         None
     );
-}
-
-async fn read_until(out: &mut cocalc_core::ByteStream, seen: &mut String, needle: &str) {
-    let res = tokio::time::timeout(Duration::from_secs(10), async {
-        while !seen.contains(needle) {
-            let chunk = out.next().await.expect("output open").expect("chunk");
-            seen.push_str(&String::from_utf8_lossy(&chunk));
-        }
-    })
-    .await;
-    assert!(res.is_ok(), "no {needle:?} in {seen:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -48,4 +48,50 @@ contract_tests!(
     image_outside_allowlist_is_refused,
     stale_generation_is_refused,
     list_shows_running_projects,
+    pty_echoes_resizes_and_closes,
 );
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activity_counts_cpu_and_processes_of_the_group() {
+    use cocalc_core::{ExecRequest, Generation, ProjectSpec, Runner};
+    use cocalc_host::ActivitySource;
+    use std::time::Duration;
+
+    let (r, env, _dir) = setup();
+    let spec = ProjectSpec::new(contract::fresh_project(), Generation(1), (env.make_home)());
+    r.start(&spec).await.expect("start");
+    let a = r
+        .sample(spec.project)
+        .await
+        .expect("sample")
+        .expect("running");
+    let mut req = ExecRequest::new(
+        [
+            "sh",
+            "-c",
+            "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done; sleep 5",
+        ]
+        .map(String::from)
+        .to_vec(),
+    );
+    req.timeout = Some(Duration::from_secs(30));
+    let _busy = r.exec(spec.project, req).await.expect("exec");
+    let mut b = a;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        b = r
+            .sample(spec.project)
+            .await
+            .expect("sample")
+            .expect("running");
+        if b.cpu_time_us > a.cpu_time_us + 100_000 {
+            break;
+        }
+    }
+    assert!(b.cpu_time_us > a.cpu_time_us + 100_000, "{a:?} -> {b:?}");
+    assert!(b.processes >= 2, "{b:?}");
+    r.stop(spec.project, Duration::from_secs(1))
+        .await
+        .expect("stop");
+    assert_eq!(r.sample(spec.project).await.expect("sample"), None);
+}

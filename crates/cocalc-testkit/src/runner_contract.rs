@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cocalc_core::{
-    ExecEvent, ExecRequest, ExecStream, Generation, ProjectId, ProjectSpec, ProjectState, Runner,
-    RunnerError,
+    ByteStream, ExecEvent, ExecRequest, ExecStream, Generation, ProjectId, ProjectSpec,
+    ProjectState, PtySize, Runner, RunnerError,
 };
 
 /// What the suite needs besides the runner.
@@ -308,6 +308,63 @@ pub async fn list_shows_running_projects(r: &dyn Runner, env: &ContractEnv) {
     r.stop(a.project, GRACE).await.expect("stop a");
 }
 
+/// Reads a terminal's output into `seen` until it contains `needle`
+/// (panics after 10 s, showing what was seen).
+pub async fn read_until(out: &mut ByteStream, seen: &mut String, needle: &str) {
+    let res = tokio::time::timeout(Duration::from_secs(10), async {
+        while !seen.contains(needle) {
+            let chunk = next(out).await.expect("output open").expect("chunk");
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    })
+    .await;
+    assert!(res.is_ok(), "no {needle:?} in {seen:?}");
+}
+
+/// A terminal runs commands, starts at the requested size, follows a
+/// resize, and ends (output closes) when closed.
+pub async fn pty_echoes_resizes_and_closes(r: &dyn Runner, env: &ContractEnv) {
+    let spec = spec(env);
+    r.start(&spec).await.expect("start");
+    let mut pty = r
+        .pty(
+            spec.project,
+            PtySize {
+                rows: 30,
+                cols: 100,
+            },
+        )
+        .await
+        .expect("pty");
+    let mut seen = String::new();
+    // The quotes make the typed line differ from what the shell prints.
+    pty.control
+        .write(bytes::Bytes::from_static(b"echo hel''lo-pty; stty size\n"))
+        .await
+        .expect("write");
+    read_until(&mut pty.output, &mut seen, "hello-pty").await;
+    read_until(&mut pty.output, &mut seen, "30 100").await;
+    pty.control
+        .resize(PtySize {
+            rows: 40,
+            cols: 120,
+        })
+        .await
+        .expect("resize");
+    pty.control
+        .write(bytes::Bytes::from_static(b"stty size\n"))
+        .await
+        .expect("write");
+    read_until(&mut pty.output, &mut seen, "40 120").await;
+    pty.control.close().await.expect("close");
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(Ok(_)) = next(&mut pty.output).await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "terminal output must end after close");
+    r.stop(spec.project, GRACE).await.expect("stop");
+}
+
 /// Every check above, in order.
 pub async fn run_all(r: &dyn Runner, env: &ContractEnv) {
     status_of_unknown_project_is_stopped(r, env).await;
@@ -322,4 +379,5 @@ pub async fn run_all(r: &dyn Runner, env: &ContractEnv) {
     image_outside_allowlist_is_refused(r, env).await;
     stale_generation_is_refused(r, env).await;
     list_shows_running_projects(r, env).await;
+    pty_echoes_resizes_and_closes(r, env).await;
 }

@@ -180,9 +180,10 @@ struct Live {
 /// Field 22 of `/proc/PID/stat`: when the process started, in clock ticks
 /// after boot.
 fn proc_starttime(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = stat.rsplit_once(')')?.1;
-    rest.split_whitespace().nth(19)?.parse().ok()
+    crate::procfs::stat_fields(i32::try_from(pid).ok()?)?
+        .get(19)?
+        .parse()
+        .ok()
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -908,34 +909,7 @@ async fn kill_exec(docker: &Docker, id: &str) {
     let Some(pid) = i.pid.and_then(|p| i32::try_from(p).ok()).filter(|p| *p > 0) else {
         return;
     };
-    kill_session(pid);
-}
-
-fn kill_session(leader: i32) {
-    use nix::sys::signal::{kill, Signal};
-    use nix::unistd::Pid;
-    let mut victims = vec![leader];
-    if let Ok(rd) = std::fs::read_dir("/proc") {
-        for e in rd.flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                continue;
-            };
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                continue;
-            };
-            // Fields after the parenthesised command: state ppid pgrp session.
-            let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-                continue;
-            };
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            if f.get(3).and_then(|s| s.parse::<i32>().ok()) == Some(leader) {
-                victims.push(pid);
-            }
-        }
-    }
-    for v in victims {
-        let _ = kill(Pid::from_raw(v), Signal::SIGKILL);
-    }
+    crate::procfs::kill_session(pid);
 }
 
 /// Input side of a podman terminal session.
