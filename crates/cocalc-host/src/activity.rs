@@ -12,7 +12,7 @@
 //! * [`IdleCuller`] is the driver: it samples every running project through
 //!   an [`ActivitySource`], applies [`decide`], and stops the projects whose
 //!   verdict is [`CullDecision::Stop`]. It reads time from an injected
-//!   [`Clock`].
+//!   [`Clock`](cocalc_core::Clock).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -232,6 +232,43 @@ impl IdleCuller {
             out.push((project, Ok(verdict)));
         }
         Ok(out)
+    }
+}
+
+impl IdleCuller {
+    /// Ticks every `every` (real time, `tokio::time`) until `shutdown`
+    /// resolves, logging failures. Decisions still read the injected clock;
+    /// simulations call [`tick`](IdleCuller::tick) themselves instead.
+    pub async fn run(
+        mut self,
+        runner: &dyn Runner,
+        source: &dyn ActivitySource,
+        every: Duration,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        let mut interval = tokio::time::interval(every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = interval.tick() => {}
+            }
+            match self.tick(runner, source).await {
+                Ok(verdicts) => {
+                    for (project, v) in verdicts {
+                        match v {
+                            Ok(CullDecision::Stop) => {
+                                tracing::info!(%project, "stopped idle project")
+                            }
+                            Ok(_) => {}
+                            Err(e) => tracing::warn!(%project, "idle culler: {e}"),
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!("idle culler: listing projects: {e}"),
+            }
+        }
     }
 }
 

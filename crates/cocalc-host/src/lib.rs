@@ -7,11 +7,15 @@
 //!
 //! | item | what it is | feature |
 //! | --- | --- | --- |
-//! | [`PodmanRunner`](podman::PodmanRunner) | one podman container per project through podman's Docker-compatible API (bollard): labels per host, limits, no network, exec, terminals, re-adoption, ports via `setns` | `podman` (default) |
-//! | [`ProcessRunner`] | projects as plain process groups, for development. **No isolation at all.** | always |
+//! | [`PodmanRunner`] | one podman container per project through podman's Docker-compatible API (bollard): per-host labels, limits, no network, exec, terminals, re-adoption after a restart, ports reached with `setns` ([`PodmanRunner::connect_port`]), a busybox test image builder | `podman` (default) |
+//! | [`ProcessRunner`] | projects as plain process groups, for development machines without podman. **No isolation at all.** | always |
 //! | [`ImagePolicy`] | the image allowlist with a default | always |
-//! | [`activity`] | activity samples (CPU, processes, connections), the pure culling decision [`decide`](activity::decide) and the [`IdleCuller`](activity::IdleCuller) driver | always |
+//! | [`activity`] | activity samples (CPU, processes, connections), the pure culling decision [`decide`](activity::decide) and the [`IdleCuller`] driver | always |
 //! | [`started_at`] | RFC 3339 parsing of podman's timestamps | always |
+//!
+//! Both runners stream exec output as it is produced; dropping an
+//! [`ExecStream`] before its end kills the command. Both implement
+//! [`ActivitySource`], so the culler works the same on either.
 //!
 //! What the runners promise is the contract on [`Runner`] (idempotent
 //! `start`/`stop`, `status` never fails for an unknown project, generations

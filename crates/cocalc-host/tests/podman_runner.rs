@@ -442,3 +442,41 @@ async fn culler_stops_the_idle_project_and_spares_the_busy_one() {
     );
     r.stop(busy.project, GRACE).await.expect("stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashed_container_is_failed_and_start_recreates_it() {
+    if !privileged() {
+        return;
+    }
+    let fx = PodmanFixture::new().await;
+    let r = fx.runner();
+    let s = spec(&fx);
+    let first = r.start(&s).await.expect("start");
+    let c = r
+        .docker()
+        .inspect_container(&container_name(s.project), None)
+        .await
+        .expect("inspect");
+    let pid = c.state.and_then(|st| st.pid).expect("pid") as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the container's main process");
+    let mut state = ProjectState::Running;
+    for _ in 0..100 {
+        state = r.status(s.project).await.expect("status").state;
+        if state != ProjectState::Running {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(state, ProjectState::Failed);
+    let again = r.start(&s).await.expect("start recreates");
+    assert_eq!(again.state, ProjectState::Running);
+    assert_ne!(again.started_at, None);
+    let out = run(r, s.project, &["echo", "back"]).await.expect("exec");
+    assert_eq!(out.stdout_text(), "back\n");
+    assert!(again.started_at >= first.started_at);
+    r.stop(s.project, GRACE).await.expect("stop");
+}

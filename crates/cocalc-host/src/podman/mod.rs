@@ -350,6 +350,13 @@ impl PodmanRunner {
             }
         } else {
             lock(&self.live).remove(&project);
+            // Exited on its own with an error (the keep-alive exits 0 on a
+            // stop): report it, so it is not mistaken for a clean stop.
+            let crashed = state
+                .is_some_and(|s| s.oom_killed == Some(true) || s.exit_code.is_some_and(|c| c != 0));
+            if crashed {
+                st.state = ProjectState::Failed;
+            }
         }
         if let Some(g) = generation_label(c) {
             let mut seen = lock(&self.generations);
