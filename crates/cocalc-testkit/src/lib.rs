@@ -6,7 +6,8 @@
 //!
 //! Today it holds [`MemoryTransport`], an in-process [`Transport`] whose
 //! "hosts" are listeners registered by id, so control-plane code can be
-//! tested without sockets.
+//! tested without sockets, and [`runner_contract`], the checks every
+//! [`Runner`](cocalc_core::Runner) implementation must pass.
 //!
 //! ```
 //! use cocalc_core::{HostEndpoint, HostId, Transport};

@@ -19,6 +19,35 @@
 //!   or the host's control API. The host reaches servers inside it with
 //!   [`PodmanRunner::connect_port`].
 //!
+//! Images need `/bin/sh` (the container's keep-alive main process and the
+//! default terminal shell) and a world-writable `/tmp` (podman copies the
+//! image's `/tmp`, mode included, onto the tmpfs that serves as `/tmp` when
+//! a spec has no scratch directory).
+//!
+//! Dropping a runner stops the podman service it started but **leaves the
+//! project containers running**: a new runner for the same host adopts them
+//! ([`Runner::list`]). Stop projects explicitly to end them.
+//!
+//! ```no_run
+//! use cocalc_core::{Generation, HostId, ProjectId, ProjectSpec, Runner};
+//! use cocalc_host::podman::{PodmanConfig, PodmanRunner};
+//! use cocalc_host::ImagePolicy;
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let host = HostId::new_v4([1; 16]);
+//! let images = ImagePolicy::single("localhost/cocalc-busybox:1");
+//! let runner = PodmanRunner::new(PodmanConfig::new(host, images, "/var/lib/cocalc-host/podman")).await?;
+//! runner.import_busybox_image("localhost/cocalc-busybox:1").await?;
+//! for adopted in runner.list().await? {
+//!     println!("adopted {} ({:?})", adopted.project, adopted.state);
+//! }
+//! let project = ProjectId::new_v4([2; 16]);
+//! runner.start(&ProjectSpec::new(project, Generation(1), "/srv/projects/p2".into())).await?;
+//! // A server the project runs on 127.0.0.1:8080, reached from the host:
+//! let _conn = runner.connect_port(project, 8080).await?;
+//! # Ok(()) }
+//! ```
+//!
 //! What goes through the podman CLI instead of the API, and why:
 //! - `podman import` of the test image ([`PodmanRunner::import_busybox_image`]):
 //!   importing through the API ignores the tag.
@@ -102,8 +131,8 @@ pub struct PodmanConfig {
     pub host: HostId,
     /// Allowed images and the default.
     pub images: ImagePolicy,
-    /// Directory the runner owns: `containers.conf`, `storage.conf`, and the
-    /// socket and log of the service it starts.
+    /// Directory the runner owns (one runner per directory): `containers.conf`,
+    /// `storage.conf`, and the socket and log of the service it starts.
     pub state_dir: PathBuf,
     /// An existing podman API socket to use. `None` (default): the runner
     /// starts `podman system service` on `state_dir/podman.sock` and stops it
@@ -114,6 +143,9 @@ pub struct PodmanConfig {
     pub storage: Option<StorageDirs>,
     /// `uid:gid` of the project user inside the container.
     pub user: (u32, u32),
+    /// The program (and arguments) of interactive terminals; default
+    /// `/bin/sh -l`.
+    pub pty_command: Vec<String>,
 }
 
 impl PodmanConfig {
@@ -127,6 +159,7 @@ impl PodmanConfig {
             socket: None,
             storage: None,
             user: (TEST_IMAGE_UID, TEST_IMAGE_UID),
+            pty_command: vec!["/bin/sh".into(), "-l".into()],
         }
     }
 
@@ -209,6 +242,15 @@ fn is_not_found(e: &bollard::errors::Error) -> bool {
             ..
         }
     )
+}
+
+/// Podman's transitional container state that bollard's enum lacks.
+fn is_transient_state(e: &bollard::errors::Error) -> bool {
+    matches!(
+        e,
+        bollard::errors::Error::JsonDataError { .. }
+            | bollard::errors::Error::JsonSerdeError { .. }
+    ) && e.to_string().contains("unknown variant `stopped`")
 }
 
 fn valid_hostname(h: &str) -> bool {
@@ -294,15 +336,33 @@ impl PodmanRunner {
         &self,
         project: ProjectId,
     ) -> Result<Option<ContainerInspectResponse>, RunnerError> {
-        match self
-            .docker
-            .inspect_container(&container_name(project), None::<InspectContainerOptions>)
-            .await
-        {
-            Ok(c) if self.owns(&c) => Ok(Some(c)),
-            Ok(_) => Ok(None),
-            Err(e) if is_not_found(&e) => Ok(None),
-            Err(e) => Err(backend("inspecting container", e)),
+        Ok(self
+            .inspect(&container_name(project))
+            .await?
+            .filter(|c| self.owns(c)))
+    }
+
+    /// Inspects a container by name; `None` if there is none.
+    ///
+    /// Podman briefly reports a state `stopped` (after the process exits,
+    /// before cleanup) that the Docker API does not define and bollard cannot
+    /// parse: such answers are retried for up to a second.
+    async fn inspect(&self, name: &str) -> Result<Option<ContainerInspectResponse>, RunnerError> {
+        let mut tries = 0;
+        loop {
+            match self
+                .docker
+                .inspect_container(name, None::<InspectContainerOptions>)
+                .await
+            {
+                Ok(c) => return Ok(Some(c)),
+                Err(e) if is_not_found(&e) => return Ok(None),
+                Err(e) if is_transient_state(&e) && tries < 40 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+                Err(e) => return Err(backend("inspecting container", e)),
+            }
         }
     }
 
@@ -654,15 +714,7 @@ impl Runner for PodmanRunner {
             lock(&self.live).remove(&spec.project);
         }
         let name = container_name(spec.project);
-        let existing = match self
-            .docker
-            .inspect_container(&name, None::<InspectContainerOptions>)
-            .await
-        {
-            Ok(c) => Some(c),
-            Err(e) if is_not_found(&e) => None,
-            Err(e) => return Err(backend("inspecting container", e)),
-        };
+        let existing = self.inspect(&name).await?;
         if let Some(c) = &existing {
             if !self.owns(c) {
                 return Err(RunnerError::InvalidRequest(format!(
@@ -814,11 +866,18 @@ impl Runner for PodmanRunner {
             .all(true)
             .filters(&filters)
             .build();
-        let list = self
-            .docker
-            .list_containers(Some(opts))
-            .await
-            .map_err(|e| backend("listing containers", e))?;
+        let mut tries = 0;
+        let list = loop {
+            match self.docker.list_containers(Some(opts.clone())).await {
+                Ok(l) => break l,
+                // See `inspect`: podman's transitional `stopped` state.
+                Err(e) if is_transient_state(&e) && tries < 40 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+                Err(e) => return Err(backend("listing containers", e)),
+            }
+        };
         let mut out = Vec::with_capacity(list.len());
         for c in list {
             let Some(project) = c
@@ -840,14 +899,7 @@ impl Runner for PodmanRunner {
     async fn pty(&self, project: ProjectId, size: PtySize) -> Result<PtySession, RunnerError> {
         let env = vec!["TERM=xterm-256color".to_string()];
         let (id, output, input) = self
-            .start_exec_session(
-                project,
-                vec!["/bin/sh".into(), "-l".into()],
-                env,
-                None,
-                true,
-                true,
-            )
+            .start_exec_session(project, self.cfg.pty_command.clone(), env, None, true, true)
             .await?;
         // Resizing is only legal once the session has started.
         let resize = ResizeExecOptions {
