@@ -41,8 +41,16 @@ fn main() {
         .tempdir_in("/var/tmp")
         .expect("temp dir");
     rt.block_on(bench(dir.path()));
-    // Leftover shm mounts of removed containers, if any.
+    drop(rt);
+    // Conmon runs podman's cleanup of exec sessions and `run --rm` up to
+    // 10 s after they end (`exit_command_delay`), which writes into the
+    // storage: wait for those processes before deleting the directory.
     let d = dir.path().to_string_lossy().into_owned();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline && processes_mentioning(&d) > 0 {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Leftover shm mounts of removed containers, if any.
     if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
         for m in info.lines().filter_map(|l| l.split_whitespace().nth(4)) {
             if m.starts_with(&d) {
@@ -50,6 +58,21 @@ fn main() {
             }
         }
     }
+}
+
+fn processes_mentioning(path: &str) -> usize {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    rd.flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.parse::<u32>().is_ok())
+        })
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|c| String::from_utf8_lossy(c).contains(path))
+        .count()
 }
 
 fn median(v: &mut [Duration]) -> Duration {
