@@ -1,24 +1,64 @@
 //! # cocalc-host
 //!
-//! The project-host agent as a library. This crate will hold:
+//! The project-host agent as a library. Today it holds the **runners** — the
+//! [`Runner`] implementations that run one container (or process group) per
+//! project — and the **idle culler**. The data plane and the master client
+//! arrive with later issues.
 //!
-//! * [`Runner`](cocalc_core::Runner) implementations: `PodmanRunner` (one
-//!   podman container per project, through podman's Docker-compatible API)
-//!   and `ProcessRunner` (plain processes, for development);
-//! * the **data plane**: exec, terminals, files confined to the project's
-//!   home, and HTTP/WebSocket to servers inside the project, every request
-//!   checked against a connect token and the ACL cache;
-//! * the **master client**: registration, keepalive, push channel, activity
-//!   reports, and a local SQLite cache so a restarted host serves at once;
-//! * the **idle culler**, which counts CPU use and connections, not only
-//!   browser presence.
+//! | item | what it is | feature |
+//! | --- | --- | --- |
+//! | [`PodmanRunner`] | one podman container per project through podman's Docker-compatible API (bollard): per-host labels, limits, no network, exec, terminals, re-adoption after a restart, ports reached with `setns` ([`PodmanRunner::connect_port`]), a busybox test image builder | `podman` (default) |
+//! | [`ProcessRunner`] | projects as plain process groups, for development machines without podman. **No isolation at all.** | always |
+//! | [`ImagePolicy`] | the image allowlist with a default | always |
+//! | [`activity`] | activity samples (CPU, processes, connections), the pure culling decision [`decide`](activity::decide) and the [`IdleCuller`] driver | always |
+//! | [`started_at`] | RFC 3339 parsing of podman's timestamps | always |
 //!
-//! Status: the traits it implements are defined in `cocalc-core` and the
-//! token/ACL checks in `cocalc-auth`; the agent arrives with the runner and
-//! federation issues.
+//! Both runners stream exec output as it is produced; dropping an
+//! [`ExecStream`] before its end kills the command. Both implement
+//! [`ActivitySource`], so the culler works the same on either.
+//!
+//! What the runners promise is the contract on [`Runner`] (idempotent
+//! `start`/`stop`, `status` never fails for an unknown project, generations
+//! that only move forward); `cocalc-testkit`'s `runner_contract` checks it
+//! against both implementations.
+//!
+//! ## Example
 //!
 //! ```
-//! fn _takes_runner(_: &dyn cocalc_host::Runner) {}
+//! use std::sync::Arc;
+//! use cocalc_core::{ExecEvent, ExecRequest, Generation, ProjectId, ProjectSpec, SystemClock};
+//! use cocalc_host::{ImagePolicy, ProcessRunner, Runner};
+//! use futures_util::StreamExt;
+//!
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let runner = ProcessRunner::new(ImagePolicy::single("host"), Arc::new(SystemClock));
+//! let home = std::env::temp_dir();
+//! let project = ProjectId::from_bytes([7; 16]);
+//! runner.start(&ProjectSpec::new(project, Generation(1), home)).await?;
+//!
+//! let mut out = runner.exec(project, ExecRequest::new(vec!["echo".into(), "hi".into()])).await?;
+//! let mut events = Vec::new();
+//! while let Some(ev) = out.next().await {
+//!     events.push(ev?);
+//! }
+//! assert_eq!(events.last(), Some(&ExecEvent::Exit(0)));
+//!
+//! runner.stop(project, std::time::Duration::from_secs(1)).await?;
+//! # Ok::<(), cocalc_core::RunnerError>(())
+//! # }).unwrap();
 //! ```
 
+pub mod activity;
+pub mod image;
+#[cfg(feature = "podman")]
+pub mod podman;
+pub mod process;
+mod procfs;
+pub mod started_at;
+
+pub use activity::{ActivitySample, ActivitySource, CullDecision, CullPolicy, IdleCuller};
 pub use cocalc_core::runner::*;
+pub use image::ImagePolicy;
+#[cfg(feature = "podman")]
+pub use podman::{PodmanConfig, PodmanRunner};
+pub use process::ProcessRunner;

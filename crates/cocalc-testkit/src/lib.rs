@@ -6,7 +6,8 @@
 //!
 //! Today it holds [`MemoryTransport`], an in-process [`Transport`] whose
 //! "hosts" are listeners registered by id, so control-plane code can be
-//! tested without sockets.
+//! tested without sockets, and [`runner_contract`], the checks every
+//! [`Runner`](cocalc_core::Runner) implementation must pass.
 //!
 //! ```
 //! use cocalc_core::{HostEndpoint, HostId, Transport};
@@ -20,6 +21,8 @@
 //! let _server_side = incoming.recv().await.unwrap();
 //! # });
 //! ```
+
+pub mod runner_contract;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
