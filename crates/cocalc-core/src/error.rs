@@ -16,6 +16,7 @@ use crate::transport::TransportError;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("{message} ({code}, HTTP {status})")]
 #[non_exhaustive]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ApiError {
     /// HTTP status code.
     pub status: u16,

@@ -34,6 +34,7 @@ impl PlacementRequest {
 
 /// One host the strategy considered.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Candidate {
     /// The host.
     pub host: HostId,
@@ -45,6 +46,7 @@ pub struct Candidate {
 
 /// How many hosts a strategy excluded for one reason.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Exclusion {
     /// Why (`down`, `draining`, `full`, `low disk headroom`, ...).
     pub reason: String,
@@ -68,6 +70,7 @@ impl Exclusion {
 /// A placement choice that explains itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PlacementDecision {
     /// The chosen host.
     pub host: HostId,

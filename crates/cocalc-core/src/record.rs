@@ -14,6 +14,7 @@ use crate::time::Timestamp;
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
 )]
 #[serde(transparent)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Generation(pub u64);
 
 impl Generation {
@@ -33,6 +34,7 @@ impl fmt::Display for Generation {
 /// higher permission includes every lower one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Permission {
     /// Read files, see status.
     Read,
@@ -82,6 +84,7 @@ impl std::str::FromStr for Permission {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "kind", content = "value", rename_all = "snake_case")]
 #[non_exhaustive]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum HostEndpoint {
     /// The host accepts connections at this base URL (`http://10.0.0.5:8443`).
     Url(String),
@@ -93,6 +96,7 @@ pub enum HostEndpoint {
 /// Health a host reports about itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Health {
     /// Everything works.
     Ok,
@@ -104,6 +108,7 @@ pub enum Health {
 
 /// What a host has in total.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Capacity {
     /// CPU cores (in thousandths: 2000 = two cores).
     pub cpu_millis: u64,
@@ -119,6 +124,7 @@ pub struct Capacity {
 
 /// What a host is using right now.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Load {
     /// Running projects.
     pub running_projects: u32,
@@ -131,6 +137,7 @@ pub struct Load {
 /// The master's view of a host's lifecycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum HostState {
     /// Lease valid; eligible for new placements.
     Up,
@@ -144,6 +151,7 @@ pub enum HostState {
 /// A free-form region name (`us-west`, `eu-1`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Region(pub String);
 
 impl fmt::Display for Region {
@@ -155,6 +163,7 @@ impl fmt::Display for Region {
 /// Everything the control plane knows about one host.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HostInfo {
     /// The host's id.
     pub id: HostId,
@@ -194,6 +203,7 @@ impl HostInfo {
 /// Lifecycle state of a project as a runner or the map sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum ProjectState {
     /// Not placed on any host yet.
     Unplaced,

@@ -39,6 +39,7 @@ pub fn check_version(v: u16) -> Result<(), crate::error::ApiError> {
 /// `POST /v1/projects`: create a project owned by the caller.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CreateProjectRequest {
     /// Wire version.
     #[serde(default = "v1")]
@@ -63,6 +64,7 @@ impl CreateProjectRequest {
 
 /// A user's access to a project.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Collaborator {
     /// The user.
     pub user: UserId,
@@ -72,6 +74,7 @@ pub struct Collaborator {
 
 /// When a project was last used.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ProjectActivity {
     /// The project.
     pub project: ProjectId,
@@ -82,6 +85,7 @@ pub struct ProjectActivity {
 /// A project as the master describes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ProjectInfo {
     /// Wire version.
     #[serde(default = "v1")]
@@ -125,6 +129,7 @@ impl ProjectInfo {
 /// `POST /v1/projects/{id}/open`: answer of an open-project call.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct OpenProjectResponse {
     /// Wire version.
     #[serde(default = "v1")]
@@ -168,6 +173,7 @@ impl OpenProjectResponse {
 /// `GET /v1/projects/{id}/placement`: why the project is where it is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PlacementExplanation {
     /// Wire version.
     #[serde(default = "v1")]
@@ -203,6 +209,7 @@ impl PlacementExplanation {
 /// `POST /v1/hosts/register`: a host introduces itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RegisterHostRequest {
     /// Wire version.
     #[serde(default = "v1")]
@@ -247,6 +254,7 @@ impl RegisterHostRequest {
 /// Answer to registration and to every keepalive.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LeaseGrant {
     /// Wire version.
     #[serde(default = "v1")]
@@ -282,6 +290,7 @@ impl LeaseGrant {
 /// `POST /v1/hosts/{id}/keepalive`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct KeepaliveRequest {
     /// Wire version.
     #[serde(default = "v1")]
@@ -312,6 +321,7 @@ impl KeepaliveRequest {
 /// `POST /v1/hosts/{id}/activity`: last use of projects on a host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ActivityReport {
     /// Wire version.
     #[serde(default = "v1")]
@@ -337,6 +347,7 @@ impl ActivityReport {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 #[non_exhaustive]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum PushMessage {
     /// Set (or, with `None`, remove) a user's permission on a project.
     Acl {
@@ -384,6 +395,7 @@ pub enum PushMessage {
 /// One frame on the push channel: a sequence number and a message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PushFrame {
     /// Wire version.
     #[serde(default = "v1")]

@@ -25,6 +25,7 @@
 //! | POST | `/v1/hosts/{h}/activity` | host (signed) | `ActivityReport` |
 //! | GET | `/v1/hosts/{h}/acl?project=&user=` | host (signed) | `{permission, not_before}` |
 //! | GET | `/v1/hosts/{h}/push` | host (signed) | WebSocket of `PushFrame`s |
+//! | GET | `/openapi.json` | anyone | this API as an OpenAPI document ([`openapi`]) |
 
 use std::sync::Arc;
 
@@ -38,11 +39,13 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use cocalc_auth::host_auth::{self, HEADER_HOST, HEADER_SIGNATURE, HEADER_TIME};
 use cocalc_core::wire::{
-    ActivityReport, CreateProjectRequest, KeepaliveRequest, RegisterHostRequest,
+    ActivityReport, CreateProjectRequest, KeepaliveRequest, LeaseGrant, OpenProjectResponse,
+    PlacementExplanation, ProjectInfo, PushFrame, RegisterHostRequest,
 };
-use cocalc_core::{ApiError, HostId, Permission, ProjectId, Timestamp, UserId};
+use cocalc_core::{ApiError, HostId, HostInfo, Permission, ProjectId, Timestamp, UserId};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use utoipa::OpenApi;
 
 use crate::error::MasterError;
 use crate::master::{Caller, Master};
@@ -77,10 +80,52 @@ pub fn router(master: Arc<Master>) -> Router {
         .route("/v1/hosts/{h}/activity", post(activity))
         .route("/v1/hosts/{h}/acl", get(host_acl))
         .route("/v1/hosts/{h}/push", get(push))
+        .route("/openapi.json", get(|| async { Json(openapi()) }))
         .fallback(|uri: axum::http::Uri| async move {
             MasterError::NotFound(format!("no API route {}", uri.path()))
         })
         .with_state(master)
+}
+
+/// The API description: every route, its bodies and its errors, generated
+/// from the same types the handlers use.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "cocalc master API", description = "Control plane of a cocalc federation."),
+    paths(
+        create_user, sign_out, list_projects, create_project, get_project, put_collaborator,
+        delete_collaborator, open_project, explain, bootstrap_token, rotate_key, list_hosts,
+        drain, undrain, register, keepalive, activity, host_acl, push
+    ),
+    modifiers(&Security)
+)]
+struct ApiDoc;
+
+struct Security;
+
+impl utoipa::Modify for Security {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{
+            ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme,
+        };
+        let c = api.components.get_or_insert_with(Default::default);
+        c.add_security_scheme(
+            "api_key",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        c.add_security_scheme(
+            "host_signature",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                HEADER_SIGNATURE,
+                "Ed25519 signature by the host key, with x-cocalc-host and x-cocalc-time",
+            ))),
+        );
+    }
+}
+
+/// The OpenAPI document of this API (served at `/openapi.json`).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
 }
 
 /// The authenticated caller, from `Authorization: Bearer <key>`.
@@ -110,18 +155,21 @@ fn id<T: std::str::FromStr<Err = cocalc_core::IdError>>(s: &str) -> Result<T> {
         .map_err(|e: cocalc_core::IdError| MasterError::BadRequest(e.to_string()))
 }
 
-#[derive(Deserialize)]
+/// `POST /v1/users` body.
+#[derive(Deserialize, utoipa::ToSchema)]
 struct NewUser {
     name: String,
 }
 
-#[derive(Serialize)]
+/// A created user with its API key (shown once).
+#[derive(Serialize, utoipa::ToSchema)]
 struct CreatedUser {
     id: UserId,
     name: String,
     api_key: String,
 }
 
+#[utoipa::path(post, path = "/v1/users", tag = "users", request_body = NewUser, security(("api_key" = [])), responses((status = 201, body = CreatedUser), (status = 409, body = ApiError), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
 async fn create_user(State(m): State<AppState>, Auth(c): Auth, body: Bytes) -> Result<Response> {
     let req: NewUser = json(&body)?;
     let (u, key) = m.create_user(&c, &req.name)?;
@@ -136,19 +184,28 @@ async fn create_user(State(m): State<AppState>, Auth(c): Auth, body: Bytes) -> R
         .into_response())
 }
 
+#[utoipa::path(post, path = "/v1/users/{user}/signout", tag = "users", params(("user" = String, Path, description = "user id or name")), security(("api_key" = [])), responses((status = 200, body = SignOutAnswer), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
 async fn sign_out(
     State(m): State<AppState>,
     Auth(c): Auth,
     Path(user): Path<String>,
 ) -> Result<Response> {
     let n = m.sign_out_everywhere(&c, &user)?;
-    Ok(Json(serde_json::json!({ "hosts_notified": n })).into_response())
+    Ok(Json(SignOutAnswer { hosts_notified: n }).into_response())
 }
 
+/// Answer of a sign-out: how many connected hosts heard of it.
+#[derive(Serialize, utoipa::ToSchema)]
+struct SignOutAnswer {
+    hosts_notified: usize,
+}
+
+#[utoipa::path(get, path = "/v1/projects", tag = "projects", security(("api_key" = [])), responses((status = 200, body = Vec<ProjectInfo>), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
 async fn list_projects(State(m): State<AppState>, Auth(c): Auth) -> Result<Response> {
     Ok(Json(m.projects(&c).await?).into_response())
 }
 
+#[utoipa::path(post, path = "/v1/projects", tag = "projects", request_body = CreateProjectRequest, security(("api_key" = [])), responses((status = 201, body = ProjectInfo), (status = 409, body = ApiError), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
 async fn create_project(State(m): State<AppState>, Auth(c): Auth, body: Bytes) -> Result<Response> {
     let req: CreateProjectRequest = json(&body)?;
     cocalc_core::wire::check_version(req.v).map_err(|e| MasterError::BadRequest(e.message))?;
@@ -158,6 +215,7 @@ async fn create_project(State(m): State<AppState>, Auth(c): Auth, body: Bytes) -
     Ok((StatusCode::CREATED, Json(info)).into_response())
 }
 
+#[utoipa::path(get, path = "/v1/projects/{p}", tag = "projects", params(("p" = String, Path, description = "project id, or name among the caller's projects")), security(("api_key" = [])), responses((status = 200, body = ProjectInfo), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
 async fn get_project(
     State(m): State<AppState>,
     Auth(c): Auth,
@@ -167,11 +225,13 @@ async fn get_project(
     Ok(Json(m.project(&c, p).await?).into_response())
 }
 
-#[derive(Deserialize)]
+/// A collaborator's new permission.
+#[derive(Deserialize, utoipa::ToSchema)]
 struct SetPermission {
     permission: Permission,
 }
 
+#[utoipa::path(put, path = "/v1/projects/{p}/collaborators/{user}", tag = "projects", params(("p" = String, Path, description = "project id or name"), ("user" = String, Path, description = "user id or name")), request_body = SetPermission, security(("api_key" = [])), responses((status = 200, body = ProjectInfo), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
 async fn put_collaborator(
     State(m): State<AppState>,
     Auth(c): Auth,
@@ -187,6 +247,7 @@ async fn put_collaborator(
     .into_response())
 }
 
+#[utoipa::path(delete, path = "/v1/projects/{p}/collaborators/{user}", tag = "projects", params(("p" = String, Path, description = "project id or name"), ("user" = String, Path, description = "user id or name")), security(("api_key" = [])), responses((status = 200, body = ProjectInfo), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
 async fn delete_collaborator(
     State(m): State<AppState>,
     Auth(c): Auth,
@@ -196,6 +257,7 @@ async fn delete_collaborator(
     Ok(Json(m.set_collaborator(&c, p, &user, None).await?).into_response())
 }
 
+#[utoipa::path(post, path = "/v1/projects/{p}/open", tag = "projects", params(("p" = String, Path, description = "project id or name")), security(("api_key" = [])), responses((status = 200, body = OpenProjectResponse), (status = 409, body = ApiError), (status = 503, body = ApiError), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
 async fn open_project(
     State(m): State<AppState>,
     Auth(c): Auth,
@@ -205,6 +267,7 @@ async fn open_project(
     Ok(Json(m.open_project(&c, p).await?).into_response())
 }
 
+#[utoipa::path(get, path = "/v1/projects/{p}/placement", tag = "projects", params(("p" = String, Path, description = "project id or name")), security(("api_key" = [])), responses((status = 200, body = PlacementExplanation), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
 async fn explain(
     State(m): State<AppState>,
     Auth(c): Auth,
@@ -214,27 +277,46 @@ async fn explain(
     Ok(Json(m.explain(&c, p).await?).into_response())
 }
 
+#[utoipa::path(post, path = "/v1/admin/bootstrap-tokens", tag = "admin", security(("api_key" = [])), responses((status = 201, body = BootstrapTokenAnswer), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
 async fn bootstrap_token(State(m): State<AppState>, Auth(c): Auth) -> Result<Response> {
     let (token, expires) = m.bootstrap_token(&c)?;
     Ok((
         StatusCode::CREATED,
-        Json(serde_json::json!({ "token": token, "expires": expires })),
+        Json(BootstrapTokenAnswer { token, expires }),
     )
         .into_response())
 }
 
-async fn rotate_key(State(m): State<AppState>, Auth(c): Auth) -> Result<Response> {
-    let (kid, _) = m.rotate_key(&c)?;
-    Ok(
-        Json(serde_json::json!({ "key_id": kid, "signing_keys": m.signing_keys() }))
-            .into_response(),
-    )
+/// A fresh one-time bootstrap token.
+#[derive(Serialize, utoipa::ToSchema)]
+struct BootstrapTokenAnswer {
+    token: String,
+    expires: Timestamp,
 }
 
+#[utoipa::path(post, path = "/v1/admin/keys/rotate", tag = "admin", security(("api_key" = [])), responses((status = 200, body = RotateAnswer), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
+async fn rotate_key(State(m): State<AppState>, Auth(c): Auth) -> Result<Response> {
+    let (key_id, _) = m.rotate_key(&c)?;
+    Ok(Json(RotateAnswer {
+        key_id,
+        signing_keys: m.signing_keys(),
+    })
+    .into_response())
+}
+
+/// The new signing key and every key that verifies now.
+#[derive(Serialize, utoipa::ToSchema)]
+struct RotateAnswer {
+    key_id: String,
+    signing_keys: Vec<String>,
+}
+
+#[utoipa::path(get, path = "/v1/hosts", tag = "hosts", security(("api_key" = [])), responses((status = 200, body = Vec<HostInfo>), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
 async fn list_hosts(State(m): State<AppState>, Auth(c): Auth) -> Result<Response> {
     Ok(Json(m.hosts(&c)?).into_response())
 }
 
+#[utoipa::path(post, path = "/v1/hosts/{h}/drain", tag = "hosts", params(("h" = String, Path, description = "host id")), security(("api_key" = [])), responses((status = 200, body = HostInfo), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
 async fn drain(
     State(m): State<AppState>,
     Auth(c): Auth,
@@ -244,6 +326,7 @@ async fn drain(
     Ok(Json(rec.info).into_response())
 }
 
+#[utoipa::path(post, path = "/v1/hosts/{h}/undrain", tag = "hosts", params(("h" = String, Path, description = "host id")), security(("api_key" = [])), responses((status = 200, body = HostInfo), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
 async fn undrain(
     State(m): State<AppState>,
     Auth(c): Auth,
@@ -291,6 +374,7 @@ fn signed_host(
     Ok(host)
 }
 
+#[utoipa::path(post, path = "/v1/hosts/register", tag = "host control", request_body = RegisterHostRequest, responses((status = 200, body = LeaseGrant), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
 async fn register(
     State(m): State<AppState>,
     method: Method,
@@ -312,6 +396,7 @@ async fn register(
     Ok(Json(m.register_host(&req, signed).await?).into_response())
 }
 
+#[utoipa::path(post, path = "/v1/hosts/{h}/keepalive", tag = "host control", params(("h" = String, Path, description = "host id")), request_body = KeepaliveRequest, security(("host_signature" = [])), responses((status = 200, body = LeaseGrant), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
 async fn keepalive(
     State(m): State<AppState>,
     Path(h): Path<String>,
@@ -325,6 +410,7 @@ async fn keepalive(
     Ok(Json(m.keepalive(host, &req).await?).into_response())
 }
 
+#[utoipa::path(post, path = "/v1/hosts/{h}/activity", tag = "host control", params(("h" = String, Path, description = "host id")), request_body = ActivityReport, security(("host_signature" = [])), responses((status = 204), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
 async fn activity(
     State(m): State<AppState>,
     Path(h): Path<String>,
@@ -346,7 +432,7 @@ struct AclQuery {
 }
 
 /// Answer of the host ACL lookup.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AclAnswer {
     /// The user's permission, `None` for no access.
     pub permission: Option<Permission>,
@@ -354,6 +440,7 @@ pub struct AclAnswer {
     pub not_before: Option<Timestamp>,
 }
 
+#[utoipa::path(get, path = "/v1/hosts/{h}/acl", tag = "host control", params(("h" = String, Path, description = "host id"), ("project" = String, Query, description = "project id"), ("user" = String, Query, description = "user id")), security(("host_signature" = [])), responses((status = 200, body = AclAnswer), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
 async fn host_acl(
     State(m): State<AppState>,
     Path(h): Path<String>,
@@ -373,6 +460,7 @@ async fn host_acl(
     .into_response())
 }
 
+#[utoipa::path(get, path = "/v1/hosts/{h}/push", tag = "host control", description = "WebSocket upgrade; each text message is a PushFrame (JSON).", params(("h" = String, Path, description = "host id")), security(("host_signature" = [])), responses((status = 101, description = "switching to WebSocket", body = PushFrame), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
 async fn push(
     State(m): State<AppState>,
     Path(h): Path<String>,
