@@ -45,7 +45,7 @@ async fn every_response_matches_the_openapi_document() {
     e.call(
         "POST",
         "/v1/users",
-        Some(&ADMIN.to_string()),
+        Some(ADMIN),
         Some(json!({"name": "alice"})),
     )
     .await; // 409
