@@ -336,6 +336,46 @@ async fn undrain(
     Ok(Json(rec.info).into_response())
 }
 
+/// Largest body a host may send on a signed call.
+const MAX_HOST_BODY: usize = 1 << 20;
+
+/// A request signed by a registered host: the host in the path (`{h}`, if
+/// the route has one), the `x-cocalc-host` header and the signature over
+/// method, path, time and body all agree. Holds the body for the handler.
+struct SignedHost {
+    host: HostId,
+    body: Bytes,
+}
+
+impl axum::extract::FromRequest<AppState> for SignedHost {
+    type Rejection = MasterError;
+
+    async fn from_request(req: axum::extract::Request, m: &AppState) -> Result<Self> {
+        let (mut parts, body) = req.into_parts();
+        let path_host =
+            Path::<std::collections::HashMap<String, String>>::from_request_parts(&mut parts, m)
+                .await
+                .ok()
+                .and_then(|Path(p)| p.get("h").cloned());
+        let body = axum::body::to_bytes(body, MAX_HOST_BODY)
+            .await
+            .map_err(|e| {
+                MasterError::BadRequest(format!(
+                    "request body (at most {MAX_HOST_BODY} bytes): {e}"
+                ))
+            })?;
+        let host = signed_host(
+            m,
+            path_host.as_deref(),
+            &parts.method,
+            &parts.uri,
+            &parts.headers,
+            &body,
+        )?;
+        Ok(SignedHost { host, body })
+    }
+}
+
 /// Checks a host-signed request: the host in the path, the header and the
 /// signature must agree.
 fn signed_host(
@@ -397,31 +437,15 @@ async fn register(
 }
 
 #[utoipa::path(post, path = "/v1/hosts/{h}/keepalive", tag = "host control", params(("h" = String, Path, description = "host id")), request_body = KeepaliveRequest, security(("host_signature" = [])), responses((status = 200, body = LeaseGrant), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
-async fn keepalive(
-    State(m): State<AppState>,
-    Path(h): Path<String>,
-    method: Method,
-    uri: axum::http::Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response> {
-    let host = signed_host(&m, Some(&h), &method, &uri, &headers, &body)?;
-    let req: KeepaliveRequest = json(&body)?;
-    Ok(Json(m.keepalive(host, &req).await?).into_response())
+async fn keepalive(State(m): State<AppState>, signed: SignedHost) -> Result<Response> {
+    let req: KeepaliveRequest = json(&signed.body)?;
+    Ok(Json(m.keepalive(signed.host, &req).await?).into_response())
 }
 
 #[utoipa::path(post, path = "/v1/hosts/{h}/activity", tag = "host control", params(("h" = String, Path, description = "host id")), request_body = ActivityReport, security(("host_signature" = [])), responses((status = 204), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
-async fn activity(
-    State(m): State<AppState>,
-    Path(h): Path<String>,
-    method: Method,
-    uri: axum::http::Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response> {
-    let host = signed_host(&m, Some(&h), &method, &uri, &headers, &body)?;
-    let req: ActivityReport = json(&body)?;
-    m.activity(host, &req).await?;
+async fn activity(State(m): State<AppState>, signed: SignedHost) -> Result<Response> {
+    let req: ActivityReport = json(&signed.body)?;
+    m.activity(signed.host, &req).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -443,13 +467,9 @@ pub struct AclAnswer {
 #[utoipa::path(get, path = "/v1/hosts/{h}/acl", tag = "host control", params(("h" = String, Path, description = "host id"), ("project" = String, Query, description = "project id"), ("user" = String, Query, description = "user id")), security(("host_signature" = [])), responses((status = 200, body = AclAnswer), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
 async fn host_acl(
     State(m): State<AppState>,
-    Path(h): Path<String>,
     Query(q): Query<AclQuery>,
-    method: Method,
-    uri: axum::http::Uri,
-    headers: HeaderMap,
+    SignedHost { host, .. }: SignedHost,
 ) -> Result<Response> {
-    let host = signed_host(&m, Some(&h), &method, &uri, &headers, b"")?;
     let project: ProjectId = id(&q.project)?;
     let user: UserId = id(&q.user)?;
     let (permission, not_before) = m.host_acl(host, project, user).await?;
@@ -463,13 +483,9 @@ async fn host_acl(
 #[utoipa::path(get, path = "/v1/hosts/{h}/push", tag = "host control", description = "WebSocket upgrade; each text message is a PushFrame (JSON).", params(("h" = String, Path, description = "host id")), security(("host_signature" = [])), responses((status = 101, description = "switching to WebSocket", body = PushFrame), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
 async fn push(
     State(m): State<AppState>,
-    Path(h): Path<String>,
-    method: Method,
-    uri: axum::http::Uri,
-    headers: HeaderMap,
     ws: WebSocketUpgrade,
+    SignedHost { host, .. }: SignedHost,
 ) -> Result<Response> {
-    let host = signed_host(&m, Some(&h), &method, &uri, &headers, b"")?;
     Ok(ws.on_upgrade(move |socket| serve_push(m, host, socket)))
 }
 
