@@ -50,6 +50,7 @@
 
 pub mod activity;
 pub mod image;
+pub mod master_link;
 #[cfg(feature = "podman")]
 pub mod podman;
 pub mod process;
@@ -59,6 +60,7 @@ pub mod started_at;
 pub use activity::{ActivitySample, ActivitySource, CullDecision, CullPolicy, IdleCuller};
 pub use cocalc_core::runner::*;
 pub use image::ImagePolicy;
+pub use master_link::{HostEvents, LinkConfig, LinkError, MasterLink};
 #[cfg(feature = "podman")]
 pub use podman::{PodmanConfig, PodmanRunner};
 pub use process::ProcessRunner;

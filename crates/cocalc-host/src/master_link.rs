@@ -1,0 +1,513 @@
+//! [`MasterLink`]: the host's side of the control plane.
+//!
+//! * **Registration** with the host key and, the first time, a one-time
+//!   bootstrap token; later registrations are signed with the host key.
+//! * **Keepalives** at the interval the master asks for (it already adds
+//!   jitter), renewing the host's lease.
+//! * **The push channel**: one WebSocket the host dials (so hosts behind NAT
+//!   work the same), carrying ACL changes, revocations, signing keys and
+//!   start/stop commands, applied to the [`AclCache`] and handed to
+//!   [`HostEvents`] as they arrive.
+//! * **ACL lookups** when the cache needs a fresh answer, and **activity
+//!   reports**.
+//! * [`MasterLink::run`] keeps all of it going: reconnects with exponential
+//!   backoff and jitter, and tells the ACL cache when the master link is up
+//!   or down so the offline grace is counted from the right moment.
+//!
+//! Every control call is signed with the host key (see
+//! `cocalc_auth::host_auth`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cocalc_auth::host_auth::sign_request;
+use cocalc_auth::{paserk, AclCache, KeySet};
+use cocalc_core::wire::{
+    ActivityReport, KeepaliveRequest, LeaseGrant, ProjectActivity, PushFrame, PushMessage,
+    RegisterHostRequest,
+};
+use cocalc_core::{
+    ApiError, Capacity, Generation, Health, HostEndpoint, HostId, Load, Permission, ProjectId,
+    Region, SharedClock, Timestamp, UserId,
+};
+use ed25519_dalek::SigningKey;
+use futures_util::StreamExt;
+use serde::Deserialize;
+
+/// Hooks the link calls when the master says something. Every hook has a
+/// default that does nothing.
+pub trait HostEvents: Send + Sync {
+    /// The master's signing keys changed (PASERK `k4.public`, newest first).
+    fn signing_keys(&self, keys: &KeySet) {
+        let _ = keys;
+    }
+    /// The master asks to start a project at a generation.
+    fn start(&self, project: ProjectId, generation: Generation) {
+        let _ = (project, generation);
+    }
+    /// The master asks to stop a project.
+    fn stop(&self, project: ProjectId) {
+        let _ = project;
+    }
+}
+
+/// [`HostEvents`] that ignores everything.
+#[derive(Debug, Default)]
+pub struct NoEvents;
+impl HostEvents for NoEvents {}
+
+/// Why a call to the master failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum LinkError {
+    /// The master could not be reached; retry later.
+    #[error("master unreachable: {0}")]
+    Unreachable(String),
+    /// The master refused the call.
+    #[error("master refused: {} ({})", .0.message, .0.code)]
+    Refused(ApiError),
+    /// The master answered something this host does not understand.
+    #[error("unexpected answer from the master: {0}")]
+    Protocol(String),
+}
+
+impl LinkError {
+    /// True when retrying later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            LinkError::Unreachable(_) => true,
+            LinkError::Refused(e) => e.status >= 500,
+            LinkError::Protocol(_) => false,
+        }
+    }
+}
+
+/// Who this host is, to the master.
+#[derive(Clone)]
+pub struct LinkConfig {
+    /// The master's base URL (`http://127.0.0.1:8080`).
+    pub master_url: String,
+    /// This host's id.
+    pub host: HostId,
+    /// This host's key (its public half is registered with the master).
+    pub key: SigningKey,
+    /// One-time bootstrap token for the first registration.
+    pub bootstrap_token: Option<String>,
+    /// Region.
+    pub region: Region,
+    /// How users and the proxy reach this host.
+    pub endpoint: HostEndpoint,
+}
+
+impl std::fmt::Debug for LinkConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkConfig")
+            .field("master_url", &self.master_url)
+            .field("host", &self.host)
+            .field("region", &self.region)
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the host reports about itself on each keepalive.
+pub trait HostStatus: Send + Sync {
+    /// Health, capacity and load now.
+    fn status(&self) -> (Health, Capacity, Load);
+}
+
+impl<F: Fn() -> (Health, Capacity, Load) + Send + Sync> HostStatus for F {
+    fn status(&self) -> (Health, Capacity, Load) {
+        self()
+    }
+}
+
+/// Answer of the master's ACL lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct AclAnswer {
+    /// The user's permission, `None` for no access.
+    pub permission: Option<Permission>,
+    /// The user's revocation cutoff.
+    pub not_before: Option<Timestamp>,
+}
+
+/// The host's connection to its master.
+pub struct MasterLink {
+    cfg: LinkConfig,
+    http: reqwest::Client,
+    clock: SharedClock,
+    acl: Arc<AclCache>,
+    events: Arc<dyn HostEvents>,
+}
+
+impl std::fmt::Debug for MasterLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MasterLink")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Turns the master's published keys into a verification key set.
+pub fn keyset_from_paserks(keys: &[String]) -> Result<KeySet, LinkError> {
+    let mut set = KeySet::new();
+    // Newest first on the wire; creation order is what KeySet sorts by.
+    for (i, k) in keys.iter().rev().enumerate() {
+        let pk = paserk::decode_public(k)
+            .map_err(|e| LinkError::Protocol(format!("signing key {k:?}: {e}")))?;
+        set.insert_public(pk, Timestamp(i as i64 + 1));
+    }
+    Ok(set)
+}
+
+impl MasterLink {
+    /// A link; nothing is sent until a method is called.
+    pub fn new(
+        cfg: LinkConfig,
+        clock: SharedClock,
+        acl: Arc<AclCache>,
+        events: Arc<dyn HostEvents>,
+    ) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap_or_default();
+        MasterLink {
+            cfg,
+            http,
+            clock,
+            acl,
+            events,
+        }
+    }
+
+    /// This host's id.
+    pub fn host(&self) -> HostId {
+        self.cfg.host
+    }
+
+    async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, LinkError> {
+        let body = body.unwrap_or_default();
+        let mut req = self
+            .http
+            .request(method.clone(), format!("{}{path}", self.cfg.master_url))
+            .header("content-type", "application/json");
+        for (k, v) in sign_request(
+            &self.cfg.key,
+            self.cfg.host,
+            method.as_str(),
+            path,
+            self.clock.now(),
+            &body,
+        ) {
+            req = req.header(k, v);
+        }
+        let resp = req
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| LinkError::Unreachable(e.to_string()))?;
+        let status = resp.status();
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| LinkError::Unreachable(e.to_string()))?;
+        if !status.is_success() {
+            let err = serde_json::from_slice::<ApiError>(&bytes).unwrap_or_else(|_| {
+                ApiError::new(
+                    status.as_u16(),
+                    "http_error",
+                    String::from_utf8_lossy(&bytes),
+                )
+            });
+            return Err(LinkError::Refused(err));
+        }
+        let bytes = if bytes.is_empty() {
+            &b"null"[..]
+        } else {
+            &bytes[..]
+        };
+        serde_json::from_slice(bytes).map_err(|e| LinkError::Protocol(e.to_string()))
+    }
+
+    fn apply_grant(&self, grant: &LeaseGrant) -> Result<(), LinkError> {
+        self.acl.master_up();
+        if !grant.signing_keys.is_empty() {
+            self.events
+                .signing_keys(&keyset_from_paserks(&grant.signing_keys)?);
+        }
+        Ok(())
+    }
+
+    /// Registers (or re-registers) this host.
+    pub async fn register(&self, capacity: Capacity) -> Result<LeaseGrant, LinkError> {
+        let req = RegisterHostRequest::new(
+            self.cfg.host,
+            paserk::encode_public(&self.cfg.key.verifying_key()),
+            self.cfg.bootstrap_token.clone(),
+            self.cfg.region.clone(),
+            self.cfg.endpoint.clone(),
+            capacity,
+        );
+        let body = serde_json::to_vec(&req).map_err(|e| LinkError::Protocol(e.to_string()))?;
+        let grant: LeaseGrant = self
+            .call(reqwest::Method::POST, "/v1/hosts/register", Some(body))
+            .await?;
+        self.apply_grant(&grant)?;
+        Ok(grant)
+    }
+
+    /// Renews the lease.
+    pub async fn keepalive(
+        &self,
+        health: Health,
+        capacity: Capacity,
+        load: Load,
+    ) -> Result<LeaseGrant, LinkError> {
+        let req = KeepaliveRequest::new(self.cfg.host, health, capacity, load);
+        let body = serde_json::to_vec(&req).map_err(|e| LinkError::Protocol(e.to_string()))?;
+        let path = format!("/v1/hosts/{}/keepalive", self.cfg.host);
+        let grant: LeaseGrant = self.call(reqwest::Method::POST, &path, Some(body)).await?;
+        self.apply_grant(&grant)?;
+        Ok(grant)
+    }
+
+    /// Asks the master what `user` may do on `project` and stores the
+    /// answer (and the user's revocation cutoff) in the ACL cache.
+    pub async fn fetch_acl(
+        &self,
+        project: ProjectId,
+        user: UserId,
+    ) -> Result<AclAnswer, LinkError> {
+        let path = format!(
+            "/v1/hosts/{}/acl?project={project}&user={user}",
+            self.cfg.host
+        );
+        let a: AclAnswer = self.call(reqwest::Method::GET, &path, None).await?;
+        self.acl.set(project, user, a.permission);
+        if let Some(t) = a.not_before {
+            self.acl.revoke_user(user, t);
+        }
+        self.acl.master_up();
+        Ok(a)
+    }
+
+    /// Reports when projects were last used.
+    pub async fn report_activity(&self, projects: Vec<ProjectActivity>) -> Result<(), LinkError> {
+        let req = ActivityReport::new(self.cfg.host, projects);
+        let body = serde_json::to_vec(&req).map_err(|e| LinkError::Protocol(e.to_string()))?;
+        let path = format!("/v1/hosts/{}/activity", self.cfg.host);
+        let _: serde_json::Value = self.call(reqwest::Method::POST, &path, Some(body)).await?;
+        Ok(())
+    }
+
+    /// Applies one push message to the ACL cache and the event hooks.
+    pub fn apply(&self, message: &PushMessage) {
+        match message {
+            PushMessage::Acl {
+                project,
+                user,
+                permission,
+            } => self.acl.set(*project, *user, *permission),
+            PushMessage::RevokeUser { user, not_before } => {
+                self.acl.revoke_user(*user, *not_before)
+            }
+            PushMessage::RevokeToken { token_id, expires } => {
+                self.acl.revoke_token(token_id.clone(), *expires)
+            }
+            PushMessage::Start {
+                project,
+                generation,
+            } => self.events.start(*project, *generation),
+            PushMessage::Stop { project } => self.events.stop(*project),
+            PushMessage::SigningKeys { keys } => match keyset_from_paserks(keys) {
+                Ok(set) => self.events.signing_keys(&set),
+                Err(e) => tracing::warn!(error = %e, "ignoring pushed signing keys"),
+            },
+            other => tracing::warn!(?other, "unknown push message ignored"),
+        }
+    }
+
+    /// Connects the push channel and applies frames until it closes. Returns
+    /// `Ok` when the master closed it, an error when it could not connect.
+    /// `connected` is called once the channel is open.
+    pub async fn push_channel(&self, connected: impl FnOnce()) -> Result<(), LinkError> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let path = format!("/v1/hosts/{}/push", self.cfg.host);
+        let ws_url = format!(
+            "{}{path}",
+            self.cfg
+                .master_url
+                .replacen("http://", "ws://", 1)
+                .replacen("https://", "wss://", 1)
+        );
+        let mut req = ws_url
+            .into_client_request()
+            .map_err(|e| LinkError::Protocol(e.to_string()))?;
+        for (k, v) in sign_request(
+            &self.cfg.key,
+            self.cfg.host,
+            "GET",
+            &path,
+            self.clock.now(),
+            b"",
+        ) {
+            let v = v
+                .parse()
+                .map_err(|_| LinkError::Protocol("header value".into()))?;
+            req.headers_mut().insert(k, v);
+        }
+        let (mut ws, _) = tokio_tungstenite::connect_async(req)
+            .await
+            .map_err(|e| LinkError::Unreachable(format!("push channel: {e}")))?;
+        self.acl.master_up();
+        connected();
+        while let Some(msg) = ws.next().await {
+            let msg = match msg {
+                Ok(m) => m,
+                Err(e) => return Err(LinkError::Unreachable(format!("push channel: {e}"))),
+            };
+            if let Ok(text) = msg.to_text() {
+                if text.is_empty() {
+                    continue;
+                }
+                match serde_json::from_str::<PushFrame>(text) {
+                    Ok(frame) => self.apply(&frame.message),
+                    Err(e) => tracing::warn!(error = %e, "undecodable push frame ignored"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps the link alive until `shutdown` resolves: registers (retrying),
+    /// sends keepalives when the master asks, and keeps the push channel
+    /// open, reconnecting with backoff and jitter. Marks the ACL cache's
+    /// master link down on the first failure and up on the next success.
+    pub async fn run(
+        self: Arc<Self>,
+        status: Arc<dyn HostStatus>,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) {
+        let push = {
+            let me = self.clone();
+            async move {
+                let mut backoff = Backoff::new(self_seed(&me.cfg.host));
+                loop {
+                    match me.push_channel(|| {}).await {
+                        Ok(()) => backoff.reset(),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "push channel failed");
+                            me.acl.master_down();
+                        }
+                    }
+                    tokio::time::sleep(backoff.next()).await;
+                }
+            }
+        };
+        let control = async {
+            let mut backoff = Backoff::new(self_seed(&self.cfg.host) ^ 1);
+            let mut registered = false;
+            loop {
+                let (health, capacity, load) = status.status();
+                let result = if registered {
+                    self.keepalive(health, capacity, load).await
+                } else {
+                    self.register(capacity).await
+                };
+                let wait = match result {
+                    Ok(grant) => {
+                        registered = true;
+                        backoff.reset();
+                        Duration::from_millis(grant.next_keepalive_ms.max(100))
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "master call failed");
+                        if matches!(&e, LinkError::Refused(a) if a.status == 404) {
+                            // The master forgot us (new database): register again.
+                            registered = false;
+                        }
+                        self.acl.master_down();
+                        backoff.next()
+                    }
+                };
+                tokio::time::sleep(wait).await;
+            }
+        };
+        tokio::select! {
+            _ = shutdown => {}
+            _ = push => {}
+            _ = control => {}
+        }
+    }
+}
+
+fn self_seed(host: &HostId) -> u64 {
+    u64::from_le_bytes(host.as_bytes()[..8].try_into().unwrap_or([0; 8]))
+}
+
+/// Exponential backoff from 200 ms to 30 s with full jitter, from a seed.
+#[derive(Debug)]
+pub struct Backoff {
+    attempt: u32,
+    state: u64,
+}
+
+impl Backoff {
+    /// A backoff whose jitter sequence is fixed by `seed`.
+    pub fn new(seed: u64) -> Self {
+        Backoff {
+            attempt: 0,
+            state: seed | 1,
+        }
+    }
+
+    /// Starts over after a success.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    /// The next wait: uniform in `[cap/2, cap]`, cap doubling from 200 ms.
+    pub fn next(&mut self) -> Duration {
+        let cap_ms = (200u64 << self.attempt.min(8)).min(30_000);
+        self.attempt += 1;
+        // xorshift64
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        Duration::from_millis(cap_ms / 2 + self.state % (cap_ms / 2 + 1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_a_cap_with_jitter() {
+        let mut b = Backoff::new(7);
+        let waits: Vec<u64> = (0..12).map(|_| b.next().as_millis() as u64).collect();
+        assert!((100..=200).contains(&waits[0]), "{waits:?}");
+        assert!((200..=400).contains(&waits[1]), "{waits:?}");
+        assert!(waits[11] <= 30_000 && waits[11] >= 15_000, "{waits:?}");
+        b.reset();
+        assert!(b.next() <= Duration::from_millis(200));
+    }
+
+    #[test]
+    fn keysets_from_the_wire_keep_newest_last() {
+        let a = KeySet::generate(Timestamp(1)).unwrap();
+        let mut b = a.clone();
+        let newest = b.rotate(Timestamp(2)).unwrap();
+        let set = keyset_from_paserks(&b.public_paserks()).unwrap();
+        assert_eq!(set.keys().len(), 2);
+        assert_eq!(set.keys()[1].kid, newest);
+        assert!(keyset_from_paserks(&["k4.public.bad".into()]).is_err());
+    }
+}
