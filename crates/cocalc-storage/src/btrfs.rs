@@ -468,6 +468,9 @@ impl Storage for BtrfsStorage {
             let mut t = now;
             if let Some(last) = names.last() {
                 let path = i.layout.snapdir(project).join(last);
+                // The root item's generation is written at commit: commit
+                // first so that writes not yet on disk count as changes.
+                libbtrfsutil::sync(&home).map_err(|e| lib_err(&home, e))?;
                 let snap = libbtrfsutil::subvolume_info(&path).map_err(|e| lib_err(&path, e))?;
                 let cur = libbtrfsutil::subvolume_info(&home).map_err(|e| lib_err(&home, e))?;
                 // Taking a snapshot leaves the source's generation equal to

@@ -226,10 +226,11 @@ fn write_tar(snap: &Path, name: &str, w: ChannelWriter) -> io::Result<()> {
 
 /// Unpacks a stream into `staging`; returns the snapshot name it carried.
 fn read_tar(r: impl Read, staging: &Path) -> Result<String, String> {
-    let mut a = tar::Archive::new(r);
+    let mut a = tar::Archive::new(Counting(r, 0));
     a.set_preserve_permissions(true);
     a.set_preserve_mtime(true);
     let mut name: Option<String> = None;
+    let mut expected_total = 0u64;
     for entry in a.entries().map_err(|e| e.to_string())? {
         let mut entry = entry.map_err(|e| e.to_string())?;
         if name.is_some() {
@@ -242,6 +243,10 @@ fn read_tar(r: impl Read, staging: &Path) -> Result<String, String> {
             if parse_snapshot_name(&s).is_none() {
                 return Err(format!("bad snapshot name in stream: {s:?}"));
             }
+            // Marker header, its padded content, then the two zero blocks
+            // that end every archive: a stream one byte short is cut.
+            expected_total =
+                entry.raw_header_position() + 512 + (s.len() as u64).div_ceil(512) * 512 + 1024;
             name = Some(s);
             continue;
         }
@@ -253,7 +258,24 @@ fn read_tar(r: impl Read, staging: &Path) -> Result<String, String> {
     // A stream that fails after the archive is still a cut stream.
     let mut rest = a.into_inner();
     io::copy(&mut rest, &mut io::sink()).map_err(|e| e.to_string())?;
+    if rest.1 != expected_total {
+        return Err(format!(
+            "stream is {} bytes, its archive needs {expected_total}",
+            rest.1
+        ));
+    }
     Ok(name)
+}
+
+/// A reader that counts what passed through it.
+struct Counting<R>(R, u64);
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.0.read(buf)?;
+        self.1 += n as u64;
+        Ok(n)
+    }
 }
 
 #[async_trait]
