@@ -236,6 +236,11 @@ impl Inner {
     /// Deletes home and scratch (and with `snapshots`, every snapshot).
     /// Best effort: reports the first failure.
     fn delete_volume(&self, p: ProjectId, snapshots: bool) -> Option<StorageError> {
+        // Deleting needs a little metadata reservation, which a project at
+        // its quota would be refused: lift the limit first.
+        if let Ok(Some(g)) = self.group(p) {
+            let _ = self.set_limit(g, None);
+        }
         let mut first = None;
         let mut note = |r: Result<(), StorageError>| {
             if let Err(e) = r {

@@ -7,7 +7,7 @@
 //! paths in [`VolumeInfo`](cocalc_core::VolumeInfo), as a project would.
 //! Every check uses its own project ids, so all of them may share storages.
 //!
-//! ```ignore
+//! ```text
 //! // In a backend's tests (see cocalc-storage/tests/contract_*.rs):
 //! #[tokio::test]
 //! async fn snapshot_only_when_changed() {
