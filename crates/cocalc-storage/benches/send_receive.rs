@@ -111,7 +111,7 @@ async fn main() {
     } else {
         (100_000, 1 << 30)
     };
-    let pool_size = (total * 3).max(1 << 30) + (1 << 30);
+    let pool_size = (total * 6).max(1 << 30) + (1 << 30);
     let dir = tempfile::Builder::new()
         .prefix("cocalc-storage-bench-")
         .tempdir_in(&base)
@@ -180,6 +180,9 @@ async fn main() {
             target.display()
         )));
     }
+    // Keep one raw copy (the parent of the raw incremental) to save space.
+    let r0 = raw_dir.join("r0").join(&s1.name);
+    libbtrfsutil::delete_subvolume(&r0).expect("delete the first raw copy");
     println!(
         "full send→receive, library: {:.2?} = {} of data ({} stream)",
         lib_best,

@@ -564,6 +564,10 @@ impl Storage for BtrfsStorage {
         .await
     }
 
+    /// The stream is produced after this call returns, without holding the
+    /// project's lock (a long first send of a move must not stop snapshots).
+    /// The kernel refuses to delete a snapshot while it is being sent.
+    /// Dropping the stream stops `btrfs send`.
     async fn send(
         &self,
         project: ProjectId,
@@ -593,6 +597,15 @@ impl Storage for BtrfsStorage {
         command_stream(cmd, "btrfs send").map_err(|e| StorageError::Io(format!("btrfs send: {e}")))
     }
 
+    /// Receives into the project's snapshot directory. If the project has
+    /// no volume here, its home becomes a writable snapshot of the received
+    /// one (with the default quota); otherwise the home is left as it is
+    /// and [`restore`](Storage::restore) adopts the received state (what a
+    /// move does after its final incremental). A duplicate name is
+    /// [`StorageError::AlreadyExists`]; a cut, corrupt or refused stream
+    /// (e.g. an incremental whose parent is not here) is
+    /// [`StorageError::StreamIncomplete`] after the partial subvolume was
+    /// deleted.
     async fn receive(
         &self,
         project: ProjectId,
@@ -635,6 +648,11 @@ impl Storage for BtrfsStorage {
         };
         let fail = match fed {
             Err(FeedError::Spawn(e)) => Some(StorageError::Io(format!("btrfs receive: {e}"))),
+            Err(FeedError::Incomplete(msg)) if msg.contains("File exists") => {
+                Some(StorageError::AlreadyExists(format!(
+                    "a snapshot of that name is already here: {msg}"
+                )))
+            }
             Err(FeedError::Incomplete(msg)) => Some(StorageError::StreamIncomplete(format!(
                 "{msg}; the partial snapshot was removed"
             ))),

@@ -178,6 +178,11 @@ pub(crate) fn remove_any(path: &Path) -> io::Result<()> {
 
 /// Restores `rel` from the snapshot tree `snap` into `home`: the old entry
 /// (if any) is replaced only once the copy is complete.
+///
+/// The checks resolve symlinks at the time of the call; a process inside a
+/// *running* project that swaps a directory for a link between check and
+/// copy could redirect the copy, so hosts restore while the project's
+/// processes cannot race (stopped, or paths the project cannot write).
 pub(crate) async fn restore_path(
     project: ProjectId,
     home: &Path,

@@ -355,7 +355,10 @@ pub async fn send_receive_full_then_incremental(a: &dyn Storage, b: &dyn Storage
     let again = b
         .receive(p, a.send(p, &s2.name, Some(&s1.name)).await.unwrap())
         .await;
-    assert!(again.is_err(), "duplicate receive: {again:?}");
+    assert!(
+        matches!(again, Err(StorageError::AlreadyExists(_))),
+        "duplicate receive: {again:?}"
+    );
     assert_eq!(b.snapshots(p).await.unwrap().len(), 2);
     a.delete(p).await.unwrap();
     b.delete(p).await.unwrap();
