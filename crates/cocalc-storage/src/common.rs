@@ -1,10 +1,16 @@
 //! Pieces both backends share: the pool layout, copies, path restore.
 
+use std::fs::File;
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use cocalc_core::{ProjectId, StorageError, VolumeInfo};
+use nix::errno::Errno;
+use nix::fcntl::{openat, openat2, renameat, AtFlags, OFlag, OpenHow, ResolveFlag};
+use nix::sys::stat::{fstat, mkdirat, Mode};
+use nix::unistd::{fchownat, geteuid, unlinkat, Gid, Uid, UnlinkatFlags};
 use tokio::process::Command;
 
 use crate::names::parse_snapshot_name;
@@ -176,13 +182,74 @@ pub(crate) fn remove_any(path: &Path) -> io::Result<()> {
     }
 }
 
+/// How every directory under a project's home is opened: by the kernel,
+/// beneath the home, with no magic links. A symlink (even one swapped in
+/// while this runs) that leads out fails with `EXDEV`.
+fn beneath() -> OpenHow {
+    OpenHow::new()
+        .flags(OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS)
+}
+
+fn nix_err(rel: &str, what: &str, e: Errno) -> StorageError {
+    match e {
+        Errno::EXDEV | Errno::ELOOP => StorageError::PathEscape(rel.to_string()),
+        e => StorageError::Io(format!("{rel}: {what}: {e}")),
+    }
+}
+
+fn dot_if_empty(p: &Path) -> &Path {
+    if p.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        p
+    }
+}
+
+/// Opens `parent` (relative, cleaned) beneath `home`, creating missing
+/// directories (owned like the directory they are made in).
+fn open_parent(home: &File, parent: &Path, rel: &str) -> Result<OwnedFd, StorageError> {
+    match openat2(home, dot_if_empty(parent), beneath()) {
+        Ok(fd) => return Ok(fd),
+        Err(Errno::ENOENT) => {}
+        Err(e) => return Err(nix_err(rel, "opening parent", e)),
+    }
+    let mut prefix = PathBuf::new();
+    for c in parent.components() {
+        let up = openat2(home, dot_if_empty(&prefix), beneath())
+            .map_err(|e| nix_err(rel, "opening parent", e))?;
+        prefix.push(c);
+        match openat2(home, &prefix, beneath()) {
+            Ok(_) => continue,
+            Err(Errno::ENOENT) => {}
+            Err(e) => return Err(nix_err(rel, "opening parent", e)),
+        }
+        match mkdirat(&up, c.as_os_str(), Mode::from_bits_truncate(0o755)) {
+            Ok(()) | Err(Errno::EEXIST) => {}
+            Err(e) => return Err(nix_err(rel, "creating parent", e)),
+        }
+        if let Ok(st) = fstat(&up) {
+            let _ = fchownat(
+                &up,
+                c.as_os_str(),
+                Some(Uid::from_raw(st.st_uid)),
+                Some(Gid::from_raw(st.st_gid)),
+                AtFlags::AT_SYMLINK_NOFOLLOW,
+            );
+        }
+    }
+    openat2(home, dot_if_empty(parent), beneath()).map_err(|e| nix_err(rel, "opening parent", e))
+}
+
 /// Restores `rel` from the snapshot tree `snap` into `home`: the old entry
 /// (if any) is replaced only once the copy is complete.
 ///
-/// The checks resolve symlinks at the time of the call; a process inside a
-/// *running* project that swaps a directory for a link between check and
-/// copy could redirect the copy, so hosts restore while the project's
-/// processes cannot race (stopped, or paths the project cannot write).
+/// Safe against a running project racing the restore: the destination's
+/// parent is opened by the kernel beneath the home (`openat2` with
+/// `RESOLVE_BENEATH`), the copy lands in a root-only (0700) staging
+/// directory reached through its file descriptor, and the final moves are
+/// `renameat` calls relative to those descriptors. The snapshot side is
+/// immutable and checked with [`resolve_inside`].
 pub(crate) async fn restore_path(
     project: ProjectId,
     home: &Path,
@@ -197,36 +264,50 @@ pub(crate) async fn restore_path(
             "{rel}: not in snapshot {snapshot_name} of project {project}"
         )));
     }
-    let dst = resolve_inside(home, &clean, rel)?;
-    let parent = dst
-        .parent()
+    let name = clean
+        .file_name()
         .ok_or_else(|| StorageError::PathEscape(rel.to_string()))?
-        .to_path_buf();
-    std::fs::create_dir_all(&parent).map_err(|e| io_err(&parent, e))?;
-    // Re-check after creating parents: nothing may have become a link out.
-    let again = resolve_inside(home, &clean, rel)?;
-    if again != dst {
+        .to_os_string();
+    let home_fd = File::open(home).map_err(|e| io_err(home, e))?;
+    let parent_fd = open_parent(&home_fd, clean.parent().unwrap_or(Path::new("")), rel)?;
+
+    let stage = unique("restore");
+    mkdirat(&parent_fd, stage.as_str(), Mode::from_bits_truncate(0o700))
+        .map_err(|e| nix_err(rel, "creating staging directory", e))?;
+    let stage_fd = openat(
+        &parent_fd,
+        stage.as_str(),
+        OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| nix_err(rel, "opening staging directory", e))?;
+    let st = fstat(&stage_fd).map_err(|e| nix_err(rel, "staging directory", e))?;
+    if st.st_uid != geteuid().as_raw() || st.st_mode & 0o777 != 0o700 {
         return Err(StorageError::PathEscape(rel.to_string()));
     }
-    let tmp = parent.join(unique("restore"));
-    if let Err(e) = copy_tree(project, &src, &tmp).await {
-        let _ = remove_any(&tmp);
-        return Err(e);
-    }
-    let old = parent.join(unique("replaced"));
-    let had_old = std::fs::symlink_metadata(&dst).is_ok();
-    if had_old {
-        std::fs::rename(&dst, &old).map_err(|e| io_err(&dst, e))?;
-    }
-    if let Err(e) = std::fs::rename(&tmp, &dst) {
-        if had_old {
-            let _ = std::fs::rename(&old, &dst);
+    let stage_path = PathBuf::from(format!(
+        "/proc/{}/fd/{}",
+        std::process::id(),
+        stage_fd.as_raw_fd()
+    ));
+    let result = async {
+        copy_tree(project, &src, &stage_path.join("item")).await?;
+        let had_old = match renameat(&parent_fd, name.as_os_str(), &stage_fd, "old") {
+            Ok(()) => true,
+            Err(Errno::ENOENT) => false,
+            Err(e) => return Err(nix_err(rel, "moving the old entry aside", e)),
+        };
+        if let Err(e) = renameat(&stage_fd, "item", &parent_fd, name.as_os_str()) {
+            if had_old {
+                let _ = renameat(&stage_fd, "old", &parent_fd, name.as_os_str());
+            }
+            return Err(nix_err(rel, "putting the restored entry in place", e));
         }
-        let _ = remove_any(&tmp);
-        return Err(io_err(&dst, e));
+        Ok(())
     }
-    if had_old {
-        remove_any(&old).map_err(|e| io_err(&old, e))?;
-    }
-    Ok(())
+    .await;
+    let _ = remove_any(&stage_path.join("item"));
+    let _ = remove_any(&stage_path.join("old"));
+    let _ = unlinkat(&parent_fd, stage.as_str(), UnlinkatFlags::RemoveDir);
+    result
 }

@@ -219,6 +219,12 @@ pub async fn restore_path_and_whole_project(s: &dyn Storage) {
     assert_eq!(std::fs::read(v.home.join("dir/y.txt")).unwrap(), b"y1");
     assert!(v.home.join("c.txt").exists());
 
+    let leftovers: Vec<_> = std::fs::read_dir(&v.home)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".cocalc"))
+        .collect();
+    assert!(leftovers.is_empty(), "restore cleans up: {leftovers:?}");
     s.restore(p, &snap.name, None).await.unwrap();
     let home = s.volume(p).await.unwrap().home;
     assert_eq!(tree_digest(&home), before, "whole project restored");
@@ -247,6 +253,8 @@ pub async fn paths_leaving_the_project_are_refused(s: &dyn Storage) {
     std::os::unix::fs::symlink(&outside, v.home.join("out")).unwrap();
     std::os::unix::fs::symlink("/", v.home.join("root")).unwrap();
     put(&v.home, "victim.txt", b"from snapshot");
+    put(&v.home, "real/x.txt", b"x1");
+    std::os::unix::fs::symlink("real", v.home.join("inside")).unwrap();
     let snap = s.snapshot(p).await.unwrap().unwrap();
     for bad in [
         "../x",
@@ -273,6 +281,23 @@ pub async fn paths_leaving_the_project_are_refused(s: &dyn Storage) {
             Err(StorageError::SnapshotNotFound { .. })
         ));
     }
+    // The project swaps a directory of the snapshot for a link out: the
+    // restore must not follow it.
+    std::fs::remove_dir_all(v.home.join("real")).unwrap();
+    std::os::unix::fs::symlink(&outside, v.home.join("real")).unwrap();
+    match s.restore(p, &snap.name, Some("real/x.txt")).await {
+        Err(StorageError::PathEscape(_)) => {}
+        other => panic!("restore through a swapped link: {other:?}"),
+    }
+    assert!(!outside.join("x.txt").exists(), "nothing written outside");
+    std::fs::remove_file(v.home.join("real")).unwrap();
+    s.restore(p, &snap.name, Some("real")).await.unwrap();
+    // A symlinked parent that stays inside the project is fine.
+    put(&v.home, "real/x.txt", b"x2");
+    s.restore(p, &snap.name, Some("inside/x.txt"))
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(v.home.join("real/x.txt")).unwrap(), b"x1");
     // The link itself (last component) may be restored: it is not followed.
     std::fs::remove_file(v.home.join("out")).unwrap();
     s.restore(p, &snap.name, Some("out")).await.unwrap();
