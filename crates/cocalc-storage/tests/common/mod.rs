@@ -38,9 +38,12 @@ pub fn privileged(test: &str, n: usize, mib: u64) -> Option<Env> {
         ),
         Err(why) => {
             SKIP_NOTICE.call_once(|| {
-                eprintln!(
+                // Straight to stderr: libtest captures `eprintln!` of passing tests.
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr(),
                     "skipping privileged Btrfs tests ({why}); set COCALC_TEST_PRIVILEGED=require to make this an error"
-                )
+                );
             });
             None
         }
