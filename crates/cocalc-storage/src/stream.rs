@@ -16,6 +16,16 @@ use tokio::sync::mpsc;
 /// Size of the chunks read from a producer process.
 pub(crate) const CHUNK: usize = 1 << 20;
 
+/// Bytes a pipe to or from a child process may hold (Linux default: 64 KiB).
+const PIPE_BYTES: i32 = 1 << 20;
+
+/// Enlarges a pipe so that a producer and a consumer on different threads
+/// switch less often; failure (e.g. over `/proc/sys/fs/pipe-max-size`) only
+/// costs speed.
+fn widen_pipe(fd: &impl std::os::fd::AsFd) {
+    let _ = nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_BYTES));
+}
+
 /// A [`ByteStream`] fed through a channel.
 pub(crate) struct ChannelStream(pub(crate) mpsc::Receiver<io::Result<Bytes>>);
 
@@ -73,6 +83,7 @@ pub(crate) fn command_stream(mut cmd: Command, what: &'static str) -> io::Result
         .kill_on_drop(true);
     let mut child = cmd.spawn()?;
     let stdout = child.stdout.take().expect("stdout is piped");
+    widen_pipe(&stdout);
     let mut stderr = child.stderr.take().expect("stderr is piped");
     let (tx, rx) = mpsc::channel(8);
     tokio::spawn(async move {
@@ -212,6 +223,7 @@ pub(crate) async fn feed_command(
         .kill_on_drop(true);
     let mut child = cmd.spawn().map_err(FeedError::Spawn)?;
     let mut stdin = child.stdin.take().expect("stdin is piped");
+    widen_pipe(&stdin);
     let mut stderr = child.stderr.take().expect("stderr is piped");
     let err_task = tokio::spawn(async move {
         let mut s = String::new();
