@@ -260,6 +260,10 @@ impl Inner {
         }
         note(Self::delete_subvol(&self.layout.home(p)));
         note(Self::delete_subvol(&self.layout.scratch(p)));
+        if first.is_some() {
+            // Keep the quota group and its record for the retry.
+            return first;
+        }
         if let Ok(Some(g)) = self.group(p) {
             // Fails while the cleaner still holds the group's extents; an
             // empty level-1 group left behind costs nothing.
@@ -269,7 +273,9 @@ impl Inner {
         }
         let meta = self.layout.meta(p);
         if meta.exists() {
-            note(std::fs::remove_file(&meta).map_err(|e| io_err(&meta, e)));
+            if let Err(e) = std::fs::remove_file(&meta) {
+                first = Some(io_err(&meta, e));
+            }
         }
         first
     }
@@ -480,7 +486,11 @@ impl Storage for BtrfsStorage {
                 let cur = libbtrfsutil::subvolume_info(&home).map_err(|e| lib_err(&home, e))?;
                 // Taking a snapshot leaves the source's generation equal to
                 // the snapshot's creation transaction; any write moves it.
-                if cur.generation() <= snap.otransid() {
+                // That holds only for a snapshot of *this* home: after a
+                // receive or a whole restore, the newest snapshot may come
+                // from elsewhere, and then the home counts as changed.
+                let of_this_home = snap.parent_uuid() == Some(cur.uuid());
+                if of_this_home && cur.generation() <= snap.otransid() {
                     return Ok(None);
                 }
                 if let Some(lt) = parse_snapshot_name(last) {

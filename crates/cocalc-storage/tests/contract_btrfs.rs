@@ -44,6 +44,7 @@ one!(paths_leaving_the_project_are_refused);
 one!(quota_is_supported_or_says_so);
 two!(send_receive_full_then_incremental);
 two!(cut_stream_leaves_nothing_behind);
+two!(local_changes_survive_a_later_receive);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_calls_are_serialised_per_project() {

@@ -389,6 +389,39 @@ pub async fn send_receive_full_then_incremental(a: &dyn Storage, b: &dyn Storage
     b.delete(p).await.unwrap();
 }
 
+/// Changes made on the receiving side are not hidden by a snapshot that
+/// arrives later: the next `snapshot` there still sees them.
+pub async fn local_changes_survive_a_later_receive(a: &dyn Storage, b: &dyn Storage) {
+    let p = project(10);
+    let va = a.create(p).await.unwrap();
+    put(&va.home, "f", b"1");
+    let s1 = a.snapshot(p).await.unwrap().unwrap();
+    b.receive(p, a.send(p, &s1.name, None).await.unwrap())
+        .await
+        .unwrap();
+    let vb = b.volume(p).await.unwrap();
+    put(&vb.home, "local.txt", b"written on b");
+    put(&va.home, "f", b"2");
+    let s2 = a.snapshot(p).await.unwrap().unwrap();
+    b.receive(p, a.send(p, &s2.name, Some(&s1.name)).await.unwrap())
+        .await
+        .unwrap();
+    let s3 = b.snapshot(p).await.unwrap();
+    assert!(
+        s3.is_some(),
+        "b's home changed after its newest (received) snapshot"
+    );
+    b.restore(p, &s3.unwrap().name, Some("local.txt"))
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read(vb.home.join("local.txt")).unwrap(),
+        b"written on b"
+    );
+    a.delete(p).await.unwrap();
+    b.delete(p).await.unwrap();
+}
+
 /// A stream cut halfway (ending in an error, or just ending early) and a
 /// stream of garbage leave nothing behind and say `StreamIncomplete`.
 pub async fn cut_stream_leaves_nothing_behind(a: &dyn Storage, b: &dyn Storage) {
