@@ -61,8 +61,26 @@ impl BtrfsConfig {
     }
 }
 
-/// Projects as Btrfs subvolumes in a pool directory. See the
-/// [module docs](self) for the layout and mechanisms.
+/// Projects as Btrfs subvolumes in a pool directory.
+///
+/// * Subvolumes and snapshots are made, inspected and deleted through
+///   `libbtrfsutil`; quota groups through the ioctls in
+///   `cocalc-btrfs-ioctl`; usage and limits are read from
+///   `/sys/fs/btrfs/<uuid>/qgroups`. No CLI output is parsed.
+/// * Each project has a level-1 quota group `1/<id>` holding its home and
+///   scratch subvolumes; the quota is that group's referenced-bytes limit.
+///   Under simple quotas ([`QuotaMode::Simple`]), a subvolume a user creates
+///   inside the home joins the group by itself, so it cannot escape the
+///   quota; under classic qgroups it would.
+/// * Snapshots are read-only subvolumes named by UTC time (from the
+///   injected clock); one is taken only when the home's generation moved
+///   past the creation transaction of its newest snapshot. Mount pools with
+///   `noatime`, or reading files counts as a change.
+/// * Send and receive run `btrfs send` / `btrfs receive` with piped stdio
+///   (no library call exists for either); the receiving side checks the
+///   stream's framing itself and deletes anything a failed receive left.
+/// * Calls on one project are serialised by a per-project async lock;
+///   blocking work runs on tokio's blocking pool.
 #[derive(Debug)]
 pub struct BtrfsStorage {
     inner: Arc<Inner>,

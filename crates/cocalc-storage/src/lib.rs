@@ -1,13 +1,13 @@
 //! # cocalc-storage
 //!
 //! Where project data lives on a host: implementations of
-//! [`Storage`](cocalc_core::Storage) and the pool set-up around them.
+//! [`Storage`] and the pool set-up around them.
 //!
 //! | type | what | needs |
 //! | --- | --- | --- |
 //! | [`BtrfsStorage`] | a subvolume per project (`project-<uuid>`) plus a scratch subvolume for `/tmp`; quotas (simple quotas where the kernel has them, classic qgroups otherwise); read-only snapshots named by UTC time, taken only when something changed; full and incremental `btrfs send`/`receive` streams; clone | root, Btrfs, `btrfs-progs`, `libbtrfsutil` |
 //! | [`DirStorage`] | the same contract on plain directories: snapshots as (reflink) copies, tar streams, no quotas | any filesystem |
-//! | [`pool`] | [`init_pool`](pool::init_pool) on an existing Btrfs mount; [`LoopPool`](pool::LoopPool), a loop-file Btrfs pool for development and tests that unmounts itself when dropped | |
+//! | [`pool`] | [`init_pool`] on an existing Btrfs mount; [`LoopPool`], a loop-file Btrfs pool for development and tests that unmounts itself when dropped | |
 //! | [`retention`] | which snapshots to keep: counts per bucket (4 frequent, 7 daily, 4 weekly, 2 monthly by default) as a pure function | |
 //!
 //! What it does not do: decide *when* to snapshot or move (the host agent and
