@@ -304,3 +304,34 @@ async fn storages_on_two_pools_share_nothing() {
     a.delete(p).await.unwrap();
     assert!(b.volume(p).await.is_ok());
 }
+
+#[tokio::test]
+async fn quota_still_holds_after_restoring_the_whole_project() {
+    let Some(env) = common::privileged(
+        "quota_still_holds_after_restoring_the_whole_project",
+        1,
+        512,
+    ) else {
+        return;
+    };
+    let cfg = BtrfsConfig::default().with_default_quota(Some(32 * MIB));
+    let s = common::btrfs(&env, 0, cfg).await;
+    let p = project(43);
+    let v = s.create(p).await.unwrap();
+    put(&v.home, "small", b"before");
+    let snap = s.snapshot(p).await.unwrap().unwrap();
+    put(&v.home, "small", b"after");
+    s.restore(p, &snap.name, None).await.unwrap();
+    let home = s.volume(p).await.unwrap().home;
+    assert_eq!(std::fs::read(home.join("small")).unwrap(), b"before");
+    assert_eq!(
+        s.quota(p).await.unwrap(),
+        Quota {
+            max_bytes: Some(32 * MIB)
+        }
+    );
+    let (written, err) = fill(&home.join("big"), 64);
+    let err = err.expect("the restored home is inside the quota");
+    assert!(is_quota_error(&err), "{err}");
+    assert!(written <= 32, "{written} MiB");
+}
