@@ -10,6 +10,13 @@
 //! | [`pool`] | [`init_pool`] on an existing Btrfs mount; [`LoopPool`], a loop-file Btrfs pool for development and tests that unmounts itself when dropped | |
 //! | [`retention`] | which snapshots to keep: counts per bucket (4 frequent, 7 daily, 4 weekly, 2 monthly by default) as a pure function | |
 //!
+//! | feature | default | enables |
+//! | --- | --- | --- |
+//! | `btrfs` | yes | [`BtrfsStorage`] (builds against `libbtrfsutil`; needs `libbtrfsutil-dev` and `libclang-dev`) |
+//!
+//! All calls must run inside a tokio runtime (blocking work goes to its
+//! blocking pool; `btrfs send`/`receive` and copies are child processes).
+//!
 //! What it does not do: decide *when* to snapshot or move (the host agent and
 //! the move coordinator do), or talk to the network (a send stream is a
 //! [`ByteStream`](cocalc_core::ByteStream); carrying it is the caller's job).
@@ -48,6 +55,11 @@
 //! # }).unwrap();
 //! ```
 
+// Without `btrfs`, the process-stream and quota-group helpers only it uses
+// are idle.
+#![cfg_attr(not(feature = "btrfs"), allow(dead_code))]
+
+#[cfg(feature = "btrfs")]
 mod btrfs;
 mod common;
 mod dir;
@@ -58,6 +70,7 @@ pub mod pool;
 pub mod retention;
 pub mod stream;
 
+#[cfg(feature = "btrfs")]
 pub use btrfs::{BtrfsConfig, BtrfsStorage};
 pub use cocalc_core::storage::*;
 pub use dir::DirStorage;

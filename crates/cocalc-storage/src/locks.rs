@@ -37,3 +37,64 @@ impl ProjectLocks {
         (g1, Some(g2))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn id(n: u8) -> ProjectId {
+        let mut b = [0u8; 16];
+        b[6] = 0x40;
+        b[8] = 0x80;
+        b[15] = n;
+        ProjectId::from_bytes(b)
+    }
+
+    #[tokio::test]
+    async fn same_project_waits_other_projects_do_not() {
+        let locks = ProjectLocks::default();
+        let held = locks.lock(id(1)).await;
+        // Another project: at once.
+        tokio::time::timeout(Duration::from_millis(100), locks.lock(id(2)))
+            .await
+            .expect("a different project is not blocked");
+        // The same project: only after the holder lets go.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), locks.lock(id(1)))
+                .await
+                .is_err(),
+            "the same project waits"
+        );
+        drop(held);
+        tokio::time::timeout(Duration::from_millis(100), locks.lock(id(1)))
+            .await
+            .expect("free again");
+    }
+
+    #[tokio::test]
+    async fn two_locks_in_either_order_do_not_deadlock() {
+        let locks = Arc::new(ProjectLocks::default());
+        let mut tasks = Vec::new();
+        for i in 0..50 {
+            let locks = locks.clone();
+            tasks.push(tokio::spawn(async move {
+                let (a, b) = if i % 2 == 0 {
+                    (id(1), id(2))
+                } else {
+                    (id(2), id(1))
+                };
+                let _g = locks.lock_two(a, b).await;
+                tokio::task::yield_now().await;
+            }));
+        }
+        for t in tasks {
+            tokio::time::timeout(Duration::from_secs(5), t)
+                .await
+                .expect("no deadlock")
+                .unwrap();
+        }
+        let (_g, none) = locks.lock_two(id(3), id(3)).await;
+        assert!(none.is_none(), "one lock for the same project");
+    }
+}
