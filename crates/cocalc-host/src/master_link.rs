@@ -407,7 +407,7 @@ impl MasterLink {
                             me.acl.master_down();
                         }
                     }
-                    tokio::time::sleep(backoff.next()).await;
+                    tokio::time::sleep(backoff.next_wait()).await;
                 }
             }
         };
@@ -434,7 +434,7 @@ impl MasterLink {
                             registered = false;
                         }
                         self.acl.master_down();
-                        backoff.next()
+                        backoff.next_wait()
                     }
                 };
                 tokio::time::sleep(wait).await;
@@ -474,7 +474,7 @@ impl Backoff {
     }
 
     /// The next wait: uniform in `[cap/2, cap]`, cap doubling from 200 ms.
-    pub fn next(&mut self) -> Duration {
+    pub fn next_wait(&mut self) -> Duration {
         let cap_ms = (200u64 << self.attempt.min(8)).min(30_000);
         self.attempt += 1;
         // xorshift64
@@ -492,12 +492,12 @@ mod tests {
     #[test]
     fn backoff_grows_to_a_cap_with_jitter() {
         let mut b = Backoff::new(7);
-        let waits: Vec<u64> = (0..12).map(|_| b.next().as_millis() as u64).collect();
+        let waits: Vec<u64> = (0..12).map(|_| b.next_wait().as_millis() as u64).collect();
         assert!((100..=200).contains(&waits[0]), "{waits:?}");
         assert!((200..=400).contains(&waits[1]), "{waits:?}");
         assert!(waits[11] <= 30_000 && waits[11] >= 15_000, "{waits:?}");
         b.reset();
-        assert!(b.next() <= Duration::from_millis(200));
+        assert!(b.next_wait() <= Duration::from_millis(200));
     }
 
     #[test]

@@ -32,6 +32,8 @@ use cocalc_core::{BoxedConnection, HostEndpoint, HostId, Transport, TransportErr
 use tokio::io::DuplexStream;
 use tokio::sync::mpsc;
 
+pub mod storage_contract;
+
 /// Buffer size of each in-memory connection, bytes per direction.
 const PIPE_BYTES: usize = 64 * 1024;
 
