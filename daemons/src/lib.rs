@@ -14,6 +14,19 @@ pub fn init_logging() {
         .try_init();
 }
 
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
 /// Parses a duration written as a number with an optional unit:
 /// `90` or `90s` (seconds), `10m` (minutes), `2h` (hours), `1d` (days).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {

@@ -51,6 +51,16 @@ pub struct Grant {
     pub permission: Permission,
 }
 
+/// Fetches a fresh ACL answer from the master into the cache (the host's
+/// master link implements this). Called by the [`Gate`] when the cache
+/// answers [`AccessError::NeedsRefresh`].
+#[async_trait::async_trait]
+pub trait AclRefresher: Send + Sync {
+    /// Stores the master's current answer for `(project, user)` in the ACL
+    /// cache; an error means the master could not be asked.
+    async fn refresh(&self, project: ProjectId, user: cocalc_core::UserId) -> Result<(), String>;
+}
+
 /// Token verification plus ACL check plus audit, for one host.
 pub struct Gate {
     host: HostId,
@@ -58,6 +68,7 @@ pub struct Gate {
     acl: Arc<AclCache>,
     audit: Arc<dyn AuditSink>,
     clock: SharedClock,
+    refresher: Option<Arc<dyn AclRefresher>>,
 }
 
 impl std::fmt::Debug for Gate {
@@ -83,7 +94,16 @@ impl Gate {
             acl,
             audit,
             clock,
+            refresher: None,
         }
+    }
+
+    /// Asks `refresher` whenever the cache needs a fresh answer; if the
+    /// master cannot be reached the link is marked down and the cache
+    /// decides within its offline grace.
+    pub fn with_refresher(mut self, refresher: Arc<dyn AclRefresher>) -> Self {
+        self.refresher = Some(refresher);
+        self
     }
 
     /// The ACL cache behind the gate (for push updates).
@@ -142,10 +162,17 @@ impl Gate {
         claims
             .require_project(project)
             .map_err(|e| fail(e.into()))?;
-        let permission = self
-            .acl
-            .check(&claims, needed)
-            .map_err(|e| fail(e.into()))?;
+        let permission = match (self.acl.check(&claims, needed), &self.refresher) {
+            (Err(AccessError::NeedsRefresh { .. }), Some(r)) => {
+                if let Err(why) = r.refresh(project, claims.user).await {
+                    tracing::warn!(%project, error = %why, "ACL refresh failed; master link marked down");
+                    self.acl.master_down();
+                }
+                self.acl.check(&claims, needed)
+            }
+            (result, _) => result,
+        }
+        .map_err(|e| fail(e.into()))?;
         Ok(Grant { claims, permission })
     }
 }

@@ -392,6 +392,61 @@ pub enum PushMessage {
     },
 }
 
+/// The collected result of a command run in a project (`POST
+/// /<project>/exec` on a host). Output bytes are base64 on the wire, so
+/// nothing the program printed is lost.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[non_exhaustive]
+pub struct ExecResult {
+    /// Wire version.
+    #[serde(default = "v1")]
+    pub v: u16,
+    /// Exit code (128 + signal number if killed).
+    pub exit_code: i32,
+    /// Standard output.
+    #[serde(with = "b64")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
+    pub stdout: Vec<u8>,
+    /// Standard error.
+    #[serde(with = "b64")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
+    pub stderr: Vec<u8>,
+    /// True if output beyond the host's limit was dropped.
+    #[serde(default)]
+    pub truncated: bool,
+}
+
+impl ExecResult {
+    /// A result.
+    pub fn new(exit_code: i32, stdout: Vec<u8>, stderr: Vec<u8>, truncated: bool) -> Self {
+        ExecResult {
+            v: WIRE_VERSION,
+            exit_code,
+            stdout,
+            stderr,
+            truncated,
+        }
+    }
+}
+
+mod b64 {
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(v))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        STANDARD
+            .decode(s.as_bytes())
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 /// One frame on the push channel: a sequence number and a message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -429,6 +484,14 @@ mod tests {
         let e = check_version(99).unwrap_err();
         assert_eq!(e.status, 400);
         assert_eq!(e.code, "unsupported_version");
+    }
+
+    #[test]
+    fn exec_results_carry_any_bytes() {
+        let r = ExecResult::new(3, vec![0, 255, b'a'], b"err".to_vec(), false);
+        let j = serde_json::to_string(&r).unwrap();
+        assert!(j.contains(r#""stdout":"AP9h""#), "{j}");
+        assert_eq!(serde_json::from_str::<ExecResult>(&j).unwrap(), r);
     }
 
     #[test]

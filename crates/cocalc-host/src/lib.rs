@@ -49,6 +49,9 @@
 //! ```
 
 pub mod activity;
+pub mod agent;
+pub mod daemon;
+pub mod dataplane;
 pub mod image;
 pub mod master_link;
 #[cfg(feature = "podman")]
@@ -58,6 +61,7 @@ mod procfs;
 pub mod started_at;
 
 pub use activity::{ActivitySample, ActivitySource, CullDecision, CullPolicy, IdleCuller};
+pub use agent::{AgentConfig, AgentError, HostAgent};
 pub use cocalc_core::runner::*;
 pub use image::ImagePolicy;
 pub use master_link::{HostEvents, LinkConfig, LinkError, MasterLink};

@@ -448,6 +448,16 @@ impl MasterLink {
     }
 }
 
+#[async_trait::async_trait]
+impl cocalc_auth::AclRefresher for MasterLink {
+    async fn refresh(&self, project: ProjectId, user: UserId) -> Result<(), String> {
+        self.fetch_acl(project, user)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
 fn self_seed(host: &HostId) -> u64 {
     u64::from_le_bytes(host.as_bytes()[..8].try_into().unwrap_or([0; 8]))
 }

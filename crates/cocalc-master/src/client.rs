@@ -27,6 +27,11 @@ impl MasterClient {
         }
     }
 
+    /// The API key this client acts with.
+    pub fn api_key(&self) -> &str {
+        &self.key
+    }
+
     async fn call<T: DeserializeOwned>(
         &self,
         method: reqwest::Method,

@@ -1,0 +1,253 @@
+//! [`HostAgent`]: one host's projects — who may reach them, and starting
+//! them on demand — composed from a [`Runner`], a [`Storage`] and the
+//! token/ACL [`Gate`].
+//!
+//! Every data-plane request goes through [`HostAgent::authorize`]: token
+//! signature, expiry and audience (this host), project, revocations and ACL
+//! (fetched from the master when the cache has no fresh answer), and the
+//! **generation fence**: a token minted for an older placement generation
+//! of a project than this host has seen is refused, so a project moved away
+//! and back cannot be driven by stale tokens (DESIGN.md promise 1).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cocalc_auth::{AuthError, Gate, Grant};
+use cocalc_core::{
+    ApiError, ExecEvent, ExecRequest, Generation, HostId, Permission, ProjectId, ProjectSpec,
+    ProjectState, ResourceLimits, RunStatus, Runner, RunnerError, Storage, StorageError,
+    VolumeInfo,
+};
+use futures_util::StreamExt;
+
+/// Agent tunables.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// This host.
+    pub host: HostId,
+    /// Limits of every project's container.
+    pub limits: ResourceLimits,
+    /// Most bytes of output an exec returns (the rest is dropped and the
+    /// result marked truncated); default 16 MiB.
+    pub max_exec_output: usize,
+    /// Timeout of an exec that names none; default 10 min.
+    pub exec_timeout: Duration,
+    /// Grace given to a project's processes on stop; default 10 s.
+    pub stop_grace: Duration,
+}
+
+impl AgentConfig {
+    /// Defaults for `host`.
+    pub fn new(host: HostId) -> Self {
+        AgentConfig {
+            host,
+            limits: ResourceLimits::default(),
+            max_exec_output: 16 << 20,
+            exec_timeout: Duration::from_secs(600),
+            stop_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why an agent call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// The token or the access check failed.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// The token is for an older placement of the project than this host
+    /// has seen.
+    #[error("token is for generation {got} of project {project}, this host has seen {seen}; open the project again")]
+    StaleGeneration {
+        /// The project.
+        project: ProjectId,
+        /// The token's generation.
+        got: Generation,
+        /// The newest this host has seen.
+        seen: Generation,
+    },
+    /// The runner failed.
+    #[error(transparent)]
+    Runner(#[from] RunnerError),
+    /// The storage failed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+impl From<&AgentError> for ApiError {
+    fn from(e: &AgentError) -> Self {
+        match e {
+            AgentError::Auth(a) => ApiError::from(a),
+            AgentError::StaleGeneration { .. } => {
+                ApiError::new(409, "stale_generation", e.to_string()).with_hint(
+                    "the project was moved; open it again to get a token for its current host",
+                )
+            }
+            AgentError::Runner(r) => ApiError::from(r),
+            AgentError::Storage(s) => ApiError::from(s),
+        }
+    }
+}
+
+/// One host's projects.
+pub struct HostAgent {
+    cfg: AgentConfig,
+    runner: Arc<dyn Runner>,
+    storage: Arc<dyn Storage>,
+    gate: Gate,
+    fences: Mutex<HashMap<ProjectId, Generation>>,
+}
+
+impl std::fmt::Debug for HostAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostAgent")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HostAgent {
+    /// An agent over the given parts.
+    pub fn new(
+        cfg: AgentConfig,
+        runner: Arc<dyn Runner>,
+        storage: Arc<dyn Storage>,
+        gate: Gate,
+    ) -> Self {
+        HostAgent {
+            cfg,
+            runner,
+            storage,
+            gate,
+            fences: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// This host.
+    pub fn host(&self) -> HostId {
+        self.cfg.host
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &AgentConfig {
+        &self.cfg
+    }
+
+    /// The runner.
+    pub fn runner(&self) -> &Arc<dyn Runner> {
+        &self.runner
+    }
+
+    /// Records generations known from elsewhere (the local store after a
+    /// restart); never lowers a fence.
+    pub fn seed_fences(&self, known: impl IntoIterator<Item = (ProjectId, Generation)>) {
+        let mut g = self.fences.lock().unwrap_or_else(|p| p.into_inner());
+        for (p, gen) in known {
+            let e = g.entry(p).or_insert(gen);
+            *e = (*e).max(gen);
+        }
+    }
+
+    /// The newest generation seen for `project`.
+    pub fn fence(&self, project: ProjectId) -> Option<Generation> {
+        self.fences
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&project)
+            .copied()
+    }
+
+    /// Checks a request (see the [module docs](self)); returns the grant.
+    pub async fn authorize(
+        &self,
+        token: &str,
+        project: ProjectId,
+        needed: Permission,
+        action: &str,
+    ) -> Result<Grant, AgentError> {
+        let grant = self.gate.authorize(token, project, needed, action).await?;
+        let got = grant.claims.generation;
+        let mut fences = self.fences.lock().unwrap_or_else(|p| p.into_inner());
+        let seen = fences.entry(project).or_insert(got);
+        if got < *seen {
+            return Err(AgentError::StaleGeneration {
+                project,
+                got,
+                seen: *seen,
+            });
+        }
+        *seen = got;
+        Ok(grant)
+    }
+
+    /// The project's volume, created if this is its first placement here.
+    pub async fn volume(&self, project: ProjectId) -> Result<VolumeInfo, AgentError> {
+        match self.storage.volume(project).await {
+            Ok(v) => Ok(v),
+            Err(StorageError::NotFound(_)) => Ok(self.storage.create(project).await?),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Starts the project if it is not running (creating its volume first
+    /// if needed) and returns its status.
+    pub async fn ensure_running(&self, grant: &Grant) -> Result<RunStatus, AgentError> {
+        let project = grant.claims.project;
+        let status = self.runner.status(project).await?;
+        if status.state == ProjectState::Running {
+            return Ok(status);
+        }
+        let vol = self.volume(project).await?;
+        let mut spec = ProjectSpec::new(project, grant.claims.generation, vol.home);
+        spec.scratch = vol.scratch;
+        spec.limits = self.cfg.limits;
+        spec.hostname = format!("project-{}", &project.to_string()[..8]);
+        Ok(self.runner.start(&spec).await?)
+    }
+
+    /// The project's status (no start).
+    pub async fn status(&self, project: ProjectId) -> Result<RunStatus, AgentError> {
+        Ok(self.runner.status(project).await?)
+    }
+
+    /// Stops the project.
+    pub async fn stop(&self, project: ProjectId) -> Result<(), AgentError> {
+        Ok(self.runner.stop(project, self.cfg.stop_grace).await?)
+    }
+
+    /// Runs a command (starting the project if needed) and collects its
+    /// output, up to the configured limit.
+    pub async fn exec(
+        &self,
+        grant: &Grant,
+        mut req: ExecRequest,
+    ) -> Result<cocalc_core::wire::ExecResult, AgentError> {
+        self.ensure_running(grant).await?;
+        if req.timeout.is_none() {
+            req.timeout = Some(self.cfg.exec_timeout);
+        }
+        let mut stream = self.runner.exec(grant.claims.project, req).await?;
+        let (mut out, mut err, mut truncated) = (Vec::new(), Vec::new(), false);
+        let limit = self.cfg.max_exec_output;
+        let mut code = None;
+        while let Some(ev) = stream.next().await {
+            match ev? {
+                ExecEvent::Stdout(b) | ExecEvent::Stderr(b)
+                    if out.len() + err.len() + b.len() > limit =>
+                {
+                    truncated = true;
+                }
+                ExecEvent::Stdout(b) => out.extend_from_slice(&b),
+                ExecEvent::Stderr(b) => err.extend_from_slice(&b),
+                ExecEvent::Exit(c) => code = Some(c),
+            }
+        }
+        let code =
+            code.ok_or_else(|| RunnerError::Backend("command ended without an exit code".into()))?;
+        Ok(cocalc_core::wire::ExecResult::new(
+            code, out, err, truncated,
+        ))
+    }
+}

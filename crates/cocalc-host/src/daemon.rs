@@ -1,0 +1,454 @@
+//! Everything the `cocalc-host` binary does besides parsing arguments: the
+//! config file, the host's identity on disk, building the agent from its
+//! parts, and running the data plane and the master link until shutdown.
+//!
+//! ## Config file (TOML)
+//!
+//! ```toml
+//! listen = "127.0.0.1:8443"            # data plane address
+//! # public_url = "http://10.0.0.5:8443" # how users reach it (default: http://<listen>)
+//! master_url = "http://127.0.0.1:8080"
+//! data_dir = "/var/lib/cocalc-host"    # host.id, host.key (0600), projects/
+//! bootstrap_token = "cbt.…"            # first start only (or bootstrap_token_file)
+//! region = "local"
+//! runner = "process"                   # or "podman"
+//! storage = "dir"                      # or "btrfs" (with btrfs_pool)
+//! # btrfs_pool = "/mnt/cocalc-pool"
+//! image = "localhost/cocalc-project:latest"   # podman: default image
+//! # images = ["localhost/other:1"]            # podman: also allowed
+//! project_slots = 100
+//! offline_grace_secs = 3600
+//! acl_ttl_secs = 300
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+
+use cocalc_auth::{paserk, AclCache, AclPolicy, Gate, KeySet, TracingAuditSink, Verifier};
+use cocalc_core::{
+    Capacity, Health, HostEndpoint, HostId, Load, ProjectState, Region, Runner, SharedClock,
+    Storage, SystemClock,
+};
+use ed25519_dalek::SigningKey;
+use serde::Deserialize;
+
+use crate::agent::{AgentConfig, HostAgent};
+use crate::image::ImagePolicy;
+use crate::master_link::{HostEvents, LinkConfig, MasterLink};
+
+/// Why the host daemon could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HostDaemonError {
+    /// The config file is missing or invalid (exit code 2).
+    #[error("config {path}: {message}")]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// Something needed at start-up failed (exit code 1).
+    #[error("{0}")]
+    Start(String),
+}
+
+impl HostDaemonError {
+    /// Process exit code.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            HostDaemonError::Config { .. } => 2,
+            HostDaemonError::Start(_) => 1,
+        }
+    }
+}
+
+fn start_err(what: &str, e: impl std::fmt::Display) -> HostDaemonError {
+    HostDaemonError::Start(format!("{what}: {e}"))
+}
+
+/// The host's config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    /// Data plane listen address.
+    pub listen: SocketAddr,
+    /// How users reach this host (default `http://<bound address>`).
+    #[serde(default)]
+    pub public_url: Option<String>,
+    /// The master.
+    pub master_url: String,
+    /// State directory.
+    pub data_dir: PathBuf,
+    /// Bootstrap token (first start).
+    #[serde(default)]
+    pub bootstrap_token: Option<String>,
+    /// File holding the bootstrap token.
+    #[serde(default)]
+    pub bootstrap_token_file: Option<PathBuf>,
+    /// Region.
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// `process` or `podman`.
+    #[serde(default = "default_runner")]
+    pub runner: String,
+    /// `dir` or `btrfs`.
+    #[serde(default = "default_storage")]
+    pub storage: String,
+    /// Btrfs pool directory (storage = "btrfs").
+    #[serde(default)]
+    pub btrfs_pool: Option<PathBuf>,
+    /// Default image (podman).
+    #[serde(default = "default_image")]
+    pub image: String,
+    /// Other allowed images (podman).
+    #[serde(default)]
+    pub images: Vec<String>,
+    /// Projects that may run at once.
+    #[serde(default = "default_slots")]
+    pub project_slots: u32,
+    /// Offline grace, seconds.
+    #[serde(default = "default_grace")]
+    pub offline_grace_secs: u64,
+    /// ACL cache TTL, seconds.
+    #[serde(default = "default_ttl")]
+    pub acl_ttl_secs: u64,
+}
+
+fn default_region() -> String {
+    "local".into()
+}
+fn default_runner() -> String {
+    "process".into()
+}
+fn default_storage() -> String {
+    "dir".into()
+}
+/// The default project image name used by `cocalc dev up` and the host.
+pub const DEFAULT_IMAGE: &str = "localhost/cocalc-project:latest";
+fn default_image() -> String {
+    DEFAULT_IMAGE.into()
+}
+fn default_slots() -> u32 {
+    100
+}
+fn default_grace() -> u64 {
+    3600
+}
+fn default_ttl() -> u64 {
+    300
+}
+
+impl HostConfig {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Self, HostDaemonError> {
+        let bad = |message: String| HostDaemonError::Config {
+            path: path.to_path_buf(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        let cfg: HostConfig = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        cfg.check().map_err(bad)?;
+        Ok(cfg)
+    }
+
+    /// Checks choices that serde cannot.
+    pub fn check(&self) -> Result<(), String> {
+        if !matches!(self.runner.as_str(), "process" | "podman") {
+            return Err(format!(
+                "runner {:?}: expected \"process\" or \"podman\"",
+                self.runner
+            ));
+        }
+        match (self.storage.as_str(), &self.btrfs_pool) {
+            ("dir", _) => {}
+            ("btrfs", Some(_)) => {}
+            ("btrfs", None) => return Err("storage = \"btrfs\" needs btrfs_pool".into()),
+            (other, _) => return Err(format!("storage {other:?}: expected \"dir\" or \"btrfs\"")),
+        }
+        if !(self.master_url.starts_with("http://") || self.master_url.starts_with("https://")) {
+            return Err(format!(
+                "master_url {:?} must start with http:// or https://",
+                self.master_url
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Reads the host's id and key from `data_dir`, creating them (key file
+/// mode 0600) on first start.
+pub fn identity(data_dir: &Path) -> Result<(HostId, SigningKey), HostDaemonError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(data_dir).map_err(|e| start_err(&data_dir.display().to_string(), e))?;
+    let id_path = data_dir.join("host.id");
+    let key_path = data_dir.join("host.key");
+    if id_path.exists() && key_path.exists() {
+        let id = std::fs::read_to_string(&id_path)
+            .map_err(|e| start_err(&id_path.display().to_string(), e))?
+            .trim()
+            .parse()
+            .map_err(|e| start_err(&id_path.display().to_string(), e))?;
+        let key = std::fs::read_to_string(&key_path)
+            .map_err(|e| start_err(&key_path.display().to_string(), e))?;
+        let key = paserk::decode_secret(&key)
+            .map_err(|e| start_err(&key_path.display().to_string(), e))?;
+        return Ok((id, key));
+    }
+    let mut b = [0u8; 48];
+    getrandom::getrandom(&mut b).map_err(|e| start_err("random source", e))?;
+    let id = HostId::new_v4(b[..16].try_into().expect("16 bytes"));
+    let key = SigningKey::from_bytes(b[16..].try_into().expect("32 bytes"));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&key_path)
+        .map_err(|e| start_err(&key_path.display().to_string(), e))?;
+    writeln!(f, "{}", paserk::encode_secret(&key)).map_err(|e| start_err("host.key", e))?;
+    f.sync_all().map_err(|e| start_err("host.key", e))?;
+    std::fs::write(&id_path, format!("{id}\n")).map_err(|e| start_err("host.id", e))?;
+    Ok((id, key))
+}
+
+/// Hooks from the master link into this host: new signing keys go to the
+/// verifier; start/stop commands go to the agent.
+struct Events {
+    verifier: Arc<Verifier>,
+    agent: OnceLock<Weak<HostAgent>>,
+}
+
+impl HostEvents for Events {
+    fn signing_keys(&self, keys: &KeySet) {
+        self.verifier.set_keys(keys.clone());
+    }
+
+    fn stop(&self, project: cocalc_core::ProjectId) {
+        if let Some(agent) = self.agent.get().and_then(Weak::upgrade) {
+            tokio::spawn(async move {
+                if let Err(e) = agent.stop(project).await {
+                    tracing::warn!(%project, error = %e, "stop requested by the master failed");
+                }
+            });
+        }
+    }
+}
+
+/// A built host: the agent, its master link, and the status it reports.
+pub struct Host {
+    /// The agent (serve it with [`crate::dataplane::router`]).
+    pub agent: Arc<HostAgent>,
+    /// The master link (run it with [`MasterLink::run`]).
+    pub link: Arc<MasterLink>,
+    running: Arc<AtomicU32>,
+    slots: u32,
+    data_dir: PathBuf,
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host")
+            .field("host", &self.agent.host())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds the host from its config; `public_url` is how users reach the
+/// data plane (the caller binds the listener first).
+pub async fn build(cfg: &HostConfig, public_url: String) -> Result<Host, HostDaemonError> {
+    let clock: SharedClock = Arc::new(SystemClock);
+    let (host, key) = identity(&cfg.data_dir)?;
+    let storage: Arc<dyn Storage> = match cfg.storage.as_str() {
+        #[cfg(feature = "btrfs")]
+        "btrfs" => {
+            let pool = cfg.btrfs_pool.clone().expect("checked: btrfs needs a pool");
+            Arc::new(
+                cocalc_storage::BtrfsStorage::open(
+                    pool,
+                    cocalc_storage::BtrfsConfig::default(),
+                    clock.clone(),
+                )
+                .await
+                .map_err(|e| start_err("btrfs pool", e))?,
+            )
+        }
+        "dir" => Arc::new(
+            cocalc_storage::DirStorage::new(cfg.data_dir.join("projects"), clock.clone())
+                .map_err(|e| start_err("project directory", e))?,
+        ),
+        other => {
+            return Err(start_err(
+                "storage",
+                format!("{other:?} is not available in this build"),
+            ))
+        }
+    };
+    let runner: Arc<dyn Runner> = match cfg.runner.as_str() {
+        #[cfg(feature = "podman")]
+        "podman" => {
+            let images = ImagePolicy::new(cfg.image.clone(), cfg.images.iter().cloned());
+            let pc = crate::podman::PodmanConfig::new(host, images, cfg.data_dir.join("podman"));
+            Arc::new(
+                crate::podman::PodmanRunner::new(pc)
+                    .await
+                    .map_err(|e| start_err("podman", e))?,
+            )
+        }
+        "process" => Arc::new(crate::process::ProcessRunner::new(
+            ImagePolicy::single("host"),
+            clock.clone(),
+        )),
+        other => {
+            return Err(start_err(
+                "runner",
+                format!("{other:?} is not available in this build"),
+            ))
+        }
+    };
+    let bootstrap_token = match (&cfg.bootstrap_token, &cfg.bootstrap_token_file) {
+        (Some(t), _) => Some(t.trim().to_string()),
+        (None, Some(p)) => Some(
+            std::fs::read_to_string(p)
+                .map_err(|e| start_err(&p.display().to_string(), e))?
+                .trim()
+                .to_string(),
+        ),
+        (None, None) => None,
+    };
+    let acl = Arc::new(AclCache::new(
+        clock.clone(),
+        AclPolicy::new(
+            Duration::from_secs(cfg.acl_ttl_secs),
+            Duration::from_secs(cfg.offline_grace_secs),
+        ),
+    ));
+    let verifier = Arc::new(Verifier::new(host, KeySet::new(), clock.clone()));
+    let events = Arc::new(Events {
+        verifier: verifier.clone(),
+        agent: OnceLock::new(),
+    });
+    let link = Arc::new(MasterLink::new(
+        LinkConfig {
+            master_url: cfg.master_url.trim_end_matches('/').to_string(),
+            host,
+            key,
+            bootstrap_token,
+            region: Region(cfg.region.clone()),
+            endpoint: HostEndpoint::Url(public_url),
+        },
+        clock.clone(),
+        acl.clone(),
+        events.clone(),
+    ));
+    let gate = Gate::new(
+        host,
+        verifier,
+        acl,
+        Arc::new(TracingAuditSink),
+        clock.clone(),
+    )
+    .with_refresher(link.clone());
+    let agent = Arc::new(HostAgent::new(
+        AgentConfig::new(host),
+        runner,
+        storage,
+        gate,
+    ));
+    let _ = events.agent.set(Arc::downgrade(&agent));
+    Ok(Host {
+        agent,
+        link,
+        running: Arc::new(AtomicU32::new(0)),
+        slots: cfg.project_slots,
+        data_dir: cfg.data_dir.clone(),
+    })
+}
+
+impl Host {
+    /// Health, capacity and load as reported in keepalives.
+    pub fn status(&self) -> (Health, Capacity, Load) {
+        let (free, total) = disk(&self.data_dir);
+        let cap = Capacity {
+            cpu_millis: std::thread::available_parallelism().map_or(1, |n| n.get() as u64) * 1000,
+            memory_bytes: 0,
+            disk_free_bytes: free,
+            disk_total_bytes: total,
+            project_slots: self.slots,
+        };
+        let load = Load {
+            running_projects: self.running.load(Ordering::Relaxed),
+            cpu: loadavg() / (cap.cpu_millis as f64 / 1000.0),
+            memory_used_bytes: 0,
+        };
+        (Health::Ok, cap, load)
+    }
+
+    /// Serves the data plane on `listener` and keeps the master link up
+    /// until `shutdown` completes.
+    pub async fn run(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let me = Arc::new(self);
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|v| *v).await;
+        };
+        // Count running projects for keepalives.
+        let counter = {
+            let me = me.clone();
+            let stop = wait(rx.clone());
+            tokio::spawn(async move {
+                let count = async {
+                    loop {
+                        if let Ok(list) = me.agent.runner().list().await {
+                            let n = list
+                                .iter()
+                                .filter(|s| s.state == ProjectState::Running)
+                                .count();
+                            me.running.store(n as u32, Ordering::Relaxed);
+                        }
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
+                };
+                tokio::select! { _ = count => {}, _ = stop => {} }
+            })
+        };
+        let status_me = me.clone();
+        let status: Arc<dyn crate::master_link::HostStatus> = Arc::new(move || status_me.status());
+        let link = tokio::spawn(me.link.clone().run(status, wait(rx.clone())));
+        let server = axum::serve(listener, crate::dataplane::router(me.agent.clone()))
+            .with_graceful_shutdown(wait(rx));
+        let stopper = tokio::spawn(async move {
+            shutdown.await;
+            let _ = tx.send(true);
+        });
+        let result = server.await;
+        stopper.abort();
+        let _ = link.await;
+        let _ = counter.await;
+        result
+    }
+}
+
+fn disk(path: &Path) -> (u64, u64) {
+    match nix::sys::statvfs::statvfs(path) {
+        Ok(s) => {
+            let f = s.fragment_size();
+            (s.blocks_available() * f, s.blocks() * f)
+        }
+        Err(_) => (0, 0),
+    }
+}
+
+fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0.0)
+}

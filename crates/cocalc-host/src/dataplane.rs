@@ -1,0 +1,253 @@
+//! The host's data plane over HTTP: what users (and the proxy) call with a
+//! connect token. An axum [`Router`] ([`router`]) over a [`HostAgent`].
+//!
+//! The token comes as `Authorization: Bearer <token>`, or once as
+//! `?token=<token>`: a browser's `GET` with a token in the query is answered
+//! with an HttpOnly cookie scoped to that project's path and a redirect to
+//! the same URL without the token, so the token leaves the address bar and
+//! the history. Later requests carry the cookie.
+//!
+//! | method | path | needs | what |
+//! | --- | --- | --- | --- |
+//! | GET | `/health` | — | liveness |
+//! | GET | `/{project}/status` | read | `RunStatus` |
+//! | POST | `/{project}/start` | write | start (idempotent), `RunStatus` |
+//! | POST | `/{project}/stop` | write | stop |
+//! | POST | `/{project}/exec` | write | `ExecRequest` → `ExecResult` (starts the project if needed) |
+//!
+//! The project segment must be a canonical UUID; anything else is a 400
+//! that says why. Every refusal is an [`ApiError`] JSON body.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use cocalc_auth::Grant;
+use cocalc_core::{ApiError, ExecRequest, Permission, ProjectId};
+
+use crate::agent::{AgentError, HostAgent};
+
+type AppState = Arc<HostAgent>;
+
+/// An error response.
+#[derive(Debug)]
+pub struct Failure(pub ApiError);
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.0.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(self.0)).into_response()
+    }
+}
+
+impl From<AgentError> for Failure {
+    fn from(e: AgentError) -> Self {
+        Failure(ApiError::from(&e))
+    }
+}
+
+type Result<T> = std::result::Result<T, Failure>;
+
+/// The data-plane router over `agent`.
+pub fn router(agent: Arc<HostAgent>) -> Router {
+    Router::new()
+        .route(
+            "/health",
+            get(|| async { Json(serde_json::json!({"ok": true})) }),
+        )
+        .route("/{project}/status", get(status))
+        .route("/{project}/start", post(start))
+        .route("/{project}/stop", post(stop))
+        .route("/{project}/exec", post(exec))
+        .fallback(|uri: Uri| async move {
+            Failure(ApiError::new(
+                404,
+                "not_found",
+                format!("no route {}", uri.path()),
+            ))
+        })
+        .with_state(agent)
+}
+
+/// Name of the cookie that carries a project's token.
+pub fn cookie_name(project: ProjectId) -> String {
+    format!("cocalc-token-{project}")
+}
+
+/// Parses the project segment (canonical UUID only).
+pub fn project_segment(s: &str) -> Result<ProjectId> {
+    s.parse::<ProjectId>()
+        .map_err(|e| Failure(ApiError::new(400, "invalid_project_id", e.to_string())))
+}
+
+enum TokenSource {
+    Header(String),
+    Query(String),
+    Cookie(String),
+}
+
+fn find_token(project: ProjectId, headers: &HeaderMap, uri: &Uri) -> Option<TokenSource> {
+    if let Some(t) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    {
+        return Some(TokenSource::Header(t.trim().to_string()));
+    }
+    if let Some(q) = uri.query() {
+        for pair in q.split('&') {
+            if let Some(t) = pair.strip_prefix("token=") {
+                return Some(TokenSource::Query(t.to_string()));
+            }
+        }
+    }
+    let name = cookie_name(project);
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| TokenSource::Cookie(v.to_string()))
+}
+
+/// The outcome of checking a request: a grant, or a response to send
+/// instead (the cookie exchange redirect).
+enum Checked {
+    Grant(Grant),
+    Redirect(Response),
+}
+
+async fn check(
+    agent: &HostAgent,
+    project: &str,
+    headers: &HeaderMap,
+    uri: &Uri,
+    is_get: bool,
+    needed: Permission,
+    action: &str,
+) -> Result<Checked> {
+    let project = project_segment(project)?;
+    let src = find_token(project, headers, uri).ok_or_else(|| {
+        Failure(
+            ApiError::new(
+                401,
+                "token_missing",
+                "no connect token (Authorization header, ?token= or cookie)",
+            )
+            .with_hint("open the project on the master to get one"),
+        )
+    })?;
+    let (token, from_query) = match src {
+        TokenSource::Header(t) | TokenSource::Cookie(t) => (t, false),
+        TokenSource::Query(t) => (t, true),
+    };
+    let grant = agent.authorize(&token, project, needed, action).await?;
+    if from_query && is_get {
+        // Browser exchange: cookie scoped to this project, token out of the URL.
+        let rest: Vec<&str> = uri
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .filter(|p| !p.starts_with("token=") && !p.is_empty())
+            .collect();
+        let location = if rest.is_empty() {
+            uri.path().to_string()
+        } else {
+            format!("{}?{}", uri.path(), rest.join("&"))
+        };
+        let max_age = grant
+            .claims
+            .expires
+            .as_secs()
+            .saturating_sub(grant.claims.issued_at.as_secs())
+            .max(0);
+        let cookie = format!(
+            "{}={token}; Path=/{project}/; HttpOnly; SameSite=Lax; Max-Age={max_age}",
+            cookie_name(project)
+        );
+        let resp = (
+            StatusCode::SEE_OTHER,
+            [(header::LOCATION, location), (header::SET_COOKIE, cookie)],
+        )
+            .into_response();
+        return Ok(Checked::Redirect(resp));
+    }
+    Ok(Checked::Grant(grant))
+}
+
+macro_rules! checked {
+    ($e:expr) => {
+        match $e? {
+            Checked::Grant(g) => g,
+            Checked::Redirect(r) => return Ok(r),
+        }
+    };
+}
+
+async fn status(
+    State(a): State<AppState>,
+    Path(p): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Result<Response> {
+    let g = checked!(check(&a, &p, &headers, &uri, true, Permission::Read, "status").await);
+    Ok(Json(a.status(g.claims.project).await?).into_response())
+}
+
+async fn start(
+    State(a): State<AppState>,
+    Path(p): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Result<Response> {
+    let g = checked!(check(&a, &p, &headers, &uri, false, Permission::Write, "start").await);
+    Ok(Json(a.ensure_running(&g).await?).into_response())
+}
+
+async fn stop(
+    State(a): State<AppState>,
+    Path(p): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Result<Response> {
+    let g = checked!(check(&a, &p, &headers, &uri, false, Permission::Write, "stop").await);
+    a.stop(g.claims.project).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn exec(State(a): State<AppState>, Path(p): Path<String>, req: Request) -> Result<Response> {
+    let (parts, body) = req.into_parts();
+    let g = checked!(
+        check(
+            &a,
+            &p,
+            &parts.headers,
+            &parts.uri,
+            false,
+            Permission::Write,
+            "exec"
+        )
+        .await
+    );
+    let body: Bytes = axum::body::to_bytes(body, 16 << 20)
+        .await
+        .map_err(|e| Failure(ApiError::new(400, "bad_body", format!("request body: {e}"))))?;
+    let req: ExecRequest = serde_json::from_slice(&body).map_err(|e| {
+        Failure(ApiError::new(
+            400,
+            "bad_request",
+            format!("invalid ExecRequest: {e}"),
+        ))
+    })?;
+    if req.argv.is_empty() {
+        return Err(Failure(ApiError::new(400, "bad_request", "argv is empty")));
+    }
+    Ok(Json(a.exec(&g, req).await?).into_response())
+}

@@ -1,0 +1,283 @@
+//! A whole federation on loopback: one master and two hosts, built from the
+//! same library calls as the daemons (plain processes and directories, so
+//! this runs anywhere; the podman/Btrfs backends have their own suites).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use cocalc_core::wire::{CreateProjectRequest, ExecResult, OpenProjectResponse};
+use cocalc_core::{HostEndpoint, HostId};
+use cocalc_host::daemon::{self as host_daemon, HostConfig};
+use cocalc_master::daemon::{self as master_daemon, DaemonConfig};
+use cocalc_master::MasterClient;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+struct Master {
+    url: String,
+    addr: SocketAddr,
+    admin: String,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn start_master(dir: &Path, addr: &str) -> Master {
+    let cfg: DaemonConfig = toml_cfg(&format!(
+        "listen = \"{addr}\"\ndata_dir = \"{}\"\n",
+        dir.display()
+    ));
+    let master = master_daemon::build(&cfg).await.unwrap();
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, mut rx) = watch::channel(false);
+    let task = tokio::spawn(async move {
+        master_daemon::serve(master, listener, async move {
+            let _ = rx.wait_for(|v| *v).await;
+        })
+        .await
+        .unwrap();
+    });
+    let admin = std::fs::read_to_string(dir.join("admin.key"))
+        .unwrap()
+        .trim()
+        .to_string();
+    Master {
+        url: format!("http://{addr}"),
+        addr,
+        admin,
+        stop,
+        task,
+    }
+}
+
+impl Master {
+    async fn shut_down(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+fn toml_cfg<T: serde::de::DeserializeOwned>(s: &str) -> T {
+    toml::from_str(s).unwrap()
+}
+
+struct Host {
+    id: HostId,
+    url: String,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn start_host(dir: &Path, master: &str, token: &str, grace_secs: u64) -> Host {
+    let cfg: HostConfig = toml_cfg(&format!(
+        "listen = \"127.0.0.1:0\"\nmaster_url = \"{master}\"\ndata_dir = \"{}\"\n\
+         bootstrap_token = \"{token}\"\noffline_grace_secs = {grace_secs}\nacl_ttl_secs = 300\n",
+        dir.display()
+    ));
+    cfg.check().unwrap();
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let host = host_daemon::build(&cfg, url.clone()).await.unwrap();
+    let id = host.agent.host();
+    let (stop, mut rx) = watch::channel(false);
+    let task = tokio::spawn(async move {
+        host.run(listener, async move {
+            let _ = rx.wait_for(|v| *v).await;
+        })
+        .await
+        .unwrap();
+    });
+    Host {
+        id,
+        url,
+        stop,
+        task,
+    }
+}
+
+async fn eventually<F: std::future::Future<Output = bool>>(
+    what: &str,
+    limit: Duration,
+    mut f: impl FnMut() -> F,
+) {
+    let deadline = Instant::now() + limit;
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn exec(url: &str, project: &str, token: &str, argv: &[&str]) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{url}/{project}/exec"))
+        .bearer_auth(token)
+        .json(&json!({ "argv": argv }))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+fn stdout(v: &Value) -> String {
+    let r: ExecResult = serde_json::from_value(v.clone()).unwrap();
+    String::from_utf8(r.stdout).unwrap()
+}
+
+fn url_of(o: &OpenProjectResponse) -> String {
+    match &o.endpoint {
+        HostEndpoint::Url(u) => u.clone(),
+        other => panic!("unexpected endpoint {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federation_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = start_master(&dir.path().join("master"), "127.0.0.1:0").await;
+    let admin = MasterClient::new(&m.url, &m.admin);
+    let t1 = admin.bootstrap_token().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let t2 = admin.bootstrap_token().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let h1 = start_host(&dir.path().join("h1"), &m.url, &t1, 4).await;
+    let h2 = start_host(&dir.path().join("h2"), &m.url, &t2, 4).await;
+    eventually("both hosts up", Duration::from_secs(15), || async {
+        admin
+            .hosts()
+            .await
+            .map(|h| {
+                h.iter()
+                    .filter(|h| h.state == cocalc_core::HostState::Up)
+                    .count()
+                    == 2
+            })
+            .unwrap_or(false)
+    })
+    .await;
+
+    // A user, a project, opened: placed on one of the hosts.
+    let alice_new = admin.create_user("alice").await.unwrap();
+    let alice_key = alice_new["api_key"].as_str().unwrap().to_string();
+    let alice = MasterClient::new(&m.url, &alice_key);
+    let p = alice
+        .create_project(&CreateProjectRequest::new("thesis"))
+        .await
+        .unwrap();
+    let pid = p.id.to_string();
+    let open = alice.open("thesis").await.unwrap();
+    let (here, other) = if open.host == h1.id {
+        (&h1, &h2)
+    } else {
+        (&h2, &h1)
+    };
+    assert_eq!(url_of(&open), here.url);
+
+    // exec → write a file → read it back.
+    let (s, v) = exec(
+        &here.url,
+        &pid,
+        &open.token,
+        &["sh", "-c", "echo hello > notes.txt && cat notes.txt"],
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(stdout(&v), "hello\n");
+
+    // The token names its host: the other host refuses it.
+    let (s, v) = exec(&other.url, &pid, &open.token, &["true"]).await;
+    assert_eq!(s, 403, "{v}");
+    assert_eq!(v["code"], "token_wrong_host");
+    // No token, garbage token, malformed project id.
+    assert_eq!(exec(&here.url, &pid, "", &["true"]).await.0, 401);
+    assert_eq!(
+        exec(&here.url, &pid, "v4.public.nope", &["true"]).await.0,
+        401
+    );
+    let (s, v) = exec(&here.url, &pid.to_uppercase(), &open.token, &["true"]).await;
+    assert_eq!(s, 400, "{v}");
+
+    // Stop, open again: the data is still there.
+    let r = reqwest::Client::new()
+        .post(format!("{}/{pid}/stop", here.url))
+        .bearer_auth(&open.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let open2 = alice.open(&pid).await.unwrap();
+    assert_eq!(open2.host, open.host, "placement is sticky");
+    let (s, v) = exec(&here.url, &pid, &open2.token, &["cat", "notes.txt"]).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(stdout(&v), "hello\n");
+
+    // A collaborator removed on the master is refused by the host within 1 s.
+    let bob = admin.create_user("bob").await.unwrap();
+    let bob_c = MasterClient::new(&m.url, bob["api_key"].as_str().unwrap());
+    let http = reqwest::Client::new();
+    let s = http
+        .put(format!("{}/v1/projects/{pid}/collaborators/bob", m.url))
+        .bearer_auth(&alice_key)
+        .json(&json!({"permission": "write"}))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(s, 200);
+    let bob_open = bob_c.open(&pid).await.unwrap();
+    let (s, v) = exec(&here.url, &pid, &bob_open.token, &["true"]).await;
+    assert_eq!(s, 200, "{v}");
+    let s = http
+        .delete(format!("{}/v1/projects/{pid}/collaborators/bob", m.url))
+        .bearer_auth(&alice_key)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(s, 200);
+    let removed = Instant::now();
+    eventually("bob refused", Duration::from_secs(1), || async {
+        exec(&here.url, &pid, &bob_open.token, &["true"]).await.0 == 403
+    })
+    .await;
+    assert!(removed.elapsed() < Duration::from_secs(1));
+
+    // Master down: existing tokens keep working from the ACL cache, new
+    // opens fail at once with a clear error; after the offline grace (4 s
+    // here) the host refuses, saying the master is unreachable.
+    let addr = m.addr;
+    let master_dir = dir.path().join("master");
+    m.shut_down().await;
+    let (s, v) = exec(&here.url, &pid, &open2.token, &["true"]).await;
+    assert_eq!(s, 200, "cached access while the master is away: {v}");
+    let e = alice.open(&pid).await.unwrap_err();
+    assert_eq!(e.code, "master_unreachable");
+    eventually(
+        "offline grace runs out",
+        Duration::from_secs(15),
+        || async {
+            let (s, v) = exec(&here.url, &pid, &open2.token, &["true"]).await;
+            s == 503 && v["code"] == "master_unreachable"
+        },
+    )
+    .await;
+
+    // The master comes back on the same address: hosts reconnect by
+    // themselves and the cached access serves again.
+    let m2 = start_master(&master_dir, &addr.to_string()).await;
+    eventually("hosts reconnect", Duration::from_secs(20), || async {
+        exec(&here.url, &pid, &open2.token, &["true"]).await.0 == 200
+    })
+    .await;
+
+    let _ = h1.stop.send(true);
+    let _ = h2.stop.send(true);
+    let _ = h1.task.await;
+    let _ = h2.task.await;
+    m2.shut_down().await;
+}
