@@ -49,6 +49,7 @@
 //! ```
 
 pub mod activity;
+pub mod files;
 pub mod image;
 pub mod master_link;
 #[cfg(feature = "podman")]
