@@ -52,6 +52,7 @@ pub mod activity;
 pub mod agent;
 pub mod daemon;
 pub mod dataplane;
+pub mod files;
 pub mod image;
 pub mod master_link;
 #[cfg(feature = "podman")]
