@@ -50,6 +50,7 @@
 
 pub mod activity;
 pub mod image;
+pub mod local_store;
 pub mod master_link;
 #[cfg(feature = "podman")]
 pub mod podman;
