@@ -54,6 +54,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod files;
 pub mod image;
+pub mod local_store;
 pub mod master_link;
 #[cfg(feature = "podman")]
 pub mod podman;
