@@ -120,6 +120,26 @@ async fn exec(url: &str, project: &str, token: &str, argv: &[&str]) -> (u16, Val
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
+/// A GET sent byte for byte as given (no client-side path normalisation).
+async fn raw_get(url: &str, path: &str, token: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = url.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
 fn stdout(v: &Value) -> String {
     let r: ExecResult = serde_json::from_value(v.clone()).unwrap();
     String::from_utf8(r.stdout).unwrap()
@@ -202,6 +222,131 @@ async fn federation_end_to_end() {
     let (s, v) = exec(&here.url, &pid.to_uppercase(), &open.token, &["true"]).await;
     assert_eq!(s, 400, "{v}");
 
+    // Files: put, get, list, stat; escapes refused; project B's token
+    // cannot read project A's files.
+    let http = reqwest::Client::new();
+    let furl = |path: &str| format!("{}/{pid}/files/{path}", here.url);
+    let r = http
+        .put(furl("docs/a.txt"))
+        .bearer_auth(&open.token)
+        .body("A")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "parent must exist");
+    let r = http
+        .post(furl("docs?op=mkdir"))
+        .bearer_auth(&open.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let r = http
+        .put(furl("docs/a.txt"))
+        .bearer_auth(&open.token)
+        .body(vec![0u8, 1, 2, 255])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let got = http
+        .get(furl("docs/a.txt"))
+        .bearer_auth(&open.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.bytes().await.unwrap().as_ref(), &[0u8, 1, 2, 255]);
+    let list: Value = http
+        .get(furl("docs"))
+        .bearer_auth(&open.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list[0]["name"], "a.txt");
+    let stat: Value = http
+        .get(furl("docs/a.txt?stat"))
+        .bearer_auth(&open.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stat["size"], 4);
+    let (s, _) = exec(
+        &here.url,
+        &pid,
+        &open.token,
+        &["ln", "-s", "/etc/passwd", "leak"],
+    )
+    .await;
+    assert_eq!(s, 200);
+    // Sent raw: HTTP clients would normalise `..` away before sending.
+    for bad in [
+        "leak",
+        "../../etc/passwd",
+        "%2E%2E/%2E%2E/etc/passwd",
+        "docs/..%2F..%2Fx",
+    ] {
+        let (status, body) = raw_get(&here.url, &format!("/{pid}/files/{bad}"), &open.token).await;
+        assert_eq!(status, 403, "{bad}: {body}");
+        assert!(body.contains("path_escape"), "{bad}: {body}");
+        assert!(!body.contains("root:"), "{bad} leaked /etc/passwd");
+    }
+    let q = alice
+        .create_project(&CreateProjectRequest::new("other"))
+        .await
+        .unwrap();
+    let q_open = alice.open("other").await.unwrap();
+    let r = http
+        .get(furl("docs/a.txt"))
+        .bearer_auth(&q_open.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        403,
+        "a token for project {} reads nothing of {pid}",
+        q.id
+    );
+    let r = http
+        .delete(furl("docs"))
+        .bearer_auth(&open.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+
+    // Browser flow: the token once in the query becomes a project cookie.
+    let no_redirect = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = no_redirect
+        .get(format!("{}/{pid}/status?token={}", here.url, open.token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(r.headers()["location"], format!("/{pid}/status"));
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains(&format!("Path=/{pid}/")),
+        "{cookie}"
+    );
+    let pair = cookie.split(';').next().unwrap().to_string();
+    let r = http
+        .get(format!("{}/{pid}/status", here.url))
+        .header("cookie", pair)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
     // Stop, open again: the data is still there.
     let r = reqwest::Client::new()
         .post(format!("{}/{pid}/stop", here.url))
@@ -219,7 +364,6 @@ async fn federation_end_to_end() {
     // A collaborator removed on the master is refused by the host within 1 s.
     let bob = admin.create_user("bob").await.unwrap();
     let bob_c = MasterClient::new(&m.url, bob["api_key"].as_str().unwrap());
-    let http = reqwest::Client::new();
     let s = http
         .put(format!("{}/v1/projects/{pid}/collaborators/bob", m.url))
         .bearer_auth(&alice_key)

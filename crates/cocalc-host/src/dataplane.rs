@@ -14,6 +14,14 @@
 //! | POST | `/{project}/start` | write | start (idempotent), `RunStatus` |
 //! | POST | `/{project}/stop` | write | stop |
 //! | POST | `/{project}/exec` | write | `ExecRequest` → `ExecResult` (starts the project if needed) |
+//! | GET | `/{project}/files/{path}` | read | a file's bytes, or a directory's `FileEntry` list; `?stat` for one `FileEntry` |
+//! | PUT | `/{project}/files/{path}` | write | replace the file with the body (atomic) |
+//! | POST | `/{project}/files/{path}?op=mkdir` | write | create the directory (and parents) |
+//! | POST | `/{project}/files/{path}?op=rename&to={path}` | write | rename |
+//! | DELETE | `/{project}/files/{path}` | write | remove (directories recursively) |
+//!
+//! File paths are relative to the project's home and confined to it
+//! ([`ProjectFiles`]): `..`, absolute paths and symlinks out are refused.
 //!
 //! The project segment must be a canonical UUID; anything else is a 400
 //! that says why. Every refusal is an [`ApiError`] JSON body.
@@ -30,6 +38,10 @@ use cocalc_auth::Grant;
 use cocalc_core::{ApiError, ExecRequest, Permission, ProjectId};
 
 use crate::agent::{AgentError, HostAgent};
+use crate::files::{FileError, FileKind, ProjectFiles};
+
+/// Largest file read or written through the data plane (64 MiB).
+pub const MAX_FILE_BYTES: u64 = 64 << 20;
 
 type AppState = Arc<HostAgent>;
 
@@ -42,6 +54,12 @@ impl IntoResponse for Failure {
         let status =
             StatusCode::from_u16(self.0.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         (status, Json(self.0)).into_response()
+    }
+}
+
+impl From<FileError> for Failure {
+    fn from(e: FileError) -> Self {
+        Failure(ApiError::from(&e))
     }
 }
 
@@ -64,6 +82,14 @@ pub fn router(agent: Arc<HostAgent>) -> Router {
         .route("/{project}/start", post(start))
         .route("/{project}/stop", post(stop))
         .route("/{project}/exec", post(exec))
+        .route("/{project}/files", get(files_get))
+        .route(
+            "/{project}/files/{*path}",
+            get(files_get)
+                .put(files_put)
+                .post(files_post)
+                .delete(files_delete),
+        )
         .fallback(|uri: Uri| async move {
             Failure(ApiError::new(
                 404,
@@ -250,4 +276,182 @@ async fn exec(State(a): State<AppState>, Path(p): Path<String>, req: Request) ->
         return Err(Failure(ApiError::new(400, "bad_request", "argv is empty")));
     }
     Ok(Json(a.exec(&g, req).await?).into_response())
+}
+
+fn query_param<'a>(uri: &'a Uri, name: &str) -> Option<&'a str> {
+    uri.query()?.split('&').find_map(|p| {
+        let (k, v) = p.split_once('=').unwrap_or((p, ""));
+        (k == name).then_some(v)
+    })
+}
+
+/// Percent-decodes a path taken from the URL (`%2F` stays a literal `/`
+/// inside one name only if the files layer allows it; it does not: names
+/// are split on `/` after decoding, and `..` is refused there).
+fn decode_path(raw: &str) -> Result<String> {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| {
+                    Failure(ApiError::new(
+                        400,
+                        "invalid_path",
+                        "bad percent-encoding in path",
+                    ))
+                })?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out)
+        .map_err(|_| Failure(ApiError::new(400, "invalid_path", "path is not UTF-8")))
+}
+
+/// The file path of a `/{project}/files/{path}` request (empty for the home).
+fn file_path(uri: &Uri, project: &str) -> Result<String> {
+    let prefix = format!("/{project}/files");
+    let rest = uri.path().strip_prefix(&prefix).unwrap_or("");
+    decode_path(rest.strip_prefix('/').unwrap_or(rest))
+}
+
+async fn files_of(a: &HostAgent, g: &Grant) -> Result<ProjectFiles> {
+    let vol = a.volume(g.claims.project).await?;
+    Ok(ProjectFiles::open(&vol.home)?)
+}
+
+async fn files_get(State(a): State<AppState>, headers: HeaderMap, uri: Uri) -> Result<Response> {
+    let p = uri
+        .path()
+        .trim_start_matches('/')
+        .split('/')
+        .next()
+        .unwrap_or("")
+        .to_string();
+    let g = checked!(check(&a, &p, &headers, &uri, true, Permission::Read, "file_read").await);
+    let path = file_path(&uri, &p)?;
+    let files = files_of(&a, &g).await?;
+    if query_param(&uri, "stat").is_some() {
+        return Ok(Json(files.stat(&path).await?).into_response());
+    }
+    let entry = files.stat(&path).await?;
+    if entry.kind == FileKind::Dir {
+        return Ok(Json(files.list(&path).await?).into_response());
+    }
+    let data = files.read(&path, MAX_FILE_BYTES).await?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response())
+}
+
+async fn files_put(State(a): State<AppState>, req: Request) -> Result<Response> {
+    let (parts, body) = req.into_parts();
+    let p = parts
+        .uri
+        .path()
+        .trim_start_matches('/')
+        .split('/')
+        .next()
+        .unwrap_or("")
+        .to_string();
+    let g = checked!(
+        check(
+            &a,
+            &p,
+            &parts.headers,
+            &parts.uri,
+            false,
+            Permission::Write,
+            "file_write"
+        )
+        .await
+    );
+    let path = file_path(&parts.uri, &p)?;
+    let data = axum::body::to_bytes(body, MAX_FILE_BYTES as usize)
+        .await
+        .map_err(|e| {
+            Failure(ApiError::new(
+                413,
+                "file_too_large",
+                format!("body over {MAX_FILE_BYTES} bytes or unreadable: {e}"),
+            ))
+        })?;
+    files_of(&a, &g).await?.write(&path, data.to_vec()).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn files_post(State(a): State<AppState>, headers: HeaderMap, uri: Uri) -> Result<Response> {
+    let p = uri
+        .path()
+        .trim_start_matches('/')
+        .split('/')
+        .next()
+        .unwrap_or("")
+        .to_string();
+    let g = checked!(
+        check(
+            &a,
+            &p,
+            &headers,
+            &uri,
+            false,
+            Permission::Write,
+            "file_write"
+        )
+        .await
+    );
+    let path = file_path(&uri, &p)?;
+    let files = files_of(&a, &g).await?;
+    match query_param(&uri, "op") {
+        Some("mkdir") => files.mkdir(&path).await?,
+        Some("rename") => {
+            let to = query_param(&uri, "to").ok_or_else(|| {
+                Failure(ApiError::new(
+                    400,
+                    "bad_request",
+                    "op=rename needs to=<path>",
+                ))
+            })?;
+            files.rename(&path, &decode_path(to)?).await?
+        }
+        other => {
+            return Err(Failure(ApiError::new(
+                400,
+                "bad_request",
+                format!("unknown op {other:?}: use op=mkdir or op=rename&to=<path>"),
+            )))
+        }
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn files_delete(State(a): State<AppState>, headers: HeaderMap, uri: Uri) -> Result<Response> {
+    let p = uri
+        .path()
+        .trim_start_matches('/')
+        .split('/')
+        .next()
+        .unwrap_or("")
+        .to_string();
+    let g = checked!(
+        check(
+            &a,
+            &p,
+            &headers,
+            &uri,
+            false,
+            Permission::Write,
+            "file_delete"
+        )
+        .await
+    );
+    let path = file_path(&uri, &p)?;
+    files_of(&a, &g).await?.remove(&path).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
