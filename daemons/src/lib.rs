@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+pub mod dev;
+
 /// Logs to stderr through `tracing`, filtered by `RUST_LOG` (default `info`).
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

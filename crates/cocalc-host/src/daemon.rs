@@ -292,11 +292,30 @@ pub async fn build(cfg: &HostConfig, public_url: String) -> Result<Host, HostDae
         "podman" => {
             let images = ImagePolicy::new(cfg.image.clone(), cfg.images.iter().cloned());
             let pc = crate::podman::PodmanConfig::new(host, images, cfg.data_dir.join("podman"));
-            Arc::new(
-                crate::podman::PodmanRunner::new(pc)
+            let runner = crate::podman::PodmanRunner::new(pc)
+                .await
+                .map_err(|e| start_err("podman", e))?;
+            let present = runner
+                .has_image(&cfg.image)
+                .await
+                .map_err(|e| start_err("podman", e))?;
+            if !present && cfg.image == DEFAULT_IMAGE {
+                eprintln!("cocalc-host: building the default project image {DEFAULT_IMAGE} from busybox (no registry is used)…");
+                runner
+                    .import_busybox_image(DEFAULT_IMAGE)
                     .await
-                    .map_err(|e| start_err("podman", e))?,
-            )
+                    .map_err(|e| start_err("building the default image", e))?;
+                eprintln!("cocalc-host: image {DEFAULT_IMAGE} ready");
+            } else if !present {
+                return Err(start_err(
+                    "podman",
+                    format!(
+                        "default image {} is not present; import it first (`podman import`)",
+                        cfg.image
+                    ),
+                ));
+            }
+            Arc::new(runner)
         }
         "process" => Arc::new(crate::process::ProcessRunner::new(
             ImagePolicy::single("host"),

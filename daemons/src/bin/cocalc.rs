@@ -10,9 +10,11 @@ use cocalc_auth::keys::load_secret_file;
 use cocalc_auth::{KeySet, MintRequest, Minter, Verifier};
 use cocalc_core::wire::CreateProjectRequest;
 use cocalc_core::{
-    ApiError, Clock, Generation, HostEndpoint, HostId, Permission, ProjectId, SystemClock, UserId,
+    ApiError, Clock, ExecRequest, Generation, HostEndpoint, HostId, Permission, ProjectId,
+    SystemClock, UserId,
 };
 use cocalc_daemons::{parse_duration, CliError};
+use cocalc_host::HostClient;
 use cocalc_master::MasterClient;
 
 #[derive(Parser)]
@@ -73,6 +75,36 @@ enum Command {
         #[command(subcommand)]
         command: KeyCommand,
     },
+    /// Files of a project.
+    File {
+        #[command(subcommand)]
+        command: FileCommand,
+    },
+    /// A local federation for development.
+    Dev {
+        #[command(subcommand)]
+        command: DevCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DevCommand {
+    /// Start a master and hosts on loopback with a demo user and project;
+    /// Ctrl-C stops everything.
+    Up {
+        /// State directory (default ~/.local/state/cocalc-dev).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Master port on 127.0.0.1.
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Number of hosts.
+        #[arg(long, default_value_t = 2)]
+        hosts: usize,
+        /// auto (podman + Btrfs when root and present), process or podman.
+        #[arg(long, default_value = "auto")]
+        backend: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -105,6 +137,72 @@ enum ProjectCommand {
     Explain {
         /// Project name or id.
         project: String,
+    },
+    /// Run a command in a project; prints its output and exits with its code.
+    Exec {
+        /// Project name or id.
+        project: String,
+        /// Kill the command after this long (90s, 10m).
+        #[arg(long, value_parser = parse_duration)]
+        timeout: Option<Duration>,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
+    /// Start a project (idempotent).
+    Start {
+        /// Project name or id.
+        project: String,
+    },
+    /// Stop a project.
+    Stop {
+        /// Project name or id.
+        project: String,
+    },
+    /// Show a project's state on its host.
+    Status {
+        /// Project name or id.
+        project: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum FileCommand {
+    /// List a directory of a project.
+    Ls {
+        /// Project name or id.
+        project: String,
+        /// Directory (default: the home).
+        #[arg(default_value = "")]
+        path: String,
+    },
+    /// Write a file's content to stdout.
+    Get {
+        /// Project name or id.
+        project: String,
+        /// File path in the project.
+        path: String,
+    },
+    /// Replace a file with stdin.
+    Put {
+        /// Project name or id.
+        project: String,
+        /// File path in the project.
+        path: String,
+    },
+    /// Remove a file or directory tree.
+    Rm {
+        /// Project name or id.
+        project: String,
+        /// Path in the project.
+        path: String,
+    },
+    /// Create a directory (and its parents).
+    Mkdir {
+        /// Project name or id.
+        project: String,
+        /// Path in the project.
+        path: String,
     },
 }
 
@@ -178,7 +276,9 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("cocalc: {}", e.message);
+            if !e.message.is_empty() {
+                eprintln!("cocalc: {}", e.message);
+            }
             ExitCode::from(u8::try_from(e.code).unwrap_or(1))
         }
     }
@@ -253,6 +353,31 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 }
             }
         },
+        Command::Dev {
+            command:
+                DevCommand::Up {
+                    dir,
+                    port,
+                    hosts,
+                    backend,
+                },
+        } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| CliError::local(e.to_string()))?;
+            let opts = cocalc_daemons::dev::DevOptions {
+                dir: dir.unwrap_or_else(cocalc_daemons::dev::default_dir),
+                port,
+                hosts: hosts.max(1),
+                backend,
+            };
+            rt.block_on(cocalc_daemons::dev::up(
+                opts,
+                cocalc_daemons::shutdown_signal(),
+            ))
+            .map_err(|e| CliError::local(e.to_string()))
+        }
         remote => run_remote(master, api_key, json, remote),
     }
 }
@@ -278,7 +403,64 @@ fn run_remote(
         }
         c
     };
+    // The data path: open on the master, then talk to the host directly.
+    let host_of = |project: &str| -> Result<HostClient, CliError> {
+        let o = rt.block_on(client.open(project)).map_err(api)?;
+        match &o.endpoint {
+            HostEndpoint::Url(u) => Ok(HostClient::new(u.clone(), o.project, o.token)),
+            other => Err(CliError::local(format!(
+                "host endpoint {other:?} is reachable only through a proxy, which this client does not use yet"
+            ))),
+        }
+    };
     match &command {
+        Command::File { command } => match command {
+            FileCommand::Ls { project, path } => {
+                let h = host_of(project)?;
+                let entries = rt.block_on(h.list(path)).map_err(api)?;
+                if json {
+                    print_json(&entries)?;
+                } else {
+                    for e in entries {
+                        let kind = match e.kind {
+                            cocalc_host::files::FileKind::Dir => "d",
+                            cocalc_host::files::FileKind::Symlink => "l",
+                            _ => "-",
+                        };
+                        println!("{kind} {:>10}  {}", e.size, e.name);
+                    }
+                }
+            }
+            FileCommand::Get { project, path } => {
+                let h = host_of(project)?;
+                let data = rt.block_on(h.read(path)).map_err(api)?;
+                use std::io::Write;
+                std::io::stdout()
+                    .write_all(&data)
+                    .map_err(|e| CliError::local(format!("stdout: {e}")))?;
+            }
+            FileCommand::Put { project, path } => {
+                use std::io::Read;
+                let mut data = Vec::new();
+                std::io::stdin()
+                    .read_to_end(&mut data)
+                    .map_err(|e| CliError::local(format!("stdin: {e}")))?;
+                let n = data.len();
+                let h = host_of(project)?;
+                rt.block_on(h.write(path, data)).map_err(api)?;
+                if !json {
+                    eprintln!("wrote {n} bytes to {path}");
+                }
+            }
+            FileCommand::Rm { project, path } => {
+                let h = host_of(project)?;
+                rt.block_on(h.remove(path)).map_err(api)?;
+            }
+            FileCommand::Mkdir { project, path } => {
+                let h = host_of(project)?;
+                rt.block_on(h.mkdir(path)).map_err(api)?;
+            }
+        },
         Command::User { command } => match command {
             UserCommand::Create { name } => {
                 let v = rt.block_on(client.create_user(name)).map_err(api)?;
@@ -334,6 +516,57 @@ fn run_remote(
                         o.project, o.host, o.generation
                     );
                     println!("token: {}", o.token);
+                }
+            }
+            ProjectCommand::Exec {
+                project,
+                timeout,
+                argv,
+            } => {
+                let h = host_of(project)?;
+                let mut req = ExecRequest::new(argv.clone());
+                req.timeout = *timeout;
+                let r = rt.block_on(h.exec(&req)).map_err(api)?;
+                if json {
+                    print_json(&r)?;
+                } else {
+                    use std::io::Write;
+                    let _ = std::io::stdout().write_all(&r.stdout);
+                    let _ = std::io::stderr().write_all(&r.stderr);
+                    if r.truncated {
+                        eprintln!("cocalc: output truncated by the host");
+                    }
+                }
+                if r.exit_code != 0 {
+                    return Err(CliError {
+                        message: String::new(),
+                        code: r.exit_code.clamp(1, 255),
+                    });
+                }
+            }
+            ProjectCommand::Start { project } | ProjectCommand::Status { project } => {
+                let h = host_of(project)?;
+                let st = if matches!(command, ProjectCommand::Start { .. }) {
+                    rt.block_on(h.start())
+                } else {
+                    rt.block_on(h.status())
+                }
+                .map_err(api)?;
+                if json {
+                    print_json(&st)?;
+                } else {
+                    println!(
+                        "project {} is {}",
+                        st.project,
+                        format!("{:?}", st.state).to_lowercase()
+                    );
+                }
+            }
+            ProjectCommand::Stop { project } => {
+                let h = host_of(project)?;
+                rt.block_on(h.stop()).map_err(api)?;
+                if !json {
+                    println!("stopped");
                 }
             }
             ProjectCommand::Explain { project } => {
@@ -407,7 +640,7 @@ fn run_remote(
                 println!("new signing key {}", v["key_id"].as_str().unwrap_or(""));
             }
         }
-        Command::Keygen { .. } | Command::Token { .. } => {
+        Command::Keygen { .. } | Command::Token { .. } | Command::Dev { .. } => {
             return Err(CliError::local("not a master command"));
         }
     }

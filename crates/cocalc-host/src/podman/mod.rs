@@ -543,6 +543,15 @@ impl PodmanRunner {
         }
     }
 
+    /// True if `image` is present in this runner's podman storage.
+    pub async fn has_image(&self, image: &str) -> Result<bool, RunnerError> {
+        match self.ensure_image(image).await {
+            Ok(()) => Ok(true),
+            Err(RunnerError::ImageMissing { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn ensure_image(&self, image: &str) -> Result<(), RunnerError> {
         match self.docker.inspect_image(image).await {
             Ok(_) => Ok(()),

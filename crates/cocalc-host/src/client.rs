@@ -1,0 +1,204 @@
+//! [`HostClient`]: the data plane from the caller's side (the `cocalc` CLI,
+//! the master's forwarding, tests), for one project on one host with one
+//! connect token. Errors come back as the host's [`ApiError`].
+
+use cocalc_core::wire::ExecResult;
+use cocalc_core::{ApiError, ExecRequest, ProjectId, RunStatus};
+use serde::de::DeserializeOwned;
+
+use crate::files::FileEntry;
+
+/// A client of one project's data plane.
+#[derive(Debug, Clone)]
+pub struct HostClient {
+    base: String,
+    project: ProjectId,
+    token: String,
+    http: reqwest::Client,
+}
+
+fn unreachable(base: &str, e: reqwest::Error) -> ApiError {
+    ApiError::new(
+        503,
+        "host_unreachable",
+        format!("cannot reach the host at {base}: {e}"),
+    )
+}
+
+/// Percent-encodes a file path for the URL, keeping `/` separators.
+fn encode_path(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for b in path.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// `files/<path><query>`, or `files<query>` for the home.
+fn file_rest(path: &str, query: &str) -> String {
+    let p = path.trim_start_matches('/');
+    if p.is_empty() || p == "." {
+        format!("files{query}")
+    } else {
+        format!("files/{}{query}", encode_path(p))
+    }
+}
+
+impl HostClient {
+    /// A client of `project` on the host at `base` (its URL), with `token`.
+    pub fn new(base: impl Into<String>, project: ProjectId, token: impl Into<String>) -> Self {
+        HostClient {
+            base: base.into().trim_end_matches('/').to_string(),
+            project,
+            token: token.into(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Refuses `..` before sending: URL normalisation would otherwise
+    /// resolve it on this side and send a different path.
+    fn checked(path: &str) -> Result<&str, ApiError> {
+        if path.split('/').any(|c| c == "..") {
+            return Err(ApiError::new(
+                403,
+                "path_escape",
+                format!("path escapes the project: {path}"),
+            ));
+        }
+        Ok(path)
+    }
+
+    fn url(&self, rest: &str) -> String {
+        format!("{}/{}/{rest}", self.base, self.project)
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<bytes::Bytes, ApiError> {
+        let resp = req
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| unreachable(&self.base, e))?;
+        let status = resp.status();
+        let body = resp.bytes().await.map_err(|e| unreachable(&self.base, e))?;
+        if status.is_success() {
+            Ok(body)
+        } else {
+            Err(
+                serde_json::from_slice::<ApiError>(&body).unwrap_or_else(|_| {
+                    ApiError::new(
+                        status.as_u16(),
+                        "http_error",
+                        String::from_utf8_lossy(&body),
+                    )
+                }),
+            )
+        }
+    }
+
+    async fn json<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T, ApiError> {
+        let body = self.send(req).await?;
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(
+                502,
+                "bad_response",
+                format!("unexpected answer from the host: {e}"),
+            )
+        })
+    }
+
+    /// Runs a command (the host starts the project if needed).
+    pub async fn exec(&self, req: &ExecRequest) -> Result<ExecResult, ApiError> {
+        self.json(self.http.post(self.url("exec")).json(req)).await
+    }
+
+    /// The project's status.
+    pub async fn status(&self) -> Result<RunStatus, ApiError> {
+        self.json(self.http.get(self.url("status"))).await
+    }
+
+    /// Starts the project.
+    pub async fn start(&self) -> Result<RunStatus, ApiError> {
+        self.json(self.http.post(self.url("start"))).await
+    }
+
+    /// Stops the project.
+    pub async fn stop(&self) -> Result<(), ApiError> {
+        self.send(self.http.post(self.url("stop")))
+            .await
+            .map(|_| ())
+    }
+
+    /// Lists a directory.
+    pub async fn list(&self, path: &str) -> Result<Vec<FileEntry>, ApiError> {
+        self.json(
+            self.http
+                .get(self.url(&file_rest(Self::checked(path)?, ""))),
+        )
+        .await
+    }
+
+    /// Describes one file or directory.
+    pub async fn stat(&self, path: &str) -> Result<FileEntry, ApiError> {
+        self.json(
+            self.http
+                .get(self.url(&file_rest(Self::checked(path)?, "?stat"))),
+        )
+        .await
+    }
+
+    /// Reads a file.
+    pub async fn read(&self, path: &str) -> Result<Vec<u8>, ApiError> {
+        Ok(self
+            .send(
+                self.http
+                    .get(self.url(&file_rest(Self::checked(path)?, ""))),
+            )
+            .await?
+            .to_vec())
+    }
+
+    /// Creates or replaces a file.
+    pub async fn write(&self, path: &str, data: Vec<u8>) -> Result<(), ApiError> {
+        self.send(
+            self.http
+                .put(self.url(&file_rest(Self::checked(path)?, "")))
+                .body(data),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Creates a directory (and its parents).
+    pub async fn mkdir(&self, path: &str) -> Result<(), ApiError> {
+        self.send(
+            self.http
+                .post(self.url(&file_rest(Self::checked(path)?, "?op=mkdir"))),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Removes a file or a directory tree.
+    pub async fn remove(&self, path: &str) -> Result<(), ApiError> {
+        self.send(
+            self.http
+                .delete(self.url(&file_rest(Self::checked(path)?, ""))),
+        )
+        .await
+        .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn paths_are_encoded_but_keep_slashes() {
+        assert_eq!(super::encode_path("a b/c?d"), "a%20b/c%3Fd");
+        assert_eq!(super::encode_path("ü"), "%C3%BC");
+    }
+}

@@ -1,0 +1,288 @@
+//! `cocalc dev up`: a whole federation on this machine in one process — a
+//! master and N hosts on loopback, a demo user and project — until Ctrl-C.
+//!
+//! Backends: with root, podman and Btrfs tools present, each host gets a
+//! loop-mounted Btrfs pool and runs projects in podman containers (the
+//! default image is built from busybox on first use); otherwise plain
+//! directories and plain processes (no isolation: development only).
+//! Ctrl-C stops every project, every host and the master, and removes the
+//! loop pools, so no container, mount or loop device is left behind.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cocalc_core::wire::CreateProjectRequest;
+use cocalc_core::{HostState, ProjectState};
+use cocalc_host::daemon::{self as host_daemon, HostConfig};
+use cocalc_master::daemon::{self as master_daemon, DaemonConfig};
+use cocalc_master::MasterClient;
+use tokio::sync::watch;
+
+/// What `dev up` runs.
+#[derive(Debug, Clone)]
+pub struct DevOptions {
+    /// State directory (reused across runs for the master and host identities).
+    pub dir: PathBuf,
+    /// Master port on 127.0.0.1.
+    pub port: u16,
+    /// Number of hosts.
+    pub hosts: usize,
+    /// `auto`, `process` or `podman`.
+    pub backend: String,
+}
+
+/// Why `dev up` failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct DevError(pub String);
+
+fn err(what: &str, e: impl std::fmt::Display) -> DevError {
+    DevError(format!("{what}: {e}"))
+}
+
+fn have(cmd: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(cmd).is_file()))
+}
+
+/// The backend `auto` resolves to on this machine, and why.
+pub fn detect_backend() -> (&'static str, String) {
+    let root = nix::unistd::geteuid().is_root();
+    let missing: Vec<&str> = ["podman", "runc", "mkfs.btrfs"]
+        .into_iter()
+        .filter(|c| !have(c))
+        .collect();
+    match (root, missing.is_empty()) {
+        (true, true) => ("podman", "root with podman and Btrfs tools".into()),
+        (false, _) => (
+            "process",
+            "not root: plain processes and directories".into(),
+        ),
+        (true, false) => (
+            "process",
+            format!(
+                "{} missing: plain processes and directories",
+                missing.join(", ")
+            ),
+        ),
+    }
+}
+
+/// Runs the federation until `shutdown` completes.
+pub async fn up(
+    opts: DevOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), DevError> {
+    let backend = match opts.backend.as_str() {
+        "auto" => {
+            let (b, why) = detect_backend();
+            eprintln!("dev up: backend {b} ({why})");
+            b
+        }
+        "process" => "process",
+        "podman" => "podman",
+        other => {
+            return Err(DevError(format!(
+                "backend {other:?}: expected auto, process or podman"
+            )))
+        }
+    };
+    std::fs::create_dir_all(&opts.dir).map_err(|e| err(&opts.dir.display().to_string(), e))?;
+
+    // Master.
+    eprintln!("dev up: starting the master on 127.0.0.1:{}", opts.port);
+    let mcfg: DaemonConfig = toml::from_str(&format!(
+        "listen = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n",
+        opts.port,
+        opts.dir.join("master").display()
+    ))
+    .map_err(|e| err("master config", e))?;
+    let master = master_daemon::build(&mcfg)
+        .await
+        .map_err(|e| err("master", e))?;
+    let listener = master_daemon::bind(&mcfg)
+        .await
+        .map_err(|e| err("master", e))?;
+    let url = format!("http://127.0.0.1:{}", opts.port);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let wait = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let master_task = tokio::spawn(master_daemon::serve(
+        master,
+        listener,
+        wait(stop_rx.clone()),
+    ));
+    let admin_key = std::fs::read_to_string(mcfg.admin_key_path())
+        .map_err(|e| err("admin key", e))?
+        .trim()
+        .to_string();
+    let admin = MasterClient::new(&url, &admin_key);
+
+    // Hosts, one after the other (the first may build the default image).
+    let mut pools = Vec::new();
+    let mut hosts = Vec::new();
+    for i in 1..=opts.hosts {
+        let hdir = opts.dir.join(format!("host-{i}"));
+        std::fs::create_dir_all(&hdir).map_err(|e| err(&hdir.display().to_string(), e))?;
+        let token = if hdir.join("host.key").exists() {
+            None
+        } else {
+            Some(
+                admin
+                    .bootstrap_token()
+                    .await
+                    .map_err(|e| err("bootstrap token", e.message))?["token"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        };
+        let storage = if backend == "podman" {
+            let pool_dir = hdir.join("pool");
+            std::fs::create_dir_all(&pool_dir).map_err(|e| err("pool dir", e))?;
+            eprintln!("dev up: host {i}: creating a 2 GiB loop-mounted Btrfs pool");
+            let pool = cocalc_storage::LoopPool::create(&pool_dir, 2 << 30)
+                .map_err(|e| err("btrfs pool", e))?;
+            let s = format!(
+                "storage = \"btrfs\"\nbtrfs_pool = \"{}\"\n",
+                pool.path().display()
+            );
+            pools.push(pool);
+            s
+        } else {
+            "storage = \"dir\"\n".to_string()
+        };
+        let token_line = token
+            .map(|t| format!("bootstrap_token = \"{t}\"\n"))
+            .unwrap_or_default();
+        let hcfg: HostConfig = toml::from_str(&format!(
+            "listen = \"127.0.0.1:0\"\nmaster_url = \"{url}\"\ndata_dir = \"{}\"\nrunner = \"{backend}\"\n{storage}{token_line}",
+            hdir.display()
+        ))
+        .map_err(|e| err("host config", e))?;
+        hcfg.check().map_err(|e| err("host config", e))?;
+        let listener = tokio::net::TcpListener::bind(hcfg.listen)
+            .await
+            .map_err(|e| err("host listen", e))?;
+        let public = format!(
+            "http://{}",
+            listener.local_addr().map_err(|e| err("host listen", e))?
+        );
+        eprintln!("dev up: starting host {i} on {public}");
+        let host = host_daemon::build(&hcfg, public)
+            .await
+            .map_err(|e| err(&format!("host {i}"), e))?;
+        let agent = host.agent.clone();
+        let task = tokio::spawn(host.run(listener, wait(stop_rx.clone())));
+        hosts.push((agent, task));
+    }
+
+    // Wait for every host to check in.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let up = admin
+            .hosts()
+            .await
+            .map(|h| h.iter().filter(|h| h.state == HostState::Up).count())
+            .unwrap_or(0);
+        if up >= opts.hosts {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(DevError(format!(
+                "only {up} of {} hosts registered within 30 s",
+                opts.hosts
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The demo user and project.
+    let key_path = opts.dir.join("demo.key");
+    let demo_key = match std::fs::read_to_string(&key_path) {
+        Ok(k) => k.trim().to_string(),
+        Err(_) => {
+            let u = admin
+                .create_user("demo")
+                .await
+                .map_err(|e| err("demo user", e.message))?;
+            let k = u["api_key"].as_str().unwrap_or_default().to_string();
+            std::fs::write(&key_path, format!("{k}\n")).map_err(|e| err("demo key", e))?;
+            k
+        }
+    };
+    let demo = MasterClient::new(&url, &demo_key);
+    let projects = demo
+        .projects()
+        .await
+        .map_err(|e| err("projects", e.message))?;
+    if !projects.iter().any(|p| p.name == "demo") {
+        demo.create_project(&CreateProjectRequest::new("demo"))
+            .await
+            .map_err(|e| err("demo project", e.message))?;
+    }
+
+    let isolation = if backend == "podman" {
+        "podman containers on Btrfs subvolumes"
+    } else {
+        "plain processes in plain directories, NO isolation (development only)"
+    };
+    println!();
+    println!(
+        "cocalc federation is up: master {url}, {} hosts ({isolation})",
+        opts.hosts
+    );
+    println!("In another terminal:");
+    println!(
+        "  export COCALC_MASTER={url} COCALC_API_KEY=$(cat {})",
+        key_path.display()
+    );
+    println!("  cocalc project exec demo -- sh -c 'echo hello from $(hostname)'");
+    println!("  echo hi | cocalc file put demo hello.txt && cocalc file get demo hello.txt");
+    println!("  cocalc file ls demo");
+    println!("  cocalc project explain demo");
+    println!("  cocalc project stop demo");
+    println!(
+        "Admin key: {}   Ctrl-C stops everything.",
+        mcfg.admin_key_path().display()
+    );
+
+    shutdown.await;
+    eprintln!("dev up: stopping projects, hosts and the master…");
+    for (agent, _) in &hosts {
+        if let Ok(list) = agent.runner().list().await {
+            for p in list
+                .into_iter()
+                .filter(|p| p.state == ProjectState::Running)
+            {
+                if let Err(e) = agent.stop(p.project).await {
+                    eprintln!("dev up: stopping project {}: {e}", p.project);
+                }
+            }
+        }
+    }
+    let _ = stop_tx.send(true);
+    for (agent, task) in hosts {
+        let _ = task.await;
+        drop(agent);
+    }
+    let _ = master_task.await;
+    for pool in pools {
+        if let Err(e) = pool.teardown() {
+            eprintln!("dev up: removing a loop pool: {e}");
+        }
+    }
+    eprintln!("dev up: stopped");
+    Ok(())
+}
+
+/// The default state directory: `$XDG_STATE_HOME/cocalc-dev` or
+/// `~/.local/state/cocalc-dev`.
+pub fn default_dir() -> PathBuf {
+    std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/state")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("cocalc-dev")
+}

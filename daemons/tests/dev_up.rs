@@ -1,0 +1,185 @@
+//! `cocalc dev up` (the README's first command) brings a federation up,
+//! the printed next steps work, and Ctrl-C stops it cleanly. Uses the
+//! process backend so it runs anywhere; `scripts/test` also runs the podman
+//! + Btrfs backend through the same steps when it is root (see below).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct DevUp {
+    child: Child,
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl Drop for DevUp {
+    /// Even when a test fails: Ctrl-C first, so containers, mounts and loop
+    /// devices are cleaned up; SIGKILL only if that does not finish.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(backend: &str) -> DevUp {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cocalc"))
+        .args([
+            "dev",
+            "up",
+            "--dir",
+            dir.path().to_str().unwrap(),
+            "--port",
+            &port.to_string(),
+            "--backend",
+            backend,
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(out).lines();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(Instant::now() < deadline, "dev up did not come up");
+        let line = lines.next().expect("dev up exited early").unwrap();
+        if line.contains("Ctrl-C stops everything") {
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    DevUp { child, dir, port }
+}
+
+fn cocalc(d: &DevUp, args: &[&str], stdin: Option<&[u8]>) -> std::process::Output {
+    use std::io::Write;
+    let key = std::fs::read_to_string(d.dir.path().join("demo.key")).unwrap();
+    let mut c = Command::new(env!("CARGO_BIN_EXE_cocalc"))
+        .args(args)
+        .env("COCALC_MASTER", format!("http://127.0.0.1:{}", d.port))
+        .env("COCALC_API_KEY", key.trim())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut i = c.stdin.take().unwrap();
+    if let Some(data) = stdin {
+        i.write_all(data).unwrap();
+    }
+    drop(i);
+    c.wait_with_output().unwrap()
+}
+
+fn next_steps_work_and_ctrl_c_stops(backend: &str) {
+    let mut d = start(backend);
+    let o = cocalc(
+        &d,
+        &[
+            "project",
+            "exec",
+            "demo",
+            "--",
+            "sh",
+            "-c",
+            "echo hello; echo oops >&2; exit 7",
+        ],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(7), "{o:?}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "hello\n");
+    assert_eq!(String::from_utf8_lossy(&o.stderr), "oops\n");
+    let o = cocalc(&d, &["file", "put", "demo", "hello.txt"], Some(b"hi\n"));
+    assert!(o.status.success(), "{o:?}");
+    let o = cocalc(&d, &["file", "get", "demo", "hello.txt"], None);
+    assert_eq!(o.stdout, b"hi\n");
+    let o = cocalc(
+        &d,
+        &["project", "exec", "demo", "--", "cat", "hello.txt"],
+        None,
+    );
+    assert_eq!(o.stdout, b"hi\n", "{o:?}");
+    let o = cocalc(&d, &["file", "ls", "demo"], None);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("hello.txt"),
+        "{o:?}"
+    );
+    let o = cocalc(&d, &["file", "get", "demo", "../../etc/passwd"], None);
+    assert_eq!(o.status.code(), Some(3), "{o:?}");
+    let o = cocalc(&d, &["project", "explain", "demo"], None);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("chosen by"),
+        "{o:?}"
+    );
+    let o = cocalc(&d, &["project", "stop", "demo"], None);
+    assert!(o.status.success(), "{o:?}");
+
+    // Ctrl-C: everything stops, the process exits cleanly.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = d.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "dev up did not stop on SIGINT");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status:?}");
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(
+        !mounts.contains(d.dir.path().to_str().unwrap()),
+        "a mount was left behind"
+    );
+}
+
+#[test]
+fn dev_up_with_processes() {
+    next_steps_work_and_ctrl_c_stops("process");
+}
+
+/// With COCALC_TEST_PRIVILEGED=require (as `scripts/test` sets it, as
+/// root) the podman + Btrfs backend runs through the same steps, and no
+/// container or loop device may be left behind.
+#[test]
+fn dev_up_with_podman_and_btrfs() {
+    let required = std::env::var("COCALC_TEST_PRIVILEGED").is_ok_and(|v| v == "require");
+    let root = nix::unistd::geteuid().is_root();
+    if !root {
+        assert!(!required, "COCALC_TEST_PRIVILEGED=require but not running as root: podman/Btrfs dev up needs root");
+        eprintln!("skipping dev_up_with_podman_and_btrfs: not root (set COCALC_TEST_PRIVILEGED=require to make this fail)");
+        return;
+    }
+    next_steps_work_and_ctrl_c_stops("podman");
+    let losetup = Command::new("losetup").arg("-a").output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&losetup.stdout).contains("cocalc-dev"),
+        "loop device left behind"
+    );
+}
