@@ -209,6 +209,16 @@ async fn federation_end_to_end() {
     assert_eq!(s, 200, "{v}");
     assert_eq!(stdout(&v), "hello\n");
 
+    // The same through the master, for callers that want one call.
+    let mut req = cocalc_core::ExecRequest::new(vec!["cat".into(), "notes.txt".into()]);
+    req.cwd = None;
+    let r = alice.exec("thesis", &req).await.unwrap();
+    assert_eq!((r.exit_code, r.stdout.as_slice()), (0, &b"hello\n"[..]));
+    assert_eq!(
+        alice.start("thesis").await.unwrap().state,
+        cocalc_core::ProjectState::Running
+    );
+
     // The token names its host: the other host refuses it.
     let (s, v) = exec(&other.url, &pid, &open.token, &["true"]).await;
     assert_eq!(s, 403, "{v}");

@@ -80,6 +80,7 @@ impl ProjectSpec {
 /// A runner's view of one project.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RunStatus {
     /// The project.
     pub project: ProjectId,
@@ -108,6 +109,7 @@ impl RunStatus {
 
 /// Resource use of a running project.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ResourceUsage {
     /// CPU time used since start, microseconds.
     pub cpu_time_us: u64,
@@ -120,6 +122,7 @@ pub struct ResourceUsage {
 /// A command to run inside a project.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ExecRequest {
     /// Program and arguments; `argv[0]` is looked up in the container's `PATH`.
     pub argv: Vec<String>,
@@ -132,8 +135,9 @@ pub struct ExecRequest {
     /// Bytes written to the command's stdin, then stdin is closed.
     #[serde(default)]
     pub stdin: Option<Vec<u8>>,
-    /// Kill the command after this long.
+    /// Kill the command after this long (`{"secs": 60, "nanos": 0}`).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub timeout: Option<Duration>,
 }
 

@@ -447,6 +447,37 @@ mod b64 {
     }
 }
 
+/// One file as a host's files API reports it (`GET /<project>/files/...`). Symlinks are reported as themselves (`lstat`), not as their target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct FileEntry {
+    /// The file's name (its last path component); `"."` for the home itself.
+    pub name: String,
+    /// File, directory, symlink or something else.
+    pub kind: FileKind,
+    /// Size in bytes (for a symlink: the length of its target).
+    pub size: u64,
+    /// Last modification, in milliseconds since the Unix epoch, when known.
+    pub modified_ms: Option<i64>,
+    /// Permission bits (`mode & 0o7777`), when known.
+    pub mode: Option<u32>,
+}
+
+/// The kind of a [`FileEntry`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum FileKind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Dir,
+    /// A symbolic link (not followed).
+    Symlink,
+    /// Anything else: FIFO, socket, device.
+    Other,
+}
+
 /// One frame on the push channel: a sequence number and a message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]

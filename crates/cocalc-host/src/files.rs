@@ -40,7 +40,6 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use cap_std::fs::{Dir, Metadata, MetadataExt, OpenOptions, OpenOptionsExt, PermissionsExt};
-use serde::{Deserialize, Serialize};
 
 /// The longest path, in bytes, that [`ProjectFiles`] accepts.
 pub const MAX_PATH_BYTES: usize = 4096;
@@ -52,35 +51,7 @@ pub struct ProjectFiles {
     home: Arc<Dir>,
 }
 
-/// What [`ProjectFiles::list`] and [`ProjectFiles::stat`] report about one
-/// file. Symlinks are reported as themselves (`lstat`), not as their target.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileEntry {
-    /// The file's name (its last path component); `"."` for the home itself.
-    pub name: String,
-    /// File, directory, symlink or something else.
-    pub kind: FileKind,
-    /// Size in bytes (for a symlink: the length of its target).
-    pub size: u64,
-    /// Last modification, in milliseconds since the Unix epoch, when known.
-    pub modified_ms: Option<i64>,
-    /// Permission bits (`mode & 0o7777`), when known.
-    pub mode: Option<u32>,
-}
-
-/// The kind of a [`FileEntry`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FileKind {
-    /// A regular file.
-    File,
-    /// A directory.
-    Dir,
-    /// A symbolic link (not followed).
-    Symlink,
-    /// Anything else: FIFO, socket, device.
-    Other,
-}
+pub use cocalc_core::wire::{FileEntry, FileKind};
 
 /// Why a [`ProjectFiles`] operation failed. Messages name paths relative to
 /// the home, as the caller gave them.

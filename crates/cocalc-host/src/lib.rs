@@ -50,7 +50,6 @@
 
 pub mod activity;
 pub mod agent;
-pub mod client;
 pub mod daemon;
 pub mod dataplane;
 pub mod files;
@@ -65,7 +64,7 @@ pub mod started_at;
 
 pub use activity::{ActivitySample, ActivitySource, CullDecision, CullPolicy, IdleCuller};
 pub use agent::{AgentConfig, AgentError, HostAgent};
-pub use client::HostClient;
+pub use cocalc_client::HostClient;
 pub use cocalc_core::runner::*;
 pub use image::ImagePolicy;
 pub use master_link::{HostEvents, LinkConfig, LinkError, MasterLink};

@@ -30,6 +30,9 @@ pub enum MasterError {
     /// The master itself failed (500).
     #[error("internal error: {0}")]
     Internal(String),
+    /// A host answered a forwarded call with this error (passed through).
+    #[error("{}", .0.message)]
+    Upstream(ApiError),
 }
 
 impl From<&MasterError> for ApiError {
@@ -41,6 +44,7 @@ impl From<&MasterError> for ApiError {
             MasterError::NotFound(_) => (404, "not_found"),
             MasterError::Conflict(_) => (409, "conflict"),
             MasterError::Placement(p) => return ApiError::from(p),
+            MasterError::Upstream(a) => return a.clone(),
             MasterError::Internal(_) => (500, "internal"),
         };
         let err = ApiError::new(status, code, e.to_string());

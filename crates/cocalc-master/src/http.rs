@@ -16,6 +16,8 @@
 //! | PUT, DELETE | `/v1/projects/{p}/collaborators/{user}` | project admin | `{permission}` / remove |
 //! | POST | `/v1/projects/{p}/open` | collaborator | place if needed; `OpenProjectResponse` |
 //! | GET | `/v1/projects/{p}/placement` | collaborator | `PlacementExplanation` |
+//! | POST | `/v1/projects/{p}/exec` | writer | `ExecRequest` → `ExecResult`, forwarded to the project's host |
+//! | POST | `/v1/projects/{p}/start`, `/stop` | writer | forwarded to the project's host |
 //! | POST | `/v1/admin/bootstrap-tokens` | admin | one-time host bootstrap token |
 //! | POST | `/v1/admin/keys/rotate` | admin | new signing key (old ones keep verifying) |
 //! | GET | `/v1/hosts` | admin | every `HostInfo` |
@@ -70,6 +72,9 @@ pub fn router(master: Arc<Master>) -> Router {
         )
         .route("/v1/projects/{p}/open", post(open_project))
         .route("/v1/projects/{p}/placement", get(explain))
+        .route("/v1/projects/{p}/exec", post(forward_exec))
+        .route("/v1/projects/{p}/start", post(forward_start))
+        .route("/v1/projects/{p}/stop", post(forward_stop))
         .route("/v1/admin/bootstrap-tokens", post(bootstrap_token))
         .route("/v1/admin/keys/rotate", post(rotate_key))
         .route("/v1/hosts", get(list_hosts))
@@ -94,7 +99,8 @@ pub fn router(master: Arc<Master>) -> Router {
     info(title = "cocalc master API", description = "Control plane of a cocalc federation."),
     paths(
         create_user, sign_out, list_projects, create_project, get_project, put_collaborator,
-        delete_collaborator, open_project, explain, bootstrap_token, rotate_key, list_hosts,
+        delete_collaborator, open_project, explain, forward_exec, forward_start, forward_stop,
+        bootstrap_token, rotate_key, list_hosts,
         drain, undrain, register, keepalive, activity, host_acl, push
     ),
     modifiers(&Security)
@@ -515,4 +521,43 @@ async fn serve_push(m: AppState, host: HostId, mut socket: WebSocket) {
 pub fn error_response(e: &ApiError) -> Response {
     let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     (status, Json(e.clone())).into_response()
+}
+
+#[utoipa::path(post, path = "/v1/projects/{p}/exec", tag = "projects", params(("p" = String, Path, description = "project id or name")), request_body = cocalc_core::ExecRequest, security(("api_key" = [])), responses((status = 200, body = cocalc_core::wire::ExecResult), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError), (status = 503, body = ApiError)))]
+async fn forward_exec(
+    State(m): State<AppState>,
+    Auth(c): Auth,
+    Path(p): Path<String>,
+    body: Bytes,
+) -> Result<Response> {
+    let req: cocalc_core::ExecRequest = json(&body)?;
+    if req.argv.is_empty() {
+        return Err(MasterError::BadRequest("argv is empty".into()));
+    }
+    let p = m.resolve_project(&c, &p)?;
+    let host = m.host_client(&c, p).await?;
+    Ok(Json(host.exec(&req).await.map_err(MasterError::Upstream)?).into_response())
+}
+
+#[utoipa::path(post, path = "/v1/projects/{p}/start", tag = "projects", params(("p" = String, Path, description = "project id or name")), security(("api_key" = [])), responses((status = 200, body = cocalc_core::RunStatus), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError), (status = 503, body = ApiError)))]
+async fn forward_start(
+    State(m): State<AppState>,
+    Auth(c): Auth,
+    Path(p): Path<String>,
+) -> Result<Response> {
+    let p = m.resolve_project(&c, &p)?;
+    let host = m.host_client(&c, p).await?;
+    Ok(Json(host.start().await.map_err(MasterError::Upstream)?).into_response())
+}
+
+#[utoipa::path(post, path = "/v1/projects/{p}/stop", tag = "projects", params(("p" = String, Path, description = "project id or name")), security(("api_key" = [])), responses((status = 204), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError), (status = 503, body = ApiError)))]
+async fn forward_stop(
+    State(m): State<AppState>,
+    Auth(c): Auth,
+    Path(p): Path<String>,
+) -> Result<Response> {
+    let p = m.resolve_project(&c, &p)?;
+    let host = m.host_client(&c, p).await?;
+    host.stop().await.map_err(MasterError::Upstream)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -51,7 +51,6 @@
 //! # }).unwrap();
 //! ```
 
-pub mod client;
 pub mod daemon;
 pub mod directory;
 pub mod error;
@@ -59,7 +58,7 @@ pub mod http;
 pub mod master;
 pub mod push;
 
-pub use client::MasterClient;
+pub use cocalc_client::MasterClient;
 pub use directory::{Directory, Project, User};
 pub use error::MasterError;
 pub use master::{Caller, Master, MasterConfig};

@@ -374,6 +374,28 @@ impl Master {
         }
     }
 
+    /// A data-plane client for the project's host, acting as the caller
+    /// (the project is placed first if needed). For callers that want
+    /// "run this in my project" in one call to the master.
+    pub async fn host_client(
+        &self,
+        caller: &Caller,
+        project: ProjectId,
+    ) -> Result<cocalc_client::HostClient, MasterError> {
+        let open = self.open_project(caller, project).await?;
+        match &open.endpoint {
+            cocalc_core::HostEndpoint::Url(u) => Ok(cocalc_client::HostClient::new(
+                u.clone(),
+                project,
+                open.token,
+            )),
+            other => Err(MasterError::Conflict(format!(
+                "host {} is reachable only through a proxy ({other:?}); open the project and go through the proxy",
+                open.host
+            ))),
+        }
+    }
+
     /// Why the project is where it is.
     pub async fn explain(
         &self,

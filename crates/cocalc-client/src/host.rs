@@ -6,7 +6,7 @@ use cocalc_core::wire::ExecResult;
 use cocalc_core::{ApiError, ExecRequest, ProjectId, RunStatus};
 use serde::de::DeserializeOwned;
 
-use crate::files::FileEntry;
+use cocalc_core::wire::FileEntry;
 
 /// A client of one project's data plane.
 #[derive(Debug, Clone)]

@@ -130,6 +130,45 @@ impl MasterClient {
         .await
     }
 
+    /// Runs a command in a project through the master (it forwards to the
+    /// project's host as the caller).
+    pub async fn exec(
+        &self,
+        project: &str,
+        req: &cocalc_core::ExecRequest,
+    ) -> Result<cocalc_core::wire::ExecResult, ApiError> {
+        let body = serde_json::to_value(req)
+            .map_err(|e| ApiError::new(400, "bad_request", e.to_string()))?;
+        self.call(
+            reqwest::Method::POST,
+            &format!("/v1/projects/{project}/exec"),
+            Some(body),
+        )
+        .await
+    }
+
+    /// Starts a project through the master.
+    pub async fn start(&self, project: &str) -> Result<cocalc_core::RunStatus, ApiError> {
+        self.call(
+            reqwest::Method::POST,
+            &format!("/v1/projects/{project}/start"),
+            None,
+        )
+        .await
+    }
+
+    /// Stops a project through the master.
+    pub async fn stop(&self, project: &str) -> Result<(), ApiError> {
+        let _: serde_json::Value = self
+            .call(
+                reqwest::Method::POST,
+                &format!("/v1/projects/{project}/stop"),
+                None,
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Every host (admin).
     pub async fn hosts(&self) -> Result<Vec<HostInfo>, ApiError> {
         self.call(reqwest::Method::GET, "/v1/hosts", None).await

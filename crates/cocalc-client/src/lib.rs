@@ -1,0 +1,34 @@
+//! # cocalc-client
+//!
+//! The caller's side of the federation's HTTP APIs, shared by the `cocalc`
+//! CLI, the master (which forwards exec/start/stop to hosts), tests and
+//! embedders:
+//!
+//! * [`MasterClient`]: the master's control-plane API with one API key;
+//! * [`HostClient`]: one project's data plane on its host, with one connect
+//!   token.
+//!
+//! Errors are the server's [`ApiError`](cocalc_core::ApiError) (status, code,
+//! message, hint); failures to connect are `503 master_unreachable` /
+//! `host_unreachable`.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), cocalc_core::ApiError> {
+//! use cocalc_client::{HostClient, MasterClient};
+//! use cocalc_core::{ExecRequest, HostEndpoint};
+//!
+//! let master = MasterClient::new("http://127.0.0.1:8080", "cuk.…");
+//! let open = master.open("thesis").await?;
+//! if let HostEndpoint::Url(url) = &open.endpoint {
+//!     let host = HostClient::new(url.clone(), open.project, open.token.clone());
+//!     let out = host.exec(&ExecRequest::new(vec!["echo".into(), "hi".into()])).await?;
+//!     assert_eq!(out.stdout, b"hi\n");
+//! }
+//! # Ok(()) }
+//! ```
+
+mod host;
+mod master;
+
+pub use host::HostClient;
+pub use master::MasterClient;
