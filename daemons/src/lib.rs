@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 pub mod dev;
+pub mod shell;
 
 /// Logs to stderr through `tracing`, filtered by `RUST_LOG` (default `info`).
 pub fn init_logging() {

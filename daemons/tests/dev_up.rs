@@ -134,6 +134,12 @@ fn next_steps_work_and_ctrl_c_stops(backend: &str) {
         String::from_utf8_lossy(&o.stdout).contains("chosen by"),
         "{o:?}"
     );
+    let o = cocalc(&d, &["shell", "demo"], Some(b"echo shell-$((40+2))\n"));
+    assert!(o.status.success(), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("shell-42"),
+        "{o:?}"
+    );
     let o = cocalc(&d, &["project", "stop", "demo"], None);
     assert!(o.status.success(), "{o:?}");
 

@@ -219,6 +219,52 @@ async fn federation_end_to_end() {
         cocalc_core::ProjectState::Running
     );
 
+    // A terminal over WebSocket: input, output, resize, close.
+    {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        use tokio_tungstenite::tungstenite::Message;
+        let url = format!(
+            "{}/{pid}/terminal?rows=30&cols=100",
+            here.url.replacen("http://", "ws://", 1)
+        );
+        let mut req = url.into_client_request().unwrap();
+        req.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", open.token).parse().unwrap(),
+        );
+        let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+        ws.send(Message::Text(r#"{"resize":{"rows":40,"cols":120}}"#.into()))
+            .await
+            .unwrap();
+        ws.send(Message::Binary(
+            b"stty size; echo term-$((6*7))\n".to_vec().into(),
+        ))
+        .await
+        .unwrap();
+        let mut seen = String::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(seen.contains("term-42") && seen.contains("40 120")) {
+            assert!(Instant::now() < deadline, "terminal output: {seen:?}");
+            match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+                Ok(Some(Ok(Message::Binary(b)))) => seen.push_str(&String::from_utf8_lossy(&b)),
+                Ok(Some(Ok(_))) => {}
+                other => panic!("terminal ended early: {other:?}; output {seen:?}"),
+            }
+        }
+        ws.close(None).await.unwrap();
+    }
+    // Without a token there is no terminal.
+    {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let url = format!(
+            "{}/{pid}/terminal",
+            here.url.replacen("http://", "ws://", 1)
+        );
+        let req = url.into_client_request().unwrap();
+        assert!(tokio_tungstenite::connect_async(req).await.is_err());
+    }
+
     // The token names its host: the other host refuses it.
     let (s, v) = exec(&other.url, &pid, &open.token, &["true"]).await;
     assert_eq!(s, 403, "{v}");

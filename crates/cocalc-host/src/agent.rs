@@ -217,6 +217,16 @@ impl HostAgent {
         Ok(self.runner.stop(project, self.cfg.stop_grace).await?)
     }
 
+    /// Opens an interactive terminal (starting the project if needed).
+    pub async fn terminal(
+        &self,
+        grant: &Grant,
+        size: cocalc_core::PtySize,
+    ) -> Result<cocalc_core::PtySession, AgentError> {
+        self.ensure_running(grant).await?;
+        Ok(self.runner.pty(grant.claims.project, size).await?)
+    }
+
     /// Runs a command (starting the project if needed) and collects its
     /// output, up to the configured limit.
     pub async fn exec(

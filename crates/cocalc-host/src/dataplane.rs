@@ -14,6 +14,7 @@
 //! | POST | `/{project}/start` | write | start (idempotent), `RunStatus` |
 //! | POST | `/{project}/stop` | write | stop |
 //! | POST | `/{project}/exec` | write | `ExecRequest` → `ExecResult` (starts the project if needed) |
+//! | GET | `/{project}/terminal?rows=&cols=` | write | WebSocket terminal: binary frames carry the terminal's bytes both ways; a text frame `{"resize":{"rows":R,"cols":C}}` resizes; closing the socket ends the shell |
 //! | GET | `/{project}/files/{path}` | read | a file's bytes, or a directory's `FileEntry` list; `?stat` for one `FileEntry` |
 //! | PUT | `/{project}/files/{path}` | write | replace the file with the body (atomic) |
 //! | POST | `/{project}/files/{path}?op=mkdir` | write | create the directory (and parents) |
@@ -82,6 +83,7 @@ pub fn router(agent: Arc<HostAgent>) -> Router {
         .route("/{project}/start", post(start))
         .route("/{project}/stop", post(stop))
         .route("/{project}/exec", post(exec))
+        .route("/{project}/terminal", get(terminal))
         .route("/{project}/files", get(files_get))
         .route(
             "/{project}/files/{*path}",
@@ -454,4 +456,71 @@ async fn files_delete(State(a): State<AppState>, headers: HeaderMap, uri: Uri) -
     let path = file_path(&uri, &p)?;
     files_of(&a, &g).await?.remove(&path).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(serde::Deserialize)]
+struct Resize {
+    resize: cocalc_core::PtySize,
+}
+
+async fn terminal(
+    State(a): State<AppState>,
+    Path(p): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
+    ws: axum::extract::ws::WebSocketUpgrade,
+) -> Result<Response> {
+    // Never the cookie-exchange redirect here: a WebSocket cannot follow it.
+    let g = checked!(check(&a, &p, &headers, &uri, false, Permission::Write, "terminal").await);
+    let dim = |name: &str, default: u16| {
+        query_param(&uri, name)
+            .and_then(|v| v.parse::<u16>().ok())
+            .filter(|v| (1..=1000).contains(v))
+            .unwrap_or(default)
+    };
+    let size = cocalc_core::PtySize {
+        rows: dim("rows", 24),
+        cols: dim("cols", 80),
+    };
+    let session = a.terminal(&g, size).await?;
+    Ok(ws.on_upgrade(move |socket| pump_terminal(socket, session)))
+}
+
+/// Copies terminal output to the socket and socket input to the terminal
+/// until either side ends; then ends the shell.
+async fn pump_terminal(mut socket: axum::extract::ws::WebSocket, session: cocalc_core::PtySession) {
+    use axum::extract::ws::Message;
+    use futures_util::StreamExt;
+    let cocalc_core::PtySession {
+        mut output,
+        control,
+    } = session;
+    loop {
+        tokio::select! {
+            chunk = output.next() => match chunk {
+                Some(Ok(bytes)) => {
+                    if socket.send(Message::Binary(bytes)).await.is_err() {
+                        break;
+                    }
+                }
+                _ => break,
+            },
+            msg = socket.recv() => match msg {
+                Some(Ok(Message::Binary(b))) => {
+                    if control.write(b).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Ok(Message::Text(t))) => {
+                    if let Ok(r) = serde_json::from_str::<Resize>(t.as_str()) {
+                        let _ = control.resize(r.resize).await;
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+    let _ = control.close().await;
+    let _ = socket.send(Message::Close(None)).await;
 }

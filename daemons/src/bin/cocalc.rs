@@ -80,6 +80,11 @@ enum Command {
         #[command(subcommand)]
         command: FileCommand,
     },
+    /// An interactive terminal in a project.
+    Shell {
+        /// Project name or id.
+        project: String,
+    },
     /// A local federation for development.
     Dev {
         #[command(subcommand)]
@@ -414,6 +419,19 @@ fn run_remote(
         }
     };
     match &command {
+        Command::Shell { project } => {
+            let o = rt.block_on(client.open(project)).map_err(api)?;
+            let url = match &o.endpoint {
+                HostEndpoint::Url(u) => u.clone(),
+                other => {
+                    return Err(CliError::local(format!(
+                        "host endpoint {other:?} is reachable only through a proxy, which this client does not use yet"
+                    )))
+                }
+            };
+            rt.block_on(cocalc_daemons::shell::shell(&url, o.project, &o.token))
+                .map_err(CliError::local)?;
+        }
         Command::File { command } => match command {
             FileCommand::Ls { project, path } => {
                 let h = host_of(project)?;
