@@ -265,6 +265,87 @@ async fn federation_end_to_end() {
         assert!(tokio_tungstenite::connect_async(req).await.is_err());
     }
 
+    // HTTP into a server inside the project: /port/ strips the prefix,
+    // /server/ keeps it; the user's token never reaches the server.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let echo = r#"
+import http.server, json, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}}).encode()
+        self.send_response(200); self.send_header("content-length", str(len(body))); self.end_headers(); self.wfile.write(body)
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+    let r = reqwest::Client::new()
+        .put(format!("{}/{pid}/files/echo.py", here.url))
+        .bearer_auth(&open.token)
+        .body(echo)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let start = format!("nohup python3 echo.py {port} >/dev/null 2>&1 &");
+    let (s, v) = exec(&here.url, &pid, &open.token, &["sh", "-c", &start]).await;
+    assert_eq!(s, 200, "{v}");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let answer: Value = loop {
+        let r = http
+            .get(format!("{}/{pid}/port/{port}/echo?x=1", here.url))
+            .bearer_auth(&open.token)
+            .header("cookie", "theirs=1")
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            break r.json().await.unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "server in the project never answered: {}",
+            r.status()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(answer["path"], "/echo?x=1", "{answer}");
+    assert!(
+        answer["headers"].get("authorization").is_none(),
+        "token leaked: {answer}"
+    );
+    assert_eq!(answer["headers"]["cookie"], "theirs=1");
+    assert_eq!(
+        answer["headers"]["x-forwarded-prefix"],
+        format!("/{pid}/port/{port}")
+    );
+    let kept: Value = http
+        .get(format!("{}/{pid}/server/{port}/app/", here.url))
+        .bearer_auth(&open.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(kept["path"], format!("/{pid}/server/{port}/app/"));
+    let r = http
+        .get(format!("{}/{pid}/port/0/", here.url))
+        .bearer_auth(&open.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = http
+        .get(format!("{}/{pid}/port/{port}/", here.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "no token, no port");
+
     // The token names its host: the other host refuses it.
     let (s, v) = exec(&other.url, &pid, &open.token, &["true"]).await;
     assert_eq!(s, 403, "{v}");

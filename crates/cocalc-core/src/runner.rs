@@ -288,6 +288,19 @@ pub trait Runner: Send + Sync {
         Ok(Vec::new())
     }
 
+    /// Opens a TCP connection to `127.0.0.1:port` as the project sees it
+    /// (inside its own network namespace where the backend isolates
+    /// projects), for proxying users to servers in the project. Needs a
+    /// running project. Default: [`RunnerError::Unsupported`].
+    async fn connect_port(
+        &self,
+        project: ProjectId,
+        port: u16,
+    ) -> Result<crate::transport::BoxedConnection, RunnerError> {
+        let _ = (project, port);
+        Err(RunnerError::Unsupported("connections to project ports"))
+    }
+
     /// Opens an interactive terminal. Default: [`RunnerError::Unsupported`].
     async fn pty(&self, project: ProjectId, size: PtySize) -> Result<PtySession, RunnerError> {
         let _ = (project, size);

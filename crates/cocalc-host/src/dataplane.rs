@@ -14,6 +14,8 @@
 //! | POST | `/{project}/start` | write | start (idempotent), `RunStatus` |
 //! | POST | `/{project}/stop` | write | stop |
 //! | POST | `/{project}/exec` | write | `ExecRequest` → `ExecResult` (starts the project if needed) |
+//! | any | `/{project}/port/{p}/…` | write | HTTP or WebSocket to port `p` inside the project, prefix stripped (the server sees `/…`) |
+//! | any | `/{project}/server/{p}/…` | write | the same with the full path kept |
 //! | GET | `/{project}/terminal?rows=&cols=` | write | WebSocket terminal: binary frames carry the terminal's bytes both ways; a text frame `{"resize":{"rows":R,"cols":C}}` resizes; closing the socket ends the shell |
 //! | GET | `/{project}/files/{path}` | read | a file's bytes, or a directory's `FileEntry` list; `?stat` for one `FileEntry` |
 //! | PUT | `/{project}/files/{path}` | write | replace the file with the body (atomic) |
@@ -84,6 +86,15 @@ pub fn router(agent: Arc<HostAgent>) -> Router {
         .route("/{project}/stop", post(stop))
         .route("/{project}/exec", post(exec))
         .route("/{project}/terminal", get(terminal))
+        .route("/{project}/port/{port}", axum::routing::any(ports))
+        .route("/{project}/port/{port}/", axum::routing::any(ports))
+        .route("/{project}/port/{port}/{*rest}", axum::routing::any(ports))
+        .route("/{project}/server/{port}", axum::routing::any(ports))
+        .route("/{project}/server/{port}/", axum::routing::any(ports))
+        .route(
+            "/{project}/server/{port}/{*rest}",
+            axum::routing::any(ports),
+        )
         .route("/{project}/files", get(files_get))
         .route(
             "/{project}/files/{*path}",
@@ -523,4 +534,134 @@ async fn pump_terminal(mut socket: axum::extract::ws::WebSocket, session: cocalc
     }
     let _ = control.close().await;
     let _ = socket.send(Message::Close(None)).await;
+}
+
+/// Proxies a request to a server inside the project. The user's token (the
+/// `Authorization` header, the project cookie, `?token=`) is removed before
+/// the request reaches the project's server.
+async fn ports(State(a): State<AppState>, req: Request) -> Result<Response> {
+    use hyper_util::rt::TokioIo;
+    let (mut parts, body) = req.into_parts();
+    let path = parts.uri.path().to_string();
+    let mut segs = path.trim_start_matches('/').splitn(4, '/');
+    let project_s = segs.next().unwrap_or("");
+    let kind = segs.next().unwrap_or("");
+    let port_s = segs.next().unwrap_or("");
+    let rest = segs.next().unwrap_or("");
+    let port: u16 = port_s.parse().ok().filter(|p| *p > 0).ok_or_else(|| {
+        Failure(ApiError::new(
+            400,
+            "invalid_port",
+            format!("{port_s:?} is not a port number (1-65535)"),
+        ))
+    })?;
+    let is_get =
+        parts.method == axum::http::Method::GET && !parts.headers.contains_key(header::UPGRADE);
+    let g = checked!(
+        check(
+            &a,
+            project_s,
+            &parts.headers,
+            &parts.uri,
+            is_get,
+            Permission::Write,
+            "port"
+        )
+        .await
+    );
+    let project = g.claims.project;
+    a.ensure_running(&g).await?;
+    let conn = a.runner().connect_port(project, port).await.map_err(|e| {
+        Failure(ApiError::new(
+            502,
+            "port_unreachable",
+            format!("nothing answers on port {port} in the project: {e}"),
+        ))
+    })?;
+
+    // The path the project's server sees, and the query without the token.
+    let forward_path = if kind == "port" {
+        format!("/{rest}")
+    } else {
+        path.clone()
+    };
+    let query: Vec<&str> = parts
+        .uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty() && !p.starts_with("token="))
+        .collect();
+    let pq = if query.is_empty() {
+        forward_path
+    } else {
+        format!("{forward_path}?{}", query.join("&"))
+    };
+    parts.uri = pq.parse().map_err(|_| {
+        Failure(ApiError::new(
+            400,
+            "invalid_path",
+            "path cannot be forwarded",
+        ))
+    })?;
+    parts.headers.remove(header::AUTHORIZATION);
+    let ours = cookie_name(project);
+    let cookies: Vec<String> = parts
+        .headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|c| !c.is_empty() && !c.starts_with(&format!("{ours}=")))
+        .map(str::to_string)
+        .collect();
+    parts.headers.remove(header::COOKIE);
+    if !cookies.is_empty() {
+        if let Ok(v) = cookies.join("; ").parse() {
+            parts.headers.insert(header::COOKIE, v);
+        }
+    }
+    if kind == "port" {
+        if let Ok(v) = format!("/{project}/port/{port}").parse() {
+            parts.headers.insert("x-forwarded-prefix", v);
+        }
+    }
+    let client_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(conn))
+        .await
+        .map_err(|e| {
+            Failure(ApiError::new(
+                502,
+                "port_unreachable",
+                format!("port {port}: {e}"),
+            ))
+        })?;
+    tokio::spawn(async move {
+        let _ = connection.with_upgrades().await;
+    });
+    let mut resp = sender
+        .send_request(axum::http::Request::from_parts(parts, body))
+        .await
+        .map_err(|e| {
+            Failure(ApiError::new(
+                502,
+                "port_failed",
+                format!("port {port}: {e}"),
+            ))
+        })?;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let upstream = hyper::upgrade::on(&mut resp);
+        if let Some(client) = client_upgrade {
+            tokio::spawn(async move {
+                if let (Ok(c), Ok(u)) = (client.await, upstream.await) {
+                    let _ =
+                        tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u))
+                            .await;
+                }
+            });
+        }
+    }
+    Ok(resp.map(axum::body::Body::new))
 }

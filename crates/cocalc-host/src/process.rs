@@ -291,6 +291,26 @@ impl Runner for ProcessRunner {
         Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 
+    /// Projects share the host's network here: this connects to the host's
+    /// own `127.0.0.1:port` (no isolation, as documented above).
+    async fn connect_port(
+        &self,
+        project: ProjectId,
+        port: u16,
+    ) -> Result<cocalc_core::BoxedConnection, RunnerError> {
+        if self.live_status(project).state != ProjectState::Running {
+            return Err(RunnerError::NotRunning(project));
+        }
+        let s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(|e| {
+                RunnerError::Backend(format!(
+                    "connecting to port {port} of project {project}: {e}"
+                ))
+            })?;
+        Ok(Box::new(s))
+    }
+
     async fn pty(&self, project: ProjectId, size: PtySize) -> Result<PtySession, RunnerError> {
         let (home, terminals) = {
             if self.live_status(project).state != ProjectState::Running {

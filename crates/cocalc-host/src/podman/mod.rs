@@ -905,6 +905,16 @@ impl Runner for PodmanRunner {
         Ok(out)
     }
 
+    async fn connect_port(
+        &self,
+        project: ProjectId,
+        port: u16,
+    ) -> Result<cocalc_core::BoxedConnection, RunnerError> {
+        Ok(Box::new(
+            PodmanRunner::connect_port(self, project, port).await?,
+        ))
+    }
+
     async fn pty(&self, project: ProjectId, size: PtySize) -> Result<PtySession, RunnerError> {
         let env = vec!["TERM=xterm-256color".to_string()];
         let (id, output, input) = self
