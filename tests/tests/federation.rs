@@ -529,15 +529,39 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
     assert!(removed.elapsed() < Duration::from_secs(1));
 
     // Master down: existing tokens keep working from the ACL cache, new
-    // opens fail at once with a clear error; after the offline grace (4 s
-    // here) the host refuses, saying the master is unreachable.
+    // opens fail at once with a clear error.
     let addr = m.addr;
+    let master_url = m.url.clone();
     let master_dir = dir.path().join("master");
     m.shut_down().await;
     let (s, v) = exec(&here.url, &pid, &open2.token, &["true"]).await;
     assert_eq!(s, 200, "cached access while the master is away: {v}");
     let e = alice.open(&pid).await.unwrap_err();
     assert_eq!(e.code, "master_unreachable");
+
+    // The host is restarted while the master is away: it serves at once
+    // from what it saved (signing keys, ACL cache, generations), and its
+    // running project is still there.
+    let here_id = here.id;
+    let (old, keep) = if here_id == h1.id { (h1, h2) } else { (h2, h1) };
+    let here_dir = ["h1", "h2"]
+        .iter()
+        .map(|d| dir.path().join(d))
+        .find(|d| {
+            std::fs::read_to_string(d.join("host.id"))
+                .is_ok_and(|s| s.trim() == here_id.to_string())
+        })
+        .expect("the host's state directory");
+    let _ = old.stop.send(true);
+    let _ = old.task.await;
+    let here = start_host(&here_dir, &master_url, "", 4).await;
+    assert_eq!(here.id, here_id, "same identity after the restart");
+    let (s, v) = exec(&here.url, &pid, &open2.token, &["cat", "notes.txt"]).await;
+    assert_eq!(s, 200, "restarted host, master away: {v}");
+    assert_eq!(stdout(&v), "hello\n");
+
+    // After the offline grace (4 s here) the host refuses, saying the
+    // master is unreachable.
     eventually(
         "offline grace runs out",
         Duration::from_secs(15),
@@ -556,9 +580,9 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
     })
     .await;
 
-    let _ = h1.stop.send(true);
-    let _ = h2.stop.send(true);
-    let _ = h1.task.await;
-    let _ = h2.task.await;
+    for h in [here, keep] {
+        let _ = h.stop.send(true);
+        let _ = h.task.await;
+    }
     m2.shut_down().await;
 }

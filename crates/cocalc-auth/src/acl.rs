@@ -178,6 +178,10 @@ pub struct AclCache {
     inner: RwLock<Inner>,
 }
 
+/// User cutoffs and revoked token ids (with their expiry), as
+/// [`AclCache::revocations`] reports them.
+pub type Revocations = (Vec<(UserId, Timestamp)>, Vec<(String, Timestamp)>);
+
 /// A snapshot of one cache entry, for persistence and inspection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AclEntry {
@@ -299,6 +303,18 @@ impl AclCache {
         self.write()
             .revoked
             .retain(|_, exp| exp.saturating_add(skew) > now);
+    }
+
+    /// The revocations in force, for persistence: user cutoffs and revoked
+    /// token ids with their expiry (restore them with
+    /// [`revoke_user`](AclCache::revoke_user) and
+    /// [`revoke_token`](AclCache::revoke_token)).
+    pub fn revocations(&self) -> Revocations {
+        let g = self.read();
+        (
+            g.user_cutoff.iter().map(|(u, t)| (*u, *t)).collect(),
+            g.revoked.iter().map(|(j, t)| (j.clone(), *t)).collect(),
+        )
     }
 
     /// Every entry, for persistence.

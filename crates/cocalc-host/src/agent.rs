@@ -98,6 +98,7 @@ pub struct HostAgent {
     storage: Arc<dyn Storage>,
     gate: Gate,
     fences: Mutex<HashMap<ProjectId, Generation>>,
+    local: Option<crate::local_store::LocalStore>,
 }
 
 impl std::fmt::Debug for HostAgent {
@@ -122,7 +123,49 @@ impl HostAgent {
             storage,
             gate,
             fences: Mutex::new(HashMap::new()),
+            local: None,
         }
+    }
+
+    /// Persists newly seen generations in `local` (and lets a restarted
+    /// host start from what it had seen): call [`HostAgent::restore`] next.
+    pub fn with_local_store(mut self, local: crate::local_store::LocalStore) -> Self {
+        self.local = Some(local);
+        self
+    }
+
+    /// Loads what the local store remembers: generation fences, the ACL
+    /// cache's entries and revocations. A restarted host then serves at once
+    /// (within the offline grace) and never accepts an older generation.
+    pub async fn restore(&self) -> Result<usize, crate::local_store::LocalStoreError> {
+        let Some(local) = &self.local else {
+            return Ok(0);
+        };
+        let projects = local.projects().await?;
+        self.seed_fences(projects.iter().map(|p| (p.project, p.generation)));
+        let acl = self.gate.acl();
+        for e in local.load_acl().await? {
+            acl.restore(e);
+        }
+        let (users, tokens) = local.load_revocations().await?;
+        for (u, t) in users {
+            acl.revoke_user(u, t);
+        }
+        for (j, t) in tokens {
+            acl.revoke_token(j, t);
+        }
+        Ok(projects.len())
+    }
+
+    /// Writes the ACL cache's entries and revocations to the local store.
+    pub async fn save_acl(&self) -> Result<(), crate::local_store::LocalStoreError> {
+        let Some(local) = &self.local else {
+            return Ok(());
+        };
+        let acl = self.gate.acl();
+        local.save_acl(&acl.entries()).await?;
+        let (users, tokens) = acl.revocations();
+        local.save_revocations(&users, &tokens).await
     }
 
     /// This host.
@@ -169,16 +212,32 @@ impl HostAgent {
     ) -> Result<Grant, AgentError> {
         let grant = self.gate.authorize(token, project, needed, action).await?;
         let got = grant.claims.generation;
-        let mut fences = self.fences.lock().unwrap_or_else(|p| p.into_inner());
-        let seen = fences.entry(project).or_insert(got);
-        if got < *seen {
-            return Err(AgentError::StaleGeneration {
-                project,
-                got,
-                seen: *seen,
-            });
+        let newer = {
+            let mut fences = self.fences.lock().unwrap_or_else(|p| p.into_inner());
+            let seen = fences.get(&project).copied();
+            if let Some(seen) = seen.filter(|s| got < *s) {
+                return Err(AgentError::StaleGeneration { project, got, seen });
+            }
+            fences.insert(project, got);
+            seen != Some(got)
+        };
+        if newer {
+            if let Some(local) = &self.local {
+                // Written before the request is served: a restart must not
+                // forget a generation this host has acted on.
+                match local.admit(project, got, None).await {
+                    Ok(_) => {}
+                    Err(crate::local_store::LocalStoreError::StaleGeneration { seen, .. }) => {
+                        return Err(AgentError::StaleGeneration { project, got, seen });
+                    }
+                    Err(e) => {
+                        return Err(AgentError::Runner(RunnerError::Backend(format!(
+                            "recording generation {got} of project {project}: {e}"
+                        ))))
+                    }
+                }
+            }
         }
-        *seen = got;
         Ok(grant)
     }
 

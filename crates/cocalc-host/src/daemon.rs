@@ -220,11 +220,26 @@ pub fn identity(data_dir: &Path) -> Result<(HostId, SigningKey), HostDaemonError
 struct Events {
     verifier: Arc<Verifier>,
     agent: OnceLock<Weak<HostAgent>>,
+    key_dir: PathBuf,
 }
 
 impl HostEvents for Events {
     fn signing_keys(&self, keys: &KeySet) {
         self.verifier.set_keys(keys.clone());
+        // Kept on disk so a host restarted while the master is away still
+        // verifies tokens; replaced whole, so a retired key does not linger.
+        let tmp = self.key_dir.with_extension("new");
+        let _ = std::fs::remove_dir_all(&tmp);
+        let saved = keys
+            .save_dir(&tmp)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                let _ = std::fs::remove_dir_all(&self.key_dir);
+                std::fs::rename(&tmp, &self.key_dir).map_err(|e| e.to_string())
+            });
+        if let Err(e) = saved {
+            tracing::warn!(error = %e, "saving the master's signing keys failed");
+        }
     }
 
     fn stop(&self, project: cocalc_core::ProjectId) {
@@ -345,10 +360,17 @@ pub async fn build(cfg: &HostConfig, public_url: String) -> Result<Host, HostDae
             Duration::from_secs(cfg.offline_grace_secs),
         ),
     ));
-    let verifier = Arc::new(Verifier::new(host, KeySet::new(), clock.clone()));
+    let key_dir = cfg.data_dir.join("master-keys");
+    let known_keys = if key_dir.exists() {
+        KeySet::load_dir(&key_dir).unwrap_or_default()
+    } else {
+        KeySet::new()
+    };
+    let verifier = Arc::new(Verifier::new(host, known_keys, clock.clone()));
     let events = Arc::new(Events {
         verifier: verifier.clone(),
         agent: OnceLock::new(),
+        key_dir,
     });
     let link = Arc::new(MasterLink::new(
         LinkConfig {
@@ -371,12 +393,22 @@ pub async fn build(cfg: &HostConfig, public_url: String) -> Result<Host, HostDae
         clock.clone(),
     )
     .with_refresher(link.clone());
-    let agent = Arc::new(HostAgent::new(
-        AgentConfig::new(host),
-        runner,
-        storage,
-        gate,
-    ));
+    let local_path = cfg.data_dir.join("local.db");
+    let local = crate::local_store::LocalStore::open(&local_path)
+        .map_err(|e| start_err(&local_path.display().to_string(), e))?;
+    let agent =
+        HostAgent::new(AgentConfig::new(host), runner, storage, gate).with_local_store(local);
+    let known = agent
+        .restore()
+        .await
+        .map_err(|e| start_err("restoring the local store", e))?;
+    if known > 0 {
+        tracing::info!(
+            projects = known,
+            "restored generation fences and ACL cache from the local store"
+        );
+    }
+    let agent = Arc::new(agent);
     let _ = events.agent.set(Arc::downgrade(&agent));
     Ok(Host {
         agent,
@@ -438,6 +470,25 @@ impl Host {
                 tokio::select! { _ = count => {}, _ = stop => {} }
             })
         };
+        // Save the ACL cache to the local store every 30 s (and at the end).
+        let saver = {
+            let me = me.clone();
+            let stop = wait(rx.clone());
+            tokio::spawn(async move {
+                let save = async {
+                    loop {
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                        if let Err(e) = me.agent.save_acl().await {
+                            tracing::warn!(error = %e, "saving the ACL cache failed");
+                        }
+                    }
+                };
+                tokio::select! { _ = save => {}, _ = stop => {} }
+                if let Err(e) = me.agent.save_acl().await {
+                    tracing::warn!(error = %e, "saving the ACL cache failed");
+                }
+            })
+        };
         let status_me = me.clone();
         let status: Arc<dyn crate::master_link::HostStatus> = Arc::new(move || status_me.status());
         let link = tokio::spawn(me.link.clone().run(status, wait(rx.clone())));
@@ -451,6 +502,7 @@ impl Host {
         stopper.abort();
         let _ = link.await;
         let _ = counter.await;
+        let _ = saver.await;
         result
     }
 }
