@@ -39,17 +39,6 @@ fn spawn(bin: &str, cfg: &Path, ready: &str) -> (Daemon, String) {
     (Daemon(child), url)
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let n: usize = std::env::args()
@@ -93,7 +82,7 @@ async fn main() {
         assert!(Instant::now() < deadline, "host never registered");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let idle = rss_kib(host_pid);
+    let idle = cocalc_daemons::rss_kib(host_pid);
     let user = master.create_user("bench").await.unwrap();
     let me = cocalc_client::MasterClient::new(&murl, user["api_key"].as_str().unwrap());
     let t = Instant::now();
@@ -110,7 +99,7 @@ async fn main() {
         h.list("").await.unwrap();
     }
     let elapsed = t.elapsed();
-    let loaded = rss_kib(host_pid);
+    let loaded = cocalc_daemons::rss_kib(host_pid);
     println!(
         "{n} projects created, opened and touched in {:.1} s",
         elapsed.as_secs_f64()

@@ -182,7 +182,7 @@ async fn main() {
         "registered {n_hosts} hosts in {:.1} s",
         t.elapsed().as_secs_f64()
     );
-    let rss_after_registration = rss_kib(pid);
+    let rss_after_registration = cocalc_daemons::rss_kib(pid);
 
     // A user and a project, opened once so it is placed.
     let user: serde_json::Value = http
@@ -302,19 +302,7 @@ async fn main() {
     println!(
         "master RSS with {n_hosts} registered hosts: {:.1} MiB (after the load: {:.1} MiB)   (goal <= 300 MB at 10,000)",
         rss_after_registration as f64 / 1024.0,
-        rss_kib(pid) as f64 / 1024.0
+        cocalc_daemons::rss_kib(pid) as f64 / 1024.0
     );
     drop(daemon);
-}
-
-/// Resident set size of a process, KiB (`VmRSS` in `/proc/<pid>/status`).
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
 }

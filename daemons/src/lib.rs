@@ -17,6 +17,19 @@ pub fn init_logging() {
         .try_init();
 }
 
+/// Resident set size of a process in KiB (`VmRSS` of `/proc/<pid>/status`),
+/// 0 if it cannot be read. Used by the memory benchmarks.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
 /// Completes on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};

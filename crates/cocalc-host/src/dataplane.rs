@@ -336,27 +336,48 @@ fn file_path(uri: &Uri, project: &str) -> Result<String> {
     decode_path(rest.strip_prefix('/').unwrap_or(rest))
 }
 
-async fn files_of(a: &HostAgent, g: &Grant) -> Result<ProjectFiles> {
-    let vol = a.volume(g.claims.project).await?;
-    Ok(ProjectFiles::open(&vol.home)?)
-}
-
-async fn files_get(State(a): State<AppState>, headers: HeaderMap, uri: Uri) -> Result<Response> {
+/// The checks every files request shares: project segment, token and
+/// access, the file path, and the project's confined home. `Err(response)`
+/// is the cookie-exchange redirect to send instead.
+async fn open_files(
+    a: &HostAgent,
+    headers: &HeaderMap,
+    uri: &Uri,
+    is_get: bool,
+    needed: Permission,
+    action: &str,
+) -> Result<std::result::Result<(ProjectFiles, String), Response>> {
     let p = uri
         .path()
         .trim_start_matches('/')
         .split('/')
         .next()
-        .unwrap_or("")
-        .to_string();
-    let g = checked!(check(&a, &p, &headers, &uri, true, Permission::Read, "file_read").await);
-    let path = file_path(&uri, &p)?;
-    let files = files_of(&a, &g).await?;
+        .unwrap_or("");
+    let g = match check(a, p, headers, uri, is_get, needed, action).await? {
+        Checked::Grant(g) => g,
+        Checked::Redirect(r) => return Ok(Err(r)),
+    };
+    let path = file_path(uri, p)?;
+    let vol = a.volume(g.claims.project).await?;
+    Ok(Ok((ProjectFiles::open(&vol.home)?, path)))
+}
+
+macro_rules! opened {
+    ($e:expr) => {
+        match $e? {
+            Ok(fp) => fp,
+            Err(redirect) => return Ok(redirect),
+        }
+    };
+}
+
+async fn files_get(State(a): State<AppState>, headers: HeaderMap, uri: Uri) -> Result<Response> {
+    let (files, path) =
+        opened!(open_files(&a, &headers, &uri, true, Permission::Read, "file_read").await);
     if query_param(&uri, "stat").is_some() {
         return Ok(Json(files.stat(&path).await?).into_response());
     }
-    let entry = files.stat(&path).await?;
-    if entry.kind == FileKind::Dir {
+    if files.stat(&path).await?.kind == FileKind::Dir {
         return Ok(Json(files.list(&path).await?).into_response());
     }
     let data = files.read(&path, MAX_FILE_BYTES).await?;
@@ -365,18 +386,9 @@ async fn files_get(State(a): State<AppState>, headers: HeaderMap, uri: Uri) -> R
 
 async fn files_put(State(a): State<AppState>, req: Request) -> Result<Response> {
     let (parts, body) = req.into_parts();
-    let p = parts
-        .uri
-        .path()
-        .trim_start_matches('/')
-        .split('/')
-        .next()
-        .unwrap_or("")
-        .to_string();
-    let g = checked!(
-        check(
+    let (files, path) = opened!(
+        open_files(
             &a,
-            &p,
             &parts.headers,
             &parts.uri,
             false,
@@ -385,7 +397,6 @@ async fn files_put(State(a): State<AppState>, req: Request) -> Result<Response> 
         )
         .await
     );
-    let path = file_path(&parts.uri, &p)?;
     let data = axum::body::to_bytes(body, MAX_FILE_BYTES as usize)
         .await
         .map_err(|e| {
@@ -395,32 +406,13 @@ async fn files_put(State(a): State<AppState>, req: Request) -> Result<Response> 
                 format!("body over {MAX_FILE_BYTES} bytes or unreadable: {e}"),
             ))
         })?;
-    files_of(&a, &g).await?.write(&path, data.to_vec()).await?;
+    files.write(&path, data.to_vec()).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn files_post(State(a): State<AppState>, headers: HeaderMap, uri: Uri) -> Result<Response> {
-    let p = uri
-        .path()
-        .trim_start_matches('/')
-        .split('/')
-        .next()
-        .unwrap_or("")
-        .to_string();
-    let g = checked!(
-        check(
-            &a,
-            &p,
-            &headers,
-            &uri,
-            false,
-            Permission::Write,
-            "file_write"
-        )
-        .await
-    );
-    let path = file_path(&uri, &p)?;
-    let files = files_of(&a, &g).await?;
+    let (files, path) =
+        opened!(open_files(&a, &headers, &uri, false, Permission::Write, "file_write").await);
     match query_param(&uri, "op") {
         Some("mkdir") => files.mkdir(&path).await?,
         Some("rename") => {
@@ -445,27 +437,9 @@ async fn files_post(State(a): State<AppState>, headers: HeaderMap, uri: Uri) -> 
 }
 
 async fn files_delete(State(a): State<AppState>, headers: HeaderMap, uri: Uri) -> Result<Response> {
-    let p = uri
-        .path()
-        .trim_start_matches('/')
-        .split('/')
-        .next()
-        .unwrap_or("")
-        .to_string();
-    let g = checked!(
-        check(
-            &a,
-            &p,
-            &headers,
-            &uri,
-            false,
-            Permission::Write,
-            "file_delete"
-        )
-        .await
-    );
-    let path = file_path(&uri, &p)?;
-    files_of(&a, &g).await?.remove(&path).await?;
+    let (files, path) =
+        opened!(open_files(&a, &headers, &uri, false, Permission::Write, "file_delete").await);
+    files.remove(&path).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
