@@ -253,13 +253,54 @@ impl HostAgent {
     /// Starts the project if it is not running (creating its volume first
     /// if needed) and returns its status.
     pub async fn ensure_running(&self, grant: &Grant) -> Result<RunStatus, AgentError> {
-        let project = grant.claims.project;
+        self.run_at(grant.claims.project, grant.claims.generation)
+            .await
+    }
+
+    /// Starts `project` at `generation` on the master's command (the push
+    /// channel's `Start`): refused if this host has seen a newer generation.
+    pub async fn start_at(
+        &self,
+        project: ProjectId,
+        generation: Generation,
+    ) -> Result<RunStatus, AgentError> {
+        {
+            let mut fences = self.fences.lock().unwrap_or_else(|p| p.into_inner());
+            let seen = fences.entry(project).or_insert(generation);
+            if generation < *seen {
+                return Err(AgentError::StaleGeneration {
+                    project,
+                    got: generation,
+                    seen: *seen,
+                });
+            }
+            *seen = generation;
+        }
+        if let Some(local) = &self.local {
+            if let Err(crate::local_store::LocalStoreError::StaleGeneration { seen, .. }) =
+                local.admit(project, generation, None).await
+            {
+                return Err(AgentError::StaleGeneration {
+                    project,
+                    got: generation,
+                    seen,
+                });
+            }
+        }
+        self.run_at(project, generation).await
+    }
+
+    async fn run_at(
+        &self,
+        project: ProjectId,
+        generation: Generation,
+    ) -> Result<RunStatus, AgentError> {
         let status = self.runner.status(project).await?;
         if status.state == ProjectState::Running {
             return Ok(status);
         }
         let vol = self.volume(project).await?;
-        let mut spec = ProjectSpec::new(project, grant.claims.generation, vol.home);
+        let mut spec = ProjectSpec::new(project, generation, vol.home);
         spec.scratch = vol.scratch;
         spec.limits = self.cfg.limits;
         spec.hostname = format!("project-{}", &project.to_string()[..8]);

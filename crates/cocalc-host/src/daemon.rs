@@ -242,6 +242,16 @@ impl HostEvents for Events {
         }
     }
 
+    fn start(&self, project: cocalc_core::ProjectId, generation: cocalc_core::Generation) {
+        if let Some(agent) = self.agent.get().and_then(Weak::upgrade) {
+            tokio::spawn(async move {
+                if let Err(e) = agent.start_at(project, generation).await {
+                    tracing::warn!(%project, error = %e, "start requested by the master failed");
+                }
+            });
+        }
+    }
+
     fn stop(&self, project: cocalc_core::ProjectId) {
         if let Some(agent) = self.agent.get().and_then(Weak::upgrade) {
             tokio::spawn(async move {

@@ -1,0 +1,115 @@
+//! The host agent's generation fence and start on demand, with the process
+//! runner and directory storage (no privileges needed).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cocalc_auth::{AclCache, AclPolicy, Gate, MemoryAuditSink};
+use cocalc_core::{
+    Generation, HostId, ManualClock, Permission, ProjectId, ProjectState, StaticTokenVerifier,
+    Timestamp, TokenClaims, UserId,
+};
+use cocalc_host::local_store::LocalStore;
+use cocalc_host::{AgentConfig, AgentError, HostAgent, ImagePolicy, ProcessRunner};
+use cocalc_storage::DirStorage;
+
+const T0: i64 = 1_800_000_000;
+
+fn claims(project: ProjectId, host: HostId, generation: u64) -> TokenClaims {
+    TokenClaims::new(
+        "m".into(),
+        UserId::new_v4([2; 16]),
+        project,
+        host,
+        Generation(generation),
+        Permission::Write,
+        Timestamp::from_secs(T0),
+        Timestamp::from_secs(T0),
+        Timestamp::from_secs(T0 + 600),
+        format!("jti-{generation}"),
+        "kid".into(),
+    )
+}
+
+async fn agent(dir: &std::path::Path, local: LocalStore) -> (HostAgent, ProjectId) {
+    let clock = Arc::new(ManualClock::new(Timestamp::from_secs(T0)));
+    let host = HostId::new_v4([1; 16]);
+    let project = ProjectId::new_v4([3; 16]);
+    let mut v = StaticTokenVerifier::new(host, clock.clone());
+    for g in 1..=3 {
+        v.insert(format!("gen{g}"), claims(project, host, g));
+    }
+    let acl = Arc::new(AclCache::new(clock.clone(), AclPolicy::default()));
+    acl.master_up();
+    acl.set(project, UserId::new_v4([2; 16]), Some(Permission::Write));
+    let gate = Gate::new(
+        host,
+        Arc::new(v),
+        acl,
+        Arc::new(MemoryAuditSink::new()),
+        clock.clone(),
+    );
+    let storage = Arc::new(DirStorage::new(dir.join("projects"), clock.clone()).unwrap());
+    let runner = Arc::new(ProcessRunner::new(ImagePolicy::single("host"), clock));
+    let a = HostAgent::new(AgentConfig::new(host), runner, storage, gate).with_local_store(local);
+    a.restore().await.unwrap();
+    (a, project)
+}
+
+#[tokio::test]
+async fn tokens_and_commands_for_older_generations_are_refused_even_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("local.db");
+    {
+        let (a, p) = agent(dir.path(), LocalStore::open(&db).unwrap()).await;
+        // The first request starts the project on demand (volume created).
+        let g = a
+            .authorize("gen2", p, Permission::Write, "exec")
+            .await
+            .unwrap();
+        assert_eq!(
+            a.ensure_running(&g).await.unwrap().state,
+            ProjectState::Running
+        );
+        // An older generation's token is stale now.
+        let e = a
+            .authorize("gen1", p, Permission::Write, "exec")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                AgentError::StaleGeneration {
+                    got: Generation(1),
+                    seen: Generation(2),
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // So is a master command for it; a newer one moves the fence.
+        assert!(matches!(
+            a.start_at(p, Generation(1)).await,
+            Err(AgentError::StaleGeneration { .. })
+        ));
+        a.start_at(p, Generation(3)).await.unwrap();
+        assert!(a
+            .authorize("gen2", p, Permission::Write, "exec")
+            .await
+            .is_err());
+        a.stop(p).await.unwrap();
+        assert_eq!(a.status(p).await.unwrap().state, ProjectState::Stopped);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A restarted agent remembers the fence from its local store.
+    let (a, p) = agent(dir.path(), LocalStore::open(&db).unwrap()).await;
+    assert_eq!(a.fence(p), Some(Generation(3)));
+    assert!(matches!(
+        a.authorize("gen2", p, Permission::Write, "exec").await,
+        Err(AgentError::StaleGeneration { .. })
+    ));
+    assert!(a
+        .authorize("gen3", p, Permission::Write, "exec")
+        .await
+        .is_ok());
+}
