@@ -1,17 +1,24 @@
 //! # cocalc-host
 //!
-//! The project-host agent as a library. Today it holds the **runners** — the
-//! [`Runner`] implementations that run one container (or process group) per
-//! project — and the **idle culler**. The data plane and the master client
-//! arrive with later issues.
+//! The project-host agent as a library: everything a host does, composable
+//! by an embedder (the `cocalc-host` daemon is [`daemon`] plus argument
+//! parsing).
 //!
 //! | item | what it is | feature |
 //! | --- | --- | --- |
+//! | [`HostAgent`] | one host's projects: every request checked (token, project, revocations, ACL fetched from the master when stale, **generation fence**), start on demand, exec, terminals, stop | always |
+//! | [`dataplane`] | the HTTP/WebSocket data plane over an agent: exec, files, terminals, `/port/<p>/` and `/server/<p>/` into the project, browser token → cookie exchange | always |
+//! | [`files`] | [`ProjectFiles`](files::ProjectFiles): file access confined to a project's home with `cap-std` (`..`, absolute paths and symlinks out are refused) | always |
+//! | [`MasterLink`] | registration with a bootstrap token, signed keepalives, the push channel (ACL changes, revocations, keys, start/stop), ACL lookups, activity; reconnects with backoff and drives the ACL cache's offline grace | always |
+//! | [`local_store`] | the host's SQLite cache: generation fences, ACL entries and revocations, so a restarted host serves at once | always |
+//! | [`daemon`] | config file, host identity on disk, building and running a whole host | always |
 //! | [`PodmanRunner`] | one podman container per project through podman's Docker-compatible API (bollard): per-host labels, limits, no network, exec, terminals, re-adoption after a restart, ports reached with `setns` ([`PodmanRunner::connect_port`]), a busybox test image builder | `podman` (default) |
 //! | [`ProcessRunner`] | projects as plain process groups, for development machines without podman. **No isolation at all.** | always |
 //! | [`ImagePolicy`] | the image allowlist with a default | always |
 //! | [`activity`] | activity samples (CPU, processes, connections), the pure culling decision [`decide`](activity::decide) and the [`IdleCuller`] driver | always |
 //! | [`started_at`] | RFC 3339 parsing of podman's timestamps | always |
+//!
+//! Feature `btrfs` (default) lets the daemon use Btrfs project storage.
 //!
 //! Both runners stream exec output as it is produced; dropping an
 //! [`ExecStream`] before its end kills the command. Both implement
