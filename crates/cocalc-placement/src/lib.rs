@@ -16,8 +16,9 @@
 //!
 //! Time comes from an injected clock and randomness from a seeded
 //! [`SeededRng`], so the control-plane simulator can drive all of it.
-//! Not here yet: the HTTP API, bootstrap tokens and host-key authentication,
-//! the push channel, and the move coordinator (the master issue).
+//! The HTTP API, bootstrap tokens and the push channel live in
+//! `cocalc-master` (host request signatures in `cocalc-auth`); the move
+//! coordinator is not written yet.
 //!
 //! ## Example
 //!
