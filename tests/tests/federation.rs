@@ -70,9 +70,19 @@ struct Host {
 }
 
 async fn start_host(dir: &Path, master: &str, token: &str, grace_secs: u64) -> Host {
+    start_host_with(
+        dir,
+        master,
+        token,
+        &format!("offline_grace_secs = {grace_secs}\n"),
+    )
+    .await
+}
+
+async fn start_host_with(dir: &Path, master: &str, token: &str, extra: &str) -> Host {
     let cfg: HostConfig = toml_cfg(&format!(
         "listen = \"127.0.0.1:0\"\nmaster_url = \"{master}\"\ndata_dir = \"{}\"\n\
-         bootstrap_token = \"{token}\"\noffline_grace_secs = {grace_secs}\nacl_ttl_secs = 300\n",
+         bootstrap_token = \"{token}\"\nacl_ttl_secs = 300\n{extra}",
         dir.display()
     ));
     cfg.check().unwrap();
@@ -585,4 +595,77 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
         let _ = h.task.await;
     }
     m2.shut_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activity_reaches_the_master_and_idle_projects_are_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = start_master(&dir.path().join("master"), "127.0.0.1:0").await;
+    let admin = MasterClient::new(&m.url, &m.admin);
+    let t = admin.bootstrap_token().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let h = start_host_with(
+        &dir.path().join("h"),
+        &m.url,
+        &t,
+        "idle_timeout_secs = 2\nactivity_interval_secs = 1\n",
+    )
+    .await;
+    eventually("host up", Duration::from_secs(15), || async {
+        admin.hosts().await.map(|v| v.len() == 1).unwrap_or(false)
+    })
+    .await;
+    let u = admin.create_user("u").await.unwrap();
+    let c = MasterClient::new(&m.url, u["api_key"].as_str().unwrap());
+    c.create_project(&CreateProjectRequest::new("p"))
+        .await
+        .unwrap();
+    let o = c.open("p").await.unwrap();
+    let pid = o.project.to_string();
+    let (s, v) = exec(&h.url, &pid, &o.token, &["true"]).await;
+    assert_eq!(s, 200, "{v}");
+    // The host reports the use; the master records it.
+    eventually(
+        "activity recorded on the master",
+        Duration::from_secs(10),
+        || async {
+            c.projects()
+                .await
+                .map(|p| p[0].last_activity.is_some())
+                .unwrap_or(false)
+        },
+    )
+    .await;
+    // Nothing uses the project now: the culler stops it.
+    let status = |token: String, url: String| async move {
+        let r = reqwest::Client::new()
+            .get(format!("{url}/{pid}/status"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        r.json::<Value>().await.unwrap()["state"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    let _ = status;
+    eventually("idle project stopped", Duration::from_secs(15), || async {
+        let r: Value = reqwest::Client::new()
+            .get(format!("{}/{}/status", h.url, o.project))
+            .bearer_auth(&o.token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        r["state"] == "stopped"
+    })
+    .await;
+    let _ = h.stop.send(true);
+    let _ = h.task.await;
+    m.shut_down().await;
 }

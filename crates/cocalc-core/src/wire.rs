@@ -102,6 +102,9 @@ pub struct ProjectInfo {
     pub host: Option<HostId>,
     /// Current placement generation.
     pub generation: Generation,
+    /// Last use its host reported, if any.
+    #[serde(default)]
+    pub last_activity: Option<Timestamp>,
 }
 
 impl ProjectInfo {
@@ -122,6 +125,7 @@ impl ProjectInfo {
             collaborators,
             host,
             generation,
+            last_activity: None,
         }
     }
 }

@@ -99,6 +99,7 @@ pub struct HostAgent {
     gate: Gate,
     fences: Mutex<HashMap<ProjectId, Generation>>,
     local: Option<crate::local_store::LocalStore>,
+    active: Mutex<std::collections::HashSet<ProjectId>>,
 }
 
 impl std::fmt::Debug for HostAgent {
@@ -124,7 +125,17 @@ impl HostAgent {
             gate,
             fences: Mutex::new(HashMap::new()),
             local: None,
+            active: Mutex::new(std::collections::HashSet::new()),
         }
+    }
+
+    /// Projects that served an authorised request since the last call (for
+    /// the idle culler and the master's activity reports).
+    pub fn take_active(&self) -> Vec<ProjectId> {
+        let mut g = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<ProjectId> = g.drain().collect();
+        v.sort();
+        v
     }
 
     /// Persists newly seen generations in `local` (and lets a restarted
@@ -203,12 +214,36 @@ impl HostAgent {
     }
 
     /// Checks a request (see the [module docs](self)); returns the grant.
+    /// The project counts as in use (for the idle culler and the master).
     pub async fn authorize(
         &self,
         token: &str,
         project: ProjectId,
         needed: Permission,
         action: &str,
+    ) -> Result<Grant, AgentError> {
+        self.check(token, project, needed, action, true).await
+    }
+
+    /// Like [`authorize`](HostAgent::authorize), for requests that only
+    /// look (status polls): they do not keep a project from being culled.
+    pub async fn authorize_passive(
+        &self,
+        token: &str,
+        project: ProjectId,
+        needed: Permission,
+        action: &str,
+    ) -> Result<Grant, AgentError> {
+        self.check(token, project, needed, action, false).await
+    }
+
+    async fn check(
+        &self,
+        token: &str,
+        project: ProjectId,
+        needed: Permission,
+        action: &str,
+        in_use: bool,
     ) -> Result<Grant, AgentError> {
         let grant = self.gate.authorize(token, project, needed, action).await?;
         let got = grant.claims.generation;
@@ -237,6 +272,12 @@ impl HostAgent {
                     }
                 }
             }
+        }
+        if in_use {
+            self.active
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(project);
         }
         Ok(grant)
     }

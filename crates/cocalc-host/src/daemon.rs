@@ -116,6 +116,21 @@ pub struct HostConfig {
     /// ACL cache TTL, seconds.
     #[serde(default = "default_ttl")]
     pub acl_ttl_secs: u64,
+    /// Stop projects idle this long (no requests, CPU below 5 % of a core,
+    /// no connections); 0 disables the culler.
+    #[serde(default = "default_idle")]
+    pub idle_timeout_secs: u64,
+    /// How often activity is reported and the culler runs, seconds.
+    #[serde(default = "default_activity_interval")]
+    pub activity_interval_secs: u64,
+}
+
+fn default_activity_interval() -> u64 {
+    60
+}
+
+fn default_idle() -> u64 {
+    3600
 }
 
 fn default_region() -> String {
@@ -272,6 +287,10 @@ pub struct Host {
     running: Arc<AtomicU32>,
     slots: u32,
     data_dir: PathBuf,
+    source: Arc<dyn crate::activity::ActivitySource>,
+    clock: SharedClock,
+    idle_timeout: Duration,
+    activity_interval: Duration,
 }
 
 impl std::fmt::Debug for Host {
@@ -312,7 +331,10 @@ pub async fn build(cfg: &HostConfig, public_url: String) -> Result<Host, HostDae
             ))
         }
     };
-    let runner: Arc<dyn Runner> = match cfg.runner.as_str() {
+    let (runner, source): (Arc<dyn Runner>, Arc<dyn crate::activity::ActivitySource>) = match cfg
+        .runner
+        .as_str()
+    {
         #[cfg(feature = "podman")]
         "podman" => {
             let images = ImagePolicy::new(cfg.image.clone(), cfg.images.iter().cloned());
@@ -340,12 +362,16 @@ pub async fn build(cfg: &HostConfig, public_url: String) -> Result<Host, HostDae
                     ),
                 ));
             }
-            Arc::new(runner)
+            let runner = Arc::new(runner);
+            (runner.clone(), runner)
         }
-        "process" => Arc::new(crate::process::ProcessRunner::new(
-            ImagePolicy::single("host"),
-            clock.clone(),
-        )),
+        "process" => {
+            let runner = Arc::new(crate::process::ProcessRunner::new(
+                ImagePolicy::single("host"),
+                clock.clone(),
+            ));
+            (runner.clone(), runner)
+        }
         other => {
             return Err(start_err(
                 "runner",
@@ -426,6 +452,10 @@ pub async fn build(cfg: &HostConfig, public_url: String) -> Result<Host, HostDae
         running: Arc::new(AtomicU32::new(0)),
         slots: cfg.project_slots,
         data_dir: cfg.data_dir.clone(),
+        source,
+        clock,
+        idle_timeout: Duration::from_secs(cfg.idle_timeout_secs),
+        activity_interval: Duration::from_secs(cfg.activity_interval_secs.max(1)),
     })
 }
 
@@ -446,6 +476,50 @@ impl Host {
             memory_used_bytes: 0,
         };
         (Health::Ok, cap, load)
+    }
+
+    /// One round of activity handling: projects used since the last round
+    /// are reported to the master and count as active for the culler; then
+    /// the culler samples the running projects and stops the idle ones
+    /// (unless the idle timeout is 0).
+    pub async fn activity_round(&self, culler: &mut crate::activity::IdleCuller) {
+        let active = self.agent.take_active();
+        if !active.is_empty() {
+            let now = self.clock.now();
+            for p in &active {
+                culler.note_activity(*p);
+            }
+            let report = active
+                .iter()
+                .map(|p| cocalc_core::wire::ProjectActivity {
+                    project: *p,
+                    last_use: now,
+                })
+                .collect();
+            if let Err(e) = self.link.report_activity(report).await {
+                tracing::warn!(error = %e, "activity report to the master failed");
+            }
+        }
+        if self.idle_timeout.is_zero() {
+            return;
+        }
+        match culler
+            .tick(self.agent.runner().as_ref(), self.source.as_ref())
+            .await
+        {
+            Ok(verdicts) => {
+                for (project, v) in verdicts {
+                    match v {
+                        Ok(crate::activity::CullDecision::Stop) => {
+                            tracing::info!(%project, "stopped idle project")
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(%project, "idle culler: {e}"),
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("idle culler: listing projects: {e}"),
+        }
     }
 
     /// Serves the data plane on `listener` and keeps the master link up
@@ -499,6 +573,26 @@ impl Host {
                 }
             })
         };
+        // Every activity interval (default a minute): report recent use to the master, and stop projects
+        // that are truly idle (no requests, no CPU, no connections).
+        let culler = {
+            let me = me.clone();
+            let stop = wait(rx.clone());
+            tokio::spawn(async move {
+                let policy = crate::activity::CullPolicy {
+                    idle_timeout: me.idle_timeout,
+                    ..crate::activity::CullPolicy::default()
+                };
+                let mut culler = crate::activity::IdleCuller::new(policy, me.clock.clone());
+                let cull = async {
+                    loop {
+                        tokio::time::sleep(me.activity_interval).await;
+                        me.activity_round(&mut culler).await;
+                    }
+                };
+                tokio::select! { _ = cull => {}, _ = stop => {} }
+            })
+        };
         let status_me = me.clone();
         let status: Arc<dyn crate::master_link::HostStatus> = Arc::new(move || status_me.status());
         let link = tokio::spawn(me.link.clone().run(status, wait(rx.clone())));
@@ -513,6 +607,7 @@ impl Host {
         let _ = link.await;
         let _ = counter.await;
         let _ = saver.await;
+        let _ = culler.await;
         result
     }
 }

@@ -188,14 +188,16 @@ impl Master {
     async fn info(&self, p: &Project) -> Result<ProjectInfo, MasterError> {
         let placed = self.store.placement(p.id).await?;
         let collaborators = self.dir.collaborators(p.id)?;
-        Ok(ProjectInfo::new(
+        let mut info = ProjectInfo::new(
             p.id,
             p.name.clone(),
             p.owner,
             collaborators,
             placed.as_ref().map(|e| e.host),
-            placed.map_or(Generation(0), |e| e.generation),
-        ))
+            placed.as_ref().map_or(Generation(0), |e| e.generation),
+        );
+        info.last_activity = placed.and_then(|e| e.last_activity);
+        Ok(info)
     }
 
     /// Creates a project owned by the calling user.
