@@ -669,3 +669,152 @@ async fn activity_reaches_the_master_and_idle_projects_are_stopped() {
     let _ = h.task.await;
     m.shut_down().await;
 }
+
+/// The same federation with the production backends: podman containers on
+/// a loop-mounted Btrfs pool. Runs as root; with COCALC_TEST_PRIVILEGED=require
+/// (as `scripts/test` sets it) a missing environment is a failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federation_with_podman_and_btrfs() {
+    let required = std::env::var("COCALC_TEST_PRIVILEGED").is_ok_and(|v| v == "require");
+    let root = nix_is_root();
+    let tools = ["podman", "runc", "mkfs.btrfs"].iter().all(|t| {
+        std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if !(root && tools) {
+        let why = if root {
+            "podman/runc/mkfs.btrfs missing"
+        } else {
+            "not root"
+        };
+        assert!(!required, "COCALC_TEST_PRIVILEGED=require but {why}");
+        eprintln!("skipping federation_with_podman_and_btrfs: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pool_dir = dir.path().join("pool");
+    std::fs::create_dir_all(&pool_dir).unwrap();
+    let pool = cocalc_storage::LoopPool::create(&pool_dir, 2 << 30).unwrap();
+    let m = start_master(&dir.path().join("master"), "127.0.0.1:0").await;
+    let admin = MasterClient::new(&m.url, &m.admin);
+    let t = admin.bootstrap_token().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let backend = format!(
+        "runner = \"podman\"\nstorage = \"btrfs\"\nbtrfs_pool = \"{}\"\n",
+        pool.path().display()
+    );
+    let hdir = dir.path().join("h");
+    let h = start_host_with(&hdir, &m.url, &t, &backend).await;
+    eventually("host up", Duration::from_secs(30), || async {
+        admin.hosts().await.map(|v| v.len() == 1).unwrap_or(false)
+    })
+    .await;
+    let u = admin.create_user("u").await.unwrap();
+    let c = MasterClient::new(&m.url, u["api_key"].as_str().unwrap());
+    c.create_project(&CreateProjectRequest::new("a"))
+        .await
+        .unwrap();
+    c.create_project(&CreateProjectRequest::new("b"))
+        .await
+        .unwrap();
+    let a = c.open("a").await.unwrap();
+    let b = c.open("b").await.unwrap();
+    let (pa, pb) = (a.project.to_string(), b.project.to_string());
+
+    // exec in a container, as the unprivileged user, on its subvolume.
+    let (s, v) = exec(
+        &h.url,
+        &pa,
+        &a.token,
+        &["sh", "-c", "id -u; echo data > f.txt; cat f.txt"],
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(stdout(&v), "2001\ndata\n");
+    // Project b cannot see a's files, by path tricks or by its token.
+    let (s, v) = exec(
+        &h.url,
+        &pb,
+        &b.token,
+        &["sh", "-c", "ls /home/user; cat ../*/f.txt 2>&1 || true"],
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert!(!stdout(&v).contains("data"), "{v}");
+    let http = reqwest::Client::new();
+    let r = http
+        .get(format!("{}/{pa}/files/f.txt", h.url))
+        .bearer_auth(&b.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+
+    // Host restart with the project running: the container is adopted, not
+    // duplicated, and keeps serving.
+    let _ = h.stop.send(true);
+    let _ = h.task.await;
+    let h = start_host_with(&hdir, &m.url, "", &backend).await;
+    let (s, v) = exec(&h.url, &pa, &a.token, &["cat", "f.txt"]).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(stdout(&v), "data\n");
+    let ps = std::process::Command::new("podman")
+        .args([
+            "ps",
+            "-a",
+            "--filter",
+            &format!("label=org.cocalc.project={pa}"),
+            "--format",
+            "{{.Names}}",
+        ])
+        .output()
+        .unwrap();
+    let names = String::from_utf8_lossy(&ps.stdout);
+    assert_eq!(
+        names.lines().count(),
+        1,
+        "one container for the project: {names}"
+    );
+
+    // Stop, open again: data still there.
+    for (p, tok) in [(&pa, &a.token), (&pb, &b.token)] {
+        let r = http
+            .post(format!("{}/{p}/stop", h.url))
+            .bearer_auth(tok)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 204);
+    }
+    let a2 = c.open("a").await.unwrap();
+    let (s, v) = exec(&h.url, &pa, &a2.token, &["cat", "f.txt"]).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(stdout(&v), "data\n");
+    let r = http
+        .post(format!("{}/{pa}/stop", h.url))
+        .bearer_auth(&a2.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+
+    let _ = h.stop.send(true);
+    let _ = h.task.await;
+    m.shut_down().await;
+    pool.teardown().unwrap();
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
