@@ -169,6 +169,16 @@ impl MasterClient {
         Ok(())
     }
 
+    /// Re-places a project whose host is down or draining (admin).
+    pub async fn replace(&self, project: &str) -> Result<PlacementExplanation, ApiError> {
+        self.call(
+            reqwest::Method::POST,
+            &format!("/v1/projects/{project}/replace"),
+            None,
+        )
+        .await
+    }
+
     /// Every host (admin).
     pub async fn hosts(&self) -> Result<Vec<HostInfo>, ApiError> {
         self.call(reqwest::Method::GET, "/v1/hosts", None).await

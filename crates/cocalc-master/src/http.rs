@@ -18,6 +18,7 @@
 //! | GET | `/v1/projects/{p}/placement` | collaborator | `PlacementExplanation` |
 //! | POST | `/v1/projects/{p}/exec` | writer | `ExecRequest` → `ExecResult`, forwarded to the project's host |
 //! | POST | `/v1/projects/{p}/start`, `/stop` | writer | forwarded to the project's host |
+//! | POST | `/v1/projects/{p}/replace` | admin | re-place a project whose host is down or draining (generation + 1) |
 //! | POST | `/v1/admin/bootstrap-tokens` | admin | one-time host bootstrap token |
 //! | POST | `/v1/admin/keys/rotate` | admin | new signing key (old ones keep verifying) |
 //! | GET | `/v1/hosts` | admin | every `HostInfo` |
@@ -75,6 +76,7 @@ pub fn router(master: Arc<Master>) -> Router {
         .route("/v1/projects/{p}/exec", post(forward_exec))
         .route("/v1/projects/{p}/start", post(forward_start))
         .route("/v1/projects/{p}/stop", post(forward_stop))
+        .route("/v1/projects/{p}/replace", post(replace))
         .route("/v1/admin/bootstrap-tokens", post(bootstrap_token))
         .route("/v1/admin/keys/rotate", post(rotate_key))
         .route("/v1/hosts", get(list_hosts))
@@ -99,7 +101,7 @@ pub fn router(master: Arc<Master>) -> Router {
     info(title = "cocalc master API", description = "Control plane of a cocalc federation."),
     paths(
         create_user, sign_out, list_projects, create_project, get_project, put_collaborator,
-        delete_collaborator, open_project, explain, forward_exec, forward_start, forward_stop,
+        delete_collaborator, open_project, explain, forward_exec, forward_start, forward_stop, replace,
         bootstrap_token, rotate_key, list_hosts,
         drain, undrain, register, keepalive, activity, host_acl, push
     ),
@@ -560,4 +562,15 @@ async fn forward_stop(
     let host = m.host_client(&c, p).await?;
     host.stop().await.map_err(MasterError::Upstream)?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[utoipa::path(post, path = "/v1/projects/{p}/replace", tag = "admin", params(("p" = String, Path, description = "project id")), security(("api_key" = [])), responses((status = 200, body = PlacementExplanation), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError), (status = 503, body = ApiError)))]
+async fn replace(
+    State(m): State<AppState>,
+    Auth(c): Auth,
+    Path(p): Path<String>,
+) -> Result<Response> {
+    let p: ProjectId = id(&p)?;
+    m.replace_project(&c, p).await?;
+    Ok(Json(m.explain(&c, p).await?).into_response())
 }

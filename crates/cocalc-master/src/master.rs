@@ -376,6 +376,51 @@ impl Master {
         }
     }
 
+    /// Re-places a project whose host is down or draining (admin): an
+    /// explicit operation, never automatic. The project's current host is
+    /// excluded, the generation grows by one (so the old host refuses the
+    /// project's tokens and commands from then on), and the old host is
+    /// told to stop it if it is listening. Data moves are not part of this:
+    /// the new host starts from an empty volume unless the data was moved
+    /// or restored there. Refused for a project on an up host.
+    pub async fn replace_project(
+        &self,
+        caller: &Caller,
+        project: ProjectId,
+    ) -> Result<cocalc_core::ProjectPlacement, MasterError> {
+        caller.require_admin()?;
+        let current = self
+            .store
+            .placement(project)
+            .await?
+            .ok_or_else(|| MasterError::NotFound(format!("project {project} is not placed")))?;
+        let now = self.now();
+        if let Some(h) = self.registry.get(current.host) {
+            if h.state_at(now) == HostState::Up {
+                return Err(MasterError::Conflict(format!(
+                    "host {} of project {project} is up; drain it first or move the project",
+                    current.host
+                )));
+            }
+        }
+        let hosts: Vec<_> = self
+            .registry
+            .hosts()
+            .into_iter()
+            .filter(|h| h.id != current.host)
+            .collect();
+        let decision = self
+            .placement
+            .place(&PlacementRequest::new(project), &hosts)?;
+        let to = decision.host;
+        let placed = self
+            .store
+            .assign(project, to, Some(current.generation), decision, now)
+            .await?;
+        self.push.send(current.host, PushMessage::Stop { project });
+        Ok(placed)
+    }
+
     /// A data-plane client for the project's host, acting as the caller
     /// (the project is placed first if needed). For callers that want
     /// "run this in my project" in one call to the master.

@@ -517,3 +517,48 @@ async fn key_rotation_signs_new_tokens_with_the_new_key_and_keeps_the_old() {
     assert_eq!(new_claims.key_id, new_kid);
     assert!(ver.verify(&old_token).is_ok());
 }
+
+#[tokio::test]
+async fn replacing_a_project_off_a_down_host_is_explicit_and_bumps_the_generation() {
+    let e = env().await;
+    let (h1, h2) = (Host::new(1), Host::new(2));
+    let grant = e.register(&h1).await;
+    let (_, alice) = e.user("alice").await;
+    let p = e.project(&alice, "p").await;
+    let (_, v) = e
+        .call("POST", "/v1/projects/p/open", Some(&alice), None)
+        .await;
+    assert_eq!(v["host"], h1.id.to_string());
+    e.register(&h2).await;
+    let path = format!("/v1/projects/{}/replace", p.id);
+    // Host 1 is up: no re-placement.
+    let (s, v) = e.call("POST", &path, Some(ADMIN), None).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    // Users cannot do it.
+    assert_eq!(
+        e.call("POST", &path, Some(&alice), None).await.0,
+        StatusCode::FORBIDDEN
+    );
+    // Host 1's lease runs out: it is down, the project stays mapped to it
+    // (a lost heartbeat re-places nothing by itself)...
+    e.clock.set(grant.lease_expires);
+    e.keepalive(&h2).await;
+    let (s, v) = e
+        .call("POST", "/v1/projects/p/open", Some(&alice), None)
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("is down"), "{v}");
+    // ...until the operator re-places it: generation 2 on host 2.
+    let (s, v) = e.call("POST", &path, Some(ADMIN), None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["generation"], 2);
+    assert_eq!(v["decision"]["host"], h2.id.to_string());
+    let (s, v) = e
+        .call("POST", "/v1/projects/p/open", Some(&alice), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        (v["host"].as_str().unwrap(), v["generation"].as_u64()),
+        (h2.id.to_string().as_str(), Some(2))
+    );
+}

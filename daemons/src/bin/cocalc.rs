@@ -154,6 +154,12 @@ enum ProjectCommand {
         #[arg(last = true, required = true)]
         argv: Vec<String>,
     },
+    /// Re-place a project whose host is down or draining (admin; bumps the
+    /// generation, the old host refuses it from then on).
+    Replace {
+        /// Project id.
+        project: String,
+    },
     /// Start a project (idempotent).
     Start {
         /// Project name or id.
@@ -585,6 +591,17 @@ fn run_remote(
                 rt.block_on(h.stop()).map_err(api)?;
                 if !json {
                     println!("stopped");
+                }
+            }
+            ProjectCommand::Replace { project } => {
+                let x = rt.block_on(client.replace(project)).map_err(api)?;
+                if json {
+                    print_json(&x)?;
+                } else {
+                    println!(
+                        "project {} re-placed on host {} (generation {}): {}",
+                        x.project, x.decision.host, x.generation, x.decision.reason
+                    );
                 }
             }
             ProjectCommand::Explain { project } => {
