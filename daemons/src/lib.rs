@@ -30,6 +30,68 @@ pub fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// A daemon's start-up failure, with the exit code it maps to.
+pub trait DaemonFailure: std::fmt::Display {
+    /// Process exit code (2: configuration, 1: anything else).
+    fn exit_code(&self) -> u8;
+}
+
+impl DaemonFailure for cocalc_master::daemon::DaemonError {
+    fn exit_code(&self) -> u8 {
+        cocalc_master::daemon::DaemonError::exit_code(self)
+    }
+}
+
+impl DaemonFailure for cocalc_host::daemon::HostDaemonError {
+    fn exit_code(&self) -> u8 {
+        cocalc_host::daemon::HostDaemonError::exit_code(self)
+    }
+}
+
+/// The whole `main` of a daemon: logging, config (or `--check-config`),
+/// a runtime, `run` until SIGINT/SIGTERM, and the exit code.
+pub fn daemon_main<C, E: DaemonFailure, F>(
+    name: &str,
+    config: &std::path::Path,
+    check_only: bool,
+    load: impl FnOnce(&std::path::Path) -> Result<C, E>,
+    run: impl FnOnce(C, std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> F,
+) -> std::process::ExitCode
+where
+    F: std::future::Future<Output = Result<(), E>>,
+{
+    use std::process::ExitCode;
+    init_logging();
+    let cfg = match load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            return ExitCode::from(e.exit_code());
+        }
+    };
+    if check_only {
+        println!("{}: ok", config.display());
+        return ExitCode::SUCCESS;
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{name}: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cfg, Box::pin(shutdown_signal()))) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
 /// Completes on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};

@@ -230,6 +230,28 @@ pub fn identity(data_dir: &Path) -> Result<(HostId, SigningKey), HostDaemonError
     Ok((id, key))
 }
 
+/// Binds the configured address, builds the host and runs it until
+/// `shutdown`: what the `cocalc-host` binary does. Prints
+/// `cocalc-host: <host id> listening on <url>` to stderr once serving.
+pub async fn run(
+    cfg: HostConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), HostDaemonError> {
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| start_err(&format!("listen on {}", cfg.listen), e))?;
+    let addr = listener.local_addr().map_err(|e| start_err("listen", e))?;
+    let public = cfg
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{addr}"));
+    let host = build(&cfg, public.clone()).await?;
+    eprintln!("cocalc-host: {} listening on {public}", host.agent.host());
+    host.run(listener, shutdown)
+        .await
+        .map_err(|e| start_err("serving", e))
+}
+
 /// Hooks from the master link into this host: new signing keys go to the
 /// verifier; start/stop commands go to the agent.
 struct Events {

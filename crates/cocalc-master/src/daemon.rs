@@ -229,6 +229,29 @@ pub async fn bind(cfg: &DaemonConfig) -> Result<tokio::net::TcpListener, DaemonE
         })
 }
 
+/// Builds the master from its config and serves until `shutdown`: what the
+/// `cocalc-master` binary does. Prints `cocalc-master: listening on <url>`
+/// to stderr once serving.
+pub async fn run(
+    cfg: DaemonConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), DaemonError> {
+    let master = build(&cfg).await?;
+    let listener = bind(&cfg).await?;
+    let addr = listener.local_addr().map_err(|e| DaemonError::Listen {
+        addr: cfg.listen,
+        message: e.to_string(),
+    })?;
+    tracing::info!(%addr, admin_key_file = %cfg.admin_key_path().display(), "cocalc-master listening");
+    eprintln!("cocalc-master: listening on http://{addr}");
+    serve(master, listener, shutdown)
+        .await
+        .map_err(|e| DaemonError::Listen {
+            addr,
+            message: e.to_string(),
+        })
+}
+
 /// Completes on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
