@@ -48,7 +48,8 @@ fn have(cmd: &str) -> bool {
 /// The backend `auto` resolves to on this machine, and why.
 pub fn detect_backend() -> (&'static str, String) {
     let root = nix::unistd::geteuid().is_root();
-    let missing: Vec<&str> = ["podman", "runc", "mkfs.btrfs"]
+    // busybox (static) builds the default project image when it is missing.
+    let missing: Vec<&str> = ["podman", "runc", "mkfs.btrfs", "busybox"]
         .into_iter()
         .filter(|c| !have(c))
         .collect();
