@@ -818,3 +818,137 @@ fn nix_is_root() -> bool {
         })
         .unwrap_or(false)
 }
+
+/// The same requests directly to the host and through the ingress give the
+/// same answers; the ingress refuses malformed paths and bad tokens itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingress_matches_direct_and_refuses_bad_input() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let dir = tempfile::tempdir().unwrap();
+    let m = start_master(&dir.path().join("master"), "127.0.0.1:0").await;
+    let admin = MasterClient::new(&m.url, &m.admin);
+    let t = admin.bootstrap_token().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let h = start_host(&dir.path().join("h"), &m.url, &t, 60).await;
+    eventually("host up", Duration::from_secs(15), || async {
+        admin.hosts().await.map(|v| v.len() == 1).unwrap_or(false)
+    })
+    .await;
+    let proxy_user = admin.create_user("proxy").await.unwrap();
+    let ingress = cocalc_proxy::Ingress::new(
+        cocalc_proxy::IngressConfig::new(&m.url, proxy_user["api_key"].as_str().unwrap()),
+        std::sync::Arc::new(cocalc_proxy::TcpTransport::default()),
+        std::sync::Arc::new(cocalc_core::SystemClock),
+    )
+    .await
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let purl = format!("http://{}", listener.local_addr().unwrap());
+    let router = ingress.clone().router();
+    let served = tokio::spawn(async move {
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+        .unwrap();
+    });
+
+    let u = admin.create_user("u").await.unwrap();
+    let c = MasterClient::new(&m.url, u["api_key"].as_str().unwrap());
+    c.create_project(&CreateProjectRequest::new("p"))
+        .await
+        .unwrap();
+    c.create_project(&CreateProjectRequest::new("q"))
+        .await
+        .unwrap();
+    let o = c.open("p").await.unwrap();
+    let oq = c.open("q").await.unwrap();
+    let pid = o.project.to_string();
+
+    // Same exec, same answer.
+    let argv = ["sh", "-c", "printf 'a\\0b'; echo err >&2; exit 4"];
+    let direct = exec(&h.url, &pid, &o.token, &argv).await;
+    let proxied = exec(&purl, &pid, &o.token, &argv).await;
+    assert_eq!(direct.0, 200, "{direct:?}");
+    assert_eq!(direct, proxied);
+    // Same file, byte for byte, streamed.
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let http = reqwest::Client::new();
+    let r = http
+        .put(format!("{purl}/{pid}/files/big.bin"))
+        .bearer_auth(&o.token)
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let got = http
+        .get(format!("{}/{pid}/files/big.bin", h.url))
+        .bearer_auth(&o.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.bytes().await.unwrap().as_ref(), big.as_slice());
+    // A terminal through the ingress.
+    let mut req = format!("{}/{pid}/terminal", purl.replacen("http://", "ws://", 1))
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", o.token).parse().unwrap(),
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    ws.send(Message::Binary(b"echo via-$((40+2))\n".to_vec().into()))
+        .await
+        .unwrap();
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !seen.contains("via-42") {
+        assert!(Instant::now() < deadline, "{seen:?}");
+        if let Ok(Some(Ok(Message::Binary(b)))) =
+            tokio::time::timeout(Duration::from_secs(10), ws.next()).await
+        {
+            seen.push_str(&String::from_utf8_lossy(&b));
+        }
+    }
+    ws.close(None).await.unwrap();
+
+    // Refused by the ingress itself, with a reason.
+    let short = &pid[..35];
+    let cases = [
+        format!("/{short}/exec"),
+        format!("/{pid}0/exec"),
+        format!("/{}/exec", pid.to_uppercase()),
+        format!("/{pid}/../{}/exec", oq.project),
+        format!("/{pid}/files/a%2Fb"),
+    ];
+    for path in &cases {
+        let (status, body) = raw_get(&purl, path, &o.token).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(body.contains("bad_path"), "{path}: {body}");
+    }
+    // No token, a bad token, another project's token: never forwarded.
+    assert_eq!(exec(&purl, &pid, "", &["true"]).await.0, 401);
+    assert_eq!(exec(&purl, &pid, "v4.public.junk", &["true"]).await.0, 401);
+    let (s, v) = exec(&purl, &pid, &oq.token, &["true"]).await;
+    assert_eq!(s, 403, "{v}");
+    assert_eq!(v["code"], "token_wrong_project");
+    assert!(
+        ingress
+            .refusals()
+            .bad_path
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 5
+    );
+
+    served.abort();
+    let _ = h.stop.send(true);
+    let _ = h.task.await;
+    m.shut_down().await;
+}

@@ -288,7 +288,8 @@ fn hex16(b: &[u8; 16]) -> String {
 /// trusted keys and empties the cache, so a retired key stops working at
 /// once, cached tokens included.
 pub struct Verifier {
-    host: HostId,
+    /// `None`: any audience (ingress that routes each token to its host).
+    host: Option<HostId>,
     keys: RwLock<Arc<KeySet>>,
     clock: SharedClock,
     policy: TokenPolicy,
@@ -311,6 +312,16 @@ impl Verifier {
         Verifier::with_policy(host, keys, clock, TokenPolicy::default())
     }
 
+    /// A verifier for ingress (the proxy): it checks everything except the
+    /// audience, and the caller must deliver each request only to the host
+    /// the token names (`claims.host`), which checks the audience again.
+    /// Never use this on a host.
+    pub fn for_ingress(keys: KeySet, clock: SharedClock) -> Self {
+        let mut v = Verifier::new(HostId::from_bytes([0; 16]), keys, clock);
+        v.host = None;
+        v
+    }
+
     /// A verifier with an explicit policy.
     pub fn with_policy(
         host: HostId,
@@ -324,7 +335,7 @@ impl Verifier {
             .time_to_live(policy.max_ttl + policy.skew)
             .build();
         Verifier {
-            host,
+            host: Some(host),
             keys: RwLock::new(Arc::new(keys)),
             clock,
             policy,
@@ -332,8 +343,8 @@ impl Verifier {
         }
     }
 
-    /// The host this verifier accepts tokens for.
-    pub fn host(&self) -> HostId {
+    /// The host this verifier accepts tokens for (`None` for ingress).
+    pub fn host(&self) -> Option<HostId> {
         self.host
     }
 
@@ -396,11 +407,13 @@ impl Verifier {
         };
         let body = parsed.verify(&public, b"")?;
         let claims = decode_payload(&body, &footer.kid)?;
-        if claims.host != self.host {
-            return Err(TokenError::WrongHost {
-                expected: self.host,
-                found: claims.host,
-            });
+        if let Some(host) = self.host {
+            if claims.host != host {
+                return Err(TokenError::WrongHost {
+                    expected: host,
+                    found: claims.host,
+                });
+            }
         }
         self.policy
             .check_ttl(claims.expires.as_secs() - claims.issued_at.as_secs())?;

@@ -179,6 +179,23 @@ impl MasterClient {
         .await
     }
 
+    /// How to reach one host (any API key).
+    pub async fn host_endpoint(&self, host: HostId) -> Result<cocalc_core::HostEndpoint, ApiError> {
+        self.call(
+            reqwest::Method::GET,
+            &format!("/v1/hosts/{host}/endpoint"),
+            None,
+        )
+        .await
+    }
+
+    /// The master's public token-signing keys (PASERK), newest first.
+    pub async fn signing_keys(&self) -> Result<Vec<String>, ApiError> {
+        let v: serde_json::Value = self.call(reqwest::Method::GET, "/v1/keys", None).await?;
+        serde_json::from_value(v["signing_keys"].clone())
+            .map_err(|e| ApiError::new(502, "bad_response", e.to_string()))
+    }
+
     /// Every host (admin).
     pub async fn hosts(&self) -> Result<Vec<HostInfo>, ApiError> {
         self.call(reqwest::Method::GET, "/v1/hosts", None).await

@@ -36,6 +36,13 @@ pub fn check_version(v: u16) -> Result<(), crate::error::ApiError> {
     }
 }
 
+/// Name of the cookie that carries a project's connect token in browsers
+/// (set by the host, scoped to the project's path; read by hosts and
+/// proxies).
+pub fn token_cookie_name(project: ProjectId) -> String {
+    format!("cocalc-token-{project}")
+}
+
 /// `POST /v1/projects`: create a project owned by the caller.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]

@@ -115,7 +115,7 @@ pub fn router(agent: Arc<HostAgent>) -> Router {
 
 /// Name of the cookie that carries a project's token.
 pub fn cookie_name(project: ProjectId) -> String {
-    format!("cocalc-token-{project}")
+    cocalc_core::wire::token_cookie_name(project)
 }
 
 /// Parses the project segment (canonical UUID only).

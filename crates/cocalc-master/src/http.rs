@@ -22,6 +22,8 @@
 //! | POST | `/v1/admin/bootstrap-tokens` | admin | one-time host bootstrap token |
 //! | POST | `/v1/admin/keys/rotate` | admin | new signing key (old ones keep verifying) |
 //! | GET | `/v1/hosts` | admin | every `HostInfo` |
+//! | GET | `/v1/hosts/{h}/endpoint` | any API key | how to reach host `h` (for proxies) |
+//! | GET | `/v1/keys` | anyone | the public token-signing keys (PASERK), newest first |
 //! | POST | `/v1/hosts/{h}/drain`, `/undrain` | admin | stop/resume new placements |
 //! | POST | `/v1/hosts/register` | host | `RegisterHostRequest` → `LeaseGrant` |
 //! | POST | `/v1/hosts/{h}/keepalive` | host (signed) | `KeepaliveRequest` → `LeaseGrant` |
@@ -80,6 +82,8 @@ pub fn router(master: Arc<Master>) -> Router {
         .route("/v1/admin/bootstrap-tokens", post(bootstrap_token))
         .route("/v1/admin/keys/rotate", post(rotate_key))
         .route("/v1/hosts", get(list_hosts))
+        .route("/v1/hosts/{h}/endpoint", get(host_endpoint))
+        .route("/v1/keys", get(public_keys))
         .route("/v1/hosts/{h}/drain", post(drain))
         .route("/v1/hosts/{h}/undrain", post(undrain))
         .route("/v1/hosts/register", post(register))
@@ -102,7 +106,7 @@ pub fn router(master: Arc<Master>) -> Router {
     paths(
         create_user, sign_out, list_projects, create_project, get_project, put_collaborator,
         delete_collaborator, open_project, explain, forward_exec, forward_start, forward_stop, replace,
-        bootstrap_token, rotate_key, list_hosts,
+        bootstrap_token, host_endpoint, public_keys, rotate_key, list_hosts,
         drain, undrain, register, keepalive, activity, host_acl, push
     ),
     modifiers(&Security)
@@ -573,4 +577,27 @@ async fn replace(
     let p: ProjectId = id(&p)?;
     m.replace_project(&c, p).await?;
     Ok(Json(m.explain(&c, p).await?).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/hosts/{h}/endpoint", tag = "hosts", params(("h" = String, Path, description = "host id")), security(("api_key" = [])), responses((status = 200, body = cocalc_core::HostEndpoint), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 404, body = ApiError)))]
+async fn host_endpoint(
+    State(m): State<AppState>,
+    Auth(c): Auth,
+    Path(h): Path<String>,
+) -> Result<Response> {
+    Ok(Json(m.host_endpoint(&c, id(&h)?)?).into_response())
+}
+
+/// The public token-signing keys.
+#[derive(Serialize, utoipa::ToSchema)]
+struct PublicKeys {
+    signing_keys: Vec<String>,
+}
+
+#[utoipa::path(get, path = "/v1/keys", tag = "hosts", responses((status = 200, body = PublicKeys)))]
+async fn public_keys(State(m): State<AppState>) -> Result<Response> {
+    Ok(Json(PublicKeys {
+        signing_keys: m.signing_keys(),
+    })
+    .into_response())
 }

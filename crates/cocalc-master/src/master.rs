@@ -596,6 +596,20 @@ impl Master {
         Ok((self.dir.permission(project, user)?, cutoff))
     }
 
+    /// How to reach one host (any authenticated caller: a token already
+    /// names its host; proxies route with this).
+    pub fn host_endpoint(
+        &self,
+        caller: &Caller,
+        host: HostId,
+    ) -> Result<cocalc_core::HostEndpoint, MasterError> {
+        let _ = caller;
+        self.registry
+            .get(host)
+            .map(|r| r.info.endpoint)
+            .ok_or_else(|| MasterError::NotFound(format!("no host {host}")))
+    }
+
     /// Every host (admin).
     pub fn hosts(&self, caller: &Caller) -> Result<Vec<cocalc_core::HostInfo>, MasterError> {
         caller.require_admin()?;

@@ -10,8 +10,10 @@
 //! * **reverse tunnels**: the far end for hosts that accept no inbound
 //!   connections, as a [`Transport`](cocalc_core::Transport).
 //!
-//! What exists today is the direct transport, [`TcpTransport`], which the
-//! master and the proxy use to reach hosts that publish a URL.
+//! What exists today: the HTTP/WebSocket [`Ingress`] (base-path checks,
+//! token checks, routing by the token's host, streaming and WebSocket
+//! pass-through) and the direct transport, [`TcpTransport`], which reaches
+//! hosts that publish a URL. Not yet: rate limits, SSH, reverse tunnels.
 //!
 //! ```no_run
 //! use cocalc_core::{HostEndpoint, HostId, Transport};
@@ -23,6 +25,8 @@
 //! # Ok(()) }
 //! ```
 
+pub mod ingress;
 mod tcp;
 
+pub use ingress::{Ingress, IngressConfig};
 pub use tcp::{parse_host_url, TcpTransport};

@@ -1,0 +1,358 @@
+//! [`Ingress`]: HTTP and WebSocket ingress into projects.
+//!
+//! `/<project id>/…` is routed to the host that holds the project:
+//!
+//! 1. **Base path first.** The first segment must be a canonical project id
+//!    (36 bytes, lowercase UUID); `..` segments and percent-encoded slashes
+//!    or backslashes anywhere are refused. Each refusal is a 400 that says
+//!    why — never a panic, never a mis-route.
+//! 2. **Token.** The same connect token as hosts take (`Authorization:
+//!    Bearer`, `?token=`, or the project cookie). Signature, key, expiry and
+//!    lifetime are checked here; the token must be for the project in the
+//!    path. A request without a valid token never reaches a host.
+//! 3. **Route.** The token names its host; the host's endpoint comes from
+//!    the master (cached for a short TTL). The request goes to that host
+//!    only, which checks the token again (audience, ACL, generation).
+//! 4. **Forward.** Bodies stream both ways; WebSocket upgrades pass
+//!    through; `Host` becomes the host's address and the original goes in
+//!    `X-Forwarded-Host`, with `X-Forwarded-For` and `X-Forwarded-Proto`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
+use cocalc_auth::{paserk, KeySet, Verifier};
+use cocalc_client::MasterClient;
+use cocalc_core::{ApiError, HostEndpoint, HostId, ProjectId, SharedClock, Timestamp, Transport};
+
+/// Ingress tunables.
+#[derive(Debug, Clone)]
+pub struct IngressConfig {
+    /// The master's base URL.
+    pub master_url: String,
+    /// API key the ingress uses to look hosts up.
+    pub api_key: String,
+    /// How long a host's endpoint is cached (default 10 s).
+    pub route_ttl: Duration,
+}
+
+impl IngressConfig {
+    /// Defaults for `master_url` with `api_key`.
+    pub fn new(master_url: impl Into<String>, api_key: impl Into<String>) -> Self {
+        IngressConfig {
+            master_url: master_url.into(),
+            api_key: api_key.into(),
+            route_ttl: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Refusals by reason, for metrics and audit.
+#[derive(Debug, Default)]
+pub struct Refusals {
+    /// Malformed base paths.
+    pub bad_path: AtomicU64,
+    /// Missing or invalid tokens.
+    pub bad_token: AtomicU64,
+    /// Hosts that could not be reached.
+    pub unreachable: AtomicU64,
+}
+
+/// The ingress service.
+pub struct Ingress {
+    cfg: IngressConfig,
+    master: MasterClient,
+    verifier: Verifier,
+    transport: Arc<dyn Transport>,
+    routes: Mutex<HashMap<HostId, (HostEndpoint, Instant)>>,
+    refusals: Refusals,
+}
+
+impl std::fmt::Debug for Ingress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ingress")
+            .field("cfg", &self.cfg.master_url)
+            .finish_non_exhaustive()
+    }
+}
+
+fn fail(status: u16, code: &str, message: impl Into<String>) -> Response {
+    let e = ApiError::new(status, code, message);
+    let s = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (s, Json(e)).into_response()
+}
+
+fn api(e: &ApiError) -> Response {
+    let s = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (s, Json(e.clone())).into_response()
+}
+
+/// Checks the base path; returns the project or why the path is refused.
+pub fn project_of_path(path: &str) -> Result<ProjectId, String> {
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") {
+        return Err("percent-encoded slashes are not allowed in the path".into());
+    }
+    if path
+        .split('/')
+        .any(|s| s == ".." || s == "." || s.eq_ignore_ascii_case("%2e%2e"))
+    {
+        return Err("'.' and '..' segments are not allowed in the path".into());
+    }
+    let first = path
+        .strip_prefix('/')
+        .unwrap_or(path)
+        .split('/')
+        .next()
+        .unwrap_or("");
+    if first.is_empty() {
+        return Err("the path must start with /<project id>/".into());
+    }
+    first
+        .parse::<ProjectId>()
+        .map_err(|e| format!("first path segment: {e}"))
+}
+
+fn token_of(req: &Request, project: ProjectId) -> Option<String> {
+    let h = req.headers();
+    if let Some(t) = h
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    {
+        return Some(t.trim().to_string());
+    }
+    if let Some(q) = req.uri().query() {
+        if let Some(t) = q.split('&').find_map(|p| p.strip_prefix("token=")) {
+            return Some(t.to_string());
+        }
+    }
+    let name = cocalc_core::wire::token_cookie_name(project);
+    h.get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_string())
+}
+
+impl Ingress {
+    /// An ingress; fetches the master's signing keys once before serving.
+    pub async fn new(
+        cfg: IngressConfig,
+        transport: Arc<dyn Transport>,
+        clock: SharedClock,
+    ) -> Result<Arc<Self>, ApiError> {
+        let master = MasterClient::new(cfg.master_url.clone(), cfg.api_key.clone());
+        let ing = Ingress {
+            verifier: Verifier::for_ingress(KeySet::new(), clock),
+            master,
+            cfg,
+            transport,
+            routes: Mutex::new(HashMap::new()),
+            refusals: Refusals::default(),
+        };
+        ing.refresh_keys().await?;
+        Ok(Arc::new(ing))
+    }
+
+    /// Refusal counters.
+    pub fn refusals(&self) -> &Refusals {
+        &self.refusals
+    }
+
+    /// Reloads the master's signing keys (call periodically and after a
+    /// rotation).
+    pub async fn refresh_keys(&self) -> Result<(), ApiError> {
+        let keys = self.master.signing_keys().await?;
+        let mut set = KeySet::new();
+        for (i, k) in keys.iter().rev().enumerate() {
+            let pk = paserk::decode_public(k)
+                .map_err(|e| ApiError::new(502, "bad_key", format!("master key {k:?}: {e}")))?;
+            set.insert_public(pk, Timestamp(i as i64 + 1));
+        }
+        self.verifier.set_keys(set);
+        Ok(())
+    }
+
+    async fn route(&self, host: HostId) -> Result<HostEndpoint, ApiError> {
+        if let Some((ep, at)) = self
+            .routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&host)
+        {
+            if at.elapsed() < self.cfg.route_ttl {
+                return Ok(ep.clone());
+            }
+        }
+        let ep = self.master.host_endpoint(host).await?;
+        self.routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(host, (ep.clone(), Instant::now()));
+        Ok(ep)
+    }
+
+    /// Forgets a cached route (the master's push of a project move).
+    pub fn forget_route(&self, host: HostId) {
+        self.routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&host);
+    }
+
+    /// The ingress as an axum router (serve it with connect info:
+    /// `into_make_service_with_connect_info::<SocketAddr>()`).
+    pub fn router(self: Arc<Self>) -> Router {
+        Router::new().fallback(handle).with_state(self)
+    }
+}
+
+async fn handle(
+    State(ing): State<Arc<Ingress>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+) -> Response {
+    let project = match project_of_path(req.uri().path()) {
+        Ok(p) => p,
+        Err(why) => {
+            ing.refusals.bad_path.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(target: "cocalc::audit", outcome = "refuse", reason = "bad_path", %peer, detail = %why);
+            return fail(400, "bad_path", why);
+        }
+    };
+    let Some(token) = token_of(&req, project) else {
+        ing.refusals.bad_token.fetch_add(1, Ordering::Relaxed);
+        return fail(
+            401,
+            "token_missing",
+            "no connect token (Authorization header, ?token= or cookie)",
+        );
+    };
+    let claims = match ing.verifier.verify(&token) {
+        Ok(c) => c,
+        Err(e) => {
+            ing.refusals.bad_token.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(target: "cocalc::audit", outcome = "refuse", reason = e.code(), %project, %peer);
+            return api(&ApiError::from(&e));
+        }
+    };
+    if let Err(e) = claims.require_project(project) {
+        ing.refusals.bad_token.fetch_add(1, Ordering::Relaxed);
+        return api(&ApiError::from(&e));
+    }
+    let endpoint = match ing.route(claims.host).await {
+        Ok(ep) => ep,
+        Err(e) => return api(&e),
+    };
+    match forward(&ing, claims.host, &endpoint, peer, req).await {
+        Ok(r) => r,
+        Err(e) => {
+            ing.refusals.unreachable.fetch_add(1, Ordering::Relaxed);
+            ing.forget_route(claims.host);
+            api(&e)
+        }
+    }
+}
+
+async fn forward(
+    ing: &Ingress,
+    host: HostId,
+    endpoint: &HostEndpoint,
+    peer: SocketAddr,
+    req: Request,
+) -> Result<Response, ApiError> {
+    use hyper_util::rt::TokioIo;
+    let conn = ing
+        .transport
+        .connect(host, endpoint)
+        .await
+        .map_err(|e| ApiError::from(&e))?;
+    let (mut parts, body) = req.into_parts();
+    let authority = match endpoint {
+        HostEndpoint::Url(u) => crate::parse_host_url(u).map_err(|e| ApiError::from(&e))?,
+        _ => host.to_string(),
+    };
+    if let Some(orig) = parts.headers.get(header::HOST).cloned() {
+        parts.headers.insert("x-forwarded-host", orig);
+    }
+    if let Ok(v) = HeaderValue::from_str(&authority) {
+        parts.headers.insert(header::HOST, v);
+    }
+    let xff = match parts
+        .headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(prev) => format!("{prev}, {}", peer.ip()),
+        None => peer.ip().to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        parts.headers.insert("x-forwarded-for", v);
+    }
+    parts
+        .headers
+        .insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    let client_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(conn))
+        .await
+        .map_err(|e| ApiError::new(502, "host_unreachable", format!("host {host}: {e}")))?;
+    tokio::spawn(async move {
+        let _ = connection.with_upgrades().await;
+    });
+    let mut resp = sender
+        .send_request(axum::http::Request::from_parts(parts, body))
+        .await
+        .map_err(|e| ApiError::new(502, "host_failed", format!("host {host}: {e}")))?;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let upstream = hyper::upgrade::on(&mut resp);
+        if let Some(client) = client_upgrade {
+            tokio::spawn(async move {
+                if let (Ok(c), Ok(u)) = (client.await, upstream.await) {
+                    let _ =
+                        tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u))
+                            .await;
+                }
+            });
+        }
+    }
+    Ok(resp.map(Body::new))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_paths_are_checked_before_anything_is_sliced() {
+        let id = "6ba7b810-9dad-41d1-80b4-00c04fd430c8";
+        assert!(project_of_path(&format!("/{id}/exec")).is_ok());
+        assert!(project_of_path(&format!("/{id}")).is_ok());
+        for (bad, why) in [
+            (
+                "/6ba7b810-9dad-41d1-80b4-00c04fd430c/exec",
+                "expected 36 characters",
+            ),
+            (&format!("/{id}0/exec"), "expected 36 characters"),
+            (&format!("/{}/exec", id.to_uppercase()), "lowercase hex"),
+            (&format!("/{id}/../other"), "'..'"),
+            (&format!("/{id}/files/a%2Fb"), "percent-encoded slashes"),
+            (&format!("/{id}/files/a%5cb"), "percent-encoded slashes"),
+            ("/", "must start with"),
+            ("", "must start with"),
+            ("/é/x", "first path segment"),
+        ] {
+            let e = project_of_path(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+}
