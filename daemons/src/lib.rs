@@ -42,6 +42,12 @@ impl DaemonFailure for cocalc_master::daemon::DaemonError {
     }
 }
 
+impl DaemonFailure for cocalc_proxy::daemon::ProxyDaemonError {
+    fn exit_code(&self) -> u8 {
+        cocalc_proxy::daemon::ProxyDaemonError::exit_code(self)
+    }
+}
+
 impl DaemonFailure for cocalc_host::daemon::HostDaemonError {
     fn exit_code(&self) -> u8 {
         cocalc_host::daemon::HostDaemonError::exit_code(self)

@@ -205,3 +205,63 @@ fn bad_config_is_refused_before_starting() {
     assert_eq!(o.status.code(), Some(5));
     assert!(String::from_utf8_lossy(&o.stderr).contains("cannot reach the master"));
 }
+
+#[test]
+fn proxy_starts_from_config_and_refuses_at_the_edge() {
+    let d = start_master();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("proxy.toml");
+    std::fs::write(
+        &cfg,
+        format!("listen = \"127.0.0.1:0\"\nmaster_url = \"{}\"\n", d.url),
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_cocalc-proxy"))
+        .args(["-c", cfg.to_str().unwrap(), "--check-config"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "no API key is a config error");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("api_key"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:0\"\nmaster_url = \"{}\"\napi_key = \"{}\"\n",
+            d.url, d.admin_key
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cocalc-proxy"))
+        .args(["-c", cfg.to_str().unwrap()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next().expect("proxy exited").unwrap();
+        if let Some(u) = line.strip_prefix("cocalc-proxy: listening on ") {
+            break u.to_string();
+        }
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (bad, missing) = rt.block_on(async {
+        let c = reqwest::Client::new();
+        let bad = c
+            .get(format!("{url}/not-a-project/exec"))
+            .send()
+            .await
+            .unwrap();
+        let missing = c
+            .post(format!("{url}/6ba7b810-9dad-41d1-80b4-00c04fd430c8/exec"))
+            .send()
+            .await
+            .unwrap();
+        (bad.status().as_u16(), missing.status().as_u16())
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(bad, 400);
+    assert_eq!(missing, 401);
+}

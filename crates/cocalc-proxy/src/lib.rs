@@ -25,6 +25,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod daemon;
 pub mod ingress;
 mod tcp;
 

@@ -1,0 +1,141 @@
+//! Everything the `cocalc-proxy` binary does besides parsing arguments.
+//!
+//! ## Config file (TOML)
+//!
+//! ```toml
+//! listen = "0.0.0.0:8000"
+//! master_url = "http://127.0.0.1:8080"
+//! api_key_file = "/etc/cocalc/proxy.key"   # a master API key (or api_key = "…")
+//! key_refresh_secs = 60                    # how often to reload the master's signing keys
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cocalc_core::SystemClock;
+use serde::Deserialize;
+
+use crate::{Ingress, IngressConfig, TcpTransport};
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProxyDaemonError {
+    /// The config file is missing or invalid (exit code 2).
+    #[error("config {path}: {message}")]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// Start-up failed (exit code 1).
+    #[error("{0}")]
+    Start(String),
+}
+
+impl ProxyDaemonError {
+    /// Process exit code.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ProxyDaemonError::Config { .. } => 2,
+            ProxyDaemonError::Start(_) => 1,
+        }
+    }
+}
+
+/// The proxy's config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// The master.
+    pub master_url: String,
+    /// A master API key.
+    #[serde(default)]
+    pub api_key: Option<String>,
+    /// File holding the API key.
+    #[serde(default)]
+    pub api_key_file: Option<PathBuf>,
+    /// Signing-key reload interval, seconds.
+    #[serde(default = "default_refresh")]
+    pub key_refresh_secs: u64,
+}
+
+fn default_refresh() -> u64 {
+    60
+}
+
+impl ProxyConfig {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Self, ProxyDaemonError> {
+        let bad = |message: String| ProxyDaemonError::Config {
+            path: path.to_path_buf(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        let cfg: ProxyConfig = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        if cfg.api_key.is_none() && cfg.api_key_file.is_none() {
+            return Err(bad("api_key or api_key_file is required".into()));
+        }
+        Ok(cfg)
+    }
+
+    fn key(&self) -> Result<String, ProxyDaemonError> {
+        match (&self.api_key, &self.api_key_file) {
+            (Some(k), _) => Ok(k.trim().to_string()),
+            (None, Some(p)) => std::fs::read_to_string(p)
+                .map(|s| s.trim().to_string())
+                .map_err(|e| ProxyDaemonError::Start(format!("{}: {e}", p.display()))),
+            (None, None) => Err(ProxyDaemonError::Start("no API key".into())),
+        }
+    }
+}
+
+/// Starts the ingress and serves until `shutdown`. Prints
+/// `cocalc-proxy: listening on <url>` to stderr once serving.
+pub async fn run(
+    cfg: ProxyConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ProxyDaemonError> {
+    let ingress = Ingress::new(
+        IngressConfig::new(cfg.master_url.trim_end_matches('/'), cfg.key()?),
+        Arc::new(TcpTransport::default()),
+        Arc::new(SystemClock),
+    )
+    .await
+    .map_err(|e| ProxyDaemonError::Start(format!("reaching the master: {}", e.message)))?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| ProxyDaemonError::Start(format!("listen on {}: {e}", cfg.listen)))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| ProxyDaemonError::Start(e.to_string()))?;
+    let refresher = {
+        let ing = ingress.clone();
+        let every = Duration::from_secs(cfg.key_refresh_secs.max(1));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if let Err(e) = ing.refresh_keys().await {
+                    tracing::warn!(error = %e.message, "reloading signing keys failed");
+                }
+            }
+        })
+    };
+    eprintln!("cocalc-proxy: listening on http://{addr}");
+    let result = axum::serve(
+        listener,
+        ingress
+            .router()
+            .into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+    .map_err(|e| ProxyDaemonError::Start(e.to_string()));
+    refresher.abort();
+    result
+}
