@@ -840,8 +840,12 @@ async fn ingress_matches_direct_and_refuses_bad_input() {
     })
     .await;
     let proxy_user = admin.create_user("proxy").await.unwrap();
+    let mut icfg =
+        cocalc_proxy::IngressConfig::new(&m.url, proxy_user["api_key"].as_str().unwrap());
+    icfg.project_rps = 20;
+    icfg.client_rps = 1000;
     let ingress = cocalc_proxy::Ingress::new(
-        cocalc_proxy::IngressConfig::new(&m.url, proxy_user["api_key"].as_str().unwrap()),
+        icfg,
         std::sync::Arc::new(cocalc_proxy::TcpTransport::default()),
         std::sync::Arc::new(cocalc_core::SystemClock),
     )
@@ -946,6 +950,37 @@ async fn ingress_matches_direct_and_refuses_bad_input() {
             .load(std::sync::atomic::Ordering::Relaxed)
             >= 5
     );
+
+    // Rate limits: a noisy project gets 429 with Retry-After; another
+    // project on the same ingress is not affected.
+    let mut limited = None;
+    for _ in 0..60 {
+        let r = http
+            .get(format!("{purl}/{pid}/status"))
+            .bearer_auth(&o.token)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 429 {
+            limited = Some(r);
+            break;
+        }
+    }
+    let r = limited.expect("the noisy project was never limited");
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry >= 1);
+    let qid = oq.project.to_string();
+    let r = http
+        .get(format!("{purl}/{qid}/status"))
+        .bearer_auth(&oq.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "another project is not limited");
 
     served.abort();
     let _ = h.stop.send(true);

@@ -13,7 +13,10 @@
 //! 3. **Route.** The token names its host; the host's endpoint comes from
 //!    the master (cached for a short TTL). The request goes to that host
 //!    only, which checks the token again (audience, ACL, generation).
-//! 4. **Forward.** Bodies stream both ways; WebSocket upgrades pass
+//! 4. **Rate limits** (before any token is verified): per client address
+//!    and per project, answered with 429 and `Retry-After`, so one noisy
+//!    project or client does not starve the others.
+//! 5. **Forward.** Bodies stream both ways; WebSocket upgrades pass
 //!    through; `Host` becomes the host's address and the original goes in
 //!    `X-Forwarded-Host`, with `X-Forwarded-For` and `X-Forwarded-Proto`.
 
@@ -41,6 +44,11 @@ pub struct IngressConfig {
     pub api_key: String,
     /// How long a host's endpoint is cached (default 10 s).
     pub route_ttl: Duration,
+    /// Requests per second allowed per project (default 200), with the
+    /// same number as burst.
+    pub project_rps: u32,
+    /// Requests per second allowed per client address (default 100).
+    pub client_rps: u32,
 }
 
 impl IngressConfig {
@@ -50,6 +58,8 @@ impl IngressConfig {
             master_url: master_url.into(),
             api_key: api_key.into(),
             route_ttl: Duration::from_secs(10),
+            project_rps: 200,
+            client_rps: 100,
         }
     }
 }
@@ -63,6 +73,8 @@ pub struct Refusals {
     pub bad_token: AtomicU64,
     /// Hosts that could not be reached.
     pub unreachable: AtomicU64,
+    /// Requests over a rate limit.
+    pub rate_limited: AtomicU64,
 }
 
 /// The ingress service.
@@ -73,6 +85,27 @@ pub struct Ingress {
     transport: Arc<dyn Transport>,
     routes: Mutex<HashMap<HostId, (HostEndpoint, Instant)>>,
     refusals: Refusals,
+    per_project: governor::DefaultKeyedRateLimiter<ProjectId>,
+    per_client: governor::DefaultKeyedRateLimiter<std::net::IpAddr>,
+}
+
+fn quota(rps: u32) -> governor::Quota {
+    let n = std::num::NonZeroU32::new(rps.max(1)).unwrap_or(std::num::NonZeroU32::MIN);
+    governor::Quota::per_second(n).allow_burst(n)
+}
+
+/// A 429 saying when to retry.
+fn too_many(what: &str, wait: Duration) -> Response {
+    let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+    let mut r = fail(
+        429,
+        "rate_limited",
+        format!("too many requests for this {what}; retry in {secs} s"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+        r.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    r
 }
 
 impl std::fmt::Debug for Ingress {
@@ -153,6 +186,8 @@ impl Ingress {
     ) -> Result<Arc<Self>, ApiError> {
         let master = MasterClient::new(cfg.master_url.clone(), cfg.api_key.clone());
         let ing = Ingress {
+            per_project: governor::RateLimiter::keyed(quota(cfg.project_rps)),
+            per_client: governor::RateLimiter::keyed(quota(cfg.client_rps)),
             verifier: Verifier::for_ingress(KeySet::new(), clock),
             master,
             cfg,
@@ -222,6 +257,14 @@ async fn handle(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Request,
 ) -> Response {
+    use governor::clock::{Clock, DefaultClock};
+    if let Err(not_until) = ing.per_client.check_key(&peer.ip()) {
+        ing.refusals.rate_limited.fetch_add(1, Ordering::Relaxed);
+        return too_many(
+            "client",
+            not_until.wait_time_from(DefaultClock::default().now()),
+        );
+    }
     let project = match project_of_path(req.uri().path()) {
         Ok(p) => p,
         Err(why) => {
@@ -230,6 +273,14 @@ async fn handle(
             return fail(400, "bad_path", why);
         }
     };
+    if let Err(not_until) = ing.per_project.check_key(&project) {
+        ing.refusals.rate_limited.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(target: "cocalc::audit", outcome = "refuse", reason = "rate_limited", %project, %peer);
+        return too_many(
+            "project",
+            not_until.wait_time_from(DefaultClock::default().now()),
+        );
+    }
     let Some(token) = token_of(&req, project) else {
         ing.refusals.bad_token.fetch_add(1, Ordering::Relaxed);
         return fail(
