@@ -29,6 +29,8 @@ pub struct DevOptions {
     pub hosts: usize,
     /// `auto`, `process` or `podman`.
     pub backend: String,
+    /// Port of the ingress proxy on 127.0.0.1 (0: no proxy).
+    pub proxy_port: u16,
 }
 
 /// Why `dev up` failed.
@@ -224,6 +226,38 @@ pub async fn up(
             .map_err(|e| err("demo project", e.message))?;
     }
 
+    // The ingress proxy, with its own API key.
+    let proxy_task = if opts.proxy_port != 0 {
+        let key_path = opts.dir.join("proxy.key");
+        let proxy_key = match std::fs::read_to_string(&key_path) {
+            Ok(k) => k.trim().to_string(),
+            Err(_) => {
+                let u = admin
+                    .create_user("proxy")
+                    .await
+                    .map_err(|e| err("proxy user", e.message))?;
+                let k = u["api_key"].as_str().unwrap_or_default().to_string();
+                std::fs::write(&key_path, format!("{k}\n")).map_err(|e| err("proxy key", e))?;
+                k
+            }
+        };
+        let pcfg: cocalc_proxy::daemon::ProxyConfig = toml::from_str(&format!(
+            "listen = \"127.0.0.1:{}\"\nmaster_url = \"{url}\"\napi_key = \"{proxy_key}\"\n",
+            opts.proxy_port
+        ))
+        .map_err(|e| err("proxy config", e))?;
+        eprintln!(
+            "dev up: starting the proxy on 127.0.0.1:{}",
+            opts.proxy_port
+        );
+        Some(tokio::spawn(cocalc_proxy::daemon::run(
+            pcfg,
+            wait(stop_rx.clone()),
+        )))
+    } else {
+        None
+    };
+
     let isolation = if backend == "podman" {
         "podman containers on Btrfs subvolumes"
     } else {
@@ -244,6 +278,12 @@ pub async fn up(
     println!("  cocalc file ls demo");
     println!("  cocalc project explain demo");
     println!("  cocalc project stop demo");
+    if opts.proxy_port != 0 {
+        println!(
+            "Through the proxy: http://127.0.0.1:{}/<project id>/... with the token from `cocalc project open demo`",
+            opts.proxy_port
+        );
+    }
     println!(
         "Admin key: {}   Ctrl-C stops everything.",
         mcfg.admin_key_path().display()
@@ -267,6 +307,9 @@ pub async fn up(
     for (agent, task) in hosts {
         let _ = task.await;
         drop(agent);
+    }
+    if let Some(t) = proxy_task {
+        let _ = t.await;
     }
     let _ = master_task.await;
     for pool in pools {

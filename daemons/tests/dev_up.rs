@@ -19,6 +19,7 @@ struct DevUp {
     child: Child,
     dir: tempfile::TempDir,
     port: u16,
+    proxy_port: u16,
 }
 
 impl Drop for DevUp {
@@ -44,6 +45,7 @@ impl Drop for DevUp {
 fn start(backend: &str) -> DevUp {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
+    let proxy_port = free_port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_cocalc"))
         .args([
             "dev",
@@ -52,6 +54,8 @@ fn start(backend: &str) -> DevUp {
             dir.path().to_str().unwrap(),
             "--port",
             &port.to_string(),
+            "--proxy-port",
+            &proxy_port.to_string(),
             "--backend",
             backend,
         ])
@@ -71,7 +75,12 @@ fn start(backend: &str) -> DevUp {
         }
     }
     std::thread::spawn(move || for _ in lines {});
-    DevUp { child, dir, port }
+    DevUp {
+        child,
+        dir,
+        port,
+        proxy_port,
+    }
 }
 
 fn cocalc(d: &DevUp, args: &[&str], stdin: Option<&[u8]>) -> std::process::Output {
@@ -139,6 +148,34 @@ fn next_steps_work_and_ctrl_c_stops(backend: &str) {
     assert!(
         String::from_utf8_lossy(&o.stdout).contains("shell-42"),
         "{o:?}"
+    );
+    // The same project through the proxy dev up started.
+    let o = cocalc(&d, &["project", "open", "demo", "--json"], None);
+    let open: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let via_proxy: serde_json::Value = rt.block_on(async {
+        reqwest::Client::new()
+            .post(format!(
+                "http://127.0.0.1:{}/{}/exec",
+                d.proxy_port,
+                open["project"].as_str().unwrap()
+            ))
+            .bearer_auth(open["token"].as_str().unwrap())
+            .json(&serde_json::json!({"argv": ["cat", "hello.txt"]}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    });
+    assert_eq!(via_proxy["exit_code"], 0, "{via_proxy}");
+    assert_eq!(
+        via_proxy["stdout"], "aGkK",
+        "base64 of \"hi\\n\": {via_proxy}"
     );
     let o = cocalc(&d, &["project", "stop", "demo"], None);
     assert!(o.status.success(), "{o:?}");

@@ -109,6 +109,9 @@ enum DevCommand {
         /// auto (podman + Btrfs when root and present), process or podman.
         #[arg(long, default_value = "auto")]
         backend: String,
+        /// Port of the ingress proxy (0: none; default: the master's port + 1).
+        #[arg(long)]
+        proxy_port: Option<u16>,
     },
 }
 
@@ -371,6 +374,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                     port,
                     hosts,
                     backend,
+                    proxy_port,
                 },
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -382,6 +386,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 port,
                 hosts: hosts.max(1),
                 backend,
+                proxy_port: proxy_port.unwrap_or(port.saturating_add(1)),
             };
             rt.block_on(cocalc_daemons::dev::up(
                 opts,
