@@ -6,7 +6,10 @@
 //!
 //! * [`MasterClient`]: the master's control-plane API with one API key;
 //! * [`HostClient`]: one project's data plane on its host, with one connect
-//!   token.
+//!   token;
+//! * [`relay`](relay::relay): one HTTP/1.1 request over an open connection
+//!   with WebSocket upgrades passed through (the host's port proxy and the
+//!   ingress use it).
 //!
 //! Errors are the server's [`ApiError`](cocalc_core::ApiError) (status, code,
 //! message, hint); failures to connect are `503 master_unreachable` /
@@ -29,6 +32,7 @@
 
 mod host;
 mod master;
+pub mod relay;
 
 pub use host::HostClient;
 pub use master::MasterClient;

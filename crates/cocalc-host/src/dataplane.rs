@@ -573,7 +573,6 @@ async fn pump_terminal(mut socket: axum::extract::ws::WebSocket, session: cocalc
 /// `Authorization` header, the project cookie, `?token=`) is removed before
 /// the request reaches the project's server.
 async fn ports(State(a): State<AppState>, req: Request) -> Result<Response> {
-    use hyper_util::rt::TokioIo;
     let (mut parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
     let mut segs = path.trim_start_matches('/').splitn(4, '/');
@@ -661,22 +660,7 @@ async fn ports(State(a): State<AppState>, req: Request) -> Result<Response> {
             parts.headers.insert("x-forwarded-prefix", v);
         }
     }
-    let client_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
-
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(conn))
-        .await
-        .map_err(|e| {
-            Failure(ApiError::new(
-                502,
-                "port_unreachable",
-                format!("port {port}: {e}"),
-            ))
-        })?;
-    tokio::spawn(async move {
-        let _ = connection.with_upgrades().await;
-    });
-    let mut resp = sender
-        .send_request(axum::http::Request::from_parts(parts, body))
+    let resp = cocalc_client::relay::relay(conn, axum::http::Request::from_parts(parts, body))
         .await
         .map_err(|e| {
             Failure(ApiError::new(
@@ -685,17 +669,5 @@ async fn ports(State(a): State<AppState>, req: Request) -> Result<Response> {
                 format!("port {port}: {e}"),
             ))
         })?;
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        let upstream = hyper::upgrade::on(&mut resp);
-        if let Some(client) = client_upgrade {
-            tokio::spawn(async move {
-                if let (Ok(c), Ok(u)) = (client.await, upstream.await) {
-                    let _ =
-                        tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u))
-                            .await;
-                }
-            });
-        }
-    }
     Ok(resp.map(axum::body::Body::new))
 }

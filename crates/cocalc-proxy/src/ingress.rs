@@ -322,7 +322,6 @@ async fn forward(
     peer: SocketAddr,
     req: Request,
 ) -> Result<Response, ApiError> {
-    use hyper_util::rt::TokioIo;
     let conn = ing
         .transport
         .connect(host, endpoint)
@@ -353,29 +352,9 @@ async fn forward(
     parts
         .headers
         .insert("x-forwarded-proto", HeaderValue::from_static("http"));
-    let client_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(conn))
-        .await
-        .map_err(|e| ApiError::new(502, "host_unreachable", format!("host {host}: {e}")))?;
-    tokio::spawn(async move {
-        let _ = connection.with_upgrades().await;
-    });
-    let mut resp = sender
-        .send_request(axum::http::Request::from_parts(parts, body))
+    let resp = cocalc_client::relay::relay(conn, axum::http::Request::from_parts(parts, body))
         .await
         .map_err(|e| ApiError::new(502, "host_failed", format!("host {host}: {e}")))?;
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        let upstream = hyper::upgrade::on(&mut resp);
-        if let Some(client) = client_upgrade {
-            tokio::spawn(async move {
-                if let (Ok(c), Ok(u)) = (client.await, upstream.await) {
-                    let _ =
-                        tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u))
-                            .await;
-                }
-            });
-        }
-    }
     Ok(resp.map(Body::new))
 }
 
