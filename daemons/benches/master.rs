@@ -5,7 +5,8 @@
 //!    clients) and p50/p99 latency, vs raw Ed25519 signatures/s on this
 //!    machine (one thread) — goal ≥ 0.5×;
 //! 2. the master's CPU while 10,000 registered hosts send 2,000 signed
-//!    keepalives/s — goal < 20 % of one core. CPU is read from
+//!    keepalives/s — goal < 20 % of one core — as HTTP requests, and as
+//!    frames on the hosts' push channels (what hosts do while connected). CPU is read from
 //!    `/proc/<pid>/task/*/schedstat` of the master process only (the load
 //!    generator runs in this process).
 //!
@@ -284,6 +285,62 @@ async fn main() {
     let cpu = (cpu_ns(pid) - cpu0) as f64 / 1e9;
     let ka = sent.load(Ordering::Relaxed) as f64 / wall;
 
+    // 3. The same 2,000 keepalives/s as frames on the hosts' push channels
+    //    (one WebSocket per host, opened with a signed upgrade).
+    let ws_hosts = n_hosts;
+    let mut senders = Vec::with_capacity(ws_hosts);
+    let opened = Instant::now();
+    let ws_url = url.replacen("http://", "ws://", 1);
+    for i in 0..ws_hosts {
+        use futures_util::StreamExt;
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let (id, key) = host(i);
+        let path = format!("/v1/hosts/{id}/push");
+        let mut req = format!("{ws_url}{path}").into_client_request().unwrap();
+        for (k, v) in sign_request(&key, id, "GET", &path, now(), b"") {
+            req.headers_mut().insert(k, v.parse().unwrap());
+        }
+        let (ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+        let (tx, mut rx) = ws.split();
+        // Drain the lease frames.
+        tokio::spawn(async move { while let Some(Ok(_)) = rx.next().await {} });
+        senders.push((id, tx));
+    }
+    println!(
+        "opened {ws_hosts} push channels in {:.1} s",
+        opened.elapsed().as_secs_f64()
+    );
+    let frames = Arc::new(AtomicU64::new(0));
+    let cpu0 = cpu_ns(pid);
+    let t0 = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let mut i = 0usize;
+    while t0.elapsed() < Duration::from_secs_f64(secs) {
+        tick.tick().await;
+        for _ in 0..rate / 100 {
+            use futures_util::SinkExt;
+            let (id, tx) = &mut senders[i % ws_hosts];
+            i += 1;
+            let msg = cocalc_core::wire::HostMessage::Keepalive {
+                keepalive: KeepaliveRequest::new(
+                    *id,
+                    Health::Ok,
+                    Capacity::default(),
+                    Load::default(),
+                ),
+            };
+            let text = serde_json::to_string(&msg).unwrap();
+            tx.send(tokio_tungstenite::tungstenite::Message::Text(text.into()))
+                .await
+                .unwrap();
+            frames.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    let ws_wall = t0.elapsed().as_secs_f64();
+    let ws_cpu = (cpu_ns(pid) - cpu0) as f64 / 1e9;
+    let ws_rate = frames.load(Ordering::Relaxed) as f64 / ws_wall;
+    let rss_with_channels = cocalc_daemons::rss_kib(pid);
+
     println!();
     println!("raw ed25519 sign (1 thread)            {sign_rate:>10.0} /s");
     println!(
@@ -298,6 +355,14 @@ async fn main() {
     println!(
         "keepalives: {ka:.0}/s from {n_hosts} hosts for {wall:.1} s; master CPU {cpu:.2} s = {:.1} % of one core   (goal < 20 %)",
         100.0 * cpu / wall
+    );
+    println!(
+        "keepalives on push channels: {ws_rate:.0}/s from {ws_hosts} hosts for {ws_wall:.1} s; master CPU {ws_cpu:.2} s = {:.1} % of one core   (goal < 20 %)",
+        100.0 * ws_cpu / ws_wall
+    );
+    println!(
+        "master RSS with {ws_hosts} hosts holding push channels: {:.1} MiB",
+        rss_with_channels as f64 / 1024.0
     );
     println!(
         "master RSS with {n_hosts} registered hosts: {:.1} MiB (after the load: {:.1} MiB)   (goal <= 300 MB at 10,000)",

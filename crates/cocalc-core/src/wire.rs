@@ -401,6 +401,27 @@ pub enum PushMessage {
         /// The keys.
         keys: Vec<String>,
     },
+    /// The answer to a keepalive the host sent on this channel.
+    Lease {
+        /// The renewed lease.
+        grant: LeaseGrant,
+    },
+}
+
+/// A message a host sends to the master on its push channel (the channel
+/// is authenticated once, by the signed WebSocket upgrade).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[non_exhaustive]
+pub enum HostMessage {
+    /// Renews the lease, like `POST /v1/hosts/{id}/keepalive` but without
+    /// a new request and signature per beat; answered with
+    /// [`PushMessage::Lease`].
+    Keepalive {
+        /// The keepalive.
+        keepalive: KeepaliveRequest,
+    },
 }
 
 /// The collected result of a command run in a project (`POST

@@ -138,6 +138,12 @@ pub struct MasterLink {
     clock: SharedClock,
     acl: Arc<AclCache>,
     events: Arc<dyn HostEvents>,
+    /// Outgoing messages on the push channel while it is connected.
+    push_tx: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<String>>>,
+    /// When the master wants the next keepalive (from the last grant).
+    next_keepalive_ms: std::sync::atomic::AtomicU64,
+    /// When the last lease arrived (ms since the epoch, by the link's clock).
+    last_lease_ms: std::sync::atomic::AtomicI64,
 }
 
 impl std::fmt::Debug for MasterLink {
@@ -179,6 +185,9 @@ impl MasterLink {
             clock,
             acl,
             events,
+            push_tx: std::sync::Mutex::new(None),
+            next_keepalive_ms: std::sync::atomic::AtomicU64::new(5_000),
+            last_lease_ms: std::sync::atomic::AtomicI64::new(0),
         }
     }
 
@@ -238,6 +247,14 @@ impl MasterLink {
 
     fn apply_grant(&self, grant: &LeaseGrant) -> Result<(), LinkError> {
         self.acl.master_up();
+        self.next_keepalive_ms.store(
+            grant.next_keepalive_ms.max(100),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        self.last_lease_ms.store(
+            self.clock.now().as_millis(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         if !grant.signing_keys.is_empty() {
             self.events
                 .signing_keys(&keyset_from_paserks(&grant.signing_keys)?);
@@ -326,6 +343,11 @@ impl MasterLink {
                 generation,
             } => self.events.start(*project, *generation),
             PushMessage::Stop { project } => self.events.stop(*project),
+            PushMessage::Lease { grant } => {
+                if let Err(e) = self.apply_grant(grant) {
+                    tracing::warn!(error = %e, "ignoring a lease from the push channel");
+                }
+            }
             PushMessage::SigningKeys { keys } => match keyset_from_paserks(keys) {
                 Ok(set) => self.events.signing_keys(&set),
                 Err(e) => tracing::warn!(error = %e, "ignoring pushed signing keys"),
@@ -367,23 +389,54 @@ impl MasterLink {
             .await
             .map_err(|e| LinkError::Unreachable(format!("push channel: {e}")))?;
         self.acl.master_up();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        *self.push_tx.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
         connected();
-        while let Some(msg) = ws.next().await {
-            let msg = match msg {
-                Ok(m) => m,
-                Err(e) => return Err(LinkError::Unreachable(format!("push channel: {e}"))),
-            };
-            if let Ok(text) = msg.to_text() {
-                if text.is_empty() {
-                    continue;
+        let result = loop {
+            tokio::select! {
+                out = rx.recv() => {
+                    let Some(text) = out else { break Ok(()) };
+                    if let Err(e) = futures_util::SinkExt::send(&mut ws, tokio_tungstenite::tungstenite::Message::Text(text.into())).await {
+                        break Err(LinkError::Unreachable(format!("push channel: {e}")));
+                    }
                 }
-                match serde_json::from_str::<PushFrame>(text) {
-                    Ok(frame) => self.apply(&frame.message),
-                    Err(e) => tracing::warn!(error = %e, "undecodable push frame ignored"),
+                msg = ws.next() => {
+                    let msg = match msg {
+                        None => break Ok(()),
+                        Some(Ok(m)) => m,
+                        Some(Err(e)) => break Err(LinkError::Unreachable(format!("push channel: {e}"))),
+                    };
+                    if let Ok(text) = msg.to_text() {
+                        if text.is_empty() {
+                            continue;
+                        }
+                        match serde_json::from_str::<PushFrame>(text) {
+                            Ok(frame) => self.apply(&frame.message),
+                            Err(e) => tracing::warn!(error = %e, "undecodable push frame ignored"),
+                        }
+                    }
                 }
             }
-        }
-        Ok(())
+        };
+        *self.push_tx.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        result
+    }
+
+    /// Sends a keepalive as a frame on the push channel, if it is open (no
+    /// HTTP request, no per-beat signature; the master answers with a
+    /// lease frame). `false` if the channel is not open.
+    pub fn keepalive_on_push(&self, health: Health, capacity: Capacity, load: Load) -> bool {
+        let msg = cocalc_core::wire::HostMessage::Keepalive {
+            keepalive: KeepaliveRequest::new(self.cfg.host, health, capacity, load),
+        };
+        let Ok(text) = serde_json::to_string(&msg) else {
+            return false;
+        };
+        self.push_tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|tx| tx.send(text).is_ok())
     }
 
     /// Keeps the link alive until `shutdown` resolves: registers (retrying),
@@ -416,6 +469,24 @@ impl MasterLink {
             let mut registered = false;
             loop {
                 let (health, capacity, load) = status.status();
+                // Beats go on the push channel while leases keep coming back
+                // on it; if none came for three intervals, fall back to HTTP
+                // (which also notices a master that is gone).
+                let interval =
+                    self.next_keepalive_ms
+                        .load(std::sync::atomic::Ordering::Relaxed) as i64;
+                let last = self
+                    .last_lease_ms
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                let leases_flow = self.clock.now().as_millis() - last < 3 * interval;
+                if registered && leases_flow && self.keepalive_on_push(health, capacity, load) {
+                    // The lease comes back as a frame; wait as the last grant said.
+                    let ms = self
+                        .next_keepalive_ms
+                        .load(std::sync::atomic::Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    continue;
+                }
                 let result = if registered {
                     self.keepalive(health, capacity, load).await
                 } else {

@@ -270,6 +270,9 @@ async fn run_marks_the_link_down_when_the_master_goes_and_up_when_it_returns() {
     // The master goes away: the push channel drops and the link is down.
     srv.task.abort();
     let _ = srv.task.await;
+    // A stopped master closes its push channels (the daemon does this on
+    // shutdown); the aborted server task cannot, so do it here.
+    m.push().close_all();
     wait_for(false).await;
     // The master returns on the same address (same state): the host
     // reconnects by itself.

@@ -214,8 +214,14 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let hub_owner = master.clone();
     axum::serve(listener, crate::http::router(master))
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            // Upgraded (WebSocket) connections outlive the HTTP server:
+            // close the push channels so hosts see the master go.
+            hub_owner.push().close_all();
+        })
         .await
 }
 

@@ -498,7 +498,14 @@ async fn push(
     ws: WebSocketUpgrade,
     SignedHost { host, .. }: SignedHost,
 ) -> Result<Response> {
-    Ok(ws.on_upgrade(move |socket| serve_push(m, host, socket)))
+    // Push frames are small and every host holds one channel: small buffers
+    // keep 10,000 connected hosts in tens of MB instead of GBs (the default
+    // read buffer alone is 128 KiB per connection).
+    Ok(ws
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .max_message_size(1 << 20)
+        .on_upgrade(move |socket| serve_push(m, host, socket)))
 }
 
 async fn serve_push(m: AppState, host: HostId, mut socket: WebSocket) {
@@ -515,6 +522,20 @@ async fn serve_push(m: AppState, host: HostId, mut socket: WebSocket) {
             }
             incoming = socket.recv() => match incoming {
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(Message::Text(t))) => {
+                    match serde_json::from_str::<cocalc_core::wire::HostMessage>(t.as_str()) {
+                        Ok(cocalc_core::wire::HostMessage::Keepalive { keepalive }) => {
+                            match m.keepalive(host, &keepalive).await {
+                                Ok(grant) => {
+                                    m.push().send(host, cocalc_core::wire::PushMessage::Lease { grant });
+                                }
+                                Err(e) => tracing::warn!(%host, error = %e, "keepalive on the push channel refused"),
+                            }
+                        }
+                        Ok(other) => tracing::warn!(%host, ?other, "unknown host message ignored"),
+                        Err(e) => tracing::warn!(%host, error = %e, "undecodable host message ignored"),
+                    }
+                }
                 Some(Ok(_)) => {}
             },
         }

@@ -93,6 +93,12 @@ impl PushHub {
         sent
     }
 
+    /// Ends every host's channel (the master is shutting down): each
+    /// connection's task sees its queue close and closes the WebSocket.
+    pub fn close_all(&self) {
+        self.lock().clear();
+    }
+
     /// Hosts connected now.
     pub fn connected(&self) -> Vec<HostId> {
         self.lock().keys().copied().collect()

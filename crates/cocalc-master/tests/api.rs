@@ -477,6 +477,27 @@ async fn push_channel_delivers_a_revocation_within_a_second() {
     assert!(matches!(frame.message, PushMessage::RevokeUser { .. }));
     assert_eq!(frame.seq, 2);
 
+    // Keepalives can ride the same channel: the lease comes back as a frame.
+    let ka = cocalc_core::wire::HostMessage::Keepalive {
+        keepalive: KeepaliveRequest::new(h.id, Health::Ok, Capacity::default(), Load::default()),
+    };
+    futures_util::SinkExt::send(
+        &mut ws,
+        tokio_tungstenite::tungstenite::Message::Text(serde_json::to_string(&ka).unwrap().into()),
+    )
+    .await
+    .unwrap();
+    let msg = tokio::time::timeout(Duration::from_secs(1), ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let frame: PushFrame = serde_json::from_str(msg.to_text().unwrap()).unwrap();
+    assert!(
+        matches!(&frame.message, PushMessage::Lease { grant } if grant.state == HostState::Up),
+        "{frame:?}"
+    );
+
     // An unsigned push connection is refused.
     let bare = format!("ws://{addr}{path}").into_client_request().unwrap();
     assert!(tokio_tungstenite::connect_async(bare).await.is_err());
