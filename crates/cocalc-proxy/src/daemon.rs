@@ -7,6 +7,8 @@
 //! master_url = "http://127.0.0.1:8080"
 //! api_key_file = "/etc/cocalc/proxy.key"   # a master API key (or api_key = "…")
 //! key_refresh_secs = 60                    # how often to reload the master's signing keys
+//! project_rps = 200                        # requests/s per project (and burst)
+//! client_rps = 100                         # requests/s per client address (and burst)
 //! ```
 
 use std::net::SocketAddr;
@@ -63,6 +65,12 @@ pub struct ProxyConfig {
     /// Signing-key reload interval, seconds.
     #[serde(default = "default_refresh")]
     pub key_refresh_secs: u64,
+    /// Requests per second per project.
+    #[serde(default)]
+    pub project_rps: Option<u32>,
+    /// Requests per second per client address.
+    #[serde(default)]
+    pub client_rps: Option<u32>,
 }
 
 fn default_refresh() -> u64 {
@@ -101,8 +109,15 @@ pub async fn run(
     cfg: ProxyConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ProxyDaemonError> {
+    let mut icfg = IngressConfig::new(cfg.master_url.trim_end_matches('/'), cfg.key()?);
+    if let Some(r) = cfg.project_rps {
+        icfg.project_rps = r;
+    }
+    if let Some(r) = cfg.client_rps {
+        icfg.client_rps = r;
+    }
     let ingress = Ingress::new(
-        IngressConfig::new(cfg.master_url.trim_end_matches('/'), cfg.key()?),
+        icfg,
         Arc::new(TcpTransport::default()),
         Arc::new(SystemClock),
     )
