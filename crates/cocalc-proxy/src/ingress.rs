@@ -87,6 +87,7 @@ pub struct Ingress {
     refusals: Refusals,
     per_project: governor::DefaultKeyedRateLimiter<ProjectId>,
     per_client: governor::DefaultKeyedRateLimiter<std::net::IpAddr>,
+    pool: Mutex<HashMap<HostId, Vec<Sender>>>,
 }
 
 fn quota(rps: u32) -> governor::Quota {
@@ -188,6 +189,7 @@ impl Ingress {
         let ing = Ingress {
             per_project: governor::RateLimiter::keyed(quota(cfg.project_rps)),
             per_client: governor::RateLimiter::keyed(quota(cfg.client_rps)),
+            pool: Mutex::new(HashMap::new()),
             verifier: Verifier::for_ingress(KeySet::new(), clock),
             master,
             cfg,
@@ -237,9 +239,14 @@ impl Ingress {
         Ok(ep)
     }
 
-    /// Forgets a cached route (the master's push of a project move).
+    /// Forgets a cached route and the pooled connections to that host (the
+    /// master's push of a project move, or a host that failed).
     pub fn forget_route(&self, host: HostId) {
         self.routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&host);
+        self.pool
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&host);
@@ -322,11 +329,6 @@ async fn forward(
     peer: SocketAddr,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let conn = ing
-        .transport
-        .connect(host, endpoint)
-        .await
-        .map_err(|e| ApiError::from(&e))?;
     let (mut parts, body) = req.into_parts();
     let authority = match endpoint {
         HostEndpoint::Url(u) => crate::parse_host_url(u).map_err(|e| ApiError::from(&e))?,
@@ -352,10 +354,82 @@ async fn forward(
     parts
         .headers
         .insert("x-forwarded-proto", HeaderValue::from_static("http"));
-    let resp = cocalc_client::relay::relay(conn, axum::http::Request::from_parts(parts, body))
-        .await
-        .map_err(|e| ApiError::new(502, "host_failed", format!("host {host}: {e}")))?;
+    let failed = |e: hyper::Error| ApiError::new(502, "host_failed", format!("host {host}: {e}"));
+    let req = axum::http::Request::from_parts(parts, body);
+    if req.headers().contains_key(header::UPGRADE) {
+        // Upgrades take the connection over: a fresh one, relayed both ways.
+        let conn = ing
+            .transport
+            .connect(host, endpoint)
+            .await
+            .map_err(|e| ApiError::from(&e))?;
+        let resp = cocalc_client::relay::relay(conn, req)
+            .await
+            .map_err(failed)?;
+        return Ok(resp.map(Body::new));
+    }
+    // Plain requests reuse idle keep-alive connections to the host.
+    let mut sender = match ing.idle_sender(host) {
+        Some(s) => s,
+        None => {
+            let conn = ing
+                .transport
+                .connect(host, endpoint)
+                .await
+                .map_err(|e| ApiError::from(&e))?;
+            let (s, connection) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(conn))
+                    .await
+                    .map_err(failed)?;
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            s
+        }
+    };
+    let resp = sender.send_request(req).await.map_err(failed)?;
+    // Ready again once this response's body has been read.
+    ing.return_sender(host, sender);
     Ok(resp.map(Body::new))
+}
+
+/// Idle connections kept per host.
+const POOL_PER_HOST: usize = 64;
+
+type Sender = hyper::client::conn::http1::SendRequest<Body>;
+
+impl Ingress {
+    /// An idle connection to `host` that can take a request now, if any.
+    fn idle_sender(&self, host: HostId) -> Option<Sender> {
+        use futures_util::FutureExt;
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        let list = pool.get_mut(&host)?;
+        let mut busy = Vec::new();
+        let mut found = None;
+        while let Some(mut s) = list.pop() {
+            if s.is_closed() {
+                continue;
+            }
+            match s.ready().now_or_never() {
+                Some(Ok(())) => {
+                    found = Some(s);
+                    break;
+                }
+                Some(Err(_)) => {}
+                None => busy.push(s),
+            }
+        }
+        list.extend(busy);
+        found
+    }
+
+    fn return_sender(&self, host: HostId, s: Sender) {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        let list = pool.entry(host).or_default();
+        if list.len() < POOL_PER_HOST {
+            list.push(s);
+        }
+    }
 }
 
 #[cfg(test)]
