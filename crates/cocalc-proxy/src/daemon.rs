@@ -135,6 +135,7 @@ pub async fn run(
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
+                ing.prune_limits();
                 if let Err(e) = ing.refresh_keys().await {
                     tracing::warn!(error = %e.message, "reloading signing keys failed");
                 }

@@ -252,6 +252,13 @@ impl Ingress {
             .remove(&host);
     }
 
+    /// Drops rate-limit state of clients and projects not seen lately, so
+    /// the limiters' memory stays bounded (call periodically).
+    pub fn prune_limits(&self) {
+        self.per_client.retain_recent();
+        self.per_project.retain_recent();
+    }
+
     /// The ingress as an axum router (serve it with connect info:
     /// `into_make_service_with_connect_info::<SocketAddr>()`).
     pub fn router(self: Arc<Self>) -> Router {
