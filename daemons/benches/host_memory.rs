@@ -7,37 +7,10 @@
 //!
 //! Run: `cargo bench -p cocalc-daemons --bench host_memory` (`-- --projects 200` for a quick run).
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Daemon(Child);
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(bin: &str, cfg: &Path, ready: &str) -> (Daemon, String) {
-    let mut child = Command::new(bin)
-        .args(["-c", cfg.to_str().unwrap()])
-        .env("RUST_LOG", "error")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let line = loop {
-        let l = lines.next().expect("daemon exited").unwrap();
-        if l.contains(ready) {
-            break l;
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    let url = line.rsplit(' ').next().unwrap().to_string();
-    (Daemon(child), url)
-}
+mod common;
+use common::spawn;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {

@@ -8,36 +8,11 @@
 //! nginx row is skipped and says so. Goals: proxy ≥ 1.0× nginx req/s with
 //! p99 ≤ nginx's.
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-struct Daemon(Child);
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(bin: &str, cfg: &Path, ready: &str) -> (Daemon, String) {
-    let mut child = Command::new(bin)
-        .args(["-c", cfg.to_str().unwrap()])
-        .env("RUST_LOG", "error")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let line = loop {
-        let l = lines.next().expect("daemon exited").unwrap();
-        if l.contains(ready) {
-            break l;
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    (Daemon(child), line.rsplit(' ').next().unwrap().to_string())
-}
+mod common;
+use common::{free_port, spawn, Daemon};
 
 fn arg(name: &str, default: f64) -> f64 {
     std::env::args()
@@ -45,14 +20,6 @@ fn arg(name: &str, default: f64) -> f64 {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(default)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The "server inside the project": answers every request with a small body.

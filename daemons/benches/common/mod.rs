@@ -1,0 +1,47 @@
+//! Helpers shared by the benches that run the daemon binaries.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+/// A daemon process, killed when dropped.
+pub(crate) struct Daemon(pub(crate) Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `bin -c cfg` and waits for a stderr line containing `ready`;
+/// returns the daemon and the line's last word (its URL).
+pub(crate) fn spawn(bin: &str, cfg: &Path, ready: &str) -> (Daemon, String) {
+    let mut child = Command::new(bin)
+        .args(["-c", cfg.to_str().unwrap()])
+        .env("RUST_LOG", "error")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let line = loop {
+        let l = lines.next().expect("daemon exited").unwrap();
+        if l.contains(ready) {
+            break l;
+        }
+    };
+    // Keep draining stderr so the daemon never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    let url = line.rsplit(' ').next().unwrap().to_string();
+    (Daemon(child), url)
+}
+
+/// A port nobody listens on right now.
+pub(crate) fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
