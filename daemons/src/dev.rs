@@ -7,6 +7,9 @@
 //! directories and plain processes (no isolation: development only).
 //! Ctrl-C stops every project, every host and the master, and removes the
 //! loop pools, so no container, mount or loop device is left behind.
+//!
+//! With a proxy, `hidden_hosts` more hosts run hidden: no listening socket,
+//! reachable only through the reverse tunnel each dials to the proxy.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -31,6 +34,9 @@ pub struct DevOptions {
     pub backend: String,
     /// Port of the ingress proxy on 127.0.0.1 (0: no proxy).
     pub proxy_port: u16,
+    /// Hidden hosts besides `hosts`: they listen nowhere and serve through
+    /// a reverse tunnel to the proxy (needs the proxy).
+    pub hidden_hosts: usize,
 }
 
 /// Why `dev up` failed.
@@ -90,6 +96,11 @@ pub async fn up(
             )))
         }
     };
+    if opts.hidden_hosts > 0 && opts.proxy_port == 0 {
+        return Err(DevError(
+            "hidden hosts need the proxy (their tunnels land there): set a proxy port".into(),
+        ));
+    }
     std::fs::create_dir_all(&opts.dir).map_err(|e| err(&opts.dir.display().to_string(), e))?;
 
     // Master.
@@ -121,110 +132,6 @@ pub async fn up(
         .trim()
         .to_string();
     let admin = MasterClient::new(&url, &admin_key);
-
-    // Hosts, one after the other (the first may build the default image).
-    let mut pools = Vec::new();
-    let mut hosts = Vec::new();
-    for i in 1..=opts.hosts {
-        let hdir = opts.dir.join(format!("host-{i}"));
-        std::fs::create_dir_all(&hdir).map_err(|e| err(&hdir.display().to_string(), e))?;
-        let token = if hdir.join("host.key").exists() {
-            None
-        } else {
-            Some(
-                admin
-                    .bootstrap_token()
-                    .await
-                    .map_err(|e| err("bootstrap token", e.message))?["token"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string(),
-            )
-        };
-        let storage = if backend == "podman" {
-            let pool_dir = hdir.join("pool");
-            std::fs::create_dir_all(&pool_dir).map_err(|e| err("pool dir", e))?;
-            eprintln!("dev up: host {i}: creating a 2 GiB loop-mounted Btrfs pool");
-            let pool = cocalc_storage::LoopPool::create(&pool_dir, 2 << 30)
-                .map_err(|e| err("btrfs pool", e))?;
-            let s = format!(
-                "storage = \"btrfs\"\nbtrfs_pool = \"{}\"\n",
-                pool.path().display()
-            );
-            pools.push(pool);
-            s
-        } else {
-            "storage = \"dir\"\n".to_string()
-        };
-        let token_line = token
-            .map(|t| format!("bootstrap_token = \"{t}\"\n"))
-            .unwrap_or_default();
-        let hcfg: HostConfig = toml::from_str(&format!(
-            "listen = \"127.0.0.1:0\"\nmaster_url = \"{url}\"\ndata_dir = \"{}\"\nrunner = \"{backend}\"\n{storage}{token_line}",
-            hdir.display()
-        ))
-        .map_err(|e| err("host config", e))?;
-        hcfg.check().map_err(|e| err("host config", e))?;
-        let listener = tokio::net::TcpListener::bind(hcfg.listen)
-            .await
-            .map_err(|e| err("host listen", e))?;
-        let public = format!(
-            "http://{}",
-            listener.local_addr().map_err(|e| err("host listen", e))?
-        );
-        eprintln!("dev up: starting host {i} on {public}");
-        let host = host_daemon::build(&hcfg, public)
-            .await
-            .map_err(|e| err(&format!("host {i}"), e))?;
-        let agent = host.agent.clone();
-        let task = tokio::spawn(host.run(listener, wait(stop_rx.clone())));
-        hosts.push((agent, task));
-    }
-
-    // Wait for every host to check in.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let up = admin
-            .hosts()
-            .await
-            .map(|h| h.iter().filter(|h| h.state == HostState::Up).count())
-            .unwrap_or(0);
-        if up >= opts.hosts {
-            break;
-        }
-        if std::time::Instant::now() > deadline {
-            return Err(DevError(format!(
-                "only {up} of {} hosts registered within 30 s",
-                opts.hosts
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-
-    // The demo user and project.
-    let key_path = opts.dir.join("demo.key");
-    let demo_key = match std::fs::read_to_string(&key_path) {
-        Ok(k) => k.trim().to_string(),
-        Err(_) => {
-            let u = admin
-                .create_user("demo")
-                .await
-                .map_err(|e| err("demo user", e.message))?;
-            let k = u["api_key"].as_str().unwrap_or_default().to_string();
-            std::fs::write(&key_path, format!("{k}\n")).map_err(|e| err("demo key", e))?;
-            k
-        }
-    };
-    let demo = MasterClient::new(&url, &demo_key);
-    let projects = demo
-        .projects()
-        .await
-        .map_err(|e| err("projects", e.message))?;
-    if !projects.iter().any(|p| p.name == "demo") {
-        demo.create_project(&CreateProjectRequest::new("demo"))
-            .await
-            .map_err(|e| err("demo project", e.message))?;
-    }
 
     // The ingress proxy, with its own API key.
     let proxy_task = if opts.proxy_port != 0 {
@@ -258,14 +165,157 @@ pub async fn up(
         None
     };
 
+    // Hosts, one after the other (the first may build the default image).
+    let mut pools = Vec::new();
+    let mut hosts = Vec::new();
+    let proxy_url = format!("http://127.0.0.1:{}", opts.proxy_port);
+    let all_hosts = opts.hosts + opts.hidden_hosts;
+    let mut tunnels = Vec::new();
+    for i in 1..=all_hosts {
+        let hidden = i > opts.hosts;
+        let hdir = opts.dir.join(format!("host-{i}"));
+        std::fs::create_dir_all(&hdir).map_err(|e| err(&hdir.display().to_string(), e))?;
+        let token = if hdir.join("host.key").exists() {
+            None
+        } else {
+            Some(
+                admin
+                    .bootstrap_token()
+                    .await
+                    .map_err(|e| err("bootstrap token", e.message))?["token"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        };
+        let storage = if backend == "podman" {
+            let pool_dir = hdir.join("pool");
+            std::fs::create_dir_all(&pool_dir).map_err(|e| err("pool dir", e))?;
+            eprintln!("dev up: host {i}: creating a 2 GiB loop-mounted Btrfs pool");
+            let pool = cocalc_storage::LoopPool::create(&pool_dir, 2 << 30)
+                .map_err(|e| err("btrfs pool", e))?;
+            let s = format!(
+                "storage = \"btrfs\"\nbtrfs_pool = \"{}\"\n",
+                pool.path().display()
+            );
+            pools.push(pool);
+            s
+        } else {
+            "storage = \"dir\"\n".to_string()
+        };
+        let token_line = token
+            .map(|t| format!("bootstrap_token = \"{t}\"\n"))
+            .unwrap_or_default();
+        let place = if hidden {
+            format!("tunnel_url = \"{proxy_url}\"\n")
+        } else {
+            "listen = \"127.0.0.1:0\"\n".to_string()
+        };
+        let hcfg: HostConfig = toml::from_str(&format!(
+            "{place}master_url = \"{url}\"\ndata_dir = \"{}\"\nrunner = \"{backend}\"\n{storage}{token_line}",
+            hdir.display()
+        ))
+        .map_err(|e| err("host config", e))?;
+        hcfg.check().map_err(|e| err("host config", e))?;
+        let (agent, task) = if hidden {
+            eprintln!("dev up: starting host {i}, hidden: it listens nowhere and dials the proxy's tunnel");
+            let host = host_daemon::build_hidden(&hcfg)
+                .await
+                .map_err(|e| err(&format!("host {i}"), e))?;
+            let agent = host.agent.clone();
+            tunnels.extend(host.tunnel().cloned());
+            (agent, tokio::spawn(host.run_hidden(wait(stop_rx.clone()))))
+        } else {
+            let listen = hcfg
+                .listen
+                .ok_or_else(|| DevError("host config without listen".into()))?;
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|e| err("host listen", e))?;
+            let public = format!(
+                "http://{}",
+                listener.local_addr().map_err(|e| err("host listen", e))?
+            );
+            eprintln!("dev up: starting host {i} on {public}");
+            let host = host_daemon::build(&hcfg, public)
+                .await
+                .map_err(|e| err(&format!("host {i}"), e))?;
+            let agent = host.agent.clone();
+            (
+                agent,
+                tokio::spawn(host.run(listener, wait(stop_rx.clone()))),
+            )
+        };
+        hosts.push((agent, task));
+    }
+
+    // Wait for every host to check in.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let up = admin
+            .hosts()
+            .await
+            .map(|h| h.iter().filter(|h| h.state == HostState::Up).count())
+            .unwrap_or(0);
+        if up >= all_hosts {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(DevError(format!(
+                "only {up} of {all_hosts} hosts registered within 30 s"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // And for every hidden host's tunnel (before anything is placed there).
+    while !tunnels.iter().all(|t| t.is_connected()) {
+        if std::time::Instant::now() > deadline {
+            return Err(DevError(format!(
+                "a hidden host's tunnel to the proxy at {proxy_url} did not come up within 30 s"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The demo user and project.
+    let key_path = opts.dir.join("demo.key");
+    let demo_key = match std::fs::read_to_string(&key_path) {
+        Ok(k) => k.trim().to_string(),
+        Err(_) => {
+            let u = admin
+                .create_user("demo")
+                .await
+                .map_err(|e| err("demo user", e.message))?;
+            let k = u["api_key"].as_str().unwrap_or_default().to_string();
+            std::fs::write(&key_path, format!("{k}\n")).map_err(|e| err("demo key", e))?;
+            k
+        }
+    };
+    let demo = MasterClient::new(&url, &demo_key);
+    let projects = demo
+        .projects()
+        .await
+        .map_err(|e| err("projects", e.message))?;
+    if !projects.iter().any(|p| p.name == "demo") {
+        demo.create_project(&CreateProjectRequest::new("demo"))
+            .await
+            .map_err(|e| err("demo project", e.message))?;
+    }
+
     let isolation = if backend == "podman" {
         "podman containers on Btrfs subvolumes"
     } else {
         "plain processes in plain directories, NO isolation (development only)"
     };
     println!();
+    let hidden_note = if opts.hidden_hosts > 0 {
+        format!(" + {} hidden behind the proxy's tunnel", opts.hidden_hosts)
+    } else {
+        String::new()
+    };
     println!(
-        "cocalc federation is up: master {url}, {} hosts ({isolation})",
+        "cocalc federation is up: master {url}, {} hosts{hidden_note} ({isolation})",
         opts.hosts
     );
     println!("In another terminal:");

@@ -180,6 +180,68 @@ fn next_steps_work_and_ctrl_c_stops(backend: &str) {
     let o = cocalc(&d, &["project", "stop", "demo"], None);
     assert!(o.status.success(), "{o:?}");
 
+    // The hidden host dev up started: with the other hosts draining, a new
+    // project lands on it and works through the proxy's tunnel.
+    let admin_key = std::fs::read_to_string(d.dir.path().join("master/admin.key")).unwrap();
+    let as_admin = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_cocalc"))
+            .args(args)
+            .env("COCALC_MASTER", format!("http://127.0.0.1:{}", d.port))
+            .env("COCALC_API_KEY", admin_key.trim())
+            .output()
+            .unwrap()
+    };
+    let hosts: serde_json::Value =
+        serde_json::from_slice(&as_admin(&["host", "list", "--json"]).stdout).unwrap();
+    let hosts = hosts.as_array().unwrap();
+    assert_eq!(hosts.len(), 3, "two hosts and one hidden host: {hosts:?}");
+    let visible: Vec<String> = hosts
+        .iter()
+        .filter(|h| h["endpoint"]["kind"] == "url")
+        .map(|h| h["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(visible.len(), 2, "{hosts:?}");
+    for h in &visible {
+        assert!(as_admin(&["host", "drain", h]).status.success());
+    }
+    let o = cocalc(&d, &["project", "create", "behind-nat"], None);
+    assert!(o.status.success(), "{o:?}");
+    let o = cocalc(&d, &["project", "open", "behind-nat", "--json"], None);
+    let open: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        open["endpoint"],
+        serde_json::json!({"kind": "tunnel", "value": format!("http://127.0.0.1:{}", d.proxy_port)})
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = cocalc(
+            &d,
+            &[
+                "project",
+                "exec",
+                "behind-nat",
+                "--",
+                "echo",
+                "through-the-tunnel",
+            ],
+            None,
+        );
+        if o.status.success() {
+            assert_eq!(o.stdout, b"through-the-tunnel\n");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "hidden host never answered: {o:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let o = cocalc(&d, &["project", "stop", "behind-nat"], None);
+    assert!(o.status.success(), "{o:?}");
+    for h in &visible {
+        assert!(as_admin(&["host", "undrain", h]).status.success());
+    }
+
     // Ctrl-C: everything stops, the process exits cleanly.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(d.child.id() as i32),

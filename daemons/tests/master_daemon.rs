@@ -22,6 +22,16 @@ impl Drop for Daemon {
     }
 }
 
+/// A child process killed when dropped (also when a test panics).
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn start_master() -> Daemon {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("master.toml");
@@ -230,12 +240,14 @@ fn proxy_starts_from_config_and_refuses_at_the_edge() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cocalc-proxy"))
-        .args(["-c", cfg.to_str().unwrap()])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut child = Killed(
+        Command::new(env!("CARGO_BIN_EXE_cocalc-proxy"))
+            .args(["-c", cfg.to_str().unwrap()])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
     let url = loop {
         let line = lines.next().expect("proxy exited").unwrap();
         if let Some(u) = line.strip_prefix("cocalc-proxy: listening on ") {
@@ -260,8 +272,7 @@ fn proxy_starts_from_config_and_refuses_at_the_edge() {
             .unwrap();
         (bad.status().as_u16(), missing.status().as_u16())
     });
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     assert_eq!(bad, 400);
     assert_eq!(missing, 401);
 }

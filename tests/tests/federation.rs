@@ -86,7 +86,9 @@ async fn start_host_with(dir: &Path, master: &str, token: &str, extra: &str) -> 
         dir.display()
     ));
     cfg.check().unwrap();
-    let listener = tokio::net::TcpListener::bind(cfg.listen).await.unwrap();
+    let listener = tokio::net::TcpListener::bind(cfg.listen.unwrap())
+        .await
+        .unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let host = host_daemon::build(&cfg, url.clone()).await.unwrap();
     let id = host.agent.host();

@@ -189,6 +189,15 @@ impl MasterClient {
         .await
     }
 
+    /// A host's registered public key (any API key).
+    pub async fn host_key(
+        &self,
+        host: HostId,
+    ) -> Result<cocalc_core::wire::HostKeyResponse, ApiError> {
+        self.call(reqwest::Method::GET, &format!("/v1/hosts/{host}/key"), None)
+            .await
+    }
+
     /// The master's public token-signing keys (PASERK), newest first.
     pub async fn signing_keys(&self) -> Result<Vec<String>, ApiError> {
         let v: serde_json::Value = self.call(reqwest::Method::GET, "/v1/keys", None).await?;

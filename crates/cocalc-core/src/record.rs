@@ -89,8 +89,26 @@ pub enum HostEndpoint {
     /// The host accepts connections at this base URL (`http://10.0.0.5:8443`).
     Url(String),
     /// The host is hidden and reachable only through a reverse tunnel that it
-    /// dialled out; the handle names that tunnel at a proxy.
+    /// dialled out. The handle is the base URL of the proxy where the tunnel
+    /// lands (`http://proxy.example:8000`): users and the master reach the
+    /// host's data plane there, under the same paths.
     Tunnel(String),
+}
+
+impl HostEndpoint {
+    /// The base URL at which a client reaches this host's data plane: the
+    /// host itself, or the proxy holding its tunnel. Paths below it are the
+    /// same either way (`/<project>/exec`, …).
+    pub fn base_url(&self) -> &str {
+        match self {
+            HostEndpoint::Url(u) | HostEndpoint::Tunnel(u) => u.trim_end_matches('/'),
+        }
+    }
+
+    /// True for a hidden host reached through a tunnel.
+    pub fn is_tunnel(&self) -> bool {
+        matches!(self, HostEndpoint::Tunnel(_))
+    }
 }
 
 /// Health a host reports about itself.

@@ -46,6 +46,41 @@ impl TransportError {
     }
 }
 
+/// Splits `http://host:port[/...]` (or `https://`) into `host:port`,
+/// supplying the scheme's default port. Refuses other schemes, user info,
+/// and empty hosts.
+pub fn parse_host_url(url: &str) -> Result<String, TransportError> {
+    let bad = |why: &str| TransportError::InvalidEndpoint(format!("{url:?}: {why}"));
+    let (rest, default_port) = if let Some(r) = url.strip_prefix("http://") {
+        (r, 80)
+    } else if let Some(r) = url.strip_prefix("https://") {
+        (r, 443)
+    } else {
+        return Err(bad("scheme must be http:// or https://"));
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.is_empty() {
+        return Err(bad("no host"));
+    }
+    if authority.contains('@') {
+        return Err(bad("user info is not allowed"));
+    }
+    // `[v6]:port`, `[v6]`, `host:port`, `host`.
+    let has_port = match authority.rfind(':') {
+        Some(i) => !authority[i..].contains(']'),
+        None => false,
+    };
+    if has_port {
+        let port = &authority[authority.rfind(':').map_or(0, |i| i + 1)..];
+        if port.parse::<u16>().is_err() {
+            return Err(bad("invalid port"));
+        }
+        Ok(authority.to_string())
+    } else {
+        Ok(format!("{authority}:{default_port}"))
+    }
+}
+
 /// Opens byte connections to hosts.
 ///
 /// Contract: `connect` either returns a connection on which the host's data

@@ -43,6 +43,53 @@ pub fn token_cookie_name(project: ProjectId) -> String {
     format!("cocalc-token-{project}")
 }
 
+/// Path at a proxy where hidden hosts open their reverse tunnel (an
+/// HTTP/1.1 `GET` with `Upgrade:` [`TUNNEL_PROTOCOL`], signed by the host
+/// key; see `cocalc-proxy`'s tunnel module for the protocol).
+pub const TUNNEL_PATH: &str = "/.cocalc/tunnel";
+
+/// The `Upgrade:` token of a reverse tunnel: after `101 Switching
+/// Protocols` the connection carries HTTP/2 with the proxy as client and
+/// the host as server.
+pub const TUNNEL_PROTOCOL: &str = "cocalc-tunnel/1";
+
+/// The method string a host signs (with its host key, as a signed request
+/// whose path is the proxy's tunnel handle) to open a tunnel.
+pub const TUNNEL_SIGNED_METHOD: &str = "TUNNEL";
+
+/// HTTP/2 receive window per tunnel stream, on both ends: large enough
+/// that one stream can fill a fast link (HTTP/2's default, 64 KiB, caps a
+/// stream at one window per round trip).
+pub const TUNNEL_STREAM_WINDOW: u32 = 4 << 20;
+
+/// HTTP/2 receive window of a whole tunnel (all its streams).
+pub const TUNNEL_CONNECTION_WINDOW: u32 = 16 << 20;
+
+/// The largest HTTP/2 frame either end of a tunnel accepts.
+pub const TUNNEL_MAX_FRAME: u32 = 256 << 10;
+
+/// `GET /v1/hosts/{h}/key`: a host's registered public key (what a proxy
+/// checks a tunnel handshake against).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct HostKeyResponse {
+    /// The host.
+    pub host: HostId,
+    /// Its Ed25519 public key (PASERK `k4.public.…`).
+    pub public_key: String,
+}
+
+impl HostKeyResponse {
+    /// A host-key answer.
+    pub fn new(host: HostId, public_key: impl Into<String>) -> Self {
+        HostKeyResponse {
+            host,
+            public_key: public_key.into(),
+        }
+    }
+}
+
 /// `POST /v1/projects`: create a project owned by the caller.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]

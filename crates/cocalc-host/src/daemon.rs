@@ -7,6 +7,8 @@
 //! ```toml
 //! listen = "127.0.0.1:8443"            # data plane address
 //! # public_url = "http://10.0.0.5:8443" # how users reach it (default: http://<listen>)
+//! # tunnel_url = "http://proxy:8000"    # instead of listen: a hidden host that
+//! #                                     # dials this proxy and listens nowhere
 //! master_url = "http://127.0.0.1:8080"
 //! data_dir = "/var/lib/cocalc-host"    # host.id, host.key (0600), projects/
 //! bootstrap_token = "cbt.…"            # first start only (or bootstrap_token_file)
@@ -74,8 +76,13 @@ fn start_err(what: &str, e: impl std::fmt::Display) -> HostDaemonError {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HostConfig {
-    /// Data plane listen address.
-    pub listen: SocketAddr,
+    /// Data plane listen address (exactly one of `listen` and `tunnel_url`).
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// A hidden host: dial a reverse tunnel to the proxy at this base URL
+    /// (its handle) and serve the data plane only through it.
+    #[serde(default)]
+    pub tunnel_url: Option<String>,
     /// How users reach this host (default `http://<bound address>`).
     #[serde(default)]
     pub public_url: Option<String>,
@@ -172,6 +179,24 @@ impl HostConfig {
 
     /// Checks choices that serde cannot.
     pub fn check(&self) -> Result<(), String> {
+        match (&self.listen, &self.tunnel_url) {
+            (Some(_), Some(_)) => {
+                return Err(
+                    "listen and tunnel_url exclude each other: a hidden host (tunnel_url) \
+                     listens nowhere"
+                        .into(),
+                )
+            }
+            (None, None) => {
+                return Err("set listen (a reachable host) or tunnel_url (a hidden host)".into())
+            }
+            (None, Some(u)) if !(u.starts_with("http://") || u.starts_with("https://")) => {
+                return Err(format!(
+                    "tunnel_url {u:?} must start with http:// or https://"
+                ))
+            }
+            _ => {}
+        }
         if !matches!(self.runner.as_str(), "process" | "podman") {
             return Err(format!(
                 "runner {:?}: expected \"process\" or \"podman\"",
@@ -237,9 +262,21 @@ pub async fn run(
     cfg: HostConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), HostDaemonError> {
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
+    let Some(listen) = cfg.listen else {
+        let host = build_hidden(&cfg).await?;
+        eprintln!(
+            "cocalc-host: {} hidden, serving through the tunnel to {}",
+            host.agent.host(),
+            cfg.tunnel_url.as_deref().unwrap_or("?")
+        );
+        return host
+            .run_hidden(shutdown)
+            .await
+            .map_err(|e| start_err("serving", e));
+    };
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|e| start_err(&format!("listen on {}", cfg.listen), e))?;
+        .map_err(|e| start_err(&format!("listen on {listen}"), e))?;
     let addr = listener.local_addr().map_err(|e| start_err("listen", e))?;
     let public = cfg
         .public_url
@@ -313,6 +350,7 @@ pub struct Host {
     clock: SharedClock,
     idle_timeout: Duration,
     activity_interval: Duration,
+    tunnel: Option<Arc<crate::tunnel::TunnelClient>>,
 }
 
 impl std::fmt::Debug for Host {
@@ -326,6 +364,25 @@ impl std::fmt::Debug for Host {
 /// Builds the host from its config; `public_url` is how users reach the
 /// data plane (the caller binds the listener first).
 pub async fn build(cfg: &HostConfig, public_url: String) -> Result<Host, HostDaemonError> {
+    build_at(cfg, HostEndpoint::Url(public_url)).await
+}
+
+/// Builds a hidden host (config with `tunnel_url`): it registers the
+/// tunnel's handle as its endpoint and serves only through the tunnel (run
+/// it with [`Host::run_hidden`]).
+pub async fn build_hidden(cfg: &HostConfig) -> Result<Host, HostDaemonError> {
+    let url = cfg
+        .tunnel_url
+        .as_deref()
+        .ok_or_else(|| HostDaemonError::Start("a hidden host needs tunnel_url".into()))?;
+    build_at(
+        cfg,
+        HostEndpoint::Tunnel(url.trim_end_matches('/').to_string()),
+    )
+    .await
+}
+
+async fn build_at(cfg: &HostConfig, endpoint: HostEndpoint) -> Result<Host, HostDaemonError> {
     let clock: SharedClock = Arc::new(SystemClock);
     let (host, key) = identity(&cfg.data_dir)?;
     let storage: Arc<dyn Storage> = match cfg.storage.as_str() {
@@ -434,10 +491,10 @@ pub async fn build(cfg: &HostConfig, public_url: String) -> Result<Host, HostDae
         LinkConfig {
             master_url: cfg.master_url.trim_end_matches('/').to_string(),
             host,
-            key,
+            key: key.clone(),
             bootstrap_token,
             region: Region(cfg.region.clone()),
-            endpoint: HostEndpoint::Url(public_url),
+            endpoint: endpoint.clone(),
         },
         clock.clone(),
         acl.clone(),
@@ -454,6 +511,13 @@ pub async fn build(cfg: &HostConfig, public_url: String) -> Result<Host, HostDae
     let local_path = cfg.data_dir.join("local.db");
     let local = crate::local_store::LocalStore::open(&local_path)
         .map_err(|e| start_err(&local_path.display().to_string(), e))?;
+    let tunnel = match &endpoint {
+        HostEndpoint::Tunnel(url) => Some(crate::tunnel::TunnelClient::new(
+            crate::tunnel::TunnelClientConfig::new(url.clone(), host, key.clone()),
+            clock.clone(),
+        )),
+        _ => None,
+    };
     let agent =
         HostAgent::new(AgentConfig::new(host), runner, storage, gate).with_local_store(local);
     let known = agent
@@ -478,6 +542,7 @@ pub async fn build(cfg: &HostConfig, public_url: String) -> Result<Host, HostDae
         clock,
         idle_timeout: Duration::from_secs(cfg.idle_timeout_secs),
         activity_interval: Duration::from_secs(cfg.activity_interval_secs.max(1)),
+        tunnel,
     })
 }
 
@@ -544,11 +609,39 @@ impl Host {
         }
     }
 
-    /// Serves the data plane on `listener` and keeps the master link up
-    /// until `shutdown` completes.
+    /// The tunnel client of a hidden host (`None` for a host with a URL).
+    pub fn tunnel(&self) -> Option<&Arc<crate::tunnel::TunnelClient>> {
+        self.tunnel.as_ref()
+    }
+
+    /// Serves the data plane on `listener` (and through the tunnel, if the
+    /// host has one) and keeps the master link up until `shutdown`
+    /// completes.
     pub async fn run(
         self,
         listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        self.serve(Some(listener), shutdown).await
+    }
+
+    /// Runs a hidden host: the data plane only through its tunnel, the
+    /// master link, until `shutdown` completes.
+    pub async fn run_hidden(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        if self.tunnel.is_none() {
+            return Err(std::io::Error::other(
+                "run_hidden needs a host built with build_hidden (it has no tunnel)",
+            ));
+        }
+        self.serve(None, shutdown).await
+    }
+
+    async fn serve(
+        self,
+        listener: Option<tokio::net::TcpListener>,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let me = Arc::new(self);
@@ -618,14 +711,30 @@ impl Host {
         let status_me = me.clone();
         let status: Arc<dyn crate::master_link::HostStatus> = Arc::new(move || status_me.status());
         let link = tokio::spawn(me.link.clone().run(status, wait(rx.clone())));
-        let server = axum::serve(listener, crate::dataplane::router(me.agent.clone()))
-            .with_graceful_shutdown(wait(rx));
+        let router = crate::dataplane::router(me.agent.clone());
+        let tunnel = me
+            .tunnel
+            .clone()
+            .map(|t| tokio::spawn(t.run(router.clone(), wait(rx.clone()))));
         let stopper = tokio::spawn(async move {
             shutdown.await;
             let _ = tx.send(true);
         });
-        let result = server.await;
+        let result = match listener {
+            Some(l) => {
+                axum::serve(l, router)
+                    .with_graceful_shutdown(wait(rx))
+                    .await
+            }
+            None => {
+                wait(rx).await;
+                Ok(())
+            }
+        };
         stopper.abort();
+        if let Some(t) = tunnel {
+            let _ = t.await;
+        }
         let _ = link.await;
         let _ = counter.await;
         let _ = saver.await;

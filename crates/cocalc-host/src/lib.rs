@@ -68,6 +68,7 @@ pub mod podman;
 pub mod process;
 mod procfs;
 pub mod started_at;
+pub mod tunnel;
 
 pub use activity::{ActivitySample, ActivitySource, CullDecision, CullPolicy, IdleCuller};
 pub use agent::{AgentConfig, AgentError, HostAgent};

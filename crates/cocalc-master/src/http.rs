@@ -83,6 +83,7 @@ pub fn router(master: Arc<Master>) -> Router {
         .route("/v1/admin/keys/rotate", post(rotate_key))
         .route("/v1/hosts", get(list_hosts))
         .route("/v1/hosts/{h}/endpoint", get(host_endpoint))
+        .route("/v1/hosts/{h}/key", get(host_key))
         .route("/v1/keys", get(public_keys))
         .route("/v1/hosts/{h}/drain", post(drain))
         .route("/v1/hosts/{h}/undrain", post(undrain))
@@ -106,7 +107,7 @@ pub fn router(master: Arc<Master>) -> Router {
     paths(
         create_user, sign_out, list_projects, create_project, get_project, put_collaborator,
         delete_collaborator, open_project, explain, forward_exec, forward_start, forward_stop, replace,
-        bootstrap_token, host_endpoint, public_keys, rotate_key, list_hosts,
+        bootstrap_token, host_endpoint, host_key, public_keys, rotate_key, list_hosts,
         drain, undrain, register, keepalive, activity, host_acl, push
     ),
     modifiers(&Security)
@@ -607,6 +608,15 @@ async fn host_endpoint(
     Path(h): Path<String>,
 ) -> Result<Response> {
     Ok(Json(m.host_endpoint(&c, id(&h)?)?).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/hosts/{h}/key", tag = "hosts", params(("h" = String, Path, description = "host id")), security(("api_key" = [])), responses((status = 200, body = cocalc_core::wire::HostKeyResponse), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 404, body = ApiError)))]
+async fn host_key(
+    State(m): State<AppState>,
+    Auth(c): Auth,
+    Path(h): Path<String>,
+) -> Result<Response> {
+    Ok(Json(m.host_public_key(&c, id(&h)?)?).into_response())
 }
 
 /// The public token-signing keys.

@@ -430,17 +430,13 @@ impl Master {
         project: ProjectId,
     ) -> Result<cocalc_client::HostClient, MasterError> {
         let open = self.open_project(caller, project).await?;
-        match &open.endpoint {
-            cocalc_core::HostEndpoint::Url(u) => Ok(cocalc_client::HostClient::new(
-                u.clone(),
-                project,
-                open.token,
-            )),
-            other => Err(MasterError::Conflict(format!(
-                "host {} is reachable only through a proxy ({other:?}); open the project and go through the proxy",
-                open.host
-            ))),
-        }
+        // A hidden host's endpoint is the proxy holding its tunnel; the
+        // proxy serves the same paths, so the client is the same.
+        Ok(cocalc_client::HostClient::new(
+            open.endpoint.base_url().to_string(),
+            project,
+            open.token,
+        ))
     }
 
     /// Why the project is where it is.
@@ -607,6 +603,20 @@ impl Master {
         self.registry
             .get(host)
             .map(|r| r.info.endpoint)
+            .ok_or_else(|| MasterError::NotFound(format!("no host {host}")))
+    }
+
+    /// A host's registered public key (any authenticated caller: public
+    /// keys are not secret; proxies check tunnel handshakes with it).
+    pub fn host_public_key(
+        &self,
+        caller: &Caller,
+        host: HostId,
+    ) -> Result<cocalc_core::wire::HostKeyResponse, MasterError> {
+        let _ = caller;
+        self.registry
+            .get(host)
+            .map(|r| cocalc_core::wire::HostKeyResponse::new(host, r.public_key))
             .ok_or_else(|| MasterError::NotFound(format!("no host {host}")))
     }
 

@@ -9,7 +9,13 @@
 //! key_refresh_secs = 60                    # how often to reload the master's signing keys
 //! project_rps = 200                        # requests/s per project (and burst)
 //! client_rps = 100                         # requests/s per client address (and burst)
+//! # public_url = "http://proxy.example:8000" # this proxy's tunnel handle: the URL hidden
+//! #                                          # hosts dial and sign (default http://<listen>)
 //! ```
+//!
+//! Hidden hosts open reverse tunnels at `<public_url>/.cocalc/tunnel` (see
+//! [`crate::tunnel`]); users reach them through this proxy like any other
+//! host.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -19,7 +25,7 @@ use std::time::Duration;
 use cocalc_core::SystemClock;
 use serde::Deserialize;
 
-use crate::{Ingress, IngressConfig, TcpTransport};
+use crate::{Ingress, IngressConfig, ProxyTransport, TunnelConfig, TunnelHub};
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +77,9 @@ pub struct ProxyConfig {
     /// Requests per second per client address.
     #[serde(default)]
     pub client_rps: Option<u32>,
+    /// This proxy's tunnel handle (default `http://<bound address>`).
+    #[serde(default)]
+    pub public_url: Option<String>,
 }
 
 fn default_refresh() -> u64 {
@@ -116,19 +125,25 @@ pub async fn run(
     if let Some(r) = cfg.client_rps {
         icfg.client_rps = r;
     }
-    let ingress = Ingress::new(
-        icfg,
-        Arc::new(TcpTransport::default()),
-        Arc::new(SystemClock),
-    )
-    .await
-    .map_err(|e| ProxyDaemonError::Start(format!("reaching the master: {}", e.message)))?;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| ProxyDaemonError::Start(format!("listen on {}: {e}", cfg.listen)))?;
     let addr = listener
         .local_addr()
         .map_err(|e| ProxyDaemonError::Start(e.to_string()))?;
+    let handle = cfg
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{addr}"));
+    let clock: cocalc_core::SharedClock = Arc::new(SystemClock);
+    let tunnels = TunnelHub::new(
+        TunnelConfig::new(handle.clone()),
+        cocalc_client::MasterClient::new(icfg.master_url.clone(), icfg.api_key.clone()),
+        clock.clone(),
+    );
+    let ingress = Ingress::new(icfg, Arc::new(ProxyTransport::new(tunnels.clone())), clock)
+        .await
+        .map_err(|e| ProxyDaemonError::Start(format!("reaching the master: {}", e.message)))?;
     let refresher = {
         let ing = ingress.clone();
         let every = Duration::from_secs(cfg.key_refresh_secs.max(1));
@@ -142,11 +157,13 @@ pub async fn run(
             }
         })
     };
+    eprintln!("cocalc-proxy: tunnel handle {handle}");
     eprintln!("cocalc-proxy: listening on http://{addr}");
     let result = axum::serve(
         listener,
-        ingress
+        tunnels
             .router()
+            .merge(ingress.router())
             .into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(shutdown)

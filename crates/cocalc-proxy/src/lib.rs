@@ -28,6 +28,9 @@
 pub mod daemon;
 pub mod ingress;
 mod tcp;
+pub mod tunnel;
 
+pub use cocalc_core::parse_host_url;
 pub use ingress::{Ingress, IngressConfig};
-pub use tcp::{parse_host_url, TcpTransport};
+pub use tcp::TcpTransport;
+pub use tunnel::{ProxyTransport, TunnelConfig, TunnelHub};

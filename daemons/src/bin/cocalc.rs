@@ -112,6 +112,10 @@ enum DevCommand {
         /// Port of the ingress proxy (0: none; default: the master's port + 1).
         #[arg(long)]
         proxy_port: Option<u16>,
+        /// Hidden hosts besides --hosts: no listening socket, served through
+        /// a reverse tunnel to the proxy (default 1 with a proxy, 0 without).
+        #[arg(long)]
+        hidden_hosts: Option<usize>,
     },
 }
 
@@ -375,6 +379,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                     hosts,
                     backend,
                     proxy_port,
+                    hidden_hosts,
                 },
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -387,6 +392,11 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 hosts: hosts.max(1),
                 backend,
                 proxy_port: proxy_port.unwrap_or(port.saturating_add(1)),
+                hidden_hosts: 0,
+            };
+            let opts = cocalc_daemons::dev::DevOptions {
+                hidden_hosts: hidden_hosts.unwrap_or(usize::from(opts.proxy_port != 0)),
+                ..opts
             };
             rt.block_on(cocalc_daemons::dev::up(
                 opts,
@@ -419,28 +429,21 @@ fn run_remote(
         }
         c
     };
-    // The data path: open on the master, then talk to the host directly.
+    // The data path: open on the master, then talk to the host directly
+    // (or to the proxy that holds a hidden host's tunnel: same paths).
     let host_of = |project: &str| -> Result<HostClient, CliError> {
         let o = rt.block_on(client.open(project)).map_err(api)?;
-        match &o.endpoint {
-            HostEndpoint::Url(u) => Ok(HostClient::new(u.clone(), o.project, o.token)),
-            other => Err(CliError::local(format!(
-                "host endpoint {other:?} is reachable only through a proxy, which this client does not use yet"
-            ))),
-        }
+        Ok(HostClient::new(
+            o.endpoint.base_url().to_string(),
+            o.project,
+            o.token,
+        ))
     };
     match &command {
         Command::Shell { project } => {
             let o = rt.block_on(client.open(project)).map_err(api)?;
-            let url = match &o.endpoint {
-                HostEndpoint::Url(u) => u.clone(),
-                other => {
-                    return Err(CliError::local(format!(
-                        "host endpoint {other:?} is reachable only through a proxy, which this client does not use yet"
-                    )))
-                }
-            };
-            rt.block_on(cocalc_daemons::shell::shell(&url, o.project, &o.token))
+            let url = o.endpoint.base_url();
+            rt.block_on(cocalc_daemons::shell::shell(url, o.project, &o.token))
                 .map_err(CliError::local)?;
         }
         Command::File { command } => match command {
@@ -537,7 +540,7 @@ fn run_remote(
                 } else {
                     let ep = match &o.endpoint {
                         HostEndpoint::Url(u) => u.clone(),
-                        HostEndpoint::Tunnel(t) => format!("tunnel {t}"),
+                        HostEndpoint::Tunnel(t) => format!("hidden, via the tunnel at {t}"),
                         other => format!("{other:?}"),
                     };
                     println!(

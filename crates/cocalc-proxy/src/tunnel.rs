@@ -1,0 +1,465 @@
+//! Reverse tunnels: the proxy's end of the connections that hidden hosts
+//! dial out.
+//!
+//! ## Protocol
+//!
+//! 1. The host connects to the proxy's HTTP listener and sends
+//!    `GET /.cocalc/tunnel` with `Connection: upgrade`,
+//!    `Upgrade: cocalc-tunnel/1` and the three signed-request headers of
+//!    [`cocalc_auth::host_auth`], signed by its host key over method
+//!    `TUNNEL` and, as the path, this proxy's *handle* (its public base
+//!    URL). A handshake made for one proxy therefore does not verify at
+//!    another, and each signature is accepted once (a replay within the
+//!    60 s clock window is refused).
+//! 2. The proxy looks the host's public key up on the master
+//!    (`GET /v1/hosts/{h}/key`, cached), checks the signature and answers
+//!    `101 Switching Protocols`.
+//! 3. The connection then carries HTTP/2 with the **proxy as client** and
+//!    the host as server. Each user connection (an ingress request, a
+//!    WebSocket, an SSH session) is one HTTP/2 `CONNECT` stream, on which
+//!    plain HTTP/1.1 to the host's data plane is spoken, so upgrades work
+//!    unchanged. HTTP/2 gives multiplexing, per-stream flow control and
+//!    PING keepalives (a tunnel that stops answering is dropped within
+//!    [`TunnelConfig::keepalive_timeout`] plus an interval).
+//!
+//! A newer tunnel from the same host replaces the older one (a restarted
+//! host). When a tunnel drops, its streams fail at once, so requests in
+//! flight end with a 502 instead of hanging; the host redials with backoff
+//! and jitter.
+//!
+//! [`TunnelHub`] is a [`Transport`] for [`HostEndpoint::Tunnel`]
+//! endpoints whose handle is this proxy; [`ProxyTransport`] puts it
+//! together with [`TcpTransport`] for hosts with URLs.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
+use cocalc_auth::host_auth::{self, HEADER_HOST, HEADER_SIGNATURE, HEADER_TIME};
+use cocalc_auth::paserk;
+use cocalc_client::MasterClient;
+use cocalc_core::wire::{
+    TUNNEL_CONNECTION_WINDOW, TUNNEL_MAX_FRAME, TUNNEL_PATH, TUNNEL_PROTOCOL, TUNNEL_SIGNED_METHOD,
+    TUNNEL_STREAM_WINDOW,
+};
+use cocalc_core::{
+    ApiError, BoxedConnection, HostEndpoint, HostId, SharedClock, Transport, TransportError,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use crate::TcpTransport;
+
+/// Tunnel tunables.
+#[derive(Debug, Clone)]
+pub struct TunnelConfig {
+    /// This proxy's handle: the base URL hosts dial and sign
+    /// (`http://proxy.example:8000`). Hosts register it with the master as
+    /// their endpoint.
+    pub handle: String,
+    /// How far a handshake's time may be from this proxy's clock (default
+    /// 60 s).
+    pub max_clock_skew: Duration,
+    /// HTTP/2 PING interval on idle tunnels (default 10 s).
+    pub keepalive_interval: Duration,
+    /// A tunnel that does not answer a PING within this is dropped (default
+    /// 10 s).
+    pub keepalive_timeout: Duration,
+    /// How long opening a stream may take before the request fails (default
+    /// 5 s).
+    pub open_timeout: Duration,
+}
+
+impl TunnelConfig {
+    /// Defaults for a proxy known to hosts as `handle`.
+    pub fn new(handle: impl Into<String>) -> Self {
+        TunnelConfig {
+            handle: handle.into().trim_end_matches('/').to_string(),
+            max_clock_skew: Duration::from_secs(60),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(10),
+            open_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+type Sender = hyper::client::conn::http2::SendRequest<Body>;
+
+struct Tunnel {
+    serial: u64,
+    sender: Sender,
+    since: Instant,
+}
+
+/// Tunnel counters, for metrics and audit.
+#[derive(Debug, Default)]
+pub struct TunnelStats {
+    /// Tunnels accepted.
+    pub accepted: AtomicU64,
+    /// Handshakes refused (bad signature, unknown host, replay, stale).
+    pub refused: AtomicU64,
+    /// Streams opened to hosts.
+    pub streams: AtomicU64,
+}
+
+/// The tunnels that hidden hosts hold open to this proxy.
+pub struct TunnelHub {
+    cfg: TunnelConfig,
+    master: MasterClient,
+    clock: SharedClock,
+    tunnels: Mutex<HashMap<HostId, Tunnel>>,
+    keys: Mutex<HashMap<HostId, ed25519_dalek::VerifyingKey>>,
+    seen: Mutex<HashMap<[u8; 64], Instant>>,
+    serial: AtomicU64,
+    stats: TunnelStats,
+}
+
+impl std::fmt::Debug for TunnelHub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelHub")
+            .field("handle", &self.cfg.handle)
+            .finish_non_exhaustive()
+    }
+}
+
+fn refuse(status: u16, code: &str, message: impl Into<String>) -> Response {
+    let e = ApiError::new(status, code, message);
+    let s = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
+    (s, Json(e)).into_response()
+}
+
+impl TunnelHub {
+    /// A hub that looks host keys up on the master through `master`.
+    pub fn new(cfg: TunnelConfig, master: MasterClient, clock: SharedClock) -> Arc<Self> {
+        Arc::new(TunnelHub {
+            cfg,
+            master,
+            clock,
+            tunnels: Mutex::new(HashMap::new()),
+            keys: Mutex::new(HashMap::new()),
+            seen: Mutex::new(HashMap::new()),
+            serial: AtomicU64::new(1),
+            stats: TunnelStats::default(),
+        })
+    }
+
+    /// This proxy's handle.
+    pub fn handle(&self) -> &str {
+        &self.cfg.handle
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &TunnelStats {
+        &self.stats
+    }
+
+    /// Hosts with a tunnel open now.
+    pub fn connected(&self) -> Vec<HostId> {
+        let mut v: Vec<HostId> = self
+            .tunnels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, t)| !t.sender.is_closed())
+            .map(|(h, _)| *h)
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The route that accepts tunnels (`GET /.cocalc/tunnel`); merge it
+    /// into the proxy's HTTP router.
+    pub fn router(self: Arc<Self>) -> Router {
+        Router::new()
+            .route(TUNNEL_PATH, axum::routing::get(accept))
+            .with_state(self)
+    }
+
+    async fn host_key(&self, host: HostId) -> Result<ed25519_dalek::VerifyingKey, ApiError> {
+        if let Some(k) = self
+            .keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&host)
+        {
+            return Ok(*k);
+        }
+        let r = self.master.host_key(host).await?;
+        let key = paserk::decode_public(&r.public_key)
+            .map_err(|e| ApiError::new(502, "bad_host_key", format!("host {host}'s key: {e}")))?;
+        self.keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(host, key);
+        Ok(key)
+    }
+
+    /// Checks a handshake's signature: against the cached key first, and
+    /// once more against the master's current key if that fails (the host
+    /// may have re-registered with a new key).
+    async fn check_handshake(
+        &self,
+        h: &axum::http::HeaderMap,
+    ) -> Result<HostId, (u16, &'static str, String)> {
+        let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok());
+        let host = host_auth::request_host(get(HEADER_HOST))
+            .map_err(|e| (400, "bad_handshake", e.to_string()))?;
+        let sig = get(HEADER_SIGNATURE);
+        let time = get(HEADER_TIME);
+        let now = self.clock.now();
+        let check = |key: &ed25519_dalek::VerifyingKey| {
+            host_auth::verify_request(
+                key,
+                host,
+                TUNNEL_SIGNED_METHOD,
+                &self.cfg.handle,
+                time,
+                sig,
+                b"",
+                now,
+                self.cfg.max_clock_skew,
+            )
+        };
+        let refused = |e: ApiError| {
+            if e.status == 404 {
+                (
+                    401,
+                    "unknown_host",
+                    format!("host {host} is not registered with the master"),
+                )
+            } else {
+                (
+                    502,
+                    "master_unreachable",
+                    format!("looking up host {host}'s key: {}", e.message),
+                )
+            }
+        };
+        let key = self.host_key(host).await.map_err(refused)?;
+        if let Err(first) = check(&key) {
+            if !matches!(first, cocalc_auth::HostAuthError::BadSignature(_)) {
+                return Err((401, "bad_handshake", first.to_string()));
+            }
+            self.keys
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&host);
+            let key = self.host_key(host).await.map_err(refused)?;
+            check(&key).map_err(|e| (401, "bad_handshake", e.to_string()))?;
+        }
+        // Each signature opens one tunnel.
+        let sig_bytes = sig
+            .and_then(|s| {
+                use base64::Engine as _;
+                base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(s)
+                    .ok()
+            })
+            .and_then(|b| <[u8; 64]>::try_from(b).ok())
+            .ok_or((400, "bad_handshake", "malformed signature".to_string()))?;
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let window = self.cfg.max_clock_skew * 2;
+        seen.retain(|_, at| at.elapsed() < window);
+        if seen.insert(sig_bytes, Instant::now()).is_some() {
+            return Err((
+                401,
+                "replayed_handshake",
+                "this tunnel handshake was already used; sign a fresh one".into(),
+            ));
+        }
+        Ok(host)
+    }
+
+    /// Takes a verified, upgraded connection over as `host`'s tunnel.
+    async fn attach(self: Arc<Self>, host: HostId, io: hyper::upgrade::Upgraded) {
+        let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+        b.timer(TokioTimer::new())
+            .keep_alive_interval(self.cfg.keepalive_interval)
+            .keep_alive_timeout(self.cfg.keepalive_timeout)
+            .keep_alive_while_idle(true)
+            .initial_stream_window_size(TUNNEL_STREAM_WINDOW)
+            .initial_connection_window_size(TUNNEL_CONNECTION_WINDOW)
+            .max_frame_size(TUNNEL_MAX_FRAME);
+        let (sender, conn) = match b.handshake(io).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(%host, error = %e, "tunnel: HTTP/2 handshake failed");
+                return;
+            }
+        };
+        let serial = self.serial.fetch_add(1, Ordering::Relaxed);
+        self.tunnels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                host,
+                Tunnel {
+                    serial,
+                    sender,
+                    since: Instant::now(),
+                },
+            );
+        self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(%host, serial, "tunnel up");
+        let result = conn.await;
+        let mut map = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = map.get(&host) {
+            if t.serial == serial {
+                tracing::info!(%host, serial, up_secs = t.since.elapsed().as_secs(), error = ?result.err(), "tunnel down");
+                map.remove(&host);
+            }
+        }
+    }
+
+    /// Opens one byte stream to `host` through its tunnel.
+    pub async fn open_stream(&self, host: HostId) -> Result<BoxedConnection, TransportError> {
+        let unreachable = |reason: String| TransportError::Unreachable { host, reason };
+        let sender = self
+            .tunnels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&host)
+            .map(|t| t.sender.clone());
+        let Some(mut sender) = sender else {
+            return Err(unreachable(format!(
+                "host {host} is hidden and has no tunnel to this proxy ({}) now",
+                self.cfg.handle
+            )));
+        };
+        let open = async {
+            sender
+                .ready()
+                .await
+                .map_err(|e| unreachable(format!("tunnel: {e}")))?;
+            let req = axum::http::Request::builder()
+                .method(Method::CONNECT)
+                .uri("cocalc-host:80")
+                .body(Body::empty())
+                .map_err(|e| unreachable(e.to_string()))?;
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(|e| unreachable(format!("tunnel stream: {e}")))?;
+            if resp.status() != StatusCode::OK {
+                return Err(unreachable(format!(
+                    "host refused a tunnel stream: {}",
+                    resp.status()
+                )));
+            }
+            let io = hyper::upgrade::on(resp)
+                .await
+                .map_err(|e| unreachable(format!("tunnel stream: {e}")))?;
+            Ok::<BoxedConnection, TransportError>(Box::new(TokioIo::new(io)))
+        };
+        let conn = tokio::time::timeout(self.cfg.open_timeout, open)
+            .await
+            .map_err(|_| {
+                unreachable(format!(
+                    "opening a tunnel stream took longer than {:?}",
+                    self.cfg.open_timeout
+                ))
+            })??;
+        self.stats.streams.fetch_add(1, Ordering::Relaxed);
+        Ok(conn)
+    }
+}
+
+#[async_trait]
+impl Transport for TunnelHub {
+    async fn connect(
+        &self,
+        host: HostId,
+        endpoint: &HostEndpoint,
+    ) -> Result<BoxedConnection, TransportError> {
+        match endpoint {
+            HostEndpoint::Tunnel(h) if h.trim_end_matches('/') == self.cfg.handle => {
+                self.open_stream(host).await
+            }
+            HostEndpoint::Tunnel(h) => Err(TransportError::Unreachable {
+                host,
+                reason: format!(
+                    "host {host}'s tunnel lands at the proxy {h}, not at this one ({})",
+                    self.cfg.handle
+                ),
+            }),
+            other => Err(TransportError::UnsupportedEndpoint(other.clone())),
+        }
+    }
+}
+
+async fn accept(State(hub): State<Arc<TunnelHub>>, req: Request) -> Response {
+    let upgrade_ok = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(TUNNEL_PROTOCOL));
+    if !upgrade_ok {
+        hub.stats.refused.fetch_add(1, Ordering::Relaxed);
+        return refuse(
+            400,
+            "bad_handshake",
+            format!("a tunnel needs `Upgrade: {TUNNEL_PROTOCOL}`"),
+        );
+    }
+    let host = match hub.check_handshake(req.headers()).await {
+        Ok(h) => h,
+        Err((status, code, why)) => {
+            hub.stats.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(target: "cocalc::audit", outcome = "refuse", reason = code, detail = %why, "tunnel handshake");
+            return refuse(status, code, why);
+        }
+    };
+    let on_upgrade = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(io) => hub.attach(host, io).await,
+            Err(e) => tracing::warn!(%host, error = %e, "tunnel: upgrade failed"),
+        }
+    });
+    let mut r = Response::new(Body::empty());
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    r.headers_mut()
+        .insert(header::UPGRADE, HeaderValue::from_static(TUNNEL_PROTOCOL));
+    r
+}
+
+/// The proxy's transport: direct TCP for hosts with URLs, the tunnel hub
+/// for hidden hosts whose tunnel lands here.
+#[derive(Debug, Clone)]
+pub struct ProxyTransport {
+    tcp: TcpTransport,
+    tunnels: Arc<TunnelHub>,
+}
+
+impl ProxyTransport {
+    /// Direct connections with default timeouts, tunnels through `tunnels`.
+    pub fn new(tunnels: Arc<TunnelHub>) -> Self {
+        ProxyTransport {
+            tcp: TcpTransport::default(),
+            tunnels,
+        }
+    }
+}
+
+#[async_trait]
+impl Transport for ProxyTransport {
+    async fn connect(
+        &self,
+        host: HostId,
+        endpoint: &HostEndpoint,
+    ) -> Result<BoxedConnection, TransportError> {
+        if endpoint.is_tunnel() {
+            self.tunnels.connect(host, endpoint).await
+        } else {
+            self.tcp.connect(host, endpoint).await
+        }
+    }
+}

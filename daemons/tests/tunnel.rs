@@ -1,0 +1,360 @@
+//! A hidden host behind a reverse tunnel, with the real daemons as separate
+//! processes: `cocalc-master`, `cocalc-proxy`, and a `cocalc-host` that has
+//! no listening socket at all. Users reach it through the proxy only; the
+//! tunnel survives `kill -9` of the proxy and of the host, and requests in
+//! flight when either dies fail promptly instead of hanging.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+struct Proc {
+    child: Child,
+    line: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `bin -c cfg` and waits for a stderr line starting with `prefix`.
+fn spawn(bin: &str, cfg: &Path, prefix: &str) -> Proc {
+    let mut child = Command::new(bin)
+        .args(["-c", cfg.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let line = loop {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("{bin} exited before printing {prefix:?}"))
+            .unwrap();
+        if line.starts_with(prefix) {
+            break line;
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    Proc { child, line }
+}
+
+fn cocalc(master: &str, key: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cocalc"))
+        .args(args)
+        .env("COCALC_MASTER", master)
+        .env("COCALC_API_KEY", key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(b) = stdin {
+        input.write_all(b).unwrap();
+    }
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "exit {:?}, stderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Socket inodes of `pid` that are TCP listeners.
+fn listening_sockets(pid: u32) -> Vec<String> {
+    let mut mine = std::collections::HashSet::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        if let Ok(target) = std::fs::read_link(fd.path()) {
+            let t = target.to_string_lossy().into_owned();
+            if let Some(inode) = t.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')) {
+                mine.insert(inode.to_string());
+            }
+        }
+    }
+    let mut found = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for row in text.lines().skip(1) {
+            let cols: Vec<&str> = row.split_whitespace().collect();
+            // st 0A = LISTEN; column 9 is the inode.
+            if cols.len() > 9 && cols[3] == "0A" && mine.contains(cols[9]) {
+                found.push(cols[1].to_string());
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn hidden_host_is_served_through_the_tunnel_and_survives_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+
+    // Master.
+    std::fs::write(
+        d.join("master.toml"),
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n",
+            d.join("m").display()
+        ),
+    )
+    .unwrap();
+    let master = spawn(
+        env!("CARGO_BIN_EXE_cocalc-master"),
+        &d.join("master.toml"),
+        "cocalc-master: listening on ",
+    );
+    let murl = master
+        .line
+        .trim_start_matches("cocalc-master: listening on ")
+        .to_string();
+    let admin = std::fs::read_to_string(d.join("m/admin.key"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let user_key = |name: &str| -> String {
+        let v: serde_json::Value = serde_json::from_str(&ok(&cocalc(
+            &murl,
+            &admin,
+            &["user", "create", name, "--json"],
+            None,
+        )))
+        .unwrap();
+        v["api_key"].as_str().unwrap().to_string()
+    };
+    let proxy_key = user_key("proxy");
+    let alice = user_key("alice");
+
+    // Proxy, on a port it keeps across restarts.
+    let port = free_port();
+    let purl = format!("http://127.0.0.1:{port}");
+    std::fs::write(
+        d.join("proxy.toml"),
+        format!(
+            "listen = \"127.0.0.1:{port}\"\nmaster_url = \"{murl}\"\napi_key = \"{proxy_key}\"\n"
+        ),
+    )
+    .unwrap();
+    let start_proxy = || {
+        spawn(
+            env!("CARGO_BIN_EXE_cocalc-proxy"),
+            &d.join("proxy.toml"),
+            "cocalc-proxy: listening on ",
+        )
+    };
+    let mut proxy = start_proxy();
+    assert_eq!(proxy.line, format!("cocalc-proxy: listening on {purl}"));
+
+    // A hidden host: tunnel_url and no listen address.
+    let token = ok(&cocalc(&murl, &admin, &["host", "bootstrap-token"], None))
+        .trim()
+        .to_string();
+    std::fs::write(
+        d.join("host.toml"),
+        format!(
+            "tunnel_url = \"{purl}\"\nmaster_url = \"{murl}\"\ndata_dir = \"{}\"\n\
+             bootstrap_token = \"{token}\"\nrunner = \"process\"\nstorage = \"dir\"\n",
+            d.join("h").display()
+        ),
+    )
+    .unwrap();
+    let start_host = || {
+        spawn(
+            env!("CARGO_BIN_EXE_cocalc-host"),
+            &d.join("host.toml"),
+            "cocalc-host: ",
+        )
+    };
+    let mut host = start_host();
+    assert!(host.line.contains("hidden"), "{}", host.line);
+
+    // The master records the tunnel handle, not a URL.
+    eventually("the hidden host is up", Duration::from_secs(20), || {
+        let o = cocalc(&murl, &admin, &["host", "list", "--json"], None);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        v.as_array().is_some_and(|a| {
+            a.iter().any(|h| {
+                h["state"] == "up"
+                    && h["endpoint"]["kind"] == "tunnel"
+                    && h["endpoint"]["value"] == purl.as_str()
+            })
+        })
+    });
+    // It listens nowhere.
+    assert_eq!(
+        listening_sockets(host.child.id()),
+        Vec::<String>::new(),
+        "a hidden host must have no listening socket"
+    );
+
+    // Placement and open work as for any host; the data path goes through
+    // the proxy (the CLI follows the endpoint).
+    ok(&cocalc(&murl, &alice, &["project", "create", "p"], None));
+    let open: serde_json::Value = serde_json::from_str(&ok(&cocalc(
+        &murl,
+        &alice,
+        &["project", "open", "p", "--json"],
+        None,
+    )))
+    .unwrap();
+    assert_eq!(open["endpoint"]["kind"], "tunnel");
+    let exec_ok = || {
+        let o = cocalc(
+            &murl,
+            &alice,
+            &[
+                "project",
+                "exec",
+                "p",
+                "--",
+                "sh",
+                "-c",
+                "echo via-tunnel; exit 3",
+            ],
+            None,
+        );
+        o.status.code() == Some(3) && String::from_utf8_lossy(&o.stdout) == "via-tunnel\n"
+    };
+    eventually("exec through the tunnel", Duration::from_secs(20), exec_ok);
+    let big: Vec<u8> = (0..2_000_000u32).map(|i| (i % 253) as u8).collect();
+    ok(&cocalc(
+        &murl,
+        &alice,
+        &["file", "put", "p", "big.bin"],
+        Some(&big),
+    ));
+    let got = cocalc(&murl, &alice, &["file", "get", "p", "big.bin"], None);
+    assert!(got.status.success());
+    assert!(
+        got.stdout == big,
+        "file came back different through the tunnel"
+    );
+
+    // The master's one-call exec reaches the hidden host too (via the proxy).
+    let pid = open["project"].as_str().unwrap().to_string();
+    let r: serde_json::Value = blocking_post(
+        &format!("{murl}/v1/projects/{pid}/exec"),
+        &alice,
+        serde_json::json!({ "argv": ["echo", "from-master"] }),
+    );
+    assert_eq!(r["exit_code"], 0, "{r}");
+
+    // kill -9 the proxy while a request is in flight: the request fails
+    // promptly; a new proxy on the same port gets the tunnel back.
+    let slow = {
+        let (murl, alice) = (murl.clone(), alice.clone());
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            let o = cocalc(
+                &murl,
+                &alice,
+                &["project", "exec", "p", "--", "sleep", "60"],
+                None,
+            );
+            (o, t.elapsed())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    let _ = proxy.child.kill();
+    let _ = proxy.child.wait();
+    let (o, took) = slow.join().unwrap();
+    assert!(!o.status.success(), "the in-flight exec cannot succeed");
+    assert!(
+        took < Duration::from_secs(20),
+        "in-flight request hung for {took:?}"
+    );
+    proxy = start_proxy();
+    eventually(
+        "the tunnel is back after a proxy restart",
+        Duration::from_secs(30),
+        exec_ok,
+    );
+
+    // kill -9 the host while a request is in flight: the proxy answers at
+    // once; the restarted host dials back in and still has the data.
+    let slow = {
+        let (murl, alice) = (murl.clone(), alice.clone());
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            let o = cocalc(
+                &murl,
+                &alice,
+                &["project", "exec", "p", "--", "sleep", "60"],
+                None,
+            );
+            (o, t.elapsed())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    let _ = host.child.kill();
+    let _ = host.child.wait();
+    let (o, took) = slow.join().unwrap();
+    assert!(!o.status.success(), "the in-flight exec cannot succeed");
+    assert!(
+        took < Duration::from_secs(20),
+        "in-flight request hung for {took:?}"
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("host"), "{err}");
+    host = start_host();
+    eventually(
+        "the tunnel is back after a host restart",
+        Duration::from_secs(30),
+        exec_ok,
+    );
+    let got = cocalc(&murl, &alice, &["file", "get", "p", "big.bin"], None);
+    assert!(got.stdout == big, "data survived the host restart");
+    drop(host);
+    drop(proxy);
+    drop(master);
+}
+
+/// POST JSON with a bearer key; the JSON answer (blocking, for tests).
+fn blocking_post(url: &str, key: &str, body: serde_json::Value) -> serde_json::Value {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        reqwest::Client::new()
+            .post(url)
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    })
+}
