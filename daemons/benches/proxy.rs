@@ -1,12 +1,17 @@
-//! Requests/s and latency of the same small HTTP server inside a project,
-//! reached three ways with the same load generator in one run: directly on
-//! the host, through `cocalc-proxy`, and through nginx configured as a
-//! plain reverse proxy (`bench/nginx.conf.template`).
+//! The same server inside a project, reached four ways with the same load
+//! generator in one run: directly on the host, through `cocalc-proxy`,
+//! through nginx configured as a plain reverse proxy
+//! (`bench/nginx.conf.template`), and through `cocalc-proxy` to a *hidden*
+//! host over its reverse tunnel. Measured:
+//!
+//! * small requests: req/s, p50 and p99;
+//! * HTTP download bytes/s (64 MiB responses, 1 and 4 at a time);
+//! * WebSocket bytes/s (1 MiB binary messages from the server).
 //!
 //! Run: `cargo bench -p cocalc-daemons --bench proxy` (`-- --secs 3
 //! --conns 32`). Needs nginx (`apt-get install nginx`); without it the
 //! nginx row is skipped and says so. Goals: proxy ≥ 1.0× nginx req/s with
-//! p99 ≤ nginx's.
+//! p99 ≤ nginx's; WebSocket and tunnel bytes/s ≥ 0.8× direct.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -22,28 +27,136 @@ fn arg(name: &str, default: f64) -> f64 {
         .unwrap_or(default)
 }
 
-/// The "server inside the project": answers every request with a small body.
+/// Size of one `/big` response.
+const BIG: usize = 64 << 20;
+/// Size of one WebSocket message from `/ws`.
+const WS_MSG: usize = 1 << 20;
+
+/// The "server inside the project": `/big` answers 64 MiB, `/ws` is a
+/// WebSocket that sends 1 MiB binary messages until the client leaves,
+/// anything else a small body.
 async fn backend(port: u16) {
     use hyper::service::service_fn;
     use hyper_util::rt::TokioIo;
     let l = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .unwrap();
+    let big = bytes::Bytes::from(vec![7u8; BIG]);
     loop {
         let Ok((s, _)) = l.accept().await else {
             continue;
         };
+        let big = big.clone();
         tokio::spawn(async move {
-            let svc = service_fn(|_req| async {
-                Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
-                    bytes::Bytes::from_static(b"hello from the project\n"),
-                )))
+            let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let big = big.clone();
+                async move {
+                    let body = match req.uri().path() {
+                        "/big" => big,
+                        "/ws" => return Ok(ws_upgrade(req)),
+                        _ => bytes::Bytes::from_static(b"hello from the project\n"),
+                    };
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        http_body_util::Full::new(body),
+                    ))
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(s), svc)
+                .with_upgrades()
                 .await;
         });
     }
+}
+
+/// Accepts a WebSocket and floods it with binary messages.
+fn ws_upgrade(
+    req: hyper::Request<hyper::body::Incoming>,
+) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::protocol::{Message, Role};
+    let key = req
+        .headers()
+        .get("sec-websocket-key")
+        .map(|k| tokio_tungstenite::tungstenite::handshake::derive_accept_key(k.as_bytes()))
+        .unwrap_or_default();
+    tokio::spawn(async move {
+        let Ok(io) = hyper::upgrade::on(req).await else {
+            return;
+        };
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            hyper_util::rt::TokioIo::new(io),
+            Role::Server,
+            None,
+        )
+        .await;
+        let msg = bytes::Bytes::from(vec![9u8; WS_MSG]);
+        while ws.send(Message::Binary(msg.clone())).await.is_ok() {}
+    });
+    hyper::Response::builder()
+        .status(101)
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-accept", key)
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap()
+}
+
+/// HTTP download rate: `streams` clients each fetching `/big` again and
+/// again for `secs`; bytes/s over all.
+async fn download(url: &str, token: &str, streams: usize, secs: f64) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..streams {
+        let (url, token) = (url.to_string(), token.to_string());
+        tasks.push(tokio::spawn(async move {
+            let c = reqwest::Client::new();
+            let mut n = 0usize;
+            while Instant::now() < deadline {
+                let mut r = c.get(&url).bearer_auth(&token).send().await.unwrap();
+                assert_eq!(r.status(), 200, "{url}");
+                while let Some(chunk) = r.chunk().await.unwrap() {
+                    n += chunk.len();
+                    if Instant::now() >= deadline {
+                        break;
+                    }
+                }
+            }
+            n
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    total as f64 / start.elapsed().as_secs_f64()
+}
+
+/// WebSocket receive rate from `/ws` for `secs`, bytes/s.
+async fn websocket(url: &str, token: &str, secs: f64) -> f64 {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = url
+        .replacen("http://", "ws://", 1)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let start = Instant::now();
+    let mut n = 0usize;
+    while start.elapsed() < Duration::from_secs_f64(secs) {
+        match ws.next().await {
+            Some(Ok(m)) => n += m.len(),
+            other => panic!("websocket ended: {other:?}"),
+        }
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+fn mib(bps: f64) -> String {
+    format!("{:>8.0} MiB/s", bps / (1 << 20) as f64)
 }
 
 async fn load(url: &str, token: &str, conns: usize, secs: f64) -> (f64, Duration, Duration) {
@@ -117,22 +230,65 @@ async fn main() {
     while master.hosts().await.map(|h| h.is_empty()).unwrap_or(true) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let pport = free_port();
     let pcfg = w(
         "p.toml",
-        format!("listen = \"127.0.0.1:0\"\nmaster_url = \"{murl}\"\napi_key = \"{admin}\"\nproject_rps = 1000000\nclient_rps = 1000000\n"),
+        format!("listen = \"127.0.0.1:{pport}\"\nmaster_url = \"{murl}\"\napi_key = \"{admin}\"\nproject_rps = 1000000\nclient_rps = 1000000\n"),
     );
     let (_p, purl) = spawn(env!("CARGO_BIN_EXE_cocalc-proxy"), &pcfg, "listening on");
+    // A hidden host: no listening socket, served through the proxy's tunnel.
+    let token2 = master.bootstrap_token().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let tcfg = w(
+        "t.toml",
+        format!(
+            "tunnel_url = \"{purl}\"\nmaster_url = \"{murl}\"\ndata_dir = \"{}\"\nbootstrap_token = \"{token2}\"\nidle_timeout_secs = 0\n",
+            dir.path().join("t").display()
+        ),
+    );
+    let (_t, _) = spawn(env!("CARGO_BIN_EXE_cocalc-host"), &tcfg, "hidden");
+    let hosts = loop {
+        let h = master.hosts().await.unwrap_or_default();
+        if h.len() == 2 {
+            break h;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let visible = hosts.iter().find(|h| !h.endpoint.is_tunnel()).unwrap().id;
+    let hidden = hosts.iter().find(|h| h.endpoint.is_tunnel()).unwrap().id;
 
     let user = master.create_user("bench").await.unwrap();
     let me = cocalc_client::MasterClient::new(&murl, user["api_key"].as_str().unwrap());
     me.create_project(&cocalc_core::wire::CreateProjectRequest::new("p"))
         .await
         .unwrap();
+    me.create_project(&cocalc_core::wire::CreateProjectRequest::new("q"))
+        .await
+        .unwrap();
+    // p on the visible host, q on the hidden one.
+    master.drain(hidden, true).await.unwrap();
     let open = me.open("p").await.unwrap();
+    master.drain(hidden, false).await.unwrap();
+    master.drain(visible, true).await.unwrap();
+    let open_q = me.open("q").await.unwrap();
+    master.drain(visible, false).await.unwrap();
+    assert_eq!(open.host, visible);
+    assert_eq!(open_q.host, hidden);
     me.start("p").await.unwrap();
+    let t0 = Instant::now();
+    while me.start("q").await.is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the tunnel never came up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let bport = free_port();
     tokio::spawn(backend(bport));
     let path = format!("/{}/port/{bport}/", open.project);
+    let path_q = format!("/{}/port/{bport}/", open_q.project);
 
     let nginx = Command::new("nginx").arg("-v").output().is_ok();
     let mut nginx_daemon = None;
@@ -166,21 +322,54 @@ async fn main() {
     }
 
     println!("{conns} connections, {secs} s each, GET {path} (a small body from a server in the project)");
+    let routes = [
+        (
+            "direct to the host",
+            Some(format!("{hurl}{path}")),
+            &open.token,
+        ),
+        (
+            "via cocalc-proxy",
+            Some(format!("{purl}{path}")),
+            &open.token,
+        ),
+        (
+            "via nginx",
+            nginx_url.as_ref().map(|n| format!("{n}{path}")),
+            &open.token,
+        ),
+        (
+            "via tunnel (hidden)",
+            Some(format!("{purl}{path_q}")),
+            &open_q.token,
+        ),
+    ];
     let mut rows = Vec::new();
-    for (name, base) in [
-        ("direct to the host", Some(hurl.clone())),
-        ("via cocalc-proxy", Some(purl.clone())),
-        ("via nginx", nginx_url.clone()),
-    ] {
-        let Some(base) = base else {
+    for (name, url, token) in &routes {
+        let Some(url) = url else {
             println!("{name:<22} skipped: nginx not installed (apt-get install nginx)");
             continue;
         };
-        let url = format!("{base}{path}");
-        let _ = load(&url, &open.token, 2, 0.3).await; // warm up
-        let (rate, p50, p99) = load(&url, &open.token, conns, secs).await;
+        let _ = load(url, token, 2, 0.3).await; // warm up
+        let (rate, p50, p99) = load(url, token, conns, secs).await;
         println!("{name:<22} {rate:>9.0} req/s   p50 {p50:>9.2?}   p99 {p99:>9.2?}");
-        rows.push((name, rate, p99));
+        rows.push((*name, rate, p99));
+    }
+    println!();
+    println!("bytes/s: GET big (64 MiB responses) x1 and x4, and a WebSocket of 1 MiB messages");
+    let mut bytes_rows = Vec::new();
+    for (name, url, token) in &routes {
+        let Some(url) = url else { continue };
+        let one = download(&format!("{url}big"), token, 1, secs).await;
+        let four = download(&format!("{url}big"), token, 4, secs).await;
+        let ws = websocket(&format!("{url}ws"), token, secs).await;
+        println!(
+            "{name:<22} x1 {}   x4 {}   websocket {}",
+            mib(one),
+            mib(four),
+            mib(ws)
+        );
+        bytes_rows.push((*name, one, four, ws));
     }
     if let (Some(p), Some(n)) = (
         rows.iter().find(|r| r.0 == "via cocalc-proxy"),
@@ -198,6 +387,26 @@ async fn main() {
         rows.iter().find(|r| r.0 == "direct to the host"),
     ) {
         println!("proxy / direct req/s = {:.2}x", p.1 / d.1);
+    }
+    if let (Some(t), Some(d)) = (
+        rows.iter().find(|r| r.0 == "via tunnel (hidden)"),
+        rows.iter().find(|r| r.0 == "direct to the host"),
+    ) {
+        println!("tunnel / direct req/s = {:.2}x", t.1 / d.1);
+    }
+    let d = bytes_rows
+        .iter()
+        .find(|r| r.0 == "direct to the host")
+        .copied();
+    for name in ["via cocalc-proxy", "via nginx", "via tunnel (hidden)"] {
+        if let (Some(r), Some(d)) = (bytes_rows.iter().find(|r| r.0 == name), d) {
+            println!(
+                "{name} / direct bytes/s: x1 {:.2}x   x4 {:.2}x   websocket {:.2}x   (goal >= 0.8)",
+                r.1 / d.1,
+                r.2 / d.2,
+                r.3 / d.3
+            );
+        }
     }
     drop(nginx_daemon);
 }

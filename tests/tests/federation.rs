@@ -846,10 +846,12 @@ async fn ingress_matches_direct_and_refuses_bad_input() {
         cocalc_proxy::IngressConfig::new(&m.url, proxy_user["api_key"].as_str().unwrap());
     icfg.project_rps = 20;
     icfg.client_rps = 1000;
-    let ingress = cocalc_proxy::Ingress::new(
+    let audit = std::sync::Arc::new(cocalc_auth::MemoryAuditSink::new());
+    let ingress = cocalc_proxy::Ingress::with_audit(
         icfg,
         std::sync::Arc::new(cocalc_proxy::TcpTransport::default()),
         std::sync::Arc::new(cocalc_core::SystemClock),
+        audit.clone(),
     )
     .await
     .unwrap();
@@ -975,6 +977,23 @@ async fn ingress_matches_direct_and_refuses_bad_input() {
         .parse()
         .unwrap();
     assert!(retry >= 1);
+    // Every refusal above is an audit record with its reason.
+    let reasons: Vec<String> = audit.records().into_iter().map(|r| r.reason).collect();
+    for want in [
+        "bad_path",
+        "token_missing",
+        "token_wrong_project",
+        "rate_limited",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r == want),
+            "{want} not audited: {reasons:?}"
+        );
+    }
+    assert!(audit
+        .records()
+        .iter()
+        .all(|r| r.outcome == cocalc_core::AuditOutcome::Refuse && r.action == "ingress"));
     let qid = oq.project.to_string();
     let r = http
         .get(format!("{purl}/{qid}/status"))

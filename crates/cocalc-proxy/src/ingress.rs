@@ -31,9 +31,12 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
-use cocalc_auth::{paserk, KeySet, Verifier};
+use cocalc_auth::{paserk, AuditSink, KeySet, TracingAuditSink, Verifier};
 use cocalc_client::MasterClient;
-use cocalc_core::{ApiError, HostEndpoint, HostId, ProjectId, SharedClock, Timestamp, Transport};
+use cocalc_core::{
+    ApiError, AuditOutcome, AuditRecord, HostEndpoint, HostId, ProjectId, SharedClock, Timestamp,
+    Transport,
+};
 
 /// Ingress tunables.
 #[derive(Debug, Clone)]
@@ -79,6 +82,8 @@ pub struct Refusals {
 
 /// The ingress service.
 pub struct Ingress {
+    audit: Arc<dyn AuditSink>,
+    clock: SharedClock,
     cfg: IngressConfig,
     master: MasterClient,
     verifier: Verifier,
@@ -185,8 +190,22 @@ impl Ingress {
         transport: Arc<dyn Transport>,
         clock: SharedClock,
     ) -> Result<Arc<Self>, ApiError> {
+        Self::with_audit(cfg, transport, clock, Arc::new(TracingAuditSink)).await
+    }
+
+    /// Like [`Ingress::new`], with every refusal (bad path, bad token, rate
+    /// limit, unreachable host) also handed to `audit` as an
+    /// [`AuditRecord`] (action `ingress`, reason the refusal's code).
+    pub async fn with_audit(
+        cfg: IngressConfig,
+        transport: Arc<dyn Transport>,
+        clock: SharedClock,
+        audit: Arc<dyn AuditSink>,
+    ) -> Result<Arc<Self>, ApiError> {
         let master = MasterClient::new(cfg.master_url.clone(), cfg.api_key.clone());
         let ing = Ingress {
+            audit,
+            clock: clock.clone(),
             per_project: governor::RateLimiter::keyed(quota(cfg.project_rps)),
             per_client: governor::RateLimiter::keyed(quota(cfg.client_rps)),
             pool: Mutex::new(HashMap::new()),
@@ -204,6 +223,27 @@ impl Ingress {
     /// Refusal counters.
     pub fn refusals(&self) -> &Refusals {
         &self.refusals
+    }
+
+    /// Counts a refusal and hands its audit record to the sink.
+    fn refuse(
+        &self,
+        counter: &AtomicU64,
+        reason: &str,
+        project: Option<ProjectId>,
+        peer: SocketAddr,
+        detail: &str,
+    ) {
+        counter.fetch_add(1, Ordering::Relaxed);
+        let mut r = AuditRecord::new(
+            self.clock.now(),
+            AuditOutcome::Refuse,
+            "ingress",
+            reason,
+            format!("client {peer}: {detail}"),
+        );
+        r.project = project;
+        self.audit.record(r);
     }
 
     /// Reloads the master's signing keys (call periodically and after a
@@ -273,7 +313,13 @@ async fn handle(
 ) -> Response {
     use governor::clock::{Clock, DefaultClock};
     if let Err(not_until) = ing.per_client.check_key(&peer.ip()) {
-        ing.refusals.rate_limited.fetch_add(1, Ordering::Relaxed);
+        ing.refuse(
+            &ing.refusals.rate_limited,
+            "rate_limited",
+            None,
+            peer,
+            "per-client limit",
+        );
         return too_many(
             "client",
             not_until.wait_time_from(DefaultClock::default().now()),
@@ -282,21 +328,31 @@ async fn handle(
     let project = match project_of_path(req.uri().path()) {
         Ok(p) => p,
         Err(why) => {
-            ing.refusals.bad_path.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(target: "cocalc::audit", outcome = "refuse", reason = "bad_path", %peer, detail = %why);
+            ing.refuse(&ing.refusals.bad_path, "bad_path", None, peer, &why);
             return fail(400, "bad_path", why);
         }
     };
     if let Err(not_until) = ing.per_project.check_key(&project) {
-        ing.refusals.rate_limited.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(target: "cocalc::audit", outcome = "refuse", reason = "rate_limited", %project, %peer);
+        ing.refuse(
+            &ing.refusals.rate_limited,
+            "rate_limited",
+            Some(project),
+            peer,
+            "per-project limit",
+        );
         return too_many(
             "project",
             not_until.wait_time_from(DefaultClock::default().now()),
         );
     }
     let Some(token) = token_of(&req, project) else {
-        ing.refusals.bad_token.fetch_add(1, Ordering::Relaxed);
+        ing.refuse(
+            &ing.refusals.bad_token,
+            "token_missing",
+            Some(project),
+            peer,
+            "no connect token",
+        );
         return fail(
             401,
             "token_missing",
@@ -306,13 +362,24 @@ async fn handle(
     let claims = match ing.verifier.verify(&token) {
         Ok(c) => c,
         Err(e) => {
-            ing.refusals.bad_token.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(target: "cocalc::audit", outcome = "refuse", reason = e.code(), %project, %peer);
+            ing.refuse(
+                &ing.refusals.bad_token,
+                e.code(),
+                Some(project),
+                peer,
+                &e.to_string(),
+            );
             return api(&ApiError::from(&e));
         }
     };
     if let Err(e) = claims.require_project(project) {
-        ing.refusals.bad_token.fetch_add(1, Ordering::Relaxed);
+        ing.refuse(
+            &ing.refusals.bad_token,
+            e.code(),
+            Some(project),
+            peer,
+            &e.to_string(),
+        );
         return api(&ApiError::from(&e));
     }
     let endpoint = match ing.route(claims.host).await {
@@ -322,7 +389,13 @@ async fn handle(
     match forward(&ing, claims.host, &endpoint, peer, req).await {
         Ok(r) => r,
         Err(e) => {
-            ing.refusals.unreachable.fetch_add(1, Ordering::Relaxed);
+            ing.refuse(
+                &ing.refusals.unreachable,
+                &e.code,
+                Some(project),
+                peer,
+                &e.message,
+            );
             ing.forget_route(claims.host);
             api(&e)
         }

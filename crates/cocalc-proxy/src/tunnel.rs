@@ -110,6 +110,7 @@ pub struct TunnelStats {
 
 /// The tunnels that hidden hosts hold open to this proxy.
 pub struct TunnelHub {
+    audit: Arc<dyn cocalc_auth::AuditSink>,
     cfg: TunnelConfig,
     master: MasterClient,
     clock: SharedClock,
@@ -137,7 +138,19 @@ fn refuse(status: u16, code: &str, message: impl Into<String>) -> Response {
 impl TunnelHub {
     /// A hub that looks host keys up on the master through `master`.
     pub fn new(cfg: TunnelConfig, master: MasterClient, clock: SharedClock) -> Arc<Self> {
+        Self::with_audit(cfg, master, clock, Arc::new(cocalc_auth::TracingAuditSink))
+    }
+
+    /// Like [`TunnelHub::new`], with every refused handshake also handed to
+    /// `audit` (action `tunnel`, reason the refusal's code).
+    pub fn with_audit(
+        cfg: TunnelConfig,
+        master: MasterClient,
+        clock: SharedClock,
+        audit: Arc<dyn cocalc_auth::AuditSink>,
+    ) -> Arc<Self> {
         Arc::new(TunnelHub {
+            audit,
             cfg,
             master,
             clock,
@@ -317,6 +330,17 @@ impl TunnelHub {
         }
     }
 
+    fn refused(&self, reason: &str, detail: &str) {
+        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+        self.audit.record(cocalc_core::AuditRecord::new(
+            self.clock.now(),
+            cocalc_core::AuditOutcome::Refuse,
+            "tunnel",
+            reason,
+            detail,
+        ));
+    }
+
     /// Opens one byte stream to `host` through its tunnel.
     pub async fn open_stream(&self, host: HostId) -> Result<BoxedConnection, TransportError> {
         let unreachable = |reason: String| TransportError::Unreachable { host, reason };
@@ -400,7 +424,7 @@ async fn accept(State(hub): State<Arc<TunnelHub>>, req: Request) -> Response {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case(TUNNEL_PROTOCOL));
     if !upgrade_ok {
-        hub.stats.refused.fetch_add(1, Ordering::Relaxed);
+        hub.refused("bad_handshake", "no tunnel Upgrade header");
         return refuse(
             400,
             "bad_handshake",
@@ -410,8 +434,7 @@ async fn accept(State(hub): State<Arc<TunnelHub>>, req: Request) -> Response {
     let host = match hub.check_handshake(req.headers()).await {
         Ok(h) => h,
         Err((status, code, why)) => {
-            hub.stats.refused.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(target: "cocalc::audit", outcome = "refuse", reason = code, detail = %why, "tunnel handshake");
+            hub.refused(code, &why);
             return refuse(status, code, why);
         }
     };
