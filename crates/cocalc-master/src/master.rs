@@ -87,6 +87,20 @@ fn random<const N: usize>() -> Result<[u8; N], MasterError> {
     Ok(b)
 }
 
+/// The minter with its public keys as PASERKs, encoded once per key set
+/// (every lease grant carries them).
+struct Signing {
+    minter: Minter,
+    public: Vec<String>,
+}
+
+impl Signing {
+    fn new(minter: Minter) -> Arc<Self> {
+        let public = minter.keys().public_paserks();
+        Arc::new(Signing { minter, public })
+    }
+}
+
 /// The master.
 pub struct Master {
     cfg: MasterConfig,
@@ -95,7 +109,7 @@ pub struct Master {
     store: Arc<dyn MapStore>,
     registry: Registry,
     placement: Box<dyn Placement>,
-    minter: RwLock<Arc<Minter>>,
+    minter: RwLock<Arc<Signing>>,
     push: PushHub,
     host_keys: RwLock<std::collections::HashMap<HostId, (String, ed25519_dalek::VerifyingKey)>>,
 }
@@ -130,7 +144,7 @@ impl Master {
             store,
             registry,
             placement,
-            minter: RwLock::new(Arc::new(minter)),
+            minter: RwLock::new(Signing::new(minter)),
             push: PushHub::new(),
             host_keys: RwLock::new(std::collections::HashMap::new()),
         })
@@ -151,7 +165,7 @@ impl Master {
         self.clock.now()
     }
 
-    fn minter(&self) -> Arc<Minter> {
+    fn minter(&self) -> Arc<Signing> {
         self.minter
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -160,7 +174,7 @@ impl Master {
 
     /// Public signing keys (PASERK), newest first.
     pub fn signing_keys(&self) -> Vec<String> {
-        self.minter().keys().public_paserks()
+        self.minter().public.clone()
     }
 
     /// Identifies the holder of an API key.
@@ -333,6 +347,7 @@ impl Master {
         }
         let (token, claims) = self
             .minter()
+            .minter
             .mint(&MintRequest {
                 user: user.id,
                 project,
@@ -556,13 +571,19 @@ impl Master {
     }
 
     /// Renews a host's lease.
+    ///
+    /// Only the in-memory registry changes: keepalives are not written
+    /// through to the durable store (a write and an fsync per beat were most
+    /// of a keepalive's cost). What the store keeps, from registration and
+    /// drains, is enough after a restart: [`Registry::load`] gives every
+    /// stored host a fresh lease, and its next keepalive brings health,
+    /// capacity and load up to date.
     pub async fn keepalive(
         &self,
         host: HostId,
         req: &KeepaliveRequest,
     ) -> Result<LeaseGrant, MasterError> {
-        let (rec, grant) = self.registry.keepalive(host, req).map_err(registry_err)?;
-        self.store.put_host(&rec).await?;
+        let grant = self.registry.renew(host, req).map_err(registry_err)?;
         Ok(self.with_keys(grant))
     }
 
@@ -637,7 +658,7 @@ impl Master {
     pub fn rotate_key(&self, caller: &Caller) -> Result<(String, KeySet), MasterError> {
         caller.require_admin()?;
         let mut g = self.minter.write().unwrap_or_else(|p| p.into_inner());
-        let mut keys = g.keys().clone();
+        let mut keys = g.minter.keys().clone();
         let kid = keys
             .rotate(self.now())
             .map_err(|e| MasterError::Internal(e.to_string()))?;
@@ -646,7 +667,7 @@ impl Master {
             keys.save_dir(dir)
                 .map_err(|e| MasterError::Internal(format!("saving rotated keys: {e}")))?;
         }
-        *g = Arc::new(Minter::new(
+        *g = Signing::new(Minter::new(
             self.cfg.issuer.clone(),
             keys.clone(),
             self.clock.clone(),
