@@ -546,10 +546,8 @@ impl Master {
         cocalc_core::wire::check_version(req.v).map_err(|e| MasterError::BadRequest(e.message))?;
         paserk::decode_public(&req.public_key)
             .map_err(|e| MasterError::BadRequest(format!("public_key: {e}")))?;
-        let known_same_key = self
-            .registry
-            .get(req.host)
-            .is_some_and(|r| r.public_key == req.public_key);
+        let known_key = self.registry.get(req.host).map(|r| r.public_key);
+        let known_same_key = known_key.as_ref() == Some(&req.public_key);
         if !(known_same_key && signed_by_known_key) {
             let token = req.bootstrap_token.as_deref().ok_or_else(|| {
                 MasterError::Unauthorized(
@@ -562,6 +560,11 @@ impl Master {
         }
         let (rec, grant) = self.registry.register(req);
         self.store.put_host(&rec).await?;
+        if known_key.is_some() && !known_same_key {
+            // The push channel was authenticated with the old key, and its
+            // frames are not signed one by one: it goes with the key.
+            self.push.disconnect(req.host);
+        }
         Ok(self.with_keys(grant))
     }
 
