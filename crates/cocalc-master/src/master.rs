@@ -335,10 +335,14 @@ impl Master {
             Some(e) => e,
             None => self.place(project).await?,
         };
-        let host = self.registry.get(entry.host).ok_or_else(|| {
-            MasterError::Internal(format!("host {} of project is unknown", entry.host))
-        })?;
-        if host.state_at(self.now()) == HostState::Down {
+        let now = self.now();
+        let (state, endpoint) = self
+            .registry
+            .inspect(entry.host, |h| (h.state_at(now), h.info.endpoint.clone()))
+            .ok_or_else(|| {
+                MasterError::Internal(format!("host {} of project is unknown", entry.host))
+            })?;
+        if state == HostState::Down {
             return Err(MasterError::Conflict(format!(
                 "host {} holding this project is down; wait for it, or an operator can re-place \
                  the project",
@@ -360,7 +364,7 @@ impl Master {
         Ok(OpenProjectResponse::new(
             project,
             entry.host,
-            host.info.endpoint,
+            endpoint,
             entry.generation,
             token,
             claims.expires,
@@ -511,6 +515,18 @@ impl Master {
 
     /// The registered public key of `host`.
     pub fn host_key(&self, host: HostId) -> Result<ed25519_dalek::VerifyingKey, MasterError> {
+        // Fast path: the cached key, still the registered one (compared in
+        // place, nothing copied).
+        if let Some((text, key)) = self
+            .host_keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&host)
+        {
+            if self.registry.inspect(host, |r| r.public_key == *text) == Some(true) {
+                return Ok(*key);
+            }
+        }
         let rec = self
             .registry
             .get(host)

@@ -265,6 +265,13 @@ impl Registry {
         })
     }
 
+    /// Applies `f` to one host's record without copying it (hot paths that
+    /// need a field or two). The record's `info.state` may be stale: use
+    /// [`HostRecord::state_at`].
+    pub fn inspect<T>(&self, host: HostId, f: impl FnOnce(&HostRecord) -> T) -> Option<T> {
+        self.read().get(&host).map(f)
+    }
+
     /// Every host as placement sees it, states as of now, sorted by id.
     pub fn hosts(&self) -> Vec<HostInfo> {
         let now = self.clock.now();
