@@ -283,6 +283,7 @@ async fn main() {
     for _ in 0..16 {
         conns.push(Conn::open(&url).await);
     }
+    let open_cpu0 = cpu_ns(pid);
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let mut tasks = Vec::new();
     for mut conn in conns {
@@ -306,6 +307,7 @@ async fn main() {
         lat.extend(t.await.unwrap());
     }
     let open_rate = lat.len() as f64 / started.elapsed().as_secs_f64();
+    let open_cpu_us = (cpu_ns(pid) - open_cpu0) as f64 / 1e3 / lat.len() as f64;
     lat.sort();
     let sign_after = sign_rate(1.0);
     let sign_rate = (sign_before + sign_after) / 2.0;
@@ -428,6 +430,10 @@ async fn main() {
     println!(
         "  ratio open / raw sign = {:.3}x   (goal >= 0.5)",
         open_rate / sign_rate
+    );
+    println!(
+        "  master CPU per open {open_cpu_us:.1} µs = {:.2} raw signatures (less sensitive to other load than the ratio)",
+        open_cpu_us * sign_rate / 1e6
     );
     println!(
         "keepalives: {ka:.0}/s from {n_hosts} hosts for {wall:.1} s; master CPU {cpu:.2} s = {:.1} % of one core   (goal < 20 %)",
