@@ -560,7 +560,7 @@ impl Master {
         signed_by_known_key: bool,
     ) -> Result<LeaseGrant, MasterError> {
         cocalc_core::wire::check_version(req.v).map_err(|e| MasterError::BadRequest(e.message))?;
-        paserk::decode_public(&req.public_key)
+        let decoded = paserk::decode_public(&req.public_key)
             .map_err(|e| MasterError::BadRequest(format!("public_key: {e}")))?;
         let known_key = self.registry.get(req.host).map(|r| r.public_key);
         let known_same_key = known_key.as_ref() == Some(&req.public_key);
@@ -576,6 +576,11 @@ impl Master {
         }
         let (rec, grant) = self.registry.register(req);
         self.store.put_host(&rec).await?;
+        // The host's signed calls start now: keep the decoded key for them.
+        self.host_keys
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(req.host, (req.public_key.clone(), decoded));
         if known_key.is_some() && !known_same_key {
             // The push channel was authenticated with the old key, and its
             // frames are not signed one by one: it goes with the key.
