@@ -189,7 +189,10 @@ pub async fn build(cfg: &DaemonConfig) -> Result<Arc<Master>, DaemonError> {
     mc.token_ttl = Duration::from_secs(cfg.token_ttl_secs);
     mc.key_dir = Some(key_dir);
     let map_path = cfg.data_dir.join("map.db");
-    let store = SqliteStore::open(&map_path).map_err(|e| io(&map_path, e))?;
+    // The master is the only writer of its map: placements may be cached.
+    let store = SqliteStore::open(&map_path)
+        .map_err(|e| io(&map_path, e))?
+        .cached();
     let dir = Directory::open(Some(&cfg.data_dir.join("directory.db")))?;
     let placement: Box<dyn cocalc_core::Placement> = match cfg.placement.as_str() {
         "data-aware" => Box::new(DataAware::default().sampled(64, seed())),

@@ -3,9 +3,29 @@
 //!
 //! API keys and bootstrap tokens are stored only as BLAKE2b-256 hashes; the
 //! secret is shown once when created.
+//!
+//! ## Caching
+//!
+//! The lookups on the open-project path (API key → user, project, a user's
+//! permission on a project) are answered from memory after their first
+//! query. This is sound because the master is the only writer of its
+//! directory database, and every write goes through [`Directory`]:
+//!
+//! * a statement that may change users, projects or collaborators runs under
+//!   the invalidating lock (`lock`), which empties the caches when it is
+//!   released, while the connection is still held, so a reader never sees
+//!   an answer older than the last completed write (ACL changes and
+//!   sign-outs are seen by the very next call);
+//! * a cache miss queries and fills the cache under the same connection
+//!   lock, so it cannot interleave with a write and cache a stale row.
+//!
+//! Each cache holds at most [`CACHE_CAPACITY`] entries and is emptied when
+//! full (no unbounded growth from random keys or ids; unknown API keys are
+//! never cached).
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
@@ -43,12 +63,18 @@ pub struct Project {
 
 /// Hex BLAKE2b-256 of a secret.
 pub fn hash_secret(secret: &str) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut h = Blake2bVar::new(32).expect("valid output length");
     h.update(secret.as_bytes());
     let mut out = [0u8; 32];
     h.finalize_variable(&mut out)
         .expect("buffer has the output length");
-    out.iter().map(|b| format!("{b:02x}")).collect()
+    let mut hex = String::with_capacity(64);
+    for b in out {
+        hex.push(HEX[usize::from(b >> 4)] as char);
+        hex.push(HEX[usize::from(b & 15)] as char);
+    }
+    hex
 }
 
 /// A fresh user API key (`cuk.<43 base64url characters>`).
@@ -84,10 +110,57 @@ CREATE TABLE IF NOT EXISTS bootstrap_tokens (
 );
 ";
 
+/// Most entries each directory cache holds before it is emptied.
+pub const CACHE_CAPACITY: usize = 100_000;
+
+/// What the open-project path reads, kept in memory (see the module docs).
+#[derive(Debug, Default)]
+struct Caches {
+    users_by_key: HashMap<String, User>,
+    projects: HashMap<ProjectId, Project>,
+    permissions: HashMap<(ProjectId, UserId), Option<Permission>>,
+}
+
+fn bounded_insert<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>, k: K, v: V) {
+    if map.len() >= CACHE_CAPACITY {
+        map.clear();
+    }
+    map.insert(k, v);
+}
+
 /// The directory database.
 #[derive(Debug, Clone)]
 pub struct Directory {
     conn: Arc<Mutex<Connection>>,
+    caches: Arc<RwLock<Caches>>,
+}
+
+/// The connection, held for a statement that may change users, projects or
+/// collaborators: releasing it empties the caches first.
+struct Write<'a> {
+    conn: std::sync::MutexGuard<'a, Connection>,
+    caches: &'a RwLock<Caches>,
+}
+
+impl std::ops::Deref for Write<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for Write<'_> {
+    fn deref_mut(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+}
+
+impl Drop for Write<'_> {
+    fn drop(&mut self) {
+        // Runs before `conn` is released: no reader can refill the caches
+        // from the old rows in between.
+        *self.caches.write().unwrap_or_else(|p| p.into_inner()) = Caches::default();
+    }
 }
 
 fn db(e: rusqlite::Error) -> MasterError {
@@ -116,11 +189,31 @@ impl Directory {
         conn.execute_batch(SCHEMA).map_err(db)?;
         Ok(Directory {
             conn: Arc::new(Mutex::new(conn)),
+            caches: Arc::default(),
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+    /// The connection for any statement; empties the caches when released
+    /// (the safe default for writes).
+    fn lock(&self) -> Write<'_> {
+        Write {
+            conn: self.conn.lock().unwrap_or_else(|p| p.into_inner()),
+            caches: &self.caches,
+        }
+    }
+
+    /// The connection for statements that change nothing the caches hold
+    /// (queries, bootstrap tokens).
+    fn lock_cache_unchanged(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn caches(&self) -> std::sync::RwLockReadGuard<'_, Caches> {
+        self.caches.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn caches_mut(&self) -> std::sync::RwLockWriteGuard<'_, Caches> {
+        self.caches.write().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Creates a user; `key_hash` is the hash of the API key shown to them.
@@ -157,9 +250,13 @@ impl Directory {
         })
     }
 
-    /// The user holding the API key with this hash.
+    /// The user holding the API key with this hash (cached).
     pub fn user_by_key_hash(&self, key_hash: &str) -> Result<Option<User>, MasterError> {
-        self.lock()
+        if let Some(u) = self.caches().users_by_key.get(key_hash) {
+            return Ok(Some(u.clone()));
+        }
+        let c = self.lock_cache_unchanged();
+        let user = c
             .query_row(
                 "SELECT id, name, not_before FROM users WHERE key_hash = ?1",
                 [key_hash],
@@ -168,12 +265,21 @@ impl Directory {
             .optional()
             .map_err(db)?
             .map(Self::user_from_row)
-            .transpose()
+            .transpose()?;
+        if let Some(u) = &user {
+            bounded_insert(
+                &mut self.caches_mut().users_by_key,
+                key_hash.to_string(),
+                u.clone(),
+            );
+        }
+        drop(c);
+        Ok(user)
     }
 
     /// A user by id or by name.
     pub fn user(&self, id_or_name: &str) -> Result<Option<User>, MasterError> {
-        self.lock()
+        self.lock_cache_unchanged()
             .query_row(
                 "SELECT id, name, not_before FROM users WHERE id = ?1 OR name = ?1",
                 [id_or_name],
@@ -249,9 +355,13 @@ impl Directory {
         })
     }
 
-    /// A project by id.
+    /// A project by id (cached).
     pub fn project(&self, id: ProjectId) -> Result<Option<Project>, MasterError> {
-        self.lock()
+        if let Some(p) = self.caches().projects.get(&id) {
+            return Ok(Some(p.clone()));
+        }
+        let c = self.lock_cache_unchanged();
+        let project = c
             .query_row(
                 "SELECT id, name, owner, image FROM projects WHERE id = ?1",
                 [id.to_string()],
@@ -260,12 +370,17 @@ impl Directory {
             .optional()
             .map_err(db)?
             .map(Self::project_from_row)
-            .transpose()
+            .transpose()?;
+        if let Some(p) = &project {
+            bounded_insert(&mut self.caches_mut().projects, id, p.clone());
+        }
+        drop(c);
+        Ok(project)
     }
 
     /// Projects `user` can access, with their permission, by name.
     pub fn projects_of(&self, user: UserId) -> Result<Vec<(Project, Permission)>, MasterError> {
-        let c = self.lock();
+        let c = self.lock_cache_unchanged();
         let mut st = c
             .prepare(
                 "SELECT p.id, p.name, p.owner, p.image, c.perm FROM projects p
@@ -287,13 +402,17 @@ impl Directory {
         .collect()
     }
 
-    /// `user`'s permission on `project`, if any.
+    /// `user`'s permission on `project`, if any (cached).
     pub fn permission(
         &self,
         project: ProjectId,
         user: UserId,
     ) -> Result<Option<Permission>, MasterError> {
-        self.lock()
+        if let Some(p) = self.caches().permissions.get(&(project, user)) {
+            return Ok(*p);
+        }
+        let c = self.lock_cache_unchanged();
+        let perm = c
             .query_row(
                 "SELECT perm FROM collaborators WHERE project = ?1 AND user = ?2",
                 params![project.to_string(), user.to_string()],
@@ -302,12 +421,15 @@ impl Directory {
             .optional()
             .map_err(db)?
             .map(parse)
-            .transpose()
+            .transpose()?;
+        bounded_insert(&mut self.caches_mut().permissions, (project, user), perm);
+        drop(c);
+        Ok(perm)
     }
 
     /// Every collaborator of a project.
     pub fn collaborators(&self, project: ProjectId) -> Result<Vec<Collaborator>, MasterError> {
-        let c = self.lock();
+        let c = self.lock_cache_unchanged();
         let mut st = c
             .prepare("SELECT user, perm FROM collaborators WHERE project = ?1 ORDER BY user")
             .map_err(db)?;
@@ -357,7 +479,7 @@ impl Directory {
 
     /// Stores a bootstrap token's hash with its expiry.
     pub fn add_bootstrap(&self, hash: &str, expires: Timestamp) -> Result<(), MasterError> {
-        self.lock()
+        self.lock_cache_unchanged()
             .execute(
                 "INSERT INTO bootstrap_tokens (hash, expires) VALUES (?1, ?2)",
                 params![hash, expires.as_millis()],
@@ -369,7 +491,7 @@ impl Directory {
     /// Uses a bootstrap token up: `Ok` only once, before it expires.
     pub fn consume_bootstrap(&self, hash: &str, now: Timestamp) -> Result<(), MasterError> {
         let n = self
-            .lock()
+            .lock_cache_unchanged()
             .execute(
                 "UPDATE bootstrap_tokens SET used_at = ?2
                  WHERE hash = ?1 AND used_at IS NULL AND expires > ?2",
@@ -385,5 +507,46 @@ impl Directory {
                     .into(),
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cached_lookups_see_every_write_at_once() {
+        let d = Directory::open(None).unwrap();
+        let (alice, bob) = (UserId::new_v4([1; 16]), UserId::new_v4([2; 16]));
+        d.create_user(alice, "alice", "ha").unwrap();
+        d.create_user(bob, "bob", "hb").unwrap();
+        let p = d
+            .create_project(ProjectId::new_v4([3; 16]), "p", alice, None)
+            .unwrap();
+        // Fill the caches, then change what they hold.
+        assert_eq!(d.permission(p.id, bob).unwrap(), None);
+        assert_eq!(d.user_by_key_hash("hb").unwrap().unwrap().not_before, None);
+        assert_eq!(d.project(p.id).unwrap().unwrap(), p);
+        d.set_collaborator(&p, bob, Some(Permission::Write))
+            .unwrap();
+        assert_eq!(d.permission(p.id, bob).unwrap(), Some(Permission::Write));
+        d.set_collaborator(&p, bob, None).unwrap();
+        assert_eq!(d.permission(p.id, bob).unwrap(), None);
+        d.set_not_before(bob, Timestamp(7)).unwrap();
+        assert_eq!(
+            d.user_by_key_hash("hb").unwrap().unwrap().not_before,
+            Some(Timestamp(7))
+        );
+        // Unknown keys are refused every time and never cached.
+        assert_eq!(d.user_by_key_hash("nope").unwrap(), None);
+        assert!(!d.caches().users_by_key.contains_key("nope"));
+        // A clone shares the caches and the invalidation.
+        let d2 = d.clone();
+        assert_eq!(d2.permission(p.id, alice).unwrap(), Some(Permission::Admin));
+        assert_eq!(hash_secret("x").len(), 64);
+        assert_eq!(
+            hash_secret(""),
+            "0e5751c026e543b2e8ab2eb06099daa1d1e5df47778f7787faab45cdf12fe3a8"
+        );
     }
 }

@@ -509,6 +509,32 @@ async fn push(
         .on_upgrade(move |socket| serve_push(m, host, socket)))
 }
 
+/// One host's push channel: frames out, keepalives in.
+///
+/// ## Why keepalive frames are not signed
+///
+/// A keepalive over HTTP carries its own signature because every request
+/// stands alone. On the push channel the host proved its key once, on the
+/// upgrade (`GET /v1/hosts/{h}/push` signed over method, path, time and
+/// body, fresh within `request_max_age`), and every later frame arrives on
+/// that same connection, so the frames are the authenticated host's for as
+/// long as the connection lives. Signing each beat again would add an
+/// Ed25519 verification per keepalive (the largest single cost of the HTTP
+/// path) and prove nothing new against anyone who cannot take over the
+/// connection. The limits that make this hold:
+///
+/// * a frame speaks only for the host that opened the channel: the
+///   registry refuses a keepalive naming another host;
+/// * a keepalive can only renew that host's lease and report its own
+///   health, capacity and load — nothing that grants access;
+/// * a channel does not outlive its key: re-registering with a new key
+///   closes it ([`crate::push::PushHub::disconnect`]), and a newer channel
+///   of the same host replaces it;
+/// * someone able to inject bytes into the TCP stream could forge a frame,
+///   but such an attacker can equally forge the master's frames to the host
+///   (ACL changes, revocations), which were never signed: the channel's
+///   integrity rests on the transport (TLS between hosts and master in any
+///   deployment off loopback), as it did before.
 async fn serve_push(m: AppState, host: HostId, mut socket: WebSocket) {
     let mut sub = m.push().subscribe(host);
     tracing::info!(%host, "push channel connected");

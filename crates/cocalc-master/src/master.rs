@@ -87,6 +87,20 @@ fn random<const N: usize>() -> Result<[u8; N], MasterError> {
     Ok(b)
 }
 
+/// The minter with its public keys as PASERKs, encoded once per key set
+/// (every lease grant carries them).
+struct Signing {
+    minter: Minter,
+    public: Vec<String>,
+}
+
+impl Signing {
+    fn new(minter: Minter) -> Arc<Self> {
+        let public = minter.keys().public_paserks();
+        Arc::new(Signing { minter, public })
+    }
+}
+
 /// The master.
 pub struct Master {
     cfg: MasterConfig,
@@ -95,7 +109,7 @@ pub struct Master {
     store: Arc<dyn MapStore>,
     registry: Registry,
     placement: Box<dyn Placement>,
-    minter: RwLock<Arc<Minter>>,
+    minter: RwLock<Arc<Signing>>,
     push: PushHub,
     host_keys: RwLock<std::collections::HashMap<HostId, (String, ed25519_dalek::VerifyingKey)>>,
 }
@@ -130,7 +144,7 @@ impl Master {
             store,
             registry,
             placement,
-            minter: RwLock::new(Arc::new(minter)),
+            minter: RwLock::new(Signing::new(minter)),
             push: PushHub::new(),
             host_keys: RwLock::new(std::collections::HashMap::new()),
         })
@@ -151,7 +165,7 @@ impl Master {
         self.clock.now()
     }
 
-    fn minter(&self) -> Arc<Minter> {
+    fn minter(&self) -> Arc<Signing> {
         self.minter
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -160,7 +174,7 @@ impl Master {
 
     /// Public signing keys (PASERK), newest first.
     pub fn signing_keys(&self) -> Vec<String> {
-        self.minter().keys().public_paserks()
+        self.minter().public.clone()
     }
 
     /// Identifies the holder of an API key.
@@ -321,10 +335,14 @@ impl Master {
             Some(e) => e,
             None => self.place(project).await?,
         };
-        let host = self.registry.get(entry.host).ok_or_else(|| {
-            MasterError::Internal(format!("host {} of project is unknown", entry.host))
-        })?;
-        if host.state_at(self.now()) == HostState::Down {
+        let now = self.now();
+        let (state, endpoint) = self
+            .registry
+            .inspect(entry.host, |h| (h.state_at(now), h.info.endpoint.clone()))
+            .ok_or_else(|| {
+                MasterError::Internal(format!("host {} of project is unknown", entry.host))
+            })?;
+        if state == HostState::Down {
             return Err(MasterError::Conflict(format!(
                 "host {} holding this project is down; wait for it, or an operator can re-place \
                  the project",
@@ -333,6 +351,7 @@ impl Master {
         }
         let (token, claims) = self
             .minter()
+            .minter
             .mint(&MintRequest {
                 user: user.id,
                 project,
@@ -345,7 +364,7 @@ impl Master {
         Ok(OpenProjectResponse::new(
             project,
             entry.host,
-            host.info.endpoint,
+            endpoint,
             entry.generation,
             token,
             claims.expires,
@@ -492,6 +511,18 @@ impl Master {
 
     /// The registered public key of `host`.
     pub fn host_key(&self, host: HostId) -> Result<ed25519_dalek::VerifyingKey, MasterError> {
+        // Fast path: the cached key, still the registered one (compared in
+        // place, nothing copied).
+        if let Some((text, key)) = self
+            .host_keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&host)
+        {
+            if self.registry.inspect(host, |r| r.public_key == *text) == Some(true) {
+                return Ok(*key);
+            }
+        }
         let rec = self
             .registry
             .get(host)
@@ -525,12 +556,10 @@ impl Master {
         signed_by_known_key: bool,
     ) -> Result<LeaseGrant, MasterError> {
         cocalc_core::wire::check_version(req.v).map_err(|e| MasterError::BadRequest(e.message))?;
-        paserk::decode_public(&req.public_key)
+        let decoded = paserk::decode_public(&req.public_key)
             .map_err(|e| MasterError::BadRequest(format!("public_key: {e}")))?;
-        let known_same_key = self
-            .registry
-            .get(req.host)
-            .is_some_and(|r| r.public_key == req.public_key);
+        let known_key = self.registry.get(req.host).map(|r| r.public_key);
+        let known_same_key = known_key.as_ref() == Some(&req.public_key);
         if !(known_same_key && signed_by_known_key) {
             let token = req.bootstrap_token.as_deref().ok_or_else(|| {
                 MasterError::Unauthorized(
@@ -543,6 +572,16 @@ impl Master {
         }
         let (rec, grant) = self.registry.register(req);
         self.store.put_host(&rec).await?;
+        // The host's signed calls start now: keep the decoded key for them.
+        self.host_keys
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(req.host, (req.public_key.clone(), decoded));
+        if known_key.is_some() && !known_same_key {
+            // The push channel was authenticated with the old key, and its
+            // frames are not signed one by one: it goes with the key.
+            self.push.disconnect(req.host);
+        }
         Ok(self.with_keys(grant))
     }
 
@@ -552,13 +591,19 @@ impl Master {
     }
 
     /// Renews a host's lease.
+    ///
+    /// Only the in-memory registry changes: keepalives are not written
+    /// through to the durable store (a write and an fsync per beat were most
+    /// of a keepalive's cost). What the store keeps, from registration and
+    /// drains, is enough after a restart: [`Registry::load`] gives every
+    /// stored host a fresh lease, and its next keepalive brings health,
+    /// capacity and load up to date.
     pub async fn keepalive(
         &self,
         host: HostId,
         req: &KeepaliveRequest,
     ) -> Result<LeaseGrant, MasterError> {
-        let (rec, grant) = self.registry.keepalive(host, req).map_err(registry_err)?;
-        self.store.put_host(&rec).await?;
+        let grant = self.registry.renew(host, req).map_err(registry_err)?;
         Ok(self.with_keys(grant))
     }
 
@@ -647,7 +692,7 @@ impl Master {
     pub fn rotate_key(&self, caller: &Caller) -> Result<(String, KeySet), MasterError> {
         caller.require_admin()?;
         let mut g = self.minter.write().unwrap_or_else(|p| p.into_inner());
-        let mut keys = g.keys().clone();
+        let mut keys = g.minter.keys().clone();
         let kid = keys
             .rotate(self.now())
             .map_err(|e| MasterError::Internal(e.to_string()))?;
@@ -656,7 +701,7 @@ impl Master {
             keys.save_dir(dir)
                 .map_err(|e| MasterError::Internal(format!("saving rotated keys: {e}")))?;
         }
-        *g = Arc::new(Minter::new(
+        *g = Signing::new(Minter::new(
             self.cfg.issuer.clone(),
             keys.clone(),
             self.clock.clone(),

@@ -66,6 +66,13 @@ impl PushHub {
         }
     }
 
+    /// Ends `host`'s channel, if connected (its key changed: a channel
+    /// authenticated with the old key must not outlive it). Returns whether
+    /// one was connected.
+    pub fn disconnect(&self, host: HostId) -> bool {
+        self.lock().remove(&host).is_some()
+    }
+
     /// Sends to one host; `false` if it is not connected.
     pub fn send(&self, host: HostId, message: PushMessage) -> bool {
         let mut g = self.lock();
@@ -128,5 +135,10 @@ mod tests {
         assert_eq!(new.rx.try_recv().unwrap().seq, 2);
         hub.unsubscribe(&new);
         assert!(hub.connected().is_empty());
+        // Disconnecting closes the queue the connection task reads.
+        let mut sub = hub.subscribe(h);
+        assert!(hub.disconnect(h));
+        assert!(sub.rx.try_recv().is_err() && sub.rx.is_closed());
+        assert!(!hub.disconnect(h));
     }
 }

@@ -501,6 +501,24 @@ async fn push_channel_delivers_a_revocation_within_a_second() {
     // An unsigned push connection is refused.
     let bare = format!("ws://{addr}{path}").into_client_request().unwrap();
     assert!(tokio_tungstenite::connect_async(bare).await.is_err());
+
+    // Keepalive frames are not signed one by one, so the channel goes with
+    // the key that opened it: re-registering with a new key closes it.
+    let rekeyed = Host {
+        id: h.id,
+        key: ed25519_dalek::SigningKey::from_bytes(&[99; 32]),
+    };
+    e.register(&rekeyed).await;
+    let end = tokio::time::timeout(Duration::from_secs(1), ws.next())
+        .await
+        .expect("closed within 1 s");
+    assert!(
+        matches!(
+            end,
+            None | Some(Err(_)) | Some(Ok(tokio_tungstenite::tungstenite::Message::Close(_)))
+        ),
+        "{end:?}"
+    );
 }
 
 #[tokio::test]

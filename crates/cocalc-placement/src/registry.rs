@@ -204,6 +204,22 @@ impl Registry {
         host: HostId,
         req: &KeepaliveRequest,
     ) -> Result<(HostRecord, LeaseGrant), RegistryError> {
+        self.renew_with(host, req, |rec, grant| (rec.clone(), grant))
+    }
+
+    /// [`Registry::keepalive`] without a copy of the record: the master's
+    /// hot path (keepalives are not written through to the durable store,
+    /// see [`Registry::load`]).
+    pub fn renew(&self, host: HostId, req: &KeepaliveRequest) -> Result<LeaseGrant, RegistryError> {
+        self.renew_with(host, req, |_, grant| grant)
+    }
+
+    fn renew_with<T>(
+        &self,
+        host: HostId,
+        req: &KeepaliveRequest,
+        out: impl FnOnce(&HostRecord, LeaseGrant) -> T,
+    ) -> Result<T, RegistryError> {
         if req.host != host {
             return Err(RegistryError::HostMismatch {
                 expected: host,
@@ -226,7 +242,7 @@ impl Registry {
             next.as_millis() as u64,
             Vec::new(),
         );
-        Ok((rec.clone(), grant))
+        Ok(out(rec, grant))
     }
 
     /// Sets or clears the drain flag.
@@ -247,6 +263,13 @@ impl Registry {
             r.info.state = r.state_at(now);
             r
         })
+    }
+
+    /// Applies `f` to one host's record without copying it (hot paths that
+    /// need a field or two). The record's `info.state` may be stale: use
+    /// [`HostRecord::state_at`].
+    pub fn inspect<T>(&self, host: HostId, f: impl FnOnce(&HostRecord) -> T) -> Option<T> {
+        self.read().get(&host).map(f)
     }
 
     /// Every host as placement sees it, states as of now, sorted by id.

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use async_trait::async_trait;
 use cocalc_core::{
@@ -245,9 +245,35 @@ impl MapStore for MemoryStore {
 
 /// The map in SQLite (WAL mode, `synchronous=FULL`): the default store of
 /// a single master.
+///
+/// With [`SqliteStore::cached`], [`MapStore::placement`] answers from memory
+/// after the first query of a project (the open-project path reads it on
+/// every call). Every write of this store removes the project's entry
+/// while it still holds the connection, after the commit, and a miss fills
+/// the entry under the same lock, so a cached answer is never older than
+/// the last write *through this store*: turn it on only where this store is
+/// the database's only writer (one master on its own SQLite file, as the
+/// master daemon runs it).
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
+    placements: Option<Arc<RwLock<PlacementCache>>>,
+}
+
+/// Most placements [`SqliteStore::cached`] keeps; the cache is emptied when
+/// full.
+pub const PLACEMENT_CACHE_CAPACITY: usize = 100_000;
+
+type PlacementCache = HashMap<ProjectId, Option<ProjectPlacement>>;
+
+/// Removes `project` from the cache, if there is one (called with the
+/// connection held, after the write).
+fn forget(cache: &Option<Arc<RwLock<PlacementCache>>>, project: ProjectId) {
+    if let Some(c) = cache {
+        c.write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&project);
+    }
 }
 
 fn db_err(e: rusqlite::Error) -> StoreError {
@@ -299,7 +325,15 @@ impl SqliteStore {
         conn.execute_batch(SCHEMA).map_err(db_err)?;
         Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
+            placements: None,
         })
+    }
+
+    /// This store with placements cached in memory. Only for a store that
+    /// is the sole writer of its database (see the type's docs).
+    pub fn cached(mut self) -> Self {
+        self.placements = Some(Arc::default());
+        self
     }
 
     /// Runs `f` on the connection on a blocking thread.
@@ -316,7 +350,9 @@ impl SqliteStore {
         .map_err(|e| StoreError::Backend(format!("store task failed: {e}")))?
     }
 
-    /// Synchronous assign, for callers outside a runtime (and the async one).
+    /// Synchronous assign on a bare connection, for callers outside a
+    /// runtime (and the async one). It bypasses any [`SqliteStore::cached`]
+    /// store on the same file: use it only where no such store runs.
     pub fn assign_blocking(
         conn: &mut Connection,
         project: ProjectId,
@@ -414,21 +450,46 @@ impl MapStore for SqliteStore {
         decision: PlacementDecision,
         now: Timestamp,
     ) -> Result<ProjectPlacement, StoreError> {
-        self.with(move |c| Self::assign_blocking(c, project, host, expected, &decision, now))
-            .await
+        let cache = self.placements.clone();
+        self.with(move |c| {
+            let r = Self::assign_blocking(c, project, host, expected, &decision, now);
+            forget(&cache, project);
+            r
+        })
+        .await
     }
 
     async fn placement(&self, project: ProjectId) -> Result<Option<ProjectPlacement>, StoreError> {
+        if let Some(cache) = &self.placements {
+            if let Some(p) = cache
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&project)
+            {
+                return Ok(p.clone());
+            }
+        }
+        let cache = self.placements.clone();
         self.with(move |c| {
-            c.query_row(
-                "SELECT project, host, generation, state, last_activity FROM project_map WHERE project = ?1",
-                [project.to_string()],
-                row_to_placement,
-            )
-            .optional()
-            .map_err(db_err)?
-            .map(to_placement)
-            .transpose()
+            let p = c
+                .query_row(
+                    "SELECT project, host, generation, state, last_activity FROM project_map WHERE project = ?1",
+                    [project.to_string()],
+                    row_to_placement,
+                )
+                .optional()
+                .map_err(db_err)?
+                .map(to_placement)
+                .transpose()?;
+            if let Some(cache) = cache {
+                // Still under the connection lock: no write can come between.
+                let mut g = cache.write().unwrap_or_else(|p| p.into_inner());
+                if g.len() >= PLACEMENT_CACHE_CAPACITY {
+                    g.clear();
+                }
+                g.insert(project, p.clone());
+            }
+            Ok(p)
         })
         .await
     }
@@ -459,13 +520,16 @@ impl MapStore for SqliteStore {
     }
 
     async fn set_state(&self, project: ProjectId, state: ProjectState) -> Result<(), StoreError> {
+        let cache = self.placements.clone();
         self.with(move |c| {
             let n = c
                 .execute(
                     "UPDATE project_map SET state = ?2 WHERE project = ?1",
                     params![project.to_string(), state_str(state)],
                 )
-                .map_err(db_err)?;
+                .map_err(db_err);
+            forget(&cache, project);
+            let n = n?;
             if n == 0 {
                 return Err(StoreError::NotPlaced(project));
             }
@@ -475,6 +539,7 @@ impl MapStore for SqliteStore {
     }
 
     async fn record_activity(&self, project: ProjectId, at: Timestamp) -> Result<(), StoreError> {
+        let cache = self.placements.clone();
         self.with(move |c| {
             let n = c
                 .execute(
@@ -482,7 +547,9 @@ impl MapStore for SqliteStore {
                      WHERE project = ?1",
                     params![project.to_string(), at.as_millis()],
                 )
-                .map_err(db_err)?;
+                .map_err(db_err);
+            forget(&cache, project);
+            let n = n?;
             if n == 0 {
                 return Err(StoreError::NotPlaced(project));
             }

@@ -66,6 +66,10 @@ async fn contract(store: Arc<dyn MapStore>) {
     // A move bumps the generation; activity and state are kept per project.
     store.record_activity(p, Timestamp(50)).await.unwrap();
     store.record_activity(p, Timestamp(40)).await.unwrap();
+    assert_eq!(
+        store.placement(p).await.unwrap().unwrap().last_activity,
+        Some(Timestamp(50))
+    );
     let e = store
         .assign(
             p,
@@ -130,6 +134,47 @@ async fn memory_store_contract() {
 #[tokio::test]
 async fn sqlite_store_contract() {
     contract(Arc::new(SqliteStore::open_in_memory().unwrap())).await;
+}
+
+#[tokio::test]
+async fn cached_sqlite_store_contract() {
+    contract(Arc::new(SqliteStore::open_in_memory().unwrap().cached())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_placements_follow_concurrent_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(
+        SqliteStore::open(&dir.path().join("m.db"))
+            .unwrap()
+            .cached(),
+    );
+    let p = ProjectId::new_v4([1; 16]);
+    // Readers keep filling the cache while moves go on; after each move
+    // completes, every reader sees it.
+    let mut readers = Vec::new();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for _ in 0..4 {
+        let (s, stop) = (s.clone(), stop.clone());
+        readers.push(tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = s.placement(p).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+        }));
+    }
+    for g in 0..50u64 {
+        let h = HostId::new_v4([(g % 5) as u8 + 10; 16]);
+        s.assign(p, h, Some(Generation(g)), decision(h, "move"), Timestamp(1))
+            .await
+            .unwrap();
+        let e = s.placement(p).await.unwrap().unwrap();
+        assert_eq!((e.host, e.generation), (h, Generation(g + 1)));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        r.await.unwrap();
+    }
 }
 
 #[tokio::test]

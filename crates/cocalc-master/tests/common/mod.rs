@@ -15,7 +15,7 @@ use cocalc_core::{
     Capacity, Clock, Health, HostEndpoint, HostId, Load, ManualClock, Region, Timestamp,
 };
 use cocalc_master::{http, Directory, Master, MasterConfig};
-use cocalc_placement::{LeastLoaded, MemoryStore, Registry, RegistryPolicy};
+use cocalc_placement::{LeastLoaded, Registry, RegistryPolicy, SqliteStore};
 use ed25519_dalek::SigningKey;
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
@@ -45,7 +45,8 @@ pub(crate) async fn env() -> Env {
         MasterConfig::new(ADMIN),
         shared.clone(),
         Directory::open(None).unwrap(),
-        Arc::new(MemoryStore::new()),
+        // As the daemon runs it: SQLite with placements cached.
+        Arc::new(SqliteStore::open_in_memory().unwrap().cached()),
         Registry::new(shared.clone(), RegistryPolicy::default(), 1),
         Box::new(LeastLoaded::new()),
         KeySet::generate(Timestamp(1)).unwrap(),
