@@ -927,6 +927,64 @@ async fn ingress_matches_direct_and_refuses_bad_input() {
     }
     ws.close(None).await.unwrap();
 
+    // A WebSocket echo server inside the project: the same frames come
+    // back, in the same order, directly and through the ingress.
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let echo_port = echo.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else {
+                    return;
+                };
+                while let Some(Ok(m)) = ws.next().await {
+                    if m.is_close() || ws.send(m).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let frames = vec![
+        Message::Text("hello".into()),
+        Message::Binary(
+            (0..70_000u32)
+                .map(|i| (i % 256) as u8)
+                .collect::<Vec<u8>>()
+                .into(),
+        ),
+        Message::Text("é✓".into()),
+        Message::Binary(Vec::new().into()),
+    ];
+    let mut echoed = Vec::new();
+    for base in [&h.url, &purl] {
+        let mut req = format!(
+            "{}/{pid}/port/{echo_port}/",
+            base.replacen("http://", "ws://", 1)
+        )
+        .into_client_request()
+        .unwrap();
+        req.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", o.token).parse().unwrap(),
+        );
+        let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+        let mut got = Vec::new();
+        for f in &frames {
+            ws.send(f.clone()).await.unwrap();
+            let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            got.push(m);
+        }
+        ws.close(None).await.unwrap();
+        assert_eq!(got, frames, "echo via {base}");
+        echoed.push(got);
+    }
+    assert_eq!(echoed[0], echoed[1], "direct and proxied echoes differ");
+
     // Refused by the ingress itself, with a reason.
     let short = &pid[..35];
     let cases = [

@@ -13,6 +13,13 @@
 //! 3. **Route.** The token names its host; the host's endpoint comes from
 //!    the master (cached for a short TTL). The request goes to that host
 //!    only, which checks the token again (audience, ACL, generation).
+//!    The cache maps *hosts* to endpoints, never projects to hosts, so a
+//!    project that moves needs no invalidation here: tokens minted after
+//!    the move name the new host, and tokens for the old placement reach
+//!    the old host, which refuses them by generation. Only a host's own
+//!    endpoint can go stale (a host re-registering elsewhere, a hidden
+//!    host moving its tunnel); that entry is dropped at the first failed
+//!    connection and otherwise lives at most the TTL.
 //! 4. **Rate limits** (before any token is verified): per client address
 //!    and per project, answered with 429 and `Retry-After`, so one noisy
 //!    project or client does not starve the others.
