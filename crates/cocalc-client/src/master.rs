@@ -3,7 +3,8 @@
 //! [`ApiError`].
 
 use cocalc_core::wire::{
-    CreateProjectRequest, OpenProjectResponse, PlacementExplanation, ProjectInfo,
+    AddSshKeyRequest, CreateProjectRequest, OpenProjectResponse, PlacementExplanation, ProjectInfo,
+    SshAuthorizeRequest, SshKey,
 };
 use cocalc_core::{ApiError, HostId, HostInfo};
 use serde::de::DeserializeOwned;
@@ -230,6 +231,51 @@ impl MasterClient {
     /// Rotates the signing key (admin): `{key_id, signing_keys}`.
     pub async fn rotate_key(&self) -> Result<Value, ApiError> {
         self.call(reqwest::Method::POST, "/v1/admin/keys/rotate", None)
+            .await
+    }
+    /// Registers an SSH public key (one OpenSSH line) for the calling user.
+    pub async fn add_ssh_key(&self, public_key: &str) -> Result<SshKey, ApiError> {
+        let body = serde_json::to_value(AddSshKeyRequest::new(public_key))
+            .map_err(|e| ApiError::new(400, "bad_request", e.to_string()))?;
+        self.call(reqwest::Method::POST, "/v1/users/me/ssh-keys", Some(body))
+            .await
+    }
+
+    /// The calling user's SSH keys.
+    pub async fn ssh_keys(&self) -> Result<Vec<SshKey>, ApiError> {
+        self.call(reqwest::Method::GET, "/v1/users/me/ssh-keys", None)
+            .await
+    }
+
+    /// Removes one of the calling user's SSH keys by fingerprint (`SHA256:…`).
+    pub async fn remove_ssh_key(&self, fingerprint: &str) -> Result<(), ApiError> {
+        let enc: String = fingerprint
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        self.call::<Value>(
+            reqwest::Method::DELETE,
+            &format!("/v1/users/me/ssh-keys/{enc}"),
+            None,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// For proxies (admin key): a connect token for the collaborator who
+    /// registered `public_key`, or one uniform 403.
+    pub async fn ssh_authorize(
+        &self,
+        req: &SshAuthorizeRequest,
+    ) -> Result<OpenProjectResponse, ApiError> {
+        let body = serde_json::to_value(req)
+            .map_err(|e| ApiError::new(400, "bad_request", e.to_string()))?;
+        self.call(reqwest::Method::POST, "/v1/ssh/authorize", Some(body))
             .await
     }
 }

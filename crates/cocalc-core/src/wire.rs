@@ -582,6 +582,124 @@ impl PushFrame {
     }
 }
 
+/// An SSH public key registered by a user (`GET /v1/users/me/ssh-keys`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SshKey {
+    /// Wire version.
+    #[serde(default = "v1")]
+    pub v: u16,
+    /// OpenSSH fingerprint, `SHA256:<base64 without padding>`.
+    pub fingerprint: String,
+    /// Key type, e.g. `ssh-ed25519`.
+    pub key_type: String,
+    /// The key blob, base64 as in an `authorized_keys` line.
+    pub blob: String,
+    /// The comment of the line it was added with (may be empty).
+    #[serde(default)]
+    pub comment: String,
+    /// When it was added.
+    pub added: Timestamp,
+}
+
+impl SshKey {
+    /// A registered key.
+    pub fn new(
+        fingerprint: String,
+        key_type: String,
+        blob: String,
+        comment: String,
+        added: Timestamp,
+    ) -> Self {
+        SshKey {
+            v: WIRE_VERSION,
+            fingerprint,
+            key_type,
+            blob,
+            comment,
+            added,
+        }
+    }
+
+    /// The key as one OpenSSH line (`type blob comment`).
+    pub fn openssh_line(&self) -> String {
+        if self.comment.is_empty() {
+            format!("{} {}", self.key_type, self.blob)
+        } else {
+            format!("{} {} {}", self.key_type, self.blob, self.comment)
+        }
+    }
+}
+
+/// `POST /v1/users/me/ssh-keys`: register a public key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct AddSshKeyRequest {
+    /// Wire version.
+    #[serde(default = "v1")]
+    pub v: u16,
+    /// One OpenSSH public key line: `ssh-ed25519 AAAA… comment`.
+    pub public_key: String,
+}
+
+impl AddSshKeyRequest {
+    /// A request to add `public_key`.
+    pub fn new(public_key: impl Into<String>) -> Self {
+        AddSshKeyRequest {
+            v: WIRE_VERSION,
+            public_key: public_key.into(),
+        }
+    }
+}
+
+/// `POST /v1/ssh/authorize` (proxies, admin key): may the holder of
+/// `public_key` enter `project`? Answered with an [`OpenProjectResponse`]
+/// for the collaborator who registered the key, or one uniform refusal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SshAuthorizeRequest {
+    /// Wire version.
+    #[serde(default = "v1")]
+    pub v: u16,
+    /// The project the SSH user name names.
+    pub project: ProjectId,
+    /// The public key the client proved it holds, as an OpenSSH line.
+    pub public_key: String,
+}
+
+impl SshAuthorizeRequest {
+    /// A request for `project` with `public_key`.
+    pub fn new(project: ProjectId, public_key: impl Into<String>) -> Self {
+        SshAuthorizeRequest {
+            v: WIRE_VERSION,
+            project,
+            public_key: public_key.into(),
+        }
+    }
+}
+
+/// The last text frame of a host's `/{project}/exec-stream` WebSocket:
+/// the command's exit code, or why it could not run. Output before it
+/// comes as binary frames whose first byte is [`EXEC_STREAM_STDOUT`] or
+/// [`EXEC_STREAM_STDERR`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ExecStreamEnd {
+    /// The command ended with this code (128 + signal number if killed).
+    Exit(i32),
+    /// The command could not be run or failed midway.
+    Error(crate::error::ApiError),
+}
+
+/// Binary-frame tag of standard output on an exec stream.
+pub const EXEC_STREAM_STDOUT: u8 = 1;
+/// Binary-frame tag of standard error on an exec stream.
+pub const EXEC_STREAM_STDERR: u8 = 2;
+
 #[cfg(test)]
 mod tests {
     use super::*;

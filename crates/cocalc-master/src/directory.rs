@@ -187,6 +187,7 @@ impl Directory {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(db)?;
         conn.execute_batch(SCHEMA).map_err(db)?;
+        conn.execute_batch(crate::ssh::SCHEMA).map_err(db)?;
         Ok(Directory {
             conn: Arc::new(Mutex::new(conn)),
             caches: Arc::default(),
@@ -214,6 +215,12 @@ impl Directory {
 
     fn caches_mut(&self) -> std::sync::RwLockWriteGuard<'_, Caches> {
         self.caches.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the locked connection, for tables kept by other modules
+    /// that the caches do not hold (SSH keys).
+    pub(crate) fn with_conn<R>(&self, f: impl FnOnce(&Connection) -> R) -> R {
+        f(&self.lock_cache_unchanged())
     }
 
     /// Creates a user; `key_hash` is the hash of the API key shown to them.

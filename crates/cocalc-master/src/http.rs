@@ -30,6 +30,9 @@
 //! | POST | `/v1/hosts/{h}/activity` | host (signed) | `ActivityReport` |
 //! | GET | `/v1/hosts/{h}/acl?project=&user=` | host (signed) | `{permission, not_before}` |
 //! | GET | `/v1/hosts/{h}/push` | host (signed) | WebSocket of `PushFrame`s |
+//! | POST, GET | `/v1/users/me/ssh-keys` | user | register an SSH public key (`AddSshKeyRequest` → `SshKey`) / list them |
+//! | DELETE | `/v1/users/me/ssh-keys/{fingerprint}` | user | remove one (`SHA256:…`, percent-encoded) |
+//! | POST | `/v1/ssh/authorize` | admin (proxies) | `SshAuthorizeRequest` → `OpenProjectResponse`, or one uniform 403 |
 //! | GET | `/openapi.json` | anyone | this API as an OpenAPI document ([`openapi`]) |
 
 use std::sync::Arc;
@@ -92,6 +95,7 @@ pub fn router(master: Arc<Master>) -> Router {
         .route("/v1/hosts/{h}/activity", post(activity))
         .route("/v1/hosts/{h}/acl", get(host_acl))
         .route("/v1/hosts/{h}/push", get(push))
+        .merge(crate::ssh::routes())
         .route("/openapi.json", get(|| async { Json(openapi()) }))
         .fallback(|uri: axum::http::Uri| async move {
             MasterError::NotFound(format!("no API route {}", uri.path()))
@@ -138,11 +142,13 @@ impl utoipa::Modify for Security {
 
 /// The OpenAPI document of this API (served at `/openapi.json`).
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    ApiDoc::openapi()
+    let mut doc = ApiDoc::openapi();
+    doc.merge(crate::ssh::SshApi::openapi());
+    doc
 }
 
 /// The authenticated caller, from `Authorization: Bearer <key>`.
-struct Auth(Caller);
+pub(crate) struct Auth(pub(crate) Caller);
 
 impl FromRequestParts<AppState> for Auth {
     type Rejection = MasterError;
@@ -158,7 +164,7 @@ impl FromRequestParts<AppState> for Auth {
     }
 }
 
-fn json<T: DeserializeOwned>(body: &Bytes) -> Result<T> {
+pub(crate) fn json<T: DeserializeOwned>(body: &Bytes) -> Result<T> {
     serde_json::from_slice(body)
         .map_err(|e| MasterError::BadRequest(format!("invalid JSON body: {e}")))
 }

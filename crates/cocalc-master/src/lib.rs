@@ -11,6 +11,8 @@
 //!   explain a placement, sign a user out everywhere, register hosts with a
 //!   bootstrap token, renew leases, record activity, answer hosts' ACL
 //!   lookups, drain hosts, rotate signing keys without cutover.
+//! * [`ssh`]: users' SSH public keys (OpenSSH lines, fingerprinted) and
+//!   the proxies' "may this key enter that project?" ([`Master::ssh_authorize`]).
 //! * [`PushHub`]: the master→host push channel (ACL changes, revocations,
 //!   signing keys), one WebSocket per host.
 //! * [`http::router`]: the HTTP JSON API over a `Master`;
@@ -57,6 +59,7 @@ pub mod error;
 pub mod http;
 pub mod master;
 pub mod push;
+pub mod ssh;
 
 pub use cocalc_client::MasterClient;
 pub use directory::{Directory, Project, User};

@@ -160,6 +160,11 @@ impl Master {
         &self.push
     }
 
+    /// The directory (users, projects, collaborators, SSH keys).
+    pub fn directory(&self) -> &Directory {
+        &self.dir
+    }
+
     /// The current time.
     pub fn now(&self) -> Timestamp {
         self.clock.now()

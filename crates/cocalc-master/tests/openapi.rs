@@ -136,6 +136,52 @@ async fn every_response_matches_the_openapi_document() {
         Some(h1.register_req(Some("cbt.bad"))),
     )
     .await; // 401
+            // SSH keys and the proxies' authorization.
+    let line = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBdgrLq6EQg+0c1tebzpv3B1ieQjD79IQARfd4TNBrg8 alice@example";
+    e.call(
+        "POST",
+        "/v1/users/me/ssh-keys",
+        Some(&alice),
+        Some(json!({"public_key": line})),
+    )
+    .await;
+    e.call(
+        "POST",
+        "/v1/users/me/ssh-keys",
+        Some(&alice),
+        Some(json!({"public_key": "ssh-ed25519 !!"})),
+    )
+    .await; // 400
+    e.call("GET", "/v1/users/me/ssh-keys", Some(&alice), None)
+        .await;
+    e.call(
+        "POST",
+        "/v1/ssh/authorize",
+        Some(ADMIN),
+        Some(json!({"project": p.id, "public_key": line})),
+    )
+    .await;
+    e.call(
+        "POST",
+        "/v1/ssh/authorize",
+        Some(ADMIN),
+        Some(json!({"project": p.id, "public_key": "ssh-ed25519 AAAA"})),
+    )
+    .await; // 403
+    e.call(
+        "DELETE",
+        "/v1/users/me/ssh-keys/SHA256%3ApPZtlamNFmRVOuZojBvD%2BYU5jExpqGbB%2F%2BTIDbDyqqc",
+        Some(&alice),
+        None,
+    )
+    .await;
+    e.call(
+        "DELETE",
+        "/v1/users/me/ssh-keys/SHA256%3Anone",
+        Some(&alice),
+        None,
+    )
+    .await; // 404
     e.clock.advance(Duration::from_secs(1));
 
     let recorded = e.recorded.lock().unwrap().clone();
