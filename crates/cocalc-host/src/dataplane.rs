@@ -17,6 +17,8 @@
 //! | any | `/{project}/port/{p}/…` | write | HTTP or WebSocket to port `p` inside the project, prefix stripped (the server sees `/…`) |
 //! | any | `/{project}/server/{p}/…` | write | the same with the full path kept |
 //! | GET | `/{project}/terminal?rows=&cols=` | write | WebSocket terminal: binary frames carry the terminal's bytes both ways; a text frame `{"resize":{"rows":R,"cols":C}}` resizes; closing the socket ends the shell |
+//! | GET | `/{project}/exec-stream` | write | WebSocket exec: the first text frame is an `ExecRequest`; output comes as binary frames tagged by their first byte (`1` stdout, `2` stderr), then one text frame `ExecStreamEnd` (`{"exit":N}` or `{"error":{…}}`); closing the socket abandons the command |
+//! | GET | `/{project}/tcp/{port}` | write | WebSocket relay of a TCP connection to `127.0.0.1:port` as the project sees it: binary frames carry the bytes both ways |
 //! | GET | `/{project}/files/{path}` | read | a file's bytes, or a directory's `FileEntry` list; `?stat` for one `FileEntry` |
 //! | PUT | `/{project}/files/{path}` | write | replace the file with the body (atomic) |
 //! | POST | `/{project}/files/{path}?op=mkdir` | write | create the directory (and parents) |
@@ -86,6 +88,8 @@ pub fn router(agent: Arc<HostAgent>) -> Router {
         .route("/{project}/stop", post(stop))
         .route("/{project}/exec", post(exec))
         .route("/{project}/terminal", get(terminal))
+        .route("/{project}/exec-stream", get(exec_stream))
+        .route("/{project}/tcp/{port}", get(tcp))
         .route("/{project}/port/{port}", axum::routing::any(ports))
         .route("/{project}/port/{port}/", axum::routing::any(ports))
         .route("/{project}/port/{port}/{*rest}", axum::routing::any(ports))
@@ -670,4 +674,190 @@ async fn ports(State(a): State<AppState>, req: Request) -> Result<Response> {
             ))
         })?;
     Ok(resp.map(axum::body::Body::new))
+}
+
+/// Streams a command's output over a WebSocket (see the table above).
+async fn exec_stream(
+    State(a): State<AppState>,
+    Path(p): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
+    ws: axum::extract::ws::WebSocketUpgrade,
+) -> Result<Response> {
+    let g = checked!(
+        check(
+            &a,
+            &p,
+            &headers,
+            &uri,
+            false,
+            Permission::Write,
+            "exec",
+            false
+        )
+        .await
+    );
+    Ok(ws.on_upgrade(move |socket| pump_exec(socket, a, g)))
+}
+
+async fn pump_exec(mut socket: axum::extract::ws::WebSocket, a: AppState, g: Grant) {
+    use axum::extract::ws::Message;
+    use cocalc_core::wire::{ExecStreamEnd, EXEC_STREAM_STDERR, EXEC_STREAM_STDOUT};
+    use cocalc_core::ExecEvent;
+    use futures_util::StreamExt;
+    let end = |e: ExecStreamEnd| {
+        Message::Text(
+            serde_json::to_string(&e)
+                .unwrap_or_else(|_| r#"{"exit":255}"#.into())
+                .into(),
+        )
+    };
+    let req = loop {
+        match socket.recv().await {
+            Some(Ok(Message::Text(t))) => match serde_json::from_str::<ExecRequest>(t.as_str()) {
+                Ok(r) if !r.argv.is_empty() => break r,
+                Ok(_) => {
+                    let e = ApiError::new(400, "bad_request", "argv is empty");
+                    let _ = socket.send(end(ExecStreamEnd::Error(e))).await;
+                    return;
+                }
+                Err(e) => {
+                    let e = ApiError::new(400, "bad_request", format!("invalid ExecRequest: {e}"));
+                    let _ = socket.send(end(ExecStreamEnd::Error(e))).await;
+                    return;
+                }
+            },
+            Some(Ok(Message::Ping(_))) | Some(Ok(Message::Pong(_))) => {}
+            _ => return,
+        }
+    };
+    let project = g.claims.project;
+    let started = match a.ensure_running(&g).await {
+        Ok(_) => a
+            .runner()
+            .exec(project, req)
+            .await
+            .map_err(AgentError::from),
+        Err(e) => Err(e),
+    };
+    let mut stream = match started {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = socket
+                .send(end(ExecStreamEnd::Error(ApiError::from(&e))))
+                .await;
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            ev = stream.next() => {
+                let msg = match ev {
+                    Some(Ok(ExecEvent::Stdout(b))) => tagged(EXEC_STREAM_STDOUT, &b),
+                    Some(Ok(ExecEvent::Stderr(b))) => tagged(EXEC_STREAM_STDERR, &b),
+                    Some(Ok(ExecEvent::Exit(c))) => end(ExecStreamEnd::Exit(c)),
+                    Some(Err(e)) => end(ExecStreamEnd::Error(ApiError::from(&AgentError::from(e)))),
+                    None => end(ExecStreamEnd::Error(ApiError::new(
+                        502,
+                        "exec_failed",
+                        "command ended without an exit code",
+                    ))),
+                };
+                let last = matches!(msg, Message::Text(_));
+                if socket.send(msg).await.is_err() || last {
+                    break;
+                }
+            }
+            msg = socket.recv() => match msg {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+    let _ = socket.send(Message::Close(None)).await;
+}
+
+fn tagged(tag: u8, b: &[u8]) -> axum::extract::ws::Message {
+    let mut v = Vec::with_capacity(b.len() + 1);
+    v.push(tag);
+    v.extend_from_slice(b);
+    axum::extract::ws::Message::Binary(v.into())
+}
+
+/// Relays a WebSocket to a TCP port inside the project (SSH `direct-tcpip`).
+async fn tcp(
+    State(a): State<AppState>,
+    Path((p, port)): Path<(String, String)>,
+    headers: HeaderMap,
+    uri: Uri,
+    ws: axum::extract::ws::WebSocketUpgrade,
+) -> Result<Response> {
+    let port: u16 = port.parse().ok().filter(|p| *p > 0).ok_or_else(|| {
+        Failure(ApiError::new(
+            400,
+            "invalid_port",
+            format!("{port:?} is not a port number (1-65535)"),
+        ))
+    })?;
+    let g = checked!(
+        check(
+            &a,
+            &p,
+            &headers,
+            &uri,
+            false,
+            Permission::Write,
+            "port",
+            false
+        )
+        .await
+    );
+    a.ensure_running(&g).await?;
+    let conn = a
+        .runner()
+        .connect_port(g.claims.project, port)
+        .await
+        .map_err(|e| {
+            Failure(ApiError::new(
+                502,
+                "port_unreachable",
+                format!("nothing answers on port {port} in the project: {e}"),
+            ))
+        })?;
+    Ok(ws.on_upgrade(move |socket| pump_tcp(socket, conn)))
+}
+
+async fn pump_tcp(
+    mut socket: axum::extract::ws::WebSocket,
+    conn: cocalc_core::transport::BoxedConnection,
+) {
+    use axum::extract::ws::Message;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut rd, mut wr) = tokio::io::split(conn);
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        tokio::select! {
+            n = rd.read(&mut buf) => match n {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if socket.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() {
+                        return;
+                    }
+                }
+            },
+            msg = socket.recv() => match msg {
+                Some(Ok(Message::Binary(b))) => {
+                    if wr.write_all(&b).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
+                    let _ = wr.shutdown().await;
+                    return;
+                }
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+    let _ = socket.send(Message::Close(None)).await;
 }
