@@ -11,11 +11,17 @@
 //! client_rps = 100                         # requests/s per client address (and burst)
 //! # public_url = "http://proxy.example:8000" # this proxy's tunnel handle: the URL hidden
 //! #                                          # hosts dial and sign (default http://<listen>)
+//! ssh_listen = "0.0.0.0:2222"              # optional: SSH ingress (`ssh project-<uuid>@proxy`)
+//! ssh_host_key_file = "/var/lib/cocalc/proxy_ssh_ed25519"  # generated (0600) on first start
 //! ```
 //!
 //! Hidden hosts open reverse tunnels at `<public_url>/.cocalc/tunnel` (see
 //! [`crate::tunnel`]); users reach them through this proxy like any other
 //! host.
+//!
+//! The SSH ingress asks the master whether a key may enter a project
+//! (`POST /v1/ssh/authorize`), which only the admin key may do: give the
+//! proxy the admin key when `ssh_listen` is set.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -80,6 +86,13 @@ pub struct ProxyConfig {
     /// This proxy's tunnel handle (default `http://<bound address>`).
     #[serde(default)]
     pub public_url: Option<String>,
+    /// Where the SSH ingress listens; none when absent.
+    #[serde(default)]
+    pub ssh_listen: Option<SocketAddr>,
+    /// The SSH host key (OpenSSH format; an Ed25519 key is generated there
+    /// if the file is missing). Required with `ssh_listen`.
+    #[serde(default)]
+    pub ssh_host_key_file: Option<PathBuf>,
 }
 
 fn default_refresh() -> u64 {
@@ -97,6 +110,9 @@ impl ProxyConfig {
         let cfg: ProxyConfig = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
         if cfg.api_key.is_none() && cfg.api_key_file.is_none() {
             return Err(bad("api_key or api_key_file is required".into()));
+        }
+        if cfg.ssh_listen.is_some() && cfg.ssh_host_key_file.is_none() {
+            return Err(bad("ssh_listen needs ssh_host_key_file".into()));
         }
         Ok(cfg)
     }
@@ -141,9 +157,13 @@ pub async fn run(
         cocalc_client::MasterClient::new(icfg.master_url.clone(), icfg.api_key.clone()),
         clock.clone(),
     );
-    let ingress = Ingress::new(icfg, Arc::new(ProxyTransport::new(tunnels.clone())), clock)
-        .await
-        .map_err(|e| ProxyDaemonError::Start(format!("reaching the master: {}", e.message)))?;
+    let ingress = Ingress::new(
+        icfg,
+        Arc::new(ProxyTransport::new(tunnels.clone())),
+        clock.clone(),
+    )
+    .await
+    .map_err(|e| ProxyDaemonError::Start(format!("reaching the master: {}", e.message)))?;
     let refresher = {
         let ing = ingress.clone();
         let every = Duration::from_secs(cfg.key_refresh_secs.max(1));
@@ -158,6 +178,29 @@ pub async fn run(
         })
     };
     eprintln!("cocalc-proxy: tunnel handle {handle}");
+    let (stop_ssh, ssh_stopped) = tokio::sync::oneshot::channel::<()>();
+    let ssh_task = match (&cfg.ssh_listen, &cfg.ssh_host_key_file) {
+        (Some(at), Some(key_file)) => {
+            let key = crate::ssh::load_or_generate_host_key(key_file)
+                .map_err(|e| ProxyDaemonError::Start(e.to_string()))?;
+            let l = tokio::net::TcpListener::bind(at)
+                .await
+                .map_err(|e| ProxyDaemonError::Start(format!("ssh listen on {at}: {e}")))?;
+            let ssh_addr = l
+                .local_addr()
+                .map_err(|e| ProxyDaemonError::Start(e.to_string()))?;
+            let fp = key
+                .public_key()
+                .fingerprint(russh::keys::HashAlg::Sha256)
+                .to_string();
+            let ssh = crate::SshIngress::new(ingress.clone(), key, clock.clone());
+            eprintln!("cocalc-proxy: ssh on {ssh_addr} (host key {fp})");
+            Some(tokio::spawn(ssh.serve(l, async move {
+                let _ = ssh_stopped.await;
+            })))
+        }
+        _ => None,
+    };
     eprintln!("cocalc-proxy: listening on http://{addr}");
     let result = axum::serve(
         listener,
@@ -170,5 +213,9 @@ pub async fn run(
     .await
     .map_err(|e| ProxyDaemonError::Start(e.to_string()));
     refresher.abort();
+    let _ = stop_ssh.send(());
+    if let Some(t) = ssh_task {
+        let _ = t.await;
+    }
     result
 }

@@ -286,6 +286,35 @@ impl Ingress {
         Ok(ep)
     }
 
+    /// The master client the ingress acts with.
+    pub fn master(&self) -> &MasterClient {
+        &self.master
+    }
+
+    /// A fresh connection to `host` (route from the master, then the
+    /// transport), with the authority to send as `Host`. Used by the SSH
+    /// ingress; goes through the same [`Transport`] as HTTP, so hosts
+    /// reached by other means (tunnels) work the same. A failed connect
+    /// forgets the route.
+    pub async fn connect_host(
+        &self,
+        host: HostId,
+    ) -> Result<(cocalc_core::BoxedConnection, String), ApiError> {
+        let endpoint = self.route(host).await?;
+        let authority = match &endpoint {
+            HostEndpoint::Url(u) => crate::parse_host_url(u).map_err(|e| ApiError::from(&e))?,
+            _ => host.to_string(),
+        };
+        match self.transport.connect(host, &endpoint).await {
+            Ok(c) => Ok((c, authority)),
+            Err(e) => {
+                self.refusals.unreachable.fetch_add(1, Ordering::Relaxed);
+                self.forget_route(host);
+                Err(ApiError::from(&e))
+            }
+        }
+    }
+
     /// Forgets a cached route and the pooled connections to that host (the
     /// master's push of a project move, or a host that failed).
     pub fn forget_route(&self, host: HostId) {

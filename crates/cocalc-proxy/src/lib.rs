@@ -12,8 +12,11 @@
 //!
 //! What exists today: the HTTP/WebSocket [`Ingress`] (base-path checks,
 //! token checks, routing by the token's host, streaming and WebSocket
-//! pass-through) and the direct transport, [`TcpTransport`], which reaches
-//! hosts that publish a URL. Not yet: rate limits, SSH, reverse tunnels.
+//! pass-through, rate limits), the [`SshIngress`] (public-key logins
+//! authorized by the master; exec, shell, `direct-tcpip` forwarding and
+//! SFTP forwarded to the host's data plane) and the direct transport,
+//! [`TcpTransport`], which reaches hosts that publish a URL. Not yet:
+//! reverse tunnels.
 //!
 //! ```no_run
 //! use cocalc_core::{HostEndpoint, HostId, Transport};
@@ -27,10 +30,13 @@
 
 pub mod daemon;
 pub mod ingress;
+mod sftp;
+pub mod ssh;
 mod tcp;
 pub mod tunnel;
 
 pub use cocalc_core::parse_host_url;
 pub use ingress::{Ingress, IngressConfig};
+pub use ssh::{SshIngress, SshRefusals};
 pub use tcp::TcpTransport;
 pub use tunnel::{ProxyTransport, TunnelConfig, TunnelHub};

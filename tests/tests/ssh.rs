@@ -1,0 +1,474 @@
+//! SSH ingress end to end: a master, a host (plain processes) and the
+//! proxy's SSH server on loopback, driven by the OpenSSH client
+//! (`ssh`, `sftp`, `ssh-keygen` from `openssh-client`).
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cocalc_core::wire::CreateProjectRequest;
+use cocalc_core::ExecRequest;
+use cocalc_host::daemon::{self as host_daemon, HostConfig};
+use cocalc_master::daemon::{self as master_daemon, DaemonConfig};
+use cocalc_master::MasterClient;
+use tokio::process::Command;
+use tokio::sync::watch;
+
+fn toml_cfg<T: serde::de::DeserializeOwned>(s: &str) -> T {
+    toml::from_str(s).unwrap()
+}
+
+/// Fails with a clear message when the OpenSSH client is missing
+/// (`scripts/test` installs `openssh-client`).
+fn require_openssh() {
+    for bin in ["ssh", "sftp", "ssh-keygen"] {
+        let found = std::process::Command::new(bin)
+            .arg("-V")
+            .output()
+            .map(|_| true)
+            .unwrap_or(false);
+        assert!(
+            found,
+            "`{bin}` is missing: install the OpenSSH client (apt-get install openssh-client)"
+        );
+    }
+}
+
+/// A federation with an SSH-enabled proxy, and a user owning project `p`
+/// with a registered key.
+struct Fed {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    master_url: String,
+    admin: MasterClient,
+    user: MasterClient,
+    pid: String,
+    key: PathBuf,
+    ssh_port: u16,
+    ssh: Arc<cocalc_proxy::SshIngress>,
+    stops: Vec<watch::Sender<bool>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+async fn eventually<F: std::future::Future<Output = bool>>(
+    what: &str,
+    limit: Duration,
+    mut f: impl FnMut() -> F,
+) {
+    let deadline = Instant::now() + limit;
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn keygen(path: &Path) -> String {
+    let out = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "test@cocalc", "-f"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    std::fs::read_to_string(path.with_extension("pub")).unwrap()
+}
+
+async fn federation() -> Fed {
+    require_openssh();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let (mut stops, mut tasks) = (Vec::new(), Vec::new());
+
+    // Master.
+    let mdir = root.join("master");
+    let cfg: DaemonConfig = toml_cfg(&format!(
+        "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n",
+        mdir.display()
+    ));
+    let master = master_daemon::build(&cfg).await.unwrap();
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await.unwrap();
+    let master_url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, mut rx) = watch::channel(false);
+    tasks.push(tokio::spawn(async move {
+        master_daemon::serve(master, listener, async move {
+            let _ = rx.wait_for(|v| *v).await;
+        })
+        .await
+        .unwrap();
+    }));
+    stops.push(stop);
+    let admin_key = std::fs::read_to_string(mdir.join("admin.key"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let admin = MasterClient::new(&master_url, &admin_key);
+
+    // Host (plain processes).
+    let t = admin.bootstrap_token().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let hcfg: HostConfig = toml_cfg(&format!(
+        "listen = \"127.0.0.1:0\"\nmaster_url = \"{master_url}\"\ndata_dir = \"{}\"\n\
+         bootstrap_token = \"{t}\"\nacl_ttl_secs = 300\nrunner = \"process\"\nstorage = \"dir\"\n",
+        root.join("host").display()
+    ));
+    hcfg.check().unwrap();
+    let listener = tokio::net::TcpListener::bind(hcfg.listen.unwrap())
+        .await
+        .unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let host = host_daemon::build(&hcfg, url).await.unwrap();
+    let (stop, mut rx) = watch::channel(false);
+    tasks.push(tokio::spawn(async move {
+        host.run(listener, async move {
+            let _ = rx.wait_for(|v| *v).await;
+        })
+        .await
+        .unwrap();
+    }));
+    stops.push(stop);
+    eventually("host up", Duration::from_secs(15), || async {
+        admin.hosts().await.map(|v| v.len() == 1).unwrap_or(false)
+    })
+    .await;
+
+    // Proxy: HTTP ingress state + SSH server, with the admin key.
+    let clock: cocalc_core::SharedClock = Arc::new(cocalc_core::SystemClock);
+    let ingress = cocalc_proxy::Ingress::new(
+        cocalc_proxy::IngressConfig::new(&master_url, &admin_key),
+        Arc::new(cocalc_proxy::TcpTransport::default()),
+        clock.clone(),
+    )
+    .await
+    .unwrap();
+    let host_key =
+        cocalc_proxy::ssh::load_or_generate_host_key(&root.join("proxy_ssh_ed25519")).unwrap();
+    let ssh = cocalc_proxy::SshIngress::new(ingress, host_key, clock);
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ssh_port = l.local_addr().unwrap().port();
+    let (stop, mut rx) = watch::channel(false);
+    let served = ssh.clone();
+    tasks.push(tokio::spawn(async move {
+        served
+            .serve(l, async move {
+                let _ = rx.wait_for(|v| *v).await;
+            })
+            .await;
+    }));
+    stops.push(stop);
+
+    // A user with a project and a registered key.
+    let u = admin.create_user("alice").await.unwrap();
+    let user = MasterClient::new(&master_url, u["api_key"].as_str().unwrap());
+    let p = user
+        .create_project(&CreateProjectRequest::new("p"))
+        .await
+        .unwrap();
+    let key = root.join("alice_key");
+    let line = keygen(&key);
+    let added = user.add_ssh_key(&line).await.unwrap();
+    assert!(added.fingerprint.starts_with("SHA256:"), "{added:?}");
+    Fed {
+        _dir: dir,
+        root,
+        master_url,
+        admin,
+        user,
+        pid: p.id.to_string(),
+        key,
+        ssh_port,
+        ssh,
+        stops,
+        tasks,
+    }
+}
+
+impl Fed {
+    fn ssh_args(&self, key: &Path) -> Vec<String> {
+        [
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            "ConnectTimeout=10",
+            "-F",
+            "/dev/null",
+            "-i",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([key.display().to_string()])
+        .collect()
+    }
+
+    /// `ssh USER@127.0.0.1 -p PORT ARGS…` with `stdin`.
+    async fn ssh(&self, key: &Path, user: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        let mut cmd = Command::new("ssh");
+        cmd.args(self.ssh_args(key))
+            .args(["-p", &self.ssh_port.to_string()])
+            .arg(format!("{user}@127.0.0.1"))
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        cmd.stdin(if stdin.is_some() {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        });
+        let mut child = cmd.spawn().unwrap();
+        if let Some(input) = stdin {
+            use tokio::io::AsyncWriteExt;
+            let mut w = child.stdin.take().unwrap();
+            w.write_all(input).await.unwrap();
+            drop(w);
+        }
+        tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+            .await
+            .expect("ssh did not finish within 60 s")
+            .unwrap()
+    }
+
+    fn user_name(&self) -> String {
+        format!("project-{}", self.pid)
+    }
+
+    async fn shut_down(self) {
+        for s in &self.stops {
+            let _ = s.send(true);
+        }
+        for t in self.tasks.into_iter().rev() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+    }
+}
+
+/// What the OpenSSH client prints for a refusal, with the user name and
+/// port taken out (the rest must not tell one refusal from another).
+fn refusal_text(out: &Output, user: &str) -> String {
+    String::from_utf8_lossy(&out.stderr).replace(user, "USER")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_exec_matches_direct_exec_and_refusals_look_alike() {
+    let f = federation().await;
+    let user = f.user_name();
+
+    // The same command through the master and through SSH: same bytes,
+    // same exit code.
+    let cmd = "printf 'a\\0b\\n'; echo err-$((40+2)) >&2; exit 4";
+    let direct = f
+        .user
+        .exec(
+            &f.pid,
+            &ExecRequest::new(vec!["sh".into(), "-c".into(), cmd.into()]),
+        )
+        .await
+        .unwrap();
+    let via = f.ssh(&f.key, &user, &[cmd], None).await;
+    assert_eq!(direct.exit_code, 4);
+    assert_eq!(via.status.code(), Some(direct.exit_code), "{via:?}");
+    assert_eq!(via.stdout, direct.stdout);
+    assert_eq!(via.stderr, direct.stderr);
+    // The bare uuid works as the user name too; stdin reaches the command.
+    let up = f
+        .ssh(&f.key, &f.pid, &["tr a-z A-Z"], Some(b"hello ssh\n"))
+        .await;
+    assert_eq!(up.status.code(), Some(0), "{up:?}");
+    assert_eq!(String::from_utf8_lossy(&up.stdout), "HELLO SSH\n");
+
+    // Refusals: a wrong key, an unknown project, a malformed user name, a
+    // key of a user who is not a collaborator. All look the same.
+    let stranger = f.root.join("stranger_key");
+    keygen(&stranger);
+    let other_user = f.admin.create_user("bob").await.unwrap();
+    let bob = MasterClient::new(&f.master_url, other_user["api_key"].as_str().unwrap());
+    let bob_key = f.root.join("bob_key");
+    bob.add_ssh_key(&keygen(&bob_key)).await.unwrap();
+    let unknown = "project-6ba7b810-9dad-41d1-80b4-00c04fd430c8";
+    let cases = [
+        (&stranger, user.as_str()),
+        (&f.key, unknown),
+        (&f.key, "root"),
+        (&f.key, "project-not-a-uuid"),
+        (&bob_key, user.as_str()),
+    ];
+    let mut texts = Vec::new();
+    for (key, name) in cases {
+        let out = f.ssh(key, name, &["echo should-not-run"], None).await;
+        assert_eq!(out.status.code(), Some(255), "{name}: {out:?}");
+        assert!(out.stdout.is_empty(), "{name}: {out:?}");
+        let text = refusal_text(&out, name);
+        assert!(
+            text.contains("Permission denied (publickey)"),
+            "{name}: {text}"
+        );
+        texts.push(text);
+    }
+    assert!(
+        texts.windows(2).all(|w| w[0] == w[1]),
+        "refusals differ: {texts:#?}"
+    );
+    let r = f.ssh.refusals();
+    assert_eq!(r.bad_user.load(Ordering::Relaxed), 2);
+    assert_eq!(r.not_authorized.load(Ordering::Relaxed), 3);
+    assert_eq!(r.master_error.load(Ordering::Relaxed), 0);
+
+    // The key is listed, and once removed it no longer lets anyone in.
+    let keys = f.user.ssh_keys().await.unwrap();
+    assert_eq!(keys.len(), 1);
+    f.user.remove_ssh_key(&keys[0].fingerprint).await.unwrap();
+    assert!(f.user.ssh_keys().await.unwrap().is_empty());
+    let out = f.ssh(&f.key, &user, &["true"], None).await;
+    assert_eq!(out.status.code(), Some(255), "{out:?}");
+    f.shut_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_starts_a_stopped_project_and_runs_a_shell() {
+    let f = federation().await;
+    let user = f.user_name();
+    f.user.start(&f.pid).await.unwrap();
+    f.user.stop(&f.pid).await.unwrap();
+    let out = f.ssh(&f.key, &user, &["echo started"], None).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "started\n");
+    let status = f.user.start(&f.pid).await.unwrap();
+    assert_eq!(status.state, cocalc_core::ProjectState::Running);
+
+    // An interactive shell with a pty: typed input runs, output comes back.
+    let out = f
+        .ssh(
+            &f.key,
+            &user,
+            &["-tt"],
+            Some(b"echo shell-$((6*7))\nexit\n"),
+        )
+        .await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("shell-42"), "{out:?}");
+    f.shut_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_forwards_ports_and_serves_sftp() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = federation().await;
+    let user = f.user_name();
+
+    // A server "in the project" (the process runner shares the host's
+    // loopback): an echo server that upper-cases.
+    let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server_port = server.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = server.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    let up = buf[..n].to_ascii_uppercase();
+                    if s.write_all(&up).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let free = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let local_port = free.local_addr().unwrap().port();
+    drop(free);
+    let mut fwd = Command::new("ssh")
+        .args(f.ssh_args(&f.key))
+        .args([
+            "-p",
+            &f.ssh_port.to_string(),
+            "-N",
+            "-o",
+            "ExitOnForwardFailure=yes",
+        ])
+        .arg("-L")
+        .arg(format!("127.0.0.1:{local_port}:localhost:{server_port}"))
+        .arg(format!("{user}@127.0.0.1"))
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut conn = None;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while conn.is_none() {
+        assert!(Instant::now() < deadline, "the forward never listened");
+        conn = tokio::net::TcpStream::connect(("127.0.0.1", local_port))
+            .await
+            .ok();
+        if conn.is_none() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let mut conn = conn.unwrap();
+    conn.write_all(b"ping through ssh").await.unwrap();
+    let mut got = vec![0u8; 16];
+    tokio::time::timeout(Duration::from_secs(10), conn.read_exact(&mut got))
+        .await
+        .expect("no answer through the forward")
+        .unwrap();
+    assert_eq!(&got, b"PING THROUGH SSH");
+    drop(conn);
+    let _ = fwd.kill().await;
+
+    // SFTP: put, get, mkdir, ls, rename, rm, against the files API.
+    let local = f.root.join("local.txt");
+    std::fs::write(&local, b"sent by sftp\n").unwrap();
+    let o = f.user.open(&f.pid).await.unwrap();
+    let endpoint = match &o.endpoint {
+        cocalc_core::HostEndpoint::Url(u) => u.clone(),
+        other => panic!("unexpected endpoint {other:?}"),
+    };
+    let host = cocalc_client::HostClient::new(endpoint, o.project, o.token.clone());
+    host.write("hello.txt", b"from the project\n".to_vec())
+        .await
+        .unwrap();
+    let down = f.root.join("down.txt");
+    let batch = f.root.join("batch");
+    std::fs::write(
+        &batch,
+        format!(
+            "put {} up.txt\nget hello.txt {}\nmkdir d\nrename up.txt d/moved.txt\nls -l d\nrm hello.txt\n",
+            local.display(),
+            down.display()
+        ),
+    )
+    .unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        Command::new("sftp")
+            .args(f.ssh_args(&f.key))
+            .args(["-P", &f.ssh_port.to_string(), "-b"])
+            .arg(&batch)
+            .arg(format!("{user}@127.0.0.1"))
+            .stdin(std::process::Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("sftp did not finish")
+    .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::read(&down).unwrap(), b"from the project\n");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("moved.txt"),
+        "{out:?}"
+    );
+    assert_eq!(host.read("d/moved.txt").await.unwrap(), b"sent by sftp\n");
+    assert_eq!(host.read("hello.txt").await.unwrap_err().status, 404);
+    f.shut_down().await;
+}
