@@ -37,6 +37,9 @@ pub struct DevOptions {
     /// Hidden hosts besides `hosts`: they listen nowhere and serve through
     /// a reverse tunnel to the proxy (needs the proxy).
     pub hidden_hosts: usize,
+    /// Port of the proxy's SSH ingress on 127.0.0.1 (0: no SSH; needs the
+    /// proxy).
+    pub ssh_port: u16,
 }
 
 /// Why `dev up` failed.
@@ -133,23 +136,21 @@ pub async fn up(
         .to_string();
     let admin = MasterClient::new(&url, &admin_key);
 
-    // The ingress proxy, with its own API key.
+    // The ingress proxy, with the admin key (SSH logins are authorized by
+    // the master for the admin key only).
+    let ssh_on = opts.proxy_port != 0 && opts.ssh_port != 0;
     let proxy_task = if opts.proxy_port != 0 {
-        let key_path = opts.dir.join("proxy.key");
-        let proxy_key = match std::fs::read_to_string(&key_path) {
-            Ok(k) => k.trim().to_string(),
-            Err(_) => {
-                let u = admin
-                    .create_user("proxy")
-                    .await
-                    .map_err(|e| err("proxy user", e.message))?;
-                let k = u["api_key"].as_str().unwrap_or_default().to_string();
-                std::fs::write(&key_path, format!("{k}\n")).map_err(|e| err("proxy key", e))?;
-                k
-            }
+        let ssh = if ssh_on {
+            format!(
+                "ssh_listen = \"127.0.0.1:{}\"\nssh_host_key_file = \"{}\"\n",
+                opts.ssh_port,
+                opts.dir.join("proxy_ssh_ed25519").display()
+            )
+        } else {
+            String::new()
         };
         let pcfg: cocalc_proxy::daemon::ProxyConfig = toml::from_str(&format!(
-            "listen = \"127.0.0.1:{}\"\nmaster_url = \"{url}\"\napi_key = \"{proxy_key}\"\n",
+            "listen = \"127.0.0.1:{}\"\nmaster_url = \"{url}\"\napi_key = \"{admin_key}\"\n{ssh}",
             opts.proxy_port
         ))
         .map_err(|e| err("proxy config", e))?;
@@ -303,6 +304,14 @@ pub async fn up(
             .map_err(|e| err("demo project", e.message))?;
     }
 
+    let demo_id = demo
+        .projects()
+        .await
+        .ok()
+        .and_then(|ps| ps.into_iter().find(|p| p.name == "demo"))
+        .map(|p| p.id.to_string())
+        .unwrap_or_else(|| "<project id>".into());
+
     let isolation = if backend == "podman" {
         "podman containers on Btrfs subvolumes"
     } else {
@@ -332,6 +341,14 @@ pub async fn up(
         println!(
             "Through the proxy: http://127.0.0.1:{}/<project id>/... with the token from `cocalc project open demo`",
             opts.proxy_port
+        );
+    }
+    if ssh_on {
+        println!("SSH through the proxy (register a public key first):");
+        println!("  cocalc ssh-key add ~/.ssh/id_ed25519.pub");
+        println!(
+            "  ssh -p {} project-{demo_id}@127.0.0.1 'echo hello over ssh'",
+            opts.ssh_port
         );
     }
     println!(

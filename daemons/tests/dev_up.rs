@@ -20,6 +20,7 @@ struct DevUp {
     dir: tempfile::TempDir,
     port: u16,
     proxy_port: u16,
+    ssh_port: u16,
 }
 
 impl Drop for DevUp {
@@ -46,6 +47,7 @@ fn start(backend: &str) -> DevUp {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let proxy_port = free_port();
+    let ssh_port = free_port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_cocalc"))
         .args([
             "dev",
@@ -56,6 +58,8 @@ fn start(backend: &str) -> DevUp {
             &port.to_string(),
             "--proxy-port",
             &proxy_port.to_string(),
+            "--ssh-port",
+            &ssh_port.to_string(),
             "--backend",
             backend,
         ])
@@ -80,6 +84,7 @@ fn start(backend: &str) -> DevUp {
         dir,
         port,
         proxy_port,
+        ssh_port,
     }
 }
 
@@ -177,6 +182,51 @@ fn next_steps_work_and_ctrl_c_stops(backend: &str) {
         via_proxy["stdout"], "aGkK",
         "base64 of \"hi\\n\": {via_proxy}"
     );
+    // SSH through the proxy, with a key registered by `cocalc ssh-key add`.
+    let key = d.dir.path().join("id_ed25519");
+    let k = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .output()
+        .expect("ssh-keygen (openssh-client) is needed");
+    assert!(k.status.success(), "{k:?}");
+    let pubkey = key.with_extension("pub");
+    let o = cocalc(&d, &["ssh-key", "add", pubkey.to_str().unwrap()], None);
+    assert!(o.status.success(), "{o:?}");
+    let o = cocalc(&d, &["ssh-key", "list", "--json"], None);
+    let keys: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(keys.as_array().map(Vec::len), Some(1), "{keys}");
+    let o = Command::new("ssh")
+        .args([
+            "-F",
+            "/dev/null",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "LogLevel=ERROR",
+            "-i",
+        ])
+        .arg(&key)
+        .args(["-p", &d.ssh_port.to_string()])
+        .arg(format!(
+            "project-{}@127.0.0.1",
+            open["project"].as_str().unwrap()
+        ))
+        .arg("cat hello.txt; exit 3")
+        .stdin(Stdio::null())
+        .output()
+        .expect("ssh (openssh-client) is needed");
+    assert_eq!(o.status.code(), Some(3), "{o:?}");
+    assert_eq!(o.stdout, b"hi\n", "{o:?}");
+    let fp = keys[0]["fingerprint"].as_str().unwrap();
+    let o = cocalc(&d, &["ssh-key", "rm", fp], None);
+    assert!(o.status.success(), "{o:?}");
     let o = cocalc(&d, &["project", "stop", "demo"], None);
     assert!(o.status.success(), "{o:?}");
 

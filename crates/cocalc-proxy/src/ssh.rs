@@ -451,6 +451,12 @@ impl russh::server::Handler for Conn {
                 }));
                 Ok(Auth::Accept)
             }
+            Err(e) if e.status == 403 && e.message.contains("admin key required") => {
+                tracing::warn!(
+                    "the proxy's API key is not the master's admin key: SSH logins cannot be authorized"
+                );
+                Ok(self.refuse("master_error", user, &e.message))
+            }
             Err(e) if e.status == 403 => Ok(self.refuse("not_authorized", user, &e.message)),
             Err(e) => Ok(self.refuse("master_error", user, &e.message)),
         }

@@ -75,6 +75,11 @@ enum Command {
         #[command(subcommand)]
         command: KeyCommand,
     },
+    /// Your SSH public keys (for `ssh project-<uuid>@proxy`).
+    SshKey {
+        #[command(subcommand)]
+        command: SshKeyCommand,
+    },
     /// Files of a project.
     File {
         #[command(subcommand)]
@@ -116,6 +121,9 @@ enum DevCommand {
         /// a reverse tunnel to the proxy (default 1 with a proxy, 0 without).
         #[arg(long)]
         hidden_hosts: Option<usize>,
+        /// Port of the proxy's SSH server (0: none; default: the master's port + 2).
+        #[arg(long)]
+        ssh_port: Option<u16>,
     },
 }
 
@@ -240,6 +248,22 @@ enum HostCommand {
     },
     /// Mint a one-time token a new host registers with (valid 24 h).
     BootstrapToken,
+}
+
+#[derive(Subcommand)]
+enum SshKeyCommand {
+    /// Register a public key (one OpenSSH line, e.g. ~/.ssh/id_ed25519.pub).
+    Add {
+        /// The `.pub` file, or `-` for stdin (default: ~/.ssh/id_ed25519.pub).
+        file: Option<PathBuf>,
+    },
+    /// List your keys with their fingerprints.
+    List,
+    /// Remove a key by its fingerprint (`SHA256:…`).
+    Rm {
+        /// Fingerprint as `cocalc ssh-key list` or `ssh-keygen -l` prints it.
+        fingerprint: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -380,6 +404,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                     backend,
                     proxy_port,
                     hidden_hosts,
+                    ssh_port,
                 },
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -393,6 +418,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 backend,
                 proxy_port: proxy_port.unwrap_or(port.saturating_add(1)),
                 hidden_hosts: 0,
+                ssh_port: ssh_port.unwrap_or(port.saturating_add(2)),
             };
             let opts = cocalc_daemons::dev::DevOptions {
                 hidden_hosts: hidden_hosts.unwrap_or(usize::from(opts.proxy_port != 0)),
@@ -673,6 +699,34 @@ fn run_remote(
                 }
             }
         },
+        Command::SshKey { command } => match command {
+            SshKeyCommand::Add { file } => {
+                let line = read_public_key(file.as_deref())?;
+                let k = rt.block_on(client.add_ssh_key(&line)).map_err(api)?;
+                if json {
+                    print_json(&k)?;
+                } else {
+                    println!("{} {} {}", k.fingerprint, k.key_type, k.comment);
+                }
+            }
+            SshKeyCommand::List => {
+                let keys = rt.block_on(client.ssh_keys()).map_err(api)?;
+                if json {
+                    print_json(&keys)?;
+                } else {
+                    for k in keys {
+                        println!("{} {} {}", k.fingerprint, k.key_type, k.comment);
+                    }
+                }
+            }
+            SshKeyCommand::Rm { fingerprint } => {
+                rt.block_on(client.remove_ssh_key(fingerprint.trim()))
+                    .map_err(api)?;
+                if json {
+                    print_json(&serde_json::json!({ "removed": fingerprint.trim() }))?;
+                }
+            }
+        },
         Command::Key {
             command: KeyCommand::Rotate,
         } => {
@@ -688,6 +742,27 @@ fn run_remote(
         }
     }
     Ok(())
+}
+
+/// The public key line from `file`, stdin (`-`), or ~/.ssh/id_ed25519.pub.
+fn read_public_key(file: Option<&Path>) -> Result<String, CliError> {
+    use std::io::Read;
+    let path = match file {
+        Some(p) if p == Path::new("-") => {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .map_err(|e| CliError::local(format!("reading stdin: {e}")))?;
+            return Ok(s);
+        }
+        Some(p) => p.to_path_buf(),
+        None => {
+            let home = std::env::var_os("HOME")
+                .ok_or_else(|| CliError::usage("no key file given and HOME is not set"))?;
+            PathBuf::from(home).join(".ssh/id_ed25519.pub")
+        }
+    };
+    std::fs::read_to_string(&path).map_err(|e| CliError::usage(format!("{}: {e}", path.display())))
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> Result<(), CliError> {
