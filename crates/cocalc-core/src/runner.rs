@@ -266,7 +266,8 @@ impl RunnerError {
 /// - [`status`](Runner::status) never fails for an unknown project: it answers
 ///   `Stopped`.
 /// - [`exec`](Runner::exec) needs a running project ([`RunnerError::NotRunning`]
-///   otherwise) and streams output as it is produced.
+///   otherwise) and streams output as it is produced; dropping the stream
+///   ends the command.
 /// - Calls for different projects may proceed concurrently.
 #[async_trait]
 pub trait Runner: Send + Sync {

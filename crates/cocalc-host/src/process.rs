@@ -271,16 +271,18 @@ impl Runner for ProcessRunner {
                 }
                 child.wait().await
             };
-            let res = match timeout {
-                Some(d) => match tokio::time::timeout(d, wait).await {
+            // The reader gone (a dropped stream, a closed exec socket) ends
+            // the command like a timeout: `child` is dropped, kill_on_drop.
+            let limit = timeout.unwrap_or(Duration::MAX);
+            let res = tokio::select! {
+                r = tokio::time::timeout(limit, wait) => match r {
                     Ok(r) => r,
                     Err(_) => {
-                        // `child` was moved into `wait`, dropped here: kill_on_drop.
-                        let _ = tx.send(Err(RunnerError::Timeout(d))).await;
+                        let _ = tx.send(Err(RunnerError::Timeout(limit))).await;
                         return;
                     }
                 },
-                None => wait.await,
+                _ = tx.closed() => return,
             };
             let ev = match res {
                 Ok(status) => Ok(ExecEvent::Exit(exit_code(status))),

@@ -45,6 +45,7 @@ contract_tests!(
     exec_streams_output_as_produced,
     exec_passes_stdin,
     exec_timeout_is_reported,
+    dropping_the_exec_stream_ends_the_command,
     image_outside_allowlist_is_refused,
     stale_generation_is_refused,
     list_shows_running_projects,

@@ -256,6 +256,38 @@ pub async fn exec_timeout_is_reported(r: &dyn Runner, env: &ContractEnv) {
     r.stop(spec.project, GRACE).await.expect("stop");
 }
 
+/// Dropping an exec's stream (the reader went away: a closed socket, an
+/// SSH client that disconnected) ends the command instead of leaving it
+/// running unread.
+pub async fn dropping_the_exec_stream_ends_the_command(r: &dyn Runner, env: &ContractEnv) {
+    let spec = spec(env);
+    r.start(&spec).await.expect("start");
+    let req = ExecRequest::new(
+        ["sh", "-c", "echo up; sleep 2; echo survived > survived.txt"]
+            .map(String::from)
+            .to_vec(),
+    );
+    let mut s = r.exec(spec.project, req).await.expect("exec");
+    let first = next(&mut s).await.expect("an event").expect("ok");
+    assert_eq!(first, ExecEvent::Stdout("up\n".into()));
+    drop(s);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let check = ExecRequest::new(
+        ["sh", "-c", "test -e survived.txt && echo yes || echo no"]
+            .map(String::from)
+            .to_vec(),
+    );
+    let out = collect(r.exec(spec.project, check).await.expect("exec"))
+        .await
+        .expect("stream");
+    assert_eq!(
+        out.stdout_text(),
+        "no\n",
+        "the command kept running after its stream was dropped"
+    );
+    r.stop(spec.project, GRACE).await.expect("stop");
+}
+
 /// An image outside the allowlist is refused, naming it and the list.
 pub async fn image_outside_allowlist_is_refused(r: &dyn Runner, env: &ContractEnv) {
     let mut spec = spec(env);
@@ -376,6 +408,7 @@ pub async fn run_all(r: &dyn Runner, env: &ContractEnv) {
     exec_streams_output_as_produced(r, env).await;
     exec_passes_stdin(r, env).await;
     exec_timeout_is_reported(r, env).await;
+    dropping_the_exec_stream_ends_the_command(r, env).await;
     image_outside_allowlist_is_refused(r, env).await;
     stale_generation_is_refused(r, env).await;
     list_shows_running_projects(r, env).await;

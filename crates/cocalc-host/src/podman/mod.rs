@@ -826,7 +826,14 @@ impl Runner for PodmanRunner {
         tokio::spawn(async move {
             let _input = input;
             let pump = async {
-                while let Some(item) = output.next().await {
+                loop {
+                    // A reader that went away ends the command at once, not
+                    // only at its next output.
+                    let item = tokio::select! {
+                        i = output.next() => i,
+                        _ = tx.closed() => return false,
+                    };
+                    let Some(item) = item else { break };
                     let ev = match item {
                         Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => {
                             Ok(ExecEvent::Stdout(message))
