@@ -286,6 +286,66 @@ async fn ssh_exec_matches_direct_exec_and_refusals_look_alike() {
     assert_eq!(up.status.code(), Some(0), "{up:?}");
     assert_eq!(String::from_utf8_lossy(&up.stdout), "HELLO SSH\n");
 
+    // Standard input streams: an answer comes back before more input is
+    // sent, and EOF reaches the command.
+    let mut child = Command::new("ssh")
+        .args(f.ssh_args(&f.key))
+        .args(["-p", &f.ssh_port.to_string()])
+        .arg(format!("{user}@127.0.0.1"))
+        .arg("read a; echo got-$a; cat; echo end")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let mut stdin = child.stdin.take().unwrap();
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        stdin.write_all(b"one\n").await.unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("no answer while stdin is still open")
+            .unwrap();
+        assert_eq!(first.as_deref(), Some("got-one"));
+        stdin.write_all(b"two\n").await.unwrap();
+        drop(stdin);
+        let mut rest = Vec::new();
+        while let Some(l) = lines.next_line().await.unwrap() {
+            rest.push(l);
+        }
+        assert_eq!(rest, ["two", "end"]);
+    }
+    assert!(child.wait().await.unwrap().success());
+
+    // rsync over SSH (an interactive protocol on stdin/stdout).
+    let src = f.root.join("rsync-src");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    std::fs::write(src.join("a.txt"), b"alpha\n").unwrap();
+    std::fs::write(src.join("sub/b.txt"), b"beta\n").unwrap();
+    let rsh = format!("ssh {} -p {}", f.ssh_args(&f.key).join(" "), f.ssh_port);
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        Command::new("rsync")
+            .args(["-a", "-e", &rsh])
+            .arg(format!("{}/", src.display()))
+            .arg(format!("{user}@127.0.0.1:synced/"))
+            .stdin(std::process::Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("rsync did not finish")
+    .expect("rsync is needed (scripts/test installs it)");
+    assert!(out.status.success(), "{out:?}");
+    let back = f
+        .ssh(&f.key, &user, &["cat synced/a.txt synced/sub/b.txt"], None)
+        .await;
+    assert_eq!(
+        String::from_utf8_lossy(&back.stdout),
+        "alpha\nbeta\n",
+        "{back:?}"
+    );
+
     // Refusals: a wrong key, an unknown project, a malformed user name, a
     // key of a user who is not a collaborator. All look the same.
     let stranger = f.root.join("stranger_key");

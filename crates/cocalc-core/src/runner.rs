@@ -283,6 +283,23 @@ pub trait Runner: Send + Sync {
     /// Runs a command in it, streaming output.
     async fn exec(&self, project: ProjectId, req: ExecRequest) -> Result<ExecStream, RunnerError>;
 
+    /// Runs a command whose standard input stays open: `req.stdin` (if
+    /// any) is written first, then each chunk of `input` as it arrives; the
+    /// end of `input` closes the command's stdin (for SSH sessions, rsync,
+    /// git). Same contract as [`exec`](Runner::exec) otherwise. Default:
+    /// [`RunnerError::Unsupported`].
+    async fn exec_streaming(
+        &self,
+        project: ProjectId,
+        req: ExecRequest,
+        input: ByteStream,
+    ) -> Result<ExecStream, RunnerError> {
+        let _ = (project, req, input);
+        Err(RunnerError::Unsupported(
+            "commands with streamed standard input",
+        ))
+    }
+
     /// Every project this runner has a container for (used to re-adopt
     /// running projects after a restart). Default: none.
     async fn list(&self) -> Result<Vec<RunStatus>, RunnerError> {

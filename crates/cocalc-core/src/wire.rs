@@ -684,7 +684,9 @@ impl SshAuthorizeRequest {
 /// The last text frame of a host's `/{project}/exec-stream` WebSocket:
 /// the command's exit code, or why it could not run. Output before it
 /// comes as binary frames whose first byte is [`EXEC_STREAM_STDOUT`] or
-/// [`EXEC_STREAM_STDERR`].
+/// [`EXEC_STREAM_STDERR`]. The client sends the `ExecRequest` as its first
+/// text frame, then standard input as binary frames, and the text frame
+/// `{"eof":true}` to close it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]

@@ -17,7 +17,7 @@
 //! | any | `/{project}/port/{p}/…` | write | HTTP or WebSocket to port `p` inside the project, prefix stripped (the server sees `/…`) |
 //! | any | `/{project}/server/{p}/…` | write | the same with the full path kept |
 //! | GET | `/{project}/terminal?rows=&cols=` | write | WebSocket terminal: binary frames carry the terminal's bytes both ways; a text frame `{"resize":{"rows":R,"cols":C}}` resizes; closing the socket ends the shell |
-//! | GET | `/{project}/exec-stream` | write | WebSocket exec: the first text frame is an `ExecRequest`; output comes as binary frames tagged by their first byte (`1` stdout, `2` stderr), then one text frame `ExecStreamEnd` (`{"exit":N}` or `{"error":{…}}`); closing the socket abandons the command |
+//! | GET | `/{project}/exec-stream` | write | WebSocket exec: the first text frame is an `ExecRequest`; then binary frames are standard input until a text frame `{"eof":true}` closes it; output comes as binary frames tagged by their first byte (`1` stdout, `2` stderr), then one text frame `ExecStreamEnd` (`{"exit":N}` or `{"error":{…}}`); closing the socket ends the command |
 //! | GET | `/{project}/tcp/{port}` | write | WebSocket relay of a TCP connection to `127.0.0.1:port` as the project sees it: binary frames carry the bytes both ways |
 //! | GET | `/{project}/files/{path}` | read | a file's bytes, or a directory's `FileEntry` list; `?stat` for one `FileEntry` |
 //! | PUT | `/{project}/files/{path}` | write | replace the file with the body (atomic) |
@@ -732,12 +732,22 @@ async fn pump_exec(mut socket: axum::extract::ws::WebSocket, a: AppState, g: Gra
         }
     };
     let project = g.claims.project;
+    // Standard input: binary frames after the request, until `{"eof":true}`.
+    let (stdin_tx, stdin_rx) = tokio::sync::mpsc::unbounded_channel::<std::io::Result<Bytes>>();
+    let mut stdin_tx = Some(stdin_tx);
+    let input: cocalc_core::ByteStream = Box::pin(
+        tokio_stream::wrappers::UnboundedReceiverStream::new(stdin_rx),
+    );
     let started = match a.ensure_running(&g).await {
-        Ok(_) => a
-            .runner()
-            .exec(project, req)
-            .await
-            .map_err(AgentError::from),
+        Ok(_) => match a.runner().exec_streaming(project, req.clone(), input).await {
+            Err(cocalc_core::RunnerError::Unsupported(_)) => {
+                // This runner takes stdin only up front: later input is dropped.
+                stdin_tx = None;
+                a.runner().exec(project, req).await
+            }
+            other => other,
+        }
+        .map_err(AgentError::from),
         Err(e) => Err(e),
     };
     let mut stream = match started {
@@ -770,11 +780,27 @@ async fn pump_exec(mut socket: axum::extract::ws::WebSocket, a: AppState, g: Gra
             }
             msg = socket.recv() => match msg {
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(Message::Binary(b))) => {
+                    if let Some(tx) = &stdin_tx {
+                        let _ = tx.send(Ok(b));
+                    }
+                }
+                Some(Ok(Message::Text(t))) => {
+                    if serde_json::from_str::<StdinEof>(t.as_str()).is_ok_and(|e| e.eof) {
+                        stdin_tx = None;
+                    }
+                }
                 Some(Ok(_)) => {}
             },
         }
     }
     let _ = socket.send(Message::Close(None)).await;
+}
+
+/// `{"eof": true}`: the client's end of standard input on an exec stream.
+#[derive(serde::Deserialize)]
+struct StdinEof {
+    eof: bool,
 }
 
 fn tagged(tag: u8, b: &[u8]) -> axum::extract::ws::Message {

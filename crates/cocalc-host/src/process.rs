@@ -212,85 +212,16 @@ impl Runner for ProcessRunner {
     }
 
     async fn exec(&self, project: ProjectId, req: ExecRequest) -> Result<ExecStream, RunnerError> {
-        if req.argv.is_empty() {
-            return Err(RunnerError::InvalidRequest("empty argv".into()));
-        }
-        let (pgid, home) = {
-            let st = self.live_status(project);
-            if st.state != ProjectState::Running {
-                return Err(RunnerError::NotRunning(project));
-            }
-            let procs = lock(&self.procs);
-            let p = &procs[&project];
-            (p.pgid, p.home.clone())
-        };
-        let cwd = resolve_cwd(&home, req.cwd.as_deref())?;
-        let mut cmd = Command::new(&req.argv[0]);
-        cmd.args(&req.argv[1..])
-            .current_dir(cwd)
-            .env("HOME", &home)
-            .envs(&req.env)
-            .process_group(pgid.as_raw())
-            .stdin(if req.stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = cmd.spawn().map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => {
-                RunnerError::InvalidRequest(format!("command not found: {}", req.argv[0]))
-            }
-            _ => RunnerError::Backend(format!("spawning {}: {e}", req.argv[0])),
-        })?;
-        if let (Some(mut w), Some(data)) = (child.stdin.take(), req.stdin) {
-            tokio::spawn(async move {
-                let _ = w.write_all(&data).await;
-                let _ = w.shutdown().await;
-            });
-        }
-        let (tx, rx) = mpsc::channel(64);
-        let out = child
-            .stdout
-            .take()
-            .map(|o| pump(o, tx.clone(), ExecEvent::Stdout));
-        let err = child
-            .stderr
-            .take()
-            .map(|e| pump(e, tx.clone(), ExecEvent::Stderr));
-        let timeout = req.timeout;
-        tokio::spawn(async move {
-            let wait = async {
-                if let Some(o) = out {
-                    let _ = o.await;
-                }
-                if let Some(e) = err {
-                    let _ = e.await;
-                }
-                child.wait().await
-            };
-            // The reader gone (a dropped stream, a closed exec socket) ends
-            // the command like a timeout: `child` is dropped, kill_on_drop.
-            let limit = timeout.unwrap_or(Duration::MAX);
-            let res = tokio::select! {
-                r = tokio::time::timeout(limit, wait) => match r {
-                    Ok(r) => r,
-                    Err(_) => {
-                        let _ = tx.send(Err(RunnerError::Timeout(limit))).await;
-                        return;
-                    }
-                },
-                _ = tx.closed() => return,
-            };
-            let ev = match res {
-                Ok(status) => Ok(ExecEvent::Exit(exit_code(status))),
-                Err(e) => Err(RunnerError::Backend(format!("waiting for command: {e}"))),
-            };
-            let _ = tx.send(ev).await;
-        });
-        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        self.run_command(project, req, None).await
+    }
+
+    async fn exec_streaming(
+        &self,
+        project: ProjectId,
+        req: ExecRequest,
+        input: cocalc_core::ByteStream,
+    ) -> Result<ExecStream, RunnerError> {
+        self.run_command(project, req, Some(input)).await
     }
 
     /// Projects share the host's network here: this connects to the host's
@@ -552,6 +483,109 @@ fn resolve_cwd(home: &Path, cwd: Option<&str>) -> Result<PathBuf, RunnerError> {
         home.join(p)
     };
     Ok(full)
+}
+
+impl ProcessRunner {
+    /// An exec; with `input`, stdin stays open and carries it.
+    async fn run_command(
+        &self,
+        project: ProjectId,
+        req: ExecRequest,
+        input: Option<cocalc_core::ByteStream>,
+    ) -> Result<ExecStream, RunnerError> {
+        if req.argv.is_empty() {
+            return Err(RunnerError::InvalidRequest("empty argv".into()));
+        }
+        let (pgid, home) = {
+            let st = self.live_status(project);
+            if st.state != ProjectState::Running {
+                return Err(RunnerError::NotRunning(project));
+            }
+            let procs = lock(&self.procs);
+            let p = &procs[&project];
+            (p.pgid, p.home.clone())
+        };
+        let cwd = resolve_cwd(&home, req.cwd.as_deref())?;
+        let mut cmd = Command::new(&req.argv[0]);
+        cmd.args(&req.argv[1..])
+            .current_dir(cwd)
+            .env("HOME", &home)
+            .envs(&req.env)
+            .process_group(pgid.as_raw())
+            .stdin(if req.stdin.is_some() || input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                RunnerError::InvalidRequest(format!("command not found: {}", req.argv[0]))
+            }
+            _ => RunnerError::Backend(format!("spawning {}: {e}", req.argv[0])),
+        })?;
+        if let Some(mut w) = child.stdin.take() {
+            let first = req.stdin;
+            tokio::spawn(async move {
+                use futures_util::StreamExt;
+                if let Some(data) = first {
+                    if w.write_all(&data).await.is_err() {
+                        return;
+                    }
+                }
+                if let Some(mut input) = input {
+                    while let Some(Ok(chunk)) = input.next().await {
+                        if w.write_all(&chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                let _ = w.shutdown().await;
+            });
+        }
+        let (tx, rx) = mpsc::channel(64);
+        let out = child
+            .stdout
+            .take()
+            .map(|o| pump(o, tx.clone(), ExecEvent::Stdout));
+        let err = child
+            .stderr
+            .take()
+            .map(|e| pump(e, tx.clone(), ExecEvent::Stderr));
+        let timeout = req.timeout;
+        tokio::spawn(async move {
+            let wait = async {
+                if let Some(o) = out {
+                    let _ = o.await;
+                }
+                if let Some(e) = err {
+                    let _ = e.await;
+                }
+                child.wait().await
+            };
+            // The reader gone (a dropped stream, a closed exec socket) ends
+            // the command like a timeout: `child` is dropped, kill_on_drop.
+            let limit = timeout.unwrap_or(Duration::MAX);
+            let res = tokio::select! {
+                r = tokio::time::timeout(limit, wait) => match r {
+                    Ok(r) => r,
+                    Err(_) => {
+                        let _ = tx.send(Err(RunnerError::Timeout(limit))).await;
+                        return;
+                    }
+                },
+                _ = tx.closed() => return,
+            };
+            let ev = match res {
+                Ok(status) => Ok(ExecEvent::Exit(exit_code(status))),
+                Err(e) => Err(RunnerError::Backend(format!("waiting for command: {e}"))),
+            };
+            let _ = tx.send(ev).await;
+        });
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
 }
 
 #[cfg(test)]

@@ -45,6 +45,7 @@ contract_tests!(
     exec_passes_stdin,
     exec_timeout_is_reported,
     dropping_the_exec_stream_ends_the_command,
+    exec_streaming_input_arrives_while_it_runs,
     image_outside_allowlist_is_refused,
     stale_generation_is_refused,
     list_shows_running_projects,

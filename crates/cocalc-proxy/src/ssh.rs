@@ -27,12 +27,10 @@
 //!    * the `sftp` subsystem → an SFTP server backed by the host's files
 //!      API (the project's home is `/`).
 //!
-//! Standard input of an exec (and of a shell without a pty) is collected
-//! until the client sends EOF, or until no input came for
-//! [`STDIN_IDLE`], and handed to the command at its start (at most
-//! [`MAX_STDIN`] bytes): `ssh host cmd < file` and `ssh -n host cmd` work;
-//! input typed later to a running exec is not delivered. The project's
-//! hosts start a stopped project on the first request.
+//! Standard input of an exec (and of a shell without a pty) streams to the
+//! command as it comes, and the client's EOF closes it, so interactive
+//! protocols over `ssh host cmd` (rsync, git) work. The project's hosts
+//! start a stopped project on the first request.
 //!
 //! Connect tokens live for minutes; a long SSH connection asks the master
 //! again for a fresh one before opening a channel with a token about to
@@ -57,13 +55,6 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::Ingress;
-
-/// How long an exec waits for more standard input before it starts
-/// without EOF.
-pub const STDIN_IDLE: Duration = Duration::from_millis(300);
-
-/// Most standard input handed to an exec.
-pub const MAX_STDIN: usize = 16 << 20;
 
 /// A WebSocket to a host.
 type HostSocket = tokio_tungstenite::WebSocketStream<BoxedConnection>;
@@ -611,35 +602,9 @@ async fn fail_channel(ch: &Channel<Msg>, e: &ApiError) {
     let _ = ch.close().await;
 }
 
-/// Collects standard input until EOF, [`STDIN_IDLE`] without input, or
-/// [`MAX_STDIN`]. `None` if the channel closed.
-async fn collect_stdin(ch: &mut Channel<Msg>) -> Option<Vec<u8>> {
-    let mut input = Vec::new();
-    loop {
-        match tokio::time::timeout(STDIN_IDLE, ch.wait()).await {
-            Ok(Some(ChannelMsg::Data { data })) => {
-                input.extend_from_slice(&data);
-                if input.len() >= MAX_STDIN {
-                    input.truncate(MAX_STDIN);
-                    return Some(input);
-                }
-            }
-            Ok(Some(ChannelMsg::Eof)) | Err(_) => return Some(input),
-            Ok(Some(ChannelMsg::Close)) | Ok(None) => return None,
-            Ok(Some(_)) => {}
-        }
-    }
-}
-
 /// Runs `argv` in the project over the host's exec stream.
 async fn run_exec(ctx: Ctx, mut ch: Channel<Msg>, argv: Vec<String>) {
-    let Some(stdin) = collect_stdin(&mut ch).await else {
-        return;
-    };
-    let mut req = ExecRequest::new(argv);
-    if !stdin.is_empty() {
-        req.stdin = Some(stdin);
-    }
+    let req = ExecRequest::new(argv);
     let mut ws = match ctx.socket("/exec-stream").await {
         Ok(ws) => ws,
         Err(e) => {
@@ -686,6 +651,13 @@ async fn run_exec(ctx: Ctx, mut ch: Channel<Msg>, argv: Vec<String>) {
                 }
             },
             msg = ch.wait() => match msg {
+                Some(ChannelMsg::Data { data }) => {
+                    // A failed send shows on the read side next.
+                    let _ = ws.send(Message::Binary(data.to_vec().into())).await;
+                }
+                Some(ChannelMsg::Eof) => {
+                    let _ = ws.send(Message::Text(r#"{"eof":true}"#.into())).await;
+                }
                 Some(ChannelMsg::Close) | None => return,
                 Some(_) => {}
             },

@@ -256,6 +256,52 @@ pub async fn exec_timeout_is_reported(r: &dyn Runner, env: &ContractEnv) {
     r.stop(spec.project, GRACE).await.expect("stop");
 }
 
+/// A receiver as a stream of input chunks.
+struct Chunks(tokio::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>>);
+
+impl futures_core::Stream for Chunks {
+    type Item = std::io::Result<bytes::Bytes>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+/// With [`Runner::exec_streaming`], input reaches the command while it
+/// runs (an answer comes back before the next input is sent), and the end
+/// of the input stream is the end of its stdin.
+pub async fn exec_streaming_input_arrives_while_it_runs(r: &dyn Runner, env: &ContractEnv) {
+    let spec = spec(env);
+    r.start(&spec).await.expect("start");
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
+    let input: cocalc_core::ByteStream = Box::pin(Chunks(rx));
+    let mut req = ExecRequest::new(
+        ["sh", "-c", "read a; echo got-$a; cat; echo end"]
+            .map(String::from)
+            .to_vec(),
+    );
+    req.timeout = Some(Duration::from_secs(20));
+    let mut s = r
+        .exec_streaming(spec.project, req, input)
+        .await
+        .expect("exec_streaming");
+    tx.send(Ok("one\n".into())).await.expect("send");
+    let first = tokio::time::timeout(Duration::from_secs(10), next(&mut s))
+        .await
+        .expect("no answer to the first line while the command runs")
+        .expect("an event")
+        .expect("ok");
+    assert_eq!(first, ExecEvent::Stdout("got-one\n".into()));
+    tx.send(Ok("two\n".into())).await.expect("send");
+    drop(tx);
+    let rest = collect(s).await.expect("rest");
+    assert_eq!(rest.stdout_text(), "two\nend\n");
+    assert_eq!(rest.code, Some(0));
+    r.stop(spec.project, GRACE).await.expect("stop");
+}
+
 /// Dropping an exec's stream (the reader went away: a closed socket, an
 /// SSH client that disconnected) ends the command instead of leaving it
 /// running unread.
@@ -409,6 +455,7 @@ pub async fn run_all(r: &dyn Runner, env: &ContractEnv) {
     exec_passes_stdin(r, env).await;
     exec_timeout_is_reported(r, env).await;
     dropping_the_exec_stream_ends_the_command(r, env).await;
+    exec_streaming_input_arrives_while_it_runs(r, env).await;
     image_outside_allowlist_is_refused(r, env).await;
     stale_generation_is_refused(r, env).await;
     list_shows_running_projects(r, env).await;

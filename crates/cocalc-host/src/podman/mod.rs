@@ -795,79 +795,16 @@ impl Runner for PodmanRunner {
     }
 
     async fn exec(&self, project: ProjectId, req: ExecRequest) -> Result<ExecStream, RunnerError> {
-        if req.argv.is_empty() {
-            return Err(RunnerError::InvalidRequest("empty argv".into()));
-        }
-        let cwd = container_cwd(req.cwd.as_deref())?;
-        let env = req.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let (id, mut output, mut input) = self
-            .start_exec_session(
-                project,
-                req.argv.clone(),
-                env,
-                cwd,
-                false,
-                req.stdin.is_some(),
-            )
-            .await?;
-        if let Some(data) = req.stdin {
-            input
-                .write_all(&data)
-                .await
-                .map_err(|e| RunnerError::Backend(format!("writing stdin: {e}")))?;
-            input
-                .shutdown()
-                .await
-                .map_err(|e| RunnerError::Backend(format!("closing stdin: {e}")))?;
-        }
-        let docker = self.docker.clone();
-        let (tx, rx) = mpsc::channel(64);
-        let timeout = req.timeout;
-        tokio::spawn(async move {
-            let _input = input;
-            let pump = async {
-                loop {
-                    // A reader that went away ends the command at once, not
-                    // only at its next output.
-                    let item = tokio::select! {
-                        i = output.next() => i,
-                        _ = tx.closed() => return false,
-                    };
-                    let Some(item) = item else { break };
-                    let ev = match item {
-                        Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => {
-                            Ok(ExecEvent::Stdout(message))
-                        }
-                        Ok(LogOutput::StdErr { message }) => Ok(ExecEvent::Stderr(message)),
-                        Ok(LogOutput::StdIn { .. }) => continue,
-                        Err(e) => Err(backend("reading exec output", e)),
-                    };
-                    let failed = ev.is_err();
-                    if tx.send(ev).await.is_err() || failed {
-                        return false;
-                    }
-                }
-                true
-            };
-            let finished = match timeout {
-                Some(d) => match tokio::time::timeout(d, pump).await {
-                    Ok(f) => f,
-                    Err(_) => {
-                        kill_exec(&docker, &id).await;
-                        let _ = tx.send(Err(RunnerError::Timeout(d))).await;
-                        return;
-                    }
-                },
-                None => pump.await,
-            };
-            if !finished {
-                // Reader gone or stream broken: end the command.
-                kill_exec(&docker, &id).await;
-                return;
-            }
-            let _ = tx.send(exec_exit_code(&docker, &id).await).await;
-        });
-        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        self.run_command(project, req, None).await
+    }
+
+    async fn exec_streaming(
+        &self,
+        project: ProjectId,
+        req: ExecRequest,
+        input: cocalc_core::ByteStream,
+    ) -> Result<ExecStream, RunnerError> {
+        self.run_command(project, req, Some(input)).await
     }
 
     async fn list(&self) -> Result<Vec<RunStatus>, RunnerError> {
@@ -1039,6 +976,111 @@ impl PtyControl for PodmanPty {
         kill_exec(&self.docker, &self.id).await;
         drop(input);
         Ok(())
+    }
+}
+
+impl PodmanRunner {
+    /// An exec; with `streamed`, stdin stays open and carries it.
+    async fn run_command(
+        &self,
+        project: ProjectId,
+        req: ExecRequest,
+        streamed: Option<cocalc_core::ByteStream>,
+    ) -> Result<ExecStream, RunnerError> {
+        if req.argv.is_empty() {
+            return Err(RunnerError::InvalidRequest("empty argv".into()));
+        }
+        let cwd = container_cwd(req.cwd.as_deref())?;
+        let env = req.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let attach = req.stdin.is_some() || streamed.is_some();
+        let (id, mut output, mut input) = self
+            .start_exec_session(project, req.argv.clone(), env, cwd, false, attach)
+            .await?;
+        // Kept open until the output ends (closing the attach early can cut
+        // the output short).
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let keep = match (req.stdin, streamed) {
+            (first, None) => {
+                if let Some(data) = first {
+                    input
+                        .write_all(&data)
+                        .await
+                        .map_err(|e| RunnerError::Backend(format!("writing stdin: {e}")))?;
+                    input
+                        .shutdown()
+                        .await
+                        .map_err(|e| RunnerError::Backend(format!("closing stdin: {e}")))?;
+                }
+                Some(input)
+            }
+            (first, Some(mut more)) => {
+                tokio::spawn(async move {
+                    let mut ok = match first {
+                        Some(data) => input.write_all(&data).await.is_ok(),
+                        None => true,
+                    };
+                    while ok {
+                        match more.next().await {
+                            Some(Ok(chunk)) => ok = input.write_all(&chunk).await.is_ok(),
+                            _ => break,
+                        }
+                    }
+                    let _ = input.shutdown().await;
+                    let _ = done_rx.await;
+                    drop(input);
+                });
+                None
+            }
+        };
+        let docker = self.docker.clone();
+        let (tx, rx) = mpsc::channel(64);
+        let timeout = req.timeout;
+        tokio::spawn(async move {
+            let _input = keep;
+            let _done = done_tx;
+            let pump = async {
+                loop {
+                    // A reader that went away ends the command at once, not
+                    // only at its next output.
+                    let item = tokio::select! {
+                        i = output.next() => i,
+                        _ = tx.closed() => return false,
+                    };
+                    let Some(item) = item else { break };
+                    let ev = match item {
+                        Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => {
+                            Ok(ExecEvent::Stdout(message))
+                        }
+                        Ok(LogOutput::StdErr { message }) => Ok(ExecEvent::Stderr(message)),
+                        Ok(LogOutput::StdIn { .. }) => continue,
+                        Err(e) => Err(backend("reading exec output", e)),
+                    };
+                    let failed = ev.is_err();
+                    if tx.send(ev).await.is_err() || failed {
+                        return false;
+                    }
+                }
+                true
+            };
+            let finished = match timeout {
+                Some(d) => match tokio::time::timeout(d, pump).await {
+                    Ok(f) => f,
+                    Err(_) => {
+                        kill_exec(&docker, &id).await;
+                        let _ = tx.send(Err(RunnerError::Timeout(d))).await;
+                        return;
+                    }
+                },
+                None => pump.await,
+            };
+            if !finished {
+                // Reader gone or stream broken: end the command.
+                kill_exec(&docker, &id).await;
+                return;
+            }
+            let _ = tx.send(exec_exit_code(&docker, &id).await).await;
+        });
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 }
 
