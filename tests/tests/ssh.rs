@@ -48,6 +48,8 @@ struct Fed {
     key: PathBuf,
     ssh_port: u16,
     ssh: Arc<cocalc_proxy::SshIngress>,
+    /// The proxy's clock (starts at the real time).
+    clock: cocalc_core::ManualClock,
     stops: Vec<watch::Sender<bool>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -135,7 +137,9 @@ async fn federation() -> Fed {
     .await;
 
     // Proxy: HTTP ingress state + SSH server, with the admin key.
-    let clock: cocalc_core::SharedClock = Arc::new(cocalc_core::SystemClock);
+    use cocalc_core::Clock as _;
+    let manual = cocalc_core::ManualClock::new(cocalc_core::SystemClock.now());
+    let clock: cocalc_core::SharedClock = Arc::new(manual.clone());
     let ingress = cocalc_proxy::Ingress::new(
         cocalc_proxy::IngressConfig::new(&master_url, &admin_key),
         Arc::new(cocalc_proxy::TcpTransport::default()),
@@ -180,6 +184,7 @@ async fn federation() -> Fed {
         key,
         ssh_port,
         ssh,
+        clock: manual,
         stops,
         tasks,
     }
@@ -411,11 +416,67 @@ async fn ssh_starts_a_stopped_project_and_runs_a_shell() {
             &f.key,
             &user,
             &["-tt"],
-            Some(b"echo shell-$((6*7))\nexit\n"),
+            Some(b"echo shell-$((6*7))\nstty size\nexit\n"),
         )
         .await;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("shell-42"), "{out:?}");
+    // No local terminal: the pty gets the default size.
+    assert!(text.contains("24 80"), "{out:?}");
+    f.shut_down().await;
+}
+
+/// One SSH connection outlives the key's removal only while its token is
+/// fresh: a channel opened after that asks the master again and is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_channels_after_token_expiry_are_authorized_again() {
+    let f = federation().await;
+    let user = f.user_name();
+    let control = f.root.join("cm.sock");
+    let mux = |extra: &[&str]| {
+        let mut c = Command::new("ssh");
+        c.args(f.ssh_args(&f.key))
+            .args(["-p", &f.ssh_port.to_string(), "-S"])
+            .arg(&control)
+            .args(extra)
+            .arg(format!("{user}@127.0.0.1"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        c
+    };
+    let _master = mux(&["-M", "-N"]).spawn().unwrap();
+    eventually("the control socket", Duration::from_secs(20), || async {
+        control.exists()
+    })
+    .await;
+    let run = |cmd: &'static str| {
+        let mut c = mux(&["-o", "ControlMaster=no"]);
+        c.arg(cmd);
+        async move {
+            tokio::time::timeout(Duration::from_secs(30), c.output())
+                .await
+                .expect("ssh over the shared connection hung")
+                .unwrap()
+        }
+    };
+    let out = run("echo one").await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "one\n", "{out:?}");
+    let keys = f.user.ssh_keys().await.unwrap();
+    f.user.remove_ssh_key(&keys[0].fingerprint).await.unwrap();
+    // The token from the login is still fresh: the connection goes on.
+    let out = run("echo two").await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "two\n", "{out:?}");
+    // Past the token's lifetime the proxy asks the master again: refused.
+    f.clock.advance(Duration::from_secs(11 * 60));
+    let out = run("echo three").await;
+    assert_eq!(out.status.code(), Some(255), "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not authorized"),
+        "{out:?}"
+    );
     f.shut_down().await;
 }
 

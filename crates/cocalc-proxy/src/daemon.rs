@@ -195,9 +195,21 @@ pub async fn run(
                 .to_string();
             let ssh = crate::SshIngress::new(ingress.clone(), key, clock.clone());
             eprintln!("cocalc-proxy: ssh on {ssh_addr} (host key {fp})");
-            Some(tokio::spawn(ssh.serve(l, async move {
-                let _ = ssh_stopped.await;
-            })))
+            let pruned = ssh.clone();
+            let every = Duration::from_secs(cfg.key_refresh_secs.max(1));
+            let pruner = tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    pruned.prune_limits();
+                }
+            });
+            Some(tokio::spawn(async move {
+                ssh.serve(l, async move {
+                    let _ = ssh_stopped.await;
+                })
+                .await;
+                pruner.abort();
+            }))
         }
         _ => None,
     };

@@ -93,7 +93,13 @@ pub struct SshRefusals {
     pub master_error: AtomicU64,
     /// Methods other than public key (password, keyboard-interactive).
     pub bad_method: AtomicU64,
+    /// Login attempts over [`AUTH_ATTEMPTS_PER_MINUTE`] from one address.
+    pub rate_limited: AtomicU64,
 }
+
+/// Public-key login attempts allowed per client address and minute (also
+/// the burst); more are refused without asking the master.
+pub const AUTH_ATTEMPTS_PER_MINUTE: u32 = 60;
 
 /// Loads the Ed25519 host key from `path` (OpenSSH private key format), or
 /// generates one and writes it there (mode 0600) if the file is missing.
@@ -150,6 +156,7 @@ pub struct SshIngress {
     clock: SharedClock,
     config: Arc<russh::server::Config>,
     refusals: Arc<SshRefusals>,
+    attempts: governor::DefaultKeyedRateLimiter<std::net::IpAddr>,
 }
 
 impl std::fmt::Debug for SshIngress {
@@ -176,17 +183,26 @@ impl SshIngress {
             nodelay: true,
             ..Default::default()
         };
+        let n = std::num::NonZeroU32::new(AUTH_ATTEMPTS_PER_MINUTE)
+            .unwrap_or(std::num::NonZeroU32::MIN);
         Arc::new(SshIngress {
             ingress,
             clock,
             config: Arc::new(config),
             refusals: Arc::new(SshRefusals::default()),
+            attempts: governor::RateLimiter::keyed(governor::Quota::per_minute(n)),
         })
     }
 
     /// Refusal counters.
     pub fn refusals(&self) -> &SshRefusals {
         &self.refusals
+    }
+
+    /// Drops rate-limit state of addresses not seen lately (call
+    /// periodically, like [`Ingress::prune_limits`]).
+    pub fn prune_limits(&self) {
+        self.attempts.retain_recent();
     }
 
     /// Accepts connections on `listener` until `shutdown` completes.
@@ -373,6 +389,7 @@ impl Conn {
             "bad_user" => &r.bad_user,
             "not_authorized" => &r.not_authorized,
             "bad_method" => &r.bad_method,
+            "rate_limited" => &r.rate_limited,
             _ => &r.master_error,
         };
         counter.fetch_add(1, Ordering::Relaxed);
@@ -417,6 +434,9 @@ impl russh::server::Handler for Conn {
         user: &str,
         public_key: &PublicKey,
     ) -> Result<Auth, Self::Error> {
+        if self.ssh.attempts.check_key(&self.peer.ip()).is_err() {
+            return Ok(self.refuse("rate_limited", user, "too many login attempts"));
+        }
         let Some(project) = project_of_user(user) else {
             return Ok(self.refuse("bad_user", user, "user name names no project"));
         };
