@@ -37,6 +37,6 @@ pub mod tunnel;
 
 pub use cocalc_core::parse_host_url;
 pub use ingress::{Ingress, IngressConfig};
-pub use ssh::{SshIngress, SshRefusals};
+pub use ssh::{Refusal, SshIngress, SshRefusals};
 pub use tcp::TcpTransport;
 pub use tunnel::{ProxyTransport, TunnelConfig, TunnelHub};

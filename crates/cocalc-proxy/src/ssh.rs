@@ -97,6 +97,48 @@ pub struct SshRefusals {
     pub rate_limited: AtomicU64,
 }
 
+/// Why a login was refused (the audit record's `reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// The user name names no project.
+    BadUser,
+    /// The master did not authorize the key for the project.
+    NotAuthorized,
+    /// The master could not be asked, or failed.
+    MasterError,
+    /// A method other than public key.
+    BadMethod,
+    /// Too many attempts from the client's address.
+    RateLimited,
+}
+
+impl Refusal {
+    /// The reason as the audit record names it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::BadUser => "bad_user",
+            Refusal::NotAuthorized => "not_authorized",
+            Refusal::MasterError => "master_error",
+            Refusal::BadMethod => "bad_method",
+            Refusal::RateLimited => "rate_limited",
+        }
+    }
+}
+
+impl SshRefusals {
+    /// The counter of one reason.
+    pub fn counter(&self, reason: Refusal) -> &AtomicU64 {
+        match reason {
+            Refusal::BadUser => &self.bad_user,
+            Refusal::NotAuthorized => &self.not_authorized,
+            Refusal::MasterError => &self.master_error,
+            Refusal::BadMethod => &self.bad_method,
+            Refusal::RateLimited => &self.rate_limited,
+        }
+    }
+}
+
 /// Public-key login attempts allowed per client address and minute (also
 /// the burst); more are refused without asking the master.
 pub const AUTH_ATTEMPTS_PER_MINUTE: u32 = 60;
@@ -383,19 +425,14 @@ struct Conn {
 }
 
 impl Conn {
-    fn refuse(&self, reason: &'static str, user: &str, detail: &str) -> Auth {
-        let r = &self.ssh.refusals;
-        let counter = match reason {
-            "bad_user" => &r.bad_user,
-            "not_authorized" => &r.not_authorized,
-            "bad_method" => &r.bad_method,
-            "rate_limited" => &r.rate_limited,
-            _ => &r.master_error,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+    fn refuse(&self, reason: Refusal, user: &str, detail: &str) -> Auth {
+        self.ssh
+            .refusals
+            .counter(reason)
+            .fetch_add(1, Ordering::Relaxed);
         let user: String = user.chars().take(80).collect();
-        tracing::info!(target: "cocalc::audit", outcome = "refuse", via = "ssh", reason,
-            peer = %self.peer, user = %user, detail);
+        tracing::info!(target: "cocalc::audit", outcome = "refuse", via = "ssh",
+            reason = reason.as_str(), peer = %self.peer, user = %user, detail);
         Auth::reject()
     }
 
@@ -426,7 +463,11 @@ impl russh::server::Handler for Conn {
     type Error = russh::Error;
 
     async fn auth_password(&mut self, user: &str, _password: &str) -> Result<Auth, Self::Error> {
-        Ok(self.refuse("bad_method", user, "password authentication is not offered"))
+        Ok(self.refuse(
+            Refusal::BadMethod,
+            user,
+            "password authentication is not offered",
+        ))
     }
 
     async fn auth_publickey(
@@ -435,14 +476,14 @@ impl russh::server::Handler for Conn {
         public_key: &PublicKey,
     ) -> Result<Auth, Self::Error> {
         if self.ssh.attempts.check_key(&self.peer.ip()).is_err() {
-            return Ok(self.refuse("rate_limited", user, "too many login attempts"));
+            return Ok(self.refuse(Refusal::RateLimited, user, "too many login attempts"));
         }
         let Some(project) = project_of_user(user) else {
-            return Ok(self.refuse("bad_user", user, "user name names no project"));
+            return Ok(self.refuse(Refusal::BadUser, user, "user name names no project"));
         };
         let key_line = match public_key.to_openssh() {
             Ok(l) => l,
-            Err(e) => return Ok(self.refuse("bad_user", user, &e.to_string())),
+            Err(e) => return Ok(self.refuse(Refusal::BadUser, user, &e.to_string())),
         };
         let answer = self
             .ssh
@@ -466,10 +507,10 @@ impl russh::server::Handler for Conn {
                 tracing::warn!(
                     "the proxy's API key is not the master's admin key: SSH logins cannot be authorized"
                 );
-                Ok(self.refuse("master_error", user, &e.message))
+                Ok(self.refuse(Refusal::MasterError, user, &e.message))
             }
-            Err(e) if e.status == 403 => Ok(self.refuse("not_authorized", user, &e.message)),
-            Err(e) => Ok(self.refuse("master_error", user, &e.message)),
+            Err(e) if e.status == 403 => Ok(self.refuse(Refusal::NotAuthorized, user, &e.message)),
+            Err(e) => Ok(self.refuse(Refusal::MasterError, user, &e.message)),
         }
     }
 
