@@ -564,7 +564,7 @@ async fn ssh_forwards_ports_and_serves_sftp() {
     std::fs::write(
         &batch,
         format!(
-            "put {} up.txt\nget hello.txt {}\nmkdir d\nrename up.txt d/moved.txt\nls -l d\nrm hello.txt\n",
+            "put {} up.txt\nget hello.txt {}\nmkdir d\nrename up.txt d/moved.txt\nls -l d\nls /\nrm hello.txt\n",
             local.display(),
             down.display()
         ),
@@ -585,8 +585,14 @@ async fn ssh_forwards_ports_and_serves_sftp() {
     .unwrap();
     assert!(out.status.success(), "{out:?}");
     assert_eq!(std::fs::read(&down).unwrap(), b"from the project\n");
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(listed.contains("moved.txt"), "{out:?}");
+    // The home is the root: `ls /` lists it.
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("moved.txt"),
+        listed
+            .lines()
+            .skip_while(|l| !l.starts_with("sftp> ls /"))
+            .any(|l| l.contains("hello.txt")),
         "{out:?}"
     );
     assert_eq!(host.read("d/moved.txt").await.unwrap(), b"sent by sftp\n");

@@ -52,7 +52,12 @@ impl HostFiles {
         query: &str,
         body: Vec<u8>,
     ) -> Result<bytes::Bytes, StatusReply> {
-        let url = format!("/files/{}{query}", encode_path(path));
+        // The home itself is `/files` (the router has no `/files/` route).
+        let url = if path.is_empty() {
+            format!("/files{query}")
+        } else {
+            format!("/files/{}{query}", encode_path(path))
+        };
         let (status, body) = (self.request)(method, url, body)
             .await
             .map_err(|e| reply(e.status, &e.message))?;
