@@ -597,5 +597,21 @@ async fn ssh_forwards_ports_and_serves_sftp() {
     );
     assert_eq!(host.read("d/moved.txt").await.unwrap(), b"sent by sftp\n");
     assert_eq!(host.read("hello.txt").await.unwrap_err().status, 404);
+    // scp (OpenSSH's scp speaks SFTP).
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        Command::new("scp")
+            .args(f.ssh_args(&f.key))
+            .args(["-P", &f.ssh_port.to_string()])
+            .arg(&local)
+            .arg(format!("{user}@127.0.0.1:d/by-scp.txt"))
+            .stdin(std::process::Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("scp did not finish")
+    .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(host.read("d/by-scp.txt").await.unwrap(), b"sent by sftp\n");
     f.shut_down().await;
 }

@@ -459,14 +459,48 @@ impl russh_sftp::server::Handler for Sftp {
     }
 }
 
-/// Serves SFTP on `channel` until the client closes it.
-pub(crate) async fn run(files: HostFiles, channel: Channel<Msg>) {
+/// Serves SFTP on `channel` until the client closes it, then ends the
+/// channel with exit status 0 (scp needs one).
+pub(crate) async fn run(files: HostFiles, mut channel: Channel<Msg>) {
+    use russh::ChannelMsg;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let sftp = Sftp {
         files,
         handles: HashMap::new(),
         next: 0,
     };
-    russh_sftp::server::run(channel.into_stream(), sftp).await;
+    let (ours, theirs) = tokio::io::duplex(256 << 10);
+    russh_sftp::server::run(theirs, sftp).await;
+    let (mut rd, mut wr) = tokio::io::split(ours);
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        tokio::select! {
+            n = rd.read(&mut buf) => match n {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if channel.data(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            },
+            msg = channel.wait() => match msg {
+                Some(ChannelMsg::Data { data }) => {
+                    if wr.write_all(&data).await.is_err() {
+                        break;
+                    }
+                }
+                // The server answers what it has, then sees the end.
+                Some(ChannelMsg::Eof) => {
+                    let _ = wr.shutdown().await;
+                }
+                Some(ChannelMsg::Close) | None => return,
+                Some(_) => {}
+            },
+        }
+    }
+    let _ = channel.exit_status(0).await;
+    let _ = channel.eof().await;
+    let _ = channel.close().await;
 }
 
 #[cfg(test)]
