@@ -402,6 +402,17 @@ async fn ssh_exec_matches_direct_exec_and_refusals_look_alike() {
 async fn ssh_starts_a_stopped_project_and_runs_a_shell() {
     let f = federation().await;
     let user = f.user_name();
+    // No host can take the unplaced project yet: the login is accepted
+    // (the key is good) and the command says why it cannot run.
+    let host = f.admin.hosts().await.unwrap()[0].id;
+    f.admin.drain(host, true).await.unwrap();
+    let out = f.ssh(&f.key, &user, &["echo placed"], None).await;
+    assert_eq!(out.status.code(), Some(255), "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    let why = String::from_utf8_lossy(&out.stderr);
+    assert!(why.starts_with("cocalc: "), "{out:?}");
+    assert!(!why.contains("Permission denied"), "{out:?}");
+    f.admin.drain(host, false).await.unwrap();
     f.user.start(&f.pid).await.unwrap();
     f.user.stop(&f.pid).await.unwrap();
     let out = f.ssh(&f.key, &user, &["echo started"], None).await;

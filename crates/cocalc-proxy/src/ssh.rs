@@ -34,7 +34,10 @@
 //!
 //! Connect tokens live for minutes; a long SSH connection asks the master
 //! again for a fresh one before opening a channel with a token about to
-//! expire.
+//! expire. When the master accepts the key but cannot open the project
+//! yet (its host is down, no host has room), the login stands and each
+//! channel tries again, printing why it cannot run (`cocalc: …` on
+//! standard error, exit status 255).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -293,7 +296,9 @@ impl SshIngress {
 struct Login {
     project: ProjectId,
     key_line: String,
-    open: Mutex<OpenProjectResponse>,
+    /// The current token; `None` while the project cannot be opened yet
+    /// (its host is down, no host has room).
+    open: Mutex<Option<OpenProjectResponse>>,
 }
 
 /// What a channel task needs to reach the project's host.
@@ -308,8 +313,7 @@ impl Ctx {
     /// The host and a token valid for at least another minute.
     async fn token(&self) -> Result<(HostId, String), ApiError> {
         let now = self.ssh.clock.now();
-        {
-            let o = self.login.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(o) = &*self.login.open.lock().unwrap_or_else(|p| p.into_inner()) {
             if o.expires.since(now) > Duration::from_secs(60) {
                 return Ok((o.host, o.token.clone()));
             }
@@ -324,7 +328,7 @@ impl Ctx {
             ))
             .await?;
         let out = (fresh.host, fresh.token.clone());
-        *self.login.open.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
+        *self.login.open.lock().unwrap_or_else(|p| p.into_inner()) = Some(fresh);
         Ok(out)
     }
 
@@ -499,7 +503,21 @@ impl russh::server::Handler for Conn {
                 self.login = Some(Arc::new(Login {
                     project,
                     key_line,
-                    open: Mutex::new(open),
+                    open: Mutex::new(Some(open)),
+                }));
+                Ok(Auth::Accept)
+            }
+            // The master checked the key before it tried to open the
+            // project: the login stands, and each channel tries again and
+            // tells the user why it cannot run yet.
+            Err(e) if e.status == 409 || e.status == 503 => {
+                tracing::info!(target: "cocalc::audit", outcome = "grant", via = "ssh", %project,
+                    peer = %self.peer, pending = %e.message,
+                    key = %public_key.fingerprint(russh::keys::HashAlg::Sha256));
+                self.login = Some(Arc::new(Login {
+                    project,
+                    key_line,
+                    open: Mutex::new(None),
                 }));
                 Ok(Auth::Accept)
             }
