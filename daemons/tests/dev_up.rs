@@ -108,6 +108,33 @@ fn cocalc(d: &DevUp, args: &[&str], stdin: Option<&[u8]>) -> std::process::Outpu
     c.wait_with_output().unwrap()
 }
 
+/// `ssh project-<id>@127.0.0.1 -p <dev up's ssh port> COMMAND` with `key`.
+fn ssh(d: &DevUp, key: &std::path::Path, project: &str, command: &str) -> std::process::Output {
+    Command::new("ssh")
+        .args([
+            "-F",
+            "/dev/null",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "LogLevel=ERROR",
+            "-i",
+        ])
+        .arg(key)
+        .args(["-p", &d.ssh_port.to_string()])
+        .arg(format!("project-{project}@127.0.0.1"))
+        .arg(command)
+        .stdin(Stdio::null())
+        .output()
+        .expect("ssh (openssh-client) is needed")
+}
+
 fn next_steps_work_and_ctrl_c_stops(backend: &str) {
     let mut d = start(backend);
     let o = cocalc(
@@ -196,37 +223,14 @@ fn next_steps_work_and_ctrl_c_stops(backend: &str) {
     let o = cocalc(&d, &["ssh-key", "list", "--json"], None);
     let keys: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(keys.as_array().map(Vec::len), Some(1), "{keys}");
-    let o = Command::new("ssh")
-        .args([
-            "-F",
-            "/dev/null",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "LogLevel=ERROR",
-            "-i",
-        ])
-        .arg(&key)
-        .args(["-p", &d.ssh_port.to_string()])
-        .arg(format!(
-            "project-{}@127.0.0.1",
-            open["project"].as_str().unwrap()
-        ))
-        .arg("cat hello.txt; exit 3")
-        .stdin(Stdio::null())
-        .output()
-        .expect("ssh (openssh-client) is needed");
+    let o = ssh(
+        &d,
+        &key,
+        open["project"].as_str().unwrap(),
+        "cat hello.txt; exit 3",
+    );
     assert_eq!(o.status.code(), Some(3), "{o:?}");
     assert_eq!(o.stdout, b"hi\n", "{o:?}");
-    let fp = keys[0]["fingerprint"].as_str().unwrap();
-    let o = cocalc(&d, &["ssh-key", "rm", fp], None);
-    assert!(o.status.success(), "{o:?}");
     let o = cocalc(&d, &["project", "stop", "demo"], None);
     assert!(o.status.success(), "{o:?}");
 
@@ -286,6 +290,18 @@ fn next_steps_work_and_ctrl_c_stops(backend: &str) {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // SSH reaches the hidden host too, through the same tunnel.
+    let o = ssh(
+        &d,
+        &key,
+        open["project"].as_str().unwrap(),
+        "echo over-ssh-$((40+2))",
+    );
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    assert_eq!(o.stdout, b"over-ssh-42\n", "{o:?}");
+    let fp = keys[0]["fingerprint"].as_str().unwrap();
+    let o = cocalc(&d, &["ssh-key", "rm", fp], None);
+    assert!(o.status.success(), "{o:?}");
     let o = cocalc(&d, &["project", "stop", "behind-nat"], None);
     assert!(o.status.success(), "{o:?}");
     for h in &visible {
