@@ -50,6 +50,8 @@ struct Fed {
     ssh: Arc<cocalc_proxy::SshIngress>,
     /// The proxy's clock (starts at the real time).
     clock: cocalc_core::ManualClock,
+    /// The proxy's audit records.
+    audit: Arc<cocalc_auth::MemoryAuditSink>,
     stops: Vec<watch::Sender<bool>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -140,10 +142,12 @@ async fn federation() -> Fed {
     use cocalc_core::Clock as _;
     let manual = cocalc_core::ManualClock::new(cocalc_core::SystemClock.now());
     let clock: cocalc_core::SharedClock = Arc::new(manual.clone());
-    let ingress = cocalc_proxy::Ingress::new(
+    let audit = Arc::new(cocalc_auth::MemoryAuditSink::new());
+    let ingress = cocalc_proxy::Ingress::with_audit(
         cocalc_proxy::IngressConfig::new(&master_url, &admin_key),
         Arc::new(cocalc_proxy::TcpTransport::default()),
         clock.clone(),
+        audit.clone(),
     )
     .await
     .unwrap();
@@ -185,6 +189,7 @@ async fn federation() -> Fed {
         ssh_port,
         ssh,
         clock: manual,
+        audit,
         stops,
         tasks,
     }
@@ -387,6 +392,29 @@ async fn ssh_exec_matches_direct_exec_and_refusals_look_alike() {
     assert_eq!(r.bad_user.load(Ordering::Relaxed), 2);
     assert_eq!(r.not_authorized.load(Ordering::Relaxed), 3);
     assert_eq!(r.master_error.load(Ordering::Relaxed), 0);
+    // Each refusal is an audit record with its reason; logins are too.
+    let records = f.audit.records();
+    let refused: Vec<&str> = records
+        .iter()
+        .filter(|r| r.action == "ssh" && r.outcome == cocalc_core::AuditOutcome::Refuse)
+        .map(|r| r.reason.as_str())
+        .collect();
+    assert_eq!(
+        refused.iter().filter(|r| **r == "bad_user").count(),
+        2,
+        "{refused:?}"
+    );
+    assert_eq!(
+        refused.iter().filter(|r| **r == "not_authorized").count(),
+        3,
+        "{refused:?}"
+    );
+    assert!(
+        records.iter().any(|r| r.action == "ssh"
+            && r.outcome == cocalc_core::AuditOutcome::Grant
+            && r.project.map(|p| p.to_string()) == Some(f.pid.clone())),
+        "{records:?}"
+    );
 
     // The key is listed, and once removed it no longer lets anyone in.
     let keys = f.user.ssh_keys().await.unwrap();

@@ -232,6 +232,12 @@ impl Ingress {
         &self.refusals
     }
 
+    /// Hands a record to this ingress's audit sink (the SSH ingress
+    /// records its logins and refusals here too).
+    pub fn audit(&self, record: AuditRecord) {
+        self.audit.record(record);
+    }
+
     /// Counts a refusal and hands its audit record to the sink.
     fn refuse(
         &self,

@@ -11,7 +11,8 @@
 //!    needed), or one uniform refusal. The client sees the same
 //!    "Permission denied (publickey)" for an unknown project, an unknown
 //!    key, a key of a non-collaborator and a malformed user name; every
-//!    refusal is an audit record (`cocalc::audit`) and a counter by reason
+//!    refusal and every login is an audit record (action `ssh`, through
+//!    the [`Ingress`]'s audit sink) and each refusal a counter by reason
 //!    ([`SshRefusals`]). Refusals take the same time (russh's
 //!    `auth_rejection_time`).
 //! 3. **Forward.** Each channel becomes a request to the project's host
@@ -49,7 +50,10 @@ use std::time::Duration;
 use cocalc_core::wire::{
     ExecStreamEnd, OpenProjectResponse, SshAuthorizeRequest, EXEC_STREAM_STDERR, EXEC_STREAM_STDOUT,
 };
-use cocalc_core::{ApiError, BoxedConnection, ExecRequest, HostId, ProjectId, SharedClock};
+use cocalc_core::{
+    ApiError, AuditOutcome, AuditRecord, BoxedConnection, ExecRequest, HostId, ProjectId,
+    SharedClock,
+};
 use futures_util::{SinkExt, StreamExt};
 use russh::keys::{PrivateKey, PublicKey};
 use russh::server::{Auth, ChannelOpenHandle, Msg, Session};
@@ -413,9 +417,18 @@ impl Ctx {
         Ok((status, body))
     }
 
+    /// A channel that could not be served, as a refusal record (action
+    /// `ssh_<what>`, reason the error's code).
     fn audit_channel(&self, what: &str, e: &ApiError) {
-        tracing::info!(target: "cocalc::audit", outcome = "fail", what, project = %self.login.project,
-            peer = %self.peer, code = %e.code, detail = %e.message);
+        let mut r = AuditRecord::new(
+            self.ssh.clock.now(),
+            AuditOutcome::Refuse,
+            format!("ssh_{what}"),
+            e.code.clone(),
+            format!("client {}: {}", self.peer, e.message),
+        );
+        r.project = Some(self.login.project);
+        self.ssh.ingress.audit(r);
     }
 }
 
@@ -435,9 +448,32 @@ impl Conn {
             .counter(reason)
             .fetch_add(1, Ordering::Relaxed);
         let user: String = user.chars().take(80).collect();
-        tracing::info!(target: "cocalc::audit", outcome = "refuse", via = "ssh",
-            reason = reason.as_str(), peer = %self.peer, user = %user, detail);
+        let mut r = AuditRecord::new(
+            self.ssh.clock.now(),
+            AuditOutcome::Refuse,
+            "ssh",
+            reason.as_str(),
+            format!("client {}: user {user:?}: {detail}", self.peer),
+        );
+        r.project = project_of_user(&user);
+        self.ssh.ingress.audit(r);
         Auth::reject()
+    }
+
+    fn grant(&self, project: ProjectId, key: &PublicKey, detail: String) {
+        let mut r = AuditRecord::new(
+            self.ssh.clock.now(),
+            AuditOutcome::Grant,
+            "ssh",
+            "granted",
+            format!(
+                "client {}: key {}{detail}",
+                self.peer,
+                key.fingerprint(russh::keys::HashAlg::Sha256)
+            ),
+        );
+        r.project = Some(project);
+        self.ssh.ingress.audit(r);
     }
 
     fn ctx(&self) -> Option<Ctx> {
@@ -497,9 +533,7 @@ impl russh::server::Handler for Conn {
             .await;
         match answer {
             Ok(open) => {
-                tracing::info!(target: "cocalc::audit", outcome = "grant", via = "ssh", %project,
-                    peer = %self.peer, host = %open.host,
-                    key = %public_key.fingerprint(russh::keys::HashAlg::Sha256));
+                self.grant(project, public_key, format!(", host {}", open.host));
                 self.login = Some(Arc::new(Login {
                     project,
                     key_line,
@@ -511,9 +545,7 @@ impl russh::server::Handler for Conn {
             // project: the login stands, and each channel tries again and
             // tells the user why it cannot run yet.
             Err(e) if e.status == 409 || e.status == 503 => {
-                tracing::info!(target: "cocalc::audit", outcome = "grant", via = "ssh", %project,
-                    peer = %self.peer, pending = %e.message,
-                    key = %public_key.fingerprint(russh::keys::HashAlg::Sha256));
+                self.grant(project, public_key, format!(", pending: {}", e.message));
                 self.login = Some(Arc::new(Login {
                     project,
                     key_line,
@@ -639,9 +671,12 @@ impl russh::server::Handler for Conn {
         let port = u16::try_from(port_to_connect).ok().filter(|p| *p > 0);
         let local = matches!(host_to_connect, "localhost" | "127.0.0.1" | "::1" | "[::1]");
         let Some(port) = port.filter(|_| local) else {
-            tracing::info!(target: "cocalc::audit", outcome = "refuse", via = "ssh",
-                reason = "forward_target", project = %ctx.login.project, peer = %ctx.peer,
-                target = %format!("{host_to_connect}:{port_to_connect}"));
+            let e = ApiError::new(
+                403,
+                "forward_target",
+                format!("forwarding to {host_to_connect}:{port_to_connect} is not allowed; only localhost"),
+            );
+            ctx.audit_channel("direct-tcpip", &e);
             reply
                 .reject(ChannelOpenFailure::AdministrativelyProhibited)
                 .await;
