@@ -114,6 +114,11 @@ impl ProxyConfig {
         if cfg.ssh_listen.is_some() && cfg.ssh_host_key_file.is_none() {
             return Err(bad("ssh_listen needs ssh_host_key_file".into()));
         }
+        if cfg.ssh_listen.is_some() && !cfg!(feature = "ssh") {
+            return Err(bad(
+                "ssh_listen is set but this build has no SSH ingress (cargo feature `ssh`)".into(),
+            ));
+        }
         Ok(cfg)
     }
 
@@ -178,8 +183,41 @@ pub async fn run(
         })
     };
     eprintln!("cocalc-proxy: tunnel handle {handle}");
+    let (stop_ssh, ssh_task) = start_ssh(&cfg, &ingress, &clock).await?;
+    eprintln!("cocalc-proxy: listening on http://{addr}");
+    let result = axum::serve(
+        listener,
+        tunnels
+            .router()
+            .merge(ingress.router())
+            .into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+    .map_err(|e| ProxyDaemonError::Start(e.to_string()));
+    refresher.abort();
+    let _ = stop_ssh.send(());
+    if let Some(t) = ssh_task {
+        let _ = t.await;
+    }
+    result
+}
+
+/// A stop signal and the SSH ingress task, when `ssh_listen` is set.
+type SshTask = (
+    tokio::sync::oneshot::Sender<()>,
+    Option<tokio::task::JoinHandle<()>>,
+);
+
+/// Starts the SSH ingress if the config asks for it.
+#[cfg(feature = "ssh")]
+async fn start_ssh(
+    cfg: &ProxyConfig,
+    ingress: &Arc<Ingress>,
+    clock: &cocalc_core::SharedClock,
+) -> Result<SshTask, ProxyDaemonError> {
     let (stop_ssh, ssh_stopped) = tokio::sync::oneshot::channel::<()>();
-    let ssh_task = match (&cfg.ssh_listen, &cfg.ssh_host_key_file) {
+    let task = match (&cfg.ssh_listen, &cfg.ssh_host_key_file) {
         (Some(at), Some(key_file)) => {
             let key = crate::ssh::load_or_generate_host_key(key_file)
                 .map_err(|e| ProxyDaemonError::Start(e.to_string()))?;
@@ -213,21 +251,16 @@ pub async fn run(
         }
         _ => None,
     };
-    eprintln!("cocalc-proxy: listening on http://{addr}");
-    let result = axum::serve(
-        listener,
-        tunnels
-            .router()
-            .merge(ingress.router())
-            .into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
-    .map_err(|e| ProxyDaemonError::Start(e.to_string()));
-    refresher.abort();
-    let _ = stop_ssh.send(());
-    if let Some(t) = ssh_task {
-        let _ = t.await;
-    }
-    result
+    Ok((stop_ssh, task))
+}
+
+/// Without the `ssh` feature there is never an SSH ingress (configs that
+/// ask for one are refused when loaded).
+#[cfg(not(feature = "ssh"))]
+async fn start_ssh(
+    _cfg: &ProxyConfig,
+    _ingress: &Arc<Ingress>,
+    _clock: &cocalc_core::SharedClock,
+) -> Result<SshTask, ProxyDaemonError> {
+    Ok((tokio::sync::oneshot::channel::<()>().0, None))
 }

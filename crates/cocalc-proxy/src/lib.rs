@@ -12,11 +12,15 @@
 //!
 //! What exists today: the HTTP/WebSocket [`Ingress`] (base-path checks,
 //! token checks, routing by the token's host, streaming and WebSocket
-//! pass-through, rate limits), the [`SshIngress`] (public-key logins
-//! authorized by the master; exec, shell, `direct-tcpip` forwarding and
-//! SFTP forwarded to the host's data plane) and the direct transport,
-//! [`TcpTransport`], which reaches hosts that publish a URL. Not yet:
-//! reverse tunnels.
+//! pass-through, rate limits), the SSH ingress (`ssh::SshIngress`:
+//! public-key logins authorized by the master; exec, shell, `direct-tcpip`
+//! forwarding and SFTP forwarded to the host's data plane), the direct
+//! transport, [`TcpTransport`], which reaches hosts that publish a URL, and
+//! the reverse-tunnel end, [`TunnelHub`] with [`ProxyTransport`].
+//!
+//! | cargo feature | default | what |
+//! | --- | --- | --- |
+//! | `ssh` | on | the SSH ingress (russh, russh-sftp; about a minute more to build on 2 cores) |
 //!
 //! ```no_run
 //! use cocalc_core::{HostEndpoint, HostId, Transport};
@@ -30,13 +34,16 @@
 
 pub mod daemon;
 pub mod ingress;
+#[cfg(feature = "ssh")]
 mod sftp;
+#[cfg(feature = "ssh")]
 pub mod ssh;
 mod tcp;
 pub mod tunnel;
 
 pub use cocalc_core::parse_host_url;
 pub use ingress::{Ingress, IngressConfig};
+#[cfg(feature = "ssh")]
 pub use ssh::{Refusal, SshIngress, SshRefusals};
 pub use tcp::TcpTransport;
 pub use tunnel::{ProxyTransport, TunnelConfig, TunnelHub};
