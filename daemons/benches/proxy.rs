@@ -9,7 +9,8 @@
 //! * WebSocket bytes/s (1 MiB binary messages from the server).
 //!
 //! Run: `cargo bench -p cocalc-daemons --bench proxy` (`-- --secs 3
-//! --conns 32`). Needs nginx (`apt-get install nginx`); without it the
+//! --conns 32`, `--only tunnel` for the routes whose name contains
+//! "tunnel"). Needs nginx (`apt-get install nginx`); without it the
 //! nginx row is skipped and says so. Goals: proxy ≥ 1.0× nginx req/s with
 //! p99 ≤ nginx's; WebSocket and tunnel bytes/s ≥ 0.8× direct.
 
@@ -344,6 +345,15 @@ async fn main() {
             &open_q.token,
         ),
     ];
+    // `--only tunnel` (a substring of the route names) measures just those.
+    let only = std::env::args()
+        .skip_while(|a| a != "--only")
+        .nth(1)
+        .unwrap_or_default();
+    let routes: Vec<_> = routes
+        .into_iter()
+        .filter(|r| r.0.contains(only.as_str()))
+        .collect();
     let mut rows = Vec::new();
     for (name, url, token) in &routes {
         let Some(url) = url else {
