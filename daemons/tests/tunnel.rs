@@ -271,28 +271,8 @@ fn hidden_host_is_served_through_the_tunnel_and_survives_restarts() {
 
     // kill -9 the proxy while a request is in flight: the request fails
     // promptly; a new proxy on the same port gets the tunnel back.
-    let slow = {
-        let (murl, alice) = (murl.clone(), alice.clone());
-        std::thread::spawn(move || {
-            let t = Instant::now();
-            let o = cocalc(
-                &murl,
-                &alice,
-                &["project", "exec", "p", "--", "sleep", "60"],
-                None,
-            );
-            (o, t.elapsed())
-        })
-    };
-    std::thread::sleep(Duration::from_millis(1500));
-    let _ = proxy.child.kill();
-    let _ = proxy.child.wait();
-    let (o, took) = slow.join().unwrap();
+    let o = kill_mid_request(&murl, &alice, &mut proxy);
     assert!(!o.status.success(), "the in-flight exec cannot succeed");
-    assert!(
-        took < Duration::from_secs(20),
-        "in-flight request hung for {took:?}"
-    );
     proxy = start_proxy();
     eventually(
         "the tunnel is back after a proxy restart",
@@ -302,28 +282,8 @@ fn hidden_host_is_served_through_the_tunnel_and_survives_restarts() {
 
     // kill -9 the host while a request is in flight: the proxy answers at
     // once; the restarted host dials back in and still has the data.
-    let slow = {
-        let (murl, alice) = (murl.clone(), alice.clone());
-        std::thread::spawn(move || {
-            let t = Instant::now();
-            let o = cocalc(
-                &murl,
-                &alice,
-                &["project", "exec", "p", "--", "sleep", "60"],
-                None,
-            );
-            (o, t.elapsed())
-        })
-    };
-    std::thread::sleep(Duration::from_millis(1500));
-    let _ = host.child.kill();
-    let _ = host.child.wait();
-    let (o, took) = slow.join().unwrap();
+    let o = kill_mid_request(&murl, &alice, &mut host);
     assert!(!o.status.success(), "the in-flight exec cannot succeed");
-    assert!(
-        took < Duration::from_secs(20),
-        "in-flight request hung for {took:?}"
-    );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("host"), "{err}");
     host = start_host();
@@ -337,6 +297,28 @@ fn hidden_host_is_served_through_the_tunnel_and_survives_restarts() {
     drop(host);
     drop(proxy);
     drop(master);
+}
+
+/// Starts `sleep 60` in project `p`, `kill -9`s `victim` 1.5 s later, and
+/// returns the exec's outcome, asserting it ended within 20 s (no hang).
+fn kill_mid_request(master: &str, key: &str, victim: &mut Proc) -> Output {
+    let slow = {
+        let (master, key) = (master.to_string(), key.to_string());
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            let args = ["project", "exec", "p", "--", "sleep", "60"];
+            (cocalc(&master, &key, &args, None), t.elapsed())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    let _ = victim.child.kill();
+    let _ = victim.child.wait();
+    let (o, took) = slow.join().unwrap();
+    assert!(
+        took < Duration::from_secs(20),
+        "in-flight request hung for {took:?}"
+    );
+    o
 }
 
 /// POST JSON with a bearer key; the JSON answer (blocking, for tests).
