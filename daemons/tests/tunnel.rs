@@ -273,11 +273,32 @@ fn hidden_host_is_served_through_the_tunnel_and_survives_restarts() {
     // promptly; a new proxy on the same port gets the tunnel back.
     let o = kill_mid_request(&murl, &alice, &mut proxy);
     assert!(!o.status.success(), "the in-flight exec cannot succeed");
+    // Without its tunnel the hidden host reports itself failing at once
+    // (so nothing new is placed there), and ok again when it is back.
+    let health_is = |want: &'static str| {
+        let (murl, admin) = (murl.clone(), admin.clone());
+        move || {
+            let o = cocalc(&murl, &admin, &["host", "list", "--json"], None);
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+            v.as_array()
+                .is_some_and(|a| a.len() == 1 && a[0]["health"] == want)
+        }
+    };
+    eventually(
+        "health failing without a tunnel",
+        Duration::from_secs(5),
+        health_is("failing"),
+    );
     proxy = start_proxy();
     eventually(
         "the tunnel is back after a proxy restart",
         Duration::from_secs(30),
         exec_ok,
+    );
+    eventually(
+        "health ok with the tunnel back",
+        Duration::from_secs(5),
+        health_is("ok"),
     );
 
     // kill -9 the host while a request is in flight: the proxy answers at

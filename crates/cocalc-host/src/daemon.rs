@@ -518,6 +518,15 @@ async fn build_at(cfg: &HostConfig, endpoint: HostEndpoint) -> Result<Host, Host
         )),
         _ => None,
     };
+    if let Some(t) = &tunnel {
+        // Health follows the tunnel; tell the master at once.
+        let link = Arc::downgrade(&link);
+        t.on_change(Box::new(move |_| {
+            if let Some(l) = link.upgrade() {
+                l.status_changed();
+            }
+        }));
+    }
     let agent =
         HostAgent::new(AgentConfig::new(host), runner, storage, gate).with_local_store(local);
     let known = agent
@@ -562,7 +571,13 @@ impl Host {
             cpu: loadavg() / (cap.cpu_millis as f64 / 1000.0),
             memory_used_bytes: 0,
         };
-        (Health::Ok, cap, load)
+        // A hidden host without its tunnel cannot serve anyone: placement
+        // skips failing hosts.
+        let health = match &self.tunnel {
+            Some(t) if !t.is_connected() => Health::Failing,
+            _ => Health::Ok,
+        };
+        (health, cap, load)
     }
 
     /// One round of activity handling: projects used since the last round

@@ -144,6 +144,8 @@ pub struct MasterLink {
     next_keepalive_ms: std::sync::atomic::AtomicU64,
     /// When the last lease arrived (ms since the epoch, by the link's clock).
     last_lease_ms: std::sync::atomic::AtomicI64,
+    /// Wakes the keepalive loop early when the host's status changed.
+    status_changed: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for MasterLink {
@@ -188,6 +190,7 @@ impl MasterLink {
             push_tx: std::sync::Mutex::new(None),
             next_keepalive_ms: std::sync::atomic::AtomicU64::new(5_000),
             last_lease_ms: std::sync::atomic::AtomicI64::new(0),
+            status_changed: tokio::sync::Notify::new(),
         }
     }
 
@@ -439,6 +442,22 @@ impl MasterLink {
             .is_some_and(|tx| tx.send(text).is_ok())
     }
 
+    /// Tells the link that the host's health changed (a hidden host's
+    /// tunnel came up or went down): the next keepalive goes out now, not
+    /// at the end of the interval, so placement sees it at once. A change
+    /// while a keepalive is in flight is not lost.
+    pub fn status_changed(&self) {
+        self.status_changed.notify_one();
+    }
+
+    /// Sleeps `d`, or less if the host's status changes meanwhile.
+    async fn pause(&self, d: Duration) {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => {}
+            _ = self.status_changed.notified() => {}
+        }
+    }
+
     /// Keeps the link alive until `shutdown` resolves: registers (retrying),
     /// sends keepalives when the master asks, and keeps the push channel
     /// open, reconnecting with backoff and jitter. Marks the ACL cache's
@@ -484,7 +503,7 @@ impl MasterLink {
                     let ms = self
                         .next_keepalive_ms
                         .load(std::sync::atomic::Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    self.pause(Duration::from_millis(ms)).await;
                     continue;
                 }
                 let result = if registered {
@@ -508,7 +527,7 @@ impl MasterLink {
                         backoff.next_wait()
                     }
                 };
-                tokio::time::sleep(wait).await;
+                self.pause(wait).await;
             }
         };
         tokio::select! {

@@ -95,13 +95,25 @@ impl TunnelClientConfig {
     }
 }
 
+/// Called with the new state whenever the tunnel comes up or goes down.
+pub type TunnelHook = Box<dyn Fn(bool) + Send + Sync>;
+
 /// Keeps a hidden host's tunnel to its proxy open.
-#[derive(Debug)]
 pub struct TunnelClient {
     cfg: TunnelClientConfig,
     clock: SharedClock,
     connected: AtomicBool,
     connects: AtomicU64,
+    hook: std::sync::OnceLock<TunnelHook>,
+}
+
+impl std::fmt::Debug for TunnelClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelClient")
+            .field("cfg", &self.cfg)
+            .field("connected", &self.is_connected())
+            .finish_non_exhaustive()
+    }
 }
 
 impl TunnelClient {
@@ -112,7 +124,23 @@ impl TunnelClient {
             clock,
             connected: AtomicBool::new(false),
             connects: AtomicU64::new(0),
+            hook: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Sets the function told about every change of the tunnel's state (the
+    /// host daemon sends a keepalive with the new health). Only the first
+    /// call has an effect.
+    pub fn on_change(&self, hook: TunnelHook) {
+        let _ = self.hook.set(hook);
+    }
+
+    fn set_connected(&self, up: bool) {
+        if self.connected.swap(up, Ordering::Relaxed) != up {
+            if let Some(h) = self.hook.get() {
+                h(up);
+            }
+        }
     }
 
     /// True while a tunnel is up.
@@ -138,7 +166,7 @@ impl TunnelClient {
             loop {
                 let started = std::time::Instant::now();
                 let result = self.once(router.clone()).await;
-                self.connected.store(false, Ordering::Relaxed);
+                self.set_connected(false);
                 match result {
                     Ok(()) => tracing::info!(proxy = %self.cfg.proxy_url, "tunnel closed"),
                     Err(e) => {
@@ -153,7 +181,7 @@ impl TunnelClient {
             }
         };
         tokio::select! { _ = work => {}, _ = shutdown => {} }
-        self.connected.store(false, Ordering::Relaxed);
+        self.set_connected(false);
     }
 
     /// One tunnel: dial, handshake, serve until it ends.
@@ -209,7 +237,7 @@ impl TunnelClient {
             return Err(TunnelError::Refused { status, message });
         }
         let io = hyper::upgrade::on(resp).await.map_err(conn_err)?;
-        self.connected.store(true, Ordering::Relaxed);
+        self.set_connected(true);
         self.connects.fetch_add(1, Ordering::Relaxed);
         tracing::info!(proxy = %self.cfg.proxy_url, "tunnel up");
         let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
