@@ -171,11 +171,13 @@ pub async fn run(
     .map_err(|e| ProxyDaemonError::Start(format!("reaching the master: {}", e.message)))?;
     let refresher = {
         let ing = ingress.clone();
+        let hub = tunnels.clone();
         let every = Duration::from_secs(cfg.key_refresh_secs.max(1));
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
                 ing.prune_limits();
+                hub.prune();
                 if let Err(e) = ing.refresh_keys().await {
                     tracing::warn!(error = %e.message, "reloading signing keys failed");
                 }

@@ -11,6 +11,8 @@
 //!    URL). A handshake made for one proxy therefore does not verify at
 //!    another, and each signature is accepted once (a replay within the
 //!    60 s clock window is refused).
+//!    Handshakes are rate-limited per client address (429), since a bad
+//!    signature costs a key lookup on the master.
 //! 2. The proxy looks the host's public key up on the master
 //!    (`GET /v1/hosts/{h}/key`, cached), checks the signature and answers
 //!    `101 Switching Protocols`.
@@ -74,6 +76,11 @@ pub struct TunnelConfig {
     /// How long opening a stream may take before the request fails (default
     /// 5 s).
     pub open_timeout: Duration,
+    /// Tunnel handshakes allowed per second (and as burst) per client
+    /// address (default 10): a failed signature costs the master a key
+    /// lookup, so strangers cannot make the proxy hammer it. Applies when
+    /// the router is served with connect info.
+    pub handshakes_per_sec: u32,
 }
 
 impl TunnelConfig {
@@ -85,6 +92,7 @@ impl TunnelConfig {
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(10),
             open_timeout: Duration::from_secs(5),
+            handshakes_per_sec: 10,
         }
     }
 }
@@ -110,6 +118,7 @@ pub struct TunnelStats {
 
 /// The tunnels that hidden hosts hold open to this proxy.
 pub struct TunnelHub {
+    limiter: governor::DefaultKeyedRateLimiter<std::net::IpAddr>,
     audit: Arc<dyn cocalc_auth::AuditSink>,
     cfg: TunnelConfig,
     master: MasterClient,
@@ -149,7 +158,10 @@ impl TunnelHub {
         clock: SharedClock,
         audit: Arc<dyn cocalc_auth::AuditSink>,
     ) -> Arc<Self> {
+        let n = std::num::NonZeroU32::new(cfg.handshakes_per_sec.max(1))
+            .unwrap_or(std::num::NonZeroU32::MIN);
         Arc::new(TunnelHub {
+            limiter: governor::RateLimiter::keyed(governor::Quota::per_second(n).allow_burst(n)),
             audit,
             cfg,
             master,
@@ -165,6 +177,17 @@ impl TunnelHub {
     /// This proxy's handle.
     pub fn handle(&self) -> &str {
         &self.cfg.handle
+    }
+
+    /// Drops rate-limit state of clients not seen lately and replay
+    /// entries past the clock window (call periodically).
+    pub fn prune(&self) {
+        self.limiter.retain_recent();
+        let window = self.cfg.max_clock_skew * 2;
+        self.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, at| at.elapsed() < window);
     }
 
     /// Counters.
@@ -418,6 +441,23 @@ impl Transport for TunnelHub {
 }
 
 async fn accept(State(hub): State<Arc<TunnelHub>>, req: Request) -> Response {
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0);
+    if let Some(peer) = peer {
+        if hub.limiter.check_key(&peer.ip()).is_err() {
+            hub.refused("rate_limited", &format!("tunnel handshakes from {peer}"));
+            let mut r = refuse(
+                429,
+                "rate_limited",
+                "too many tunnel handshakes from this address; retry in 1 s",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return r;
+        }
+    }
     let upgrade_ok = req
         .headers()
         .get(header::UPGRADE)

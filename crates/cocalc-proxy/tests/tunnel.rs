@@ -58,16 +58,29 @@ async fn fake_master() -> String {
 
 /// A proxy with only the tunnel route; returns the hub and its handle.
 async fn proxy() -> (Arc<TunnelHub>, String) {
+    proxy_with(|_| {}).await
+}
+
+async fn proxy_with(tune: impl FnOnce(&mut TunnelConfig)) -> (Arc<TunnelHub>, String) {
     let master = fake_master().await;
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let handle = format!("http://{}", l.local_addr().unwrap());
+    let mut cfg = TunnelConfig::new(&handle);
+    tune(&mut cfg);
     let hub = TunnelHub::new(
-        TunnelConfig::new(&handle),
+        cfg,
         MasterClient::new(master, "unused"),
         Arc::new(SystemClock),
     );
     let router = hub.clone().router();
-    tokio::spawn(async move { axum::serve(l, router).await.unwrap() });
+    tokio::spawn(async move {
+        axum::serve(
+            l,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+        .unwrap()
+    });
     (hub, handle)
 }
 
@@ -300,5 +313,25 @@ async fn bad_handshakes_are_refused_with_a_reason() {
             .refused
             .load(std::sync::atomic::Ordering::Relaxed)
             >= 5
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_are_rate_limited_per_client() {
+    let (hub, handle) = proxy_with(|c| c.handshakes_per_sec = 2).await;
+    let stranger = || TunnelClientConfig::new(&handle, HOST, SigningKey::from_bytes(&[8; 32]));
+    // Two bad handshakes are judged on their merits; the third is not.
+    for _ in 0..2 {
+        let (s, _) = refused(stranger()).await;
+        assert_eq!(s, 401);
+    }
+    let (s, m) = refused(stranger()).await;
+    assert_eq!(s, 429, "{m}");
+    assert!(m.contains("too many tunnel handshakes"), "{m}");
+    assert_eq!(
+        hub.stats()
+            .refused
+            .load(std::sync::atomic::Ordering::Relaxed),
+        3
     );
 }
