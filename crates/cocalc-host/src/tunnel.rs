@@ -29,6 +29,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::master_link::Backoff;
 
+/// How long the proxy may take to answer a tunnel handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Why one tunnel attempt ended.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -186,6 +189,12 @@ impl TunnelClient {
 
     /// One tunnel: dial, handshake, serve until it ends.
     pub async fn once(&self, router: Router) -> Result<(), TunnelError> {
+        if !self.cfg.proxy_url.starts_with("http://") {
+            return Err(TunnelError::BadUrl(format!(
+                "{:?}: only http:// is supported (no TLS to the proxy yet)",
+                self.cfg.proxy_url
+            )));
+        }
         let addr =
             parse_host_url(&self.cfg.proxy_url).map_err(|e| TunnelError::BadUrl(e.to_string()))?;
         let dial_err = |reason: String| TunnelError::Dial {
@@ -224,7 +233,14 @@ impl TunnelClient {
         let req = req
             .body(Body::empty())
             .map_err(|e| TunnelError::Connection(e.to_string()))?;
-        let resp = sender.send_request(req).await.map_err(conn_err)?;
+        let resp = tokio::time::timeout(HANDSHAKE_TIMEOUT, sender.send_request(req))
+            .await
+            .map_err(|_| {
+                TunnelError::Connection(format!(
+                    "the proxy did not answer the handshake within {HANDSHAKE_TIMEOUT:?}"
+                ))
+            })?
+            .map_err(conn_err)?;
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             let status = resp.status().as_u16();
             let body = axum::body::to_bytes(Body::new(resp.into_body()), 64 << 10)
@@ -236,7 +252,10 @@ impl TunnelClient {
             driver.abort();
             return Err(TunnelError::Refused { status, message });
         }
-        let io = hyper::upgrade::on(resp).await.map_err(conn_err)?;
+        let io = tokio::time::timeout(HANDSHAKE_TIMEOUT, hyper::upgrade::on(resp))
+            .await
+            .map_err(|_| TunnelError::Connection("the upgrade did not complete".into()))?
+            .map_err(conn_err)?;
         self.set_connected(true);
         self.connects.fetch_add(1, Ordering::Relaxed);
         tracing::info!(proxy = %self.cfg.proxy_url, "tunnel up");
