@@ -25,7 +25,9 @@
 //!    [`TunnelConfig::keepalive_timeout`] plus an interval).
 //!
 //! A newer tunnel from the same host replaces the older one (a restarted
-//! host). When a tunnel drops, its streams fail at once, so requests in
+//! host); the older connection is closed as soon as its open streams
+//! have finished (an HTTP/2 client connection ends when its last handle
+//! is gone), so a host holds one tunnel plus, briefly, one draining. When a tunnel drops, its streams fail at once, so requests in
 //! flight end with a 502 instead of hanging; the host redials with backoff
 //! and jitter.
 //!

@@ -335,3 +335,45 @@ async fn handshakes_are_rate_limited_per_client() {
         3
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_tunnel_from_the_same_host_closes_the_older() {
+    let (hub, handle) = proxy().await;
+    let dial = || {
+        let c = TunnelClient::new(
+            TunnelClientConfig::new(&handle, HOST, host_key()),
+            Arc::new(SystemClock),
+        );
+        tokio::spawn(async move { c.once(data_plane()).await })
+    };
+    let first = dial();
+    wait_connected(&hub, HOST).await;
+    let second = dial();
+    // The proxy closes the first connection (it has no open streams) as
+    // soon as the second is in.
+    let t = Instant::now();
+    let _ = tokio::time::timeout(Duration::from_secs(5), first)
+        .await
+        .expect("the older tunnel was not closed");
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        hub.stats()
+            .accepted
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    // The newer one serves.
+    wait_connected(&hub, HOST).await;
+    let mut s = stream_client(&hub, &handle).await;
+    let r = s
+        .send_request(
+            Request::get("/hello")
+                .header("host", "h")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(body_of(r).await, b"hello");
+    assert!(!second.is_finished());
+}
