@@ -217,6 +217,14 @@ fn hidden_host_is_served_through_the_tunnel_and_survives_restarts() {
         "a hidden host must have no listening socket"
     );
 
+    // The operator's view says so.
+    let list = ok(&cocalc(&murl, &admin, &["host", "list"], None));
+    assert!(
+        list.contains(&format!("hidden, tunnel at {purl}")),
+        "{list}"
+    );
+    assert!(list.contains(" up "), "{list}");
+
     // Placement and open work as for any host; the data path goes through
     // the proxy (the CLI follows the endpoint).
     ok(&cocalc(&murl, &alice, &["project", "create", "p"], None));

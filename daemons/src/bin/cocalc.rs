@@ -665,10 +665,15 @@ fn run_remote(
                     print_json(&hs)?;
                 } else {
                     for h in hs {
+                        let reach = match &h.endpoint {
+                            HostEndpoint::Tunnel(t) => format!("hidden, tunnel at {t}"),
+                            other => other.base_url().to_string(),
+                        };
                         println!(
-                            "{}  {:<9} region {:<8} running {}/{} cpu {:.2}",
+                            "{}  {:<9} {:<9} region {:<8} running {}/{} cpu {:.2}  {reach}",
                             h.id,
                             format!("{:?}", h.state).to_lowercase(),
+                            format!("{:?}", h.health).to_lowercase(),
                             h.region,
                             h.load.running_projects,
                             h.capacity.project_slots,
