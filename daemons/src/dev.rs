@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cocalc_core::wire::CreateProjectRequest;
-use cocalc_core::{HostState, ProjectState};
+use cocalc_core::{HostEndpoint, HostState, ProjectState};
 use cocalc_host::daemon::{self as host_daemon, HostConfig};
 use cocalc_master::daemon::{self as master_daemon, DaemonConfig};
 use cocalc_master::MasterClient;
@@ -218,35 +218,18 @@ pub async fn up(
         ))
         .map_err(|e| err("host config", e))?;
         hcfg.check().map_err(|e| err("host config", e))?;
-        let (agent, task) = if hidden {
-            eprintln!("dev up: starting host {i}, hidden: it listens nowhere and dials the proxy's tunnel");
-            let host = host_daemon::build_hidden(&hcfg)
-                .await
-                .map_err(|e| err(&format!("host {i}"), e))?;
-            let agent = host.agent.clone();
-            tunnels.extend(host.tunnel().cloned());
-            (agent, tokio::spawn(host.run_hidden(wait(stop_rx.clone()))))
-        } else {
-            let listen = hcfg
-                .listen
-                .ok_or_else(|| DevError("host config without listen".into()))?;
-            let listener = tokio::net::TcpListener::bind(listen)
-                .await
-                .map_err(|e| err("host listen", e))?;
-            let public = format!(
-                "http://{}",
-                listener.local_addr().map_err(|e| err("host listen", e))?
-            );
-            eprintln!("dev up: starting host {i} on {public}");
-            let host = host_daemon::build(&hcfg, public)
-                .await
-                .map_err(|e| err(&format!("host {i}"), e))?;
-            let agent = host.agent.clone();
-            (
-                agent,
-                tokio::spawn(host.run(listener, wait(stop_rx.clone()))),
-            )
-        };
+        let (host, listener) = host_daemon::start(&hcfg)
+            .await
+            .map_err(|e| err(&format!("host {i}"), e))?;
+        match host.endpoint() {
+            HostEndpoint::Tunnel(_) => eprintln!(
+                "dev up: starting host {i}, hidden: it listens nowhere and dials the proxy's tunnel"
+            ),
+            other => eprintln!("dev up: starting host {i} on {}", other.base_url()),
+        }
+        tunnels.extend(host.tunnel().cloned());
+        let agent = host.agent.clone();
+        let task = tokio::spawn(host.serve(listener, wait(stop_rx.clone())));
         hosts.push((agent, task));
     }
 

@@ -190,6 +190,13 @@ impl HostConfig {
             (None, None) => {
                 return Err("set listen (a reachable host) or tunnel_url (a hidden host)".into())
             }
+            (None, Some(_)) if self.public_url.is_some() => {
+                return Err(
+                    "public_url has no meaning for a hidden host: users reach it at its \
+                     tunnel_url (the proxy)"
+                        .into(),
+                )
+            }
             (None, Some(u)) if !u.starts_with("http://") => {
                 return Err(format!(
                     "tunnel_url {u:?} must start with http:// (TLS to the proxy is not built in \
@@ -258,22 +265,38 @@ pub fn identity(data_dir: &Path) -> Result<(HostId, SigningKey), HostDaemonError
 
 /// Binds the configured address, builds the host and runs it until
 /// `shutdown`: what the `cocalc-host` binary does. Prints
-/// `cocalc-host: <host id> listening on <url>` to stderr once serving.
+/// `cocalc-host: <host id> listening on <url>` (or `… hidden, serving
+/// through the tunnel to <proxy>`) to stderr once serving.
 pub async fn run(
     cfg: HostConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), HostDaemonError> {
-    let Some(listen) = cfg.listen else {
-        let host = build_hidden(&cfg).await?;
-        eprintln!(
-            "cocalc-host: {} hidden, serving through the tunnel to {}",
+    let (host, listener) = start(&cfg).await?;
+    match host.endpoint() {
+        HostEndpoint::Tunnel(t) => eprintln!(
+            "cocalc-host: {} hidden, serving through the tunnel to {t}",
+            host.agent.host()
+        ),
+        other => eprintln!(
+            "cocalc-host: {} listening on {}",
             host.agent.host(),
-            cfg.tunnel_url.as_deref().unwrap_or("?")
-        );
-        return host
-            .run_hidden(shutdown)
-            .await
-            .map_err(|e| start_err("serving", e));
+            other.base_url()
+        ),
+    }
+    host.serve(listener, shutdown)
+        .await
+        .map_err(|e| start_err("serving", e))
+}
+
+/// Builds the host its config describes: for a reachable host it binds
+/// `listen` first (the URL it registers is `public_url`, or the bound
+/// address); a hidden host binds nothing. Serve the result with
+/// [`Host::serve`].
+pub async fn start(
+    cfg: &HostConfig,
+) -> Result<(Host, Option<tokio::net::TcpListener>), HostDaemonError> {
+    let Some(listen) = cfg.listen else {
+        return Ok((build_hidden(cfg).await?, None));
     };
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -283,11 +306,7 @@ pub async fn run(
         .public_url
         .clone()
         .unwrap_or_else(|| format!("http://{addr}"));
-    let host = build(&cfg, public.clone()).await?;
-    eprintln!("cocalc-host: {} listening on {public}", host.agent.host());
-    host.run(listener, shutdown)
-        .await
-        .map_err(|e| start_err("serving", e))
+    Ok((build(cfg, public).await?, Some(listener)))
 }
 
 /// Hooks from the master link into this host: new signing keys go to the
@@ -352,6 +371,7 @@ pub struct Host {
     idle_timeout: Duration,
     activity_interval: Duration,
     tunnel: Option<Arc<crate::tunnel::TunnelClient>>,
+    endpoint: HostEndpoint,
 }
 
 impl std::fmt::Debug for Host {
@@ -553,6 +573,7 @@ async fn build_at(cfg: &HostConfig, endpoint: HostEndpoint) -> Result<Host, Host
         idle_timeout: Duration::from_secs(cfg.idle_timeout_secs),
         activity_interval: Duration::from_secs(cfg.activity_interval_secs.max(1)),
         tunnel,
+        endpoint,
     })
 }
 
@@ -625,6 +646,11 @@ impl Host {
         }
     }
 
+    /// How users reach this host, as registered with the master.
+    pub fn endpoint(&self) -> &HostEndpoint {
+        &self.endpoint
+    }
+
     /// The tunnel client of a hidden host (`None` for a host with a URL).
     pub fn tunnel(&self) -> Option<&Arc<crate::tunnel::TunnelClient>> {
         self.tunnel.as_ref()
@@ -655,7 +681,11 @@ impl Host {
         self.serve(None, shutdown).await
     }
 
-    async fn serve(
+    /// Serves the data plane on `listener` if there is one and through the
+    /// tunnel if the host has one, and keeps the master link up, until
+    /// `shutdown` completes. ([`Host::run`] and [`Host::run_hidden`] are the
+    /// two usual cases.)
+    pub async fn serve(
         self,
         listener: Option<tokio::net::TcpListener>,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -797,5 +827,7 @@ mod tests {
         assert!(check("").unwrap_err().contains("set listen"));
         let tls = check("tunnel_url = \"https://proxy:8000\"\n").unwrap_err();
         assert!(tls.contains("must start with http://"), "{tls}");
+        let public = check("tunnel_url = \"http://p:1\"\npublic_url = \"http://h:2\"\n");
+        assert!(public.unwrap_err().contains("public_url has no meaning"));
     }
 }

@@ -411,18 +411,16 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 .enable_all()
                 .build()
                 .map_err(|e| CliError::local(e.to_string()))?;
+            let proxy_port = proxy_port.unwrap_or(port.saturating_add(1));
             let opts = cocalc_daemons::dev::DevOptions {
                 dir: dir.unwrap_or_else(cocalc_daemons::dev::default_dir),
                 port,
                 hosts: hosts.max(1),
                 backend,
-                proxy_port: proxy_port.unwrap_or(port.saturating_add(1)),
-                hidden_hosts: 0,
+                proxy_port,
+                // One hidden host by default, when there is a proxy for it.
+                hidden_hosts: hidden_hosts.unwrap_or(usize::from(proxy_port != 0)),
                 ssh_port: ssh_port.unwrap_or(port.saturating_add(2)),
-            };
-            let opts = cocalc_daemons::dev::DevOptions {
-                hidden_hosts: hidden_hosts.unwrap_or(usize::from(opts.proxy_port != 0)),
-                ..opts
             };
             rt.block_on(cocalc_daemons::dev::up(
                 opts,
