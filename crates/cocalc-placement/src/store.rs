@@ -337,6 +337,29 @@ impl SqliteStore {
     }
 
     /// Runs `f` on the connection on a blocking thread.
+    /// Runs one `UPDATE` of a placed project's row (`?1` the project,
+    /// `?2` the value) and forgets its cached placement, also when the
+    /// update fails; no row is [`StoreError::NotPlaced`].
+    async fn update_placed(
+        &self,
+        project: ProjectId,
+        sql: &'static str,
+        value: rusqlite::types::Value,
+    ) -> Result<(), StoreError> {
+        let cache = self.placements.clone();
+        self.with(move |c| {
+            let n = c
+                .execute(sql, params![project.to_string(), value])
+                .map_err(db_err);
+            forget(&cache, project);
+            if n? == 0 {
+                return Err(StoreError::NotPlaced(project));
+            }
+            Ok(())
+        })
+        .await
+    }
+
     async fn with<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
@@ -520,41 +543,21 @@ impl MapStore for SqliteStore {
     }
 
     async fn set_state(&self, project: ProjectId, state: ProjectState) -> Result<(), StoreError> {
-        let cache = self.placements.clone();
-        self.with(move |c| {
-            let n = c
-                .execute(
-                    "UPDATE project_map SET state = ?2 WHERE project = ?1",
-                    params![project.to_string(), state_str(state)],
-                )
-                .map_err(db_err);
-            forget(&cache, project);
-            let n = n?;
-            if n == 0 {
-                return Err(StoreError::NotPlaced(project));
-            }
-            Ok(())
-        })
+        self.update_placed(
+            project,
+            "UPDATE project_map SET state = ?2 WHERE project = ?1",
+            state_str(state).to_string().into(),
+        )
         .await
     }
 
     async fn record_activity(&self, project: ProjectId, at: Timestamp) -> Result<(), StoreError> {
-        let cache = self.placements.clone();
-        self.with(move |c| {
-            let n = c
-                .execute(
-                    "UPDATE project_map SET last_activity = MAX(COALESCE(last_activity, ?2), ?2)
-                     WHERE project = ?1",
-                    params![project.to_string(), at.as_millis()],
-                )
-                .map_err(db_err);
-            forget(&cache, project);
-            let n = n?;
-            if n == 0 {
-                return Err(StoreError::NotPlaced(project));
-            }
-            Ok(())
-        })
+        self.update_placed(
+            project,
+            "UPDATE project_map SET last_activity = MAX(COALESCE(last_activity, ?2), ?2)
+             WHERE project = ?1",
+            at.as_millis().into(),
+        )
         .await
     }
 
