@@ -9,7 +9,9 @@
 //!   token;
 //! * [`relay`](relay::relay): one HTTP/1.1 request over an open connection
 //!   with WebSocket upgrades passed through (the host's port proxy and the
-//!   ingress use it).
+//!   ingress use it), and [`serve`](serve::serve), the HTTP/1.1 server loop
+//!   both serve with, so that relayed WebSockets between two TCP sockets
+//!   move by `splice(2)` ([`relay_upgraded`](relay::relay_upgraded)).
 //!
 //! Errors are the server's [`ApiError`](cocalc_core::ApiError) (status, code,
 //! message, hint); failures to connect are `503 master_unreachable` /
@@ -33,6 +35,9 @@
 mod host;
 mod master;
 pub mod relay;
+pub mod serve;
+#[cfg(target_os = "linux")]
+pub mod splice;
 
 pub use host::HostClient;
 pub use master::MasterClient;

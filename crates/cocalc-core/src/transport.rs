@@ -13,8 +13,18 @@ use crate::id::HostId;
 use crate::record::HostEndpoint;
 
 /// A bidirectional byte connection.
-pub trait Connection: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection for T {}
+pub trait Connection: AsyncRead + AsyncWrite + Send + Unpin + 'static {
+    /// The concrete connection, so a relay can find a plain TCP socket
+    /// under the box and move bytes with `splice(2)` instead of copying
+    /// them. Call it on the boxed value (`(*boxed).as_any_mut()`), not on
+    /// the `Box`, which is a `Connection` too.
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
+}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Connection for T {
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}
 
 /// A boxed connection, as [`Transport::connect`] returns it.
 pub type BoxedConnection = Box<dyn Connection>;

@@ -768,9 +768,12 @@ impl Host {
         });
         let result = match listener {
             Some(l) => {
-                axum::serve(l, router)
-                    .with_graceful_shutdown(wait(rx))
-                    .await
+                cocalc_client::serve::serve(
+                    l,
+                    move |_| hyper_util::service::TowerToHyperService::new(router.clone()),
+                    wait(rx),
+                )
+                .await
             }
             None => {
                 wait(rx).await;

@@ -187,14 +187,19 @@ pub async fn run(
     eprintln!("cocalc-proxy: tunnel handle {handle}");
     let (stop_ssh, ssh_task) = start_ssh(&cfg, &ingress, &clock).await?;
     eprintln!("cocalc-proxy: listening on http://{addr}");
-    let result = axum::serve(
+    let app = tunnels.router().merge(ingress.router());
+    let result = cocalc_client::serve::serve(
         listener,
-        tunnels
-            .router()
-            .merge(ingress.router())
-            .into_make_service_with_connect_info::<SocketAddr>(),
+        move |peer: SocketAddr| {
+            let app = app.clone();
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                tower::ServiceExt::oneshot(app.clone(), req)
+            })
+        },
+        shutdown,
     )
-    .with_graceful_shutdown(shutdown)
     .await
     .map_err(|e| ProxyDaemonError::Start(e.to_string()));
     refresher.abort();

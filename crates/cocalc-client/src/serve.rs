@@ -1,0 +1,175 @@
+//! [`serve`]: the HTTP/1.1 accept loop shared by the host's data plane and
+//! the proxy's ingress.
+//!
+//! It differs from `axum::serve` in what relays need: every connection is
+//! served by hyper's HTTP/1.1 server straight on its `TcpStream` (no
+//! protocol sniffing wrapper), so an upgraded connection can be taken
+//! back as the socket and relayed with `splice(2)`
+//! ([`relay_upgraded`](crate::relay::relay_upgraded)). It also sets
+//! `TCP_NODELAY`, bounds how long a client may take to send a request
+//! head, and on shutdown lets requests in flight finish while idle
+//! keep-alive connections close.
+
+use std::error::Error as StdError;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use hyper::body::{Body, Incoming};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+
+/// How long a client may take to send a whole request head before the
+/// connection is closed (slow-header clients would otherwise hold
+/// connections open forever).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Accepts connections on `listener` and serves each with the service
+/// `make(peer address)` returns, HTTP/1.1 with upgrades, until `shutdown`
+/// completes. Then it stops accepting, asks every connection to close
+/// once its request in flight is answered, and returns when all have.
+/// Upgraded connections (WebSockets) are detached from their HTTP
+/// connection and are not waited for.
+///
+/// Accept errors never end the loop: a refused or reset connection is
+/// skipped, and running out of file descriptors pauses accepting for a
+/// moment.
+pub async fn serve<F, S, B>(
+    listener: TcpListener,
+    make: F,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()>
+where
+    F: Fn(SocketAddr) -> S,
+    S: hyper::service::Service<http::Request<Incoming>, Response = http::Response<B>>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn StdError + Send + Sync>>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
+    // Each connection task holds a sender; all dropped = all done.
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) if is_per_connection(&e) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting connections failed; pausing for 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            },
+        };
+        let service = make(peer);
+        let mut stop = stop_rx.clone();
+        let done = done_tx.clone();
+        tokio::spawn(async move {
+            serve_connection(tcp, service, async move {
+                let _ = stop.changed().await;
+            })
+            .await;
+            drop(done);
+        });
+    }
+    drop(listener);
+    let _ = stop_tx.send(());
+    drop(done_tx);
+    let _ = done_rx.recv().await;
+    Ok(())
+}
+
+/// Serves one accepted (or dialled) TCP connection as [`serve`] does: sets
+/// `TCP_NODELAY`, serves HTTP/1.1 with upgrades and the head timeout, and
+/// when `stop` completes closes the connection once its request in flight
+/// is answered. Returns when the connection has ended; errors of the
+/// connection (a client that went away) are not reported.
+pub async fn serve_connection<S, B>(
+    tcp: tokio::net::TcpStream,
+    service: S,
+    stop: impl Future<Output = ()>,
+) where
+    S: hyper::service::Service<http::Request<Incoming>, Response = http::Response<B>>,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn StdError + Send + Sync>>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    let _ = tcp.set_nodelay(true);
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(tcp), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stop => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+/// Errors that concern one connection only, not the listener.
+fn is_per_connection(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionRefused | ConnectionAborted | ConnectionReset
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn serves_until_shutdown_then_waits_for_requests_in_flight() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let hello = |peer: SocketAddr| {
+            hyper::service::service_fn(move |r: http::Request<Incoming>| {
+                let text = format!("{} from {peer}", r.uri());
+                std::future::ready(Ok::<_, std::convert::Infallible>(http::Response::new(text)))
+            })
+        };
+        let server = tokio::spawn(serve(l, hello, async {
+            let _ = stopped.await;
+        }));
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /x HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = c.read(&mut buf).await.unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]).to_string();
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        let me = c.local_addr().unwrap();
+        assert!(
+            text.ends_with(&format!("/x from {me}")),
+            "the service is told the peer: {text}"
+        );
+        // An idle keep-alive connection does not hold shutdown up.
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("shutdown finishes with an idle connection open")
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.read(&mut buf).await.unwrap(), 0, "the idle one closed");
+        assert!(
+            tokio::net::TcpStream::connect(addr).await.is_err(),
+            "no longer accepting"
+        );
+    }
+}

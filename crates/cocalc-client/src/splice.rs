@@ -1,0 +1,197 @@
+//! Zero-copy relay of two TCP connections with `splice(2)` (Linux).
+//!
+//! A relayed WebSocket or SSH session through the proxy or a host's port
+//! proxy is two TCP sockets copied into each other until both are done.
+//! Copying through user space costs two copies of every byte in the
+//! relaying process; `splice` moves the bytes socket → pipe → socket
+//! inside the kernel instead (the pipe holds page references, not
+//! copies, on current kernels). [`Splicer`] does this with
+//! tokio's readiness, so it never blocks a worker thread.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+/// Pipe capacity asked for per direction. Linux's default is 64 KiB;
+/// a larger pipe moves more per system call. If the kernel refuses (an
+/// unprivileged user over its pipe quota), the default stays.
+const PIPE_SIZE: i32 = 1 << 20;
+
+/// One direction's pipe.
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    /// Bytes in the pipe not yet moved out.
+    held: usize,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Self> {
+        let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+        let _ = fcntl(&write, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
+        Ok(Pipe {
+            read,
+            write,
+            held: 0,
+        })
+    }
+}
+
+fn flags() -> SpliceFFlags {
+    SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK
+}
+
+fn would_block(e: Errno) -> io::Error {
+    if e == Errno::EAGAIN {
+        io::ErrorKind::WouldBlock.into()
+    } else {
+        e.into()
+    }
+}
+
+/// Moves bytes from `src` to `dst` until `src` ends, then shuts down the
+/// write side of `dst` (so the far end sees the end too). Returns the
+/// number of bytes moved.
+async fn one_way(src: &TcpStream, dst: &TcpStream, pipe: &mut Pipe) -> io::Result<u64> {
+    let mut moved = 0u64;
+    loop {
+        // The pipe is empty here, so EAGAIN can only mean "no data yet".
+        let n = src
+            .async_io(Interest::READABLE, || {
+                splice(
+                    src.as_fd(),
+                    None,
+                    &pipe.write,
+                    None,
+                    usize::MAX >> 1,
+                    flags(),
+                )
+                .map_err(would_block)
+            })
+            .await?;
+        if n == 0 {
+            nix::sys::socket::shutdown(dst.as_raw_fd(), nix::sys::socket::Shutdown::Write)
+                .or_else(|e| if e == Errno::ENOTCONN { Ok(()) } else { Err(e) })?;
+            return Ok(moved);
+        }
+        pipe.held = n;
+        while pipe.held > 0 {
+            // The pipe holds `held` bytes, so EAGAIN can only mean "the
+            // socket's send buffer is full".
+            let m = dst
+                .async_io(Interest::WRITABLE, || {
+                    splice(&pipe.read, None, dst.as_fd(), None, pipe.held, flags())
+                        .map_err(would_block)
+                })
+                .await?;
+            pipe.held -= m;
+        }
+        moved += n as u64;
+    }
+}
+
+/// The two pipes of one relay, made before any byte moves so a caller
+/// can fall back to copying when they cannot be made.
+pub struct Splicer {
+    ab: Pipe,
+    ba: Pipe,
+}
+
+impl Splicer {
+    /// Makes the pipes; fails only when the process is out of file
+    /// descriptors (or pipes).
+    pub fn new() -> io::Result<Self> {
+        Ok(Splicer {
+            ab: Pipe::new()?,
+            ba: Pipe::new()?,
+        })
+    }
+
+    /// Relays `a` and `b` into each other with `splice(2)` until both
+    /// directions have ended, as [`tokio::io::copy_bidirectional`] does:
+    /// when one side ends, the other's write side is shut down and the
+    /// other direction goes on. Returns the bytes moved a → b and b → a;
+    /// the first error ends both directions.
+    pub async fn run(mut self, a: &TcpStream, b: &TcpStream) -> io::Result<(u64, u64)> {
+        tokio::try_join!(one_way(a, b, &mut self.ab), one_way(b, a, &mut self.ba))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (c, s)
+    }
+
+    #[tokio::test]
+    async fn bytes_cross_both_ways_and_ends_propagate() {
+        // client ⇄ [relay_a ⇄ relay_b] ⇄ server
+        let (mut client, relay_a) = pair().await;
+        let (relay_b, mut server) = pair().await;
+        let relay = tokio::spawn(async move {
+            Splicer::new()
+                .unwrap()
+                .run(&relay_a, &relay_b)
+                .await
+                .unwrap()
+        });
+        let up: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let down: Vec<u8> = (0..5_000_000u32).map(|i| (i % 241) as u8).collect();
+        let (up2, down2) = (up.clone(), down.clone());
+        let srv = tokio::spawn(async move {
+            let (mut r, mut w) = server.split();
+            let send = async {
+                w.write_all(&down2).await.unwrap();
+                w.shutdown().await.unwrap();
+            };
+            let mut got = Vec::new();
+            let recv = async { r.read_to_end(&mut got).await.unwrap() };
+            tokio::join!(send, recv);
+            assert_eq!(got, up2, "server received the client's bytes intact");
+        });
+        let (mut r, mut w) = client.split();
+        let send = async {
+            w.write_all(&up).await.unwrap();
+            w.shutdown().await.unwrap();
+        };
+        let mut got = Vec::new();
+        let recv = async { r.read_to_end(&mut got).await.unwrap() };
+        tokio::join!(send, recv);
+        assert_eq!(got, down, "client received the server's bytes intact");
+        srv.await.unwrap();
+        assert_eq!(
+            relay.await.unwrap(),
+            (up.len() as u64, down.len() as u64),
+            "the relay counts what it moved"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_half_closed_side_still_receives() {
+        let (mut client, relay_a) = pair().await;
+        let (relay_b, mut server) = pair().await;
+        tokio::spawn(async move { Splicer::new().unwrap().run(&relay_a, &relay_b).await });
+        // The client says all it has, then waits for the answer.
+        client.write_all(b"question").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut q = Vec::new();
+        server.read_to_end(&mut q).await.unwrap();
+        assert_eq!(q, b"question");
+        server.write_all(b"answer").await.unwrap();
+        drop(server);
+        let mut a = Vec::new();
+        client.read_to_end(&mut a).await.unwrap();
+        assert_eq!(a, b"answer");
+    }
+}
