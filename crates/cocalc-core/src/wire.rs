@@ -72,6 +72,31 @@ pub const TUNNEL_CONNECTION_WINDOW: u32 = 64 << 20;
 /// The largest HTTP/2 frame either end of a tunnel accepts.
 pub const TUNNEL_MAX_FRAME: u32 = 1 << 20;
 
+/// Path on a host's tunnel (HTTP/2, proxy → host) where the proxy asks for
+/// a dial-back connection: a `POST` with the nonce in [`DIAL_HEADER`],
+/// answered `202 Accepted` before the host dials.
+pub const DIAL_REQUEST_PATH: &str = "/.cocalc/dial";
+
+/// Path at a proxy where a hidden host delivers a dial-back connection: an
+/// HTTP/1.1 `GET` with `Upgrade:` [`DIAL_PROTOCOL`] and the nonce the proxy
+/// sent in [`DIAL_HEADER`]. After `101` the connection carries HTTP/1.1
+/// from the proxy into the host's data plane.
+pub const DIAL_PATH: &str = "/.cocalc/tunnel/dial";
+
+/// The `Upgrade:` token of a dial-back connection.
+pub const DIAL_PROTOCOL: &str = "cocalc-dial/1";
+
+/// Header carrying a dial-back nonce: 32 lowercase hex digits (128 random
+/// bits), issued by the proxy over the authenticated tunnel, good for one
+/// connection within seconds.
+pub const DIAL_HEADER: &str = "x-cocalc-dial";
+
+/// True when `s` has the form of a dial-back nonce (32 lowercase hex
+/// digits).
+pub fn is_dial_nonce(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// `GET /v1/hosts/{h}/key`: a host's registered public key (what a proxy
 /// checks a tunnel handshake against).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

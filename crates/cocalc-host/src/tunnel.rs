@@ -9,6 +9,13 @@
 //! upgrades (terminals, WebSockets to project servers) intact. When the
 //! tunnel drops it redials with exponential backoff and jitter; HTTP/2
 //! PINGs notice a proxy that went silent.
+//!
+//! The proxy may also ask, over the tunnel, for a *dial-back*: this host
+//! then opens one more outbound TCP connection to the same proxy address,
+//! presents the proxy's one-time nonce, and serves the data plane on that
+//! socket directly. Nothing sits between the socket and the data plane,
+//! so a WebSocket relayed there moves by `splice(2)` at both ends. The
+//! host only ever dials its own configured proxy address.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,12 +27,14 @@ use axum::http::{header, Method, Request, Response, StatusCode};
 use axum::Router;
 use cocalc_auth::host_auth;
 use cocalc_core::wire::{
+    is_dial_nonce, DIAL_HEADER, DIAL_PATH, DIAL_PROTOCOL, DIAL_REQUEST_PATH,
     TUNNEL_CONNECTION_WINDOW, TUNNEL_MAX_FRAME, TUNNEL_PATH, TUNNEL_PROTOCOL, TUNNEL_SIGNED_METHOD,
     TUNNEL_STREAM_WINDOW,
 };
 use cocalc_core::{parse_host_url, HostId, SharedClock};
 use ed25519_dalek::SigningKey;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::master_link::Backoff;
 
@@ -107,6 +116,7 @@ pub struct TunnelClient {
     clock: SharedClock,
     connected: AtomicBool,
     connects: AtomicU64,
+    dials: Arc<AtomicU64>,
     hook: std::sync::OnceLock<TunnelHook>,
 }
 
@@ -127,6 +137,7 @@ impl TunnelClient {
             clock,
             connected: AtomicBool::new(false),
             connects: AtomicU64::new(0),
+            dials: Arc::new(AtomicU64::new(0)),
             hook: std::sync::OnceLock::new(),
         })
     }
@@ -154,6 +165,11 @@ impl TunnelClient {
     /// How many tunnels have been established so far.
     pub fn connects(&self) -> u64 {
         self.connects.load(Ordering::Relaxed)
+    }
+
+    /// How many dial-back connections the proxy asked for and got.
+    pub fn dials(&self) -> u64 {
+        self.dials.load(Ordering::Relaxed)
     }
 
     /// Serves `router` through the tunnel, redialling after every failure,
@@ -266,21 +282,155 @@ impl TunnelClient {
             .initial_stream_window_size(TUNNEL_STREAM_WINDOW)
             .initial_connection_window_size(TUNNEL_CONNECTION_WINDOW)
             .max_frame_size(TUNNEL_MAX_FRAME);
-        let service = hyper::service::service_fn(move |req| stream(req, router.clone()));
+        // Dial-back connections live no longer than this tunnel: they end
+        // when `_alive` is dropped, as the tunnel's own streams do.
+        let (_alive, alive) = tokio::sync::watch::channel(());
+        let dialer = Dialer {
+            addr,
+            router,
+            alive,
+            dials: self.dials.clone(),
+        };
+        let service = hyper::service::service_fn(move |req| stream(req, dialer.clone()));
         b.serve_connection(io, service).await.map_err(conn_err)
     }
 }
 
-/// One `CONNECT` stream from the proxy: answer 200, then serve HTTP/1.1 on
-/// it into the data plane.
+/// What a tunnel stream needs to serve the data plane or dial back.
+#[derive(Clone)]
+struct Dialer {
+    /// The proxy's `host:port` (from this host's own configuration, never
+    /// from the proxy).
+    addr: String,
+    router: Router,
+    /// Completes `changed()` (with an error) when the tunnel ends.
+    alive: tokio::sync::watch::Receiver<()>,
+    dials: Arc<AtomicU64>,
+}
+
+impl Dialer {
+    /// Opens a dial-back connection for `nonce` and serves the data plane
+    /// on it until it ends or the tunnel that asked for it does.
+    async fn dial_back(self, nonce: String) -> Result<(), TunnelError> {
+        let dial_err = |reason: String| TunnelError::Dial {
+            addr: self.addr.clone(),
+            reason,
+        };
+        let mut tcp = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            tokio::net::TcpStream::connect(&self.addr),
+        )
+        .await
+        .map_err(|_| dial_err(format!("timed out after {HANDSHAKE_TIMEOUT:?}")))?
+        .map_err(|e| dial_err(e.to_string()))?;
+        let head = format!(
+            "GET {DIAL_PATH} HTTP/1.1\r\nhost: {}\r\nconnection: upgrade\r\n\
+             upgrade: {DIAL_PROTOCOL}\r\n{DIAL_HEADER}: {nonce}\r\n\r\n",
+            self.addr
+        );
+        let status = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+            tcp.write_all(head.as_bytes()).await?;
+            read_response_head(&mut tcp).await
+        })
+        .await
+        .map_err(|_| TunnelError::Connection("the proxy did not answer the dial-back".into()))?
+        .map_err(|e| TunnelError::Connection(format!("dial-back handshake: {e}")))?;
+        if status != 101 {
+            return Err(TunnelError::Refused {
+                status,
+                message: "dial-back connection refused".into(),
+            });
+        }
+        self.dials.fetch_add(1, Ordering::Relaxed);
+        let mut alive = self.alive;
+        let svc = hyper_util::service::TowerToHyperService::new(self.router);
+        let serve = cocalc_client::serve::serve_connection(tcp, svc, std::future::pending());
+        tokio::select! {
+            _ = serve => {}
+            _ = alive.changed() => {}
+        }
+        Ok(())
+    }
+}
+
+/// Reads one HTTP/1.1 response head from `tcp` and returns its status,
+/// consuming not one byte past the head: what follows belongs to the
+/// connection's next user, and the socket itself (not a buffer in front
+/// of it) is handed on so relays can `splice(2)` it.
+async fn read_response_head(tcp: &mut tokio::net::TcpStream) -> std::io::Result<u16> {
+    use std::io::{Error, ErrorKind};
+    const MAX: usize = 8 << 10;
+    let mut head = Vec::new();
+    let mut peeked = vec![0u8; MAX];
+    loop {
+        let n = tcp.peek(&mut peeked).await?;
+        if n == 0 {
+            return Err(ErrorKind::UnexpectedEof.into());
+        }
+        let mut seen = head.clone();
+        seen.extend_from_slice(&peeked[..n]);
+        if let Some(at) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+            let mut rest = vec![0u8; at + 4 - head.len()];
+            tcp.read_exact(&mut rest).await?;
+            head.extend_from_slice(&rest);
+            let line = String::from_utf8_lossy(&head);
+            return line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .filter(|_| line.starts_with("HTTP/1."))
+                .ok_or_else(|| Error::new(ErrorKind::InvalidData, "not an HTTP/1 response"));
+        }
+        if seen.len() >= MAX {
+            return Err(Error::new(
+                ErrorKind::InvalidData,
+                "response head over 8 KiB",
+            ));
+        }
+        // Everything but the last 3 bytes is head for sure (the end marker
+        // may start there); take it so the next peek waits for new bytes.
+        let take = n.saturating_sub(3).max(1).min(n);
+        let mut part = vec![0u8; take];
+        tcp.read_exact(&mut part).await?;
+        head.extend_from_slice(&part);
+    }
+}
+
+/// One stream from the proxy: a `CONNECT` is answered 200 and then
+/// carries HTTP/1.1 into the data plane; a `POST` to [`DIAL_REQUEST_PATH`]
+/// is answered 202 and this host dials a separate connection back.
 async fn stream(
     req: Request<hyper::body::Incoming>,
-    router: Router,
+    dialer: Dialer,
 ) -> Result<Response<Body>, Infallible> {
+    let answer = |status: StatusCode, text: &'static str| {
+        let mut r = Response::new(Body::from(text));
+        *r.status_mut() = status;
+        Ok(r)
+    };
+    if req.method() == Method::POST && req.uri().path() == DIAL_REQUEST_PATH {
+        let nonce = req
+            .headers()
+            .get(DIAL_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|n| is_dial_nonce(n));
+        let Some(nonce) = nonce else {
+            return answer(StatusCode::BAD_REQUEST, "a dial-back needs a nonce");
+        };
+        let nonce = nonce.to_string();
+        tokio::spawn(async move {
+            if let Err(e) = dialer.dial_back(nonce).await {
+                tracing::warn!(error = %e, "dial-back connection failed");
+            }
+        });
+        return answer(StatusCode::ACCEPTED, "");
+    }
+    let router = dialer.router;
     if req.method() != Method::CONNECT {
-        let mut r = Response::new(Body::from("a tunnel carries CONNECT streams only"));
-        *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
-        return Ok(r);
+        return answer(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "a tunnel carries CONNECT streams and dial-back requests only",
+        );
     }
     tokio::spawn(async move {
         match hyper::upgrade::on(req).await {

@@ -188,20 +188,9 @@ pub async fn run(
     let (stop_ssh, ssh_task) = start_ssh(&cfg, &ingress, &clock).await?;
     eprintln!("cocalc-proxy: listening on http://{addr}");
     let app = tunnels.router().merge(ingress.router());
-    let result = cocalc_client::serve::serve(
-        listener,
-        move |peer: SocketAddr| {
-            let app = app.clone();
-            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                req.extensions_mut()
-                    .insert(axum::extract::ConnectInfo(peer));
-                tower::ServiceExt::oneshot(app.clone(), req)
-            })
-        },
-        shutdown,
-    )
-    .await
-    .map_err(|e| ProxyDaemonError::Start(e.to_string()));
+    let result = crate::serve(listener, app, shutdown)
+        .await
+        .map_err(|e| ProxyDaemonError::Start(e.to_string()));
     refresher.abort();
     let _ = stop_ssh.send(());
     if let Some(t) = ssh_task {

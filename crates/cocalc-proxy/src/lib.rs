@@ -47,3 +47,29 @@ pub use ingress::{Ingress, IngressConfig};
 pub use ssh::{Refusal, SshIngress, SshRefusals};
 pub use tcp::TcpTransport;
 pub use tunnel::{ProxyTransport, TunnelConfig, TunnelHub};
+
+/// Serves the proxy's router (the ingress, merged with
+/// [`TunnelHub::router`]) on `listener` until `shutdown` completes, with
+/// each request told its client's address (axum's `ConnectInfo`, which
+/// the rate limits key on). Built on [`cocalc_client::serve::serve`], so
+/// relayed WebSockets between TCP sockets, and dial-back connections from
+/// hidden hosts, reach the relay as bare sockets and move by `splice(2)`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    cocalc_client::serve::serve(
+        listener,
+        move |peer: std::net::SocketAddr| {
+            let app = app.clone();
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                tower::ServiceExt::oneshot(app.clone(), req)
+            })
+        },
+        shutdown,
+    )
+    .await
+}

@@ -24,6 +24,31 @@
 //!    PING keepalives (a tunnel that stops answering is dropped within
 //!    [`TunnelConfig::keepalive_timeout`] plus an interval).
 //!
+//! 4. **Dial-back** (on by default, [`TunnelConfig::dial_back`]): to open
+//!    a connection to the host, the proxy first asks over the tunnel for a
+//!    separate one: `POST /.cocalc/dial` with a fresh 128-bit nonce in
+//!    `x-cocalc-dial`. The host answers `202`, dials the proxy address *it*
+//!    is configured with (the proxy cannot point it anywhere else) and
+//!    sends `GET /.cocalc/tunnel/dial` with `Upgrade: cocalc-dial/1` and
+//!    the nonce. The proxy hands that socket, after `101`, to the request
+//!    that asked; the nonce is good for that one connection and only while
+//!    the request waits ([`TunnelConfig::dial_timeout`]). The connection
+//!    then carries HTTP/1.1 into the host's data plane like a `CONNECT`
+//!    stream, but with nothing between the sockets: relayed WebSockets
+//!    move by `splice(2)` at both ends, and bodies skip the HTTP/2 framing
+//!    and its copies. If a dial-back fails or is late, that request uses
+//!    a `CONNECT` stream, and so does every request to that host for
+//!    [`TunnelConfig::dial_retry_after`] (a host behind a firewall that
+//!    allows only one connection still works, through the tunnel).
+//!    Dial-back connections end with the tunnel that asked for them.
+//!
+//! Why both: the tunnel is how the proxy reaches a host at all (it holds
+//! the host's proven identity and carries the dial requests); per-user
+//! connections outside it cost one TCP handshake each, which the ingress
+//! pays once per pooled keep-alive connection, and save HTTP/2's framing,
+//! flow control and two copies of every byte on each side (`cargo bench
+//! -p cocalc-daemons --bench proxy`, tunnel rows).
+//!
 //! A newer tunnel from the same host replaces the older one (a restarted
 //! host); the older connection is closed as soon as its open streams
 //! have finished (an HTTP/2 client connection ends when its last handle
@@ -50,6 +75,7 @@ use cocalc_auth::host_auth::{self, HEADER_HOST, HEADER_SIGNATURE, HEADER_TIME};
 use cocalc_auth::paserk;
 use cocalc_client::MasterClient;
 use cocalc_core::wire::{
+    is_dial_nonce, DIAL_HEADER, DIAL_PATH, DIAL_PROTOCOL, DIAL_REQUEST_PATH,
     TUNNEL_CONNECTION_WINDOW, TUNNEL_MAX_FRAME, TUNNEL_PATH, TUNNEL_PROTOCOL, TUNNEL_SIGNED_METHOD,
     TUNNEL_STREAM_WINDOW,
 };
@@ -83,6 +109,17 @@ pub struct TunnelConfig {
     /// lookup, so strangers cannot make the proxy hammer it. Applies when
     /// the router is served with connect info.
     pub handshakes_per_sec: u32,
+    /// Ask hosts for dial-back connections (default on): each user
+    /// connection to a hidden host gets its own TCP connection, dialled
+    /// by the host on request, instead of a stream inside the tunnel.
+    /// Off, everything rides the tunnel.
+    pub dial_back: bool,
+    /// How long a dial-back may take before the request uses a stream in
+    /// the tunnel instead (default 3 s). A host whose dial-back failed is
+    /// not asked again for [`TunnelConfig::dial_retry_after`].
+    pub dial_timeout: Duration,
+    /// See [`TunnelConfig::dial_timeout`] (default 60 s).
+    pub dial_retry_after: Duration,
 }
 
 impl TunnelConfig {
@@ -95,6 +132,9 @@ impl TunnelConfig {
             keepalive_timeout: Duration::from_secs(10),
             open_timeout: Duration::from_secs(5),
             handshakes_per_sec: 10,
+            dial_back: true,
+            dial_timeout: Duration::from_secs(3),
+            dial_retry_after: Duration::from_secs(60),
         }
     }
 }
@@ -114,8 +154,22 @@ pub struct TunnelStats {
     pub accepted: AtomicU64,
     /// Handshakes refused (bad signature, unknown host, replay, stale).
     pub refused: AtomicU64,
-    /// Streams opened to hosts.
+    /// Streams opened to hosts inside tunnels.
     pub streams: AtomicU64,
+    /// Dial-back connections received from hosts and handed to a request.
+    pub dials: AtomicU64,
+    /// Dial-backs that failed or timed out (the request then used a
+    /// stream inside the tunnel).
+    pub dial_failures: AtomicU64,
+    /// Dial-back connections refused (unknown or expired nonce).
+    pub dials_refused: AtomicU64,
+}
+
+/// A dial-back the proxy asked a host for and is waiting on.
+struct PendingDial {
+    host: HostId,
+    asked: Instant,
+    deliver: tokio::sync::oneshot::Sender<BoxedConnection>,
 }
 
 /// The tunnels that hidden hosts hold open to this proxy.
@@ -128,6 +182,10 @@ pub struct TunnelHub {
     tunnels: Mutex<HashMap<HostId, Tunnel>>,
     keys: Mutex<HashMap<HostId, ed25519_dalek::VerifyingKey>>,
     seen: Mutex<HashMap<[u8; 64], Instant>>,
+    /// Dial-backs asked for, by nonce.
+    pending: Mutex<HashMap<String, PendingDial>>,
+    /// Hosts whose last dial-back failed, and when.
+    no_dial: Mutex<HashMap<HostId, Instant>>,
     serial: AtomicU64,
     stats: TunnelStats,
 }
@@ -171,6 +229,8 @@ impl TunnelHub {
             tunnels: Mutex::new(HashMap::new()),
             keys: Mutex::new(HashMap::new()),
             seen: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
+            no_dial: Mutex::new(HashMap::new()),
             serial: AtomicU64::new(1),
             stats: TunnelStats::default(),
         })
@@ -190,6 +250,8 @@ impl TunnelHub {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|_, at| at.elapsed() < window);
+        let retry = self.cfg.dial_retry_after;
+        lock(&self.no_dial).retain(|_, at| at.elapsed() < retry);
     }
 
     /// Counters.
@@ -211,11 +273,15 @@ impl TunnelHub {
         v
     }
 
-    /// The route that accepts tunnels (`GET /.cocalc/tunnel`); merge it
-    /// into the proxy's HTTP router.
+    /// The routes that accept tunnels (`GET /.cocalc/tunnel`) and
+    /// dial-back connections (`GET /.cocalc/tunnel/dial`); merge them into
+    /// the proxy's HTTP router. Served by
+    /// [`cocalc_client::serve::serve`], a dial-back connection reaches the
+    /// request as the bare TCP socket, so relays through it can splice.
     pub fn router(self: Arc<Self>) -> Router {
         Router::new()
             .route(TUNNEL_PATH, axum::routing::get(accept))
+            .route(DIAL_PATH, axum::routing::get(accept_dial))
             .with_state(self)
     }
 
@@ -366,21 +432,86 @@ impl TunnelHub {
         ));
     }
 
-    /// Opens one byte stream to `host` through its tunnel.
+    /// Opens one byte connection to `host`: a dial-back connection when
+    /// the config allows and the host managed one lately, else a stream
+    /// inside its tunnel.
     pub async fn open_stream(&self, host: HostId) -> Result<BoxedConnection, TransportError> {
         let unreachable = |reason: String| TransportError::Unreachable { host, reason };
-        let sender = self
-            .tunnels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&host)
-            .map(|t| t.sender.clone());
-        let Some(mut sender) = sender else {
+        let sender = lock(&self.tunnels).get(&host).map(|t| t.sender.clone());
+        let Some(sender) = sender else {
             return Err(unreachable(format!(
                 "host {host} is hidden and has no tunnel to this proxy ({}) now",
                 self.cfg.handle
             )));
         };
+        let recently_failed = lock(&self.no_dial)
+            .get(&host)
+            .is_some_and(|at| at.elapsed() < self.cfg.dial_retry_after);
+        if self.cfg.dial_back && !recently_failed {
+            match self.dial(host, sender.clone()).await {
+                Ok(conn) => return Ok(conn),
+                Err(why) => {
+                    self.stats.dial_failures.fetch_add(1, Ordering::Relaxed);
+                    lock(&self.no_dial).insert(host, Instant::now());
+                    tracing::warn!(%host, %why, retry_after = ?self.cfg.dial_retry_after,
+                        "dial-back failed; using streams inside the tunnel");
+                }
+            }
+        }
+        self.tunnel_stream(host, sender).await
+    }
+
+    /// Asks `host` over its tunnel for a dial-back connection and waits
+    /// for it.
+    async fn dial(&self, host: HostId, mut sender: Sender) -> Result<BoxedConnection, String> {
+        let mut raw = [0u8; 16];
+        getrandom::getrandom(&mut raw).map_err(|e| format!("random source: {e}"))?;
+        let nonce: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        let (deliver, delivered) = tokio::sync::oneshot::channel();
+        lock(&self.pending).insert(
+            nonce.clone(),
+            PendingDial {
+                host,
+                asked: Instant::now(),
+                deliver,
+            },
+        );
+        let ask = async {
+            sender.ready().await.map_err(|e| format!("tunnel: {e}"))?;
+            let req = axum::http::Request::builder()
+                .method(Method::POST)
+                .uri(DIAL_REQUEST_PATH)
+                .header(DIAL_HEADER, &nonce)
+                .body(Body::empty())
+                .map_err(|e| e.to_string())?;
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(|e| format!("tunnel: {e}"))?;
+            if resp.status() != StatusCode::ACCEPTED {
+                return Err(format!("the host answered {}", resp.status()));
+            }
+            delivered
+                .await
+                .map_err(|_| "the dial-back was dropped".to_string())
+        };
+        let result = tokio::time::timeout(self.cfg.dial_timeout, ask)
+            .await
+            .unwrap_or_else(|_| Err(format!("no dial-back within {:?}", self.cfg.dial_timeout)));
+        lock(&self.pending).remove(&nonce);
+        if result.is_ok() {
+            self.stats.dials.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// Opens a `CONNECT` stream inside `host`'s tunnel.
+    async fn tunnel_stream(
+        &self,
+        host: HostId,
+        mut sender: Sender,
+    ) -> Result<BoxedConnection, TransportError> {
+        let unreachable = |reason: String| TransportError::Unreachable { host, reason };
         let open = async {
             sender
                 .ready()
@@ -494,6 +625,78 @@ async fn accept(State(hub): State<Arc<TunnelHub>>, req: Request) -> Response {
     r.headers_mut()
         .insert(header::UPGRADE, HeaderValue::from_static(TUNNEL_PROTOCOL));
     r
+}
+
+/// A dial-back connection arriving from a host: matched to the request
+/// that asked for it by its one-time nonce.
+async fn accept_dial(State(hub): State<Arc<TunnelHub>>, req: Request) -> Response {
+    let upgrade_ok = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(DIAL_PROTOCOL));
+    let nonce = req
+        .headers()
+        .get(DIAL_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|n| is_dial_nonce(n))
+        .map(str::to_string);
+    let (Some(nonce), true) = (nonce, upgrade_ok) else {
+        hub.stats.dials_refused.fetch_add(1, Ordering::Relaxed);
+        hub.refused("bad_dial", "dial-back without its Upgrade header or nonce");
+        return refuse(
+            400,
+            "bad_dial",
+            format!("a dial-back needs `Upgrade: {DIAL_PROTOCOL}` and a `{DIAL_HEADER}` nonce"),
+        );
+    };
+    // A nonce is good once, for the time its request waits.
+    let pending = lock(&hub.pending)
+        .remove(&nonce)
+        .filter(|p| p.asked.elapsed() < hub.cfg.dial_timeout);
+    let Some(pending) = pending else {
+        hub.stats.dials_refused.fetch_add(1, Ordering::Relaxed);
+        hub.refused("unknown_dial", "dial-back with an unknown or expired nonce");
+        return refuse(
+            403,
+            "unknown_dial",
+            "this proxy is not waiting for a dial-back with that nonce",
+        );
+    };
+    let on_upgrade = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        let host = pending.host;
+        let io = match on_upgrade.await {
+            Ok(io) => io,
+            Err(e) => {
+                tracing::warn!(%host, error = %e, "dial-back: upgrade failed");
+                return;
+            }
+        };
+        // The bare socket when served by `cocalc_client::serve`.
+        let conn: BoxedConnection = match io.downcast::<TokioIo<tokio::net::TcpStream>>() {
+            Ok(parts) if parts.read_buf.is_empty() => Box::new(parts.io.into_inner()),
+            Ok(_) => {
+                // The host is the server on this connection: it must wait
+                // for the first request, not talk.
+                tracing::warn!(%host, "dial-back: the host sent bytes before a request");
+                return;
+            }
+            Err(io) => Box::new(TokioIo::new(io)),
+        };
+        let _ = pending.deliver.send(conn);
+    });
+    let mut r = Response::new(Body::empty());
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    r.headers_mut()
+        .insert(header::UPGRADE, HeaderValue::from_static(DIAL_PROTOCOL));
+    r
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The proxy's transport: direct TCP for hosts with URLs, the tunnel hub

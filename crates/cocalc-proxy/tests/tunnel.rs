@@ -14,7 +14,10 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use cocalc_auth::{host_auth, paserk};
 use cocalc_client::MasterClient;
-use cocalc_core::wire::{HostKeyResponse, TUNNEL_PATH, TUNNEL_PROTOCOL, TUNNEL_SIGNED_METHOD};
+use cocalc_core::wire::{
+    HostKeyResponse, DIAL_HEADER, DIAL_PATH, DIAL_PROTOCOL, TUNNEL_PATH, TUNNEL_PROTOCOL,
+    TUNNEL_SIGNED_METHOD,
+};
 use cocalc_core::{ApiError, Clock, HostEndpoint, HostId, SystemClock, Transport};
 use cocalc_host::tunnel::{TunnelClient, TunnelClientConfig, TunnelError};
 use cocalc_proxy::{TunnelConfig, TunnelHub};
@@ -73,14 +76,7 @@ async fn proxy_with(tune: impl FnOnce(&mut TunnelConfig)) -> (Arc<TunnelHub>, St
         Arc::new(SystemClock),
     );
     let router = hub.clone().router();
-    tokio::spawn(async move {
-        axum::serve(
-            l,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await
-        .unwrap()
-    });
+    tokio::spawn(cocalc_proxy::serve(l, router, std::future::pending()));
     (hub, handle)
 }
 
@@ -234,6 +230,120 @@ async fn streams_carry_bytes_and_dropped_tunnels_fail_fast() {
             .load(std::sync::atomic::Ordering::Relaxed),
         2
     );
+    // All of it went over dial-back connections, none inside the tunnel.
+    assert_eq!(count(&hub.stats().dials), 4);
+    assert_eq!(count(&hub.stats().streams), 0);
+    assert_eq!(count(&hub.stats().dial_failures), 0);
+}
+
+fn count(c: &std::sync::atomic::AtomicU64) -> u64 {
+    c.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Sends 2 MB to `/echo` and a `/hello` on one connection and checks both.
+async fn round_trip(s: &mut Sender) {
+    let big: Vec<u8> = (0..2_000_000u32).map(|i| (i % 239) as u8).collect();
+    let r = s
+        .send_request(
+            Request::post("/echo")
+                .header("host", "h")
+                .body(Body::from(big.clone()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert!(body_of(r).await == big, "echo differs");
+    s.ready().await.unwrap();
+    let r = s
+        .send_request(
+            Request::get("/hello")
+                .header("host", "h")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(body_of(r).await, b"hello");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_dial_back_everything_rides_the_tunnel() {
+    let (hub, handle) = proxy_with(|c| c.dial_back = false).await;
+    let client = TunnelClient::new(
+        TunnelClientConfig::new(&handle, HOST, host_key()),
+        Arc::new(SystemClock),
+    );
+    tokio::spawn(client.clone().run(data_plane(), std::future::pending()));
+    wait_connected(&hub, HOST).await;
+    round_trip(&mut stream_client(&hub, &handle).await).await;
+    round_trip(&mut stream_client(&hub, &handle).await).await;
+    assert_eq!(count(&hub.stats().streams), 2);
+    assert_eq!(count(&hub.stats().dials), 0);
+    assert_eq!(client.dials(), 0, "the host was never asked to dial");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_dial_back_falls_back_to_the_tunnel_and_is_not_retried_at_once() {
+    // No host can dial back within a microsecond.
+    let (hub, handle) = proxy_with(|c| c.dial_timeout = Duration::from_micros(1)).await;
+    let client = TunnelClient::new(
+        TunnelClientConfig::new(&handle, HOST, host_key()),
+        Arc::new(SystemClock),
+    );
+    tokio::spawn(client.clone().run(data_plane(), std::future::pending()));
+    wait_connected(&hub, HOST).await;
+    round_trip(&mut stream_client(&hub, &handle).await).await;
+    round_trip(&mut stream_client(&hub, &handle).await).await;
+    assert_eq!(count(&hub.stats().dial_failures), 1, "asked once, then not");
+    assert_eq!(count(&hub.stats().streams), 2, "both served in the tunnel");
+    assert_eq!(count(&hub.stats().dials), 0);
+    // The host's late dial-back finds no one waiting and is refused.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while count(&hub.stats().dials_refused) == 0 {
+        assert!(Instant::now() < deadline, "the late dial-back never came");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn dial_backs_without_a_waiting_request_are_refused() {
+    let (hub, handle) = proxy().await;
+    let addr = handle.trim_start_matches("http://").to_string();
+    let nonce = "0123456789abcdef0123456789abcdef";
+    for (upgrade, nonce, status, code) in [
+        (Some(DIAL_PROTOCOL), Some(nonce), 403, "unknown_dial"),
+        (None, Some(nonce), 400, "bad_dial"),
+        (Some(DIAL_PROTOCOL), None, 400, "bad_dial"),
+        (
+            Some(DIAL_PROTOCOL),
+            Some("0123456789ABCDEF0123456789ABCDEF"),
+            400,
+            "bad_dial",
+        ),
+        (Some(DIAL_PROTOCOL), Some("short"), 400, "bad_dial"),
+    ] {
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let (mut s, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let mut req = Request::get(DIAL_PATH).header("host", &addr);
+        if let Some(u) = upgrade {
+            req = req.header("connection", "upgrade").header("upgrade", u);
+        }
+        if let Some(n) = nonce {
+            req = req.header(DIAL_HEADER, n);
+        }
+        let r = s
+            .send_request(req.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), status, "{upgrade:?} {nonce:?}");
+        let e: ApiError = serde_json::from_slice(&body_of(r).await).unwrap();
+        assert_eq!(e.code, code, "{upgrade:?} {nonce:?}");
+    }
+    assert_eq!(count(&hub.stats().dials_refused), 5);
 }
 
 async fn refused(cfg: TunnelClientConfig) -> (u16, String) {
