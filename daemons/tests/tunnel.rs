@@ -87,8 +87,9 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Socket inodes of `pid` that are TCP listeners.
-fn listening_sockets(pid: u32) -> Vec<String> {
+/// Rows of `/proc/net/tcp{,6}` for sockets that `pid` holds, as
+/// (local address, remote address, state) in the kernel's hex notation.
+fn tcp_sockets(pid: u32) -> Vec<(String, String, String)> {
     let mut mine = std::collections::HashSet::new();
     for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
@@ -106,13 +107,31 @@ fn listening_sockets(pid: u32) -> Vec<String> {
         let text = std::fs::read_to_string(table).unwrap_or_default();
         for row in text.lines().skip(1) {
             let cols: Vec<&str> = row.split_whitespace().collect();
-            // st 0A = LISTEN; column 9 is the inode.
-            if cols.len() > 9 && cols[3] == "0A" && mine.contains(cols[9]) {
-                found.push(cols[1].to_string());
+            // Column 9 is the inode.
+            if cols.len() > 9 && mine.contains(cols[9]) {
+                found.push((cols[1].into(), cols[2].into(), cols[3].into()));
             }
         }
     }
     found
+}
+
+/// Local addresses of `pid`'s TCP listeners (state 0A).
+fn listening_sockets(pid: u32) -> Vec<String> {
+    tcp_sockets(pid)
+        .into_iter()
+        .filter(|s| s.2 == "0A")
+        .map(|s| s.0)
+        .collect()
+}
+
+/// How many established (state 01) TCP connections `pid` has to `port`.
+fn connections_to(pid: u32, port: u16) -> usize {
+    let suffix = format!(":{port:04X}");
+    tcp_sockets(pid)
+        .iter()
+        .filter(|s| s.2 == "01" && s.1.ends_with(&suffix))
+        .count()
 }
 
 #[test]
@@ -266,6 +285,13 @@ fn hidden_host_is_served_through_the_tunnel_and_survives_restarts() {
     assert!(
         got.stdout == big,
         "file came back different through the tunnel"
+    );
+    // Besides its tunnel, the host dialled connections back to the proxy
+    // for those requests (the proxy keeps them for the next ones).
+    assert!(
+        connections_to(host.child.id(), port) >= 2,
+        "expected the tunnel and at least one dial-back connection: {:?}",
+        tcp_sockets(host.child.id())
     );
 
     // The master's one-call exec reaches the hidden host too (via the proxy).

@@ -41,6 +41,11 @@ use crate::master_link::Backoff;
 /// How long the proxy may take to answer a tunnel handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Dial-back connections one tunnel may have open at once; past this the
+/// host answers 503 and the proxy uses streams inside the tunnel, so a
+/// misbehaving proxy cannot make the host open sockets without bound.
+pub const MAX_DIAL_BACKS: usize = 1024;
+
 /// Why one tunnel attempt ended.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -290,6 +295,7 @@ impl TunnelClient {
             router,
             alive,
             dials: self.dials.clone(),
+            room: Arc::new(tokio::sync::Semaphore::new(MAX_DIAL_BACKS)),
         };
         let service = hyper::service::service_fn(move |req| stream(req, dialer.clone()));
         b.serve_connection(io, service).await.map_err(conn_err)
@@ -306,6 +312,8 @@ struct Dialer {
     /// Completes `changed()` (with an error) when the tunnel ends.
     alive: tokio::sync::watch::Receiver<()>,
     dials: Arc<AtomicU64>,
+    /// One permit per open dial-back connection.
+    room: Arc<tokio::sync::Semaphore>,
 }
 
 impl Dialer {
@@ -417,11 +425,18 @@ async fn stream(
         let Some(nonce) = nonce else {
             return answer(StatusCode::BAD_REQUEST, "a dial-back needs a nonce");
         };
+        let Ok(permit) = dialer.room.clone().try_acquire_owned() else {
+            return answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many dial-back connections open",
+            );
+        };
         let nonce = nonce.to_string();
         tokio::spawn(async move {
             if let Err(e) = dialer.dial_back(nonce).await {
                 tracing::warn!(error = %e, "dial-back connection failed");
             }
+            drop(permit);
         });
         return answer(StatusCode::ACCEPTED, "");
     }
