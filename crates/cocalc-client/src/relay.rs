@@ -96,3 +96,228 @@ where
 /// --bench proxy` a bulk WebSocket through the proxy went from 692 MiB/s
 /// (8 KiB) to 900 (32 KiB) and 1,050 (64 KiB).
 const RELAY_BUFFER: usize = 64 << 10;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Idle keep-alive HTTP/1.1 connections by destination, for relays that
+/// forward many plain requests to the same place (the ingress to a host,
+/// a host to a server inside a project): a request reuses an idle
+/// connection instead of paying a TCP handshake, and the relaying host
+/// does not leave a socket in `TIME_WAIT` per request.
+///
+/// A connection goes back to the pool as soon as its response head is
+/// in; it is handed out again only once that response's body has been
+/// read (it must be ready for a new request). Upgrades do not belong in a
+/// pool: use [`relay`] on a fresh connection.
+pub struct Pool<K, B> {
+    idle: std::sync::Mutex<std::collections::HashMap<K, Vec<SendRequest<B>>>>,
+    per_key: usize,
+}
+
+type SendRequest<B> = hyper::client::conn::http1::SendRequest<B>;
+
+impl<K, B> std::fmt::Debug for Pool<K, B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("per_key", &self.per_key)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a pooled request failed.
+#[derive(Debug)]
+pub enum PoolError<E> {
+    /// Opening a new connection failed (the caller's connect error).
+    Connect(E),
+    /// The HTTP exchange failed (after the request may have been sent).
+    Http(hyper::Error),
+}
+
+impl<K, B> Pool<K, B>
+where
+    K: std::hash::Hash + Eq + Clone,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    /// A pool keeping at most `per_key` connections per destination.
+    pub fn new(per_key: usize) -> Self {
+        Pool {
+            idle: Default::default(),
+            per_key,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<K, Vec<SendRequest<B>>>> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Forgets the connections to destinations for which `gone` is true
+    /// (a host that failed, a project that stopped).
+    pub fn forget(&self, mut gone: impl FnMut(&K) -> bool) {
+        self.lock().retain(|k, _| !gone(k));
+    }
+
+    /// A connection to `key` that can take a request now, if any; closed
+    /// ones are dropped on the way.
+    fn take(&self, key: &K) -> Option<SendRequest<B>> {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let mut idle = self.lock();
+        let list = idle.get_mut(key)?;
+        let mut busy = Vec::new();
+        let mut found = None;
+        while let Some(mut s) = list.pop() {
+            match s.poll_ready(&mut cx) {
+                std::task::Poll::Ready(Ok(())) => {
+                    found = Some(s);
+                    break;
+                }
+                std::task::Poll::Ready(Err(_)) => {}
+                std::task::Poll::Pending => busy.push(s),
+            }
+        }
+        list.extend(busy);
+        if list.is_empty() {
+            idle.remove(key);
+        }
+        found
+    }
+
+    fn put(&self, key: K, s: SendRequest<B>) {
+        let mut idle = self.lock();
+        let list = idle.entry(key).or_default();
+        if list.len() < self.per_key {
+            list.push(s);
+        }
+    }
+
+    /// Sends `req` to `key` on an idle connection, or on a new one from
+    /// `connect`. If the idle connection turns out closed before the
+    /// request went out (the server timed it out), the request goes on a
+    /// new connection instead; once sent, a failure is the caller's to
+    /// see. The response's body streams.
+    pub async fn send<E, F, Fut>(
+        &self,
+        key: K,
+        req: http::Request<B>,
+        connect: F,
+    ) -> Result<http::Response<hyper::body::Incoming>, PoolError<E>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<BoxedConnection, E>>,
+    {
+        let mut req = req;
+        if let Some(mut s) = self.take(&key) {
+            match s.try_send_request(req).await {
+                Ok(resp) => {
+                    self.put(key, s);
+                    return Ok(resp);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => req = unsent,
+                    None => return Err(PoolError::Http(e.into_error())),
+                },
+            }
+        }
+        let conn = connect().await.map_err(PoolError::Connect)?;
+        let (mut s, connection) = hyper::client::conn::http1::handshake(TokioIo::new(conn))
+            .await
+            .map_err(PoolError::Http)?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let resp = s.send_request(req).await.map_err(PoolError::Http)?;
+        self.put(key, s);
+        Ok(resp)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::AsyncReadExt;
+
+    /// A server that answers every request "ok" with keep-alive, counting
+    /// connections; with `close_after_one`, it closes each connection
+    /// after its first answer (as a server's idle timeout would).
+    async fn server(close_after_one: bool) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let n = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                n.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut seen = Vec::new();
+                    loop {
+                        let Ok(k) = s.read(&mut buf).await else {
+                            return;
+                        };
+                        if k == 0 {
+                            return;
+                        }
+                        seen.extend_from_slice(&buf[..k]);
+                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            seen.drain(..end + 4);
+                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if s.write_all(ok).await.is_err() || close_after_one {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    async fn get(pool: &Pool<u8, String>, key: u8, addr: std::net::SocketAddr) -> String {
+        let req = http::Request::get("/")
+            .header("host", "x")
+            .body(String::new())
+            .unwrap();
+        let resp = pool
+            .send(key, req, || async move {
+                tokio::net::TcpStream::connect(addr)
+                    .await
+                    .map(|s| Box::new(s) as BoxedConnection)
+            })
+            .await
+            .unwrap();
+        use http_body_util::BodyExt;
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn pooled_requests_reuse_one_connection_per_key() {
+        let (addr, accepted) = server(false).await;
+        let pool = Pool::new(4);
+        for _ in 0..5 {
+            assert_eq!(get(&pool, 1, addr).await, "ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection, reused");
+        assert_eq!(get(&pool, 2, addr).await, "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "keys never share");
+        pool.forget(|k| *k == 1);
+        assert_eq!(get(&pool, 1, addr).await, "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 3, "forgotten means new");
+    }
+
+    #[tokio::test]
+    async fn connections_the_server_closed_are_not_used_again() {
+        let (addr, accepted) = server(true).await;
+        let pool = Pool::new(4);
+        for i in 1..=3 {
+            assert_eq!(get(&pool, 1, addr).await, "ok");
+            // Let the client side see the server's close.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            assert_eq!(accepted.load(Ordering::SeqCst), i);
+        }
+    }
+}

@@ -100,6 +100,8 @@ pub struct HostAgent {
     fences: Mutex<HashMap<ProjectId, Generation>>,
     local: Option<crate::local_store::LocalStore>,
     active: Mutex<std::collections::HashSet<ProjectId>>,
+    /// Idle keep-alive connections to servers inside projects.
+    ports: cocalc_client::relay::Pool<(ProjectId, u16), axum::body::Body>,
 }
 
 impl std::fmt::Debug for HostAgent {
@@ -109,6 +111,9 @@ impl std::fmt::Debug for HostAgent {
             .finish_non_exhaustive()
     }
 }
+
+/// Idle connections kept per project port.
+const PORT_POOL_PER_PORT: usize = 16;
 
 impl HostAgent {
     /// An agent over the given parts.
@@ -126,7 +131,17 @@ impl HostAgent {
             fences: Mutex::new(HashMap::new()),
             local: None,
             active: Mutex::new(std::collections::HashSet::new()),
+            ports: cocalc_client::relay::Pool::new(PORT_POOL_PER_PORT),
         }
+    }
+
+    /// Idle keep-alive connections to servers inside projects, by project
+    /// and port (never shared between projects, even where two reach the
+    /// same address).
+    pub(crate) fn port_pool(
+        &self,
+    ) -> &cocalc_client::relay::Pool<(ProjectId, u16), axum::body::Body> {
+        &self.ports
     }
 
     /// Projects that served an authorised request since the last call (for
@@ -355,6 +370,7 @@ impl HostAgent {
 
     /// Stops the project.
     pub async fn stop(&self, project: ProjectId) -> Result<(), AgentError> {
+        self.ports.forget(|k| k.0 == project);
         Ok(self.runner.stop(project, self.cfg.stop_grace).await?)
     }
 

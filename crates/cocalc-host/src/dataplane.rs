@@ -608,13 +608,13 @@ async fn ports(State(a): State<AppState>, req: Request) -> Result<Response> {
     );
     let project = g.claims.project;
     a.ensure_running(&g).await?;
-    let conn = a.runner().connect_port(project, port).await.map_err(|e| {
+    let unreachable = |e: cocalc_core::RunnerError| {
         Failure(ApiError::new(
             502,
             "port_unreachable",
             format!("nothing answers on port {port} in the project: {e}"),
         ))
-    })?;
+    };
 
     // The path the project's server sees, and the query without the token.
     let forward_path = if kind == "port" {
@@ -664,15 +664,35 @@ async fn ports(State(a): State<AppState>, req: Request) -> Result<Response> {
             parts.headers.insert("x-forwarded-prefix", v);
         }
     }
-    let resp = cocalc_client::relay::relay(conn, axum::http::Request::from_parts(parts, body))
-        .await
-        .map_err(|e| {
-            Failure(ApiError::new(
-                502,
-                "port_failed",
-                format!("port {port}: {e}"),
-            ))
-        })?;
+    let failed = |e: hyper::Error| {
+        Failure(ApiError::new(
+            502,
+            "port_failed",
+            format!("port {port}: {e}"),
+        ))
+    };
+    let req = axum::http::Request::from_parts(parts, body);
+    let resp = if req.headers().contains_key(header::UPGRADE) {
+        // An upgrade takes a connection of its own, relayed both ways.
+        let conn = a
+            .runner()
+            .connect_port(project, port)
+            .await
+            .map_err(unreachable)?;
+        cocalc_client::relay::relay(conn, req)
+            .await
+            .map_err(failed)?
+    } else {
+        a.port_pool()
+            .send((project, port), req, || {
+                a.runner().connect_port(project, port)
+            })
+            .await
+            .map_err(|e| match e {
+                cocalc_client::relay::PoolError::Connect(e) => unreachable(e),
+                cocalc_client::relay::PoolError::Http(e) => failed(e),
+            })?
+    };
     Ok(resp.map(axum::body::Body::new))
 }
 

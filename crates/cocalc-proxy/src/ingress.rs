@@ -99,7 +99,7 @@ pub struct Ingress {
     refusals: Refusals,
     per_project: governor::DefaultKeyedRateLimiter<ProjectId>,
     per_client: governor::DefaultKeyedRateLimiter<std::net::IpAddr>,
-    pool: Mutex<HashMap<HostId, Vec<Sender>>>,
+    pool: cocalc_client::relay::Pool<HostId, Body>,
 }
 
 fn quota(rps: u32) -> governor::Quota {
@@ -215,7 +215,7 @@ impl Ingress {
             clock: clock.clone(),
             per_project: governor::RateLimiter::keyed(quota(cfg.project_rps)),
             per_client: governor::RateLimiter::keyed(quota(cfg.client_rps)),
-            pool: Mutex::new(HashMap::new()),
+            pool: cocalc_client::relay::Pool::new(POOL_PER_HOST),
             verifier: Verifier::for_ingress(KeySet::new(), clock),
             master,
             cfg,
@@ -328,10 +328,7 @@ impl Ingress {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&host);
-        self.pool
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&host);
+        self.pool.forget(|h| *h == host);
     }
 
     /// Drops rate-limit state of clients and projects not seen lately, so
@@ -491,68 +488,19 @@ async fn forward(
         return Ok(resp.map(Body::new));
     }
     // Plain requests reuse idle keep-alive connections to the host.
-    let mut sender = match ing.idle_sender(host) {
-        Some(s) => s,
-        None => {
-            let conn = ing
-                .transport
-                .connect(host, endpoint)
-                .await
-                .map_err(|e| ApiError::from(&e))?;
-            let (s, connection) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(conn))
-                    .await
-                    .map_err(failed)?;
-            tokio::spawn(async move {
-                let _ = connection.await;
-            });
-            s
-        }
-    };
-    let resp = sender.send_request(req).await.map_err(failed)?;
-    // Ready again once this response's body has been read.
-    ing.return_sender(host, sender);
+    let resp = ing
+        .pool
+        .send(host, req, || ing.transport.connect(host, endpoint))
+        .await
+        .map_err(|e| match e {
+            cocalc_client::relay::PoolError::Connect(e) => ApiError::from(&e),
+            cocalc_client::relay::PoolError::Http(e) => failed(e),
+        })?;
     Ok(resp.map(Body::new))
 }
 
 /// Idle connections kept per host.
 const POOL_PER_HOST: usize = 64;
-
-type Sender = hyper::client::conn::http1::SendRequest<Body>;
-
-impl Ingress {
-    /// An idle connection to `host` that can take a request now, if any.
-    fn idle_sender(&self, host: HostId) -> Option<Sender> {
-        use futures_util::FutureExt;
-        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        let list = pool.get_mut(&host)?;
-        let mut busy = Vec::new();
-        let mut found = None;
-        while let Some(mut s) = list.pop() {
-            if s.is_closed() {
-                continue;
-            }
-            match s.ready().now_or_never() {
-                Some(Ok(())) => {
-                    found = Some(s);
-                    break;
-                }
-                Some(Err(_)) => {}
-                None => busy.push(s),
-            }
-        }
-        list.extend(busy);
-        found
-    }
-
-    fn return_sender(&self, host: HostId, s: Sender) {
-        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        let list = pool.entry(host).or_default();
-        if list.len() < POOL_PER_HOST {
-            list.push(s);
-        }
-    }
-}
 
 #[cfg(test)]
 mod tests {
