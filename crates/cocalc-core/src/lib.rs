@@ -42,6 +42,7 @@
 //! ```
 
 pub mod audit;
+pub mod config;
 pub mod error;
 pub mod id;
 pub mod placement;

@@ -113,7 +113,7 @@ impl std::fmt::Debug for HostAgent {
 }
 
 /// Idle connections kept per project port.
-const PORT_POOL_PER_PORT: usize = 16;
+const PORT_POOL_PER_PORT: usize = 64;
 
 impl HostAgent {
     /// An agent over the given parts.

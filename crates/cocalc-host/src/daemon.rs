@@ -479,16 +479,11 @@ async fn build_at(cfg: &HostConfig, endpoint: HostEndpoint) -> Result<Host, Host
             ))
         }
     };
-    let bootstrap_token = match (&cfg.bootstrap_token, &cfg.bootstrap_token_file) {
-        (Some(t), _) => Some(t.trim().to_string()),
-        (None, Some(p)) => Some(
-            std::fs::read_to_string(p)
-                .map_err(|e| start_err(&p.display().to_string(), e))?
-                .trim()
-                .to_string(),
-        ),
-        (None, None) => None,
-    };
+    let bootstrap_token = cocalc_core::config::inline_or_file(
+        cfg.bootstrap_token.as_deref(),
+        cfg.bootstrap_token_file.as_deref(),
+    )
+    .map_err(|e| start_err("bootstrap_token_file", e))?;
     let acl = Arc::new(AclCache::new(
         clock.clone(),
         AclPolicy::new(

@@ -123,13 +123,9 @@ impl ProxyConfig {
     }
 
     fn key(&self) -> Result<String, ProxyDaemonError> {
-        match (&self.api_key, &self.api_key_file) {
-            (Some(k), _) => Ok(k.trim().to_string()),
-            (None, Some(p)) => std::fs::read_to_string(p)
-                .map(|s| s.trim().to_string())
-                .map_err(|e| ProxyDaemonError::Start(format!("{}: {e}", p.display()))),
-            (None, None) => Err(ProxyDaemonError::Start("no API key".into())),
-        }
+        cocalc_core::config::inline_or_file(self.api_key.as_deref(), self.api_key_file.as_deref())
+            .map_err(ProxyDaemonError::Start)?
+            .ok_or_else(|| ProxyDaemonError::Start("no API key".into()))
     }
 }
 

@@ -141,6 +141,9 @@ impl TunnelConfig {
 
 type Sender = hyper::client::conn::http2::SendRequest<Body>;
 
+/// Host keys kept at most (one per host that dialled lately).
+const HOST_KEY_CACHE: u64 = 100_000;
+
 struct Tunnel {
     serial: u64,
     sender: Sender,
@@ -180,7 +183,9 @@ pub struct TunnelHub {
     master: MasterClient,
     clock: SharedClock,
     tunnels: Mutex<HashMap<HostId, Tunnel>>,
-    keys: Mutex<HashMap<HostId, ed25519_dalek::VerifyingKey>>,
+    /// Host keys from the master: bounded, and looked up again after a
+    /// while (and at once when a signature fails, see `check_handshake`).
+    keys: moka::sync::Cache<HostId, ed25519_dalek::VerifyingKey>,
     seen: Mutex<HashMap<[u8; 64], Instant>>,
     /// Dial-backs asked for, by nonce.
     pending: Mutex<HashMap<String, PendingDial>>,
@@ -227,7 +232,10 @@ impl TunnelHub {
             master,
             clock,
             tunnels: Mutex::new(HashMap::new()),
-            keys: Mutex::new(HashMap::new()),
+            keys: moka::sync::Cache::builder()
+                .max_capacity(HOST_KEY_CACHE)
+                .time_to_live(Duration::from_secs(600))
+                .build(),
             seen: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             no_dial: Mutex::new(HashMap::new()),
@@ -286,21 +294,13 @@ impl TunnelHub {
     }
 
     async fn host_key(&self, host: HostId) -> Result<ed25519_dalek::VerifyingKey, ApiError> {
-        if let Some(k) = self
-            .keys
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&host)
-        {
-            return Ok(*k);
+        if let Some(k) = self.keys.get(&host) {
+            return Ok(k);
         }
         let r = self.master.host_key(host).await?;
         let key = paserk::decode_public(&r.public_key)
             .map_err(|e| ApiError::new(502, "bad_host_key", format!("host {host}'s key: {e}")))?;
-        self.keys
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(host, key);
+        self.keys.insert(host, key);
         Ok(key)
     }
 
@@ -350,10 +350,7 @@ impl TunnelHub {
             if !matches!(first, cocalc_auth::HostAuthError::BadSignature(_)) {
                 return Err((401, "bad_handshake", first.to_string()));
             }
-            self.keys
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&host);
+            self.keys.invalidate(&host);
             let key = self.host_key(host).await.map_err(refused)?;
             check(&key).map_err(|e| (401, "bad_handshake", e.to_string()))?;
         }
