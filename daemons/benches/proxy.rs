@@ -19,7 +19,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{free_port, spawn, Daemon};
+use common::{cpu_time, free_port, spawn, Daemon};
 
 fn arg(name: &str, default: f64) -> f64 {
     std::env::args()
@@ -238,7 +238,7 @@ async fn main() {
         "p.toml",
         format!("listen = \"127.0.0.1:{pport}\"\nmaster_url = \"{murl}\"\napi_key = \"{admin}\"\nproject_rps = 1000000\nclient_rps = 1000000\n"),
     );
-    let (_p, purl) = spawn(env!("CARGO_BIN_EXE_cocalc-proxy"), &pcfg, "listening on");
+    let (proxy_daemon, purl) = spawn(env!("CARGO_BIN_EXE_cocalc-proxy"), &pcfg, "listening on");
     // A hidden host: no listening socket, served through the proxy's tunnel.
     let token2 = master.bootstrap_token().await.unwrap()["token"]
         .as_str()
@@ -294,7 +294,7 @@ async fn main() {
     let path_q = format!("/{}/port/{bport}/", open_q.project);
 
     let nginx = Command::new("nginx").arg("-v").output().is_ok();
-    let mut nginx_daemon = None;
+    let mut nginx_daemon: Option<Daemon> = None;
     let mut nginx_url = None;
     if nginx {
         let nport = free_port();
@@ -325,26 +325,34 @@ async fn main() {
     }
 
     println!("{conns} connections, {secs} s each, GET {path} (a small body from a server in the project)");
+    // Each route, and the process in the middle whose CPU time per
+    // request is measured (none for direct).
+    let proxy_pid = Some(proxy_daemon.0.id());
+    let nginx_pid = nginx_daemon.as_ref().map(|d| d.0.id());
     let routes = [
         (
             "direct to the host",
             Some(format!("{hurl}{path}")),
             &open.token,
+            None,
         ),
         (
             "via cocalc-proxy",
             Some(format!("{purl}{path}")),
             &open.token,
+            proxy_pid,
         ),
         (
             "via nginx",
             nginx_url.as_ref().map(|n| format!("{n}{path}")),
             &open.token,
+            nginx_pid,
         ),
         (
             "via tunnel (hidden)",
             Some(format!("{purl}{path_q}")),
             &open_q.token,
+            proxy_pid,
         ),
     ];
     // `--only tunnel` (a substring of the route names) measures just those.
@@ -359,26 +367,39 @@ async fn main() {
     // Rounds measure every route in turn, so a slow moment of the machine
     // (2 shared cores) hits all routes alike; the summary takes medians.
     let mut req_runs: Vec<Vec<(f64, Duration)>> = vec![Vec::new(); routes.len()];
+    // CPU time of the middle process per request, µs.
+    let mut cpu_runs: Vec<Vec<f64>> = vec![Vec::new(); routes.len()];
     let mut byte_runs: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); routes.len()];
     for round in 1..=rounds {
         if rounds > 1 {
             println!();
             println!("round {round} of {rounds}");
         }
-        for (i, (name, url, token)) in routes.iter().enumerate() {
+        for (i, (name, url, token, relay)) in routes.iter().enumerate() {
             let Some(url) = url else {
                 println!("{name:<22} skipped: nginx not installed (apt-get install nginx)");
                 continue;
             };
             let _ = load(url, token, 2, 0.3).await; // warm up
+            let before = relay.map(cpu_time);
+            let t = Instant::now();
             let (rate, p50, p99) = load(url, token, conns, secs).await;
-            println!("{name:<22} {rate:>9.0} req/s   p50 {p50:>9.2?}   p99 {p99:>9.2?}");
+            let cpu = match (relay, before) {
+                (Some(pid), Some(b)) => {
+                    let us = (cpu_time(*pid) - b).as_secs_f64() * 1e6
+                        / (rate * t.elapsed().as_secs_f64());
+                    cpu_runs[i].push(us);
+                    format!("   relay CPU {us:>5.1} µs/req")
+                }
+                _ => String::new(),
+            };
+            println!("{name:<22} {rate:>9.0} req/s   p50 {p50:>9.2?}   p99 {p99:>9.2?}{cpu}");
             req_runs[i].push((rate, p99));
         }
         println!(
             "bytes/s: GET big (64 MiB responses) x1 and x4, and a WebSocket of 1 MiB messages"
         );
-        for (i, (name, url, token)) in routes.iter().enumerate() {
+        for (i, (name, url, token, _)) in routes.iter().enumerate() {
             let Some(url) = url else { continue };
             let one = download(&format!("{url}big"), token, 1, secs).await;
             let four = download(&format!("{url}big"), token, 4, secs).await;
@@ -398,7 +419,7 @@ async fn main() {
     }
     let mut rows = Vec::new();
     let mut bytes_rows = Vec::new();
-    for (i, (name, _, _)) in routes.iter().enumerate() {
+    for (i, (name, _, _, _)) in routes.iter().enumerate() {
         if req_runs[i].is_empty() {
             continue;
         }
@@ -432,6 +453,17 @@ async fn main() {
         rows.iter().find(|r| r.0 == "via nginx"),
     ) {
         println!("proxy / nginx req/s = {:.2}x   (goal >= 1.0)", p.1 / n.1);
+        let cpu = |name: &str| {
+            let i = routes.iter().position(|r| r.0 == name)?;
+            (!cpu_runs[i].is_empty()).then(|| median(cpu_runs[i].clone()))
+        };
+        if let (Some(pc), Some(nc)) = (cpu("via cocalc-proxy"), cpu("via nginx")) {
+            println!(
+                "relay CPU per request: proxy {pc:.1} µs, nginx {nc:.1} µs = {:.2}x   (median; \
+                 on 2 shared cores req/s follows this)",
+                pc / nc
+            );
+        }
         println!(
             "proxy p99 {:?} vs nginx p99 {:?}   (goal: proxy <= nginx)",
             p.2, n.2

@@ -55,3 +55,32 @@ pub(crate) fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// CPU time (user + system) used so far by `pid` and all its child
+/// processes that are still running (nginx's workers), from `/proc`.
+pub(crate) fn cpu_time(pid: u32) -> std::time::Duration {
+    let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    // Fields after the command name: state is 1st, ppid 2nd, utime 12th,
+    // stime 13th (proc(5), counting from state).
+    let fields = |p: &str| -> Option<Vec<String>> {
+        let s = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+        let rest = &s[s.rfind(')')? + 2..];
+        Some(rest.split(' ').map(str::to_string).collect())
+    };
+    let mut ticks = 0u64;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Some(f) = fields(&name) else { continue };
+        if name == pid.to_string() || f.get(1).map(String::as_str) == Some(&pid.to_string()) {
+            let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            ticks += n(11) + n(12);
+        }
+    }
+    std::time::Duration::from_secs_f64(ticks as f64 / tick)
+}
