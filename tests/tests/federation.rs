@@ -858,13 +858,12 @@ async fn ingress_matches_direct_and_refuses_bad_input() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let purl = format!("http://{}", listener.local_addr().unwrap());
     let router = ingress.clone().router();
+    // Served as the daemon serves it, so WebSockets below are relayed by
+    // splice(2) at the proxy as well as at the host.
     let served = tokio::spawn(async move {
-        axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await
-        .unwrap();
+        cocalc_proxy::serve(listener, router, std::future::pending())
+            .await
+            .unwrap();
     });
 
     let u = admin.create_user("u").await.unwrap();
