@@ -235,7 +235,8 @@ fn proxy_starts_from_config_and_refuses_at_the_edge() {
     std::fs::write(
         &cfg,
         format!(
-            "listen = \"127.0.0.1:0\"\nmaster_url = \"{}\"\napi_key = \"{}\"\n",
+            "listen = \"127.0.0.1:0\"\nmaster_url = \"{}\"\napi_key = \"{}\"\n\
+             metrics_listen = \"127.0.0.1:0\"\n",
             d.url, d.admin_key
         ),
     )
@@ -248,17 +249,22 @@ fn proxy_starts_from_config_and_refuses_at_the_edge() {
             .unwrap(),
     );
     let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
+    let mut metrics_url = None;
     let url = loop {
         let line = lines.next().expect("proxy exited").unwrap();
+        if let Some(u) = line.strip_prefix("cocalc-proxy: metrics on ") {
+            metrics_url = Some(u.to_string());
+        }
         if let Some(u) = line.strip_prefix("cocalc-proxy: listening on ") {
             break u.to_string();
         }
     };
+    let metrics_url = metrics_url.expect("the proxy says where its metrics are");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let (bad, missing) = rt.block_on(async {
+    let (bad, missing, metrics) = rt.block_on(async {
         let c = reqwest::Client::new();
         let bad = c
             .get(format!("{url}/not-a-project/exec"))
@@ -270,9 +276,28 @@ fn proxy_starts_from_config_and_refuses_at_the_edge() {
             .send()
             .await
             .unwrap();
-        (bad.status().as_u16(), missing.status().as_u16())
+        let metrics = c.get(&metrics_url).send().await.unwrap();
+        assert!(metrics.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text"));
+        let text = metrics.text().await.unwrap();
+        (bad.status().as_u16(), missing.status().as_u16(), text)
     });
     drop(child);
     assert_eq!(bad, 400);
     assert_eq!(missing, 401);
+    // Each refusal is counted by reason.
+    for line in [
+        "cocalc_proxy_http_refusals_total{reason=\"bad_path\"} 1",
+        "cocalc_proxy_http_refusals_total{reason=\"bad_token\"} 1",
+        "cocalc_proxy_http_refusals_total{reason=\"rate_limited\"} 0",
+        "cocalc_proxy_tunnels_connected 0",
+        "cocalc_proxy_dial_backs_total 0",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line:?} not in:\n{metrics}"
+        );
+    }
 }

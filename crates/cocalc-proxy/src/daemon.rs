@@ -13,6 +13,7 @@
 //! #                                          # hosts dial and sign (default http://<listen>)
 //! ssh_listen = "0.0.0.0:2222"              # optional: SSH ingress (`ssh project-<uuid>@proxy`)
 //! ssh_host_key_file = "/var/lib/cocalc/proxy_ssh_ed25519"  # generated (0600) on first start
+//! metrics_listen = "127.0.0.1:9101"        # optional: GET /metrics (Prometheus), keep it private
 //! ```
 //!
 //! Hidden hosts open reverse tunnels at `<public_url>/.cocalc/tunnel` (see
@@ -93,6 +94,11 @@ pub struct ProxyConfig {
     /// if the file is missing). Required with `ssh_listen`.
     #[serde(default)]
     pub ssh_host_key_file: Option<PathBuf>,
+    /// Where to serve `GET /metrics` (Prometheus text format: refusals by
+    /// reason, tunnel and dial-back counts); none when absent. Keep it
+    /// off the public network.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 fn default_refresh() -> u64 {
@@ -181,13 +187,49 @@ pub async fn run(
         })
     };
     eprintln!("cocalc-proxy: tunnel handle {handle}");
-    let (stop_ssh, ssh_task) = start_ssh(&cfg, &ingress, &clock).await?;
+    let mut metrics = crate::metrics::ProxyMetrics::new(ingress.clone(), tunnels.clone());
+    let (stop_ssh, ssh_task) = start_ssh(&cfg, &ingress, &clock, &mut metrics).await?;
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics_task = match cfg.metrics_listen {
+        Some(at) => {
+            let l = tokio::net::TcpListener::bind(at)
+                .await
+                .map_err(|e| ProxyDaemonError::Start(format!("metrics listen on {at}: {e}")))?;
+            let addr = l
+                .local_addr()
+                .map_err(|e| ProxyDaemonError::Start(e.to_string()))?;
+            eprintln!("cocalc-proxy: metrics on http://{addr}/metrics");
+            let app = axum::Router::new().route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let body = metrics.render();
+                    async move {
+                        (
+                            [(
+                                axum::http::header::CONTENT_TYPE,
+                                crate::metrics::CONTENT_TYPE,
+                            )],
+                            body,
+                        )
+                    }
+                }),
+            );
+            Some(tokio::spawn(crate::serve(l, app, async move {
+                let _ = metrics_stopped.await;
+            })))
+        }
+        None => None,
+    };
     eprintln!("cocalc-proxy: listening on http://{addr}");
     let app = tunnels.router().merge(ingress.router());
     let result = crate::serve(listener, app, shutdown)
         .await
         .map_err(|e| ProxyDaemonError::Start(e.to_string()));
     refresher.abort();
+    let _ = stop_metrics.send(());
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
     let _ = stop_ssh.send(());
     if let Some(t) = ssh_task {
         let _ = t.await;
@@ -207,6 +249,7 @@ async fn start_ssh(
     cfg: &ProxyConfig,
     ingress: &Arc<Ingress>,
     clock: &cocalc_core::SharedClock,
+    metrics: &mut crate::metrics::ProxyMetrics,
 ) -> Result<SshTask, ProxyDaemonError> {
     let (stop_ssh, ssh_stopped) = tokio::sync::oneshot::channel::<()>();
     let task = match (&cfg.ssh_listen, &cfg.ssh_host_key_file) {
@@ -224,6 +267,7 @@ async fn start_ssh(
                 .fingerprint(russh::keys::HashAlg::Sha256)
                 .to_string();
             let ssh = crate::SshIngress::new(ingress.clone(), key, clock.clone());
+            *metrics = metrics.clone().with_ssh(ssh.clone());
             eprintln!("cocalc-proxy: ssh on {ssh_addr} (host key {fp})");
             let pruned = ssh.clone();
             let every = Duration::from_secs(cfg.key_refresh_secs.max(1));
@@ -253,6 +297,7 @@ async fn start_ssh(
     _cfg: &ProxyConfig,
     _ingress: &Arc<Ingress>,
     _clock: &cocalc_core::SharedClock,
+    _metrics: &mut crate::metrics::ProxyMetrics,
 ) -> Result<SshTask, ProxyDaemonError> {
     Ok((tokio::sync::oneshot::channel::<()>().0, None))
 }

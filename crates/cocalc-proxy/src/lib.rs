@@ -34,6 +34,7 @@
 
 pub mod daemon;
 pub mod ingress;
+pub mod metrics;
 #[cfg(feature = "ssh")]
 mod sftp;
 #[cfg(feature = "ssh")]
