@@ -148,12 +148,7 @@ pub async fn run(
     if let Some(r) = cfg.client_rps {
         icfg.client_rps = r;
     }
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|e| ProxyDaemonError::Start(format!("listen on {}: {e}", cfg.listen)))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| ProxyDaemonError::Start(e.to_string()))?;
+    let (listener, addr) = bind(cfg.listen, "listen").await?;
     let handle = cfg
         .public_url
         .clone()
@@ -192,12 +187,7 @@ pub async fn run(
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     let metrics_task = match cfg.metrics_listen {
         Some(at) => {
-            let l = tokio::net::TcpListener::bind(at)
-                .await
-                .map_err(|e| ProxyDaemonError::Start(format!("metrics listen on {at}: {e}")))?;
-            let addr = l
-                .local_addr()
-                .map_err(|e| ProxyDaemonError::Start(e.to_string()))?;
+            let (l, addr) = bind(at, "metrics listen").await?;
             eprintln!("cocalc-proxy: metrics on http://{addr}/metrics");
             let app = axum::Router::new().route(
                 "/metrics",
@@ -237,6 +227,21 @@ pub async fn run(
     result
 }
 
+/// Binds `at` (what the config calls `what`), returning the listener and
+/// the address it got (the port, when `at` asked for port 0).
+async fn bind(
+    at: SocketAddr,
+    what: &str,
+) -> Result<(tokio::net::TcpListener, SocketAddr), ProxyDaemonError> {
+    let l = tokio::net::TcpListener::bind(at)
+        .await
+        .map_err(|e| ProxyDaemonError::Start(format!("{what} on {at}: {e}")))?;
+    let addr = l
+        .local_addr()
+        .map_err(|e| ProxyDaemonError::Start(e.to_string()))?;
+    Ok((l, addr))
+}
+
 /// A stop signal and the SSH ingress task, when `ssh_listen` is set.
 type SshTask = (
     tokio::sync::oneshot::Sender<()>,
@@ -256,12 +261,7 @@ async fn start_ssh(
         (Some(at), Some(key_file)) => {
             let key = crate::ssh::load_or_generate_host_key(key_file)
                 .map_err(|e| ProxyDaemonError::Start(e.to_string()))?;
-            let l = tokio::net::TcpListener::bind(at)
-                .await
-                .map_err(|e| ProxyDaemonError::Start(format!("ssh listen on {at}: {e}")))?;
-            let ssh_addr = l
-                .local_addr()
-                .map_err(|e| ProxyDaemonError::Start(e.to_string()))?;
+            let (l, ssh_addr) = bind(*at, "ssh listen").await?;
             let fp = key
                 .public_key()
                 .fingerprint(russh::keys::HashAlg::Sha256)
