@@ -1,6 +1,8 @@
-//! [`relay`]: one HTTP/1.1 request over an already open byte connection,
-//! with protocol upgrades (WebSocket) passed through both ways. Shared by
-//! the host's port proxy and the ingress.
+//! Forwarding HTTP/1.1, shared by the host's port proxy and the ingress:
+//! [`relay`] sends one request over an open connection with protocol
+//! upgrades (WebSocket) passed through both ways ([`relay_upgraded`],
+//! by `splice(2)` between TCP sockets); [`Pool`] keeps idle keep-alive
+//! connections for plain requests.
 
 use bytes::Bytes;
 use cocalc_core::BoxedConnection;
@@ -12,8 +14,8 @@ use tokio::net::TcpStream;
 /// Sends `req` over `conn` and returns the response with its body
 /// streaming. If the response switches protocols (101) and the request came
 /// from a server that can upgrade it (an `OnUpgrade` in its extensions),
-/// the two upgraded connections are copied into each other until either
-/// closes.
+/// the two upgraded connections are relayed into each other
+/// ([`relay_upgraded`]) until both directions are done.
 pub async fn relay<B>(
     conn: BoxedConnection,
     req: http::Request<B>,
