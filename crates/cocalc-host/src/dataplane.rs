@@ -167,19 +167,42 @@ enum Checked {
     Redirect(Response),
 }
 
-// Every data-plane handler passes the same few request facts; bundling them
-// would only move the list into a struct literal at each call.
-#[allow(clippy::too_many_arguments)]
-async fn check(
+/// [`check`] for a route that changes or runs something: write
+/// permission, an active use (it keeps the project from being culled),
+/// and never the browser's cookie redirect (POSTs and WebSockets cannot
+/// follow one).
+async fn check_write(
     agent: &HostAgent,
     project: &str,
     headers: &HeaderMap,
     uri: &Uri,
-    is_get: bool,
+    action: &str,
+) -> Result<Grant> {
+    Ok(grant(
+        agent,
+        project,
+        headers,
+        uri,
+        Permission::Write,
+        action,
+        false,
+    )
+    .await?
+    .0)
+}
+
+/// Authorizes a request's connect token (header, cookie or `?token=`)
+/// for `project`: the grant, the project, the token, and whether it came
+/// in the query.
+async fn grant(
+    agent: &HostAgent,
+    project: &str,
+    headers: &HeaderMap,
+    uri: &Uri,
     needed: Permission,
     action: &str,
     passive: bool,
-) -> Result<Checked> {
+) -> Result<(Grant, ProjectId, String, bool)> {
     let project = project_segment(project)?;
     let src = find_token(project, headers, uri).ok_or_else(|| {
         Failure(
@@ -202,6 +225,27 @@ async fn check(
     } else {
         agent.authorize(&token, project, needed, action).await?
     };
+    Ok((grant, project, token, from_query))
+}
+
+/// Authorizes a request like [`grant`]; a GET whose token came in the
+/// query is answered with the browser's exchange instead (a redirect
+/// that sets the project's cookie and drops the token from the URL).
+// The routes that read pass the same few request facts; bundling them
+// would only move the list into a struct literal at each call.
+#[allow(clippy::too_many_arguments)]
+async fn check(
+    agent: &HostAgent,
+    project: &str,
+    headers: &HeaderMap,
+    uri: &Uri,
+    is_get: bool,
+    needed: Permission,
+    action: &str,
+    passive: bool,
+) -> Result<Checked> {
+    let (grant, project, token, from_query) =
+        grant(agent, project, headers, uri, needed, action, passive).await?;
     if from_query && is_get {
         // Browser exchange: cookie scoped to this project, token out of the URL.
         let rest: Vec<&str> = uri
@@ -272,19 +316,7 @@ async fn start(
     headers: HeaderMap,
     uri: Uri,
 ) -> Result<Response> {
-    let g = checked!(
-        check(
-            &a,
-            &p,
-            &headers,
-            &uri,
-            false,
-            Permission::Write,
-            "start",
-            false
-        )
-        .await
-    );
+    let g = check_write(&a, &p, &headers, &uri, "start").await?;
     Ok(Json(a.ensure_running(&g).await?).into_response())
 }
 
@@ -294,38 +326,14 @@ async fn stop(
     headers: HeaderMap,
     uri: Uri,
 ) -> Result<Response> {
-    let g = checked!(
-        check(
-            &a,
-            &p,
-            &headers,
-            &uri,
-            false,
-            Permission::Write,
-            "stop",
-            false
-        )
-        .await
-    );
+    let g = check_write(&a, &p, &headers, &uri, "stop").await?;
     a.stop(g.claims.project).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn exec(State(a): State<AppState>, Path(p): Path<String>, req: Request) -> Result<Response> {
     let (parts, body) = req.into_parts();
-    let g = checked!(
-        check(
-            &a,
-            &p,
-            &parts.headers,
-            &parts.uri,
-            false,
-            Permission::Write,
-            "exec",
-            false
-        )
-        .await
-    );
+    let g = check_write(&a, &p, &parts.headers, &parts.uri, "exec").await?;
     let body: Bytes = axum::body::to_bytes(body, 16 << 20)
         .await
         .map_err(|e| Failure(ApiError::new(400, "bad_body", format!("request body: {e}"))))?;
@@ -507,19 +515,7 @@ async fn terminal(
     ws: axum::extract::ws::WebSocketUpgrade,
 ) -> Result<Response> {
     // Never the cookie-exchange redirect here: a WebSocket cannot follow it.
-    let g = checked!(
-        check(
-            &a,
-            &p,
-            &headers,
-            &uri,
-            false,
-            Permission::Write,
-            "terminal",
-            false
-        )
-        .await
-    );
+    let g = check_write(&a, &p, &headers, &uri, "terminal").await?;
     let dim = |name: &str, default: u16| {
         query_param(&uri, name)
             .and_then(|v| v.parse::<u16>().ok())
@@ -704,19 +700,7 @@ async fn exec_stream(
     uri: Uri,
     ws: axum::extract::ws::WebSocketUpgrade,
 ) -> Result<Response> {
-    let g = checked!(
-        check(
-            &a,
-            &p,
-            &headers,
-            &uri,
-            false,
-            Permission::Write,
-            "exec",
-            false
-        )
-        .await
-    );
+    let g = check_write(&a, &p, &headers, &uri, "exec").await?;
     Ok(ws.on_upgrade(move |socket| pump_exec(socket, a, g)))
 }
 
@@ -845,19 +829,7 @@ async fn tcp(
             format!("{port:?} is not a port number (1-65535)"),
         ))
     })?;
-    let g = checked!(
-        check(
-            &a,
-            &p,
-            &headers,
-            &uri,
-            false,
-            Permission::Write,
-            "port",
-            false
-        )
-        .await
-    );
+    let g = check_write(&a, &p, &headers, &uri, "port").await?;
     a.ensure_running(&g).await?;
     let conn = a
         .runner()
