@@ -25,8 +25,10 @@ fn unreachable(base: &str, e: reqwest::Error) -> ApiError {
     )
 }
 
-/// Percent-encodes a file path for the URL, keeping `/` separators.
-fn encode_path(path: &str) -> String {
+/// Percent-encodes a project file path for a data-plane URL, keeping `/`
+/// between names (everything but unreserved characters is escaped, so
+/// `?`, `#`, `%` and spaces cannot change the URL's meaning).
+pub fn encode_path(path: &str) -> String {
     let mut out = String::with_capacity(path.len());
     for b in path.bytes() {
         match b {

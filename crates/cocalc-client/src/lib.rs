@@ -39,5 +39,5 @@ pub mod serve;
 #[cfg(target_os = "linux")]
 pub mod splice;
 
-pub use host::HostClient;
+pub use host::{encode_path, HostClient};
 pub use master::MasterClient;

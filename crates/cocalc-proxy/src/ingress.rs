@@ -398,7 +398,11 @@ async fn handle(
             "no connect token (Authorization header, ?token= or cookie)",
         );
     };
-    let claims = match ing.verifier.verify(&token) {
+    let verified = ing
+        .verifier
+        .verify(&token)
+        .and_then(|c| c.require_project(project).map(|()| c));
+    let claims = match verified {
         Ok(c) => c,
         Err(e) => {
             ing.refuse(
@@ -411,16 +415,6 @@ async fn handle(
             return api(&ApiError::from(&e));
         }
     };
-    if let Err(e) = claims.require_project(project) {
-        ing.refuse(
-            &ing.refusals.bad_token,
-            e.code(),
-            Some(project),
-            peer,
-            &e.to_string(),
-        );
-        return api(&ApiError::from(&e));
-    }
     let endpoint = match ing.route(claims.host).await {
         Ok(ep) => ep,
         Err(e) => return api(&e),

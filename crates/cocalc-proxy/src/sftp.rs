@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 
+use cocalc_client::encode_path;
 use cocalc_core::wire::{FileEntry, FileKind};
 use cocalc_core::ApiError;
 use russh::server::Msg;
@@ -89,20 +90,6 @@ fn reply(status: u16, message: &str) -> StatusReply {
 
 fn failure(message: &str) -> StatusReply {
     StatusReply::new(StatusCode::Failure).with_message(message)
-}
-
-/// Percent-encodes a relative path for a URL, keeping `/` between names.
-fn encode_path(path: &str) -> String {
-    let mut out = String::with_capacity(path.len());
-    for b in path.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
-                out.push(b as char)
-            }
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
 }
 
 /// An SFTP path as a path relative to the home (`""` for the home):
