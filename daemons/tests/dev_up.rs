@@ -7,13 +7,8 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+mod common;
+use common::free_port;
 
 struct DevUp {
     child: Child,
@@ -89,23 +84,9 @@ fn start(backend: &str) -> DevUp {
 }
 
 fn cocalc(d: &DevUp, args: &[&str], stdin: Option<&[u8]>) -> std::process::Output {
-    use std::io::Write;
     let key = std::fs::read_to_string(d.dir.path().join("demo.key")).unwrap();
-    let mut c = Command::new(env!("CARGO_BIN_EXE_cocalc"))
-        .args(args)
-        .env("COCALC_MASTER", format!("http://127.0.0.1:{}", d.port))
-        .env("COCALC_API_KEY", key.trim())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut i = c.stdin.take().unwrap();
-    if let Some(data) = stdin {
-        i.write_all(data).unwrap();
-    }
-    drop(i);
-    c.wait_with_output().unwrap()
+    let master = format!("http://127.0.0.1:{}", d.port);
+    common::cocalc(&master, key.trim(), args, stdin)
 }
 
 /// `ssh project-<id>@127.0.0.1 -p <dev up's ssh port> COMMAND` with `key`.

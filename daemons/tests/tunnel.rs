@@ -4,10 +4,13 @@
 //! tunnel survives `kill -9` of the proxy and of the host, and requests in
 //! flight when either dies fail promptly instead of hanging.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+mod common;
+use common::{cocalc, free_port};
 
 struct Proc {
     child: Child,
@@ -43,24 +46,6 @@ fn spawn(bin: &str, cfg: &Path, prefix: &str) -> Proc {
     Proc { child, line }
 }
 
-fn cocalc(master: &str, key: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cocalc"))
-        .args(args)
-        .env("COCALC_MASTER", master)
-        .env("COCALC_API_KEY", key)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut input = child.stdin.take().unwrap();
-    if let Some(b) = stdin {
-        input.write_all(b).unwrap();
-    }
-    drop(input);
-    child.wait_with_output().unwrap()
-}
-
 fn ok(o: &Output) -> String {
     assert!(
         o.status.success(),
@@ -77,14 +62,6 @@ fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Rows of `/proc/net/tcp{,6}` for sockets that `pid` holds, as
