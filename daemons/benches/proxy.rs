@@ -19,7 +19,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{cpu_time, free_port, spawn, Daemon};
+use common::{
+    callgrind_dump, callgrind_ir, callgrind_zero, cpu_time, free_port, spawn, spawn_under, Daemon,
+};
 
 fn arg(name: &str, default: f64) -> f64 {
     std::env::args()
@@ -161,7 +163,9 @@ fn mib(bps: f64) -> String {
     format!("{:>8.0} MiB/s", bps / (1 << 20) as f64)
 }
 
-async fn load(url: &str, token: &str, conns: usize, secs: f64) -> (f64, Duration, Duration) {
+/// `conns` clients sending small requests for `secs`: requests per
+/// second, p50, p99 and the number of requests sent.
+async fn load(url: &str, token: &str, conns: usize, secs: f64) -> (f64, Duration, Duration, usize) {
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let mut tasks = Vec::new();
     for _ in 0..conns {
@@ -190,7 +194,7 @@ async fn load(url: &str, token: &str, conns: usize, secs: f64) -> (f64, Duration
     let rate = lat.len() as f64 / start.elapsed().as_secs_f64();
     lat.sort();
     let p = |q: f64| lat[((lat.len() as f64 - 1.0) * q) as usize];
-    (rate, p(0.5), p(0.99))
+    (rate, p(0.5), p(0.99), lat.len())
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -198,7 +202,24 @@ async fn main() {
     let secs = arg("--secs", 3.0);
     let conns = arg("--conns", 32.0) as usize;
     let rounds = arg("--rounds", 1.0).max(1.0) as usize;
+    // `--callgrind`: run the proxy and nginx under valgrind's callgrind
+    // and count the instructions each executes per small request, which
+    // is repeatable where timings on shared cores are not.
+    let callgrind = std::env::args().any(|a| a == "--callgrind");
     let dir = tempfile::tempdir().unwrap();
+    // `--callgrind-out DIR` keeps the profiles of the measured requests
+    // there, for `callgrind_annotate`.
+    let cg_dir = std::env::args()
+        .skip_while(|a| a != "--callgrind-out")
+        .nth(1)
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| dir.path().to_path_buf());
+    let cg_out = format!("--callgrind-out-file={}/callgrind.%p", cg_dir.display());
+    let valgrind: Vec<&str> = if callgrind {
+        vec!["valgrind", "--tool=callgrind", &cg_out]
+    } else {
+        Vec::new()
+    };
     let w = |name: &str, text: String| {
         let p = dir.path().join(name);
         std::fs::write(&p, text).unwrap();
@@ -238,7 +259,12 @@ async fn main() {
         "p.toml",
         format!("listen = \"127.0.0.1:{pport}\"\nmaster_url = \"{murl}\"\napi_key = \"{admin}\"\nproject_rps = 1000000\nclient_rps = 1000000\n"),
     );
-    let (proxy_daemon, purl) = spawn(env!("CARGO_BIN_EXE_cocalc-proxy"), &pcfg, "listening on");
+    let (proxy_daemon, purl) = spawn_under(
+        &valgrind,
+        env!("CARGO_BIN_EXE_cocalc-proxy"),
+        &pcfg,
+        "listening on",
+    );
     // A hidden host: no listening socket, served through the proxy's tunnel.
     let token2 = master.bootstrap_token().await.unwrap()["token"]
         .as_str()
@@ -308,20 +334,31 @@ async fn main() {
         std::fs::create_dir_all(dir.path().join("nginx/tmp")).unwrap();
         let conf_path = dir.path().join("nginx/nginx.conf");
         std::fs::write(&conf_path, conf).unwrap();
-        let child = Command::new("nginx")
+        // Under callgrind nginx runs as one process (no master), so the
+        // process counted is the one serving.
+        let (cmd, globals) = match valgrind.split_first() {
+            Some((vg, args)) => {
+                let mut c = Command::new(vg);
+                c.args(args).arg("nginx");
+                (c, "daemon off; master_process off;")
+            }
+            None => (Command::new("nginx"), "daemon off;"),
+        };
+        let mut cmd = cmd;
+        let child = cmd
             .args([
                 "-p",
                 dir.path().join("nginx").to_str().unwrap(),
                 "-c",
                 conf_path.to_str().unwrap(),
                 "-g",
-                "daemon off;",
+                globals,
             ])
             .spawn()
             .unwrap();
         nginx_daemon = Some(Daemon(child));
         nginx_url = Some(format!("http://127.0.0.1:{nport}"));
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(if callgrind { 3000 } else { 300 })).await;
     }
 
     println!("{conns} connections, {secs} s each, GET {path} (a small body from a server in the project)");
@@ -364,6 +401,10 @@ async fn main() {
         .into_iter()
         .filter(|r| r.0.contains(only.as_str()))
         .collect();
+    if callgrind {
+        instructions_per_request(&routes, conns, secs).await;
+        return;
+    }
     // Rounds measure every route in turn, so a slow moment of the machine
     // (2 shared cores) hits all routes alike; the summary takes medians.
     let mut req_runs: Vec<Vec<(f64, Duration)>> = vec![Vec::new(); routes.len()];
@@ -383,7 +424,7 @@ async fn main() {
             let _ = load(url, token, 2, 0.3).await; // warm up
             let before = relay.map(cpu_time);
             let t = Instant::now();
-            let (rate, p50, p99) = load(url, token, conns, secs).await;
+            let (rate, p50, p99, _) = load(url, token, conns, secs).await;
             let cpu = match (relay, before) {
                 (Some(pid), Some(b)) => {
                     let us = (cpu_time(*pid) - b).as_secs_f64() * 1e6
@@ -496,4 +537,33 @@ async fn main() {
         }
     }
     drop(nginx_daemon);
+}
+
+/// The `--callgrind` report: for each route with a process in the middle
+/// (running under callgrind), the user-space instructions that process
+/// executes per small request, and the proxy's count against nginx's.
+async fn instructions_per_request(
+    routes: &[(&str, Option<String>, &String, Option<u32>)],
+    conns: usize,
+    secs: f64,
+) {
+    println!("user-space instructions per request of the process in the middle (callgrind):");
+    let mut counts = Vec::new();
+    for (name, url, token, relay) in routes {
+        let (Some(url), Some(pid)) = (url, relay) else {
+            continue;
+        };
+        // Warm up: pooled connections, caches, lazy statics.
+        let _ = load(url, token, conns, 2.0).await;
+        callgrind_zero(*pid);
+        let (_, _, _, n) = load(url, token, conns, secs).await;
+        let ir = callgrind_ir(*pid) as f64 / n as f64;
+        callgrind_dump(*pid);
+        println!("{name:<22} {ir:>9.0} instructions/request   ({n} requests)");
+        counts.push((*name, ir));
+    }
+    let find = |n: &str| counts.iter().find(|c| c.0 == n).map(|c| c.1);
+    if let (Some(p), Some(n)) = (find("via cocalc-proxy"), find("via nginx")) {
+        println!("proxy / nginx instructions per request = {:.2}x", p / n);
+    }
 }

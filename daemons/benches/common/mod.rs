@@ -28,7 +28,26 @@ impl Drop for Daemon {
 /// Starts `bin -c cfg` and waits for a stderr line containing `ready`;
 /// returns the daemon and the line's last word (its URL).
 pub(crate) fn spawn(bin: &str, cfg: &Path, ready: &str) -> (Daemon, String) {
-    let mut child = Command::new(bin)
+    spawn_under(&[], bin, cfg, ready)
+}
+
+/// Like [`spawn`], with the daemon started under `wrapper` (a command and
+/// its arguments, such as valgrind's) when that is not empty.
+pub(crate) fn spawn_under(
+    wrapper: &[&str],
+    bin: &str,
+    cfg: &Path,
+    ready: &str,
+) -> (Daemon, String) {
+    let mut cmd = match wrapper.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
+    let mut child = cmd
         .args(["-c", cfg.to_str().unwrap()])
         .env("RUST_LOG", "error")
         .stderr(Stdio::piped())
@@ -83,4 +102,52 @@ pub(crate) fn cpu_time(pid: u32) -> std::time::Duration {
         }
     }
     std::time::Duration::from_secs_f64(ticks as f64 / tick)
+}
+
+/// Instructions executed in user space by `pid` — a process running
+/// under `valgrind --tool=callgrind` — since its counters were last
+/// zeroed, summed over its threads as `callgrind_control -e Ir` reports
+/// them.
+pub(crate) fn callgrind_ir(pid: u32) -> u64 {
+    let out = Command::new("callgrind_control")
+        .args(["-e", "Ir", &pid.to_string()])
+        .output()
+        .expect("callgrind_control (valgrind) is installed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // One line per thread after "Totals:": "Th <n> <count>".
+    let counts: Vec<u64> = text
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("Totals:"))
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some("Th")).then_some(())?;
+            w.nth(1)?.replace(',', "").parse().ok()
+        })
+        .collect();
+    assert!(
+        !counts.is_empty(),
+        "no per-thread totals in callgrind_control output: {text}"
+    );
+    counts.iter().sum()
+}
+
+/// Zeroes the event counters of `pid`, a process under callgrind.
+pub(crate) fn callgrind_zero(pid: u32) {
+    callgrind_control("-z", pid);
+}
+
+/// Writes the profile of `pid` (a process under callgrind) since its
+/// counters were last zeroed to its output file, and zeroes them.
+pub(crate) fn callgrind_dump(pid: u32) {
+    callgrind_control("--dump", pid);
+}
+
+fn callgrind_control(action: &str, pid: u32) {
+    let ok = Command::new("callgrind_control")
+        .args([action, &pid.to_string()])
+        .output()
+        .expect("callgrind_control (valgrind) is installed")
+        .status
+        .success();
+    assert!(ok, "callgrind_control {action} {pid} failed");
 }
