@@ -857,13 +857,20 @@ async fn ingress_matches_direct_and_refuses_bad_input() {
     .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let purl = format!("http://{}", listener.local_addr().unwrap());
-    let router = ingress.clone().router();
     // Served as the daemon serves it, so WebSockets below are relayed by
     // splice(2) at the proxy as well as at the host.
-    let served = tokio::spawn(async move {
-        cocalc_proxy::serve(listener, router, std::future::pending())
+    let served = tokio::spawn({
+        let ingress = ingress.clone();
+        async move {
+            cocalc_proxy::serve_ingress(
+                listener,
+                ingress,
+                axum::Router::new(),
+                std::future::pending(),
+            )
             .await
             .unwrap();
+        }
     });
 
     let u = admin.create_user("u").await.unwrap();

@@ -336,7 +336,9 @@ pub struct Verifier {
     keys: RwLock<Arc<KeySet>>,
     clock: SharedClock,
     policy: TokenPolicy,
-    cache: Cache<Arc<str>, Arc<TokenClaims>>,
+    /// Keyed by the token; hashed with foldhash (seeded per process), as
+    /// every request hashes a token of a few hundred bytes.
+    cache: Cache<Arc<str>, Arc<TokenClaims>, foldhash::fast::RandomState>,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -376,7 +378,7 @@ impl Verifier {
             .max_capacity(policy.cache_capacity)
             // No entry can be useful past the longest lifetime plus skew.
             .time_to_live(policy.max_ttl + policy.skew)
-            .build();
+            .build_with_hasher(foldhash::fast::RandomState::default());
         Verifier {
             host: Some(host),
             keys: RwLock::new(Arc::new(keys)),

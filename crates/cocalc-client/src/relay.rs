@@ -112,11 +112,15 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// read (it must be ready for a new request). Upgrades do not belong in a
 /// pool: use [`relay`] on a fresh connection.
 pub struct Pool<K, B> {
-    idle: std::sync::Mutex<std::collections::HashMap<K, Vec<SendRequest<B>>>>,
+    idle: std::sync::Mutex<IdleMap<K, B>>,
     per_key: usize,
 }
 
 type SendRequest<B> = hyper::client::conn::http1::SendRequest<B>;
+
+/// Idle connections by destination; hashed with foldhash (seeded per
+/// process), as every request looks its destination up.
+type IdleMap<K, B> = std::collections::HashMap<K, Vec<SendRequest<B>>, foldhash::fast::RandomState>;
 
 impl<K, B> std::fmt::Debug for Pool<K, B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -150,7 +154,7 @@ where
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<K, Vec<SendRequest<B>>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, IdleMap<K, B>> {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 

@@ -211,8 +211,7 @@ pub async fn run(
         None => None,
     };
     eprintln!("cocalc-proxy: listening on http://{addr}");
-    let app = tunnels.router().merge(ingress.router());
-    let result = crate::serve(listener, app, shutdown)
+    let result = crate::serve_ingress(listener, ingress.clone(), tunnels.router(), shutdown)
         .await
         .map_err(|e| ProxyDaemonError::Start(e.to_string()));
     refresher.abort();

@@ -34,16 +34,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::{Json, Router};
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use axum::response::IntoResponse;
+use axum::Json;
 use cocalc_auth::{paserk, AuditSink, KeySet, TracingAuditSink, Verifier};
 use cocalc_client::MasterClient;
 use cocalc_core::{
     ApiError, AuditOutcome, AuditRecord, HostEndpoint, HostId, ProjectId, SharedClock, Timestamp,
     Transport,
 };
+use http_body_util::Either;
+use hyper::body::Incoming;
 
 /// Ingress tunables.
 #[derive(Debug, Clone)]
@@ -95,12 +96,68 @@ pub struct Ingress {
     master: MasterClient,
     verifier: Verifier,
     transport: Arc<dyn Transport>,
-    routes: Mutex<HashMap<HostId, (HostEndpoint, Instant)>>,
+    routes: Mutex<HashMap<HostId, Arc<Route>, foldhash::fast::RandomState>>,
     refusals: Refusals,
-    per_project: governor::DefaultKeyedRateLimiter<ProjectId>,
-    per_client: governor::DefaultKeyedRateLimiter<std::net::IpAddr>,
-    pool: cocalc_client::relay::Pool<HostId, Body>,
+    per_project: Limiter<ProjectId>,
+    per_client: Limiter<std::net::IpAddr>,
+    pool: cocalc_client::relay::Pool<HostId, Incoming>,
 }
+
+/// A keyed rate limiter whose map hashes with foldhash (seeded per
+/// process) rather than SipHash: keys are checked on every request.
+type Limiter<K> = governor::RateLimiter<
+    K,
+    governor::state::keyed::DashMapStateStore<K, foldhash::fast::RandomState>,
+    governor::clock::DefaultClock,
+    governor::middleware::NoOpMiddleware,
+>;
+
+fn limiter<K: std::hash::Hash + Eq + Clone>(rps: u32) -> Limiter<K> {
+    governor::RateLimiter::dashmap_with_hasher(quota(rps), Default::default())
+}
+
+/// A host's cached route: its endpoint, the authority requests to it
+/// carry as `Host`, and when the master was asked.
+#[derive(Debug)]
+struct Route {
+    endpoint: HostEndpoint,
+    authority: HeaderValue,
+    at: Instant,
+}
+
+/// What the ingress answers with: a host's streamed response, or the
+/// ingress's own (a refusal).
+pub type IngressBody = Either<Incoming, Body>;
+
+/// An HTTP response from [`Ingress::handle`].
+pub type Response = http::Response<IngressBody>;
+
+/// The client end of a connection to the ingress: its address, which the
+/// per-client limit keys on, and that address as the value appended to
+/// `X-Forwarded-For` (made once per connection, not per request).
+#[derive(Debug, Clone)]
+pub struct Peer {
+    addr: SocketAddr,
+    ip: HeaderValue,
+}
+
+impl Peer {
+    /// The peer at `addr`.
+    pub fn new(addr: SocketAddr) -> Self {
+        let ip = HeaderValue::from_str(&addr.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Peer { addr, ip }
+    }
+
+    /// The client's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 fn quota(rps: u32) -> governor::Quota {
     let n = std::num::NonZeroU32::new(rps.max(1)).unwrap_or(std::num::NonZeroU32::MIN);
@@ -130,34 +187,44 @@ impl std::fmt::Debug for Ingress {
 }
 
 fn fail(status: u16, code: &str, message: impl Into<String>) -> Response {
-    let e = ApiError::new(status, code, message);
-    let s = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    (s, Json(e)).into_response()
+    api(&ApiError::new(status, code, message))
 }
 
 fn api(e: &ApiError) -> Response {
     let s = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    (s, Json(e.clone())).into_response()
+    (s, Json(e.clone())).into_response().map(Either::Right)
 }
 
 /// Checks the base path; returns the project or why the path is refused.
+/// One pass over the bytes: percent-encoded slashes or backslashes
+/// anywhere, and `.` or `..` segments (also when their dots are written
+/// `%2e`), are refused; then the first segment must be a project id.
 pub fn project_of_path(path: &str) -> Result<ProjectId, String> {
-    let lower = path.to_ascii_lowercase();
-    if lower.contains("%2f") || lower.contains("%5c") {
+    let b = path.as_bytes();
+    let (mut encoded_slash, mut dot_segment) = (false, false);
+    let mut seg_start = 0;
+    for i in 0..=b.len() {
+        match b.get(i) {
+            Some(b'%') => {
+                let code = b.get(i + 1..i + 3).unwrap_or_default();
+                encoded_slash |=
+                    code.eq_ignore_ascii_case(b"2f") || code.eq_ignore_ascii_case(b"5c");
+            }
+            Some(b'/') | None => {
+                dot_segment |= is_dot_segment(&b[seg_start..i]);
+                seg_start = i + 1;
+            }
+            Some(_) => {}
+        }
+    }
+    if encoded_slash {
         return Err("percent-encoded slashes are not allowed in the path".into());
     }
-    if path
-        .split('/')
-        .any(|s| s == ".." || s == "." || s.eq_ignore_ascii_case("%2e%2e"))
-    {
+    if dot_segment {
         return Err("'.' and '..' segments are not allowed in the path".into());
     }
-    let first = path
-        .strip_prefix('/')
-        .unwrap_or(path)
-        .split('/')
-        .next()
-        .unwrap_or("");
+    let rest = path.strip_prefix('/').unwrap_or(path);
+    let first = &rest[..rest.find('/').unwrap_or(rest.len())];
     if first.is_empty() {
         return Err("the path must start with /<project id>/".into());
     }
@@ -166,18 +233,35 @@ pub fn project_of_path(path: &str) -> Result<ProjectId, String> {
         .map_err(|e| format!("first path segment: {e}"))
 }
 
-fn token_of(req: &Request, project: ProjectId) -> Option<String> {
+/// Whether a path segment means `.` or `..`: one or two dots, each
+/// written `.` or `%2e` (either case), and nothing else.
+fn is_dot_segment(seg: &[u8]) -> bool {
+    let (mut dots, mut i) = (0, 0);
+    while i < seg.len() {
+        if seg[i] == b'.' {
+            i += 1;
+        } else if seg[i..].len() >= 3 && seg[i..i + 3].eq_ignore_ascii_case(b"%2e") {
+            i += 3;
+        } else {
+            return false;
+        }
+        dots += 1;
+    }
+    (1..=2).contains(&dots)
+}
+
+fn token_of<B>(req: &http::Request<B>, project: ProjectId) -> Option<&str> {
     let h = req.headers();
     if let Some(t) = h
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
     {
-        return Some(t.trim().to_string());
+        return Some(t.trim());
     }
     if let Some(q) = req.uri().query() {
         if let Some(t) = q.split('&').find_map(|p| p.strip_prefix("token=")) {
-            return Some(t.to_string());
+            return Some(t);
         }
     }
     let name = cocalc_core::wire::token_cookie_name(project);
@@ -187,7 +271,7 @@ fn token_of(req: &Request, project: ProjectId) -> Option<String> {
         .flat_map(|v| v.split(';'))
         .filter_map(|c| c.trim().split_once('='))
         .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.to_string())
+        .map(|(_, v)| v)
 }
 
 impl Ingress {
@@ -213,14 +297,14 @@ impl Ingress {
         let ing = Ingress {
             audit,
             clock: clock.clone(),
-            per_project: governor::RateLimiter::keyed(quota(cfg.project_rps)),
-            per_client: governor::RateLimiter::keyed(quota(cfg.client_rps)),
+            per_project: limiter(cfg.project_rps),
+            per_client: limiter(cfg.client_rps),
             pool: cocalc_client::relay::Pool::new(POOL_PER_HOST),
             verifier: Verifier::for_ingress(KeySet::new(), clock),
             master,
             cfg,
             transport,
-            routes: Mutex::new(HashMap::new()),
+            routes: Mutex::new(HashMap::default()),
             refusals: Refusals::default(),
         };
         ing.refresh_keys().await?;
@@ -273,23 +357,39 @@ impl Ingress {
         Ok(())
     }
 
-    async fn route(&self, host: HostId) -> Result<HostEndpoint, ApiError> {
-        if let Some((ep, at)) = self
+    async fn route(&self, host: HostId) -> Result<Arc<Route>, ApiError> {
+        if let Some(r) = self
             .routes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&host)
         {
-            if at.elapsed() < self.cfg.route_ttl {
-                return Ok(ep.clone());
+            if r.at.elapsed() < self.cfg.route_ttl {
+                return Ok(r.clone());
             }
         }
-        let ep = self.master.host_endpoint(host).await?;
+        let endpoint = self.master.host_endpoint(host).await?;
+        let authority = match &endpoint {
+            HostEndpoint::Url(u) => crate::parse_host_url(u).map_err(|e| ApiError::from(&e))?,
+            _ => host.to_string(),
+        };
+        let authority = HeaderValue::from_str(&authority).map_err(|_| {
+            ApiError::new(
+                502,
+                "bad_endpoint",
+                format!("host {host}'s address {authority:?} is not a valid Host header"),
+            )
+        })?;
+        let r = Arc::new(Route {
+            endpoint,
+            authority,
+            at: Instant::now(),
+        });
         self.routes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(host, (ep.clone(), Instant::now()));
-        Ok(ep)
+            .insert(host, r.clone());
+        Ok(r)
     }
 
     /// The master client the ingress acts with.
@@ -306,12 +406,13 @@ impl Ingress {
         &self,
         host: HostId,
     ) -> Result<(cocalc_core::BoxedConnection, String), ApiError> {
-        let endpoint = self.route(host).await?;
-        let authority = match &endpoint {
-            HostEndpoint::Url(u) => crate::parse_host_url(u).map_err(|e| ApiError::from(&e))?,
-            _ => host.to_string(),
-        };
-        match self.transport.connect(host, &endpoint).await {
+        let route = self.route(host).await?;
+        let authority = route
+            .authority
+            .to_str()
+            .map_err(|_| ApiError::new(502, "bad_endpoint", format!("host {host}'s address")))?
+            .to_string();
+        match self.transport.connect(host, &route.endpoint).await {
             Ok(c) => Ok((c, authority)),
             Err(e) => {
                 self.refusals.unreachable.fetch_add(1, Ordering::Relaxed);
@@ -338,159 +439,166 @@ impl Ingress {
         self.per_project.retain_recent();
     }
 
-    /// The ingress as an axum router (serve it with connect info:
-    /// `into_make_service_with_connect_info::<SocketAddr>()`).
-    pub fn router(self: Arc<Self>) -> Router {
-        Router::new().fallback(handle).with_state(self)
-    }
-}
-
-async fn handle(
-    State(ing): State<Arc<Ingress>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    req: Request,
-) -> Response {
-    use governor::clock::{Clock, DefaultClock};
-    if let Err(not_until) = ing.per_client.check_key(&peer.ip()) {
-        ing.refuse(
-            &ing.refusals.rate_limited,
-            "rate_limited",
-            None,
-            peer,
-            "per-client limit",
-        );
-        return too_many(
-            "client",
-            not_until.wait_time_from(DefaultClock::default().now()),
-        );
-    }
-    let project = match project_of_path(req.uri().path()) {
-        Ok(p) => p,
-        Err(why) => {
-            ing.refuse(&ing.refusals.bad_path, "bad_path", None, peer, &why);
-            return fail(400, "bad_path", why);
+    /// Answers one request: the checks of the module overview in order
+    /// (rate limits, base path, token), then the request goes to the
+    /// token's host and the host's response streams back. Refusals are
+    /// counted, audited and answered here. Serve it with
+    /// [`crate::serve_ingress`], or from any hyper server.
+    pub async fn handle(&self, peer: &Peer, req: http::Request<Incoming>) -> Response {
+        let (project, host) = match self.admit(peer.addr, &req) {
+            Ok(admitted) => admitted,
+            Err(refusal) => return *refusal,
+        };
+        let route = match self.route(host).await {
+            Ok(r) => r,
+            Err(e) => return api(&e),
+        };
+        match self.forward(host, &route, peer, req).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.refuse(
+                    &self.refusals.unreachable,
+                    &e.code,
+                    Some(project),
+                    peer.addr,
+                    &e.message,
+                );
+                self.forget_route(host);
+                api(&e)
+            }
         }
-    };
-    if let Err(not_until) = ing.per_project.check_key(&project) {
-        ing.refuse(
-            &ing.refusals.rate_limited,
-            "rate_limited",
-            Some(project),
-            peer,
-            "per-project limit",
-        );
-        return too_many(
-            "project",
-            not_until.wait_time_from(DefaultClock::default().now()),
-        );
     }
-    let Some(token) = token_of(&req, project) else {
-        ing.refuse(
-            &ing.refusals.bad_token,
-            "token_missing",
-            Some(project),
-            peer,
-            "no connect token",
-        );
-        return fail(
-            401,
-            "token_missing",
-            "no connect token (Authorization header, ?token= or cookie)",
-        );
-    };
-    let verified = ing
-        .verifier
-        .verify(&token)
-        .and_then(|c| c.require_project(project).map(|()| c));
-    let claims = match verified {
-        Ok(c) => c,
-        Err(e) => {
-            ing.refuse(
-                &ing.refusals.bad_token,
-                e.code(),
+
+    /// The checks before anything is forwarded: the per-client limit, the
+    /// base path, the per-project limit and the token. Returns the
+    /// project and the host the token names, or the refusal to answer
+    /// with.
+    fn admit<B>(
+        &self,
+        peer: SocketAddr,
+        req: &http::Request<B>,
+    ) -> Result<(ProjectId, HostId), Box<Response>> {
+        use governor::clock::{Clock, DefaultClock};
+        if let Err(not_until) = self.per_client.check_key(&peer.ip()) {
+            self.refuse(
+                &self.refusals.rate_limited,
+                "rate_limited",
+                None,
+                peer,
+                "per-client limit",
+            );
+            return Err(Box::new(too_many(
+                "client",
+                not_until.wait_time_from(DefaultClock::default().now()),
+            )));
+        }
+        let project = match project_of_path(req.uri().path()) {
+            Ok(p) => p,
+            Err(why) => {
+                self.refuse(&self.refusals.bad_path, "bad_path", None, peer, &why);
+                return Err(Box::new(fail(400, "bad_path", why)));
+            }
+        };
+        if let Err(not_until) = self.per_project.check_key(&project) {
+            self.refuse(
+                &self.refusals.rate_limited,
+                "rate_limited",
                 Some(project),
                 peer,
-                &e.to_string(),
+                "per-project limit",
             );
-            return api(&ApiError::from(&e));
+            return Err(Box::new(too_many(
+                "project",
+                not_until.wait_time_from(DefaultClock::default().now()),
+            )));
         }
-    };
-    let endpoint = match ing.route(claims.host).await {
-        Ok(ep) => ep,
-        Err(e) => return api(&e),
-    };
-    match forward(&ing, claims.host, &endpoint, peer, req).await {
-        Ok(r) => r,
-        Err(e) => {
-            ing.refuse(
-                &ing.refusals.unreachable,
-                &e.code,
+        let Some(token) = token_of(req, project) else {
+            self.refuse(
+                &self.refusals.bad_token,
+                "token_missing",
                 Some(project),
                 peer,
-                &e.message,
+                "no connect token",
             );
-            ing.forget_route(claims.host);
-            api(&e)
+            return Err(Box::new(fail(
+                401,
+                "token_missing",
+                "no connect token (Authorization header, ?token= or cookie)",
+            )));
+        };
+        match self
+            .verifier
+            .verify(token)
+            .and_then(|c| c.require_project(project).map(|()| c))
+        {
+            Ok(claims) => Ok((project, claims.host)),
+            Err(e) => {
+                self.refuse(
+                    &self.refusals.bad_token,
+                    e.code(),
+                    Some(project),
+                    peer,
+                    &e.to_string(),
+                );
+                Err(Box::new(api(&ApiError::from(&e))))
+            }
         }
     }
-}
 
-async fn forward(
-    ing: &Ingress,
-    host: HostId,
-    endpoint: &HostEndpoint,
-    peer: SocketAddr,
-    req: Request,
-) -> Result<Response, ApiError> {
-    let (mut parts, body) = req.into_parts();
-    let authority = match endpoint {
-        HostEndpoint::Url(u) => crate::parse_host_url(u).map_err(|e| ApiError::from(&e))?,
-        _ => host.to_string(),
-    };
-    if let Some(orig) = parts.headers.get(header::HOST).cloned() {
-        parts.headers.insert("x-forwarded-host", orig);
-    }
-    if let Ok(v) = HeaderValue::from_str(&authority) {
-        parts.headers.insert(header::HOST, v);
-    }
-    let xff = match parts
-        .headers
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(prev) => format!("{prev}, {}", peer.ip()),
-        None => peer.ip().to_string(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        parts.headers.insert("x-forwarded-for", v);
-    }
-    parts
-        .headers
-        .insert("x-forwarded-proto", HeaderValue::from_static("http"));
-    let failed = |e: hyper::Error| ApiError::new(502, "host_failed", format!("host {host}: {e}"));
-    let req = axum::http::Request::from_parts(parts, body);
-    if req.headers().contains_key(header::UPGRADE) {
-        // Upgrades take the connection over: a fresh one, relayed both ways.
-        let conn = ing
-            .transport
-            .connect(host, endpoint)
+    /// Sends an admitted request to `host` and returns its response.
+    async fn forward(
+        &self,
+        host: HostId,
+        route: &Route,
+        peer: &Peer,
+        req: http::Request<Incoming>,
+    ) -> Result<Response, ApiError> {
+        let (mut parts, body) = req.into_parts();
+        if let Some(orig) = parts.headers.remove(header::HOST) {
+            parts.headers.insert(X_FORWARDED_HOST, orig);
+        }
+        parts.headers.insert(header::HOST, route.authority.clone());
+        let xff = match parts.headers.get(X_FORWARDED_FOR) {
+            Some(prev) => {
+                let mut v = Vec::with_capacity(prev.len() + 2 + peer.ip.len());
+                v.extend_from_slice(prev.as_bytes());
+                v.extend_from_slice(b", ");
+                v.extend_from_slice(peer.ip.as_bytes());
+                HeaderValue::from_bytes(&v).unwrap_or_else(|_| peer.ip.clone())
+            }
+            None => peer.ip.clone(),
+        };
+        parts.headers.insert(X_FORWARDED_FOR, xff);
+        parts
+            .headers
+            .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        let failed =
+            |e: hyper::Error| ApiError::new(502, "host_failed", format!("host {host}: {e}"));
+        if parts.headers.contains_key(header::UPGRADE) {
+            // Upgrades take the connection over: a fresh one, relayed both ways.
+            let conn = self
+                .transport
+                .connect(host, &route.endpoint)
+                .await
+                .map_err(|e| ApiError::from(&e))?;
+            let req = http::Request::from_parts(parts, body);
+            let resp = cocalc_client::relay::relay(conn, req)
+                .await
+                .map_err(failed)?;
+            return Ok(resp.map(Either::Left));
+        }
+        // Plain requests reuse idle keep-alive connections to the host.
+        let req = http::Request::from_parts(parts, body);
+        let resp = self
+            .pool
+            .send(host, req, || self.transport.connect(host, &route.endpoint))
             .await
-            .map_err(|e| ApiError::from(&e))?;
-        let resp = cocalc_client::relay::relay(conn, req)
-            .await
-            .map_err(failed)?;
-        return Ok(resp.map(Body::new));
+            .map_err(|e| match e {
+                cocalc_client::relay::PoolError::Connect(e) => ApiError::from(&e),
+                cocalc_client::relay::PoolError::Http(e) => failed(e),
+            })?;
+        Ok(resp.map(Either::Left))
     }
-    // Plain requests reuse idle keep-alive connections to the host.
-    let resp = ing
-        .pool
-        .send(host, req, || ing.transport.connect(host, endpoint))
-        .await
-        .map_err(|e| match e {
-            cocalc_client::relay::PoolError::Connect(e) => ApiError::from(&e),
-            cocalc_client::relay::PoolError::Http(e) => failed(e),
-        })?;
-    Ok(resp.map(Body::new))
 }
 
 /// Idle connections kept per host.
@@ -505,6 +613,9 @@ mod tests {
         let id = "6ba7b810-9dad-41d1-80b4-00c04fd430c8";
         assert!(project_of_path(&format!("/{id}/exec")).is_ok());
         assert!(project_of_path(&format!("/{id}")).is_ok());
+        // Dots inside names, and "..." are ordinary segments.
+        assert!(project_of_path(&format!("/{id}/files/a..b/.hidden/...")).is_ok());
+        assert!(project_of_path(&format!("/{id}/files/%2e%2e%2e/%41")).is_ok());
         for (bad, why) in [
             (
                 "/6ba7b810-9dad-41d1-80b4-00c04fd430c/exec",
@@ -513,6 +624,11 @@ mod tests {
             (&format!("/{id}0/exec"), "expected 36 characters"),
             (&format!("/{}/exec", id.to_uppercase()), "lowercase hex"),
             (&format!("/{id}/../other"), "'..'"),
+            (&format!("/{id}/./other"), "'..'"),
+            (&format!("/{id}/x/%2e%2E"), "'..'"),
+            (&format!("/{id}/.%2e/y"), "'..'"),
+            (&format!("/{id}/%2E"), "'..'"),
+            ("/../x", "'..'"),
             (&format!("/{id}/files/a%2Fb"), "percent-encoded slashes"),
             (&format!("/{id}/files/a%5cb"), "percent-encoded slashes"),
             ("/", "must start with"),

@@ -43,18 +43,62 @@ mod tcp;
 pub mod tunnel;
 
 pub use cocalc_core::parse_host_url;
-pub use ingress::{Ingress, IngressConfig};
+pub use ingress::{Ingress, IngressConfig, Peer};
 #[cfg(feature = "ssh")]
 pub use ssh::{Refusal, SshIngress, SshRefusals};
 pub use tcp::TcpTransport;
 pub use tunnel::{ProxyTransport, TunnelConfig, TunnelHub};
 
-/// Serves the proxy's router (the ingress, merged with
-/// [`TunnelHub::router`]) on `listener` until `shutdown` completes, with
-/// each request told its client's address (axum's `ConnectInfo`, which
-/// the rate limits key on). Built on [`cocalc_client::serve::serve`], so
-/// relayed WebSockets between TCP sockets, and dial-back connections from
-/// hidden hosts, reach the relay as bare sockets and move by `splice(2)`.
+/// Serves the proxy: `ingress` for every request, except paths under
+/// `/.cocalc/` (no project id starts with a dot), which go to `internal`
+/// — the proxy's own endpoints, such as [`TunnelHub::router`]. Project
+/// requests reach [`Ingress::handle`] directly, with no router in
+/// between. Runs until `shutdown` completes; built on
+/// [`cocalc_client::serve::serve`], so relayed WebSockets between TCP
+/// sockets reach the relay as bare sockets and move by `splice(2)`.
+pub async fn serve_ingress(
+    listener: tokio::net::TcpListener,
+    ingress: std::sync::Arc<Ingress>,
+    internal: axum::Router,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    use http_body_util::Either;
+    use std::future::Future;
+    use std::pin::Pin;
+    type Answer =
+        Pin<Box<dyn Future<Output = Result<ingress::Response, std::convert::Infallible>> + Send>>;
+    cocalc_client::serve::serve(
+        listener,
+        move |addr: std::net::SocketAddr| {
+            let (ingress, internal) = (ingress.clone(), internal.clone());
+            let peer = Peer::new(addr);
+            hyper::service::service_fn(
+                move |mut req: hyper::Request<hyper::body::Incoming>| -> Answer {
+                    if req.uri().path().starts_with("/.cocalc/") {
+                        req.extensions_mut()
+                            .insert(axum::extract::ConnectInfo(addr));
+                        let internal = internal.clone();
+                        Box::pin(async move {
+                            let resp = tower::ServiceExt::oneshot(internal, req).await?;
+                            Ok(resp.map(Either::Right))
+                        })
+                    } else {
+                        let (ingress, peer) = (ingress.clone(), peer.clone());
+                        Box::pin(async move { Ok(ingress.handle(&peer, req).await) })
+                    }
+                },
+            )
+        },
+        shutdown,
+    )
+    .await
+}
+
+/// Serves an axum router on `listener` until `shutdown` completes, with
+/// each request told its client's address (axum's `ConnectInfo`). Built
+/// on [`cocalc_client::serve::serve`], so relayed upgrades between TCP
+/// sockets and dial-back connections from hidden hosts reach the relay
+/// as bare sockets and move by `splice(2)`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: axum::Router,
