@@ -255,9 +255,10 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let pport = free_port();
+    let pkey = master.create_proxy_key("bench").await.unwrap().api_key;
     let pcfg = w(
         "p.toml",
-        format!("listen = \"127.0.0.1:{pport}\"\nmaster_url = \"{murl}\"\napi_key = \"{admin}\"\nproject_rps = 1000000\nclient_rps = 1000000\n"),
+        format!("listen = \"127.0.0.1:{pport}\"\nmaster_url = \"{murl}\"\napi_key = \"{pkey}\"\nproject_rps = 1000000\nclient_rps = 1000000\n"),
     );
     let (proxy_daemon, purl) = spawn_under(
         &valgrind,

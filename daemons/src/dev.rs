@@ -47,6 +47,9 @@ pub struct DevOptions {
 #[error("{0}")]
 pub struct DevError(pub String);
 
+/// The name of the proxy key `dev up` gives its proxy.
+const DEV_PROXY_KEY: &str = "dev-proxy";
+
 fn err(what: &str, e: impl std::fmt::Display) -> DevError {
     DevError(format!("{what}: {e}"))
 }
@@ -136,10 +139,20 @@ pub async fn up(
         .to_string();
     let admin = MasterClient::new(&url, &admin_key);
 
-    // The ingress proxy, with the admin key (SSH logins are authorized by
-    // the master for the admin key only).
+    // The ingress proxy, with a proxy key of its own (made afresh each
+    // time: the secret is shown only once), never the admin key.
     let ssh_on = opts.proxy_port != 0 && opts.ssh_port != 0;
     let proxy_task = if opts.proxy_port != 0 {
+        match admin.revoke_proxy_key(DEV_PROXY_KEY).await {
+            Ok(()) => {}
+            Err(e) if e.status == 404 => {}
+            Err(e) => return Err(err("revoking the old dev proxy key", e.message)),
+        }
+        let proxy_key = admin
+            .create_proxy_key(DEV_PROXY_KEY)
+            .await
+            .map_err(|e| err("creating the dev proxy key", e.message))?
+            .api_key;
         let ssh = if ssh_on {
             format!(
                 "ssh_listen = \"127.0.0.1:{}\"\nssh_host_key_file = \"{}\"\n",
@@ -150,7 +163,7 @@ pub async fn up(
             String::new()
         };
         let pcfg: cocalc_proxy::daemon::ProxyConfig = toml::from_str(&format!(
-            "listen = \"127.0.0.1:{}\"\nmaster_url = \"{url}\"\napi_key = \"{admin_key}\"\n{ssh}",
+            "listen = \"127.0.0.1:{}\"\nmaster_url = \"{url}\"\napi_key = \"{proxy_key}\"\n{ssh}",
             opts.proxy_port
         ))
         .map_err(|e| err("proxy config", e))?;

@@ -232,12 +232,22 @@ fn proxy_starts_from_config_and_refuses_at_the_edge() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2), "no API key is a config error");
     assert!(String::from_utf8_lossy(&o.stderr).contains("api_key"));
+    // The proxy gets a proxy key of its own, from the CLI, in a file.
+    let created = json(&cocalc(
+        &d,
+        &d.admin_key,
+        &["proxy-key", "create", "edge", "--json"],
+    ));
+    assert_eq!(created["key"]["name"], "edge");
+    let key_file = dir.path().join("proxy.key");
+    std::fs::write(&key_file, created["api_key"].as_str().unwrap()).unwrap();
     std::fs::write(
         &cfg,
         format!(
-            "listen = \"127.0.0.1:0\"\nmaster_url = \"{}\"\napi_key = \"{}\"\n\
+            "listen = \"127.0.0.1:0\"\nmaster_url = \"{}\"\napi_key_file = \"{}\"\n\
              metrics_listen = \"127.0.0.1:0\"\n",
-            d.url, d.admin_key
+            d.url,
+            key_file.display()
         ),
     )
     .unwrap();
@@ -287,6 +297,17 @@ fn proxy_starts_from_config_and_refuses_at_the_edge() {
     drop(child);
     assert_eq!(bad, 400);
     assert_eq!(missing, 401);
+    let listed = ok(&cocalc(&d, &d.admin_key, &["proxy-key", "list"]));
+    assert!(listed.starts_with("edge  created at "), "{listed}");
+    ok(&cocalc(&d, &d.admin_key, &["proxy-key", "revoke", "edge"]));
+    assert_eq!(ok(&cocalc(&d, &d.admin_key, &["proxy-key", "list"])), "");
+    let again = cocalc(&d, &d.admin_key, &["proxy-key", "revoke", "edge"]);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("no proxy key named \"edge\""),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
     // Each refusal is counted by reason.
     for line in [
         "cocalc_proxy_http_refusals_total{reason=\"bad_path\"} 1",

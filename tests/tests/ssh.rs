@@ -138,13 +138,15 @@ async fn federation() -> Fed {
     })
     .await;
 
-    // Proxy: HTTP ingress state + SSH server, with the admin key.
+    // Proxy: HTTP ingress state + SSH server, with a proxy key (host
+    // lookups and SSH authorizations only), as deployments should.
+    let proxy_key = admin.create_proxy_key("edge").await.unwrap().api_key;
     use cocalc_core::Clock as _;
     let manual = cocalc_core::ManualClock::new(cocalc_core::SystemClock.now());
     let clock: cocalc_core::SharedClock = Arc::new(manual.clone());
     let audit = Arc::new(cocalc_auth::MemoryAuditSink::new());
     let ingress = cocalc_proxy::Ingress::with_audit(
-        cocalc_proxy::IngressConfig::new(&master_url, &admin_key),
+        cocalc_proxy::IngressConfig::new(&master_url, &proxy_key),
         Arc::new(cocalc_proxy::TcpTransport::default()),
         clock.clone(),
         audit.clone(),

@@ -267,8 +267,37 @@ impl MasterClient {
         .map(|_| ())
     }
 
-    /// For proxies (admin key): a connect token for the collaborator who
-    /// registered `public_key`, or one uniform 403.
+    /// Creates a proxy key named `name` (admin key); the answer holds the
+    /// key, shown only this once.
+    pub async fn create_proxy_key(
+        &self,
+        name: &str,
+    ) -> Result<cocalc_core::wire::CreatedProxyKey, ApiError> {
+        let body = serde_json::to_value(cocalc_core::wire::CreateProxyKeyRequest::new(name))
+            .map_err(|e| ApiError::new(400, "bad_request", e.to_string()))?;
+        self.call(reqwest::Method::POST, "/v1/admin/proxy-keys", Some(body))
+            .await
+    }
+
+    /// Every proxy key (admin key).
+    pub async fn proxy_keys(&self) -> Result<Vec<cocalc_core::wire::ProxyKey>, ApiError> {
+        self.call(reqwest::Method::GET, "/v1/admin/proxy-keys", None)
+            .await
+    }
+
+    /// Revokes the proxy key named `name` (admin key).
+    pub async fn revoke_proxy_key(&self, name: &str) -> Result<(), ApiError> {
+        let path = format!(
+            "/v1/admin/proxy-keys/{}",
+            crate::encode_path(name).replace('/', "%2F")
+        );
+        self.call::<Value>(reqwest::Method::DELETE, &path, None)
+            .await
+            .map(|_| ())
+    }
+
+    /// For proxies (a proxy key or the admin key): a connect token for
+    /// the collaborator who registered `public_key`, or one uniform 403.
     pub async fn ssh_authorize(
         &self,
         req: &SshAuthorizeRequest,

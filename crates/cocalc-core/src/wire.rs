@@ -683,7 +683,84 @@ impl AddSshKeyRequest {
     }
 }
 
-/// `POST /v1/ssh/authorize` (proxies, admin key): may the holder of
+/// A proxy key (`GET /v1/admin/proxy-keys`): an API key that lets a
+/// `cocalc-proxy` look up hosts and signing keys and ask for SSH
+/// authorizations, and nothing else. The key itself is shown only once,
+/// in [`CreatedProxyKey`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ProxyKey {
+    /// Wire version.
+    #[serde(default = "v1")]
+    pub v: u16,
+    /// The name the admin gave it (unique; 1 to 64 characters of
+    /// `[A-Za-z0-9._-]`).
+    pub name: String,
+    /// When it was created.
+    pub created: Timestamp,
+}
+
+impl ProxyKey {
+    /// A proxy key's description.
+    pub fn new(name: impl Into<String>, created: Timestamp) -> Self {
+        ProxyKey {
+            v: WIRE_VERSION,
+            name: name.into(),
+            created,
+        }
+    }
+}
+
+/// `POST /v1/admin/proxy-keys`: create a proxy key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct CreateProxyKeyRequest {
+    /// Wire version.
+    #[serde(default = "v1")]
+    pub v: u16,
+    /// Its name, e.g. the proxy's host name.
+    pub name: String,
+}
+
+impl CreateProxyKeyRequest {
+    /// A request for a key named `name`.
+    pub fn new(name: impl Into<String>) -> Self {
+        CreateProxyKeyRequest {
+            v: WIRE_VERSION,
+            name: name.into(),
+        }
+    }
+}
+
+/// A created proxy key with the secret (shown only now; the master keeps
+/// a hash).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct CreatedProxyKey {
+    /// Wire version.
+    #[serde(default = "v1")]
+    pub v: u16,
+    /// The key's description.
+    pub key: ProxyKey,
+    /// The API key to give the proxy (`api_key` / `api_key_file`).
+    pub api_key: String,
+}
+
+impl CreatedProxyKey {
+    /// A created key.
+    pub fn new(key: ProxyKey, api_key: String) -> Self {
+        CreatedProxyKey {
+            v: WIRE_VERSION,
+            key,
+            api_key,
+        }
+    }
+}
+
+/// `POST /v1/ssh/authorize` (proxies: a proxy key or the admin key): may the holder of
 /// `public_key` enter `project`? Answered with an [`OpenProjectResponse`]
 /// for the collaborator who registered the key, or one uniform refusal.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -188,6 +188,7 @@ impl Directory {
             .map_err(db)?;
         conn.execute_batch(SCHEMA).map_err(db)?;
         conn.execute_batch(crate::ssh::SCHEMA).map_err(db)?;
+        conn.execute_batch(crate::proxy_keys::SCHEMA).map_err(db)?;
         Ok(Directory {
             conn: Arc::new(Mutex::new(conn)),
             caches: Arc::default(),

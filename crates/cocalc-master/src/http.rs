@@ -96,6 +96,7 @@ pub fn router(master: Arc<Master>) -> Router {
         .route("/v1/hosts/{h}/acl", get(host_acl))
         .route("/v1/hosts/{h}/push", get(push))
         .merge(crate::ssh::routes())
+        .merge(crate::proxy_keys::routes())
         .route("/openapi.json", get(|| async { Json(openapi()) }))
         .fallback(|uri: axum::http::Uri| async move {
             MasterError::NotFound(format!("no API route {}", uri.path()))
@@ -144,6 +145,7 @@ impl utoipa::Modify for Security {
 pub fn openapi() -> utoipa::openapi::OpenApi {
     let mut doc = ApiDoc::openapi();
     doc.merge(crate::ssh::SshApi::openapi());
+    doc.merge(crate::proxy_keys::ProxyKeyApi::openapi());
     doc
 }
 

@@ -60,6 +60,10 @@ pub enum Caller {
     Admin,
     /// A user (their API key).
     User(User),
+    /// A proxy (a proxy key, named): may look hosts and signing keys up
+    /// and ask for SSH authorizations, nothing else (see
+    /// [`crate::proxy_keys`]).
+    Proxy(String),
 }
 
 impl Caller {
@@ -69,18 +73,27 @@ impl Caller {
             Caller::Admin => Err(MasterError::BadRequest(
                 "this call acts as a user; use a user's API key".into(),
             )),
+            Caller::Proxy(_) => Err(Caller::proxy_refused()),
         }
     }
 
-    fn require_admin(&self) -> Result<(), MasterError> {
+    pub(crate) fn require_admin(&self) -> Result<(), MasterError> {
         match self {
             Caller::Admin => Ok(()),
             Caller::User(_) => Err(MasterError::Forbidden("admin key required".into())),
+            Caller::Proxy(_) => Err(Caller::proxy_refused()),
         }
+    }
+
+    /// The refusal of every call a proxy key may not make.
+    pub(crate) fn proxy_refused() -> MasterError {
+        MasterError::Forbidden(
+            "a proxy key may only look up hosts and signing keys and authorize SSH logins".into(),
+        )
     }
 }
 
-fn random<const N: usize>() -> Result<[u8; N], MasterError> {
+pub(crate) fn random<const N: usize>() -> Result<[u8; N], MasterError> {
     let mut b = [0u8; N];
     getrandom::getrandom(&mut b)
         .map_err(|e| MasterError::Internal(format!("random source: {e}")))?;
@@ -188,9 +201,12 @@ impl Master {
         if h == self.cfg.admin_key_hash {
             return Ok(Caller::Admin);
         }
+        if let Some(u) = self.dir.user_by_key_hash(&h)? {
+            return Ok(Caller::User(u));
+        }
         self.dir
-            .user_by_key_hash(&h)?
-            .map(Caller::User)
+            .proxy_key_by_hash(&h)?
+            .map(|k| Caller::Proxy(k.name))
             .ok_or_else(|| MasterError::Unauthorized("unknown API key".into()))
     }
 
@@ -244,6 +260,7 @@ impl Master {
         let perm = match caller {
             Caller::Admin => Permission::Admin,
             Caller::User(u) => self.dir.permission(project, u.id)?.ok_or_else(not_found)?,
+            Caller::Proxy(_) => return Err(Caller::proxy_refused()),
         };
         Ok((p, perm))
     }
@@ -489,12 +506,15 @@ impl Master {
             .dir
             .user(user)?
             .ok_or_else(|| MasterError::NotFound(format!("no user {user:?}")))?;
-        if let Caller::User(u) = caller {
-            if u.id != target.id {
+        match caller {
+            Caller::Admin => {}
+            Caller::User(u) if u.id == target.id => {}
+            Caller::User(_) => {
                 return Err(MasterError::Forbidden(
                     "you can only sign yourself out".into(),
-                ));
+                ))
             }
+            Caller::Proxy(_) => return Err(Caller::proxy_refused()),
         }
         // Tokens carry whole seconds: cut off everything issued up to now.
         let cutoff = Timestamp::from_secs(self.now().as_secs() + 1);

@@ -5,7 +5,7 @@
 //! master keeps the key type, the base64 blob, the comment and the
 //! OpenSSH `SHA256:` fingerprint in its own table (`ssh_keys`). A proxy
 //! that has verified a client's signature asks [`Master::ssh_authorize`]
-//! with the admin key and gets the same [`OpenProjectResponse`] as
+//! with its proxy key (or the admin key) and gets the same [`OpenProjectResponse`] as
 //! opening the project, minted for the collaborator who registered that
 //! key, or one uniform refusal that does not tell an unknown project from
 //! an unknown key or a key of a non-collaborator.
@@ -276,6 +276,7 @@ fn acting_user(caller: &Caller) -> Result<&User, MasterError> {
         Caller::Admin => Err(MasterError::BadRequest(
             "SSH keys belong to users; use a user's API key".into(),
         )),
+        Caller::Proxy(_) => Err(Caller::proxy_refused()),
     }
 }
 
@@ -298,7 +299,7 @@ impl Master {
             .remove_ssh_key(acting_user(caller)?.id, fingerprint)
     }
 
-    /// For proxies (admin key only): the project's connect token for the
+    /// For proxies (a proxy key or the admin key): the project's connect token for the
     /// collaborator who registered `public_key` (the one with the highest
     /// permission if several did), placing the project if needed. Unknown
     /// projects, unknown keys, malformed keys and keys of users who are not
@@ -308,8 +309,10 @@ impl Master {
         caller: &Caller,
         req: &SshAuthorizeRequest,
     ) -> Result<OpenProjectResponse, MasterError> {
-        if !matches!(caller, Caller::Admin) {
-            return Err(MasterError::Forbidden("admin key required".into()));
+        if !matches!(caller, Caller::Admin | Caller::Proxy(_)) {
+            return Err(MasterError::Forbidden(
+                "a proxy key or the admin key is required".into(),
+            ));
         }
         let refuse = || MasterError::Forbidden(SSH_REFUSAL.into());
         let Ok(key) = parse_public_key(&req.public_key) else {

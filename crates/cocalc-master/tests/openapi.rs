@@ -182,6 +182,41 @@ async fn every_response_matches_the_openapi_document() {
         None,
     )
     .await; // 404
+    let proxy_key = json!({"name": "edge-1"});
+    e.call(
+        "POST",
+        "/v1/admin/proxy-keys",
+        Some(ADMIN),
+        Some(proxy_key.clone()),
+    )
+    .await;
+    e.call(
+        "POST",
+        "/v1/admin/proxy-keys",
+        Some(ADMIN),
+        Some(proxy_key.clone()),
+    )
+    .await; // 409
+    e.call(
+        "POST",
+        "/v1/admin/proxy-keys",
+        Some(&alice),
+        Some(proxy_key),
+    )
+    .await; // 403
+    e.call(
+        "POST",
+        "/v1/admin/proxy-keys",
+        Some(ADMIN),
+        Some(json!({"name": ""})),
+    )
+    .await; // 400
+    e.call("GET", "/v1/admin/proxy-keys", Some(ADMIN), None)
+        .await;
+    e.call("DELETE", "/v1/admin/proxy-keys/edge-1", Some(ADMIN), None)
+        .await;
+    e.call("DELETE", "/v1/admin/proxy-keys/edge-1", Some(ADMIN), None)
+        .await; // 404
     e.clock.advance(Duration::from_secs(1));
 
     let recorded = e.recorded.lock().unwrap().clone();

@@ -5,7 +5,7 @@
 //! ```toml
 //! listen = "0.0.0.0:8000"
 //! master_url = "http://127.0.0.1:8080"
-//! api_key_file = "/etc/cocalc/proxy.key"   # a master API key (or api_key = "…")
+//! api_key_file = "/etc/cocalc/proxy.key"   # a proxy key: `cocalc proxy-key create NAME` (or api_key = "…")
 //! key_refresh_secs = 60                    # how often to reload the master's signing keys
 //! project_rps = 200                        # requests/s per project (and burst)
 //! client_rps = 100                         # requests/s per client address (and burst)
@@ -20,9 +20,10 @@
 //! [`crate::tunnel`]); users reach them through this proxy like any other
 //! host.
 //!
-//! The SSH ingress asks the master whether a key may enter a project
-//! (`POST /v1/ssh/authorize`), which only the admin key may do: give the
-//! proxy the admin key when `ssh_listen` is set.
+//! Give the proxy a proxy key (`cocalc proxy-key create NAME`): it may
+//! look hosts up and ask the master whether an SSH key may enter a
+//! project (`POST /v1/ssh/authorize`), and nothing else. The admin key
+//! works too, but a proxy holding it could do anything the admin can.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

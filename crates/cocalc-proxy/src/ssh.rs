@@ -5,7 +5,7 @@
 //! 1. **User name.** `project-<uuid>` or the bare `<uuid>` (canonical,
 //!    lowercase). Anything else is refused like a wrong key.
 //! 2. **Public key only.** Once the client has proved it holds the key, the
-//!    master is asked (`POST /v1/ssh/authorize`, with the proxy's admin key)
+//!    master is asked (`POST /v1/ssh/authorize`, with the proxy's proxy key)
 //!    whether a collaborator of that project registered the key; it answers
 //!    with a connect token for that collaborator (placing the project if
 //!    needed), or one uniform refusal. The client sees the same
@@ -553,9 +553,10 @@ impl russh::server::Handler for Conn {
                 }));
                 Ok(Auth::Accept)
             }
-            Err(e) if e.status == 403 && e.message.contains("admin key required") => {
+            Err(e) if e.status == 403 && e.message.contains("a proxy key or the admin key") => {
                 tracing::warn!(
-                    "the proxy's API key is not the master's admin key: SSH logins cannot be authorized"
+                    "the proxy's API key is neither a proxy key nor the admin key: SSH logins \
+                     cannot be authorized (cocalc proxy-key create NAME)"
                 );
                 Ok(self.refuse(Refusal::MasterError, user, &e.message))
             }

@@ -75,6 +75,12 @@ enum Command {
         #[command(subcommand)]
         command: KeyCommand,
     },
+    /// API keys for proxies: host and signing-key lookups and SSH
+    /// authorizations only (admin).
+    ProxyKey {
+        #[command(subcommand)]
+        command: ProxyKeyCommand,
+    },
     /// Your SSH public keys (for `ssh project-<uuid>@proxy`).
     SshKey {
         #[command(subcommand)]
@@ -263,6 +269,23 @@ enum SshKeyCommand {
     Rm {
         /// Fingerprint as `cocalc ssh-key list` or `ssh-keygen -l` prints it.
         fingerprint: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProxyKeyCommand {
+    /// Create a key; prints it (shown only once) for the proxy's
+    /// `api_key_file`.
+    Create {
+        /// Unique name, e.g. the proxy's host name.
+        name: String,
+    },
+    /// List keys by name.
+    List,
+    /// Revoke a key: the proxy holding it is refused from its next call.
+    Revoke {
+        /// The key's name.
+        name: String,
     },
 }
 
@@ -699,6 +722,36 @@ fn run_remote(
                     print_json(&v)?;
                 } else {
                     println!("{}", v["token"].as_str().unwrap_or(""));
+                }
+            }
+        },
+        Command::ProxyKey { command } => match command {
+            ProxyKeyCommand::Create { name } => {
+                let k = rt.block_on(client.create_proxy_key(name)).map_err(api)?;
+                if json {
+                    print_json(&k)?;
+                } else {
+                    println!("{}", k.api_key);
+                }
+            }
+            ProxyKeyCommand::List => {
+                let keys = rt.block_on(client.proxy_keys()).map_err(api)?;
+                if json {
+                    print_json(&keys)?;
+                } else {
+                    for k in keys {
+                        println!(
+                            "{}  created at {} s (Unix time)",
+                            k.name,
+                            k.created.as_secs()
+                        );
+                    }
+                }
+            }
+            ProxyKeyCommand::Revoke { name } => {
+                rt.block_on(client.revoke_proxy_key(name)).map_err(api)?;
+                if json {
+                    print_json(&serde_json::json!({ "revoked": name }))?;
                 }
             }
         },
