@@ -11,6 +11,7 @@ use cocalc_core::{Capacity, HostEndpoint, HostId, Region};
 struct Daemon {
     child: Child,
     url: String,
+    metrics_url: String,
     admin_key: String,
     _dir: tempfile::TempDir,
 }
@@ -38,7 +39,8 @@ fn start_master() -> Daemon {
     std::fs::write(
         &cfg,
         format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nplacement = \"data-aware\"\n",
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nplacement = \"data-aware\"\n\
+             metrics_listen = \"127.0.0.1:0\"\n",
             dir.path().join("data").display()
         ),
     )
@@ -51,15 +53,20 @@ fn start_master() -> Daemon {
         .unwrap();
     let stderr = child.stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines();
+    let mut metrics_url = None;
     let url = loop {
         let line = lines
             .next()
             .expect("master exited before listening")
             .unwrap();
+        if let Some(u) = line.strip_prefix("cocalc-master: metrics on ") {
+            metrics_url = Some(u.to_string());
+        }
         if let Some(u) = line.strip_prefix("cocalc-master: listening on ") {
             break u.to_string();
         }
     };
+    let metrics_url = metrics_url.expect("the master says where its metrics are");
     // Keep draining stderr so the daemon never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
     let admin_key = std::fs::read_to_string(dir.path().join("data/admin.key"))
@@ -69,6 +76,7 @@ fn start_master() -> Daemon {
     Daemon {
         child,
         url,
+        metrics_url,
         admin_key,
         _dir: dir,
     }
@@ -177,6 +185,31 @@ fn master_starts_from_config_and_serves_the_cli() {
     let o = cocalc(&d, "cuk.wrong", &["project", "list"]);
     assert_eq!(o.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&o.stderr).contains("unknown API key"));
+
+    // The metrics show all of it.
+    let metrics = rt.block_on(async {
+        let r = reqwest::get(&d.metrics_url).await.unwrap();
+        assert!(r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text"));
+        r.text().await.unwrap()
+    });
+    for line in [
+        "cocalc_master_hosts{state=\"draining\",health=\"ok\"} 1".to_string(),
+        "cocalc_master_hosts{state=\"up\",health=\"ok\"} 0".to_string(),
+        format!("cocalc_master_host_project_slots{{host=\"{host}\"}} 10"),
+        "cocalc_master_users 1".to_string(),
+        "cocalc_master_projects 1".to_string(),
+        "cocalc_master_http_responses_total{code=\"401\"} 1".to_string(),
+        "cocalc_master_http_responses_total{code=\"403\"} 1".to_string(),
+        "cocalc_master_http_responses_total{code=\"503\"} 1".to_string(),
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line:?} not in:\n{metrics}"
+        );
+    }
 }
 
 #[test]

@@ -11,6 +11,7 @@
 //! issuer = "cocalc-master"            # `iss` of connect tokens
 //! token_ttl_secs = 600                # connect token lifetime (60..=1800)
 //! # admin_key_file = "/etc/cocalc/admin.key"  # default: <data_dir>/admin.key
+//! # metrics_listen = "127.0.0.1:9100"   # GET /metrics (Prometheus); keep it private
 //! ```
 //!
 //! On first start the master generates its signing key (`<data_dir>/keys/`)
@@ -92,6 +93,10 @@ pub struct DaemonConfig {
     /// Admin key file (default `<data_dir>/admin.key`).
     #[serde(default)]
     pub admin_key_file: Option<PathBuf>,
+    /// Where to serve `GET /metrics` ([`crate::metrics`]); none when
+    /// absent. Keep it off the public network.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 fn default_placement() -> String {
@@ -251,14 +256,59 @@ pub async fn run(
         addr: cfg.listen,
         message: e.to_string(),
     })?;
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics_task = match cfg.metrics_listen {
+        Some(at) => {
+            let l = tokio::net::TcpListener::bind(at)
+                .await
+                .map_err(|e| DaemonError::Listen {
+                    addr: at,
+                    message: format!("metrics_listen: {e}"),
+                })?;
+            let maddr = l.local_addr().map_err(|e| DaemonError::Listen {
+                addr: at,
+                message: e.to_string(),
+            })?;
+            eprintln!("cocalc-master: metrics on http://{maddr}/metrics");
+            let metrics = crate::metrics::MasterMetrics::new(master.clone());
+            let app = axum::Router::new().route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let body = metrics.render();
+                    async move {
+                        (
+                            [(
+                                axum::http::header::CONTENT_TYPE,
+                                crate::metrics::CONTENT_TYPE,
+                            )],
+                            body,
+                        )
+                    }
+                }),
+            );
+            Some(tokio::spawn(async move {
+                let _ = axum::serve(l, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = metrics_stopped.await;
+                    })
+                    .await;
+            }))
+        }
+        None => None,
+    };
     tracing::info!(%addr, admin_key_file = %cfg.admin_key_path().display(), "cocalc-master listening");
     eprintln!("cocalc-master: listening on http://{addr}");
-    serve(master, listener, shutdown)
+    let served = serve(master, listener, shutdown)
         .await
         .map_err(|e| DaemonError::Listen {
             addr,
             message: e.to_string(),
-        })
+        });
+    let _ = stop_metrics.send(());
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
+    served
 }
 
 /// Completes on SIGINT or SIGTERM.

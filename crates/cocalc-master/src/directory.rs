@@ -224,6 +224,19 @@ impl Directory {
         f(&self.lock_cache_unchanged())
     }
 
+    /// How many users and projects there are.
+    pub fn counts(&self) -> Result<(u64, u64), MasterError> {
+        let c = self.lock_cache_unchanged();
+        let count = |table: &str| -> Result<u64, MasterError> {
+            c.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|n| n.max(0) as u64)
+            .map_err(db)
+        };
+        Ok((count("users")?, count("projects")?))
+    }
+
     /// Creates a user; `key_hash` is the hash of the API key shown to them.
     pub fn create_user(&self, id: UserId, name: &str, key_hash: &str) -> Result<User, MasterError> {
         if name.is_empty() || name.len() > 64 {

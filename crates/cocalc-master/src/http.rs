@@ -101,6 +101,10 @@ pub fn router(master: Arc<Master>) -> Router {
         .fallback(|uri: axum::http::Uri| async move {
             MasterError::NotFound(format!("no API route {}", uri.path()))
         })
+        .layer(axum::middleware::map_response_with_state(
+            master.clone(),
+            count_response,
+        ))
         .with_state(master)
 }
 
@@ -147,6 +151,12 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     doc.merge(crate::ssh::SshApi::openapi());
     doc.merge(crate::proxy_keys::ProxyKeyApi::openapi());
     doc
+}
+
+/// Counts every answer by status code, for the metrics.
+async fn count_response(State(m): State<AppState>, r: Response) -> Response {
+    m.responses().record(r.status().as_u16());
+    r
 }
 
 /// The authenticated caller, from `Authorization: Bearer <key>`.

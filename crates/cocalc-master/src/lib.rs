@@ -58,6 +58,7 @@ pub mod directory;
 pub mod error;
 pub mod http;
 pub mod master;
+pub mod metrics;
 pub mod proxy_keys;
 pub mod push;
 pub mod ssh;

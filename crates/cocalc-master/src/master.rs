@@ -125,6 +125,7 @@ pub struct Master {
     minter: RwLock<Arc<Signing>>,
     push: PushHub,
     host_keys: RwLock<std::collections::HashMap<HostId, (String, ed25519_dalek::VerifyingKey)>>,
+    responses: crate::metrics::ResponseCounts,
 }
 
 impl std::fmt::Debug for Master {
@@ -160,12 +161,19 @@ impl Master {
             minter: RwLock::new(Signing::new(minter)),
             push: PushHub::new(),
             host_keys: RwLock::new(std::collections::HashMap::new()),
+            responses: Default::default(),
         })
     }
 
     /// The configuration.
     pub fn config(&self) -> &MasterConfig {
         &self.cfg
+    }
+
+    /// The API's answers by status code (the HTTP layer counts them; see
+    /// [`crate::metrics`]).
+    pub fn responses(&self) -> &crate::metrics::ResponseCounts {
+        &self.responses
     }
 
     /// The push hub (the HTTP layer attaches host connections to it).

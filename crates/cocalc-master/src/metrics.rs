@@ -1,0 +1,217 @@
+//! The master's metrics for Prometheus: its hosts by state and health,
+//! each host's load against its capacity, users and projects, the hosts
+//! listening on the push channel, and the API's answers by status code.
+//!
+//! Everything but the answer counts is read at scrape time from state the
+//! master keeps anyway (a `prometheus-client` collector); the answers are
+//! one atomic increment each ([`ResponseCounts`], kept by the router). The
+//! daemon serves them at `GET /metrics` on `metrics_listen`, an address of
+//! its own, so the API port does not show them.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use cocalc_core::{Health, HostState};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+use crate::master::{Caller, Master};
+
+/// The content type of [`MasterMetrics::render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// API answers counted by HTTP status code (100 to 599).
+#[derive(Debug)]
+pub struct ResponseCounts {
+    by_status: Box<[AtomicU64]>,
+}
+
+impl Default for ResponseCounts {
+    fn default() -> Self {
+        ResponseCounts {
+            by_status: (100..600).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+impl ResponseCounts {
+    /// Counts one answer with `status` (codes outside 100..=599 are not
+    /// counted).
+    pub fn record(&self, status: u16) {
+        if let Some(n) = status
+            .checked_sub(100)
+            .and_then(|i| self.by_status.get(usize::from(i)))
+        {
+            n.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The status codes seen so far with their counts, lowest code first.
+    pub fn seen(&self) -> Vec<(u16, u64)> {
+        self.by_status
+            .iter()
+            .zip(100u16..)
+            .filter_map(|(n, code)| {
+                let n = n.load(Ordering::Relaxed);
+                (n > 0).then_some((code, n))
+            })
+            .collect()
+    }
+}
+
+/// Reads the master's state at each scrape.
+#[derive(Clone)]
+pub struct MasterMetrics {
+    master: Arc<Master>,
+}
+
+impl std::fmt::Debug for MasterMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MasterMetrics").finish_non_exhaustive()
+    }
+}
+
+impl MasterMetrics {
+    /// Metrics of `master`.
+    pub fn new(master: Arc<Master>) -> Self {
+        MasterMetrics { master }
+    }
+
+    /// All metrics now, in the OpenMetrics text format ([`CONTENT_TYPE`]).
+    pub fn render(&self) -> String {
+        let mut registry = Registry::with_prefix("cocalc_master");
+        registry.register_collector(Box::new(self.clone()));
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
+}
+
+/// A gauge family: one sample per label set.
+fn gauges<const N: usize>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    samples: Vec<([(&str, String); N], i64)>,
+) -> Result<(), std::fmt::Error> {
+    let kind = ConstGauge::new(0i64).metric_type();
+    let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, v) in samples {
+        ConstGauge::new(v).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn gauge(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    v: i64,
+) -> Result<(), std::fmt::Error> {
+    let g = ConstGauge::new(v);
+    g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+fn state_name(s: HostState) -> &'static str {
+    match s {
+        HostState::Up => "up",
+        HostState::Draining => "draining",
+        HostState::Down => "down",
+    }
+}
+
+fn health_name(h: Health) -> &'static str {
+    match h {
+        Health::Ok => "ok",
+        Health::Degraded => "degraded",
+        Health::Failing => "failing",
+    }
+}
+
+impl Collector for MasterMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let m = &self.master;
+        // Reading the registry as the admin cannot be refused.
+        let hosts = m.hosts(&Caller::Admin).unwrap_or_default();
+        let mut by_state = Vec::new();
+        for state in [HostState::Up, HostState::Draining, HostState::Down] {
+            for health in [Health::Ok, Health::Degraded, Health::Failing] {
+                let n = hosts
+                    .iter()
+                    .filter(|h| h.state == state && h.health == health)
+                    .count();
+                by_state.push((
+                    [
+                        ("state", state_name(state).to_string()),
+                        ("health", health_name(health).to_string()),
+                    ],
+                    n as i64,
+                ));
+            }
+        }
+        gauges(
+            &mut encoder,
+            "hosts",
+            "Registered hosts by state (up, draining, down: lease expired) and health",
+            by_state,
+        )?;
+        let per_host = |f: fn(&cocalc_core::HostInfo) -> i64| {
+            hosts
+                .iter()
+                .map(|h| ([("host", h.id.to_string())], f(h)))
+                .collect::<Vec<_>>()
+        };
+        gauges(
+            &mut encoder,
+            "host_running_projects",
+            "Projects running on each host (its last keepalive)",
+            per_host(|h| i64::from(h.load.running_projects)),
+        )?;
+        gauges(
+            &mut encoder,
+            "host_project_slots",
+            "Projects each host can run at once",
+            per_host(|h| i64::from(h.capacity.project_slots)),
+        )?;
+        gauge(
+            &mut encoder,
+            "push_channels",
+            "Hosts listening on the push channel now",
+            m.push().connected().len() as i64,
+        )?;
+        if let Ok((users, projects)) = m.directory().counts() {
+            gauge(&mut encoder, "users", "Users", users as i64)?;
+            gauge(&mut encoder, "projects", "Projects", projects as i64)?;
+        }
+        let kind = ConstCounter::new(0u64).metric_type();
+        let mut family = encoder.encode_descriptor(
+            "http_responses",
+            "API answers by HTTP status code (401 and 403 are refused callers)",
+            None,
+            kind,
+        )?;
+        for (code, n) in m.responses().seen() {
+            let labels = [("code", code.to_string())];
+            ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn response_counts_keep_each_code_and_ignore_impossible_ones() {
+        let c = ResponseCounts::default();
+        for s in [200, 200, 404, 599, 100, 99, 600, 0, u16::MAX] {
+            c.record(s);
+        }
+        assert_eq!(c.seen(), vec![(100, 1), (200, 2), (404, 1), (599, 1)]);
+    }
+}
