@@ -148,7 +148,14 @@ fn hidden_host_is_served_through_the_tunnel_and_survives_restarts() {
         .unwrap();
         v["api_key"].as_str().unwrap().to_string()
     };
-    let proxy_key = user_key("proxy");
+    let created: serde_json::Value = serde_json::from_str(&ok(&cocalc(
+        &murl,
+        &admin,
+        &["proxy-key", "create", "edge", "--json"],
+        None,
+    )))
+    .unwrap();
+    let proxy_key = created["api_key"].as_str().unwrap().to_string();
     let alice = user_key("alice");
 
     // Proxy, on a port it keeps across restarts.

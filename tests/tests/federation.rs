@@ -641,19 +641,6 @@ async fn activity_reaches_the_master_and_idle_projects_are_stopped() {
     )
     .await;
     // Nothing uses the project now: the culler stops it.
-    let status = |token: String, url: String| async move {
-        let r = reqwest::Client::new()
-            .get(format!("{url}/{pid}/status"))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap();
-        r.json::<Value>().await.unwrap()["state"]
-            .as_str()
-            .unwrap_or("")
-            .to_string()
-    };
-    let _ = status;
     eventually("idle project stopped", Duration::from_secs(15), || async {
         let r: Value = reqwest::Client::new()
             .get(format!("{}/{}/status", h.url, o.project))
@@ -667,6 +654,87 @@ async fn activity_reaches_the_master_and_idle_projects_are_stopped() {
         r["state"] == "stopped"
     })
     .await;
+    let _ = h.stop.send(true);
+    let _ = h.task.await;
+    m.shut_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_metrics_show_projects_answers_and_the_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = start_master(&dir.path().join("master"), "127.0.0.1:0").await;
+    let admin = MasterClient::new(&m.url, &m.admin);
+    let t = admin.bootstrap_token().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let h = start_host_with(
+        &dir.path().join("h"),
+        &m.url,
+        &t,
+        &format!("metrics_listen = \"127.0.0.1:{port}\"\nproject_slots = 7\n"),
+    )
+    .await;
+    eventually("host up", Duration::from_secs(15), || async {
+        admin.hosts().await.map(|v| v.len() == 1).unwrap_or(false)
+    })
+    .await;
+    let u = admin.create_user("u").await.unwrap();
+    let c = MasterClient::new(&m.url, u["api_key"].as_str().unwrap());
+    c.create_project(&CreateProjectRequest::new("p"))
+        .await
+        .unwrap();
+    let o = c.open("p").await.unwrap();
+    let pid = o.project.to_string();
+    let (s, v) = exec(&h.url, &pid, &o.token, &["true"]).await;
+    assert_eq!(s, 200, "{v}");
+    let (s, _) = exec(&h.url, &pid, "v4.public.bogus", &["true"]).await;
+    assert_eq!(s, 401);
+    let scrape = || async move {
+        reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let value = |text: &str, name: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    };
+    // The running count is refreshed every 5 s.
+    eventually("one running project", Duration::from_secs(15), || async {
+        value(&scrape().await, "cocalc_host_running_projects") == Some(1.0)
+    })
+    .await;
+    let text = scrape().await;
+    assert_eq!(
+        value(&text, "cocalc_host_project_slots"),
+        Some(7.0),
+        "{text}"
+    );
+    assert!(
+        value(&text, "cocalc_host_http_responses_total{code=\"200\"}").is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, "cocalc_host_http_responses_total{code=\"401\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        value(&text, "cocalc_host_master_lease_age_seconds").is_some_and(|s| s < 60.0),
+        "{text}"
+    );
+    assert!(
+        !text.contains("cocalc_host_tunnel"),
+        "not a hidden host: {text}"
+    );
     let _ = h.stop.send(true);
     let _ = h.task.await;
     m.shut_down().await;

@@ -43,6 +43,7 @@
 
 pub mod audit;
 pub mod config;
+pub mod counters;
 pub mod error;
 pub mod id;
 pub mod placement;
@@ -56,6 +57,7 @@ pub mod transport;
 pub mod wire;
 
 pub use audit::{AuditOutcome, AuditRecord};
+pub use counters::StatusCounts;
 pub use error::ApiError;
 pub use id::{HostId, IdError, ProjectId, UserId};
 pub use placement::{

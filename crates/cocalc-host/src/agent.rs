@@ -102,6 +102,8 @@ pub struct HostAgent {
     active: Mutex<std::collections::HashSet<ProjectId>>,
     /// Idle keep-alive connections to servers inside projects.
     ports: cocalc_client::relay::Pool<(ProjectId, u16), axum::body::Body>,
+    /// The data plane's answers by status code.
+    responses: cocalc_core::StatusCounts,
 }
 
 impl std::fmt::Debug for HostAgent {
@@ -132,7 +134,14 @@ impl HostAgent {
             local: None,
             active: Mutex::new(std::collections::HashSet::new()),
             ports: cocalc_client::relay::Pool::new(PORT_POOL_PER_PORT),
+            responses: Default::default(),
         }
+    }
+
+    /// The data plane's answers by status code (counted by
+    /// [`crate::dataplane::router`], shown by [`crate::metrics`]).
+    pub fn responses(&self) -> &cocalc_core::StatusCounts {
+        &self.responses
     }
 
     /// Idle keep-alive connections to servers inside projects, by project

@@ -21,6 +21,7 @@
 //! project_slots = 100
 //! offline_grace_secs = 3600
 //! acl_ttl_secs = 300
+//! # metrics_listen = "127.0.0.1:9102"  # GET /metrics (Prometheus); keep it private
 //! ```
 
 use std::net::SocketAddr;
@@ -130,6 +131,10 @@ pub struct HostConfig {
     /// How often activity is reported and the culler runs, seconds.
     #[serde(default = "default_activity_interval")]
     pub activity_interval_secs: u64,
+    /// Where to serve `GET /metrics` ([`crate::metrics`]); none when
+    /// absent. Keep it off the public network.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 fn default_activity_interval() -> u64 {
@@ -372,6 +377,7 @@ pub struct Host {
     activity_interval: Duration,
     tunnel: Option<Arc<crate::tunnel::TunnelClient>>,
     endpoint: HostEndpoint,
+    metrics_listen: Option<SocketAddr>,
 }
 
 impl std::fmt::Debug for Host {
@@ -569,10 +575,23 @@ async fn build_at(cfg: &HostConfig, endpoint: HostEndpoint) -> Result<Host, Host
         activity_interval: Duration::from_secs(cfg.activity_interval_secs.max(1)),
         tunnel,
         endpoint,
+        metrics_listen: cfg.metrics_listen,
     })
 }
 
 impl Host {
+    /// This host's metrics ([`crate::metrics`]).
+    pub fn metrics(&self) -> crate::metrics::HostMetrics {
+        crate::metrics::HostMetrics::new(
+            self.agent.clone(),
+            self.link.clone(),
+            self.clock.clone(),
+            self.running.clone(),
+            self.slots,
+            self.tunnel.clone(),
+        )
+    }
+
     /// Health, capacity and load as reported in keepalives.
     pub fn status(&self) -> (Health, Capacity, Load) {
         let (free, total) = disk(&self.data_dir);
@@ -690,6 +709,36 @@ impl Host {
         let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|v| *v).await;
         };
+        // Metrics on their own address, when configured.
+        let metrics = match me.metrics_listen {
+            Some(at) => {
+                let l = tokio::net::TcpListener::bind(at).await.map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("metrics_listen {at}: {e}"))
+                })?;
+                eprintln!("cocalc-host: metrics on http://{}/metrics", l.local_addr()?);
+                let m = me.metrics();
+                let app = axum::Router::new().route(
+                    "/metrics",
+                    axum::routing::get(move || {
+                        let body = m.render();
+                        async move {
+                            (
+                                [(
+                                    axum::http::header::CONTENT_TYPE,
+                                    crate::metrics::CONTENT_TYPE,
+                                )],
+                                body,
+                            )
+                        }
+                    }),
+                );
+                let stop = wait(rx.clone());
+                Some(tokio::spawn(async move {
+                    let _ = axum::serve(l, app).with_graceful_shutdown(stop).await;
+                }))
+            }
+            None => None,
+        };
         // Count running projects for keepalives.
         let counter = {
             let me = me.clone();
@@ -780,6 +829,9 @@ impl Host {
             let _ = t.await;
         }
         let _ = link.await;
+        if let Some(m) = metrics {
+            let _ = m.await;
+        }
         let _ = counter.await;
         let _ = saver.await;
         let _ = culler.await;

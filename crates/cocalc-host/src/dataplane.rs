@@ -114,7 +114,20 @@ pub fn router(agent: Arc<HostAgent>) -> Router {
                 format!("no route {}", uri.path()),
             ))
         })
+        .layer(axum::middleware::map_response_with_state(
+            agent.clone(),
+            count_response,
+        ))
         .with_state(agent)
+}
+
+/// Counts every answer by status code, for the metrics.
+async fn count_response(
+    State(agent): State<Arc<HostAgent>>,
+    r: axum::response::Response,
+) -> axum::response::Response {
+    agent.responses().record(r.status().as_u16());
+    r
 }
 
 /// Name of the cookie that carries a project's token.

@@ -63,6 +63,7 @@ pub mod files;
 pub mod image;
 pub mod local_store;
 pub mod master_link;
+pub mod metrics;
 #[cfg(feature = "podman")]
 pub mod podman;
 pub mod process;

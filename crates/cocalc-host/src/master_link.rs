@@ -199,6 +199,15 @@ impl MasterLink {
         self.cfg.host
     }
 
+    /// When the master last granted a lease (registration or keepalive),
+    /// by the link's clock; `None` before the first.
+    pub fn last_lease(&self) -> Option<Timestamp> {
+        let ms = self
+            .last_lease_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        (ms > 0).then_some(Timestamp(ms))
+    }
+
     async fn call<T: serde::de::DeserializeOwned>(
         &self,
         method: reqwest::Method,

@@ -125,7 +125,7 @@ pub struct Master {
     minter: RwLock<Arc<Signing>>,
     push: PushHub,
     host_keys: RwLock<std::collections::HashMap<HostId, (String, ed25519_dalek::VerifyingKey)>>,
-    responses: crate::metrics::ResponseCounts,
+    responses: cocalc_core::StatusCounts,
 }
 
 impl std::fmt::Debug for Master {
@@ -172,7 +172,7 @@ impl Master {
 
     /// The API's answers by status code (the HTTP layer counts them; see
     /// [`crate::metrics`]).
-    pub fn responses(&self) -> &crate::metrics::ResponseCounts {
+    pub fn responses(&self) -> &cocalc_core::StatusCounts {
         &self.responses
     }
 

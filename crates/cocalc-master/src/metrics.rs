@@ -4,11 +4,11 @@
 //!
 //! Everything but the answer counts is read at scrape time from state the
 //! master keeps anyway (a `prometheus-client` collector); the answers are
-//! one atomic increment each ([`ResponseCounts`], kept by the router). The
+//! one atomic increment each ([`cocalc_core::StatusCounts`], kept by the
+//! router). The
 //! daemon serves them at `GET /metrics` on `metrics_listen`, an address of
 //! its own, so the API port does not show them.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use cocalc_core::{Health, HostState};
@@ -22,45 +22,6 @@ use crate::master::{Caller, Master};
 
 /// The content type of [`MasterMetrics::render`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-
-/// API answers counted by HTTP status code (100 to 599).
-#[derive(Debug)]
-pub struct ResponseCounts {
-    by_status: Box<[AtomicU64]>,
-}
-
-impl Default for ResponseCounts {
-    fn default() -> Self {
-        ResponseCounts {
-            by_status: (100..600).map(|_| AtomicU64::new(0)).collect(),
-        }
-    }
-}
-
-impl ResponseCounts {
-    /// Counts one answer with `status` (codes outside 100..=599 are not
-    /// counted).
-    pub fn record(&self, status: u16) {
-        if let Some(n) = status
-            .checked_sub(100)
-            .and_then(|i| self.by_status.get(usize::from(i)))
-        {
-            n.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// The status codes seen so far with their counts, lowest code first.
-    pub fn seen(&self) -> Vec<(u16, u64)> {
-        self.by_status
-            .iter()
-            .zip(100u16..)
-            .filter_map(|(n, code)| {
-                let n = n.load(Ordering::Relaxed);
-                (n > 0).then_some((code, n))
-            })
-            .collect()
-    }
-}
 
 /// Reads the master's state at each scrape.
 #[derive(Clone)]
@@ -199,19 +160,5 @@ impl Collector for MasterMetrics {
             ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn response_counts_keep_each_code_and_ignore_impossible_ones() {
-        let c = ResponseCounts::default();
-        for s in [200, 200, 404, 599, 100, 99, 600, 0, u16::MAX] {
-            c.record(s);
-        }
-        assert_eq!(c.seen(), vec![(100, 1), (200, 2), (404, 1), (599, 1)]);
     }
 }

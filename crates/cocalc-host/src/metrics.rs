@@ -1,0 +1,156 @@
+//! The host's metrics for Prometheus: running projects against slots, how
+//! long ago the master last granted a lease (the clock that the offline
+//! grace runs on), the reverse tunnel of a hidden host, and the data
+//! plane's answers by status code.
+//!
+//! [`HostMetrics`] reads, at scrape time, what the host keeps anyway (a
+//! `prometheus-client` collector); the answers cost one atomic increment
+//! each ([`cocalc_core::StatusCounts`], kept by the data-plane router).
+//! The daemon serves them at `GET /metrics` on `metrics_listen`, an
+//! address of its own, so the data plane does not show them.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use cocalc_core::SharedClock;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+use crate::agent::HostAgent;
+use crate::master_link::MasterLink;
+use crate::tunnel::TunnelClient;
+
+/// The content type of [`HostMetrics::render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Reads a host's parts at each scrape.
+#[derive(Clone)]
+pub struct HostMetrics {
+    agent: Arc<HostAgent>,
+    link: Arc<MasterLink>,
+    clock: SharedClock,
+    running: Arc<AtomicU32>,
+    slots: u32,
+    tunnel: Option<Arc<TunnelClient>>,
+}
+
+impl std::fmt::Debug for HostMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostMetrics").finish_non_exhaustive()
+    }
+}
+
+impl HostMetrics {
+    /// Metrics of a host: its agent and master link, the running-project
+    /// count it keeps for keepalives, its slots, and its tunnel if hidden.
+    pub fn new(
+        agent: Arc<HostAgent>,
+        link: Arc<MasterLink>,
+        clock: SharedClock,
+        running: Arc<AtomicU32>,
+        slots: u32,
+        tunnel: Option<Arc<TunnelClient>>,
+    ) -> Self {
+        HostMetrics {
+            agent,
+            link,
+            clock,
+            running,
+            slots,
+            tunnel,
+        }
+    }
+
+    /// All metrics now, in the OpenMetrics text format ([`CONTENT_TYPE`]).
+    pub fn render(&self) -> String {
+        let mut registry = Registry::with_prefix("cocalc_host");
+        registry.register_collector(Box::new(self.clone()));
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
+}
+
+fn gauge(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    v: i64,
+) -> Result<(), std::fmt::Error> {
+    let g = ConstGauge::new(v);
+    g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+fn counter(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    n: u64,
+) -> Result<(), std::fmt::Error> {
+    let c = ConstCounter::new(n);
+    c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+impl Collector for HostMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        gauge(
+            &mut encoder,
+            "running_projects",
+            "Projects running now (counted every 5 s)",
+            i64::from(self.running.load(Ordering::Relaxed)),
+        )?;
+        gauge(
+            &mut encoder,
+            "project_slots",
+            "Projects this host may run at once",
+            i64::from(self.slots),
+        )?;
+        if let Some(at) = self.link.last_lease() {
+            let age = self.clock.now().since(at);
+            let g = ConstGauge::new(age.as_secs_f64());
+            g.encode(encoder.encode_descriptor(
+                "master_lease_age_seconds",
+                "Seconds since the master last granted a lease (registration or keepalive); \
+                 the offline grace counts from here",
+                None,
+                g.metric_type(),
+            )?)?;
+        }
+        if let Some(t) = &self.tunnel {
+            gauge(
+                &mut encoder,
+                "tunnel_connected",
+                "1 while this hidden host's reverse tunnel is up",
+                i64::from(t.is_connected()),
+            )?;
+            counter(
+                &mut encoder,
+                "tunnel_connects",
+                "Reverse tunnels established (the first and every reconnect)",
+                t.connects(),
+            )?;
+            counter(
+                &mut encoder,
+                "dial_backs",
+                "Dial-back connections opened to the proxy for user connections",
+                t.dials(),
+            )?;
+        }
+        let kind = ConstCounter::new(0u64).metric_type();
+        let mut family = encoder.encode_descriptor(
+            "http_responses",
+            "Data-plane answers by HTTP status code (401 and 403 are refused tokens)",
+            None,
+            kind,
+        )?;
+        for (code, n) in self.agent.responses().seen() {
+            let labels = [("code", code.to_string())];
+            ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
