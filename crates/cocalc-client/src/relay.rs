@@ -249,6 +249,14 @@ mod tests {
     /// connections; with `close_after_one`, it closes each connection
     /// after its first answer (as a server's idle timeout would).
     async fn server(close_after_one: bool) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        server_with(2, close_after_one).await
+    }
+
+    /// Like [`server`], answering bodies of `len` bytes ("ok" for 2).
+    async fn server_with(
+        len: usize,
+        close_after_one: bool,
+    ) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -270,8 +278,16 @@ mod tests {
                         seen.extend_from_slice(&buf[..k]);
                         while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
                             seen.drain(..end + 4);
-                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                            if s.write_all(ok).await.is_err() || close_after_one {
+                            let body = if len == 2 {
+                                b"ok".to_vec()
+                            } else {
+                                vec![b'x'; len]
+                            };
+                            let mut ok =
+                                format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n")
+                                    .into_bytes();
+                            ok.extend_from_slice(&body);
+                            if s.write_all(&ok).await.is_err() || close_after_one {
                                 return;
                             }
                         }
@@ -325,5 +341,62 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             assert_eq!(accepted.load(Ordering::SeqCst), i);
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_requests_share_the_pool() {
+        let (addr, accepted) = server(false).await;
+        let pool = Arc::new(Pool::new(64));
+        let mut tasks = Vec::new();
+        for _ in 0..16 {
+            let pool = pool.clone();
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..20 {
+                    assert_eq!(get(&pool, 1, addr).await, "ok");
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let n = accepted.load(Ordering::SeqCst);
+        assert!(
+            (1..=16).contains(&n),
+            "{n} connections for 16 concurrent clients"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_before_its_end_closes_its_connection() {
+        use http_body_util::BodyExt;
+        let (addr, accepted) = server_with(4 << 20, false).await;
+        let pool: Pool<u8, String> = Pool::new(4);
+        let connect = || async move {
+            tokio::net::TcpStream::connect(addr)
+                .await
+                .map(|s| Box::new(s) as BoxedConnection)
+        };
+        let req = || {
+            http::Request::get("/")
+                .header("host", "x")
+                .body(String::new())
+                .unwrap()
+        };
+        // Read one frame of a 4 MiB body, then drop it.
+        let resp = pool.send(1, req(), connect).await.unwrap();
+        let mut body = resp.into_body();
+        let first = body.frame().await.unwrap().unwrap();
+        assert!(first.data_ref().is_some_and(|d| !d.is_empty()));
+        drop(body);
+        // The next request cannot use that connection.
+        let resp = pool.send(1, req(), connect).await.unwrap();
+        let all = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(all.len(), 4 << 20);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        // Read to its end, a body leaves its connection for the next.
+        let resp = pool.send(1, req(), connect).await.unwrap();
+        let all = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(all.len(), 4 << 20);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "reused");
     }
 }
