@@ -118,6 +118,41 @@ pub async fn serve_connection<S, B>(
     }
 }
 
+/// Serves `GET /metrics` on `listener` until `shutdown` completes: the
+/// text `render` returns at each scrape, as OpenMetrics
+/// ([`cocalc_core::counters::CONTENT_TYPE`]); any other path is a 404.
+/// The daemons put it on an address of its own, off the public network.
+pub async fn serve_metrics(
+    listener: TcpListener,
+    render: impl Fn() -> String + Send + Sync + 'static,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let render = std::sync::Arc::new(render);
+    serve(
+        listener,
+        move |_| {
+            let render = render.clone();
+            hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                let resp = if req.uri().path() == "/metrics" {
+                    http::Response::builder()
+                        .header(
+                            http::header::CONTENT_TYPE,
+                            cocalc_core::counters::CONTENT_TYPE,
+                        )
+                        .body(render())
+                } else {
+                    http::Response::builder()
+                        .status(404)
+                        .body("metrics are at /metrics\n".to_string())
+                };
+                std::future::ready(resp)
+            })
+        },
+        shutdown,
+    )
+    .await
+}
+
 /// Errors that concern one connection only, not the listener.
 fn is_per_connection(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;

@@ -1,8 +1,12 @@
 //! [`StatusCounts`]: HTTP answers counted by status code, for the
 //! daemons' metrics (one atomic increment per answer, read at scrape
-//! time).
+//! time); with the `metrics` feature, [`encode`]: the helpers their
+//! Prometheus collectors share.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The content type of the daemons' `/metrics` (OpenMetrics text).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// HTTP answers counted by status code (100 to 599).
 #[derive(Debug)]
@@ -40,6 +44,101 @@ impl StatusCounts {
                 (n > 0).then_some((code, n))
             })
             .collect()
+    }
+}
+
+/// Writing the daemons' metrics in the OpenMetrics text format with
+/// `prometheus-client`: the content type, rendering one collector, and
+/// the sample shapes the master, the host and the proxy all use.
+#[cfg(feature = "metrics")]
+pub mod encode {
+    use prometheus_client::collector::Collector;
+    use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+    use prometheus_client::metrics::counter::ConstCounter;
+    use prometheus_client::metrics::gauge::ConstGauge;
+
+    use super::StatusCounts;
+
+    pub use super::CONTENT_TYPE;
+
+    /// Everything `collector` reports now, its names prefixed with
+    /// `prefix` (`cocalc_master`), in the OpenMetrics text format.
+    pub fn render(prefix: &str, collector: Box<dyn Collector>) -> String {
+        let mut registry = prometheus_client::registry::Registry::with_prefix(prefix);
+        registry.register_collector(collector);
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
+
+    /// One gauge sample without labels.
+    pub fn gauge(
+        encoder: &mut DescriptorEncoder<'_>,
+        name: &str,
+        help: &str,
+        v: i64,
+    ) -> Result<(), std::fmt::Error> {
+        let g = ConstGauge::new(v);
+        g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)
+    }
+
+    /// One counter sample without labels (`<name>_total`).
+    pub fn counter(
+        encoder: &mut DescriptorEncoder<'_>,
+        name: &str,
+        help: &str,
+        n: u64,
+    ) -> Result<(), std::fmt::Error> {
+        let c = ConstCounter::new(n);
+        c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)
+    }
+
+    /// A counter family with one sample per label set.
+    pub fn counters<const N: usize>(
+        encoder: &mut DescriptorEncoder<'_>,
+        name: &str,
+        help: &str,
+        samples: impl IntoIterator<Item = ([(&'static str, String); N], u64)>,
+    ) -> Result<(), std::fmt::Error> {
+        let kind = ConstCounter::new(0u64).metric_type();
+        let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+        for (labels, n) in samples {
+            ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+
+    /// A gauge family with one sample per label set.
+    pub fn gauges<const N: usize>(
+        encoder: &mut DescriptorEncoder<'_>,
+        name: &str,
+        help: &str,
+        samples: impl IntoIterator<Item = ([(&'static str, String); N], i64)>,
+    ) -> Result<(), std::fmt::Error> {
+        let kind = ConstGauge::new(0i64).metric_type();
+        let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+        for (labels, v) in samples {
+            ConstGauge::new(v).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+
+    /// `http_responses_total{code}`: the answers `counts` has seen.
+    pub fn responses(
+        encoder: &mut DescriptorEncoder<'_>,
+        help: &str,
+        counts: &StatusCounts,
+    ) -> Result<(), std::fmt::Error> {
+        counters(
+            encoder,
+            "http_responses",
+            help,
+            counts
+                .seen()
+                .into_iter()
+                .map(|(code, n)| ([("code", code.to_string())], n)),
+        )
     }
 }
 

@@ -717,25 +717,11 @@ impl Host {
                 })?;
                 eprintln!("cocalc-host: metrics on http://{}/metrics", l.local_addr()?);
                 let m = me.metrics();
-                let app = axum::Router::new().route(
-                    "/metrics",
-                    axum::routing::get(move || {
-                        let body = m.render();
-                        async move {
-                            (
-                                [(
-                                    axum::http::header::CONTENT_TYPE,
-                                    crate::metrics::CONTENT_TYPE,
-                                )],
-                                body,
-                            )
-                        }
-                    }),
-                );
-                let stop = wait(rx.clone());
-                Some(tokio::spawn(async move {
-                    let _ = axum::serve(l, app).with_graceful_shutdown(stop).await;
-                }))
+                Some(tokio::spawn(cocalc_client::serve::serve_metrics(
+                    l,
+                    move || m.render(),
+                    wait(rx.clone()),
+                )))
             }
             None => None,
         };

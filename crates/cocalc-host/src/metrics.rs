@@ -12,19 +12,18 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
+use cocalc_core::counters::encode::{counter, gauge, responses};
 use cocalc_core::SharedClock;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::registry::Registry;
 
 use crate::agent::HostAgent;
 use crate::master_link::MasterLink;
 use crate::tunnel::TunnelClient;
 
 /// The content type of [`HostMetrics::render`]'s output.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub use cocalc_core::counters::CONTENT_TYPE;
 
 /// Reads a host's parts at each scrape.
 #[derive(Clone)]
@@ -66,33 +65,8 @@ impl HostMetrics {
 
     /// All metrics now, in the OpenMetrics text format ([`CONTENT_TYPE`]).
     pub fn render(&self) -> String {
-        let mut registry = Registry::with_prefix("cocalc_host");
-        registry.register_collector(Box::new(self.clone()));
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
-        out
+        cocalc_core::counters::encode::render("cocalc_host", Box::new(self.clone()))
     }
-}
-
-fn gauge(
-    encoder: &mut DescriptorEncoder<'_>,
-    name: &str,
-    help: &str,
-    v: i64,
-) -> Result<(), std::fmt::Error> {
-    let g = ConstGauge::new(v);
-    g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)
-}
-
-fn counter(
-    encoder: &mut DescriptorEncoder<'_>,
-    name: &str,
-    help: &str,
-    n: u64,
-) -> Result<(), std::fmt::Error> {
-    let c = ConstCounter::new(n);
-    c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)
 }
 
 impl Collector for HostMetrics {
@@ -140,17 +114,11 @@ impl Collector for HostMetrics {
                 t.dials(),
             )?;
         }
-        let kind = ConstCounter::new(0u64).metric_type();
-        let mut family = encoder.encode_descriptor(
-            "http_responses",
+        responses(
+            &mut encoder,
             "Data-plane answers by HTTP status code (401 and 403 are refused tokens)",
-            None,
-            kind,
+            self.agent.responses(),
         )?;
-        for (code, n) in self.agent.responses().seen() {
-            let labels = [("code", code.to_string())];
-            ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
-        }
         Ok(())
     }
 }

@@ -271,28 +271,13 @@ pub async fn run(
             })?;
             eprintln!("cocalc-master: metrics on http://{maddr}/metrics");
             let metrics = crate::metrics::MasterMetrics::new(master.clone());
-            let app = axum::Router::new().route(
-                "/metrics",
-                axum::routing::get(move || {
-                    let body = metrics.render();
-                    async move {
-                        (
-                            [(
-                                axum::http::header::CONTENT_TYPE,
-                                crate::metrics::CONTENT_TYPE,
-                            )],
-                            body,
-                        )
-                    }
-                }),
-            );
-            Some(tokio::spawn(async move {
-                let _ = axum::serve(l, app)
-                    .with_graceful_shutdown(async move {
-                        let _ = metrics_stopped.await;
-                    })
-                    .await;
-            }))
+            Some(tokio::spawn(cocalc_client::serve::serve_metrics(
+                l,
+                move || metrics.render(),
+                async move {
+                    let _ = metrics_stopped.await;
+                },
+            )))
         }
         None => None,
     };

@@ -11,17 +11,15 @@
 
 use std::sync::Arc;
 
+use cocalc_core::counters::encode::{gauge, gauges, responses};
 use cocalc_core::{Health, HostState};
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::registry::Registry;
+use prometheus_client::encoding::DescriptorEncoder;
 
 use crate::master::{Caller, Master};
 
 /// The content type of [`MasterMetrics::render`]'s output.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub use cocalc_core::counters::CONTENT_TYPE;
 
 /// Reads the master's state at each scrape.
 #[derive(Clone)]
@@ -43,38 +41,8 @@ impl MasterMetrics {
 
     /// All metrics now, in the OpenMetrics text format ([`CONTENT_TYPE`]).
     pub fn render(&self) -> String {
-        let mut registry = Registry::with_prefix("cocalc_master");
-        registry.register_collector(Box::new(self.clone()));
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
-        out
+        cocalc_core::counters::encode::render("cocalc_master", Box::new(self.clone()))
     }
-}
-
-/// A gauge family: one sample per label set.
-fn gauges<const N: usize>(
-    encoder: &mut DescriptorEncoder<'_>,
-    name: &str,
-    help: &str,
-    samples: Vec<([(&str, String); N], i64)>,
-) -> Result<(), std::fmt::Error> {
-    let kind = ConstGauge::new(0i64).metric_type();
-    let mut family = encoder.encode_descriptor(name, help, None, kind)?;
-    for (labels, v) in samples {
-        ConstGauge::new(v).encode(family.encode_family(&labels)?)?;
-    }
-    Ok(())
-}
-
-fn gauge(
-    encoder: &mut DescriptorEncoder<'_>,
-    name: &str,
-    help: &str,
-    v: i64,
-) -> Result<(), std::fmt::Error> {
-    let g = ConstGauge::new(v);
-    g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)
 }
 
 fn state_name(s: HostState) -> &'static str {
@@ -148,17 +116,11 @@ impl Collector for MasterMetrics {
             gauge(&mut encoder, "users", "Users", users as i64)?;
             gauge(&mut encoder, "projects", "Projects", projects as i64)?;
         }
-        let kind = ConstCounter::new(0u64).metric_type();
-        let mut family = encoder.encode_descriptor(
-            "http_responses",
+        responses(
+            &mut encoder,
             "API answers by HTTP status code (401 and 403 are refused callers)",
-            None,
-            kind,
+            m.responses(),
         )?;
-        for (code, n) in m.responses().seen() {
-            let labels = [("code", code.to_string())];
-            ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
-        }
         Ok(())
     }
 }

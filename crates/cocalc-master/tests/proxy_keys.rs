@@ -30,46 +30,26 @@ async fn a_proxy_key_does_a_proxys_work_and_nothing_else() {
     assert_eq!(s, StatusCode::CREATED, "{v}");
 
     // Only the admin makes proxy keys; names are checked; one per name.
-    let create = |name: &str| json!({"name": name});
-    let (s, v) = e
-        .call(
+    let create = async |key: &str, name: &str| {
+        e.call(
             "POST",
             "/v1/admin/proxy-keys",
-            Some(&alice),
-            Some(create("edge-1")),
+            Some(key),
+            Some(json!({"name": name})),
         )
-        .await;
+        .await
+    };
+    let (s, v) = create(&alice, "edge-1").await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
-    let (s, v) = e
-        .call(
-            "POST",
-            "/v1/admin/proxy-keys",
-            Some(ADMIN),
-            Some(create("edge-1")),
-        )
-        .await;
+    let (s, v) = create(ADMIN, "edge-1").await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
     assert_eq!(v["key"]["name"], "edge-1");
     let proxy = v["api_key"].as_str().unwrap().to_string();
     assert!(proxy.len() >= 32, "{proxy}");
-    let (s, v) = e
-        .call(
-            "POST",
-            "/v1/admin/proxy-keys",
-            Some(ADMIN),
-            Some(create("edge-1")),
-        )
-        .await;
+    let (s, v) = create(ADMIN, "edge-1").await;
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
     for bad in ["", "a/b", "has space", &"x".repeat(65)] {
-        let (s, v) = e
-            .call(
-                "POST",
-                "/v1/admin/proxy-keys",
-                Some(ADMIN),
-                Some(create(bad)),
-            )
-            .await;
+        let (s, v) = create(ADMIN, bad).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{bad:?}: {v}");
         assert!(
             v["message"].as_str().unwrap().contains("proxy key name"),
@@ -88,24 +68,11 @@ async fn a_proxy_key_does_a_proxys_work_and_nothing_else() {
     );
 
     // What a proxy does works with its key.
-    let (s, v) = e
-        .call(
-            "GET",
-            &format!("/v1/hosts/{}/endpoint", h.id),
-            Some(&proxy),
-            None,
-        )
-        .await;
-    assert_eq!(s, StatusCode::OK, "{v}");
-    let (s, v) = e
-        .call(
-            "GET",
-            &format!("/v1/hosts/{}/key", h.id),
-            Some(&proxy),
-            None,
-        )
-        .await;
-    assert_eq!(s, StatusCode::OK, "{v}");
+    for what in ["endpoint", "key"] {
+        let path = format!("/v1/hosts/{}/{what}", h.id);
+        let (s, v) = e.call("GET", &path, Some(&proxy), None).await;
+        assert_eq!(s, StatusCode::OK, "{path}: {v}");
+    }
     let (s, v) = e
         .call(
             "POST",
@@ -166,14 +133,7 @@ async fn a_proxy_key_does_a_proxys_work_and_nothing_else() {
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
     // The name is free again.
-    let (s, v) = e
-        .call(
-            "POST",
-            "/v1/admin/proxy-keys",
-            Some(ADMIN),
-            Some(create("edge-1")),
-        )
-        .await;
+    let (s, v) = create(ADMIN, "edge-1").await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
     assert_ne!(v["api_key"].as_str().unwrap(), proxy, "a new secret");
 }

@@ -190,24 +190,13 @@ pub async fn run(
         Some(at) => {
             let (l, addr) = bind(at, "metrics listen").await?;
             eprintln!("cocalc-proxy: metrics on http://{addr}/metrics");
-            let app = axum::Router::new().route(
-                "/metrics",
-                axum::routing::get(move || {
-                    let body = metrics.render();
-                    async move {
-                        (
-                            [(
-                                axum::http::header::CONTENT_TYPE,
-                                crate::metrics::CONTENT_TYPE,
-                            )],
-                            body,
-                        )
-                    }
-                }),
-            );
-            Some(tokio::spawn(crate::serve(l, app, async move {
-                let _ = metrics_stopped.await;
-            })))
+            Some(tokio::spawn(cocalc_client::serve::serve_metrics(
+                l,
+                move || metrics.render(),
+                async move {
+                    let _ = metrics_stopped.await;
+                },
+            )))
         }
         None => None,
     };

@@ -10,16 +10,14 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use cocalc_core::counters::encode::{counter, counters, gauge};
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::registry::Registry;
+use prometheus_client::encoding::DescriptorEncoder;
 
 use crate::{Ingress, TunnelHub};
 
 /// The content type of [`ProxyMetrics::render`]'s output.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub use cocalc_core::counters::CONTENT_TYPE;
 
 /// Counters by reason, as (reason, counter) pairs.
 type ByReason<'a> = Vec<(&'static str, &'a AtomicU64)>;
@@ -59,45 +57,31 @@ impl ProxyMetrics {
 
     /// All metrics now, in the OpenMetrics text format ([`CONTENT_TYPE`]).
     pub fn render(&self) -> String {
-        let mut registry = Registry::with_prefix("cocalc_proxy");
-        registry.register_collector(Box::new(self.clone()));
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
-        out
+        cocalc_core::counters::encode::render("cocalc_proxy", Box::new(self.clone()))
     }
 }
 
-fn counters(
+/// Counters by reason, read now.
+fn by_reason(
     encoder: &mut DescriptorEncoder<'_>,
     name: &str,
     help: &str,
     by_reason: ByReason<'_>,
 ) -> Result<(), std::fmt::Error> {
-    let kind = ConstCounter::new(0u64).metric_type();
-    let mut family = encoder.encode_descriptor(name, help, None, kind)?;
-    for (reason, n) in by_reason {
-        let labels = [("reason", reason)];
-        let sample = family.encode_family(&labels)?;
-        ConstCounter::new(n.load(Ordering::Relaxed)).encode(sample)?;
-    }
-    Ok(())
-}
-
-fn counter(
-    encoder: &mut DescriptorEncoder<'_>,
-    name: &str,
-    help: &str,
-    n: &AtomicU64,
-) -> Result<(), std::fmt::Error> {
-    let c = ConstCounter::new(n.load(Ordering::Relaxed));
-    c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)
+    counters(
+        encoder,
+        name,
+        help,
+        by_reason
+            .into_iter()
+            .map(|(reason, n)| ([("reason", reason.to_string())], n.load(Ordering::Relaxed))),
+    )
 }
 
 impl Collector for ProxyMetrics {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let r = self.ingress.refusals();
-        counters(
+        by_reason(
             &mut encoder,
             "http_refusals",
             "HTTP requests refused at the edge, by reason (each is also an audit record)",
@@ -111,7 +95,7 @@ impl Collector for ProxyMetrics {
         #[cfg(feature = "ssh")]
         if let Some(ssh) = &self.ssh {
             let r = ssh.refusals();
-            counters(
+            by_reason(
                 &mut encoder,
                 "ssh_refusals",
                 "SSH logins refused, by reason (each is also an audit record)",
@@ -129,45 +113,44 @@ impl Collector for ProxyMetrics {
             &mut encoder,
             "tunnels_accepted",
             "Reverse tunnels accepted from hidden hosts",
-            &t.accepted,
+            t.accepted.load(Ordering::Relaxed),
         )?;
         counter(
             &mut encoder,
             "tunnel_handshakes_refused",
             "Tunnel handshakes refused (bad signature, unknown host, replay, rate limit)",
-            &t.refused,
+            t.refused.load(Ordering::Relaxed),
         )?;
         counter(
             &mut encoder,
             "tunnel_streams",
             "Connections to hidden hosts carried as streams inside their tunnel",
-            &t.streams,
+            t.streams.load(Ordering::Relaxed),
         )?;
         counter(
             &mut encoder,
             "dial_backs",
             "Connections to hidden hosts carried on dial-back connections",
-            &t.dials,
+            t.dials.load(Ordering::Relaxed),
         )?;
         counter(
             &mut encoder,
             "dial_back_failures",
             "Dial-backs that failed or were late (the connection used a tunnel stream)",
-            &t.dial_failures,
+            t.dial_failures.load(Ordering::Relaxed),
         )?;
         counter(
             &mut encoder,
             "dial_backs_refused",
             "Dial-back connections refused (unknown, expired or malformed nonce)",
-            &t.dials_refused,
+            t.dials_refused.load(Ordering::Relaxed),
         )?;
-        let up = ConstGauge::new(self.tunnels.connected().len() as i64);
-        up.encode(encoder.encode_descriptor(
+        gauge(
+            &mut encoder,
             "tunnels_connected",
             "Hidden hosts with a tunnel to this proxy now",
-            None,
-            up.metric_type(),
-        )?)?;
+            self.tunnels.connected().len() as i64,
+        )?;
         Ok(())
     }
 }
