@@ -307,13 +307,24 @@ fn proxy_starts_from_config_and_refuses_at_the_edge() {
         .enable_all()
         .build()
         .unwrap();
-    let (bad, missing, metrics) = rt.block_on(async {
+    let (bad, internal, missing, metrics) = rt.block_on(async {
         let c = reqwest::Client::new();
         let bad = c
             .get(format!("{url}/not-a-project/exec"))
             .send()
             .await
             .unwrap();
+        // Under /.cocalc/ only the tunnel endpoints exist; anything else
+        // is a bad path like any other.
+        let internal = c
+            .get(format!("{url}/.cocalc/nothing-here"))
+            .send()
+            .await
+            .unwrap();
+        let internal = (
+            internal.status().as_u16(),
+            internal.json::<serde_json::Value>().await.unwrap(),
+        );
         let missing = c
             .post(format!("{url}/6ba7b810-9dad-41d1-80b4-00c04fd430c8/exec"))
             .send()
@@ -325,10 +336,17 @@ fn proxy_starts_from_config_and_refuses_at_the_edge() {
             .unwrap()
             .starts_with("application/openmetrics-text"));
         let text = metrics.text().await.unwrap();
-        (bad.status().as_u16(), missing.status().as_u16(), text)
+        (
+            bad.status().as_u16(),
+            internal,
+            missing.status().as_u16(),
+            text,
+        )
     });
     drop(child);
     assert_eq!(bad, 400);
+    assert_eq!(internal.0, 400, "{:?}", internal.1);
+    assert_eq!(internal.1["code"], "bad_path");
     assert_eq!(missing, 401);
     let listed = ok(&cocalc(&d, &d.admin_key, &["proxy-key", "list"]));
     assert!(listed.starts_with("edge  created at "), "{listed}");
@@ -343,7 +361,7 @@ fn proxy_starts_from_config_and_refuses_at_the_edge() {
     );
     // Each refusal is counted by reason.
     for line in [
-        "cocalc_proxy_http_refusals_total{reason=\"bad_path\"} 1",
+        "cocalc_proxy_http_refusals_total{reason=\"bad_path\"} 2",
         "cocalc_proxy_http_refusals_total{reason=\"bad_token\"} 1",
         "cocalc_proxy_http_refusals_total{reason=\"rate_limited\"} 0",
         "cocalc_proxy_tunnels_connected 0",

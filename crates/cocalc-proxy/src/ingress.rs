@@ -469,6 +469,18 @@ impl Ingress {
         }
     }
 
+    /// Refuses `path` as a bad path: counted, audited and answered 400
+    /// with the reason, as [`Ingress::handle`] refuses one (for paths
+    /// another router saw first).
+    pub(crate) fn refuse_path(&self, peer: SocketAddr, path: &str) -> Response {
+        let why = match project_of_path(path) {
+            Err(why) => why,
+            Ok(_) => format!("no such path {path:?}"),
+        };
+        self.refuse(&self.refusals.bad_path, "bad_path", None, peer, &why);
+        fail(400, "bad_path", why)
+    }
+
     /// The checks before anything is forwarded: the per-client limit, the
     /// base path, the per-project limit and the token. Returns the
     /// project and the host the token names, or the refusal to answer

@@ -51,7 +51,9 @@ pub use tunnel::{ProxyTransport, TunnelConfig, TunnelHub};
 
 /// Serves the proxy: `ingress` for every request, except paths under
 /// `/.cocalc/` (no project id starts with a dot), which go to `internal`
-/// — the proxy's own endpoints, such as [`TunnelHub::router`]. Project
+/// — the proxy's own endpoints, such as [`TunnelHub::router`]; those it
+/// does not serve are refused by the ingress as bad paths (its fallback
+/// is replaced). Project
 /// requests reach [`Ingress::handle`] directly, with no router in
 /// between. Runs until `shutdown` completes; built on
 /// [`cocalc_client::serve::serve`], so relayed WebSockets between TCP
@@ -67,6 +69,18 @@ pub async fn serve_ingress(
     use std::pin::Pin;
     type Answer =
         Pin<Box<dyn Future<Output = Result<ingress::Response, std::convert::Infallible>> + Send>>;
+    // Paths under /.cocalc/ that `internal` does not serve are bad paths
+    // like any other: refused, counted and audited by the ingress.
+    let refuser = ingress.clone();
+    let internal = internal.fallback(
+        move |axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<
+            std::net::SocketAddr,
+        >,
+              uri: axum::http::Uri| {
+            let ingress = refuser.clone();
+            async move { ingress.refuse_path(peer, uri.path()) }
+        },
+    );
     cocalc_client::serve::serve(
         listener,
         move |addr: std::net::SocketAddr| {
