@@ -11,6 +11,7 @@
 //! | [`files`] | [`ProjectFiles`](files::ProjectFiles): file access confined to a project's home with `cap-std` (`..`, absolute paths and symlinks out are refused) | always |
 //! | [`MasterLink`] | registration with a bootstrap token, signed keepalives, the push channel (ACL changes, revocations, keys, start/stop), ACL lookups, activity; reconnects with backoff and drives the ACL cache's offline grace | always |
 //! | [`local_store`] | the host's SQLite cache: generation fences, ACL entries and revocations, so a restarted host serves at once | always |
+//! | [`metrics`] | running projects, the master lease's age, a hidden host's tunnel, data-plane answers, for Prometheus | always |
 //! | [`daemon`] | config file, host identity on disk, building and running a whole host | always |
 //! | [`PodmanRunner`] | one podman container per project through podman's Docker-compatible API (bollard): per-host labels, limits, no network, exec, terminals, re-adoption after a restart, ports reached with `setns` ([`PodmanRunner::connect_port`]), a busybox test image builder | `podman` (default) |
 //! | [`ProcessRunner`] | projects as plain process groups, for development machines without podman. **No isolation at all.** | always |

@@ -13,6 +13,9 @@
 //!   lookups, drain hosts, rotate signing keys without cutover.
 //! * [`ssh`]: users' SSH public keys (OpenSSH lines, fingerprinted) and
 //!   the proxies' "may this key enter that project?" ([`Master::ssh_authorize`]).
+//! * [`proxy_keys`]: API keys for proxies, good for host lookups and SSH
+//!   authorizations only ([`Caller::Proxy`]).
+//! * [`metrics`]: hosts, users, projects and API answers for Prometheus.
 //! * [`PushHub`]: the master→host push channel (ACL changes, revocations,
 //!   signing keys), one WebSocket per host.
 //! * [`http::router`]: the HTTP JSON API over a `Master`;

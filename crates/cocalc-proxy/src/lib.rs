@@ -15,8 +15,11 @@
 //! pass-through, rate limits), the SSH ingress (`ssh::SshIngress`:
 //! public-key logins authorized by the master; exec, shell, `direct-tcpip`
 //! forwarding and SFTP forwarded to the host's data plane), the direct
-//! transport, [`TcpTransport`], which reaches hosts that publish a URL, and
-//! the reverse-tunnel end, [`TunnelHub`] with [`ProxyTransport`].
+//! transport, [`TcpTransport`], which reaches hosts that publish a URL,
+//! the reverse-tunnel end, [`TunnelHub`] with [`ProxyTransport`], and
+//! [`metrics`] (refusals by reason, tunnels, dial-backs). [`serve_ingress`]
+//! serves it all on one listener, project paths without a router in
+//! between.
 //!
 //! | cargo feature | default | what |
 //! | --- | --- | --- |
