@@ -33,7 +33,7 @@ use cocalc_core::{
     TokenVerifier, UserId,
 };
 use ed25519_dalek::SigningKey;
-use moka::sync::Cache;
+use quick_cache::sync::Cache;
 use serde::{Deserialize, Serialize};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -337,8 +337,10 @@ pub struct Verifier {
     clock: SharedClock,
     policy: TokenPolicy,
     /// Keyed by the token; hashed with foldhash (seeded per process), as
-    /// every request hashes a token of a few hundred bytes.
-    cache: Cache<Arc<str>, Arc<TokenClaims>, foldhash::fast::RandomState>,
+    /// every request hashes a token of a few hundred bytes. A hit costs a
+    /// shard read lock and one atomic bit (quick_cache, S3-FIFO).
+    cache:
+        Cache<Arc<str>, Arc<TokenClaims>, quick_cache::UnitWeighter, foldhash::fast::RandomState>,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -346,7 +348,7 @@ impl std::fmt::Debug for Verifier {
         f.debug_struct("Verifier")
             .field("host", &self.host)
             .field("policy", &self.policy)
-            .field("cached", &self.cache.entry_count())
+            .field("cached", &self.cache.len())
             .finish_non_exhaustive()
     }
 }
@@ -374,11 +376,18 @@ impl Verifier {
         clock: SharedClock,
         policy: TokenPolicy,
     ) -> Self {
-        let cache = Cache::builder()
-            .max_capacity(policy.cache_capacity)
-            // No entry can be useful past the longest lifetime plus skew.
-            .time_to_live(policy.max_ttl + policy.skew)
-            .build_with_hasher(foldhash::fast::RandomState::default());
+        // Bounded by count; an expired entry is refused at its next use
+        // (every hit checks `nbf`/`exp`) and evicted as new tokens come.
+        let capacity = usize::try_from(policy.cache_capacity)
+            .unwrap_or(usize::MAX)
+            .max(1);
+        let cache = Cache::with(
+            capacity,
+            capacity as u64,
+            quick_cache::UnitWeighter,
+            foldhash::fast::RandomState::default(),
+            Default::default(),
+        );
         Verifier {
             host: Some(host),
             keys: RwLock::new(Arc::new(keys)),
@@ -396,7 +405,7 @@ impl Verifier {
     /// Replaces the trusted keys and empties the cache.
     pub fn set_keys(&self, keys: KeySet) {
         *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keys);
-        self.cache.invalidate_all();
+        self.cache.clear();
     }
 
     /// Verifies `token` (cached).
