@@ -5,9 +5,8 @@
 //! Everything but the answer counts is read at scrape time from state the
 //! master keeps anyway (a `prometheus-client` collector); the answers are
 //! one atomic increment each ([`cocalc_core::StatusCounts`], kept by the
-//! router). The
-//! daemon serves them at `GET /metrics` on `metrics_listen`, an address of
-//! its own, so the API port does not show them.
+//! router). The daemon serves them at `GET /metrics` on `metrics_listen`,
+//! an address of its own, so the API port does not show them.
 
 use std::sync::Arc;
 
