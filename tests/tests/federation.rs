@@ -1059,6 +1059,45 @@ async fn ingress_matches_direct_and_refuses_bad_input() {
     }
     assert_eq!(echoed[0], echoed[1], "direct and proxied echoes differ");
 
+    // What a server in the project sees of the request through the
+    // ingress: the client's Host as X-Forwarded-Host, its address
+    // appended to X-Forwarded-For, the scheme, and never the token.
+    let hl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hport = hl.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let app = axum::Router::new().fallback(|h: axum::http::HeaderMap| async move {
+            h.iter()
+                .map(|(k, v)| format!("{k}: {}\n", v.to_str().unwrap_or("?")))
+                .collect::<String>()
+        });
+        axum::serve(hl, app).await.unwrap();
+    });
+    let headers_seen = |base: String| {
+        let (http, token, pid) = (http.clone(), o.token.clone(), pid.clone());
+        async move {
+            let r = http
+                .get(format!("{base}/{pid}/port/{hport}/headers"))
+                .bearer_auth(token)
+                .header("host", "app.example")
+                .header("x-forwarded-for", "10.1.2.3")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.text().await.unwrap()
+        }
+    };
+    let via = headers_seen(purl.clone()).await;
+    let has = |text: &str, line: &str| text.lines().any(|l| l == line);
+    assert!(has(&via, "x-forwarded-for: 10.1.2.3, 127.0.0.1"), "{via}");
+    assert!(has(&via, "x-forwarded-host: app.example"), "{via}");
+    assert!(has(&via, "x-forwarded-proto: http"), "{via}");
+    assert!(!via.contains("authorization"), "{via}");
+    let direct = headers_seen(h.url.clone()).await;
+    assert!(has(&direct, "x-forwarded-for: 10.1.2.3"), "{direct}");
+    assert!(!direct.contains("x-forwarded-host"), "{direct}");
+    assert!(!direct.contains("authorization"), "{direct}");
+
     // Refused by the ingress itself, with a reason.
     let short = &pid[..35];
     let cases = [
