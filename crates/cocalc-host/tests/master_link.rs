@@ -20,15 +20,27 @@ const ADMIN: &str = "admin-key";
 struct Running {
     url: String,
     task: tokio::task::JoinHandle<()>,
+    /// Stops the server as a daemon stops: no new connections, idle
+    /// keep-alive connections closed.
+    stop: tokio::sync::oneshot::Sender<()>,
 }
 
 async fn serve(master: Arc<Master>, addr: &str) -> Running {
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        axum::serve(listener, http::router(master)).await.unwrap();
+        axum::serve(listener, http::router(master))
+            .with_graceful_shutdown(async {
+                // Only a real stop; a dropped sender keeps serving.
+                if stopped.await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            })
+            .await
+            .unwrap();
     });
-    Running { url, task }
+    Running { url, task, stop }
 }
 
 async fn master() -> Arc<Master> {
@@ -267,11 +279,14 @@ async fn run_marks_the_link_down_when_the_master_goes_and_up_when_it_returns() {
         }
     };
     wait_for(true).await;
-    // The master goes away: the push channel drops and the link is down.
-    srv.task.abort();
+    // The master goes away as a daemon stops: no listener, idle HTTP
+    // connections closed (aborting the task would leave the host's pooled
+    // keep-alive connection served, and its keepalives answered), and then
+    // its push channels closed (the daemon does this on shutdown). Only
+    // once the listener is gone: a push channel the host reopened before
+    // that would otherwise stay up, answering keepalives from this process.
+    let _ = srv.stop.send(());
     let _ = srv.task.await;
-    // A stopped master closes its push channels (the daemon does this on
-    // shutdown); the aborted server task cannot, so do it here.
     m.push().close_all();
     wait_for(false).await;
     // The master returns on the same address (same state): the host

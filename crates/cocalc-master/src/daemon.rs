@@ -223,14 +223,19 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let hub_owner = master.clone();
-    axum::serve(listener, crate::http::router(master))
+    let closer = master.clone();
+    let served = axum::serve(listener, crate::http::router(master))
         .with_graceful_shutdown(async move {
             shutdown.await;
             // Upgraded (WebSocket) connections outlive the HTTP server:
             // close the push channels so hosts see the master go.
             hub_owner.push().close_all();
         })
-        .await
+        .await;
+    // Once more now that nothing is accepted: a push channel a host
+    // opened while the server was stopping would otherwise stay up.
+    closer.push().close_all();
+    served
 }
 
 /// Binds the configured address.
