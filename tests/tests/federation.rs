@@ -599,22 +599,23 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
     m2.shut_down().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn activity_reaches_the_master_and_idle_projects_are_stopped() {
-    let dir = tempfile::tempdir().unwrap();
-    let m = start_master(&dir.path().join("master"), "127.0.0.1:0").await;
+/// A master, one host (with `extra` config lines) that is up, and a user
+/// `u` with a project `p` opened on it.
+struct Solo {
+    m: Master,
+    h: Host,
+    c: MasterClient,
+    o: cocalc_core::wire::OpenProjectResponse,
+}
+
+async fn one_host_one_project(dir: &Path, extra: &str) -> Solo {
+    let m = start_master(&dir.join("master"), "127.0.0.1:0").await;
     let admin = MasterClient::new(&m.url, &m.admin);
     let t = admin.bootstrap_token().await.unwrap()["token"]
         .as_str()
         .unwrap()
         .to_string();
-    let h = start_host_with(
-        &dir.path().join("h"),
-        &m.url,
-        &t,
-        "idle_timeout_secs = 2\nactivity_interval_secs = 1\n",
-    )
-    .await;
+    let h = start_host_with(&dir.join("h"), &m.url, &t, extra).await;
     eventually("host up", Duration::from_secs(15), || async {
         admin.hosts().await.map(|v| v.len() == 1).unwrap_or(false)
     })
@@ -625,6 +626,17 @@ async fn activity_reaches_the_master_and_idle_projects_are_stopped() {
         .await
         .unwrap();
     let o = c.open("p").await.unwrap();
+    Solo { m, h, c, o }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activity_reaches_the_master_and_idle_projects_are_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let Solo { m, h, c, o } = one_host_one_project(
+        dir.path(),
+        "idle_timeout_secs = 2\nactivity_interval_secs = 1\n",
+    )
+    .await;
     let pid = o.project.to_string();
     let (s, v) = exec(&h.url, &pid, &o.token, &["true"]).await;
     assert_eq!(s, 200, "{v}");
@@ -662,34 +674,16 @@ async fn activity_reaches_the_master_and_idle_projects_are_stopped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_metrics_show_projects_answers_and_the_lease() {
     let dir = tempfile::tempdir().unwrap();
-    let m = start_master(&dir.path().join("master"), "127.0.0.1:0").await;
-    let admin = MasterClient::new(&m.url, &m.admin);
-    let t = admin.bootstrap_token().await.unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let h = start_host_with(
-        &dir.path().join("h"),
-        &m.url,
-        &t,
+    let Solo { m, h, c: _, o } = one_host_one_project(
+        dir.path(),
         &format!("metrics_listen = \"127.0.0.1:{port}\"\nproject_slots = 7\n"),
     )
     .await;
-    eventually("host up", Duration::from_secs(15), || async {
-        admin.hosts().await.map(|v| v.len() == 1).unwrap_or(false)
-    })
-    .await;
-    let u = admin.create_user("u").await.unwrap();
-    let c = MasterClient::new(&m.url, u["api_key"].as_str().unwrap());
-    c.create_project(&CreateProjectRequest::new("p"))
-        .await
-        .unwrap();
-    let o = c.open("p").await.unwrap();
     let pid = o.project.to_string();
     let (s, v) = exec(&h.url, &pid, &o.token, &["true"]).await;
     assert_eq!(s, 200, "{v}");
