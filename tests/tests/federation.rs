@@ -971,6 +971,31 @@ async fn ingress_matches_direct_and_refuses_bad_input() {
         .await
         .unwrap();
     assert_eq!(got.bytes().await.unwrap().as_ref(), big.as_slice());
+    // Read back through the ingress (a request without a body, so the
+    // lean upstream client): the same bytes, and HEAD the same headers.
+    let via = http
+        .get(format!("{purl}/{pid}/files/big.bin"))
+        .bearer_auth(&o.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(via.status(), 200);
+    assert_eq!(via.bytes().await.unwrap().as_ref(), big.as_slice());
+    for base in [&h.url, &purl] {
+        let head = http
+            .head(format!("{base}/{pid}/files/big.bin"))
+            .bearer_auth(&o.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(head.status(), 200, "{base}");
+        assert_eq!(
+            head.headers().get("content-length").map(|v| v.to_str().unwrap()),
+            Some("3000000"),
+            "HEAD via {base}"
+        );
+        assert_eq!(head.bytes().await.unwrap().len(), 0);
+    }
     // A terminal through the ingress.
     let mut req = format!("{}/{pid}/terminal", purl.replacen("http://", "ws://", 1))
         .into_client_request()

@@ -12,6 +12,8 @@
 //!   ingress use it), and [`serve`](serve::serve), the HTTP/1.1 server loop
 //!   both serve with, so that relayed WebSockets between two TCP sockets
 //!   move by `splice(2)` ([`relay_upgraded`](relay::relay_upgraded)).
+//! * [`Upstream`](upstream::Upstream): a lean pooled HTTP/1.1 client for
+//!   the requests relays forward most, those without a body or upgrade.
 //!
 //! Errors are the server's [`ApiError`](cocalc_core::ApiError) (status, code,
 //! message, hint); failures to connect are `503 master_unreachable` /
@@ -38,6 +40,7 @@ pub mod relay;
 pub mod serve;
 #[cfg(target_os = "linux")]
 pub mod splice;
+pub mod upstream;
 
 pub use host::{encode_path, HostClient};
 pub use master::MasterClient;

@@ -38,13 +38,14 @@ use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
 use cocalc_auth::{paserk, AuditSink, KeySet, TracingAuditSink, Verifier};
+use cocalc_client::upstream::{ResponseBody, Upstream, UpstreamError};
 use cocalc_client::MasterClient;
 use cocalc_core::{
     ApiError, AuditOutcome, AuditRecord, HostEndpoint, HostId, ProjectId, SharedClock, Timestamp,
     Transport,
 };
 use http_body_util::Either;
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 
 /// Ingress tunables.
 #[derive(Debug, Clone)]
@@ -101,6 +102,7 @@ pub struct Ingress {
     per_project: Limiter<ProjectId>,
     per_client: Limiter<std::net::IpAddr>,
     pool: cocalc_client::relay::Pool<HostId, Incoming>,
+    upstream: Upstream<HostId>,
 }
 
 /// A keyed rate limiter whose map hashes with foldhash (seeded per
@@ -125,9 +127,11 @@ struct Route {
     at: Instant,
 }
 
-/// What the ingress answers with: a host's streamed response, or the
-/// ingress's own (a refusal).
-pub type IngressBody = Either<Incoming, Body>;
+/// What the ingress answers with: a host's streamed response (through
+/// hyper's client for requests with a body or an upgrade, through the lean
+/// [`Upstream`](cocalc_client::upstream::Upstream) client for the rest), or
+/// the ingress's own (a refusal).
+pub type IngressBody = Either<Either<Incoming, ResponseBody<HostId>>, Body>;
 
 /// An HTTP response from [`Ingress::handle`].
 pub type Response = http::Response<IngressBody>;
@@ -300,6 +304,7 @@ impl Ingress {
             per_project: limiter(cfg.project_rps),
             per_client: limiter(cfg.client_rps),
             pool: cocalc_client::relay::Pool::new(POOL_PER_HOST),
+            upstream: Upstream::new(POOL_PER_HOST),
             verifier: Verifier::for_ingress(KeySet::new(), clock),
             master,
             cfg,
@@ -430,6 +435,7 @@ impl Ingress {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&host);
         self.pool.forget(|h| *h == host);
+        self.upstream.forget(|h| *h == host);
     }
 
     /// Drops rate-limit state of clients and projects not seen lately, so
@@ -597,19 +603,33 @@ impl Ingress {
             let resp = cocalc_client::relay::relay(conn, req)
                 .await
                 .map_err(failed)?;
-            return Ok(resp.map(Either::Left));
+            return Ok(resp.map(|b| Either::Left(Either::Left(b))));
         }
-        // Plain requests reuse idle keep-alive connections to the host.
+        let connect = || self.transport.connect(host, &route.endpoint);
+        if body.is_end_stream() {
+            // No body: the lean client, on its own keep-alive connections.
+            let resp = self
+                .upstream
+                .send(host, &parts, connect)
+                .await
+                .map_err(|e| match e {
+                    UpstreamError::Connect(e) => ApiError::from(&e),
+                    e => ApiError::new(502, "host_failed", format!("host {host}: {e}")),
+                })?;
+            return Ok(resp.map(|b| Either::Left(Either::Right(b))));
+        }
+        // Requests with a body reuse idle keep-alive connections to the
+        // host through hyper's client.
         let req = http::Request::from_parts(parts, body);
         let resp = self
             .pool
-            .send(host, req, || self.transport.connect(host, &route.endpoint))
+            .send(host, req, connect)
             .await
             .map_err(|e| match e {
                 cocalc_client::relay::PoolError::Connect(e) => ApiError::from(&e),
                 cocalc_client::relay::PoolError::Http(e) => failed(e),
             })?;
-        Ok(resp.map(Either::Left))
+        Ok(resp.map(|b| Either::Left(Either::Left(b))))
     }
 }
 
