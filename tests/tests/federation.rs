@@ -990,7 +990,9 @@ async fn ingress_matches_direct_and_refuses_bad_input() {
             .unwrap();
         assert_eq!(head.status(), 200, "{base}");
         assert_eq!(
-            head.headers().get("content-length").map(|v| v.to_str().unwrap()),
+            head.headers()
+                .get("content-length")
+                .map(|v| v.to_str().unwrap()),
             Some("3000000"),
             "HEAD via {base}"
         );

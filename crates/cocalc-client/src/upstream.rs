@@ -211,18 +211,22 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Upstream<K> {
     /// upgrade) to `key`, on an idle connection or a new one from
     /// `connect`, and returns the response with its body streaming from
     /// the connection. `parts` is forwarded as it is but for hop-by-hop
-    /// headers; the caller sets `Host` and any `X-Forwarded-*`.
+    /// headers and those named in `replace`: each of those is sent with
+    /// the value given there instead (or left out, for `None`), which
+    /// spares the caller editing the header map (`Host`,
+    /// `X-Forwarded-*`).
     pub async fn send<E, F, Fut>(
         &self,
         key: K,
         parts: &http::request::Parts,
+        replace: &[(&HeaderName, Option<&HeaderValue>)],
         connect: F,
     ) -> Result<http::Response<ResponseBody<K>>, UpstreamError<E>>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<BoxedConnection, E>>,
     {
-        let head = request_head(parts);
+        let head = request_head(parts, replace);
         let no_body = parts.method == Method::HEAD;
         if let Some(mut conn) = self.take(&key) {
             match exchange(&mut conn, &head, no_body).await {
@@ -278,28 +282,44 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Upstream<K> {
 }
 
 /// The request head as sent: request line, the headers but hop-by-hop
-/// ones, blank line.
-fn request_head(parts: &http::request::Parts) -> Vec<u8> {
+/// ones and those `replace` names (whose values come first), blank line.
+fn request_head(
+    parts: &http::request::Parts,
+    replace: &[(&HeaderName, Option<&HeaderValue>)],
+) -> Vec<u8> {
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let size = parts
-        .headers
-        .iter()
-        .map(|(n, v)| n.as_str().len() + v.len() + 4)
-        .sum::<usize>();
+    let line = |n: &HeaderName, v: &HeaderValue| n.as_str().len() + v.len() + 4;
+    let size = parts.headers.iter().map(|(n, v)| line(n, v)).sum::<usize>()
+        + replace
+            .iter()
+            .filter_map(|(n, v)| Some(line(n, (*v)?)))
+            .sum::<usize>();
     let mut out = Vec::with_capacity(parts.method.as_str().len() + target.len() + 13 + size + 2);
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let listed = connection_tokens(&parts.headers);
-    for (name, value) in &parts.headers {
-        if is_hop_by_hop(name) || listed.iter().any(|t| t.eq_ignore_ascii_case(name.as_str())) {
-            continue;
-        }
+    let mut header = |name: &HeaderName, value: &HeaderValue| {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
+    };
+    // The replacements first, so that Host leads (RFC 9112 §3.2).
+    for (name, value) in replace {
+        if let Some(value) = value {
+            header(name, value);
+        }
+    }
+    let listed = connection_tokens(&parts.headers);
+    for (name, value) in &parts.headers {
+        if is_hop_by_hop(name)
+            || replace.iter().any(|(n, _)| *n == name)
+            || listed.iter().any(|t| t.eq_ignore_ascii_case(name.as_str()))
+        {
+            continue;
+        }
+        header(name, value);
     }
     out.extend_from_slice(b"\r\n");
     out
@@ -810,7 +830,9 @@ mod tests {
         method: &str,
     ) -> Result<(http::response::Parts, Vec<u8>), UpstreamError<io::Error>> {
         let resp = up
-            .send(1, &parts(method, &[("host", "h")]), || script.connect())
+            .send(1, &parts(method, &[("host", "h")]), &[], || {
+                script.connect()
+            })
             .await?;
         let (parts, body) = resp.into_parts();
         let body = body.collect().await?.to_bytes().to_vec();
@@ -836,8 +858,20 @@ mod tests {
             ],
         );
         assert_eq!(
-            String::from_utf8(request_head(&p)).unwrap(),
+            String::from_utf8(request_head(&p, &[])).unwrap(),
             "GET /p/x?q=1 HTTP/1.1\r\nhost: h:1\r\nx-forwarded-for: 10.0.0.1\r\naccept: */*\r\n\r\n"
+        );
+        // Replacements take the place of the request's own, or drop them.
+        let host = HeaderValue::from_static("upstream:9");
+        let xff = HeaderValue::from_static("10.0.0.1, 10.0.0.2");
+        let xff_name = HeaderName::from_static("x-forwarded-for");
+        assert_eq!(
+            String::from_utf8(request_head(
+                &p,
+                &[(&header::HOST, Some(&host)), (&xff_name, Some(&xff)), (&header::ACCEPT, None)]
+            ))
+            .unwrap(),
+            "GET /p/x?q=1 HTTP/1.1\r\nhost: upstream:9\r\nx-forwarded-for: 10.0.0.1, 10.0.0.2\r\n\r\n"
         );
     }
 
@@ -975,7 +1009,7 @@ mod tests {
         let script = Script::new(&[&[b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhalf"]]);
         let up = Upstream::new(4);
         let resp = up
-            .send(1, &parts("GET", &[]), || script.connect())
+            .send(1, &parts("GET", &[]), &[], || script.connect())
             .await
             .unwrap();
         let err = resp.into_body().collect().await.unwrap_err();
@@ -1008,7 +1042,7 @@ mod tests {
         let script = Script::new(&[&[big.as_bytes()], &[OK]]);
         let up = Upstream::new(4);
         let resp = up
-            .send(1, &parts("GET", &[]), || script.connect())
+            .send(1, &parts("GET", &[]), &[], || script.connect())
             .await
             .unwrap();
         let mut body = resp.into_body();

@@ -362,6 +362,9 @@ impl Ingress {
         Ok(())
     }
 
+    /// `host`'s route: cached, or asked of the master. The asking is
+    /// boxed, so the future of every request does not carry the master
+    /// client's request state for the rare miss.
     async fn route(&self, host: HostId) -> Result<Arc<Route>, ApiError> {
         if let Some(r) = self
             .routes
@@ -373,6 +376,10 @@ impl Ingress {
                 return Ok(r.clone());
             }
         }
+        Box::pin(self.fetch_route(host)).await
+    }
+
+    async fn fetch_route(&self, host: HostId) -> Result<Arc<Route>, ApiError> {
         let endpoint = self.master.host_endpoint(host).await?;
         let authority = match &endpoint {
             HostEndpoint::Url(u) => crate::parse_host_url(u).map_err(|e| ApiError::from(&e))?,
@@ -572,10 +579,9 @@ impl Ingress {
         req: http::Request<Incoming>,
     ) -> Result<Response, ApiError> {
         let (mut parts, body) = req.into_parts();
-        if let Some(orig) = parts.headers.remove(header::HOST) {
-            parts.headers.insert(X_FORWARDED_HOST, orig);
-        }
-        parts.headers.insert(header::HOST, route.authority.clone());
+        // What the host sees instead of the client's own: its own
+        // address as Host, the client's Host as X-Forwarded-Host, the
+        // client appended to X-Forwarded-For, and the scheme.
         let xff = match parts.headers.get(X_FORWARDED_FOR) {
             Some(prev) => {
                 let mut v = Vec::with_capacity(prev.len() + 2 + peer.ip.len());
@@ -586,31 +592,21 @@ impl Ingress {
             }
             None => peer.ip.clone(),
         };
-        parts.headers.insert(X_FORWARDED_FOR, xff);
-        parts
-            .headers
-            .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-        let failed =
-            |e: hyper::Error| ApiError::new(502, "host_failed", format!("host {host}: {e}"));
-        if parts.headers.contains_key(header::UPGRADE) {
-            // Upgrades take the connection over: a fresh one, relayed both ways.
-            let conn = self
-                .transport
-                .connect(host, &route.endpoint)
-                .await
-                .map_err(|e| ApiError::from(&e))?;
-            let req = http::Request::from_parts(parts, body);
-            let resp = cocalc_client::relay::relay(conn, req)
-                .await
-                .map_err(failed)?;
-            return Ok(resp.map(|b| Either::Left(Either::Left(b))));
-        }
+        let proto = HeaderValue::from_static("http");
         let connect = || self.transport.connect(host, &route.endpoint);
-        if body.is_end_stream() {
-            // No body: the lean client, on its own keep-alive connections.
+        if body.is_end_stream() && !parts.headers.contains_key(header::UPGRADE) {
+            // No body, no upgrade: the lean client, on its own keep-alive
+            // connections, with the replacements written into the head.
+            let orig_host = parts.headers.get(header::HOST);
+            let replace = [
+                (&header::HOST, Some(&route.authority)),
+                (&X_FORWARDED_HOST, orig_host),
+                (&X_FORWARDED_FOR, Some(&xff)),
+                (&X_FORWARDED_PROTO, Some(&proto)),
+            ];
             let resp = self
                 .upstream
-                .send(host, &parts, connect)
+                .send(host, &parts, &replace, connect)
                 .await
                 .map_err(|e| match e {
                     UpstreamError::Connect(e) => ApiError::from(&e),
@@ -618,17 +614,50 @@ impl Ingress {
                 })?;
             return Ok(resp.map(|b| Either::Left(Either::Right(b))));
         }
-        // Requests with a body reuse idle keep-alive connections to the
-        // host through hyper's client.
-        let req = http::Request::from_parts(parts, body);
-        let resp = self
-            .pool
-            .send(host, req, connect)
-            .await
-            .map_err(|e| match e {
-                cocalc_client::relay::PoolError::Connect(e) => ApiError::from(&e),
-                cocalc_client::relay::PoolError::Http(e) => failed(e),
-            })?;
+        if let Some(orig) = parts.headers.remove(header::HOST) {
+            parts.headers.insert(X_FORWARDED_HOST, orig);
+        }
+        parts.headers.insert(header::HOST, route.authority.clone());
+        parts.headers.insert(X_FORWARDED_FOR, xff);
+        parts.headers.insert(X_FORWARDED_PROTO, proto);
+        // Boxed: hyper's client futures are large, and most requests take
+        // the lean path above.
+        Box::pin(self.forward_hyper(host, http::Request::from_parts(parts, body), connect)).await
+    }
+
+    /// Sends a request with a body or an upgrade, its headers already
+    /// rewritten, through hyper's client.
+    async fn forward_hyper<F, Fut>(
+        &self,
+        host: HostId,
+        req: http::Request<Incoming>,
+        connect: F,
+    ) -> Result<Response, ApiError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<
+            Output = Result<cocalc_core::BoxedConnection, cocalc_core::TransportError>,
+        >,
+    {
+        let failed =
+            |e: hyper::Error| ApiError::new(502, "host_failed", format!("host {host}: {e}"));
+        let resp = if req.headers().contains_key(header::UPGRADE) {
+            // Upgrades take the connection over: a fresh one, relayed both ways.
+            let conn = connect().await.map_err(|e| ApiError::from(&e))?;
+            cocalc_client::relay::relay(conn, req)
+                .await
+                .map_err(failed)?
+        } else {
+            // Requests with a body go through hyper's client, on keep-alive
+            // connections of their own.
+            self.pool
+                .send(host, req, connect)
+                .await
+                .map_err(|e| match e {
+                    cocalc_client::relay::PoolError::Connect(e) => ApiError::from(&e),
+                    cocalc_client::relay::PoolError::Http(e) => failed(e),
+                })?
+        };
         Ok(resp.map(|b| Either::Left(Either::Left(b))))
     }
 }

@@ -7,6 +7,9 @@ use std::process::ExitCode;
 use clap::Parser;
 use cocalc_proxy::daemon::{self, ProxyConfig};
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "cocalc-proxy", version, about = "Ingress into cocalc projects")]
 struct Args {
