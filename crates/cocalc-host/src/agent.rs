@@ -100,8 +100,11 @@ pub struct HostAgent {
     fences: Mutex<HashMap<ProjectId, Generation>>,
     local: Option<crate::local_store::LocalStore>,
     active: Mutex<std::collections::HashSet<ProjectId>>,
-    /// Idle keep-alive connections to servers inside projects.
+    /// Idle keep-alive connections to servers inside projects, for
+    /// requests with a body (hyper's client) ...
     ports: cocalc_client::relay::Pool<(ProjectId, u16), axum::body::Body>,
+    /// ... and for those without (the lean client).
+    port_upstream: cocalc_client::upstream::Upstream<(ProjectId, u16)>,
     /// The data plane's answers by status code.
     responses: cocalc_core::StatusCounts,
 }
@@ -134,6 +137,7 @@ impl HostAgent {
             local: None,
             active: Mutex::new(std::collections::HashSet::new()),
             ports: cocalc_client::relay::Pool::new(PORT_POOL_PER_PORT),
+            port_upstream: cocalc_client::upstream::Upstream::new(PORT_POOL_PER_PORT),
             responses: Default::default(),
         }
     }
@@ -151,6 +155,12 @@ impl HostAgent {
         &self,
     ) -> &cocalc_client::relay::Pool<(ProjectId, u16), axum::body::Body> {
         &self.ports
+    }
+
+    /// Like [`HostAgent::port_pool`], for requests without a body or
+    /// upgrade, through [`cocalc_client::upstream::Upstream`].
+    pub(crate) fn port_upstream(&self) -> &cocalc_client::upstream::Upstream<(ProjectId, u16)> {
+        &self.port_upstream
     }
 
     /// Projects that served an authorised request since the last call (for
@@ -380,6 +390,7 @@ impl HostAgent {
     /// Stops the project.
     pub async fn stop(&self, project: ProjectId) -> Result<(), AgentError> {
         self.ports.forget(|k| k.0 == project);
+        self.port_upstream.forget(|k| k.0 == project);
         Ok(self.runner.stop(project, self.cfg.stop_grace).await?)
     }
 

@@ -680,6 +680,24 @@ async fn ports(State(a): State<AppState>, req: Request) -> Result<Response> {
             format!("port {port}: {e}"),
         ))
     };
+    if !parts.headers.contains_key(header::UPGRADE) && axum::body::HttpBody::is_end_stream(&body) {
+        // No body, no upgrade: the lean client.
+        let resp = a
+            .port_upstream()
+            .send((project, port), &parts, &[], || {
+                a.runner().connect_port(project, port)
+            })
+            .await
+            .map_err(|e| match e {
+                cocalc_client::upstream::UpstreamError::Connect(e) => unreachable(e),
+                e => Failure(ApiError::new(
+                    502,
+                    "port_failed",
+                    format!("port {port}: {e}"),
+                )),
+            })?;
+        return Ok(resp.map(axum::body::Body::new));
+    }
     let req = axum::http::Request::from_parts(parts, body);
     let resp = if req.headers().contains_key(header::UPGRADE) {
         // An upgrade takes a connection of its own, relayed both ways.
