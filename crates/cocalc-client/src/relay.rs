@@ -110,7 +110,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// A connection goes back to the pool as soon as its response head is
 /// in; it is handed out again only once that response's body has been
 /// read (it must be ready for a new request). Upgrades do not belong in a
-/// pool: use [`relay`] on a fresh connection.
+/// pool: use [`relay`] on a fresh connection. For requests without a body,
+/// [`crate::upstream::Upstream`] costs less (no connection task).
 pub struct Pool<K, B> {
     idle: std::sync::Mutex<IdleMap<K, B>>,
     per_key: usize,

@@ -37,6 +37,27 @@
 //!   answering goes once more on a new connection if its method is
 //!   idempotent (RFC 9110 §9.2.2), and fails otherwise;
 //! * trailers of chunked bodies are read and dropped.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use cocalc_client::upstream::Upstream;
+//! use http_body_util::BodyExt;
+//!
+//! let pool: Upstream<&'static str> = Upstream::new(8);
+//! let (parts, ()) = http::Request::get("/status")
+//!     .header("host", "backend")
+//!     .body(())?
+//!     .into_parts();
+//! let resp = pool
+//!     .send("backend", &parts, &[], || async {
+//!         let s = tokio::net::TcpStream::connect("127.0.0.1:8080").await?;
+//!         Ok::<_, std::io::Error>(Box::new(s) as cocalc_core::BoxedConnection)
+//!     })
+//!     .await?;
+//! let body = resp.into_body().collect().await?.to_bytes();
+//! # let _ = body;
+//! # Ok(()) }
+//! ```
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -208,7 +229,8 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Upstream<K> {
     }
 
     /// Sends a request without a body (the caller checks: no body, no
-    /// upgrade) to `key`, on an idle connection or a new one from
+    /// upgrade; a `Content-Length` other than 0 and `Upgrade` are not
+    /// sent, so a mistaken caller's server waits for no body) to `key`, on an idle connection or a new one from
     /// `connect`, and returns the response with its body streaming from
     /// the connection. `parts` is forwarded as it is but for hop-by-hop
     /// headers and those named in `replace`: each of those is sent with
@@ -314,6 +336,8 @@ fn request_head(
     let listed = connection_tokens(&parts.headers);
     for (name, value) in &parts.headers {
         if is_hop_by_hop(name)
+            // No body follows, whatever a caller's headers said.
+            || (*name == header::CONTENT_LENGTH && value.as_bytes() != b"0")
             || replace.iter().any(|(n, _)| *n == name)
             || listed.iter().any(|t| t.eq_ignore_ascii_case(name.as_str()))
         {
@@ -855,11 +879,18 @@ mod tests {
                 ("proxy-connection", "keep-alive"),
                 ("x-forwarded-for", "10.0.0.1"),
                 ("accept", "*/*"),
+                ("content-length", "12"),
             ],
         );
         assert_eq!(
             String::from_utf8(request_head(&p, &[])).unwrap(),
             "GET /p/x?q=1 HTTP/1.1\r\nhost: h:1\r\nx-forwarded-for: 10.0.0.1\r\naccept: */*\r\n\r\n"
+        );
+        // An empty body's length goes along (servers may want one on a POST).
+        let zero = parts("POST", &[("host", "h"), ("content-length", "0")]);
+        assert_eq!(
+            String::from_utf8(request_head(&zero, &[])).unwrap(),
+            "POST /p/x?q=1 HTTP/1.1\r\nhost: h\r\ncontent-length: 0\r\n\r\n"
         );
         // Replacements take the place of the request's own, or drop them.
         let host = HeaderValue::from_static("upstream:9");

@@ -26,6 +26,11 @@
 //! 5. **Forward.** Bodies stream both ways; WebSocket upgrades pass
 //!    through; `Host` becomes the host's address and the original goes in
 //!    `X-Forwarded-Host`, with `X-Forwarded-For` and `X-Forwarded-Proto`.
+//!    Requests without a body or upgrade (most of them) go through the
+//!    lean [`Upstream`] client, which writes the head once and reads the
+//!    answer in the request's own task; the rest through hyper's client
+//!    ([`cocalc_client::relay`]). Each keeps its own idle connections per
+//!    host.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
