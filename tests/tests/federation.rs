@@ -1081,8 +1081,10 @@ async fn ingress_matches_direct_and_refuses_bad_input() {
     assert_eq!(echoed[0], echoed[1], "direct and proxied echoes differ");
 
     // What a server in the project sees of the request through the
-    // ingress: the client's Host as X-Forwarded-Host, its address
-    // appended to X-Forwarded-For, the scheme, and never the token.
+    // ingress: the client's Host as X-Forwarded-Host (never one the client
+    // sent itself), its address appended to X-Forwarded-For, the scheme,
+    // and never the token; the same for a GET (the lean upstream client)
+    // and a POST with a body (hyper's).
     let hl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let hport = hl.local_addr().unwrap().port();
     tokio::spawn(async move {
@@ -1093,14 +1095,21 @@ async fn ingress_matches_direct_and_refuses_bad_input() {
         });
         axum::serve(hl, app).await.unwrap();
     });
-    let headers_seen = |base: String| {
+    let headers_seen = |base: String, method: reqwest::Method| {
         let (http, token, pid) = (http.clone(), o.token.clone(), pid.clone());
         async move {
+            let body = if method == reqwest::Method::POST {
+                "x"
+            } else {
+                ""
+            };
             let r = http
-                .get(format!("{base}/{pid}/port/{hport}/headers"))
+                .request(method, format!("{base}/{pid}/port/{hport}/headers"))
                 .bearer_auth(token)
                 .header("host", "app.example")
                 .header("x-forwarded-for", "10.1.2.3")
+                .header("x-forwarded-host", "evil.example")
+                .body(body)
                 .send()
                 .await
                 .unwrap();
@@ -1108,16 +1117,19 @@ async fn ingress_matches_direct_and_refuses_bad_input() {
             r.text().await.unwrap()
         }
     };
-    let via = headers_seen(purl.clone()).await;
     let has = |text: &str, line: &str| text.lines().any(|l| l == line);
-    assert!(has(&via, "x-forwarded-for: 10.1.2.3, 127.0.0.1"), "{via}");
-    assert!(has(&via, "x-forwarded-host: app.example"), "{via}");
-    assert!(has(&via, "x-forwarded-proto: http"), "{via}");
-    assert!(!via.contains("authorization"), "{via}");
-    let direct = headers_seen(h.url.clone()).await;
-    assert!(has(&direct, "x-forwarded-for: 10.1.2.3"), "{direct}");
-    assert!(!direct.contains("x-forwarded-host"), "{direct}");
-    assert!(!direct.contains("authorization"), "{direct}");
+    for method in [reqwest::Method::GET, reqwest::Method::POST] {
+        let via = headers_seen(purl.clone(), method.clone()).await;
+        assert!(has(&via, "x-forwarded-for: 10.1.2.3, 127.0.0.1"), "{via}");
+        assert!(has(&via, "x-forwarded-host: app.example"), "{via}");
+        assert!(!via.contains("evil.example"), "{method} {via}");
+        assert!(has(&via, "x-forwarded-proto: http"), "{via}");
+        assert!(!via.contains("authorization"), "{via}");
+        let direct = headers_seen(h.url.clone(), method).await;
+        assert!(has(&direct, "x-forwarded-for: 10.1.2.3"), "{direct}");
+        assert!(has(&direct, "x-forwarded-host: evil.example"), "{direct}");
+        assert!(!direct.contains("authorization"), "{direct}");
+    }
 
     // Refused by the ingress itself, with a reason.
     let short = &pid[..35];

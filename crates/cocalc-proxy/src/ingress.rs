@@ -619,7 +619,11 @@ impl Ingress {
                 })?;
             return Ok(resp.map(|b| Either::Left(Either::Right(b))));
         }
-        if let Some(orig) = parts.headers.remove(header::HOST) {
+        // As on the lean path: a client's own X-Forwarded-Host never
+        // passes; it is the Host the client sent, or absent.
+        let orig_host = parts.headers.remove(header::HOST);
+        parts.headers.remove(X_FORWARDED_HOST);
+        if let Some(orig) = orig_host {
             parts.headers.insert(X_FORWARDED_HOST, orig);
         }
         parts.headers.insert(header::HOST, route.authority.clone());
