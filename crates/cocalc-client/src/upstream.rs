@@ -82,6 +82,8 @@ const MAX_HEAD: usize = 64 << 10;
 const MAX_CHUNK_META: usize = 16 << 10;
 /// How much a streaming body asks the socket for at a time.
 const READ_SIZE: usize = 64 << 10;
+/// Largest read buffer an idle connection keeps.
+const IDLE_BUFFER: usize = 16 << 10;
 
 /// Why [`Upstream::send`] failed.
 #[derive(Debug, thiserror::Error)]
@@ -113,7 +115,12 @@ impl<K: Hash + Eq> Shared<K> {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn put(&self, key: K, conn: Conn) {
+    fn put(&self, key: K, mut conn: Conn) {
+        // An idle connection keeps a small buffer, not the one a large
+        // body grew.
+        if conn.buf.capacity() > IDLE_BUFFER {
+            conn.buf = BytesMut::new();
+        }
         let mut idle = self.lock();
         let list = idle.entry(key).or_default();
         if list.len() < self.per_key {
@@ -1085,6 +1092,25 @@ mod tests {
         let (_, b) = get(&up, &script, "GET").await.unwrap();
         assert_eq!(b, b"hello");
         assert_eq!(script.connects(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_streamed_body_read_to_its_end_leaves_a_small_idle_connection() {
+        let big = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{}",
+            300_000,
+            "y".repeat(300_000)
+        );
+        let script = Script::new(&[&[big.as_bytes(), OK]]);
+        let up = Upstream::new(4);
+        let (_, body) = get(&up, &script, "GET").await.unwrap();
+        assert_eq!(body.len(), 300_000);
+        assert_eq!(up.idle(&1), 1);
+        let held = up.shared.lock()[&1][0].buf.capacity();
+        assert!(held <= IDLE_BUFFER, "an idle connection holds {held} bytes");
+        let (_, body) = get(&up, &script, "GET").await.unwrap();
+        assert_eq!(body, b"hello");
+        assert_eq!(script.connects(), 1);
     }
 
     #[tokio::test]
