@@ -11,8 +11,10 @@
 //! Run: `cargo bench -p cocalc-daemons --bench proxy` (`-- --secs 3
 //! --conns 32`, `--only tunnel` for the routes whose name contains
 //! "tunnel", `--rounds 3` to measure every route three times in turn and
-//! compare medians). Needs nginx (`apt-get install nginx`); without it the
-//! nginx row is skipped and says so. Goals: proxy ≥ 1.0× nginx req/s with
+//! compare medians; `--callgrind` for instructions per request of the
+//! proxy and nginx, `--callgrind-host` for the host's too). Needs nginx
+//! (`apt-get install nginx`); without it the nginx row is skipped and
+//! says so. Goals: proxy ≥ 1.0× nginx req/s with
 //! p99 ≤ nginx's; WebSocket and tunnel bytes/s ≥ 0.8× direct.
 
 use std::process::Command;
@@ -205,7 +207,11 @@ async fn main() {
     // `--callgrind`: run the proxy and nginx under valgrind's callgrind
     // and count the instructions each executes per small request, which
     // is repeatable where timings on shared cores are not.
-    let callgrind = std::env::args().any(|a| a == "--callgrind");
+    // `--callgrind-host`: the same, with the host under callgrind too, so
+    // "direct" counts the host's own relay (every route crosses the host,
+    // which is slower then, and the relays in front of it wait more).
+    let callgrind_host = std::env::args().any(|a| a == "--callgrind-host");
+    let callgrind = callgrind_host || std::env::args().any(|a| a == "--callgrind");
     let dir = tempfile::tempdir().unwrap();
     // `--callgrind-out DIR` keeps the profiles of the measured requests
     // there, for `callgrind_annotate`.
@@ -250,7 +256,12 @@ async fn main() {
             dir.path().join("h").display()
         ),
     );
-    let (_h, hurl) = spawn(env!("CARGO_BIN_EXE_cocalc-host"), &hcfg, "listening on");
+    let (host_daemon, hurl) = spawn_under(
+        if callgrind_host { &valgrind } else { &[] },
+        env!("CARGO_BIN_EXE_cocalc-host"),
+        &hcfg,
+        "listening on",
+    );
     while master.hosts().await.map(|h| h.is_empty()).unwrap_or(true) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -366,13 +377,14 @@ async fn main() {
     // Each route, and the process in the middle whose CPU time per
     // request is measured (none for direct).
     let proxy_pid = Some(proxy_daemon.0.id());
+    let host_pid = Some(host_daemon.0.id());
     let nginx_pid = nginx_daemon.as_ref().map(|d| d.0.id());
     let routes = [
         (
             "direct to the host",
             Some(format!("{hurl}{path}")),
             &open.token,
-            None,
+            callgrind_host.then_some(host_pid).flatten(),
         ),
         (
             "via cocalc-proxy",
@@ -542,7 +554,9 @@ async fn main() {
 
 /// The `--callgrind` report: for each route with a process in the middle
 /// (running under callgrind), the user-space instructions that process
-/// executes per small request, and the proxy's count against nginx's.
+/// executes per small request, and the proxy's count against nginx's. With
+/// `--callgrind-host`, "direct" counts the host, relaying to the server in
+/// the project.
 async fn instructions_per_request(
     routes: &[(&str, Option<String>, &String, Option<u32>)],
     conns: usize,
