@@ -130,6 +130,13 @@ impl<K: Hash + Eq> Shared<K> {
     }
 }
 
+/// Whether a request is one [`Upstream::send`] serves: no body (its end
+/// already reached) and no `Upgrade`. Relays send the others through
+/// hyper ([`crate::relay`]).
+pub fn takes<B: http_body::Body>(parts: &http::request::Parts, body: &B) -> bool {
+    body.is_end_stream() && !parts.headers.contains_key(header::UPGRADE)
+}
+
 /// Idle keep-alive connections by destination and the client that uses
 /// them (see the module overview). Cloning shares the pool.
 pub struct Upstream<K> {
@@ -236,8 +243,8 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Upstream<K> {
         }
     }
 
-    /// Sends a request without a body (the caller checks: no body, no
-    /// upgrade; a `Content-Length` other than 0 and `Upgrade` are not
+    /// Sends a request without a body (the caller checks, with [`takes`];
+    /// a `Content-Length` other than 0 and `Upgrade` are not
     /// sent, so a mistaken caller's server waits for no body) to `key`, on an idle connection or a new one from
     /// `connect`, and returns the response with its body streaming from
     /// the connection. `parts` is forwarded as it is but for hop-by-hop
@@ -912,6 +919,16 @@ mod tests {
             .unwrap(),
             "GET /p/x?q=1 HTTP/1.1\r\nhost: upstream:9\r\nx-forwarded-for: 10.0.0.1, 10.0.0.2\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn takes_only_requests_without_body_or_upgrade() {
+        use http_body_util::{Empty, Full};
+        let get = parts("GET", &[("host", "h")]);
+        assert!(takes(&get, &Empty::<Bytes>::new()));
+        assert!(!takes(&get, &Full::new(Bytes::from_static(b"x"))));
+        let ws = parts("GET", &[("host", "h"), ("upgrade", "websocket")]);
+        assert!(!takes(&ws, &Empty::<Bytes>::new()));
     }
 
     #[tokio::test]

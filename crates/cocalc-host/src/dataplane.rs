@@ -673,14 +673,14 @@ async fn ports(State(a): State<AppState>, req: Request) -> Result<Response> {
             parts.headers.insert("x-forwarded-prefix", v);
         }
     }
-    let failed = |e: hyper::Error| {
+    let failed = |e: &dyn std::fmt::Display| {
         Failure(ApiError::new(
             502,
             "port_failed",
             format!("port {port}: {e}"),
         ))
     };
-    if !parts.headers.contains_key(header::UPGRADE) && axum::body::HttpBody::is_end_stream(&body) {
+    if cocalc_client::upstream::takes(&parts, &body) {
         // No body, no upgrade: the lean client.
         let resp = a
             .port_upstream()
@@ -690,11 +690,7 @@ async fn ports(State(a): State<AppState>, req: Request) -> Result<Response> {
             .await
             .map_err(|e| match e {
                 cocalc_client::upstream::UpstreamError::Connect(e) => unreachable(e),
-                e => Failure(ApiError::new(
-                    502,
-                    "port_failed",
-                    format!("port {port}: {e}"),
-                )),
+                e => failed(&e),
             })?;
         return Ok(resp.map(axum::body::Body::new));
     }
@@ -708,7 +704,7 @@ async fn ports(State(a): State<AppState>, req: Request) -> Result<Response> {
             .map_err(unreachable)?;
         cocalc_client::relay::relay(conn, req)
             .await
-            .map_err(failed)?
+            .map_err(|e| failed(&e))?
     } else {
         a.port_pool()
             .send((project, port), req, || {
@@ -717,7 +713,7 @@ async fn ports(State(a): State<AppState>, req: Request) -> Result<Response> {
             .await
             .map_err(|e| match e {
                 cocalc_client::relay::PoolError::Connect(e) => unreachable(e),
-                cocalc_client::relay::PoolError::Http(e) => failed(e),
+                cocalc_client::relay::PoolError::Http(e) => failed(&e),
             })?
     };
     Ok(resp.map(axum::body::Body::new))

@@ -50,7 +50,7 @@ use cocalc_core::{
     Transport,
 };
 use http_body_util::Either;
-use hyper::body::{Body as _, Incoming};
+use hyper::body::Incoming;
 
 /// Ingress tunables.
 #[derive(Debug, Clone)]
@@ -599,7 +599,7 @@ impl Ingress {
         };
         let proto = HeaderValue::from_static("http");
         let connect = || self.transport.connect(host, &route.endpoint);
-        if body.is_end_stream() && !parts.headers.contains_key(header::UPGRADE) {
+        if cocalc_client::upstream::takes(&parts, &body) {
             // No body, no upgrade: the lean client, on its own keep-alive
             // connections, with the replacements written into the head.
             let orig_host = parts.headers.get(header::HOST);
@@ -615,7 +615,7 @@ impl Ingress {
                 .await
                 .map_err(|e| match e {
                     UpstreamError::Connect(e) => ApiError::from(&e),
-                    e => ApiError::new(502, "host_failed", format!("host {host}: {e}")),
+                    e => host_failed(host, e),
                 })?;
             return Ok(resp.map(|b| Either::Left(Either::Right(b))));
         }
@@ -648,8 +648,7 @@ impl Ingress {
             Output = Result<cocalc_core::BoxedConnection, cocalc_core::TransportError>,
         >,
     {
-        let failed =
-            |e: hyper::Error| ApiError::new(502, "host_failed", format!("host {host}: {e}"));
+        let failed = |e: hyper::Error| host_failed(host, e);
         let resp = if req.headers().contains_key(header::UPGRADE) {
             // Upgrades take the connection over: a fresh one, relayed both ways.
             let conn = connect().await.map_err(|e| ApiError::from(&e))?;
@@ -669,6 +668,11 @@ impl Ingress {
         };
         Ok(resp.map(|b| Either::Left(Either::Left(b))))
     }
+}
+
+/// A host's HTTP exchange failed after the connection was made.
+fn host_failed(host: HostId, e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(502, "host_failed", format!("host {host}: {e}"))
 }
 
 /// Idle connections kept per host.

@@ -56,9 +56,8 @@ pub use tunnel::{ProxyTransport, TunnelConfig, TunnelHub};
 /// `/.cocalc/` (no project id starts with a dot), which go to `internal`
 /// — the proxy's own endpoints, such as [`TunnelHub::router`]; those it
 /// does not serve are refused by the ingress as bad paths (its fallback
-/// is replaced). Project
-/// requests reach [`Ingress::handle`] directly, with no router in
-/// between. Runs until `shutdown` completes; built on
+/// is replaced). Project requests reach [`Ingress::handle`] directly, with
+/// no router in between. Runs until `shutdown` completes; built on
 /// [`cocalc_client::serve::serve`], so relayed WebSockets between TCP
 /// sockets reach the relay as bare sockets and move by `splice(2)`.
 pub async fn serve_ingress(
