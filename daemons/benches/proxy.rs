@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 
 mod common;
 use common::{
-    callgrind_dump, callgrind_ir, callgrind_zero, cpu_time, free_port, spawn, spawn_under, Daemon,
+    callgrind_dump, callgrind_ir, callgrind_zero, cpu_time, free_port, own_cpu_time, spawn,
+    spawn_under, Daemon,
 };
 
 fn arg(name: &str, default: f64) -> f64 {
@@ -377,7 +378,9 @@ async fn main() {
     // Each route, and the process in the middle whose CPU time per
     // request is measured (none for direct).
     let proxy_pid = Some(proxy_daemon.0.id());
-    let host_pid = Some(host_daemon.0.id());
+    let host_pid_raw = host_daemon.0.id();
+    let host_pid = Some(host_pid_raw);
+    let cores = std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
     let nginx_pid = nginx_daemon.as_ref().map(|d| d.0.id());
     let routes = [
         (
@@ -436,16 +439,27 @@ async fn main() {
             };
             let _ = load(url, token, 2, 0.3).await; // warm up
             let before = relay.map(cpu_time);
+            // Where the rest of the machine's time goes: the host, and this
+            // process (load generator and the server in the project).
+            let (host_before, own_before) = (cpu_time(host_pid_raw), own_cpu_time());
             let t = Instant::now();
             let (rate, p50, p99, _) = load(url, token, conns, secs).await;
+            let wall = t.elapsed().as_secs_f64();
+            let per_req = |d: Duration| d.as_secs_f64() * 1e6 / (rate * wall);
+            let host_us = per_req(cpu_time(host_pid_raw) - host_before);
+            let own_us = per_req(own_cpu_time() - own_before);
             let cpu = match (relay, before) {
                 (Some(pid), Some(b)) => {
-                    let us = (cpu_time(*pid) - b).as_secs_f64() * 1e6
-                        / (rate * t.elapsed().as_secs_f64());
+                    let us = per_req(cpu_time(*pid) - b);
                     cpu_runs[i].push(us);
-                    format!("   relay CPU {us:>5.1} µs/req")
+                    let busy = (us + host_us + own_us) * rate / 1e6 / cores;
+                    format!(
+                        "   relay CPU {us:>5.1} µs/req (host {host_us:.1}, client+backend \
+                         {own_us:.1}; cores {:.0}% busy)",
+                        busy * 100.0
+                    )
                 }
-                _ => String::new(),
+                _ => format!("   (host CPU {host_us:.1} µs/req, client+backend {own_us:.1})"),
             };
             println!("{name:<22} {rate:>9.0} req/s   p50 {p50:>9.2?}   p99 {p99:>9.2?}{cpu}");
             req_runs[i].push((rate, p99));
@@ -453,13 +467,27 @@ async fn main() {
         println!(
             "bytes/s: GET big (64 MiB responses) x1 and x4, and a WebSocket of 1 MiB messages"
         );
-        for (i, (name, url, token, _)) in routes.iter().enumerate() {
+        for (i, (name, url, token, relay)) in routes.iter().enumerate() {
             let Some(url) = url else { continue };
+            // CPU per byte of the one-stream download, per process.
+            let before = (relay.map(cpu_time), cpu_time(host_pid_raw), own_cpu_time());
+            let t = Instant::now();
             let one = download(&format!("{url}big"), token, 1, secs).await;
+            let gib = one * t.elapsed().as_secs_f64() / f64::from(1u32 << 30);
+            let ms_per_gib = |d: Duration| d.as_secs_f64() * 1e3 / gib;
+            let relay_cpu = match (relay, before.0) {
+                (Some(pid), Some(b)) => format!("relay {:.0}, ", ms_per_gib(cpu_time(*pid) - b)),
+                _ => String::new(),
+            };
+            let cpu = format!(
+                "CPU ms/GiB at x1: {relay_cpu}host {:.0}, client+backend {:.0}",
+                ms_per_gib(cpu_time(host_pid_raw) - before.1),
+                ms_per_gib(own_cpu_time() - before.2),
+            );
             let four = download(&format!("{url}big"), token, 4, secs).await;
             let ws = websocket(&format!("{url}ws"), token, secs).await;
             println!(
-                "{name:<22} x1 {}   x4 {}   websocket {}",
+                "{name:<22} x1 {}   x4 {}   websocket {}   ({cpu})",
                 mib(one),
                 mib(four),
                 mib(ws)

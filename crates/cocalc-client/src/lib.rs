@@ -13,7 +13,9 @@
 //!   both serve with, so that relayed WebSockets between two TCP sockets
 //!   move by `splice(2)` ([`relay_upgraded`](relay::relay_upgraded)).
 //! * [`Upstream`](upstream::Upstream): a lean pooled HTTP/1.1 client for
-//!   the requests relays forward most, those without a body or upgrade.
+//!   the requests relays forward most, those without a body or upgrade,
+//!   and [`lean::serve_connection`], the server half for the same
+//!   requests in front of hyper's, which splices large relayed bodies.
 //!
 //! Errors are the server's [`ApiError`](cocalc_core::ApiError) (status, code,
 //! message, hint); failures to connect are `503 master_unreachable` /
@@ -35,6 +37,7 @@
 //! ```
 
 mod host;
+pub mod lean;
 mod master;
 pub mod relay;
 pub mod serve;

@@ -57,11 +57,10 @@ where
 pub async fn relay_upgraded(client: Upgraded, upstream: Upgraded) -> std::io::Result<()> {
     // Each side as a connection, plus what its HTTP parser read past the
     // head, which belongs to the other side before anything else.
-    let (mut down, down_early): (BoxedConnection, Bytes) =
-        match client.downcast::<TokioIo<TcpStream>>() {
-            Ok(p) => (Box::new(p.io.into_inner()), p.read_buf),
-            Err(c) => (Box::new(TokioIo::new(c)), Bytes::new()),
-        };
+    let (mut down, down_early): (BoxedConnection, Bytes) = match crate::serve::into_tcp(client) {
+        Ok((tcp, early)) => (Box::new(tcp), early),
+        Err(c) => (Box::new(TokioIo::new(c)), Bytes::new()),
+    };
     let (mut up, up_early): (BoxedConnection, Bytes) =
         match upstream.downcast::<TokioIo<BoxedConnection>>() {
             Ok(p) => (p.io.into_inner(), p.read_buf),

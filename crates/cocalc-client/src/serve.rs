@@ -50,6 +50,58 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
+    accept_loop(listener, shutdown, move |tcp, peer, mut stop| {
+        serve_connection(tcp, make(peer), async move {
+            let _ = stop.changed().await;
+        })
+    })
+    .await
+}
+
+/// Like [`serve`], with each connection served by
+/// [`lean::serve_connection`](crate::lean::serve_connection): plain
+/// requests by the [`LeanService`](crate::lean::LeanService) `make(peer
+/// address)` returns first, everything else by hyper with the fallback
+/// service returned beside it. Shutdown, accept errors and the head
+/// timeout are as in [`serve`].
+pub async fn serve_lean<F, L, S, B>(
+    listener: TcpListener,
+    make: F,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()>
+where
+    F: Fn(SocketAddr) -> (L, S),
+    L: crate::lean::LeanService + 'static,
+    S: hyper::service::Service<http::Request<Incoming>, Response = http::Response<B>>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn StdError + Send + Sync>>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    accept_loop(listener, shutdown, move |tcp, peer, mut stop| {
+        let (lean, fallback) = make(peer);
+        crate::lean::serve_connection(tcp, lean, fallback, async move {
+            let _ = stop.changed().await;
+        })
+    })
+    .await
+}
+
+/// The accept loop of [`serve`] and [`serve_lean`]: each connection is
+/// served by `conn(socket, peer, stop)` in a task of its own, where
+/// `stop` changes when the server shuts down.
+async fn accept_loop<C, Fut>(
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    conn: C,
+) -> std::io::Result<()>
+where
+    C: Fn(tokio::net::TcpStream, SocketAddr, tokio::sync::watch::Receiver<()>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
     // Each connection task holds a sender; all dropped = all done.
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
@@ -67,14 +119,10 @@ where
                 }
             },
         };
-        let service = make(peer);
-        let mut stop = stop_rx.clone();
+        let served = conn(tcp, peer, stop_rx.clone());
         let done = done_tx.clone();
         tokio::spawn(async move {
-            serve_connection(tcp, service, async move {
-                let _ = stop.changed().await;
-            })
-            .await;
+            served.await;
             drop(done);
         });
     }
@@ -103,10 +151,24 @@ pub async fn serve_connection<S, B>(
     B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
     let _ = tcp.set_nodelay(true);
+    serve_io(tcp, service, stop).await
+}
+
+/// [`serve_connection`] on any connection (the lean server's hand-off).
+pub(crate) async fn serve_io<I, S, B>(io: I, service: S, stop: impl Future<Output = ()>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<http::Request<Incoming>, Response = http::Response<B>>,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn StdError + Send + Sync>>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
-        .serve_connection(TokioIo::new(tcp), service)
+        .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(conn);
     tokio::select! {
@@ -116,6 +178,30 @@ pub async fn serve_connection<S, B>(
             let _ = conn.await;
         }
     }
+}
+
+/// The TCP socket under a connection upgraded by a server from this
+/// module ([`serve`], [`serve_lean`]), with the bytes read from it that
+/// nobody used yet (they come before anything still in the socket); the
+/// connection back if it is something else (a tunnel stream, a test's
+/// in-memory pipe).
+pub fn into_tcp(
+    upgraded: hyper::upgrade::Upgraded,
+) -> Result<(tokio::net::TcpStream, bytes::Bytes), hyper::upgrade::Upgraded> {
+    use crate::lean::Prefixed;
+    let upgraded = match upgraded.downcast::<TokioIo<tokio::net::TcpStream>>() {
+        Ok(p) => return Ok((p.io.into_inner(), p.read_buf)),
+        Err(u) => u,
+    };
+    let p = upgraded.downcast::<TokioIo<Prefixed<tokio::net::TcpStream>>>()?;
+    let (prefix, tcp) = p.io.into_inner().into_parts();
+    if prefix.is_empty() {
+        return Ok((tcp, p.read_buf));
+    }
+    let mut early = bytes::BytesMut::with_capacity(p.read_buf.len() + prefix.len());
+    early.extend_from_slice(&p.read_buf);
+    early.extend_from_slice(&prefix);
+    Ok((tcp, early.freeze()))
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown` completes: the

@@ -21,8 +21,10 @@ use tokio::net::TcpStream;
 /// unprivileged user over its pipe quota), the default stays.
 const PIPE_SIZE: i32 = 1 << 20;
 
-/// One direction's pipe.
-struct Pipe {
+/// A pipe for splicing one direction (its read and write ends, and what
+/// it holds). [`Splicer`] makes two; [`splice_exact`] takes one a caller
+/// keeps between calls.
+pub struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
     /// Bytes in the pipe not yet moved out.
@@ -30,7 +32,9 @@ struct Pipe {
 }
 
 impl Pipe {
-    fn new() -> io::Result<Self> {
+    /// A pipe of 1 MiB (or the kernel's default when it refuses
+    /// more); fails only when out of file descriptors.
+    pub fn new() -> io::Result<Self> {
         let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
         let _ = fcntl(&write, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
         Ok(Pipe {
@@ -92,6 +96,46 @@ async fn one_way(src: &TcpStream, dst: &TcpStream, pipe: &mut Pipe) -> io::Resul
         }
         moved += n as u64;
     }
+}
+
+/// Moves exactly `n` bytes from `src` to `dst` through `pipe`, which must
+/// be empty (as every call leaves it when it succeeds). Fails with
+/// `UnexpectedEof` if `src` ends first; after any error the pipe may hold
+/// bytes and must not be used again. Unlike [`Splicer::run`] it shuts
+/// nothing down: both sockets stay usable for what comes after (the next
+/// response on a keep-alive connection).
+pub async fn splice_exact(
+    src: &TcpStream,
+    dst: &TcpStream,
+    mut n: u64,
+    pipe: &mut Pipe,
+) -> io::Result<()> {
+    while n > 0 {
+        let want = usize::try_from(n).unwrap_or(usize::MAX >> 1);
+        let got = src
+            .async_io(Interest::READABLE, || {
+                splice(src.as_fd(), None, &pipe.write, None, want, flags()).map_err(would_block)
+            })
+            .await?;
+        if got == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the server closed the connection before the body's end",
+            ));
+        }
+        pipe.held = got;
+        while pipe.held > 0 {
+            let m = dst
+                .async_io(Interest::WRITABLE, || {
+                    splice(&pipe.read, None, dst.as_fd(), None, pipe.held, flags())
+                        .map_err(would_block)
+                })
+                .await?;
+            pipe.held -= m;
+        }
+        n -= got as u64;
+    }
+    Ok(())
 }
 
 /// The two pipes of one relay, made before any byte moves so a caller

@@ -735,6 +735,71 @@ impl<K: Hash + Eq> Stream<K> {
     }
 }
 
+#[cfg(target_os = "linux")]
+impl<K: Hash + Eq> ResponseBody<K> {
+    /// The stream's TCP socket, when its connection is a bare one.
+    fn tcp(s: &mut Stream<K>) -> Option<&mut tokio::net::TcpStream> {
+        let io = s.io.as_mut()?;
+        (**io).as_any_mut().downcast_mut::<tokio::net::TcpStream>()
+    }
+
+    /// Whether the rest of this body can be spliced: it is framed by
+    /// `Content-Length`, its connection is a bare TCP socket, and at
+    /// least `min` of its bytes are still unread. If so, takes the body
+    /// bytes already read (to be sent first) and returns them with the
+    /// count still to come, which [`splice_rest`](Self::splice_rest)
+    /// then moves; otherwise changes nothing.
+    pub fn splice_plan(&mut self, min: u64) -> Option<(Bytes, u64)> {
+        let Kind::Stream(s) = &mut self.kind else {
+            return None;
+        };
+        let State::Length(n) = s.state else {
+            return None;
+        };
+        Self::tcp(s)?;
+        let early = (s.buf.len() as u64).min(n);
+        if n - early < min {
+            return None;
+        }
+        let data = s.buf.split_to(early as usize).freeze();
+        s.state = State::Length(n - early);
+        Some((data, n - early))
+    }
+
+    /// Moves the rest of the body (after [`splice_plan`](Self::splice_plan)
+    /// said yes) to `dst` with `splice(2)`: it never enters this
+    /// process. Afterwards the body is at its end and its connection went
+    /// back to the pool; on an error it is closed instead, and `pipe`
+    /// must not be used again.
+    pub async fn splice_rest(
+        &mut self,
+        dst: &tokio::net::TcpStream,
+        pipe: &mut crate::splice::Pipe,
+    ) -> io::Result<()> {
+        let Kind::Stream(s) = &mut self.kind else {
+            return Err(protocol("splice_rest without splice_plan"));
+        };
+        let (State::Length(n), true) = (s.state, s.buf.is_empty()) else {
+            return Err(protocol("splice_rest without splice_plan"));
+        };
+        let Some(src) = Self::tcp(s) else {
+            return Err(protocol("splice_rest without splice_plan"));
+        };
+        match crate::splice::splice_exact(src, dst, n, pipe).await {
+            Ok(()) => {
+                s.finish();
+                Ok(())
+            }
+            Err(e) => {
+                s.state = State::Done;
+                s.io = None;
+                s.home = None;
+                Err(e)
+            }
+        }
+    }
+}
+
 impl<K: Hash + Eq + Unpin> http_body::Body for ResponseBody<K> {
     type Data = Bytes;
     type Error = io::Error;

@@ -40,9 +40,9 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
-use axum::response::IntoResponse;
-use axum::Json;
+use bytes::Bytes;
 use cocalc_auth::{paserk, AuditSink, KeySet, TracingAuditSink, Verifier};
+use cocalc_client::lean::LeanBody;
 use cocalc_client::upstream::{ResponseBody, Upstream, UpstreamError};
 use cocalc_client::MasterClient;
 use cocalc_core::{
@@ -173,8 +173,17 @@ fn quota(rps: u32) -> governor::Quota {
     governor::Quota::per_second(n).allow_burst(n)
 }
 
+/// The ingress's own answers (refusals), complete in memory; both the
+/// hyper path and the lean one send them.
+type Refusal = http::Response<Bytes>;
+
+/// The hyper path's body for one of the ingress's own answers.
+fn full(b: Bytes) -> IngressBody {
+    Either::Right(Body::from(b))
+}
+
 /// A 429 saying when to retry.
-fn too_many(what: &str, wait: Duration) -> Response {
+fn too_many(what: &str, wait: Duration) -> Refusal {
     let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
     let mut r = fail(
         429,
@@ -195,13 +204,21 @@ impl std::fmt::Debug for Ingress {
     }
 }
 
-fn fail(status: u16, code: &str, message: impl Into<String>) -> Response {
+fn fail(status: u16, code: &str, message: impl Into<String>) -> Refusal {
     api(&ApiError::new(status, code, message))
 }
 
-fn api(e: &ApiError) -> Response {
+/// `e` as a JSON answer with its status.
+fn api(e: &ApiError) -> Refusal {
     let s = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    (s, Json(e.clone())).into_response().map(Either::Right)
+    let body = serde_json::to_vec(e).unwrap_or_default();
+    let mut r = http::Response::new(Bytes::from(body));
+    *r.status_mut() = s;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
 }
 
 /// Checks the base path; returns the project or why the path is refused.
@@ -463,28 +480,71 @@ impl Ingress {
     /// counted, audited and answered here. Serve it with
     /// [`crate::serve_ingress`], or from any hyper server.
     pub async fn handle(&self, peer: &Peer, req: http::Request<Incoming>) -> Response {
-        let (project, host) = match self.admit(peer.addr, &req) {
-            Ok(admitted) => admitted,
-            Err(refusal) => return *refusal,
-        };
-        let route = match self.route(host).await {
-            Ok(r) => r,
-            Err(e) => return api(&e),
+        let (project, host, route) = match self.prepare(peer, &req).await {
+            Ok(ready) => ready,
+            Err(refusal) => return refusal.map(full),
         };
         match self.forward(host, &route, peer, req).await {
             Ok(r) => r,
-            Err(e) => {
-                self.refuse(
-                    &self.refusals.unreachable,
-                    &e.code,
-                    Some(project),
-                    peer.addr,
-                    &e.message,
-                );
-                self.forget_route(host);
-                api(&e)
-            }
+            Err(e) => self.forward_failed(project, host, peer, &e).map(full),
         }
+    }
+
+    /// Answers one plain request (no body, no upgrade) as
+    /// [`Ingress::handle`] does, for
+    /// [`cocalc_client::lean::serve_connection`]: the host's answer
+    /// comes back through the lean [`Upstream`] client, so a large body
+    /// can be spliced to the client. [`crate::serve_ingress`] serves
+    /// with both.
+    pub async fn handle_lean(
+        &self,
+        peer: &Peer,
+        req: http::Request<()>,
+    ) -> http::Response<LeanBody<HostId>> {
+        let (project, host, route) = match self.prepare(peer, &req).await {
+            Ok(ready) => ready,
+            Err(refusal) => return refusal.map(LeanBody::Full),
+        };
+        let (parts, ()) = req.into_parts();
+        match self.send_lean(host, &route, peer, &parts).await {
+            Ok(r) => r.map(LeanBody::Upstream),
+            Err(e) => self
+                .forward_failed(project, host, peer, &e)
+                .map(LeanBody::Full),
+        }
+    }
+
+    /// The checks ([`Ingress::admit`]) and the route of the token's host.
+    async fn prepare<B>(
+        &self,
+        peer: &Peer,
+        req: &http::Request<B>,
+    ) -> Result<(ProjectId, HostId, Arc<Route>), Refusal> {
+        let (project, host) = self.admit(peer.addr, req).map_err(|r| *r)?;
+        match self.route(host).await {
+            Ok(route) => Ok((project, host, route)),
+            Err(e) => Err(api(&e)),
+        }
+    }
+
+    /// Forwarding to `host` failed: counted, audited, the host's route
+    /// forgotten, and answered with `e`.
+    fn forward_failed(
+        &self,
+        project: ProjectId,
+        host: HostId,
+        peer: &Peer,
+        e: &ApiError,
+    ) -> Refusal {
+        self.refuse(
+            &self.refusals.unreachable,
+            &e.code,
+            Some(project),
+            peer.addr,
+            &e.message,
+        );
+        self.forget_route(host);
+        api(e)
     }
 
     /// Refuses `path` as a bad path: counted, audited and answered 400
@@ -496,7 +556,7 @@ impl Ingress {
             Ok(_) => format!("no such path {path:?}"),
         };
         self.refuse(&self.refusals.bad_path, "bad_path", None, peer, &why);
-        fail(400, "bad_path", why)
+        fail(400, "bad_path", why).map(full)
     }
 
     /// The checks before anything is forwarded: the per-client limit, the
@@ -507,7 +567,7 @@ impl Ingress {
         &self,
         peer: SocketAddr,
         req: &http::Request<B>,
-    ) -> Result<(ProjectId, HostId), Box<Response>> {
+    ) -> Result<(ProjectId, HostId), Box<Refusal>> {
         use governor::clock::{Clock, DefaultClock};
         if let Err(not_until) = self.per_client.check_key(&peer.ip()) {
             self.refuse(
@@ -584,43 +644,13 @@ impl Ingress {
         req: http::Request<Incoming>,
     ) -> Result<Response, ApiError> {
         let (mut parts, body) = req.into_parts();
-        // What the host sees instead of the client's own: its own
-        // address as Host, the client's Host as X-Forwarded-Host, the
-        // client appended to X-Forwarded-For, and the scheme.
-        let xff = match parts.headers.get(X_FORWARDED_FOR) {
-            Some(prev) => {
-                let mut v = Vec::with_capacity(prev.len() + 2 + peer.ip.len());
-                v.extend_from_slice(prev.as_bytes());
-                v.extend_from_slice(b", ");
-                v.extend_from_slice(peer.ip.as_bytes());
-                HeaderValue::from_bytes(&v).unwrap_or_else(|_| peer.ip.clone())
-            }
-            None => peer.ip.clone(),
-        };
-        let proto = HeaderValue::from_static("http");
-        let connect = || self.transport.connect(host, &route.endpoint);
         if cocalc_client::upstream::takes(&parts, &body) {
-            // No body, no upgrade: the lean client, on its own keep-alive
-            // connections, with the replacements written into the head.
-            let orig_host = parts.headers.get(header::HOST);
-            let replace = [
-                (&header::HOST, Some(&route.authority)),
-                (&X_FORWARDED_HOST, orig_host),
-                (&X_FORWARDED_FOR, Some(&xff)),
-                (&X_FORWARDED_PROTO, Some(&proto)),
-            ];
-            let resp = self
-                .upstream
-                .send(host, &parts, &replace, connect)
-                .await
-                .map_err(|e| match e {
-                    UpstreamError::Connect(e) => ApiError::from(&e),
-                    e => host_failed(host, e),
-                })?;
+            let resp = self.send_lean(host, route, peer, &parts).await?;
             return Ok(resp.map(|b| Either::Left(Either::Right(b))));
         }
         // As on the lean path: a client's own X-Forwarded-Host never
         // passes; it is the Host the client sent, or absent.
+        let xff = forwarded_for(&parts, peer);
         let orig_host = parts.headers.remove(header::HOST);
         parts.headers.remove(X_FORWARDED_HOST);
         if let Some(orig) = orig_host {
@@ -628,10 +658,40 @@ impl Ingress {
         }
         parts.headers.insert(header::HOST, route.authority.clone());
         parts.headers.insert(X_FORWARDED_FOR, xff);
-        parts.headers.insert(X_FORWARDED_PROTO, proto);
+        parts.headers.insert(X_FORWARDED_PROTO, HTTP);
+        let connect = || self.transport.connect(host, &route.endpoint);
         // Boxed: hyper's client futures are large, and most requests take
         // the lean path above.
         Box::pin(self.forward_hyper(host, http::Request::from_parts(parts, body), connect)).await
+    }
+
+    /// Sends a request without a body or upgrade through the lean
+    /// client, on its own keep-alive connections, with what the host sees
+    /// instead of the client's own written into the head: its own address
+    /// as `Host`, the client's `Host` as `X-Forwarded-Host`, the client
+    /// appended to `X-Forwarded-For`, and the scheme.
+    async fn send_lean(
+        &self,
+        host: HostId,
+        route: &Route,
+        peer: &Peer,
+        parts: &http::request::Parts,
+    ) -> Result<http::Response<ResponseBody<HostId>>, ApiError> {
+        let xff = forwarded_for(parts, peer);
+        let replace = [
+            (&header::HOST, Some(&route.authority)),
+            (&X_FORWARDED_HOST, parts.headers.get(header::HOST)),
+            (&X_FORWARDED_FOR, Some(&xff)),
+            (&X_FORWARDED_PROTO, Some(&HTTP)),
+        ];
+        let connect = || self.transport.connect(host, &route.endpoint);
+        self.upstream
+            .send(host, parts, &replace, connect)
+            .await
+            .map_err(|e| match e {
+                UpstreamError::Connect(e) => ApiError::from(&e),
+                e => host_failed(host, e),
+            })
     }
 
     /// Sends a request with a body or an upgrade, its headers already
@@ -667,6 +727,56 @@ impl Ingress {
                 })?
         };
         Ok(resp.map(|b| Either::Left(Either::Left(b))))
+    }
+}
+
+/// The `X-Forwarded-For` the host sees: the client's, with the client
+/// appended.
+fn forwarded_for(parts: &http::request::Parts, peer: &Peer) -> HeaderValue {
+    match parts.headers.get(X_FORWARDED_FOR) {
+        Some(prev) => {
+            let mut v = Vec::with_capacity(prev.len() + 2 + peer.ip.len());
+            v.extend_from_slice(prev.as_bytes());
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(peer.ip.as_bytes());
+            HeaderValue::from_bytes(&v).unwrap_or_else(|_| peer.ip.clone())
+        }
+        None => peer.ip.clone(),
+    }
+}
+
+/// The scheme clients reach the ingress with (no TLS yet).
+const HTTP: HeaderValue = HeaderValue::from_static("http");
+
+/// The ingress as the [`LeanService`](cocalc_client::lean::LeanService)
+/// of one client connection: plain requests to projects go to
+/// [`Ingress::handle_lean`]; paths under `/.cocalc/` (the proxy's own
+/// endpoints) are declined, so the connection's fallback serves them.
+#[derive(Debug, Clone)]
+pub struct LeanIngress {
+    ingress: Arc<Ingress>,
+    peer: Peer,
+}
+
+impl LeanIngress {
+    /// `ingress` for the client connection from `peer`.
+    pub fn new(ingress: Arc<Ingress>, peer: Peer) -> Self {
+        LeanIngress { ingress, peer }
+    }
+}
+
+impl cocalc_client::lean::LeanService for LeanIngress {
+    type Key = HostId;
+
+    fn takes(&self, req: &http::Request<()>) -> bool {
+        !req.uri().path().starts_with("/.cocalc/")
+    }
+
+    fn call(
+        &self,
+        req: http::Request<()>,
+    ) -> impl std::future::Future<Output = http::Response<LeanBody<HostId>>> + Send {
+        self.ingress.handle_lean(&self.peer, req)
     }
 }
 

@@ -46,7 +46,7 @@ mod tcp;
 pub mod tunnel;
 
 pub use cocalc_core::parse_host_url;
-pub use ingress::{Ingress, IngressConfig, Peer};
+pub use ingress::{Ingress, IngressConfig, LeanIngress, Peer};
 #[cfg(feature = "ssh")]
 pub use ssh::{Refusal, SshIngress, SshRefusals};
 pub use tcp::TcpTransport;
@@ -56,10 +56,14 @@ pub use tunnel::{ProxyTransport, TunnelConfig, TunnelHub};
 /// `/.cocalc/` (no project id starts with a dot), which go to `internal`
 /// — the proxy's own endpoints, such as [`TunnelHub::router`]; those it
 /// does not serve are refused by the ingress as bad paths (its fallback
-/// is replaced). Project requests reach [`Ingress::handle`] directly, with
-/// no router in between. Runs until `shutdown` completes; built on
-/// [`cocalc_client::serve::serve`], so relayed WebSockets between TCP
-/// sockets reach the relay as bare sockets and move by `splice(2)`.
+/// is replaced). Project requests reach the ingress directly, with no
+/// router in between: plain ones (no body, no upgrade) through
+/// [`Ingress::handle_lean`] on the lean server half
+/// ([`cocalc_client::lean`]), which splices large bodies from hosts to
+/// clients; the rest through [`Ingress::handle`] on hyper's. Runs until
+/// `shutdown` completes; built on [`cocalc_client::serve::serve_lean`],
+/// so relayed WebSockets between TCP sockets reach the relay as bare
+/// sockets and move by `splice(2)` too.
 pub async fn serve_ingress(
     listener: tokio::net::TcpListener,
     ingress: std::sync::Arc<Ingress>,
@@ -83,12 +87,13 @@ pub async fn serve_ingress(
             async move { ingress.refuse_path(peer, uri.path()) }
         },
     );
-    cocalc_client::serve::serve(
+    cocalc_client::serve::serve_lean(
         listener,
         move |addr: std::net::SocketAddr| {
             let (ingress, internal) = (ingress.clone(), internal.clone());
             let peer = Peer::new(addr);
-            hyper::service::service_fn(
+            let lean = LeanIngress::new(ingress.clone(), peer.clone());
+            let fallback = hyper::service::service_fn(
                 move |mut req: hyper::Request<hyper::body::Incoming>| -> Answer {
                     if req.uri().path().starts_with("/.cocalc/") {
                         req.extensions_mut()
@@ -103,7 +108,8 @@ pub async fn serve_ingress(
                         Box::pin(async move { Ok(ingress.handle(&peer, req).await) })
                     }
                 },
-            )
+            );
+            (lean, fallback)
         },
         shutdown,
     )

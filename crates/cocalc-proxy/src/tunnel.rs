@@ -671,8 +671,8 @@ async fn accept_dial(State(hub): State<Arc<TunnelHub>>, req: Request) -> Respons
             }
         };
         // The bare socket when served by `cocalc_client::serve`.
-        let conn: BoxedConnection = match io.downcast::<TokioIo<tokio::net::TcpStream>>() {
-            Ok(parts) if parts.read_buf.is_empty() => Box::new(parts.io.into_inner()),
+        let conn: BoxedConnection = match cocalc_client::serve::into_tcp(io) {
+            Ok((tcp, early)) if early.is_empty() => Box::new(tcp),
             Ok(_) => {
                 // The host is the server on this connection: it must wait
                 // for the first request, not talk.

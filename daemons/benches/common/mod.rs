@@ -104,6 +104,21 @@ pub(crate) fn cpu_time(pid: u32) -> std::time::Duration {
     std::time::Duration::from_secs_f64(ticks as f64 / tick)
 }
 
+/// CPU time (user + system) used so far by this process alone (all its
+/// threads, none of its children), from `/proc/self/stat`.
+#[allow(dead_code)] // used by some of the benches that share this module
+pub(crate) fn own_cpu_time() -> std::time::Duration {
+    let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = s.rfind(')').map_or("", |i| &s[i + 2..]);
+    let f: Vec<u64> = rest.split(' ').map(|v| v.parse().unwrap_or(0)).collect();
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    std::time::Duration::from_secs_f64(ticks as f64 / tick)
+}
+
 /// Instructions executed in user space by `pid` — a process running
 /// under `valgrind --tool=callgrind` — since its counters were last
 /// zeroed, summed over its threads as `callgrind_control -e Ir` reports
