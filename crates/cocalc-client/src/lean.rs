@@ -47,7 +47,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Uri, Version};
 use http_body::Body;
 use hyper::body::Incoming;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 pub use crate::serve::HEADER_READ_TIMEOUT;
@@ -236,7 +236,7 @@ impl Conn {
                 biased;
                 _ = stop.as_mut() => return Next::Closed,
                 _ = deadline.as_mut() => return Next::Closed,
-                r = tcp.read_buf(&mut self.buf) => match r {
+                r = std::future::poll_fn(|cx| crate::readiness::poll_read(tcp, cx, &mut self.buf)) => match r {
                     Ok(0) | Err(_) => return Next::Closed,
                     Ok(_) => {}
                 },
@@ -629,6 +629,7 @@ mod tests {
     use std::net::SocketAddr;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
+    use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
 
     /// Size of `/big` from the backend: more than a pipe holds.

@@ -39,6 +39,7 @@
 mod host;
 pub mod lean;
 mod master;
+mod readiness;
 pub mod relay;
 pub mod serve;
 #[cfg(target_os = "linux")]

@@ -73,7 +73,7 @@ use cocalc_core::BoxedConnection;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 use http_body::{Frame, SizeHint};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 /// Most header lines a response head may have.
 const MAX_HEADERS: usize = 100;
@@ -235,8 +235,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Upstream<K> {
             };
             // Readiness is cached by the runtime, so this is usually not
             // even a system call.
-            let poll =
-                tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), &mut cx, &mut conn.buf);
+            let poll = crate::readiness::poll_read_conn(&mut conn.io, &mut cx, &mut conn.buf);
             if poll.is_pending() {
                 return Some(conn);
             }
@@ -408,7 +407,10 @@ async fn exchange(conn: &mut Conn, head: &[u8], no_body: bool) -> Result<Head, F
             }
         }
         conn.buf.reserve(8 << 10);
-        match conn.io.read_buf(&mut conn.buf).await {
+        let read = std::future::poll_fn(|cx| {
+            crate::readiness::poll_read_conn(&mut conn.io, cx, &mut conn.buf)
+        });
+        match read.await {
             Ok(0) if !answered => {
                 return Err(Failure::Unanswered(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -627,11 +629,7 @@ impl<K: Hash + Eq> Stream<K> {
         if self.buf.capacity() - self.buf.len() < READ_SIZE / 4 {
             self.buf.reserve(READ_SIZE);
         }
-        let n = ready!(tokio_util::io::poll_read_buf(
-            Pin::new(io),
-            cx,
-            &mut self.buf
-        ))?;
+        let n = ready!(crate::readiness::poll_read_conn(io, cx, &mut self.buf))?;
         Poll::Ready(Ok(n > 0))
     }
 
