@@ -798,9 +798,17 @@ impl Host {
         });
         let result = match listener {
             Some(l) => {
-                cocalc_client::serve::serve(
+                // Plain requests to servers in projects take the lean
+                // relay; everything else the router.
+                let lean = crate::dataplane::LeanPorts::new(me.agent.clone());
+                cocalc_client::serve::serve_lean(
                     l,
-                    move |_| hyper_util::service::TowerToHyperService::new(router.clone()),
+                    move |_| {
+                        (
+                            lean.clone(),
+                            hyper_util::service::TowerToHyperService::new(router.clone()),
+                        )
+                    },
                     wait(rx),
                 )
                 .await

@@ -587,6 +587,63 @@ async fn pump_terminal(mut socket: axum::extract::ws::WebSocket, session: cocalc
 /// the request reaches the project's server.
 async fn ports(State(a): State<AppState>, req: Request) -> Result<Response> {
     let (mut parts, body) = req.into_parts();
+    let call = match port_call(&a, &mut parts).await? {
+        Ok(call) => call,
+        Err(redirect) => return Ok(redirect),
+    };
+    if cocalc_client::upstream::takes(&parts, &body) {
+        let resp = port_send_lean(&a, &call, &parts).await?;
+        return Ok(resp.map(axum::body::Body::new));
+    }
+    for (name, value) in call.replace {
+        match value {
+            Some(v) => parts.headers.insert(name, v),
+            None => parts.headers.remove(name),
+        };
+    }
+    let (project, port) = (call.project, call.port);
+    let req = axum::http::Request::from_parts(parts, body);
+    let resp = if req.headers().contains_key(header::UPGRADE) {
+        // An upgrade takes a connection of its own, relayed both ways.
+        let conn = a
+            .runner()
+            .connect_port(project, port)
+            .await
+            .map_err(|e| port_unreachable(port, e))?;
+        cocalc_client::relay::relay(conn, req)
+            .await
+            .map_err(|e| port_failed(port, &e))?
+    } else {
+        a.port_pool()
+            .send((project, port), req, || {
+                a.runner().connect_port(project, port)
+            })
+            .await
+            .map_err(|e| match e {
+                cocalc_client::relay::PoolError::Connect(e) => port_unreachable(port, e),
+                cocalc_client::relay::PoolError::Http(e) => port_failed(port, &e),
+            })?
+    };
+    Ok(resp.map(axum::body::Body::new))
+}
+
+/// A checked request to a server in a project: where it goes, and the
+/// headers its server sees instead of the client's (the token removed).
+struct PortCall {
+    project: ProjectId,
+    port: u16,
+    replace: Vec<(header::HeaderName, Option<header::HeaderValue>)>,
+}
+
+/// Checks a request to `/{project}/port/{port}/…` or
+/// `/{project}/server/{port}/…` (token, permission, the project
+/// started) and rewrites `parts.uri` to what the project's server sees:
+/// for `port`, the path without the prefix; the query without `token=`.
+/// `Ok(Err(…))` is the browser's cookie exchange to answer instead.
+async fn port_call(
+    a: &HostAgent,
+    parts: &mut axum::http::request::Parts,
+) -> Result<std::result::Result<PortCall, Response>> {
     let path = parts.uri.path().to_string();
     let mut segs = path.trim_start_matches('/').splitn(4, '/');
     let project_s = segs.next().unwrap_or("");
@@ -602,28 +659,23 @@ async fn ports(State(a): State<AppState>, req: Request) -> Result<Response> {
     })?;
     let is_get =
         parts.method == axum::http::Method::GET && !parts.headers.contains_key(header::UPGRADE);
-    let g = checked!(
-        check(
-            &a,
-            project_s,
-            &parts.headers,
-            &parts.uri,
-            is_get,
-            Permission::Write,
-            "port",
-            false
-        )
-        .await
-    );
+    let checked = check(
+        a,
+        project_s,
+        &parts.headers,
+        &parts.uri,
+        is_get,
+        Permission::Write,
+        "port",
+        false,
+    )
+    .await?;
+    let g = match checked {
+        Checked::Grant(g) => g,
+        Checked::Redirect(r) => return Ok(Err(r)),
+    };
     let project = g.claims.project;
     a.ensure_running(&g).await?;
-    let unreachable = |e: cocalc_core::RunnerError| {
-        Failure(ApiError::new(
-            502,
-            "port_unreachable",
-            format!("nothing answers on port {port} in the project: {e}"),
-        ))
-    };
 
     // The path the project's server sees, and the query without the token.
     let forward_path = if kind == "port" {
@@ -650,73 +702,150 @@ async fn ports(State(a): State<AppState>, req: Request) -> Result<Response> {
             "path cannot be forwarded",
         ))
     })?;
-    parts.headers.remove(header::AUTHORIZATION);
-    let ours = cookie_name(project);
-    let cookies: Vec<String> = parts
+    // The client's cookies but the project's own (the token).
+    let ours = format!("{}=", cookie_name(project));
+    let cookies: Vec<&str> = parts
         .headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .map(str::trim)
-        .filter(|c| !c.is_empty() && !c.starts_with(&format!("{ours}=")))
-        .map(str::to_string)
+        .filter(|c| !c.is_empty() && !c.starts_with(&ours))
         .collect();
-    parts.headers.remove(header::COOKIE);
-    if !cookies.is_empty() {
-        if let Ok(v) = cookies.join("; ").parse() {
-            parts.headers.insert(header::COOKIE, v);
-        }
-    }
+    let cookie = (!cookies.is_empty())
+        .then(|| cookies.join("; ").parse().ok())
+        .flatten();
+    let mut replace = vec![(header::AUTHORIZATION, None), (header::COOKIE, cookie)];
     if kind == "port" {
         if let Ok(v) = format!("/{project}/port/{port}").parse() {
-            parts.headers.insert("x-forwarded-prefix", v);
+            replace.push((
+                header::HeaderName::from_static("x-forwarded-prefix"),
+                Some(v),
+            ));
         }
     }
-    let failed = |e: &dyn std::fmt::Display| {
-        Failure(ApiError::new(
-            502,
-            "port_failed",
-            format!("port {port}: {e}"),
-        ))
-    };
-    if cocalc_client::upstream::takes(&parts, &body) {
-        // No body, no upgrade: the lean client.
-        let resp = a
-            .port_upstream()
-            .send((project, port), &parts, &[], || {
-                a.runner().connect_port(project, port)
-            })
-            .await
-            .map_err(|e| match e {
-                cocalc_client::upstream::UpstreamError::Connect(e) => unreachable(e),
-                e => failed(&e),
-            })?;
-        return Ok(resp.map(axum::body::Body::new));
+    Ok(Ok(PortCall {
+        project,
+        port,
+        replace,
+    }))
+}
+
+/// Sends a checked request without a body or upgrade to the project's
+/// server through the lean client.
+async fn port_send_lean(
+    a: &HostAgent,
+    call: &PortCall,
+    parts: &axum::http::request::Parts,
+) -> Result<axum::http::Response<cocalc_client::upstream::ResponseBody<(ProjectId, u16)>>> {
+    let (project, port) = (call.project, call.port);
+    let replace: Vec<_> = call.replace.iter().map(|(n, v)| (n, v.as_ref())).collect();
+    a.port_upstream()
+        .send((project, port), parts, &replace, || {
+            a.runner().connect_port(project, port)
+        })
+        .await
+        .map_err(|e| match e {
+            cocalc_client::upstream::UpstreamError::Connect(e) => port_unreachable(port, e),
+            e => port_failed(port, &e),
+        })
+}
+
+fn port_unreachable(port: u16, e: cocalc_core::RunnerError) -> Failure {
+    Failure(ApiError::new(
+        502,
+        "port_unreachable",
+        format!("nothing answers on port {port} in the project: {e}"),
+    ))
+}
+
+fn port_failed(port: u16, e: &dyn std::fmt::Display) -> Failure {
+    Failure(ApiError::new(
+        502,
+        "port_failed",
+        format!("port {port}: {e}"),
+    ))
+}
+
+/// Whether `path` is one [`ports`] serves: `/{project}/port/{port}…` or
+/// `/{project}/server/{port}…` with a port segment.
+fn is_port_path(path: &str) -> bool {
+    let mut segs = path.trim_start_matches('/').splitn(4, '/');
+    let (project, kind, port) = (segs.next(), segs.next(), segs.next());
+    matches!(kind, Some("port" | "server"))
+        && project.is_some_and(|p| !p.is_empty())
+        && port.is_some_and(|p| !p.is_empty())
+}
+
+/// The data plane as the [`LeanService`](cocalc_client::lean::LeanService)
+/// of [`cocalc_client::serve::serve_lean`]: plain requests to servers in
+/// projects (`/{project}/port/…`, `/{project}/server/…`) are checked and
+/// relayed as [`router`]'s `ports` would, in the connection's task, with
+/// large bodies from the project's server spliced to the client; every
+/// other request is declined and goes to [`router`].
+#[derive(Clone)]
+pub struct LeanPorts {
+    agent: Arc<HostAgent>,
+}
+
+impl LeanPorts {
+    /// The lean port relay of `agent`.
+    pub fn new(agent: Arc<HostAgent>) -> Self {
+        LeanPorts { agent }
     }
-    let req = axum::http::Request::from_parts(parts, body);
-    let resp = if req.headers().contains_key(header::UPGRADE) {
-        // An upgrade takes a connection of its own, relayed both ways.
-        let conn = a
-            .runner()
-            .connect_port(project, port)
-            .await
-            .map_err(unreachable)?;
-        cocalc_client::relay::relay(conn, req)
-            .await
-            .map_err(|e| failed(&e))?
-    } else {
-        a.port_pool()
-            .send((project, port), req, || {
-                a.runner().connect_port(project, port)
-            })
-            .await
-            .map_err(|e| match e {
-                cocalc_client::relay::PoolError::Connect(e) => unreachable(e),
-                cocalc_client::relay::PoolError::Http(e) => failed(&e),
-            })?
-    };
-    Ok(resp.map(axum::body::Body::new))
+}
+
+impl std::fmt::Debug for LeanPorts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeanPorts").finish_non_exhaustive()
+    }
+}
+
+impl cocalc_client::lean::LeanService for LeanPorts {
+    type Key = (ProjectId, u16);
+
+    fn takes(&self, req: &axum::http::Request<()>) -> bool {
+        is_port_path(req.uri().path())
+    }
+
+    async fn call(
+        &self,
+        req: axum::http::Request<()>,
+    ) -> axum::http::Response<cocalc_client::lean::LeanBody<Self::Key>> {
+        use cocalc_client::lean::LeanBody;
+        let (mut parts, ()) = req.into_parts();
+        let a = &*self.agent;
+        let answer = match port_call(a, &mut parts).await {
+            Ok(Ok(call)) => port_send_lean(a, &call, &parts).await,
+            Ok(Err(redirect)) => {
+                // The cookie exchange: a head with an empty body.
+                let (head, _) = redirect.into_parts();
+                let r = axum::http::Response::from_parts(head, LeanBody::Full(Bytes::new()));
+                a.responses().record(r.status().as_u16());
+                return r;
+            }
+            Err(f) => Err(f),
+        };
+        let r = match answer {
+            Ok(r) => r.map(LeanBody::Upstream),
+            Err(Failure(e)) => {
+                let status =
+                    StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                let mut r = axum::http::Response::new(LeanBody::Full(Bytes::from(
+                    serde_json::to_vec(&e).unwrap_or_default(),
+                )));
+                *r.status_mut() = status;
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("application/json"),
+                );
+                r
+            }
+        };
+        a.responses().record(r.status().as_u16());
+        r
+    }
 }
 
 /// Streams a command's output over a WebSocket (see the table above).
