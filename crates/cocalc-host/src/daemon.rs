@@ -788,10 +788,13 @@ impl Host {
         let status: Arc<dyn crate::master_link::HostStatus> = Arc::new(move || status_me.status());
         let link = tokio::spawn(me.link.clone().run(status, wait(rx.clone())));
         let router = crate::dataplane::router(me.agent.clone());
-        let tunnel = me
-            .tunnel
-            .clone()
-            .map(|t| tokio::spawn(t.run(router.clone(), wait(rx.clone()))));
+        let tunnel = me.tunnel.clone().map(|t| {
+            let plane = crate::tunnel::DataPlane {
+                router: router.clone(),
+                lean: Some(crate::dataplane::LeanPorts::new(me.agent.clone())),
+            };
+            tokio::spawn(t.run(plane, wait(rx.clone())))
+        });
         let stopper = tokio::spawn(async move {
             shutdown.await;
             let _ = tx.send(true);

@@ -177,13 +177,15 @@ impl TunnelClient {
         self.dials.load(Ordering::Relaxed)
     }
 
-    /// Serves `router` through the tunnel, redialling after every failure,
-    /// until `shutdown` completes.
+    /// Serves the data plane (a [`Router`], or a [`DataPlane`] with the
+    /// lean port relay too) through the tunnel, redialling after every
+    /// failure, until `shutdown` completes.
     pub async fn run(
         self: Arc<Self>,
-        router: Router,
+        router: impl Into<DataPlane>,
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) {
+        let router = router.into();
         let seed = u64::from_le_bytes(self.cfg.host.as_bytes()[8..16].try_into().unwrap_or([7; 8]));
         let mut backoff = Backoff::new(seed);
         let work = async {
@@ -209,7 +211,8 @@ impl TunnelClient {
     }
 
     /// One tunnel: dial, handshake, serve until it ends.
-    pub async fn once(&self, router: Router) -> Result<(), TunnelError> {
+    pub async fn once(&self, router: impl Into<DataPlane>) -> Result<(), TunnelError> {
+        let DataPlane { router, lean } = router.into();
         if !self.cfg.proxy_url.starts_with("http://") {
             return Err(TunnelError::BadUrl(format!(
                 "{:?}: only http:// is supported (no TLS to the proxy yet)",
@@ -293,12 +296,31 @@ impl TunnelClient {
         let dialer = Dialer {
             addr,
             router,
+            lean,
             alive,
             dials: self.dials.clone(),
             room: Arc::new(tokio::sync::Semaphore::new(MAX_DIAL_BACKS)),
         };
         let service = hyper::service::service_fn(move |req| stream(req, dialer.clone()));
         b.serve_connection(io, service).await.map_err(conn_err)
+    }
+}
+
+/// What a tunnel serves: the data-plane router, and optionally the lean
+/// relay for plain port requests
+/// ([`LeanPorts`](crate::dataplane::LeanPorts)), which dial-back
+/// connections (bare TCP) then take as the host's own listener does.
+#[derive(Clone)]
+pub struct DataPlane {
+    /// Every request (the lean relay's declined ones included).
+    pub router: Router,
+    /// Plain requests to servers in projects, if set.
+    pub lean: Option<crate::dataplane::LeanPorts>,
+}
+
+impl From<Router> for DataPlane {
+    fn from(router: Router) -> Self {
+        DataPlane { router, lean: None }
     }
 }
 
@@ -309,6 +331,8 @@ struct Dialer {
     /// from the proxy).
     addr: String,
     router: Router,
+    /// Serves plain port requests on dial-back connections, if set.
+    lean: Option<crate::dataplane::LeanPorts>,
     /// Completes `changed()` (with an error) when the tunnel ends.
     alive: tokio::sync::watch::Receiver<()>,
     dials: Arc<AtomicU64>,
@@ -352,7 +376,13 @@ impl Dialer {
         self.dials.fetch_add(1, Ordering::Relaxed);
         let mut alive = self.alive;
         let svc = hyper_util::service::TowerToHyperService::new(self.router);
-        let serve = cocalc_client::serve::serve_connection(tcp, svc, std::future::pending());
+        let pending = std::future::pending::<()>();
+        let serve = async move {
+            match self.lean {
+                Some(lean) => cocalc_client::lean::serve_connection(tcp, lean, svc, pending).await,
+                None => cocalc_client::serve::serve_connection(tcp, svc, pending).await,
+            }
+        };
         tokio::select! {
             _ = serve => {}
             _ = alive.changed() => {}
