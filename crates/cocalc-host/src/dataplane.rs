@@ -30,6 +30,11 @@
 //!
 //! The project segment must be a canonical UUID; anything else is a 400
 //! that says why. Every refusal is an [`ApiError`] JSON body.
+//!
+//! The host's daemon serves plain requests to `port`/`server` (HTTP/1.1,
+//! no body, no upgrade) with [`LeanPorts`] on
+//! [`cocalc_client::lean`] instead of the router: same checks and
+//! rewriting, answered in the connection's task, large bodies spliced.
 
 use std::sync::Arc;
 

@@ -30,7 +30,10 @@
 //!    lean [`Upstream`] client, which writes the head once and reads the
 //!    answer in the request's own task; the rest through hyper's client
 //!    ([`cocalc_client::relay`]). Each keeps its own idle connections per
-//!    host.
+//!    host. Served by [`crate::serve_ingress`], plain requests are also
+//!    read and answered without hyper's server
+//!    ([`Ingress::handle_lean`] on [`cocalc_client::lean`]), and a large
+//!    body from a host moves to the client by `splice(2)`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -134,7 +137,7 @@ struct Route {
 
 /// What the ingress answers with: a host's streamed response (through
 /// hyper's client for requests with a body or an upgrade, through the lean
-/// [`Upstream`](cocalc_client::upstream::Upstream) client for the rest), or
+/// [`Upstream`] client for the rest), or
 /// the ingress's own (a refusal).
 pub type IngressBody = Either<Either<Incoming, ResponseBody<HostId>>, Body>;
 
