@@ -639,18 +639,7 @@ mod tests {
         (0..n).map(|i| (i % 251) as u8).collect()
     }
 
-    /// Reads one head (through the blank line) off `s`.
-    async fn read_head(s: &mut TcpStream) -> Option<String> {
-        let mut seen = Vec::new();
-        let mut byte = [0u8; 1];
-        while !seen.ends_with(b"\r\n\r\n") {
-            if s.read(&mut byte).await.ok()? == 0 {
-                return None;
-            }
-            seen.push(byte[0]);
-        }
-        Some(String::from_utf8(seen).unwrap())
-    }
+    use crate::test_util::read_head;
 
     /// The server inside a project: `/big` is [`BIG`] bytes with a
     /// length, `/chunked` three chunks, `/short` promises a megabyte and

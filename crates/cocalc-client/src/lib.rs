@@ -48,3 +48,22 @@ pub mod upstream;
 
 pub use host::{encode_path, HostClient};
 pub use master::MasterClient;
+
+#[cfg(test)]
+mod test_util {
+    use tokio::io::AsyncReadExt;
+
+    /// Reads one HTTP head (through the blank line) off `s`, a byte at a
+    /// time so nothing after it is taken; `None` at the end of the stream.
+    pub(crate) async fn read_head(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> Option<String> {
+        let mut seen = Vec::new();
+        let mut byte = [0u8; 1];
+        while !seen.ends_with(b"\r\n\r\n") {
+            if s.read(&mut byte).await.ok()? == 0 {
+                return None;
+            }
+            seen.push(byte[0]);
+        }
+        Some(String::from_utf8(seen).unwrap())
+    }
+}

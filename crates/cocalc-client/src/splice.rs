@@ -57,6 +57,21 @@ fn would_block(e: Errno) -> io::Error {
     }
 }
 
+/// Moves what `pipe` holds to `dst`.
+async fn drain(pipe: &mut Pipe, dst: &TcpStream) -> io::Result<()> {
+    while pipe.held > 0 {
+        // The pipe holds `held` bytes, so EAGAIN can only mean "the
+        // socket's send buffer is full".
+        let m = dst
+            .async_io(Interest::WRITABLE, || {
+                splice(&pipe.read, None, dst.as_fd(), None, pipe.held, flags()).map_err(would_block)
+            })
+            .await?;
+        pipe.held -= m;
+    }
+    Ok(())
+}
+
 /// Moves bytes from `src` to `dst` until `src` ends, then shuts down the
 /// write side of `dst` (so the far end sees the end too). Returns the
 /// number of bytes moved.
@@ -83,17 +98,7 @@ async fn one_way(src: &TcpStream, dst: &TcpStream, pipe: &mut Pipe) -> io::Resul
             return Ok(moved);
         }
         pipe.held = n;
-        while pipe.held > 0 {
-            // The pipe holds `held` bytes, so EAGAIN can only mean "the
-            // socket's send buffer is full".
-            let m = dst
-                .async_io(Interest::WRITABLE, || {
-                    splice(&pipe.read, None, dst.as_fd(), None, pipe.held, flags())
-                        .map_err(would_block)
-                })
-                .await?;
-            pipe.held -= m;
-        }
+        drain(pipe, dst).await?;
         moved += n as u64;
     }
 }
@@ -124,15 +129,7 @@ pub async fn splice_exact(
             ));
         }
         pipe.held = got;
-        while pipe.held > 0 {
-            let m = dst
-                .async_io(Interest::WRITABLE, || {
-                    splice(&pipe.read, None, dst.as_fd(), None, pipe.held, flags())
-                        .map_err(would_block)
-                })
-                .await?;
-            pipe.held -= m;
-        }
+        drain(pipe, dst).await?;
         n -= got as u64;
     }
     Ok(())

@@ -837,20 +837,8 @@ mod tests {
     use http_body::Body as _;
     use http_body_util::BodyExt;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use tokio::io::{AsyncReadExt, DuplexStream};
 
-    /// Reads one request head off `s`; `None` at end of stream.
-    async fn read_head(s: &mut DuplexStream) -> Option<String> {
-        let mut seen = Vec::new();
-        let mut byte = [0u8; 1];
-        while !seen.ends_with(b"\r\n\r\n") {
-            if s.read(&mut byte).await.ok()? == 0 {
-                return None;
-            }
-            seen.push(byte[0]);
-        }
-        Some(String::from_utf8(seen).unwrap())
-    }
+    use crate::test_util::read_head;
 
     /// A server on the far end of each new connection: it answers each
     /// request head with the next of `answers` (written one byte at a time
