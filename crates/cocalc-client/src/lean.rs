@@ -131,8 +131,6 @@ pub async fn serve_connection<L, S, B>(
     let mut conn = Conn {
         buf: BytesMut::with_capacity(4096),
         out: Vec::with_capacity(1024),
-        #[cfg(target_os = "linux")]
-        pipe: None,
     };
     loop {
         let req = match conn.read_request(&mut tcp, stop.as_mut(), &lean).await {
@@ -199,9 +197,6 @@ struct Conn {
     buf: BytesMut,
     /// An answer's head being put together.
     out: Vec<u8>,
-    /// The pipe bodies are spliced through, made at the first.
-    #[cfg(target_os = "linux")]
-    pipe: Option<crate::splice::Pipe>,
 }
 
 impl Conn {
@@ -283,18 +278,16 @@ impl Conn {
         }
         #[cfg(target_os = "linux")]
         if let Some((early, rest)) = body.splice_plan(SPLICE_MIN) {
-            let pipe = match self.pipe.take() {
-                Some(p) => Some(p),
-                None => crate::splice::Pipe::new().ok(),
-            };
-            if let Some(mut pipe) = pipe {
+            // A pipe from the process's spare ones, returned after the
+            // body: an idle keep-alive connection holds none.
+            if let Ok(mut pipe) = crate::splice::Pipe::take() {
                 let len = early.len() as u64 + rest;
                 write_head(&mut self.out, &parts, Framing::Length(len), close);
                 self.out.extend_from_slice(&early);
                 tcp.write_all(&self.out).await?;
-                // A failed splice leaves the pipe unusable: it is not kept.
+                // A failed splice leaves bytes in the pipe: it is closed.
                 body.splice_rest(&*tcp, &mut pipe).await?;
-                self.pipe = Some(pipe);
+                pipe.give_back();
                 return Ok(!close);
             }
             // No pipe (out of descriptors): copied below, starting with

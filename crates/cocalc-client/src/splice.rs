@@ -45,6 +45,34 @@ impl Pipe {
     }
 }
 
+/// Empty pipes kept for reuse by [`Pipe::take`] and [`Pipe::give_back`].
+static SPARE: std::sync::Mutex<Vec<Pipe>> = std::sync::Mutex::new(Vec::new());
+/// Most pipes kept spare: enough for the bodies a busy relay splices at
+/// once, few enough that idle ones cost little kernel memory.
+const SPARE_PIPES: usize = 32;
+
+impl Pipe {
+    /// A spare empty pipe, or a new one ([`Pipe::new`]).
+    pub fn take() -> io::Result<Self> {
+        let spare = SPARE.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        match spare {
+            Some(p) => Ok(p),
+            None => Pipe::new(),
+        }
+    }
+
+    /// Keeps an empty pipe for the next [`Pipe::take`] (while fewer than
+    /// a few dozen are kept); a pipe still holding bytes is closed.
+    pub fn give_back(self) {
+        if self.held == 0 {
+            let mut spare = SPARE.lock().unwrap_or_else(|p| p.into_inner());
+            if spare.len() < SPARE_PIPES {
+                spare.push(self);
+            }
+        }
+    }
+}
+
 fn flags() -> SpliceFFlags {
     SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK
 }
