@@ -53,7 +53,7 @@ use tokio::net::TcpStream;
 pub use crate::serve::HEADER_READ_TIMEOUT;
 use crate::upstream::ResponseBody;
 
-/// Largest request head this module parses; a larger one goes to hyper
+/// A request head still incomplete after this many bytes goes to hyper
 /// (which has its own limit).
 pub const MAX_HEAD: usize = 16 << 10;
 /// Most header lines this module parses; more go to hyper.
@@ -905,6 +905,37 @@ mod tests {
         assert!(
             seen.iter().all(|s| s.starts_with("GET /full ")) && seen.len() == 2,
             "only the plain requests before a hand-off reached the lean service: {seen:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn heads_in_pieces_and_large_heads_are_served() {
+        let (addr, svc) = server().await;
+        // A head that arrives in three pieces: the lean path waits for all.
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        for piece in [
+            "GET /fu",
+            "ll HTTP/1.1\r\nhost:",
+            " a\r\nuser-agent: slow\r\n\r\n",
+        ] {
+            c.write_all(piece.as_bytes()).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        assert_eq!(answer(&mut c).await.1, b"hello");
+        // A head still incomplete after MAX_HEAD bytes (a big cookie) goes
+        // to hyper, which takes heads that large.
+        let cookie = "c=".to_string() + &"x".repeat(MAX_HEAD + 1000);
+        let req = format!("GET /full HTTP/1.1\r\nhost: a\r\ncookie: {cookie}\r\n\r\n");
+        let (first, rest) = req.as_bytes().split_at(MAX_HEAD + 100);
+        c.write_all(first).await.unwrap();
+        // Time for the server to read the first part and give up on it.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        c.write_all(rest).await.unwrap();
+        assert_eq!(answer(&mut c).await.1, b"fallback GET /full ");
+        assert_eq!(
+            *svc.seen.lock().unwrap(),
+            ["GET /full Some(\"slow\")"],
+            "only the head in pieces reached the lean service"
         );
     }
 
