@@ -986,7 +986,7 @@ mod tests {
     #[tokio::test]
     async fn shutdown_answers_requests_in_flight_and_closes_idle_connections() {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let (addr, _svc, task) = server_until(async {
+        let (addr, svc, task) = server_until(async {
             let _ = stopped.await;
         })
         .await;
@@ -999,7 +999,10 @@ mod tests {
         busy.write_all(b"GET /slow HTTP/1.1\r\nhost: a\r\n\r\n")
             .await
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Stop once the slow request is in the service's hands.
+        while svc.seen.lock().unwrap().len() < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         stop.send(()).unwrap();
         let mut rest = Vec::new();
         idle.read_to_end(&mut rest).await.unwrap();
