@@ -229,6 +229,12 @@ fn api(e: &ApiError) -> Refusal {
 /// anywhere, and `.` or `..` segments (also when their dots are written
 /// `%2e`), are refused; then the first segment must be a project id.
 pub fn project_of_path(path: &str) -> Result<ProjectId, String> {
+    // Most paths have no '%' and no segment starting with '.', so no
+    // segment can be a dot segment or hide a slash: only the id is left
+    // to check.
+    if path.starts_with('/') && !path.contains('%') && !path.contains("/.") {
+        return first_segment(path);
+    }
     let b = path.as_bytes();
     let (mut encoded_slash, mut dot_segment) = (false, false);
     let mut seg_start = 0;
@@ -252,6 +258,11 @@ pub fn project_of_path(path: &str) -> Result<ProjectId, String> {
     if dot_segment {
         return Err("'.' and '..' segments are not allowed in the path".into());
     }
+    first_segment(path)
+}
+
+/// The project id the path's first segment names.
+fn first_segment(path: &str) -> Result<ProjectId, String> {
     let rest = path.strip_prefix('/').unwrap_or(path);
     let first = &rest[..rest.find('/').unwrap_or(rest.len())];
     if first.is_empty() {
