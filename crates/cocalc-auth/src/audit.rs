@@ -14,6 +14,13 @@ use cocalc_core::{AuditOutcome, AuditRecord};
 pub trait AuditSink: Send + Sync {
     /// Takes one record.
     fn record(&self, record: AuditRecord);
+
+    /// Whether grants are wanted at all right now. Gates skip building
+    /// the record of a grant (on every allowed request) when this says
+    /// no; refusals are always recorded. By default, yes.
+    fn wants_grants(&self) -> bool {
+        true
+    }
 }
 
 /// Logs records through `tracing` (target `cocalc::audit`).
@@ -22,6 +29,9 @@ pub struct TracingAuditSink;
 
 impl AuditSink for TracingAuditSink {
     fn record(&self, r: AuditRecord) {
+        if r.outcome == AuditOutcome::Grant && !self.wants_grants() {
+            return;
+        }
         let user = r.user.map(|u| u.to_string()).unwrap_or_default();
         let project = r.project.map(|p| p.to_string()).unwrap_or_default();
         let jti = r.token_id.as_deref().unwrap_or("");
@@ -48,6 +58,12 @@ impl AuditSink for TracingAuditSink {
                 "access granted"
             ),
         }
+    }
+
+    /// Grants are logged at `DEBUG`: wanted only when that is enabled for
+    /// `cocalc::audit`.
+    fn wants_grants(&self) -> bool {
+        tracing::enabled!(target: "cocalc::audit", tracing::Level::DEBUG)
     }
 }
 

@@ -112,7 +112,8 @@ impl Gate {
     }
 
     /// Checks that `token` lets its bearer do `action` (needing `needed`) on
-    /// `project`. Every outcome is audited. [`AccessError::NeedsRefresh`]
+    /// `project`. Every outcome is audited (grants only when the sink
+    /// [wants them](AuditSink::wants_grants)). [`AccessError::NeedsRefresh`]
     /// means: fetch the ACL entry from the master, `set` it, call again.
     pub async fn authorize(
         &self,
@@ -122,6 +123,9 @@ impl Gate {
         action: &str,
     ) -> Result<Grant, AuthError> {
         let result = self.decide(token, project, needed).await;
+        if result.is_ok() && !self.audit.wants_grants() {
+            return result.map_err(|(e, _)| e);
+        }
         let (outcome, reason, detail, claims) = match &result {
             Ok(g) => (
                 AuditOutcome::Grant,

@@ -302,3 +302,58 @@ fn gate_checks_token_project_and_acl_and_audits_everything() {
     assert!(recs[1..].iter().all(|r| r.outcome == AuditOutcome::Refuse));
     assert!(recs.iter().all(|r| r.host == Some(host)));
 }
+
+/// Keeps refusals only, as a sink that logs grants at a disabled level does.
+struct RefusalsOnly(MemoryAuditSink);
+
+impl cocalc_auth::AuditSink for RefusalsOnly {
+    fn record(&self, record: cocalc_core::AuditRecord) {
+        self.0.record(record);
+    }
+
+    fn wants_grants(&self) -> bool {
+        false
+    }
+}
+
+#[test]
+fn a_sink_that_wants_no_grants_gets_refusals_only() {
+    let clock = ManualClock::new(Timestamp::from_secs(T0));
+    let shared: Arc<ManualClock> = Arc::new(clock.clone());
+    let keys = KeySet::generate(Timestamp(1)).unwrap();
+    let host = HostId::new_v4([1; 16]);
+    let (u, p) = (UserId::new_v4([2; 16]), ProjectId::new_v4([3; 16]));
+    let minter = Minter::new("m", keys.clone(), shared.clone());
+    let verifier = Arc::new(Verifier::new(host, keys.public_only(), shared.clone()));
+    let acl = Arc::new(AclCache::new(shared.clone(), AclPolicy::default()));
+    let audit = Arc::new(RefusalsOnly(MemoryAuditSink::new()));
+    let gate = Gate::new(host, verifier, acl.clone(), audit.clone(), shared);
+    acl.master_up();
+    acl.set(p, u, Some(Permission::Write));
+    let (token, _) = minter
+        .mint(&MintRequest {
+            user: u,
+            project: p,
+            host,
+            generation: Generation(1),
+            permission: Permission::Write,
+            ttl: 10 * MIN,
+        })
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let g = gate.authorize(&token, p, Permission::Write, "exec").await;
+        assert!(g.is_ok(), "granted all the same");
+        let e = gate
+            .authorize("v4.public.garbage", p, Permission::Read, "exec")
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "token_bad_footer");
+    });
+    let recs = audit.0.records();
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    assert_eq!(recs[0].outcome, AuditOutcome::Refuse);
+    assert_eq!(recs[0].reason, "token_bad_footer");
+}

@@ -708,19 +708,23 @@ async fn port_call(
         ))
     })?;
     // The client's cookies but the project's own (the token).
-    let ours = format!("{}=", cookie_name(project));
-    let cookies: Vec<&str> = parts
-        .headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .map(str::trim)
-        .filter(|c| !c.is_empty() && !c.starts_with(&ours))
-        .collect();
-    let cookie = (!cookies.is_empty())
-        .then(|| cookies.join("; ").parse().ok())
-        .flatten();
+    let cookie = if parts.headers.contains_key(header::COOKIE) {
+        let ours = format!("{}=", cookie_name(project));
+        let cookies: Vec<&str> = parts
+            .headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .map(str::trim)
+            .filter(|c| !c.is_empty() && !c.starts_with(&ours))
+            .collect();
+        (!cookies.is_empty())
+            .then(|| cookies.join("; ").parse().ok())
+            .flatten()
+    } else {
+        None
+    };
     let mut replace = vec![(header::AUTHORIZATION, None), (header::COOKIE, cookie)];
     if kind == "port" {
         if let Ok(v) = format!("/{project}/port/{port}").parse() {
