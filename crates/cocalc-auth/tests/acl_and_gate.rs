@@ -223,18 +223,27 @@ fn a_new_cache_counts_as_offline_since_creation() {
     ));
 }
 
-#[test]
-fn gate_checks_token_project_and_acl_and_audits_everything() {
-    let clock = ManualClock::new(Timestamp::from_secs(T0));
-    let shared: Arc<ManualClock> = Arc::new(clock.clone());
+/// A gate auditing to `audit`, its ACL cache (user `u` may write project
+/// `p`), and a write token for `p` on its host, with the token's id.
+struct GateFixture {
+    gate: Gate,
+    acl: Arc<AclCache>,
+    host: HostId,
+    u: UserId,
+    p: ProjectId,
+    token: String,
+    token_id: String,
+}
+
+fn gate_fixture(audit: Arc<dyn cocalc_auth::AuditSink>) -> GateFixture {
+    let shared: Arc<ManualClock> = Arc::new(ManualClock::new(Timestamp::from_secs(T0)));
     let keys = KeySet::generate(Timestamp(1)).unwrap();
     let host = HostId::new_v4([1; 16]);
     let (u, p) = (UserId::new_v4([2; 16]), ProjectId::new_v4([3; 16]));
     let minter = Minter::new("m", keys.clone(), shared.clone());
     let verifier = Arc::new(Verifier::new(host, keys.public_only(), shared.clone()));
     let acl = Arc::new(AclCache::new(shared.clone(), AclPolicy::default()));
-    let audit = Arc::new(MemoryAuditSink::new());
-    let gate = Gate::new(host, verifier, acl.clone(), audit.clone(), shared);
+    let gate = Gate::new(host, verifier, acl.clone(), audit, shared);
     acl.master_up();
     acl.set(p, u, Some(Permission::Write));
     let (token, minted) = minter
@@ -247,6 +256,29 @@ fn gate_checks_token_project_and_acl_and_audits_everything() {
             ttl: 10 * MIN,
         })
         .unwrap();
+    GateFixture {
+        gate,
+        acl,
+        host,
+        u,
+        p,
+        token,
+        token_id: minted.token_id,
+    }
+}
+
+#[test]
+fn gate_checks_token_project_and_acl_and_audits_everything() {
+    let audit = Arc::new(MemoryAuditSink::new());
+    let GateFixture {
+        gate,
+        acl,
+        host,
+        u,
+        p,
+        token,
+        token_id,
+    } = gate_fixture(audit.clone());
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
@@ -293,7 +325,7 @@ fn gate_checks_token_project_and_acl_and_audits_everything() {
     assert_eq!(recs.len(), 4);
     assert_eq!(recs[0].outcome, AuditOutcome::Grant);
     assert_eq!(recs[0].action, "exec");
-    assert_eq!(recs[0].token_id.as_deref(), Some(minted.token_id.as_str()));
+    assert_eq!(recs[0].token_id.as_deref(), Some(token_id.as_str()));
     assert_eq!(recs[1].reason, "token_wrong_project");
     assert_eq!(recs[1].user, Some(u));
     assert_eq!(recs[2].reason, "token_bad_footer");
@@ -318,28 +350,8 @@ impl cocalc_auth::AuditSink for RefusalsOnly {
 
 #[test]
 fn a_sink_that_wants_no_grants_gets_refusals_only() {
-    let clock = ManualClock::new(Timestamp::from_secs(T0));
-    let shared: Arc<ManualClock> = Arc::new(clock.clone());
-    let keys = KeySet::generate(Timestamp(1)).unwrap();
-    let host = HostId::new_v4([1; 16]);
-    let (u, p) = (UserId::new_v4([2; 16]), ProjectId::new_v4([3; 16]));
-    let minter = Minter::new("m", keys.clone(), shared.clone());
-    let verifier = Arc::new(Verifier::new(host, keys.public_only(), shared.clone()));
-    let acl = Arc::new(AclCache::new(shared.clone(), AclPolicy::default()));
     let audit = Arc::new(RefusalsOnly(MemoryAuditSink::new()));
-    let gate = Gate::new(host, verifier, acl.clone(), audit.clone(), shared);
-    acl.master_up();
-    acl.set(p, u, Some(Permission::Write));
-    let (token, _) = minter
-        .mint(&MintRequest {
-            user: u,
-            project: p,
-            host,
-            generation: Generation(1),
-            permission: Permission::Write,
-            ttl: 10 * MIN,
-        })
-        .unwrap();
+    let GateFixture { gate, p, token, .. } = gate_fixture(audit.clone());
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
