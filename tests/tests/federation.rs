@@ -290,6 +290,8 @@ class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         body = json.dumps({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}}).encode()
         self.send_response(200); self.send_header("content-length", str(len(body))); self.end_headers(); self.wfile.write(body)
+    def do_HEAD(self):
+        self.send_response(200); self.send_header("content-length", "0"); self.send_header("x-path", self.path); self.end_headers()
     def log_message(self, *a): pass
 http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 "#;
@@ -344,6 +346,26 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
         .await
         .unwrap();
     assert_eq!(kept["path"], format!("/{pid}/server/{port}/app/"));
+    // A token in the query (a HEAD: no cookie exchange) is taken out of
+    // it; the rest of the query passes in its order.
+    for (route, seen) in [
+        (format!("port/{port}/echo"), "/echo".to_string()),
+        (
+            format!("server/{port}/app/"),
+            format!("/{pid}/server/{port}/app/"),
+        ),
+    ] {
+        let r = http
+            .head(format!(
+                "{}/{pid}/{route}?a=1&token={}&b=2",
+                here.url, open.token
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{route}");
+        assert_eq!(r.headers()["x-path"], format!("{seen}?a=1&b=2"), "{route}");
+    }
     let r = http
         .get(format!("{}/{pid}/port/0/", here.url))
         .bearer_auth(&open.token)

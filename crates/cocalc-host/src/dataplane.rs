@@ -649,7 +649,10 @@ async fn port_call(
     a: &HostAgent,
     parts: &mut axum::http::request::Parts,
 ) -> Result<std::result::Result<PortCall, Response>> {
-    let path = parts.uri.path().to_string();
+    // A handle on the request's target (shared bytes, no copy), so its
+    // pieces can be read while `parts.uri` is replaced below.
+    let uri = parts.uri.clone();
+    let path = uri.path();
     let mut segs = path.trim_start_matches('/').splitn(4, '/');
     let project_s = segs.next().unwrap_or("");
     let kind = segs.next().unwrap_or("");
@@ -682,31 +685,47 @@ async fn port_call(
     let project = g.claims.project;
     a.ensure_running(&g).await?;
 
-    // The path the project's server sees, and the query without the token.
-    let forward_path = if kind == "port" {
-        format!("/{rest}")
+    // The path the project's server sees, and the query without `token=`
+    // pairs (as it came when it has none). A `server` request whose query
+    // holds no token goes as it is.
+    let query = uri.query().unwrap_or("");
+    let token_in_query = query.split('&').any(|p| p.starts_with("token="));
+    if kind == "port" || token_in_query {
+        let mut pq = String::with_capacity(path.len() + query.len() + 2);
+        if kind == "port" {
+            pq.push('/');
+            pq.push_str(rest);
+        } else {
+            pq.push_str(path);
+        }
+        if token_in_query {
+            let mut sep = '?';
+            for p in query.split('&') {
+                if !p.is_empty() && !p.starts_with("token=") {
+                    pq.push(sep);
+                    pq.push_str(p);
+                    sep = '&';
+                }
+            }
+        } else if !query.is_empty() {
+            pq.push('?');
+            pq.push_str(query);
+        }
+        parts.uri = pq.parse().map_err(|_| {
+            Failure(ApiError::new(
+                400,
+                "invalid_path",
+                "path cannot be forwarded",
+            ))
+        })?;
     } else {
-        path.clone()
-    };
-    let query: Vec<&str> = parts
-        .uri
-        .query()
-        .unwrap_or("")
-        .split('&')
-        .filter(|p| !p.is_empty() && !p.starts_with("token="))
-        .collect();
-    let pq = if query.is_empty() {
-        forward_path
-    } else {
-        format!("{forward_path}?{}", query.join("&"))
-    };
-    parts.uri = pq.parse().map_err(|_| {
-        Failure(ApiError::new(
-            400,
-            "invalid_path",
-            "path cannot be forwarded",
-        ))
-    })?;
+        // Only the path and query are sent; an absolute target's scheme
+        // and authority are dropped as before.
+        parts.uri = uri.path_and_query().map_or_else(
+            || axum::http::Uri::from_static("/"),
+            |pq| axum::http::Uri::from(pq.clone()),
+        );
+    }
     // The client's cookies but the project's own (the token).
     let cookie = if parts.headers.contains_key(header::COOKIE) {
         let ours = format!("{}=", cookie_name(project));
