@@ -143,23 +143,19 @@ pub async fn serve_connection<L, S, B>(
         let answer = {
             let mut call = pin!(lean.call(req));
             loop {
+                conn.room();
+                let room = conn.buf.len() < MAX_HEAD;
+                let watch =
+                    std::future::poll_fn(|cx| crate::readiness::poll_read(&tcp, cx, &mut conn.buf));
                 tokio::select! {
                     biased;
                     a = &mut call => break a,
                     // Watch for the client leaving meanwhile; bytes it
                     // pipelines are kept for the next request.
-                    r = tcp.readable(), if conn.buf.len() < MAX_HEAD => {
-                        if r.is_err() {
-                            return;
-                        }
-                        conn.room();
-                        match tcp.try_read_buf(&mut conn.buf) {
-                            Ok(0) => return,
-                            Ok(_) => {}
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                            Err(_) => return,
-                        }
-                    }
+                    r = watch, if room => match r {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    },
                 }
             }
         };
@@ -425,12 +421,7 @@ fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 
 /// Whether a `Connection` header lists `close`.
 fn wants_close(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("close"))
+    crate::upstream::connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("close"))
 }
 
 /// What parsing the buffered bytes gave.

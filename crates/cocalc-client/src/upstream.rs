@@ -347,7 +347,7 @@ fn request_head(
             header(name, value);
         }
     }
-    let listed = connection_tokens(&parts.headers);
+    let listed: Vec<&str> = connection_tokens(&parts.headers).collect();
     for (name, value) in &parts.headers {
         if is_hop_by_hop(name)
             // No body follows, whatever a caller's headers said.
@@ -375,14 +375,14 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 }
 
 /// The comma-separated tokens of every `Connection` header.
-fn connection_tokens(headers: &HeaderMap) -> Vec<&str> {
-    let mut out = Vec::new();
-    for v in headers.get_all(header::CONNECTION) {
-        if let Ok(s) = v.to_str() {
-            out.extend(s.split(',').map(str::trim).filter(|t| !t.is_empty()));
-        }
-    }
-    out
+pub(crate) fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
 }
 
 /// Writes the request head and reads the response head.
