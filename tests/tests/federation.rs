@@ -168,6 +168,20 @@ fn url_of(o: &OpenProjectResponse) -> String {
 async fn federation_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
     let m = start_master(&dir.path().join("master"), "127.0.0.1:0").await;
+    // The master arms keepalive on what it accepts (a host's push
+    // channel whose machine vanished must not stay open for ever).
+    let raw = tokio::net::TcpStream::connect(m.addr).await.unwrap();
+    let me = raw.local_addr().unwrap();
+    eventually(
+        "keepalive on the master's side",
+        Duration::from_secs(5),
+        || async {
+            cocalc_testkit::net::tcp_timer(m.addr, me).map(|t| t.0)
+                == Some(cocalc_testkit::net::KEEPALIVE_TIMER)
+        },
+    )
+    .await;
+    drop(raw);
     let admin = MasterClient::new(&m.url, &m.admin);
     let t1 = admin.bootstrap_token().await.unwrap()["token"]
         .as_str()

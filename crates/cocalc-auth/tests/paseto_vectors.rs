@@ -13,7 +13,13 @@ fn vectors(name: &str) -> Vec<Value> {
     let dir = std::env::var_os("COCALC_PASETO_VECTORS")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/vectors/paseto")
+            // The crate's directory as `cargo test` reports it when it runs
+            // the test, not as it was when the binary was built: a build
+            // directory shared between clones at different paths reuses
+            // binaries built elsewhere.
+            let crate_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+                .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+            crate_dir.join("../../../shared/vectors/paseto")
         });
     let path = dir.join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {

@@ -108,7 +108,8 @@ pub trait LeanService: Send + Sync {
 /// Serves one accepted TCP connection: plain requests with `lean`, and,
 /// from the first request that is not plain on, everything with
 /// `fallback` on hyper's HTTP/1.1 server (with upgrades and the same head
-/// timeout; see the module overview). Sets `TCP_NODELAY`. When `stop`
+/// timeout; see the module overview). Sets `TCP_NODELAY` and keepalive
+/// ([`liveness::tune`](crate::liveness::tune)). When `stop`
 /// completes, the connection closes once the request in flight (if any)
 /// is answered. Returns when the connection has ended; errors of the
 /// connection (a client that went away) are not reported.
@@ -126,7 +127,7 @@ pub async fn serve_connection<L, S, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
-    let _ = tcp.set_nodelay(true);
+    let _ = crate::liveness::tune(&tcp);
     let mut stop = pin!(stop);
     let mut conn = Conn {
         buf: BytesMut::with_capacity(4096),
@@ -804,6 +805,11 @@ mod tests {
             assert!(!head.contains("connection"), "{head}");
             assert_eq!(body, b"hello");
         }
+        assert_eq!(
+            cocalc_testkit::net::tcp_timer(addr, c.local_addr().unwrap()).map(|t| t.0),
+            Some(cocalc_testkit::net::KEEPALIVE_TIMER),
+            "the server armed keepalive on the connection it accepted"
+        );
         c.write_all(b"HEAD /big HTTP/1.1\r\nhost: a\r\n\r\n")
             .await
             .unwrap();

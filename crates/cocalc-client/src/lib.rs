@@ -16,6 +16,8 @@
 //!   the requests relays forward most, those without a body or upgrade,
 //!   and [`lean::serve_connection`], the server half for the same
 //!   requests in front of hyper's, which splices large relayed bodies.
+//! * [`liveness`]: TCP keepalive and `TCP_USER_TIMEOUT` on every relayed
+//!   connection, so a peer that vanished is noticed within minutes.
 //!
 //! Errors are the server's [`ApiError`](cocalc_core::ApiError) (status, code,
 //! message, hint); failures to connect are `503 master_unreachable` /
@@ -38,6 +40,7 @@
 
 mod host;
 pub mod lean;
+pub mod liveness;
 mod master;
 mod readiness;
 pub mod relay;

@@ -6,8 +6,10 @@
 //! protocol sniffing wrapper), so an upgraded connection can be taken
 //! back as the socket and relayed with `splice(2)`
 //! ([`relay_upgraded`](crate::relay::relay_upgraded)). It also sets
-//! `TCP_NODELAY`, bounds how long a client may take to send a request
-//! head, and on shutdown lets requests in flight finish while idle
+//! `TCP_NODELAY` and keepalive ([`liveness`](crate::liveness): a client
+//! that vanished is noticed within minutes even on an idle WebSocket),
+//! bounds how long a client may take to send a request head, and on
+//! shutdown lets requests in flight finish while idle
 //! keep-alive connections close.
 
 use std::error::Error as StdError;
@@ -134,7 +136,8 @@ where
 }
 
 /// Serves one accepted (or dialled) TCP connection as [`serve`] does: sets
-/// `TCP_NODELAY`, serves HTTP/1.1 with upgrades and the head timeout, and
+/// `TCP_NODELAY` and keepalive ([`liveness::tune`](crate::liveness::tune)),
+/// serves HTTP/1.1 with upgrades and the head timeout, and
 /// when `stop` completes closes the connection once its request in flight
 /// is answered. Returns when the connection has ended; errors of the
 /// connection (a client that went away) are not reported.
@@ -150,7 +153,7 @@ pub async fn serve_connection<S, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
-    let _ = tcp.set_nodelay(true);
+    let _ = crate::liveness::tune(&tcp);
     serve_io(tcp, service, stop).await
 }
 
@@ -279,6 +282,11 @@ mod tests {
         assert!(
             text.ends_with(&format!("/x from {me}")),
             "the service is told the peer: {text}"
+        );
+        assert_eq!(
+            cocalc_testkit::net::tcp_timer(addr, me).map(|t| t.0),
+            Some(cocalc_testkit::net::KEEPALIVE_TIMER),
+            "the server armed keepalive on the connection it accepted"
         );
         // An idle keep-alive connection does not hold shutdown up.
         stop.send(()).unwrap();

@@ -232,7 +232,7 @@ impl TunnelClient {
         .await
         .map_err(|_| dial_err("timed out after 10 s".into()))?
         .map_err(|e| dial_err(e.to_string()))?;
-        tcp.set_nodelay(true).map_err(|e| dial_err(e.to_string()))?;
+        cocalc_client::liveness::tune(&tcp).map_err(|e| dial_err(e.to_string()))?;
         let conn_err = |e: hyper::Error| TunnelError::Connection(e.to_string());
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
             .await
@@ -355,6 +355,7 @@ impl Dialer {
         .await
         .map_err(|_| dial_err(format!("timed out after {HANDSHAKE_TIMEOUT:?}")))?
         .map_err(|e| dial_err(e.to_string()))?;
+        cocalc_client::liveness::tune(&tcp).map_err(|e| dial_err(e.to_string()))?;
         let head = format!(
             "GET {DIAL_PATH} HTTP/1.1\r\nhost: {}\r\nconnection: upgrade\r\n\
              upgrade: {DIAL_PROTOCOL}\r\n{DIAL_HEADER}: {nonce}\r\n\r\n",

@@ -216,7 +216,9 @@ fn seed() -> u64 {
 }
 
 /// Serves the API on `listener` until `shutdown` completes; in-flight
-/// requests finish first.
+/// requests finish first. Every connection gets `TCP_NODELAY` and
+/// keepalive ([`cocalc_client::liveness::tune`]), so the push channel of
+/// a host whose machine vanished is dropped within minutes.
 pub async fn serve(
     master: Arc<Master>,
     listener: tokio::net::TcpListener,
@@ -224,6 +226,10 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let hub_owner = master.clone();
     let closer = master.clone();
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        let _ = cocalc_client::liveness::tune(tcp);
+    });
     let served = axum::serve(listener, crate::http::router(master))
         .with_graceful_shutdown(async move {
             shutdown.await;

@@ -273,7 +273,7 @@ impl SshIngress {
                     }
                 },
             };
-            let _ = sock.set_nodelay(true);
+            let _ = cocalc_client::liveness::tune(&sock);
             let conn = Conn {
                 ssh: self.clone(),
                 peer,

@@ -49,9 +49,8 @@ impl Transport for TcpTransport {
             .await
             .map_err(|_| unreachable(format!("connect to {addr} timed out")))?
             .map_err(|e| unreachable(format!("connect to {addr}: {e}")))?;
-        stream
-            .set_nodelay(true)
-            .map_err(|e| unreachable(format!("set TCP_NODELAY: {e}")))?;
+        cocalc_client::liveness::tune(&stream)
+            .map_err(|e| unreachable(format!("set TCP_NODELAY and keepalive: {e}")))?;
         Ok(Box::new(stream))
     }
 }
@@ -99,6 +98,13 @@ mod tests {
         let mut b = [0u8; 4];
         c.read_exact(&mut b).await.unwrap();
         assert_eq!(&b, b"ping");
+        // TCP_NODELAY and keepalive, on the proxy's end.
+        let tcp = c.as_any_mut().downcast_mut::<TcpStream>().unwrap();
+        assert!(tcp.nodelay().unwrap());
+        assert_eq!(
+            cocalc_testkit::net::tcp_timer(tcp.local_addr().unwrap(), addr).map(|t| t.0),
+            Some(cocalc_testkit::net::KEEPALIVE_TIMER)
+        );
         server.await.unwrap();
     }
 

@@ -6,8 +6,10 @@
 //!
 //! Today it holds [`MemoryTransport`], an in-process [`Transport`] whose
 //! "hosts" are listeners registered by id, so control-plane code can be
-//! tested without sockets, and [`runner_contract`], the checks every
-//! [`Runner`](cocalc_core::Runner) implementation must pass.
+//! tested without sockets, [`runner_contract`], the checks every
+//! [`Runner`](cocalc_core::Runner) implementation must pass, and
+//! [`net::tcp_timer`], which reads a connection's TCP timer off the
+//! kernel's table (did a server arm keepalive on what it accepted?).
 //!
 //! ```
 //! use cocalc_core::{HostEndpoint, HostId, Transport};
@@ -22,6 +24,7 @@
 //! # });
 //! ```
 
+pub mod net;
 pub mod runner_contract;
 
 use std::collections::HashMap;
