@@ -284,8 +284,12 @@ fn proxy_starts_from_config_and_refuses_at_the_edge() {
         ),
     )
     .unwrap();
+    // Started as systemd starts services: a low soft limit on open files
+    // under a higher hard one; the proxy raises its own.
     let mut child = Killed(
-        Command::new(env!("CARGO_BIN_EXE_cocalc-proxy"))
+        Command::new("sh")
+            .args(["-c", "ulimit -Sn 256 && exec \"$0\" \"$@\""])
+            .arg(env!("CARGO_BIN_EXE_cocalc-proxy"))
             .args(["-c", cfg.to_str().unwrap()])
             .stderr(Stdio::piped())
             .spawn()
@@ -302,6 +306,29 @@ fn proxy_starts_from_config_and_refuses_at_the_edge() {
             break u.to_string();
         }
     };
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.0.id())).unwrap();
+    let open_files: Vec<u64> = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .take(2)
+        .map(|n| n.parse().unwrap())
+        .collect();
+    let nr_open: u64 = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        open_files[1] > 256,
+        "the hard limit must be above the test's 256: {limits}"
+    );
+    assert_eq!(
+        open_files[0],
+        open_files[1].min(nr_open),
+        "the proxy raised its soft limit on open files: {limits}"
+    );
     let metrics_url = metrics_url.expect("the proxy says where its metrics are");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

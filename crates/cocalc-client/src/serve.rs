@@ -207,6 +207,74 @@ pub fn into_tcp(
     Ok((tcp, early.freeze()))
 }
 
+/// The open-files limit a server starts with, and what
+/// [`raise_open_files_limit`] made of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenFilesLimit {
+    /// The soft limit before.
+    pub before: u64,
+    /// The soft limit now.
+    pub now: u64,
+}
+
+/// Raises this process's soft limit on open files to its hard limit (at
+/// most the kernel's `fs.nr_open`), as Go's runtime does for every
+/// program since Go 1.19: systemd starts services with a soft limit of
+/// 1,024 and a hard one of 524,288 (`DefaultLimitNOFILE=`,
+/// systemd-system.conf(5)), and a relay needs several descriptors
+/// per connection — a spliced WebSocket holds two sockets and two pipes
+/// (six descriptors) in each process it crosses. Daemons call it once at
+/// start. Never lowers the limit; fails only if the kernel refuses.
+///
+/// Logs (`tracing`) a limit it raised, a warning when the limit stays
+/// below [`LOW_OPEN_FILES`] (raise `LimitNOFILE=` in the service's unit,
+/// or `ulimit -Hn`), and a failure.
+pub fn raise_open_files_limit() -> std::io::Result<OpenFilesLimit> {
+    let r = set_open_files_limit();
+    match &r {
+        Ok(l) if l.now < LOW_OPEN_FILES => tracing::warn!(
+            limit = l.now,
+            "the open files limit is low: each relayed connection takes several \
+             descriptors; raise the hard limit (LimitNOFILE= in a systemd unit)"
+        ),
+        Ok(l) if l.now > l.before => {
+            tracing::info!(from = l.before, to = l.now, "raised the open files limit")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not raise the open files limit"),
+    }
+    r
+}
+
+/// Below this many open files [`raise_open_files_limit`] warns: about
+/// 650 spliced WebSockets' worth.
+pub const LOW_OPEN_FILES: u64 = 4096;
+
+#[cfg(target_os = "linux")]
+fn set_open_files_limit() -> std::io::Result<OpenFilesLimit> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(1 << 20);
+    let target = hard.min(nr_open);
+    if target > soft {
+        setrlimit(Resource::RLIMIT_NOFILE, target, hard)?;
+    }
+    let (now, _) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    Ok(OpenFilesLimit { before: soft, now })
+}
+
+/// Elsewhere: unknown, left as it is.
+#[cfg(not(target_os = "linux"))]
+fn set_open_files_limit() -> std::io::Result<OpenFilesLimit> {
+    Ok(OpenFilesLimit {
+        before: u64::MAX,
+        now: u64::MAX,
+    })
+}
+
 /// Serves `GET /metrics` on `listener` until `shutdown` completes: the
 /// text `render` returns at each scrape, as OpenMetrics
 /// ([`cocalc_core::counters::CONTENT_TYPE`]); any other path is a 404.

@@ -271,11 +271,14 @@ pub fn identity(data_dir: &Path) -> Result<(HostId, SigningKey), HostDaemonError
 /// Binds the configured address, builds the host and runs it until
 /// `shutdown`: what the `cocalc-host` binary does. Prints
 /// `cocalc-host: <host id> listening on <url>` (or `… hidden, serving
-/// through the tunnel to <proxy>`) to stderr once serving.
+/// through the tunnel to <proxy>`) to stderr once serving. Raises the
+/// open files limit first
+/// ([`raise_open_files_limit`](cocalc_client::serve::raise_open_files_limit)).
 pub async fn run(
     cfg: HostConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), HostDaemonError> {
+    let _ = cocalc_client::serve::raise_open_files_limit();
     let (host, listener) = start(&cfg).await?;
     match host.endpoint() {
         HostEndpoint::Tunnel(t) => eprintln!(

@@ -256,11 +256,13 @@ pub async fn bind(cfg: &DaemonConfig) -> Result<tokio::net::TcpListener, DaemonE
 
 /// Builds the master from its config and serves until `shutdown`: what the
 /// `cocalc-master` binary does. Prints `cocalc-master: listening on <url>`
-/// to stderr once serving.
+/// to stderr once serving. Raises the open files limit first
+/// ([`raise_open_files_limit`](cocalc_client::serve::raise_open_files_limit)).
 pub async fn run(
     cfg: DaemonConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), DaemonError> {
+    let _ = cocalc_client::serve::raise_open_files_limit();
     let master = build(&cfg).await?;
     let listener = bind(&cfg).await?;
     let addr = listener.local_addr().map_err(|e| DaemonError::Listen {

@@ -137,11 +137,14 @@ impl ProxyConfig {
 }
 
 /// Starts the ingress and serves until `shutdown`. Prints
-/// `cocalc-proxy: listening on <url>` to stderr once serving.
+/// `cocalc-proxy: listening on <url>` to stderr once serving. Raises the
+/// open files limit first
+/// ([`raise_open_files_limit`](cocalc_client::serve::raise_open_files_limit)).
 pub async fn run(
     cfg: ProxyConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ProxyDaemonError> {
+    let _ = cocalc_client::serve::raise_open_files_limit();
     let mut icfg = IngressConfig::new(cfg.master_url.trim_end_matches('/'), cfg.key()?);
     if let Some(r) = cfg.project_rps {
         icfg.project_rps = r;
