@@ -64,7 +64,7 @@ pub mod paseto;
 pub mod token;
 
 pub use acl::{AccessError, AclCache, AclEntry, AclPolicy};
-pub use audit::{AuditSink, MemoryAuditSink, TracingAuditSink};
+pub use audit::{AuditSink, LogBudget, MemoryAuditSink, TracingAuditSink};
 pub use gate::{AclRefresher, AuthError, Gate, Grant};
 pub use host_auth::{BootstrapToken, HostAuthError};
 pub use keys::{KeyEntry, KeyError, KeySet};

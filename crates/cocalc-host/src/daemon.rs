@@ -529,7 +529,7 @@ async fn build_at(cfg: &HostConfig, endpoint: HostEndpoint) -> Result<Host, Host
         host,
         verifier,
         acl,
-        Arc::new(TracingAuditSink),
+        Arc::new(TracingAuditSink::new()),
         clock.clone(),
     )
     .with_refresher(link.clone());

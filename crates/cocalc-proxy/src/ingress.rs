@@ -321,7 +321,7 @@ impl Ingress {
         transport: Arc<dyn Transport>,
         clock: SharedClock,
     ) -> Result<Arc<Self>, ApiError> {
-        Self::with_audit(cfg, transport, clock, Arc::new(TracingAuditSink)).await
+        Self::with_audit(cfg, transport, clock, Arc::new(TracingAuditSink::new())).await
     }
 
     /// Like [`Ingress::new`], with every refusal (bad path, bad token, rate
@@ -482,10 +482,13 @@ impl Ingress {
     }
 
     /// Drops rate-limit state of clients and projects not seen lately, so
-    /// the limiters' memory stays bounded (call periodically).
+    /// the limiters' memory stays bounded, and flushes the audit sink
+    /// (a summary of refusals it did not log one by one) — call
+    /// periodically.
     pub fn prune_limits(&self) {
         self.per_client.retain_recent();
         self.per_project.retain_recent();
+        self.audit.flush();
     }
 
     /// Answers one request: the checks of the module overview in order

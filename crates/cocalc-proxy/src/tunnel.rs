@@ -212,7 +212,12 @@ fn refuse(status: u16, code: &str, message: impl Into<String>) -> Response {
 impl TunnelHub {
     /// A hub that looks host keys up on the master through `master`.
     pub fn new(cfg: TunnelConfig, master: MasterClient, clock: SharedClock) -> Arc<Self> {
-        Self::with_audit(cfg, master, clock, Arc::new(cocalc_auth::TracingAuditSink))
+        Self::with_audit(
+            cfg,
+            master,
+            clock,
+            Arc::new(cocalc_auth::TracingAuditSink::new()),
+        )
     }
 
     /// Like [`TunnelHub::new`], with every refused handshake also handed to
@@ -250,7 +255,8 @@ impl TunnelHub {
     }
 
     /// Drops rate-limit state of clients not seen lately and replay
-    /// entries past the clock window (call periodically).
+    /// entries past the clock window, and flushes the audit sink (call
+    /// periodically).
     pub fn prune(&self) {
         self.limiter.retain_recent();
         let window = self.cfg.max_clock_skew * 2;
@@ -260,6 +266,7 @@ impl TunnelHub {
             .retain(|_, at| at.elapsed() < window);
         let retry = self.cfg.dial_retry_after;
         lock(&self.no_dial).retain(|_, at| at.elapsed() < retry);
+        self.audit.flush();
     }
 
     /// Counters.
