@@ -111,6 +111,12 @@ impl Gate {
         &self.acl
     }
 
+    /// Flushes the gate's audit sink ([`AuditSink::flush`]); call
+    /// periodically.
+    pub fn flush_audit(&self) {
+        self.audit.flush();
+    }
+
     /// Checks that `token` lets its bearer do `action` (needing `needed`) on
     /// `project`. Every outcome is audited (grants only when the sink
     /// [wants them](AuditSink::wants_grants)). [`AccessError::NeedsRefresh`]

@@ -202,6 +202,12 @@ impl HostAgent {
         Ok(projects.len())
     }
 
+    /// Flushes the audit sink of the host's gate (a summary of refusals
+    /// it did not log one by one); call periodically.
+    pub fn flush_audit(&self) {
+        self.gate.flush_audit();
+    }
+
     /// Writes the ACL cache's entries and revocations to the local store.
     pub async fn save_acl(&self) -> Result<(), crate::local_store::LocalStoreError> {
         let Some(local) = &self.local else {

@@ -748,7 +748,8 @@ impl Host {
                 tokio::select! { _ = count => {}, _ = stop => {} }
             })
         };
-        // Save the ACL cache to the local store every 30 s (and at the end).
+        // Save the ACL cache to the local store every 30 s (and at the end),
+        // and flush the audit sink.
         let saver = {
             let me = me.clone();
             let stop = wait(rx.clone());
@@ -756,6 +757,7 @@ impl Host {
                 let save = async {
                     loop {
                         tokio::time::sleep(Duration::from_secs(30)).await;
+                        me.agent.flush_audit();
                         if let Err(e) = me.agent.save_acl().await {
                             tracing::warn!(error = %e, "saving the ACL cache failed");
                         }
