@@ -241,6 +241,8 @@ impl Runner for ProcessRunner {
                     "connecting to port {port} of project {project}: {e}"
                 ))
             })?;
+        // Relayed traffic (a WebSocket's small frames) goes out at once.
+        let _ = cocalc_client::liveness::tune(&s);
         Ok(Box::new(s))
     }
 

@@ -309,6 +309,10 @@ async fn connect_port_reaches_a_server_inside_the_project() {
         }
     }
     let mut conn = conn.expect("connect to httpd in the project");
+    assert!(
+        conn.nodelay().unwrap(),
+        "TCP_NODELAY on relayed connections"
+    );
     // The connection counts as activity.
     let sample = cocalc_host::ActivitySource::sample(r, s.project)
         .await

@@ -97,3 +97,29 @@ async fn activity_counts_cpu_and_processes_of_the_group() {
         .expect("stop");
     assert_eq!(r.sample(spec.project).await.expect("sample"), None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_to_ports_send_small_writes_at_once() {
+    use cocalc_core::{Generation, ProjectSpec, Runner};
+
+    let (r, env, _dir) = setup();
+    let spec = ProjectSpec::new(contract::fresh_project(), Generation(1), (env.make_home)());
+    // A "server in the project": this runner's projects share the host's
+    // loopback.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    assert!(
+        r.connect_port(spec.project, port).await.is_err(),
+        "not before the project runs"
+    );
+    r.start(&spec).await.expect("start");
+    let mut conn = r.connect_port(spec.project, port).await.expect("connect");
+    let tcp = conn
+        .as_any_mut()
+        .downcast_mut::<tokio::net::TcpStream>()
+        .expect("a TCP socket");
+    assert!(tcp.nodelay().unwrap(), "TCP_NODELAY on relayed connections");
+    r.stop(spec.project, std::time::Duration::from_secs(5))
+        .await
+        .expect("stop");
+}

@@ -435,13 +435,16 @@ impl PodmanRunner {
         port: u16,
     ) -> Result<tokio::net::TcpStream, RunnerError> {
         let pid = self.pid_of(project).await?;
-        connect_in_netns(pid, port, Duration::from_secs(5))
+        let s = connect_in_netns(pid, port, Duration::from_secs(5))
             .await
             .map_err(|e| {
                 RunnerError::Backend(format!(
                     "connecting to port {port} in project {project}: {e}"
                 ))
-            })
+            })?;
+        // Relayed traffic (a WebSocket's small frames) goes out at once.
+        let _ = cocalc_client::liveness::tune(&s);
+        Ok(s)
     }
 
     async fn create_and_start(&self, spec: &ProjectSpec, image: &str) -> Result<(), RunnerError> {
