@@ -265,6 +265,37 @@ fn proxy_starts_from_config_and_refuses_at_the_edge() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2), "no API key is a config error");
     assert!(String::from_utf8_lossy(&o.stderr).contains("api_key"));
+    // HTTPS needs a certificate and key that load, checked before start.
+    let missing = dir.path().join("missing.crt");
+    for (extra, says) in [
+        (
+            "tls_listen = \"127.0.0.1:0\"\n".to_string(),
+            "tls_listen needs tls_cert_file and tls_key_file".to_string(),
+        ),
+        (
+            format!(
+                "tls_listen = \"127.0.0.1:0\"\ntls_cert_file = \"{0}\"\ntls_key_file = \"{0}\"\n",
+                missing.display()
+            ),
+            missing.display().to_string(),
+        ),
+    ] {
+        std::fs::write(
+            &cfg,
+            format!(
+                "listen = \"127.0.0.1:0\"\nmaster_url = \"{}\"\napi_key = \"k\"\n{extra}",
+                d.url
+            ),
+        )
+        .unwrap();
+        let o = Command::new(env!("CARGO_BIN_EXE_cocalc-proxy"))
+            .args(["-c", cfg.to_str().unwrap(), "--check-config"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{extra}: {err}");
+        assert!(err.contains(&says), "{extra}: {err}");
+    }
     // The proxy gets a proxy key of its own, from the CLI, in a file.
     let created = json(&cocalc(
         &d,

@@ -1248,3 +1248,257 @@ async fn ingress_matches_direct_and_refuses_bad_input() {
     let _ = h.task.await;
     m.shut_down().await;
 }
+
+/// A self-signed certificate for 127.0.0.1 written to `dir` as PEM: the
+/// certificate and key files, and the certificate for a client's roots.
+fn self_signed(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, Vec<u8>) {
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let (cert, key) = (dir.join("proxy.crt"), dir.join("proxy.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+    (cert, key, ck.cert.der().to_vec())
+}
+
+/// A TLS connection to `addr` trusting only `root`.
+async fn tls_connect(
+    addr: SocketAddr,
+    root: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(root.to_vec()))
+        .unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(rustls::pki_types::ServerName::from(addr.ip()), tcp)
+        .await
+        .unwrap()
+}
+
+/// One HTTPS request: status, headers and the whole body.
+async fn https(
+    addr: SocketAddr,
+    root: &[u8],
+    req: http::Request<String>,
+) -> (u16, http::HeaderMap, Vec<u8>) {
+    use http_body_util::BodyExt;
+    let tls = tls_connect(addr, root).await;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let r = send.send_request(req).await.unwrap();
+    let (parts, body) = r.into_parts();
+    let body = body.collect().await.unwrap().to_bytes().to_vec();
+    (parts.status.as_u16(), parts.headers, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingress_over_https_answers_as_over_http() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let dir = tempfile::tempdir().unwrap();
+    let m = start_master(&dir.path().join("master"), "127.0.0.1:0").await;
+    let admin = MasterClient::new(&m.url, &m.admin);
+    let t = admin.bootstrap_token().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let h = start_host(&dir.path().join("h"), &m.url, &t, 60).await;
+    eventually("host up", Duration::from_secs(15), || async {
+        admin.hosts().await.map(|v| v.len() == 1).unwrap_or(false)
+    })
+    .await;
+    let proxy_user = admin.create_user("proxy").await.unwrap();
+    let icfg = cocalc_proxy::IngressConfig::new(&m.url, proxy_user["api_key"].as_str().unwrap());
+    let audit = std::sync::Arc::new(cocalc_auth::MemoryAuditSink::new());
+    let ingress = cocalc_proxy::Ingress::with_audit(
+        icfg,
+        std::sync::Arc::new(cocalc_proxy::TcpTransport::default()),
+        std::sync::Arc::new(cocalc_core::SystemClock),
+        audit.clone(),
+    )
+    .await
+    .unwrap();
+    let (cert, key, root) = self_signed(dir.path());
+    let tls = cocalc_proxy::tls::server_config(&cocalc_proxy::tls::TlsFiles {
+        cert_file: cert,
+        key_file: key,
+    })
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let paddr = listener.local_addr().unwrap();
+    let served = tokio::spawn(cocalc_proxy::tls::serve_ingress_tls(
+        listener,
+        tls,
+        ingress.clone(),
+        std::future::pending(),
+    ));
+
+    let u = admin.create_user("u").await.unwrap();
+    let c = MasterClient::new(&m.url, u["api_key"].as_str().unwrap());
+    c.create_project(&CreateProjectRequest::new("p"))
+        .await
+        .unwrap();
+    let o = c.open("p").await.unwrap();
+    let pid = o.project.to_string();
+    let request = |method: &str, path: String, body: String| {
+        http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "app.example")
+            .header("authorization", format!("Bearer {}", o.token))
+            .header("content-type", "application/json")
+            .body(body)
+            .unwrap()
+    };
+
+    // Exec (a request with a body): the same answer as directly.
+    let argv = ["sh", "-c", "printf 'a\\0b'; echo err >&2; exit 4"];
+    let direct = exec(&h.url, &pid, &o.token, &argv).await;
+    assert_eq!(direct.0, 200, "{direct:?}");
+    let (status, _, body) = https(
+        paddr,
+        &root,
+        request(
+            "POST",
+            format!("/{pid}/exec"),
+            json!({ "argv": argv }).to_string(),
+        ),
+    )
+    .await;
+    assert_eq!(
+        (status, serde_json::from_slice::<Value>(&body).unwrap()),
+        direct
+    );
+
+    // A server in the project sees the scheme, the client's Host and
+    // address, and no token.
+    let hl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hport = hl.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let app = axum::Router::new().fallback(|h: axum::http::HeaderMap| async move {
+            h.iter()
+                .map(|(k, v)| format!("{k}: {}\n", v.to_str().unwrap_or("?")))
+                .collect::<String>()
+        });
+        axum::serve(hl, app).await.unwrap();
+    });
+    let (status, _, body) = https(
+        paddr,
+        &root,
+        request("GET", format!("/{pid}/port/{hport}/h"), String::new()),
+    )
+    .await;
+    let seen = String::from_utf8(body).unwrap();
+    assert_eq!(status, 200, "{seen}");
+    for line in [
+        "x-forwarded-proto: https",
+        "x-forwarded-host: app.example",
+        "x-forwarded-for: 127.0.0.1",
+    ] {
+        assert!(seen.lines().any(|l| l == line), "{line} in {seen}");
+    }
+    assert!(!seen.contains("authorization"), "{seen}");
+
+    // A WebSocket through TLS to an echo server in the project.
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let echo_port = echo.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else {
+                    return;
+                };
+                while let Some(Ok(m)) = ws.next().await {
+                    if m.is_close() || ws.send(m).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let mut req = format!("wss://{paddr}/{pid}/port/{echo_port}/")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", o.token).parse().unwrap(),
+    );
+    let (mut ws, _) = tokio_tungstenite::client_async(req, tls_connect(paddr, &root).await)
+        .await
+        .unwrap();
+    let frames = [
+        Message::Text("over tls".into()),
+        Message::Binary((0..100_000u32).map(|i| i as u8).collect::<Vec<u8>>().into()),
+    ];
+    for f in &frames {
+        ws.send(f.clone()).await.unwrap();
+        let back = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(&back, f);
+    }
+    ws.close(None).await.unwrap();
+
+    // The proxy's own endpoints (hidden hosts' tunnels) are not served
+    // over TLS: a bad path, like any other.
+    let (status, _, body) = https(
+        paddr,
+        &root,
+        request("GET", "/.cocalc/tunnel".into(), String::new()),
+    )
+    .await;
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
+
+    // Plain HTTP to the TLS port: no answer, the connection closed, and
+    // a refusal counted and audited.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(paddr).await.unwrap();
+        s.write_all(format!("GET /{pid}/exec HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
+            .await
+            .expect("the connection is closed");
+        assert!(
+            !got.starts_with(b"HTTP/"),
+            "{:?}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+    eventually(
+        "the handshake refusal counted",
+        Duration::from_secs(5),
+        || async {
+            ingress
+                .refusals()
+                .tls_handshake
+                .load(std::sync::atomic::Ordering::Relaxed)
+                == 1
+        },
+    )
+    .await;
+    assert!(audit
+        .records()
+        .iter()
+        .any(|r| r.reason == "tls_handshake" && r.detail.contains("127.0.0.1")));
+
+    served.abort();
+    h.stop.send(true).unwrap();
+    let _ = h.task.await;
+    m.shut_down().await;
+}

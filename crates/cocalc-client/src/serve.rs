@@ -92,10 +92,13 @@ where
     .await
 }
 
-/// The accept loop of [`serve`] and [`serve_lean`]: each connection is
-/// served by `conn(socket, peer, stop)` in a task of its own, where
-/// `stop` changes when the server shuts down.
-async fn accept_loop<C, Fut>(
+/// The accept loop of [`serve`] and [`serve_lean`], for servers that do
+/// something else with each connection (a TLS handshake first): each
+/// accepted socket is handed, untouched, to `conn(socket, peer, stop)`,
+/// whose future runs in a task of its own; `stop` changes when `shutdown`
+/// completes. Then it stops accepting and returns once every
+/// connection's future has. Accept errors are handled as in [`serve`].
+pub async fn accept_loop<C, Fut>(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
     conn: C,
@@ -157,8 +160,12 @@ pub async fn serve_connection<S, B>(
     serve_io(tcp, service, stop).await
 }
 
-/// [`serve_connection`] on any connection (the lean server's hand-off).
-pub(crate) async fn serve_io<I, S, B>(io: I, service: S, stop: impl Future<Output = ()>)
+/// Serves HTTP/1.1 (with upgrades and the head timeout) on any
+/// connection — the lean server's hand-off, a TLS stream — until it ends;
+/// when `stop` completes, the connection closes once its request in
+/// flight is answered. [`serve_connection`] is this on a `TcpStream`,
+/// tuned first.
+pub async fn serve_io<I, S, B>(io: I, service: S, stop: impl Future<Output = ()>)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<http::Request<Incoming>, Response = http::Response<B>>,

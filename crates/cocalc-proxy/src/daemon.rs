@@ -14,6 +14,9 @@
 //! ssh_listen = "0.0.0.0:2222"              # optional: SSH ingress (`ssh project-<uuid>@proxy`)
 //! ssh_host_key_file = "/var/lib/cocalc/proxy_ssh_ed25519"  # generated (0600) on first start
 //! metrics_listen = "127.0.0.1:9101"        # optional: GET /metrics (Prometheus), keep it private
+//! # tls_listen = "0.0.0.0:8443"            # optional: the ingress over HTTPS (crate::tls), with
+//! # tls_cert_file = "/etc/cocalc/proxy.crt" # a PEM certificate chain, leaf first,
+//! # tls_key_file = "/etc/cocalc/proxy.pem"  # and its PEM private key
 //! ```
 //!
 //! Hidden hosts open reverse tunnels at `<public_url>/.cocalc/tunnel` (see
@@ -100,6 +103,16 @@ pub struct ProxyConfig {
     /// off the public network.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Where the ingress is served over HTTPS ([`crate::tls`]); none when
+    /// absent. Needs `tls_cert_file` and `tls_key_file`.
+    #[serde(default)]
+    pub tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain for `tls_listen`, leaf first.
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of that certificate.
+    #[serde(default)]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 fn default_refresh() -> u64 {
@@ -126,7 +139,32 @@ impl ProxyConfig {
                 "ssh_listen is set but this build has no SSH ingress (cargo feature `ssh`)".into(),
             ));
         }
+        match (&cfg.tls_listen, cfg.tls_files()) {
+            (Some(_), Some(files)) => {
+                crate::tls::server_config(&files).map_err(|e| bad(e.to_string()))?;
+            }
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(bad("tls_listen needs tls_cert_file and tls_key_file".into()))
+            }
+            (None, Some(_)) => {
+                return Err(bad("tls_cert_file and tls_key_file need tls_listen".into()))
+            }
+        }
+        if cfg.tls_listen.is_none() && (cfg.tls_cert_file.is_some() || cfg.tls_key_file.is_some()) {
+            return Err(bad(
+                "tls_cert_file and tls_key_file go with tls_listen".into()
+            ));
+        }
         Ok(cfg)
+    }
+
+    /// The certificate and key files, when both are set.
+    fn tls_files(&self) -> Option<crate::tls::TlsFiles> {
+        Some(crate::tls::TlsFiles {
+            cert_file: self.tls_cert_file.clone()?,
+            key_file: self.tls_key_file.clone()?,
+        })
     }
 
     fn key(&self) -> Result<String, ProxyDaemonError> {
@@ -203,10 +241,15 @@ pub async fn run(
         }
         None => None,
     };
+    let (stop_tls, tls_task) = start_tls(&cfg, &ingress).await?;
     eprintln!("cocalc-proxy: listening on http://{addr}");
     let result = crate::serve_ingress(listener, ingress.clone(), tunnels.router(), shutdown)
         .await
         .map_err(|e| ProxyDaemonError::Start(e.to_string()));
+    let _ = stop_tls.send(());
+    if let Some(t) = tls_task {
+        let _ = t.await;
+    }
     refresher.abort();
     let _ = stop_metrics.send(());
     if let Some(t) = metrics_task {
@@ -234,8 +277,41 @@ async fn bind(
     Ok((l, addr))
 }
 
-/// A stop signal and the SSH ingress task, when `ssh_listen` is set.
-type SshTask = (
+/// A stop signal and the HTTPS ingress task, when `tls_listen` is set.
+/// Prints `cocalc-proxy: https on https://<address>` once serving.
+async fn start_tls(
+    cfg: &ProxyConfig,
+    ingress: &Arc<Ingress>,
+) -> Result<StoppableTask, ProxyDaemonError> {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (Some(at), Some(files)) = (cfg.tls_listen, cfg.tls_files()) else {
+        return Ok((stop, None));
+    };
+    let tls =
+        crate::tls::server_config(&files).map_err(|e| ProxyDaemonError::Start(e.to_string()))?;
+    let (l, addr) = bind(at, "tls listen").await?;
+    eprintln!("cocalc-proxy: https on https://{addr}");
+    let task = tokio::spawn(crate::tls::serve_ingress_tls(
+        l,
+        tls,
+        ingress.clone(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    Ok((
+        stop,
+        Some(tokio::spawn(async move {
+            if let Ok(Err(e)) = task.await {
+                tracing::error!(error = %e, "the HTTPS listener failed");
+            }
+        })),
+    ))
+}
+
+/// A server task beside the main one, and the signal that stops it (the
+/// task is absent when the config does not ask for that server).
+type StoppableTask = (
     tokio::sync::oneshot::Sender<()>,
     Option<tokio::task::JoinHandle<()>>,
 );
@@ -247,7 +323,7 @@ async fn start_ssh(
     ingress: &Arc<Ingress>,
     clock: &cocalc_core::SharedClock,
     metrics: &mut crate::metrics::ProxyMetrics,
-) -> Result<SshTask, ProxyDaemonError> {
+) -> Result<StoppableTask, ProxyDaemonError> {
     let (stop_ssh, ssh_stopped) = tokio::sync::oneshot::channel::<()>();
     let task = match (&cfg.ssh_listen, &cfg.ssh_host_key_file) {
         (Some(at), Some(key_file)) => {
@@ -290,6 +366,6 @@ async fn start_ssh(
     _ingress: &Arc<Ingress>,
     _clock: &cocalc_core::SharedClock,
     _metrics: &mut crate::metrics::ProxyMetrics,
-) -> Result<SshTask, ProxyDaemonError> {
+) -> Result<StoppableTask, ProxyDaemonError> {
     Ok((tokio::sync::oneshot::channel::<()>().0, None))
 }

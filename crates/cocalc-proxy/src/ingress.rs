@@ -95,6 +95,8 @@ pub struct Refusals {
     pub unreachable: AtomicU64,
     /// Requests over a rate limit.
     pub rate_limited: AtomicU64,
+    /// TLS handshakes that failed or stalled ([`crate::tls`]).
+    pub tls_handshake: AtomicU64,
 }
 
 /// The ingress service.
@@ -145,20 +147,34 @@ pub type IngressBody = Either<Either<Incoming, ResponseBody<HostId>>, Body>;
 pub type Response = http::Response<IngressBody>;
 
 /// The client end of a connection to the ingress: its address, which the
-/// per-client limit keys on, and that address as the value appended to
-/// `X-Forwarded-For` (made once per connection, not per request).
+/// per-client limit keys on, that address as the value appended to
+/// `X-Forwarded-For` (made once per connection, not per request), and the
+/// scheme it came in with (`X-Forwarded-Proto`).
 #[derive(Debug, Clone)]
 pub struct Peer {
     addr: SocketAddr,
     ip: HeaderValue,
+    proto: HeaderValue,
 }
 
 impl Peer {
-    /// The peer at `addr`.
+    /// The peer at `addr`, over plain HTTP.
     pub fn new(addr: SocketAddr) -> Self {
         let ip = HeaderValue::from_str(&addr.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        Peer { addr, ip }
+        Peer {
+            addr,
+            ip,
+            proto: HTTP,
+        }
+    }
+
+    /// The peer at `addr`, over TLS: hosts see `X-Forwarded-Proto: https`.
+    pub fn over_tls(addr: SocketAddr) -> Self {
+        Peer {
+            proto: HTTPS,
+            ..Peer::new(addr)
+        }
     }
 
     /// The client's address.
@@ -564,6 +580,18 @@ impl Ingress {
         api(e)
     }
 
+    /// Counts and audits a TLS handshake that failed (reason
+    /// `tls_handshake`); the connection is then closed.
+    pub(crate) fn refuse_handshake(&self, peer: SocketAddr, why: &str) {
+        self.refuse(
+            &self.refusals.tls_handshake,
+            "tls_handshake",
+            None,
+            peer,
+            why,
+        );
+    }
+
     /// Refuses `path` as a bad path: counted, audited and answered 400
     /// with the reason, as [`Ingress::handle`] refuses one (for paths
     /// another router saw first).
@@ -675,7 +703,7 @@ impl Ingress {
         }
         parts.headers.insert(header::HOST, route.authority.clone());
         parts.headers.insert(X_FORWARDED_FOR, xff);
-        parts.headers.insert(X_FORWARDED_PROTO, HTTP);
+        parts.headers.insert(X_FORWARDED_PROTO, peer.proto.clone());
         let connect = || self.transport.connect(host, &route.endpoint);
         // Boxed: hyper's client futures are large, and most requests take
         // the lean path above.
@@ -699,7 +727,7 @@ impl Ingress {
             (&header::HOST, Some(&route.authority)),
             (&X_FORWARDED_HOST, parts.headers.get(header::HOST)),
             (&X_FORWARDED_FOR, Some(&xff)),
-            (&X_FORWARDED_PROTO, Some(&HTTP)),
+            (&X_FORWARDED_PROTO, Some(&peer.proto)),
         ];
         let connect = || self.transport.connect(host, &route.endpoint);
         self.upstream
@@ -762,8 +790,9 @@ fn forwarded_for(parts: &http::request::Parts, peer: &Peer) -> HeaderValue {
     }
 }
 
-/// The scheme clients reach the ingress with (no TLS yet).
+/// The schemes clients reach the ingress with.
 const HTTP: HeaderValue = HeaderValue::from_static("http");
+const HTTPS: HeaderValue = HeaderValue::from_static("https");
 
 /// The ingress as the [`LeanService`](cocalc_client::lean::LeanService)
 /// of one client connection: plain requests to projects go to

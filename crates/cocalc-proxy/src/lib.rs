@@ -19,7 +19,8 @@
 //! the reverse-tunnel end, [`TunnelHub`] with [`ProxyTransport`], and
 //! [`metrics`] (refusals by reason, tunnels, dial-backs). [`serve_ingress`]
 //! serves it all on one listener, project paths without a router in
-//! between.
+//! between; [`tls::serve_ingress_tls`] serves the ingress over HTTPS on
+//! another.
 //!
 //! | cargo feature | default | what |
 //! | --- | --- | --- |
@@ -43,6 +44,7 @@ mod sftp;
 #[cfg(feature = "ssh")]
 pub mod ssh;
 mod tcp;
+pub mod tls;
 pub mod tunnel;
 
 pub use cocalc_core::parse_host_url;

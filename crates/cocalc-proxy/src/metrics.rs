@@ -90,6 +90,7 @@ impl Collector for ProxyMetrics {
                 ("bad_token", &r.bad_token),
                 ("rate_limited", &r.rate_limited),
                 ("unreachable", &r.unreachable),
+                ("tls_handshake", &r.tls_handshake),
             ],
         )?;
         #[cfg(feature = "ssh")]
