@@ -1264,10 +1264,20 @@ async fn tls_connect(
     addr: SocketAddr,
     root: &[u8],
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    tls_connect_trusting(addr, &[root]).await
+}
+
+/// A TLS connection to `addr` trusting only the certificates `trusted`.
+async fn tls_connect_trusting(
+    addr: SocketAddr,
+    trusted: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls::pki_types::CertificateDer::from(root.to_vec()))
-        .unwrap();
+    for root in trusted {
+        roots
+            .add(rustls::pki_types::CertificateDer::from(root.to_vec()))
+            .unwrap();
+    }
     let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -1330,11 +1340,12 @@ async fn ingress_over_https_answers_as_over_http() {
     .await
     .unwrap();
     let (cert, key, root) = self_signed(dir.path());
-    let tls = cocalc_proxy::tls::server_config(&cocalc_proxy::tls::TlsFiles {
-        cert_file: cert,
-        key_file: key,
+    let certs = cocalc_proxy::tls::CertStore::load(cocalc_proxy::tls::TlsFiles {
+        cert_file: cert.clone(),
+        key_file: key.clone(),
     })
     .unwrap();
+    let tls = certs.server_config().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let paddr = listener.local_addr().unwrap();
     let served = tokio::spawn(cocalc_proxy::tls::serve_ingress_tls(
@@ -1496,6 +1507,32 @@ async fn ingress_over_https_answers_as_over_http() {
         .records()
         .iter()
         .any(|r| r.reason == "tls_handshake" && r.detail.contains("127.0.0.1")));
+
+    // A renewed certificate: new connections get it after a reload, a
+    // connection opened before goes on with the old one.
+    let before = tls_connect(paddr, &root).await;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(before))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let renewed = tempfile::tempdir().unwrap();
+    let (new_cert, new_key, new_root) = self_signed(renewed.path());
+    std::fs::copy(&new_cert, &cert).unwrap();
+    std::fs::copy(&new_key, &key).unwrap();
+    assert!(certs.reload().unwrap());
+    let after = tls_connect_trusting(paddr, &[&root, &new_root]).await;
+    let presented = after.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    assert_eq!(presented, new_root);
+    let r = send
+        .send_request(request(
+            "GET",
+            format!("/{pid}/port/{hport}/h"),
+            String::new(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the connection from before still serves");
 
     served.abort();
     h.stop.send(true).unwrap();

@@ -16,7 +16,8 @@
 //! metrics_listen = "127.0.0.1:9101"        # optional: GET /metrics (Prometheus), keep it private
 //! # tls_listen = "0.0.0.0:8443"            # optional: the ingress over HTTPS (crate::tls), with
 //! # tls_cert_file = "/etc/cocalc/proxy.crt" # a PEM certificate chain, leaf first,
-//! # tls_key_file = "/etc/cocalc/proxy.pem"  # and its PEM private key
+//! # tls_key_file = "/etc/cocalc/proxy.pem"  # and its PEM private key (both re-read every
+//! #                                          # key_refresh_secs: renewals need no restart)
 //! ```
 //!
 //! Hidden hosts open reverse tunnels at `<public_url>/.cocalc/tunnel` (see
@@ -208,9 +209,17 @@ pub async fn run(
     )
     .await
     .map_err(|e| ProxyDaemonError::Start(format!("reaching the master: {}", e.message)))?;
+    let certs = match cfg.tls_files() {
+        Some(files) if cfg.tls_listen.is_some() => Some(
+            crate::tls::CertStore::load(files)
+                .map_err(|e| ProxyDaemonError::Start(e.to_string()))?,
+        ),
+        _ => None,
+    };
     let refresher = {
         let ing = ingress.clone();
         let hub = tunnels.clone();
+        let certs = certs.clone();
         let every = Duration::from_secs(cfg.key_refresh_secs.max(1));
         tokio::spawn(async move {
             loop {
@@ -219,6 +228,13 @@ pub async fn run(
                 hub.prune();
                 if let Err(e) = ing.refresh_keys().await {
                     tracing::warn!(error = %e.message, "reloading signing keys failed");
+                }
+                match certs.as_ref().map(|c| c.reload()) {
+                    Some(Ok(true)) => tracing::info!("presenting a new TLS certificate"),
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "reloading the TLS certificate failed; keeping the current one")
+                    }
+                    _ => {}
                 }
             }
         })
@@ -241,7 +257,7 @@ pub async fn run(
         }
         None => None,
     };
-    let (stop_tls, tls_task) = start_tls(&cfg, &ingress).await?;
+    let (stop_tls, tls_task) = start_tls(&cfg, certs, &ingress).await?;
     eprintln!("cocalc-proxy: listening on http://{addr}");
     let result = crate::serve_ingress(listener, ingress.clone(), tunnels.router(), shutdown)
         .await
@@ -281,14 +297,16 @@ async fn bind(
 /// Prints `cocalc-proxy: https on https://<address>` once serving.
 async fn start_tls(
     cfg: &ProxyConfig,
+    certs: Option<Arc<crate::tls::CertStore>>,
     ingress: &Arc<Ingress>,
 ) -> Result<StoppableTask, ProxyDaemonError> {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let (Some(at), Some(files)) = (cfg.tls_listen, cfg.tls_files()) else {
+    let (Some(at), Some(certs)) = (cfg.tls_listen, certs) else {
         return Ok((stop, None));
     };
-    let tls =
-        crate::tls::server_config(&files).map_err(|e| ProxyDaemonError::Start(e.to_string()))?;
+    let tls = certs
+        .server_config()
+        .map_err(|e| ProxyDaemonError::Start(e.to_string()))?;
     let (l, addr) = bind(at, "tls listen").await?;
     eprintln!("cocalc-proxy: https on https://{addr}");
     let task = tokio::spawn(crate::tls::serve_ingress_tls(

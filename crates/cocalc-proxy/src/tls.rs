@@ -1,9 +1,14 @@
 //! HTTPS for the ingress: the same [`Ingress`] behind a TLS listener
 //! (rustls, with the *ring* provider already in the build for SSH).
 //!
-//! [`server_config`] loads a certificate chain and its private key from
-//! PEM files into a rustls `ServerConfig` (TLS 1.2 and 1.3, ALPN
-//! `http/1.1`); [`serve_ingress_tls`] accepts connections, finishes each
+//! [`CertStore`] holds a certificate chain and its private key loaded from
+//! PEM files, and reloads them when asked ([`CertStore::reload`]: the
+//! daemon asks every `key_refresh_secs`, so a renewed certificate is
+//! presented to new connections without a restart, while open ones keep
+//! theirs); [`CertStore::server_config`] makes the rustls `ServerConfig`
+//! (TLS 1.2 and 1.3, ALPN `http/1.1`) that presents it, and
+//! [`server_config`] does both at once. [`serve_ingress_tls`] accepts
+//! connections, finishes each
 //! handshake within [`HANDSHAKE_TIMEOUT`], and serves HTTP/1.1 on the
 //! encrypted stream with [`Ingress::handle`], telling hosts
 //! `X-Forwarded-Proto: https`. A failed handshake (plain HTTP sent to the
@@ -30,11 +35,13 @@
 //! ```
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::CertifiedKey;
 
 use crate::ingress::{Ingress, Peer};
 
@@ -69,8 +76,79 @@ pub enum TlsError {
 }
 
 /// Loads `files` into a server configuration: TLS 1.2 and 1.3 with
-/// rustls' safe defaults, no client certificates, ALPN `http/1.1`.
+/// rustls' safe defaults, no client certificates, ALPN `http/1.1`
+/// ([`CertStore::load`], then [`CertStore::server_config`]).
 pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    CertStore::load(files.clone())?.server_config()
+}
+
+/// The certificate a TLS listener presents, loaded from its files and
+/// reloadable from them. Each handshake takes the certificate current at
+/// that moment.
+#[derive(Debug)]
+pub struct CertStore {
+    files: TlsFiles,
+    provider: Arc<CryptoProvider>,
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl CertStore {
+    /// Loads `files`; fails, naming the file, if either does not load or
+    /// the key is not the certificate's.
+    pub fn load(files: TlsFiles) -> Result<Arc<Self>, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let current = RwLock::new(Arc::new(read_pair(&files, &provider)?));
+        Ok(Arc::new(CertStore {
+            files,
+            provider,
+            current,
+        }))
+    }
+
+    /// A server configuration presenting this store's certificate,
+    /// whatever it is at each handshake.
+    pub fn server_config(self: &Arc<Self>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let mut cfg = rustls::ServerConfig::builder_with_provider(self.provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Refused(e.to_string()))?
+            .with_no_client_auth()
+            .with_cert_resolver(self.clone());
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(cfg))
+    }
+
+    /// Reads the files again. If they hold a different certificate chain
+    /// that loads, new handshakes present it from now on and the answer
+    /// is `true`; the same chain is `false`. On an error the current
+    /// certificate stays (a renewal caught half-written is read again at
+    /// the next call).
+    pub fn reload(&self) -> Result<bool, TlsError> {
+        let fresh = read_pair(&self.files, &self.provider)?;
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        if current.cert == fresh.cert {
+            return Ok(false);
+        }
+        *current = Arc::new(fresh);
+        Ok(true)
+    }
+
+    /// The certificate presented now.
+    pub fn certificate(&self) -> Arc<CertifiedKey> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for CertStore {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.certificate())
+    }
+}
+
+/// Reads and checks one certificate chain and its key.
+fn read_pair(files: &TlsFiles, provider: &CryptoProvider) -> Result<CertifiedKey, TlsError> {
     let file_err = |path: &PathBuf, message: String| TlsError::File {
         path: path.clone(),
         message,
@@ -87,15 +165,7 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsE
     }
     let key = PrivateKeyDer::from_pem_file(&files.key_file)
         .map_err(|e| file_err(&files.key_file, e.to_string()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Refused(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| TlsError::Refused(e.to_string()))?;
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(cfg))
+    CertifiedKey::from_der(certs, key, provider).map_err(|e| TlsError::Refused(e.to_string()))
 }
 
 /// Serves `ingress` over TLS on `listener` until `shutdown` completes,
@@ -198,5 +268,41 @@ mod tests {
         })
         .unwrap_err();
         assert!(matches!(e, TlsError::Refused(_)), "{e}");
+    }
+
+    #[test]
+    fn a_renewed_certificate_is_presented_after_reload_and_a_broken_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = pair(dir.path(), "live");
+        let store = CertStore::load(files.clone()).unwrap();
+        let first = store.certificate();
+        assert!(!store.reload().unwrap(), "same files, same certificate");
+        assert!(Arc::ptr_eq(&first, &store.certificate()));
+
+        // Renewed: new handshakes get the new chain.
+        let renewed = pair(dir.path(), "renewed");
+        std::fs::copy(&renewed.cert_file, &files.cert_file).unwrap();
+        std::fs::copy(&renewed.key_file, &files.key_file).unwrap();
+        assert!(store.reload().unwrap());
+        let second = store.certificate();
+        assert_ne!(second.cert, first.cert);
+        assert_eq!(
+            second.cert[0].as_ref(),
+            std::fs::read(&renewed.cert_file)
+                .map(|pem| CertificateDer::from_pem_slice(&pem).unwrap().to_vec())
+                .unwrap()
+        );
+
+        // Caught half-written (the key not yet replaced): refused, and the
+        // renewed certificate stays.
+        let next = pair(dir.path(), "next");
+        std::fs::copy(&next.cert_file, &files.cert_file).unwrap();
+        assert!(matches!(store.reload(), Err(TlsError::Refused(_))));
+        assert_eq!(store.certificate().cert, second.cert);
+        std::fs::write(&files.key_file, "").unwrap();
+        assert!(matches!(store.reload(), Err(TlsError::File { .. })));
+        assert_eq!(store.certificate().cert, second.cert);
+        std::fs::copy(&next.key_file, &files.key_file).unwrap();
+        assert!(store.reload().unwrap(), "complete again");
     }
 }
