@@ -26,9 +26,15 @@ impl Drop for Proc {
 
 /// Starts `bin -c cfg` and waits for a stderr line starting with `prefix`.
 fn spawn(bin: &str, cfg: &Path, prefix: &str) -> Proc {
+    spawn_with(bin, cfg, prefix, &[])
+}
+
+/// [`spawn`] with more environment variables.
+fn spawn_with(bin: &str, cfg: &Path, prefix: &str, env: &[(&str, &Path)]) -> Proc {
     let mut child = Command::new(bin)
         .args(["-c", cfg.to_str().unwrap()])
         .env("RUST_LOG", "warn")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_os_str())))
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -44,6 +50,34 @@ fn spawn(bin: &str, cfg: &Path, prefix: &str) -> Proc {
     };
     std::thread::spawn(move || for _ in lines {});
     Proc { child, line }
+}
+
+/// A master with its data in `d/m`, started with `env`: the process, its
+/// URL and the admin key.
+fn start_master(d: &Path, env: &[(&str, &Path)]) -> (Proc, String, String) {
+    std::fs::write(
+        d.join("master.toml"),
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n",
+            d.join("m").display()
+        ),
+    )
+    .unwrap();
+    let master = spawn_with(
+        env!("CARGO_BIN_EXE_cocalc-master"),
+        &d.join("master.toml"),
+        "cocalc-master: listening on ",
+        env,
+    );
+    let murl = master
+        .line
+        .trim_start_matches("cocalc-master: listening on ")
+        .to_string();
+    let admin = std::fs::read_to_string(d.join("m/admin.key"))
+        .unwrap()
+        .trim()
+        .to_string();
+    (master, murl, admin)
 }
 
 fn ok(o: &Output) -> String {
@@ -116,28 +150,7 @@ fn hidden_host_is_served_through_the_tunnel_and_survives_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
 
-    // Master.
-    std::fs::write(
-        d.join("master.toml"),
-        format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n",
-            d.join("m").display()
-        ),
-    )
-    .unwrap();
-    let master = spawn(
-        env!("CARGO_BIN_EXE_cocalc-master"),
-        &d.join("master.toml"),
-        "cocalc-master: listening on ",
-    );
-    let murl = master
-        .line
-        .trim_start_matches("cocalc-master: listening on ")
-        .to_string();
-    let admin = std::fs::read_to_string(d.join("m/admin.key"))
-        .unwrap()
-        .trim()
-        .to_string();
+    let (master, murl, admin) = start_master(d, &[]);
     let user_key = |name: &str| -> String {
         let v: serde_json::Value = serde_json::from_str(&ok(&cocalc(
             &murl,
@@ -378,4 +391,138 @@ fn blocking_post(url: &str, key: &str, body: serde_json::Value) -> serde_json::V
             .await
             .unwrap()
     })
+}
+
+/// The hidden host's tunnel and dial-backs over TLS: the proxy serves
+/// `https://` (a self-signed certificate the host is told to trust with
+/// `tunnel_ca_file`; the master and CLI trust it through `SSL_CERT_FILE`),
+/// and the host never touches the proxy's plain port.
+#[test]
+fn hidden_host_tunnels_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let (cert, key) = (d.join("proxy.crt"), d.join("proxy.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+    let trust = [("SSL_CERT_FILE", cert.as_path())];
+
+    let (_master, murl, admin) = start_master(d, &trust);
+    let cli = |key: &str, args: &[&str], stdin: Option<&[u8]>| -> Output {
+        common::cocalc_env(&murl, key, args, stdin, &trust)
+    };
+
+    let json = |o: Output| -> serde_json::Value { serde_json::from_str(&ok(&o)).unwrap() };
+    let proxy_key = json(cli(
+        &admin,
+        &["proxy-key", "create", "edge", "--json"],
+        None,
+    ))["api_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let alice = json(cli(&admin, &["user", "create", "alice", "--json"], None))["api_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let (plain, tls) = (free_port(), free_port());
+    let handle = format!("https://127.0.0.1:{tls}");
+    std::fs::write(
+        d.join("proxy.toml"),
+        format!(
+            "listen = \"127.0.0.1:{plain}\"\nmaster_url = \"{murl}\"\napi_key = \"{proxy_key}\"\n\
+             public_url = \"{handle}\"\ntls_listen = \"127.0.0.1:{tls}\"\n\
+             tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+    let _proxy = spawn(
+        env!("CARGO_BIN_EXE_cocalc-proxy"),
+        &d.join("proxy.toml"),
+        "cocalc-proxy: listening on ",
+    );
+    let token = ok(&cli(&admin, &["host", "bootstrap-token"], None))
+        .trim()
+        .to_string();
+    std::fs::write(
+        d.join("host.toml"),
+        format!(
+            "tunnel_url = \"{handle}\"\ntunnel_ca_file = \"{}\"\nmaster_url = \"{murl}\"\n\
+             data_dir = \"{}\"\nbootstrap_token = \"{token}\"\nrunner = \"process\"\nstorage = \"dir\"\n",
+            cert.display(),
+            d.join("h").display()
+        ),
+    )
+    .unwrap();
+    let host = spawn(
+        env!("CARGO_BIN_EXE_cocalc-host"),
+        &d.join("host.toml"),
+        "cocalc-host: ",
+    );
+    assert!(host.line.contains("hidden"), "{}", host.line);
+    eventually(
+        "the hidden host is up over TLS",
+        Duration::from_secs(20),
+        || {
+            let o = cli(&admin, &["host", "list", "--json"], None);
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+            v.as_array().is_some_and(|a| {
+                a.iter().any(|h| {
+                    h["state"] == "up"
+                        && h["endpoint"]["kind"] == "tunnel"
+                        && h["endpoint"]["value"] == handle.as_str()
+                })
+            })
+        },
+    );
+
+    ok(&cli(&alice, &["project", "create", "p"], None));
+    let open = json(cli(&alice, &["project", "open", "p", "--json"], None));
+    assert_eq!(open["endpoint"]["value"], handle.as_str());
+    eventually(
+        "exec through the TLS tunnel",
+        Duration::from_secs(20),
+        || {
+            let o = cli(
+                &alice,
+                &[
+                    "project",
+                    "exec",
+                    "p",
+                    "--",
+                    "sh",
+                    "-c",
+                    "echo via-tls; exit 3",
+                ],
+                None,
+            );
+            o.status.code() == Some(3) && String::from_utf8_lossy(&o.stdout) == "via-tls\n"
+        },
+    );
+    let big: Vec<u8> = (0..2_000_000u32).map(|i| (i % 251) as u8).collect();
+    ok(&cli(&alice, &["file", "put", "p", "big.bin"], Some(&big)));
+    let got = cli(&alice, &["file", "get", "p", "big.bin"], None);
+    assert!(got.status.success());
+    assert!(got.stdout == big, "the file came back different");
+    // The master's one-call exec reaches the hidden host through the
+    // https handle too.
+    let project = open["project"].as_str().unwrap().to_string();
+    let r = blocking_post(
+        &format!("{murl}/v1/projects/{project}/exec"),
+        &alice,
+        serde_json::json!({ "argv": ["echo", "from-master"] }),
+    );
+    assert_eq!(r["exit_code"], 0, "{r}");
+    // The tunnel and the dial-backs all went to the TLS port.
+    let pid = host.child.id();
+    assert!(
+        connections_to(pid, tls) >= 2,
+        "the tunnel and a dial-back, over TLS: {:?}",
+        tcp_sockets(pid)
+    );
+    assert_eq!(connections_to(pid, plain), 0, "{:?}", tcp_sockets(pid));
+    assert_eq!(listening_sockets(pid), Vec::<String>::new());
 }

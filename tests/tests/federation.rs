@@ -1352,6 +1352,7 @@ async fn ingress_over_https_answers_as_over_http() {
         listener,
         tls,
         ingress.clone(),
+        axum::Router::new(),
         std::future::pending(),
     ));
 
@@ -1463,8 +1464,8 @@ async fn ingress_over_https_answers_as_over_http() {
     }
     ws.close(None).await.unwrap();
 
-    // The proxy's own endpoints (hidden hosts' tunnels) are not served
-    // over TLS: a bad path, like any other.
+    // Paths under /.cocalc/ that the proxy does not serve (here: none)
+    // are bad paths, as over HTTP.
     let (status, _, body) = https(
         paddr,
         &root,

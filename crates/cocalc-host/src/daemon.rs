@@ -7,8 +7,11 @@
 //! ```toml
 //! listen = "127.0.0.1:8443"            # data plane address
 //! # public_url = "http://10.0.0.5:8443" # how users reach it (default: http://<listen>)
-//! # tunnel_url = "http://proxy:8000"    # instead of listen: a hidden host that
+//! # tunnel_url = "https://proxy:8443"   # instead of listen: a hidden host that
 //! #                                     # dials this proxy and listens nowhere
+//! #                                     # (https: TLS, or http: plain)
+//! # tunnel_ca_file = "/etc/cocalc/ca.pem" # https: trust these roots for the
+//! #                                     # proxy instead of the system's
 //! master_url = "http://127.0.0.1:8080"
 //! data_dir = "/var/lib/cocalc-host"    # host.id, host.key (0600), projects/
 //! bootstrap_token = "cbt.…"            # first start only (or bootstrap_token_file)
@@ -84,6 +87,10 @@ pub struct HostConfig {
     /// (its handle) and serve the data plane only through it.
     #[serde(default)]
     pub tunnel_url: Option<String>,
+    /// PEM certificates the proxy of an `https://` `tunnel_url` must chain
+    /// to (default: the system's roots).
+    #[serde(default)]
+    pub tunnel_ca_file: Option<PathBuf>,
     /// How users reach this host (default `http://<bound address>`).
     #[serde(default)]
     pub public_url: Option<String>,
@@ -202,13 +209,20 @@ impl HostConfig {
                         .into(),
                 )
             }
-            (None, Some(u)) if !u.starts_with("http://") => {
+            (None, Some(u)) if !u.starts_with("http://") && !u.starts_with("https://") => {
                 return Err(format!(
-                    "tunnel_url {u:?} must start with http:// (TLS to the proxy is not built in \
-                     yet: use a trusted network or a TLS tunnel in front)"
+                    "tunnel_url {u:?} must start with https:// (or http:// on a trusted network)"
                 ))
             }
             _ => {}
+        }
+        if self.tunnel_ca_file.is_some()
+            && !self
+                .tunnel_url
+                .as_deref()
+                .is_some_and(|u| u.starts_with("https://"))
+        {
+            return Err("tunnel_ca_file goes with an https:// tunnel_url".into());
         }
         if !matches!(self.runner.as_str(), "process" | "podman") {
             return Err(format!(
@@ -537,10 +551,16 @@ async fn build_at(cfg: &HostConfig, endpoint: HostEndpoint) -> Result<Host, Host
     let local = crate::local_store::LocalStore::open(&local_path)
         .map_err(|e| start_err(&local_path.display().to_string(), e))?;
     let tunnel = match &endpoint {
-        HostEndpoint::Tunnel(url) => Some(crate::tunnel::TunnelClient::new(
-            crate::tunnel::TunnelClientConfig::new(url.clone(), host, key.clone()),
-            clock.clone(),
-        )),
+        HostEndpoint::Tunnel(url) => {
+            let mut tcfg = crate::tunnel::TunnelClientConfig::new(url.clone(), host, key.clone());
+            if url.starts_with("https://") {
+                tcfg.tls = Some(
+                    crate::tunnel::tls_client_config(cfg.tunnel_ca_file.as_deref())
+                        .map_err(|e| HostDaemonError::Start(e.to_string()))?,
+                );
+            }
+            Some(crate::tunnel::TunnelClient::new(tcfg, clock.clone()))
+        }
         _ => None,
     };
     if let Some(t) = &tunnel {
@@ -877,8 +897,17 @@ mod tests {
         let both = check("listen = \"127.0.0.1:0\"\ntunnel_url = \"http://proxy:8000\"\n");
         assert!(both.unwrap_err().contains("exclude each other"));
         assert!(check("").unwrap_err().contains("set listen"));
-        let tls = check("tunnel_url = \"https://proxy:8000\"\n").unwrap_err();
-        assert!(tls.contains("must start with http://"), "{tls}");
+        assert!(check("tunnel_url = \"https://proxy:8443\"\n").is_ok());
+        assert!(
+            check("tunnel_url = \"https://proxy:8443\"\ntunnel_ca_file = \"/etc/ca.pem\"\n")
+                .is_ok()
+        );
+        let ftp = check("tunnel_url = \"ftp://proxy:8000\"\n").unwrap_err();
+        assert!(ftp.contains("must start with https://"), "{ftp}");
+        let ca = check("tunnel_url = \"http://proxy:8000\"\ntunnel_ca_file = \"/etc/ca.pem\"\n");
+        assert!(ca
+            .unwrap_err()
+            .contains("tunnel_ca_file goes with an https://"));
         let public = check("tunnel_url = \"http://p:1\"\npublic_url = \"http://h:2\"\n");
         assert!(public.unwrap_err().contains("public_url has no meaning"));
     }

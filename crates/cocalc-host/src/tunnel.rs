@@ -16,6 +16,12 @@
 //! socket directly. Nothing sits between the socket and the data plane,
 //! so a WebSocket relayed there moves by `splice(2)` at both ends. The
 //! host only ever dials its own configured proxy address.
+//!
+//! With an `https://` proxy URL the tunnel and every dial-back connection
+//! are TLS (rustls), the proxy verified against the roots of
+//! [`TunnelClientConfig::tls`] ([`tls_client_config`]: the system's, or a
+//! CA file's); dial-back connections are then served through hyper and
+//! copy rather than splice.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -88,6 +94,59 @@ pub struct TunnelClientConfig {
     pub keepalive_interval: Duration,
     /// Drop the tunnel when a PING is not answered within this (default 10 s).
     pub keepalive_timeout: Duration,
+    /// How to verify the proxy when `proxy_url` is `https://` (required
+    /// then; [`tls_client_config`]). Unused for `http://`.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// A TLS client configuration for tunnels: the proxy's certificate must
+/// chain to one of the certificates in `ca_file` (PEM) when given, else
+/// to the system's roots (`SSL_CERT_FILE` or `SSL_CERT_DIR` when set, as
+/// OpenSSL reads them).
+pub fn tls_client_config(
+    ca_file: Option<&std::path::Path>,
+) -> Result<Arc<rustls::ClientConfig>, TunnelError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let bad =
+                |e: String| TunnelError::BadUrl(format!("tunnel CA file {}: {e}", path.display()));
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| bad(e.to_string()))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(bad("no CERTIFICATE in the PEM file".into()));
+            }
+            for c in certs {
+                roots.add(c).map_err(|e| bad(e.to_string()))?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for c in found.certs {
+                // A system bundle may hold certificates rustls cannot use;
+                // the others still count.
+                let _ = roots.add(c);
+            }
+            if roots.is_empty() {
+                return Err(TunnelError::BadUrl(format!(
+                    "no usable root certificates on this system ({:?}); set tunnel_ca_file",
+                    found.errors
+                )));
+            }
+        }
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| TunnelError::BadUrl(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(Arc::new(cfg))
 }
 
 impl std::fmt::Debug for TunnelClientConfig {
@@ -108,7 +167,80 @@ impl TunnelClientConfig {
             key,
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(10),
+            tls: None,
         }
+    }
+}
+
+/// How a tunnel's connections to the proxy are made: plain TCP, or TLS
+/// to the named server.
+#[derive(Clone)]
+struct Dial {
+    /// The proxy's `host:port` (from this host's own configuration, never
+    /// from the proxy).
+    addr: String,
+    tls: Option<(
+        tokio_rustls::TlsConnector,
+        rustls::pki_types::ServerName<'static>,
+    )>,
+}
+
+/// One connection to the proxy.
+enum Dialled {
+    Tcp(tokio::net::TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
+}
+
+impl Dial {
+    /// Where and how `proxy_url` is dialled.
+    fn new(proxy_url: &str, tls: Option<&Arc<rustls::ClientConfig>>) -> Result<Self, TunnelError> {
+        let addr = parse_host_url(proxy_url).map_err(|e| TunnelError::BadUrl(e.to_string()))?;
+        let tls = match (proxy_url.split_once("://").map(|s| s.0), tls) {
+            (Some("http"), _) => None,
+            (Some("https"), Some(cfg)) => {
+                let host = addr.rsplit_once(':').map_or(addr.as_str(), |h| h.0);
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                let name = rustls::pki_types::ServerName::try_from(host.to_string())
+                    .map_err(|e| TunnelError::BadUrl(format!("{proxy_url:?}: {e}")))?;
+                Some((tokio_rustls::TlsConnector::from(cfg.clone()), name))
+            }
+            (Some("https"), None) => {
+                return Err(TunnelError::BadUrl(format!(
+                    "{proxy_url:?} is https but the tunnel has no TLS configuration"
+                )))
+            }
+            _ => {
+                return Err(TunnelError::BadUrl(format!(
+                    "{proxy_url:?}: expected http:// or https://"
+                )))
+            }
+        };
+        Ok(Dial { addr, tls })
+    }
+
+    /// A new connection, TCP tuned and (for TLS) the handshake done, all
+    /// within `limit`.
+    async fn connect(&self, limit: Duration) -> Result<Dialled, TunnelError> {
+        let dial_err = |reason: String| TunnelError::Dial {
+            addr: self.addr.clone(),
+            reason,
+        };
+        tokio::time::timeout(limit, async {
+            let tcp = tokio::net::TcpStream::connect(&self.addr)
+                .await
+                .map_err(|e| dial_err(e.to_string()))?;
+            cocalc_client::liveness::tune(&tcp).map_err(|e| dial_err(e.to_string()))?;
+            match &self.tls {
+                None => Ok(Dialled::Tcp(tcp)),
+                Some((connector, name)) => connector
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map(|s| Dialled::Tls(Box::new(s)))
+                    .map_err(|e| dial_err(format!("TLS: {e}"))),
+            }
+        })
+        .await
+        .map_err(|_| dial_err(format!("timed out after {limit:?}")))?
     }
 }
 
@@ -213,28 +345,14 @@ impl TunnelClient {
     /// One tunnel: dial, handshake, serve until it ends.
     pub async fn once(&self, router: impl Into<DataPlane>) -> Result<(), TunnelError> {
         let DataPlane { router, lean } = router.into();
-        if !self.cfg.proxy_url.starts_with("http://") {
-            return Err(TunnelError::BadUrl(format!(
-                "{:?}: only http:// is supported (no TLS to the proxy yet)",
-                self.cfg.proxy_url
-            )));
-        }
-        let addr =
-            parse_host_url(&self.cfg.proxy_url).map_err(|e| TunnelError::BadUrl(e.to_string()))?;
-        let dial_err = |reason: String| TunnelError::Dial {
-            addr: addr.clone(),
-            reason,
+        let dial = Dial::new(&self.cfg.proxy_url, self.cfg.tls.as_ref())?;
+        let addr = dial.addr.clone();
+        let io: cocalc_core::BoxedConnection = match dial.connect(Duration::from_secs(10)).await? {
+            Dialled::Tcp(tcp) => Box::new(tcp),
+            Dialled::Tls(tls) => tls,
         };
-        let tcp = tokio::time::timeout(
-            Duration::from_secs(10),
-            tokio::net::TcpStream::connect(&addr),
-        )
-        .await
-        .map_err(|_| dial_err("timed out after 10 s".into()))?
-        .map_err(|e| dial_err(e.to_string()))?;
-        cocalc_client::liveness::tune(&tcp).map_err(|e| dial_err(e.to_string()))?;
         let conn_err = |e: hyper::Error| TunnelError::Connection(e.to_string());
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
             .map_err(conn_err)?;
         let driver = tokio::spawn(conn.with_upgrades());
@@ -294,7 +412,7 @@ impl TunnelClient {
         // when `_alive` is dropped, as the tunnel's own streams do.
         let (_alive, alive) = tokio::sync::watch::channel(());
         let dialer = Dialer {
-            addr,
+            dial,
             router,
             lean,
             alive,
@@ -327,9 +445,9 @@ impl From<Router> for DataPlane {
 /// What a tunnel stream needs to serve the data plane or dial back.
 #[derive(Clone)]
 struct Dialer {
-    /// The proxy's `host:port` (from this host's own configuration, never
+    /// How to reach the proxy (from this host's own configuration, never
     /// from the proxy).
-    addr: String,
+    dial: Dial,
     router: Router,
     /// Serves plain port requests on dial-back connections, if set.
     lean: Option<crate::dataplane::LeanPorts>,
@@ -344,26 +462,24 @@ impl Dialer {
     /// Opens a dial-back connection for `nonce` and serves the data plane
     /// on it until it ends or the tunnel that asked for it does.
     async fn dial_back(self, nonce: String) -> Result<(), TunnelError> {
-        let dial_err = |reason: String| TunnelError::Dial {
-            addr: self.addr.clone(),
-            reason,
-        };
-        let mut tcp = tokio::time::timeout(
-            HANDSHAKE_TIMEOUT,
-            tokio::net::TcpStream::connect(&self.addr),
-        )
-        .await
-        .map_err(|_| dial_err(format!("timed out after {HANDSHAKE_TIMEOUT:?}")))?
-        .map_err(|e| dial_err(e.to_string()))?;
-        cocalc_client::liveness::tune(&tcp).map_err(|e| dial_err(e.to_string()))?;
+        let mut conn = self.dial.connect(HANDSHAKE_TIMEOUT).await?;
         let head = format!(
             "GET {DIAL_PATH} HTTP/1.1\r\nhost: {}\r\nconnection: upgrade\r\n\
              upgrade: {DIAL_PROTOCOL}\r\n{DIAL_HEADER}: {nonce}\r\n\r\n",
-            self.addr
+            self.dial.addr
         );
         let status = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
-            tcp.write_all(head.as_bytes()).await?;
-            read_response_head(&mut tcp).await
+            match &mut conn {
+                Dialled::Tcp(tcp) => {
+                    tcp.write_all(head.as_bytes()).await?;
+                    read_response_head(tcp).await
+                }
+                Dialled::Tls(tls) => {
+                    tls.write_all(head.as_bytes()).await?;
+                    tls.flush().await?;
+                    read_response_head_bytewise(tls).await
+                }
+            }
         })
         .await
         .map_err(|_| TunnelError::Connection("the proxy did not answer the dial-back".into()))?
@@ -379,9 +495,14 @@ impl Dialer {
         let svc = hyper_util::service::TowerToHyperService::new(self.router);
         let pending = std::future::pending::<()>();
         let serve = async move {
-            match self.lean {
-                Some(lean) => cocalc_client::lean::serve_connection(tcp, lean, svc, pending).await,
-                None => cocalc_client::serve::serve_connection(tcp, svc, pending).await,
+            match (conn, self.lean) {
+                (Dialled::Tcp(tcp), Some(lean)) => {
+                    cocalc_client::lean::serve_connection(tcp, lean, svc, pending).await
+                }
+                (Dialled::Tcp(tcp), None) => {
+                    cocalc_client::serve::serve_connection(tcp, svc, pending).await
+                }
+                (Dialled::Tls(tls), _) => cocalc_client::serve::serve_io(tls, svc, pending).await,
             }
         };
         tokio::select! {
@@ -412,13 +533,7 @@ async fn read_response_head(tcp: &mut tokio::net::TcpStream) -> std::io::Result<
             let mut rest = vec![0u8; at + 4 - head.len()];
             tcp.read_exact(&mut rest).await?;
             head.extend_from_slice(&rest);
-            let line = String::from_utf8_lossy(&head);
-            return line
-                .split_whitespace()
-                .nth(1)
-                .and_then(|c| c.parse().ok())
-                .filter(|_| line.starts_with("HTTP/1."))
-                .ok_or_else(|| Error::new(ErrorKind::InvalidData, "not an HTTP/1 response"));
+            return status_of(&head);
         }
         if seen.len() >= MAX {
             return Err(Error::new(
@@ -433,6 +548,38 @@ async fn read_response_head(tcp: &mut tokio::net::TcpStream) -> std::io::Result<
         tcp.read_exact(&mut part).await?;
         head.extend_from_slice(&part);
     }
+}
+
+/// Like [`read_response_head`] on a stream that cannot be peeked (TLS):
+/// one byte at a time, which costs no system call per byte there (the
+/// TLS layer reads whole records and hands out what it decrypted).
+async fn read_response_head_bytewise(
+    io: &mut (impl tokio::io::AsyncRead + Unpin),
+) -> std::io::Result<u16> {
+    use std::io::{Error, ErrorKind};
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() >= 8 << 10 {
+            return Err(Error::new(
+                ErrorKind::InvalidData,
+                "response head over 8 KiB",
+            ));
+        }
+        head.push(io.read_u8().await?);
+    }
+    status_of(&head)
+}
+
+/// The status of an HTTP/1 response head.
+fn status_of(head: &[u8]) -> std::io::Result<u16> {
+    let line = String::from_utf8_lossy(head);
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .filter(|_| line.starts_with("HTTP/1."))
+        .ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP/1 response")
+        })
 }
 
 /// One stream from the proxy: a `CONNECT` is answered 200 and then

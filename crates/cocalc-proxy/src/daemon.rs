@@ -257,7 +257,7 @@ pub async fn run(
         }
         None => None,
     };
-    let (stop_tls, tls_task) = start_tls(&cfg, certs, &ingress).await?;
+    let (stop_tls, tls_task) = start_tls(&cfg, certs, &ingress, tunnels.clone().router()).await?;
     eprintln!("cocalc-proxy: listening on http://{addr}");
     let result = crate::serve_ingress(listener, ingress.clone(), tunnels.router(), shutdown)
         .await
@@ -299,6 +299,7 @@ async fn start_tls(
     cfg: &ProxyConfig,
     certs: Option<Arc<crate::tls::CertStore>>,
     ingress: &Arc<Ingress>,
+    internal: axum::Router,
 ) -> Result<StoppableTask, ProxyDaemonError> {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let (Some(at), Some(certs)) = (cfg.tls_listen, certs) else {
@@ -313,6 +314,7 @@ async fn start_tls(
         l,
         tls,
         ingress.clone(),
+        internal,
         async move {
             let _ = stopped.await;
         },

@@ -72,15 +72,28 @@ pub async fn serve_ingress(
     internal: axum::Router,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
-    use http_body_util::Either;
-    use std::future::Future;
-    use std::pin::Pin;
-    type Answer =
-        Pin<Box<dyn Future<Output = Result<ingress::Response, std::convert::Infallible>> + Send>>;
-    // Paths under /.cocalc/ that `internal` does not serve are bad paths
-    // like any other: refused, counted and audited by the ingress.
+    let internal = with_refusals(&ingress, internal);
+    cocalc_client::serve::serve_lean(
+        listener,
+        move |addr: std::net::SocketAddr| {
+            let peer = Peer::new(addr);
+            let lean = LeanIngress::new(ingress.clone(), peer.clone());
+            let fallback = connection_service(ingress.clone(), internal.clone(), peer);
+            (lean, fallback)
+        },
+        shutdown,
+    )
+    .await
+}
+
+/// `internal` with the ingress refusing, counting and auditing the paths
+/// under `/.cocalc/` it does not serve, as bad paths like any other.
+pub(crate) fn with_refusals(
+    ingress: &std::sync::Arc<Ingress>,
+    internal: axum::Router,
+) -> axum::Router {
     let refuser = ingress.clone();
-    let internal = internal.fallback(
+    internal.fallback(
         move |axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<
             std::net::SocketAddr,
         >,
@@ -88,34 +101,41 @@ pub async fn serve_ingress(
             let ingress = refuser.clone();
             async move { ingress.refuse_path(peer, uri.path()) }
         },
-    );
-    cocalc_client::serve::serve_lean(
-        listener,
-        move |addr: std::net::SocketAddr| {
-            let (ingress, internal) = (ingress.clone(), internal.clone());
-            let peer = Peer::new(addr);
-            let lean = LeanIngress::new(ingress.clone(), peer.clone());
-            let fallback = hyper::service::service_fn(
-                move |mut req: hyper::Request<hyper::body::Incoming>| -> Answer {
-                    if req.uri().path().starts_with("/.cocalc/") {
-                        req.extensions_mut()
-                            .insert(axum::extract::ConnectInfo(addr));
-                        let internal = internal.clone();
-                        Box::pin(async move {
-                            let resp = tower::ServiceExt::oneshot(internal, req).await?;
-                            Ok(resp.map(Either::Right))
-                        })
-                    } else {
-                        let (ingress, peer) = (ingress.clone(), peer.clone());
-                        Box::pin(async move { Ok(ingress.handle(&peer, req).await) })
-                    }
-                },
-            );
-            (lean, fallback)
-        },
-        shutdown,
     )
-    .await
+}
+
+/// What hyper's server half answers on one client connection from `peer`:
+/// paths under `/.cocalc/` go to `internal` (made by [`with_refusals`]),
+/// told the client's address; everything else to [`Ingress::handle`].
+pub(crate) fn connection_service(
+    ingress: std::sync::Arc<Ingress>,
+    internal: axum::Router,
+    peer: Peer,
+) -> impl hyper::service::Service<
+    hyper::Request<hyper::body::Incoming>,
+    Response = ingress::Response,
+    Error = std::convert::Infallible,
+    Future = std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<ingress::Response, std::convert::Infallible>>
+                + Send,
+        >,
+    >,
+> + Clone {
+    use http_body_util::Either;
+    hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        let (ingress, internal, peer) = (ingress.clone(), internal.clone(), peer.clone());
+        Box::pin(async move {
+            if req.uri().path().starts_with("/.cocalc/") {
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer.addr()));
+                let resp = tower::ServiceExt::oneshot(internal, req).await?;
+                Ok(resp.map(Either::Right))
+            } else {
+                Ok(ingress.handle(&peer, req).await)
+            }
+        }) as std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>>
+    })
 }
 
 /// Serves an axum router on `listener` until `shutdown` completes, with

@@ -15,12 +15,12 @@
 //! TLS port, an unknown protocol version, a client that stalls) is a
 //! refusal like any other: counted as `tls_handshake` and audited.
 //!
-//! What differs from the plain listener: every request goes through
-//! hyper's server half (the lean one reads a bare socket), bodies are
-//! copied rather than spliced (the bytes must be decrypted), and the
-//! proxy's own endpoints under `/.cocalc/` — hidden hosts' tunnels — are
-//! not served here: they are refused as bad paths. Hidden hosts dial the
-//! plain listener.
+//! The proxy's own endpoints under `/.cocalc/` are served here too, so
+//! hidden hosts can dial their tunnels over TLS (`tunnel_url =
+//! "https://…"`). What differs from the plain listener: every request goes
+//! through hyper's server half (the lean one reads a bare socket), and
+//! bodies and WebSockets are copied rather than spliced (the bytes must be
+//! decrypted).
 //!
 //! ```no_run
 //! # async fn demo(ingress: std::sync::Arc<cocalc_proxy::Ingress>) -> Result<(), Box<dyn std::error::Error>> {
@@ -30,7 +30,7 @@
 //!     key_file: "/etc/cocalc/proxy.key".into(),
 //! })?;
 //! let listener = tokio::net::TcpListener::bind("0.0.0.0:443").await?;
-//! serve_ingress_tls(listener, tls, ingress, std::future::pending()).await?;
+//! serve_ingress_tls(listener, tls, ingress, axum::Router::new(), std::future::pending()).await?;
 //! # Ok(()) }
 //! ```
 
@@ -43,7 +43,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
 
-use crate::ingress::{Ingress, Peer};
+use crate::ingress::Peer;
+use crate::Ingress;
 
 /// How long a client has to finish the TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -168,20 +169,23 @@ fn read_pair(files: &TlsFiles, provider: &CryptoProvider) -> Result<CertifiedKey
     CertifiedKey::from_der(certs, key, provider).map_err(|e| TlsError::Refused(e.to_string()))
 }
 
-/// Serves `ingress` over TLS on `listener` until `shutdown` completes,
-/// then lets requests in flight finish (as
-/// [`serve_ingress`](crate::serve_ingress) does). Each connection gets
-/// keepalive ([`cocalc_client::liveness::tune`]) and
-/// [`HANDSHAKE_TIMEOUT`] to finish its handshake.
+/// Serves `ingress`, and `internal` for paths under `/.cocalc/`, over TLS
+/// on `listener` until `shutdown` completes, then lets requests in flight
+/// finish — as [`serve_ingress`](crate::serve_ingress) does over plain
+/// HTTP. Each connection gets keepalive
+/// ([`cocalc_client::liveness::tune`]) and [`HANDSHAKE_TIMEOUT`] to finish
+/// its handshake.
 pub async fn serve_ingress_tls(
     listener: tokio::net::TcpListener,
     tls: Arc<rustls::ServerConfig>,
     ingress: Arc<Ingress>,
+    internal: axum::Router,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let internal = crate::with_refusals(&ingress, internal);
     cocalc_client::serve::accept_loop(listener, shutdown, move |tcp, addr, mut stop| {
-        let (acceptor, ingress) = (acceptor.clone(), ingress.clone());
+        let (acceptor, ingress, internal) = (acceptor.clone(), ingress.clone(), internal.clone());
         async move {
             let _ = cocalc_client::liveness::tune(&tcp);
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -194,11 +198,7 @@ pub async fn serve_ingress_tls(
                     )
                 }
             };
-            let peer = Peer::over_tls(addr);
-            let service = hyper::service::service_fn(move |req| {
-                let (ingress, peer) = (ingress.clone(), peer.clone());
-                async move { Ok::<_, std::convert::Infallible>(ingress.handle(&peer, req).await) }
-            });
+            let service = crate::connection_service(ingress, internal, Peer::over_tls(addr));
             cocalc_client::serve::serve_io(stream, service, async move {
                 let _ = stop.changed().await;
             })
