@@ -1,12 +1,15 @@
 //! The same server inside a project, reached four ways with the same load
 //! generator in one run: directly on the host, through `cocalc-proxy`,
 //! through nginx configured as a plain reverse proxy
-//! (`bench/nginx.conf.template`), and through `cocalc-proxy` to a *hidden*
-//! host over its reverse tunnel. Measured:
+//! (`bench/nginx.conf.template`), through both over TLS (a self-signed
+//! certificate, rustls in the proxy, OpenSSL in nginx; keep-alive
+//! connections, so few handshakes), and through `cocalc-proxy` to a
+//! *hidden* host over its reverse tunnel. Measured:
 //!
 //! * small requests: req/s, p50 and p99;
 //! * HTTP download bytes/s (64 MiB responses, 1 and 4 at a time);
-//! * WebSocket bytes/s (1 MiB binary messages from the server).
+//! * WebSocket bytes/s (1 MiB binary messages from the server; not over
+//!   TLS, for which the bench has no WebSocket client).
 //!
 //! Run: `cargo bench -p cocalc-daemons --bench proxy` (`-- --secs 3
 //! --conns 32`, `--only tunnel` for the routes whose name contains
@@ -25,6 +28,18 @@ use common::{
     callgrind_dump, callgrind_ir, callgrind_zero, cpu_time, free_port, own_cpu_time, spawn,
     spawn_under, Daemon,
 };
+
+/// The bench's self-signed certificate, which its HTTP clients trust.
+static ROOT: std::sync::OnceLock<reqwest::Certificate> = std::sync::OnceLock::new();
+
+/// A client builder trusting [`ROOT`].
+fn client() -> reqwest::ClientBuilder {
+    let b = reqwest::Client::builder();
+    match ROOT.get() {
+        Some(root) => b.add_root_certificate(root.clone()),
+        None => b,
+    }
+}
 
 fn arg(name: &str, default: f64) -> f64 {
     std::env::args()
@@ -118,7 +133,7 @@ async fn download(url: &str, token: &str, streams: usize, secs: f64) -> f64 {
     for _ in 0..streams {
         let (url, token) = (url.to_string(), token.to_string());
         tasks.push(tokio::spawn(async move {
-            let c = reqwest::Client::new();
+            let c = client().build().unwrap();
             let mut n = 0usize;
             while Instant::now() < deadline {
                 let mut r = c.get(&url).bearer_auth(&token).send().await.unwrap();
@@ -140,8 +155,12 @@ async fn download(url: &str, token: &str, streams: usize, secs: f64) -> f64 {
     total as f64 / start.elapsed().as_secs_f64()
 }
 
-/// WebSocket receive rate from `/ws` for `secs`, bytes/s.
-async fn websocket(url: &str, token: &str, secs: f64) -> f64 {
+/// WebSocket receive rate from `/ws` for `secs`, bytes/s; `None` over
+/// TLS.
+async fn websocket(url: &str, token: &str, secs: f64) -> Option<f64> {
+    if url.starts_with("https://") {
+        return None;
+    }
     use futures_util::StreamExt;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let mut req = url
@@ -159,10 +178,14 @@ async fn websocket(url: &str, token: &str, secs: f64) -> f64 {
             other => panic!("websocket ended: {other:?}"),
         }
     }
-    n as f64 / start.elapsed().as_secs_f64()
+    Some(n as f64 / start.elapsed().as_secs_f64())
 }
 
+/// A rate in MiB/s; `-` for none (NaN).
 fn mib(bps: f64) -> String {
+    if bps.is_nan() {
+        return format!("{:>8} MiB/s", "-");
+    }
     format!("{:>8.0} MiB/s", bps / (1 << 20) as f64)
 }
 
@@ -174,10 +197,7 @@ async fn load(url: &str, token: &str, conns: usize, secs: f64) -> (f64, Duration
     for _ in 0..conns {
         let (url, token) = (url.to_string(), token.to_string());
         tasks.push(tokio::spawn(async move {
-            let c = reqwest::Client::builder()
-                .pool_max_idle_per_host(1)
-                .build()
-                .unwrap();
+            let c = client().pool_max_idle_per_host(1).build().unwrap();
             let mut lat = Vec::new();
             while Instant::now() < deadline {
                 let t = Instant::now();
@@ -268,9 +288,21 @@ async fn main() {
     }
     let pport = free_port();
     let pkey = master.create_proxy_key("bench").await.unwrap().api_key;
+    // TLS for the proxy and nginx alike: a self-signed certificate.
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let cert = w("tls.crt", ck.cert.pem());
+    let key = w("tls.pem", ck.key_pair.serialize_pem());
+    let _ = ROOT.set(reqwest::Certificate::from_der(ck.cert.der()).unwrap());
+    let ptls = free_port();
     let pcfg = w(
         "p.toml",
-        format!("listen = \"127.0.0.1:{pport}\"\nmaster_url = \"{murl}\"\napi_key = \"{pkey}\"\nproject_rps = 1000000\nclient_rps = 1000000\n"),
+        format!(
+            "listen = \"127.0.0.1:{pport}\"\nmaster_url = \"{murl}\"\napi_key = \"{pkey}\"\n\
+             project_rps = 1000000\nclient_rps = 1000000\ntls_listen = \"127.0.0.1:{ptls}\"\n\
+             tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
     );
     let (proxy_daemon, purl) = spawn_under(
         &valgrind,
@@ -335,15 +367,20 @@ async fn main() {
     let nginx = Command::new("nginx").arg("-v").output().is_ok();
     let mut nginx_daemon: Option<Daemon> = None;
     let mut nginx_url = None;
+    let mut nginx_tls_url = None;
     if nginx {
         let nport = free_port();
+        let ntls = free_port();
         let conf = std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../bench/nginx.conf.template"
         ))
         .unwrap()
         .replace("@HOST_PORT@", &hport.to_string())
-        .replace("@LISTEN_PORT@", &nport.to_string());
+        .replace("@LISTEN_PORT@", &nport.to_string())
+        .replace("@TLS_PORT@", &ntls.to_string())
+        .replace("@CERT@", cert.to_str().unwrap())
+        .replace("@KEY@", key.to_str().unwrap());
         std::fs::create_dir_all(dir.path().join("nginx/tmp")).unwrap();
         let conf_path = dir.path().join("nginx/nginx.conf");
         std::fs::write(&conf_path, conf).unwrap();
@@ -371,6 +408,7 @@ async fn main() {
             .unwrap();
         nginx_daemon = Some(Daemon(child));
         nginx_url = Some(format!("http://127.0.0.1:{nport}"));
+        nginx_tls_url = Some(format!("https://127.0.0.1:{ntls}"));
         tokio::time::sleep(Duration::from_millis(if callgrind { 3000 } else { 300 })).await;
     }
 
@@ -406,6 +444,18 @@ async fn main() {
             Some(format!("{purl}{path_q}")),
             &open_q.token,
             proxy_pid,
+        ),
+        (
+            "via cocalc-proxy TLS",
+            Some(format!("https://127.0.0.1:{ptls}{path}")),
+            &open.token,
+            proxy_pid,
+        ),
+        (
+            "via nginx TLS",
+            nginx_tls_url.as_ref().map(|n| format!("{n}{path}")),
+            &open.token,
+            nginx_pid,
         ),
     ];
     // `--only tunnel` (a substring of the route names) measures just those.
@@ -485,7 +535,9 @@ async fn main() {
                 ms_per_gib(own_cpu_time() - before.2),
             );
             let four = download(&format!("{url}big"), token, 4, secs).await;
-            let ws = websocket(&format!("{url}ws"), token, secs).await;
+            let ws = websocket(&format!("{url}ws"), token, secs)
+                .await
+                .unwrap_or(f64::NAN);
             println!(
                 "{name:<22} x1 {}   x4 {}   websocket {}   ({cpu})",
                 mib(one),
@@ -530,24 +582,33 @@ async fn main() {
         }
         println!();
     }
-    if let (Some(p), Some(n)) = (
-        rows.iter().find(|r| r.0 == "via cocalc-proxy"),
-        rows.iter().find(|r| r.0 == "via nginx"),
-    ) {
-        println!("proxy / nginx req/s = {:.2}x   (goal >= 1.0)", p.1 / n.1);
-        let cpu = |name: &str| {
-            let i = routes.iter().position(|r| r.0 == name)?;
-            (!cpu_runs[i].is_empty()).then(|| median(cpu_runs[i].clone()))
+    let cpu = |name: &str| {
+        let i = routes.iter().position(|r| r.0 == name)?;
+        (!cpu_runs[i].is_empty()).then(|| median(cpu_runs[i].clone()))
+    };
+    for (proxy, nginx, over) in [
+        ("via cocalc-proxy", "via nginx", ""),
+        ("via cocalc-proxy TLS", "via nginx TLS", " over TLS"),
+    ] {
+        let (Some(p), Some(n)) = (
+            rows.iter().find(|r| r.0 == proxy),
+            rows.iter().find(|r| r.0 == nginx),
+        ) else {
+            continue;
         };
-        if let (Some(pc), Some(nc)) = (cpu("via cocalc-proxy"), cpu("via nginx")) {
+        println!(
+            "proxy / nginx req/s{over} = {:.2}x   (goal >= 1.0)",
+            p.1 / n.1
+        );
+        if let (Some(pc), Some(nc)) = (cpu(proxy), cpu(nginx)) {
             println!(
-                "relay CPU per request: proxy {pc:.1} µs, nginx {nc:.1} µs = {:.2}x   (median; \
-                 on 2 shared cores req/s follows this)",
+                "relay CPU per request{over}: proxy {pc:.1} µs, nginx {nc:.1} µs = {:.2}x   \
+                 (median; on 2 shared cores req/s follows this)",
                 pc / nc
             );
         }
         println!(
-            "proxy p99 {:?} vs nginx p99 {:?}   (goal: proxy <= nginx)",
+            "proxy p99 {:?} vs nginx p99 {:?}{over}   (goal: proxy <= nginx)",
             p.2, n.2
         );
     }
@@ -567,13 +628,23 @@ async fn main() {
         .iter()
         .find(|r| r.0 == "direct to the host")
         .copied();
-    for name in ["via cocalc-proxy", "via nginx", "via tunnel (hidden)"] {
+    for name in [
+        "via cocalc-proxy",
+        "via nginx",
+        "via tunnel (hidden)",
+        "via cocalc-proxy TLS",
+        "via nginx TLS",
+    ] {
         if let (Some(r), Some(d)) = (bytes_rows.iter().find(|r| r.0 == name), d) {
+            let ws = if r.3.is_nan() {
+                "-".to_string()
+            } else {
+                format!("{:.2}x", r.3 / d.3)
+            };
             println!(
-                "{name} / direct bytes/s: x1 {:.2}x   x4 {:.2}x   websocket {:.2}x   (goal >= 0.8)",
+                "{name} / direct bytes/s: x1 {:.2}x   x4 {:.2}x   websocket {ws}   (goal >= 0.8)",
                 r.1 / d.1,
                 r.2 / d.2,
-                r.3 / d.3
             );
         }
     }
@@ -608,5 +679,11 @@ async fn instructions_per_request(
     let find = |n: &str| counts.iter().find(|c| c.0 == n).map(|c| c.1);
     if let (Some(p), Some(n)) = (find("via cocalc-proxy"), find("via nginx")) {
         println!("proxy / nginx instructions per request = {:.2}x", p / n);
+    }
+    if let (Some(p), Some(n)) = (find("via cocalc-proxy TLS"), find("via nginx TLS")) {
+        println!(
+            "over TLS: proxy / nginx instructions per request = {:.2}x",
+            p / n
+        );
     }
 }

@@ -78,6 +78,9 @@ pub enum TunnelError {
     /// The connection failed during the handshake or while serving.
     #[error("tunnel connection: {0}")]
     Connection(String),
+    /// The roots to verify the proxy with could not be loaded.
+    #[error("TLS to the proxy: {0}")]
+    Tls(String),
 }
 
 /// Where and as whom to open the tunnel.
@@ -111,8 +114,7 @@ pub fn tls_client_config(
     let mut roots = rustls::RootCertStore::empty();
     match ca_file {
         Some(path) => {
-            let bad =
-                |e: String| TunnelError::BadUrl(format!("tunnel CA file {}: {e}", path.display()));
+            let bad = |e: String| TunnelError::Tls(format!("CA file {}: {e}", path.display()));
             let certs = CertificateDer::pem_file_iter(path)
                 .map_err(|e| bad(e.to_string()))?
                 .collect::<Result<Vec<_>, _>>()
@@ -132,7 +134,7 @@ pub fn tls_client_config(
                 let _ = roots.add(c);
             }
             if roots.is_empty() {
-                return Err(TunnelError::BadUrl(format!(
+                return Err(TunnelError::Tls(format!(
                     "no usable root certificates on this system ({:?}); set tunnel_ca_file",
                     found.errors
                 )));
@@ -143,7 +145,7 @@ pub fn tls_client_config(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
-    .map_err(|e| TunnelError::BadUrl(e.to_string()))?
+    .map_err(|e| TunnelError::Tls(e.to_string()))?
     .with_root_certificates(roots)
     .with_no_client_auth();
     Ok(Arc::new(cfg))
@@ -641,4 +643,31 @@ async fn stream(
         }
     });
     Ok(Response::new(Body::empty()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tunnel_ca_files_that_do_not_load_are_named_and_https_needs_tls() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let e = tls_client_config(Some(&missing)).unwrap_err().to_string();
+        assert!(e.contains(&missing.display().to_string()), "{e}");
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "no certificates here\n").unwrap();
+        let e = tls_client_config(Some(&junk)).unwrap_err().to_string();
+        assert!(e.contains("no CERTIFICATE"), "{e}");
+
+        let e = Dial::new("https://proxy:8443", None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("no TLS configuration"), "{e}");
+        assert!(Dial::new("ftp://proxy:8443", None).is_err());
+        let plain = Dial::new("http://proxy:8000", None).unwrap();
+        assert_eq!(plain.addr, "proxy:8000");
+        assert!(plain.tls.is_none());
+    }
 }
