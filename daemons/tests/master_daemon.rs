@@ -279,6 +279,10 @@ fn proxy_starts_from_config_and_refuses_at_the_edge() {
             ),
             missing.display().to_string(),
         ),
+        (
+            format!("tls_cert_file = \"{}\"\n", missing.display()),
+            "go with tls_listen".to_string(),
+        ),
     ] {
         std::fs::write(
             &cfg,

@@ -254,7 +254,7 @@ pub fn raise_open_files_limit() -> std::io::Result<OpenFilesLimit> {
 }
 
 /// Below this many open files [`raise_open_files_limit`] warns: about
-/// 650 spliced WebSockets' worth.
+/// 680 spliced WebSockets' worth (six descriptors each).
 pub const LOW_OPEN_FILES: u64 = 4096;
 
 #[cfg(target_os = "linux")]

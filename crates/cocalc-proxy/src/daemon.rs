@@ -144,18 +144,15 @@ impl ProxyConfig {
             (Some(_), Some(files)) => {
                 crate::tls::server_config(&files).map_err(|e| bad(e.to_string()))?;
             }
-            (None, None) => {}
             (Some(_), None) => {
                 return Err(bad("tls_listen needs tls_cert_file and tls_key_file".into()))
             }
-            (None, Some(_)) => {
-                return Err(bad("tls_cert_file and tls_key_file need tls_listen".into()))
+            (None, _) if cfg.tls_cert_file.is_some() || cfg.tls_key_file.is_some() => {
+                return Err(bad(
+                    "tls_cert_file and tls_key_file go with tls_listen".into()
+                ))
             }
-        }
-        if cfg.tls_listen.is_none() && (cfg.tls_cert_file.is_some() || cfg.tls_key_file.is_some()) {
-            return Err(bad(
-                "tls_cert_file and tls_key_file go with tls_listen".into()
-            ));
+            (None, _) => {}
         }
         Ok(cfg)
     }
