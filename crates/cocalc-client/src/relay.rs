@@ -4,6 +4,8 @@
 //! by `splice(2)` between TCP sockets); [`Pool`] keeps idle keep-alive
 //! connections for plain requests.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use cocalc_core::BoxedConnection;
 use hyper::upgrade::Upgraded;
@@ -11,15 +13,51 @@ use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-/// Sends `req` over `conn` and returns the response with its body
-/// streaming. If the response switches protocols (101) and the request came
-/// from a server that can upgrade it (an `OnUpgrade` in its extensions),
-/// the two upgraded connections are relayed into each other
-/// ([`relay_upgraded`]) until both directions are done.
+/// How long [`relay`] waits for the answer to an upgrade request (a
+/// WebSocket handshake) from the server it relays to. Upgrades are
+/// answered at once by servers that take them; one that accepts the
+/// connection and never answers would otherwise hold the relay (and,
+/// through hyper's server, which does not notice a client leaving while
+/// it waits) for as long as the connection stays up.
+pub const UPGRADE_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why [`relay`] failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RelayError {
+    /// The HTTP exchange failed.
+    #[error("{0}")]
+    Http(#[from] hyper::Error),
+    /// No response head came within the limit.
+    #[error("no answer within {0:?}")]
+    NoAnswer(Duration),
+}
+
+/// [`relay_within`] with [`UPGRADE_ANSWER_TIMEOUT`]: for upgrade requests.
 pub async fn relay<B>(
     conn: BoxedConnection,
     req: http::Request<B>,
-) -> Result<http::Response<hyper::body::Incoming>, hyper::Error>
+) -> Result<http::Response<hyper::body::Incoming>, RelayError>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    relay_within(conn, req, UPGRADE_ANSWER_TIMEOUT).await
+}
+
+/// Sends `req` over `conn` and returns the response with its body
+/// streaming, or [`RelayError::NoAnswer`] if its head does not arrive
+/// within `limit` (the connection is then closed). If the response
+/// switches protocols (101) and the request came from a server that can
+/// upgrade it (an `OnUpgrade` in its extensions), the two upgraded
+/// connections are relayed into each other ([`relay_upgraded`]) until
+/// both directions are done.
+pub async fn relay_within<B>(
+    conn: BoxedConnection,
+    req: http::Request<B>,
+    limit: Duration,
+) -> Result<http::Response<hyper::body::Incoming>, RelayError>
 where
     B: hyper::body::Body + Send + 'static,
     B::Data: Send,
@@ -29,12 +67,22 @@ where
     let client_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(conn)).await?;
-    tokio::spawn(async move {
+    let driver = tokio::spawn(async move {
         let _ = connection.with_upgrades().await;
     });
-    let mut resp = sender
-        .send_request(http::Request::from_parts(parts, body))
-        .await?;
+    let answer = tokio::time::timeout(
+        limit,
+        sender.send_request(http::Request::from_parts(parts, body)),
+    )
+    .await;
+    let mut resp = match answer {
+        Ok(r) => r?,
+        Err(_) => {
+            // Nothing more will be asked of this connection: close it.
+            driver.abort();
+            return Err(RelayError::NoAnswer(limit));
+        }
+    };
     if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
         let upstream = hyper::upgrade::on(&mut resp);
         if let Some(client) = client_upgrade {
@@ -398,5 +446,39 @@ mod tests {
         let all = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(all.len(), 4 << 20);
         assert_eq!(accepted.load(Ordering::SeqCst), 2, "reused");
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_nobody_answers_ends_within_the_limit() {
+        // A server that takes the connection and the request, and says
+        // nothing; it reports when the relay closes the connection.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (closed_tx, closed) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            while s.read(&mut buf).await.unwrap_or(0) > 0 {}
+            let _ = closed_tx.send(());
+        });
+        let conn: BoxedConnection = Box::new(tokio::net::TcpStream::connect(addr).await.unwrap());
+        let req = http::Request::builder()
+            .uri("/ws")
+            .header("host", "x")
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(String::new())
+            .unwrap();
+        let t = std::time::Instant::now();
+        let limit = Duration::from_millis(300);
+        match relay_within(conn, req, limit).await {
+            Err(RelayError::NoAnswer(l)) => assert_eq!(l, limit),
+            other => panic!("{other:?}"),
+        }
+        assert!(t.elapsed() < Duration::from_secs(5));
+        tokio::time::timeout(Duration::from_secs(5), closed)
+            .await
+            .expect("the relay closed the connection")
+            .unwrap();
     }
 }

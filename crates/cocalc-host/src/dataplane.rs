@@ -617,7 +617,14 @@ async fn ports(State(a): State<AppState>, req: Request) -> Result<Response> {
             .map_err(|e| port_unreachable(port, e))?;
         cocalc_client::relay::relay(conn, req)
             .await
-            .map_err(|e| port_failed(port, &e))?
+            .map_err(|e| match e {
+                cocalc_client::relay::RelayError::NoAnswer(t) => Failure(ApiError::new(
+                    504,
+                    "port_timeout",
+                    format!("port {port} in the project did not answer the upgrade within {t:?}"),
+                )),
+                e => port_failed(port, &e),
+            })?
     } else {
         a.port_pool()
             .send((project, port), req, || {

@@ -757,9 +757,16 @@ impl Ingress {
         let resp = if req.headers().contains_key(header::UPGRADE) {
             // Upgrades take the connection over: a fresh one, relayed both ways.
             let conn = connect().await.map_err(|e| ApiError::from(&e))?;
-            cocalc_client::relay::relay(conn, req)
+            cocalc_client::relay::relay_within(conn, req, HOST_UPGRADE_TIMEOUT)
                 .await
-                .map_err(failed)?
+                .map_err(|e| match e {
+                    cocalc_client::relay::RelayError::NoAnswer(t) => ApiError::new(
+                        504,
+                        "host_timeout",
+                        format!("host {host} did not answer the upgrade within {t:?}"),
+                    ),
+                    e => host_failed(host, e),
+                })?
         } else {
             // Requests with a body go through hyper's client, on keep-alive
             // connections of their own.
@@ -833,6 +840,13 @@ fn host_failed(host: HostId, e: impl std::fmt::Display) -> ApiError {
 
 /// Idle connections kept per host.
 const POOL_PER_HOST: usize = 64;
+
+/// How long the ingress waits for a host to answer an upgrade: longer
+/// than the host waits for a server in a project
+/// ([`UPGRADE_ANSWER_TIMEOUT`](cocalc_client::relay::UPGRADE_ANSWER_TIMEOUT)),
+/// so a server that never answers gets the host's precise 504, and this
+/// one means the host itself did not answer.
+const HOST_UPGRADE_TIMEOUT: Duration = Duration::from_secs(45);
 
 #[cfg(test)]
 mod tests {
