@@ -58,7 +58,7 @@ impl HostClient {
             base: base.into().trim_end_matches('/').to_string(),
             project,
             token: token.into(),
-            http: reqwest::Client::new(),
+            http: crate::http_client(),
         }
     }
 

@@ -24,7 +24,7 @@ impl MasterClient {
         MasterClient {
             base: base.into().trim_end_matches('/').to_string(),
             key: api_key.into(),
-            http: reqwest::Client::new(),
+            http: crate::http_client(),
         }
     }
 
