@@ -919,22 +919,24 @@ fn nix_is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// The same requests directly to the host and through the ingress give the
-/// same answers; the ingress refuses malformed paths and bad tokens itself.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ingress_matches_direct_and_refuses_bad_input() {
-    use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    use tokio_tungstenite::tungstenite::Message;
+/// A master, one host and an ingress in front of it (plain TCP to the
+/// host, refusals kept in memory), for the ingress tests.
+struct IngressFixture {
+    m: Master,
+    admin: MasterClient,
+    h: Host,
+    ingress: std::sync::Arc<cocalc_proxy::Ingress>,
+    audit: std::sync::Arc<cocalc_auth::MemoryAuditSink>,
+}
 
-    let dir = tempfile::tempdir().unwrap();
-    let m = start_master(&dir.path().join("master"), "127.0.0.1:0").await;
+async fn ingress_fixture(dir: &Path, project_rps: u32) -> IngressFixture {
+    let m = start_master(&dir.join("master"), "127.0.0.1:0").await;
     let admin = MasterClient::new(&m.url, &m.admin);
     let t = admin.bootstrap_token().await.unwrap()["token"]
         .as_str()
         .unwrap()
         .to_string();
-    let h = start_host(&dir.path().join("h"), &m.url, &t, 60).await;
+    let h = start_host(&dir.join("h"), &m.url, &t, 60).await;
     eventually("host up", Duration::from_secs(15), || async {
         admin.hosts().await.map(|v| v.len() == 1).unwrap_or(false)
     })
@@ -942,7 +944,7 @@ async fn ingress_matches_direct_and_refuses_bad_input() {
     let proxy_user = admin.create_user("proxy").await.unwrap();
     let mut icfg =
         cocalc_proxy::IngressConfig::new(&m.url, proxy_user["api_key"].as_str().unwrap());
-    icfg.project_rps = 20;
+    icfg.project_rps = project_rps;
     icfg.client_rps = 1000;
     let audit = std::sync::Arc::new(cocalc_auth::MemoryAuditSink::new());
     let ingress = cocalc_proxy::Ingress::with_audit(
@@ -953,6 +955,70 @@ async fn ingress_matches_direct_and_refuses_bad_input() {
     )
     .await
     .unwrap();
+    IngressFixture {
+        m,
+        admin,
+        h,
+        ingress,
+        audit,
+    }
+}
+
+/// A "server in a project" (the host's loopback, as the process runner
+/// gives projects) that echoes WebSocket messages; its port.
+async fn websocket_echo_server() -> u16 {
+    use futures_util::{SinkExt, StreamExt};
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = echo.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else {
+                    return;
+                };
+                while let Some(Ok(m)) = ws.next().await {
+                    if m.is_close() || ws.send(m).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// A server in a project that answers every request with the request's
+/// headers, one `name: value` per line; its port.
+async fn headers_server() -> u16 {
+    let hl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = hl.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let app = axum::Router::new().fallback(|h: axum::http::HeaderMap| async move {
+            h.iter()
+                .map(|(k, v)| format!("{k}: {}\n", v.to_str().unwrap_or("?")))
+                .collect::<String>()
+        });
+        axum::serve(hl, app).await.unwrap();
+    });
+    port
+}
+
+/// The same requests directly to the host and through the ingress give the
+/// same answers; the ingress refuses malformed paths and bad tokens itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingress_matches_direct_and_refuses_bad_input() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let dir = tempfile::tempdir().unwrap();
+    let IngressFixture {
+        m,
+        admin,
+        h,
+        ingress,
+        audit,
+    } = ingress_fixture(dir.path(), 20).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let purl = format!("http://{}", listener.local_addr().unwrap());
     // Served as the daemon serves it, so WebSockets below are relayed by
@@ -1060,22 +1126,7 @@ async fn ingress_matches_direct_and_refuses_bad_input() {
 
     // A WebSocket echo server inside the project: the same frames come
     // back, in the same order, directly and through the ingress.
-    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let echo_port = echo.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = echo.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else {
-                    return;
-                };
-                while let Some(Ok(m)) = ws.next().await {
-                    if m.is_close() || ws.send(m).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
+    let echo_port = websocket_echo_server().await;
     let frames = vec![
         Message::Text("hello".into()),
         Message::Binary(
@@ -1121,16 +1172,7 @@ async fn ingress_matches_direct_and_refuses_bad_input() {
     // sent itself), its address appended to X-Forwarded-For, the scheme,
     // and never the token; the same for a GET (the lean upstream client)
     // and a POST with a body (hyper's).
-    let hl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hport = hl.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        let app = axum::Router::new().fallback(|h: axum::http::HeaderMap| async move {
-            h.iter()
-                .map(|(k, v)| format!("{k}: {}\n", v.to_str().unwrap_or("?")))
-                .collect::<String>()
-        });
-        axum::serve(hl, app).await.unwrap();
-    });
+    let hport = headers_server().await;
     let headers_seen = |base: String, method: reqwest::Method| {
         let (http, token, pid) = (http.clone(), o.token.clone(), pid.clone());
         async move {
@@ -1317,28 +1359,13 @@ async fn ingress_over_https_answers_as_over_http() {
     use tokio_tungstenite::tungstenite::Message;
 
     let dir = tempfile::tempdir().unwrap();
-    let m = start_master(&dir.path().join("master"), "127.0.0.1:0").await;
-    let admin = MasterClient::new(&m.url, &m.admin);
-    let t = admin.bootstrap_token().await.unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let h = start_host(&dir.path().join("h"), &m.url, &t, 60).await;
-    eventually("host up", Duration::from_secs(15), || async {
-        admin.hosts().await.map(|v| v.len() == 1).unwrap_or(false)
-    })
-    .await;
-    let proxy_user = admin.create_user("proxy").await.unwrap();
-    let icfg = cocalc_proxy::IngressConfig::new(&m.url, proxy_user["api_key"].as_str().unwrap());
-    let audit = std::sync::Arc::new(cocalc_auth::MemoryAuditSink::new());
-    let ingress = cocalc_proxy::Ingress::with_audit(
-        icfg,
-        std::sync::Arc::new(cocalc_proxy::TcpTransport::default()),
-        std::sync::Arc::new(cocalc_core::SystemClock),
-        audit.clone(),
-    )
-    .await
-    .unwrap();
+    let IngressFixture {
+        m,
+        admin,
+        h,
+        ingress,
+        audit,
+    } = ingress_fixture(dir.path(), 200).await;
     let (cert, key, root) = self_signed(dir.path());
     let certs = cocalc_proxy::tls::CertStore::load(cocalc_proxy::tls::TlsFiles {
         cert_file: cert.clone(),
@@ -1395,16 +1422,7 @@ async fn ingress_over_https_answers_as_over_http() {
 
     // A server in the project sees the scheme, the client's Host and
     // address, and no token.
-    let hl = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hport = hl.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        let app = axum::Router::new().fallback(|h: axum::http::HeaderMap| async move {
-            h.iter()
-                .map(|(k, v)| format!("{k}: {}\n", v.to_str().unwrap_or("?")))
-                .collect::<String>()
-        });
-        axum::serve(hl, app).await.unwrap();
-    });
+    let hport = headers_server().await;
     let (status, _, body) = https(
         paddr,
         &root,
@@ -1423,22 +1441,7 @@ async fn ingress_over_https_answers_as_over_http() {
     assert!(!seen.contains("authorization"), "{seen}");
 
     // A WebSocket through TLS to an echo server in the project.
-    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let echo_port = echo.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = echo.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else {
-                    return;
-                };
-                while let Some(Ok(m)) = ws.next().await {
-                    if m.is_close() || ws.send(m).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
+    let echo_port = websocket_echo_server().await;
     let mut req = format!("wss://{paddr}/{pid}/port/{echo_port}/")
         .into_client_request()
         .unwrap();
