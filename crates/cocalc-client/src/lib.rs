@@ -52,14 +52,16 @@ pub mod upstream;
 pub use host::{encode_path, HostClient};
 pub use master::MasterClient;
 
-/// The TLS configuration of every HTTP client this crate makes: the
+/// The TLS client configuration of every HTTP client this crate makes,
+/// and of hidden hosts' tunnels without a CA file of their own: the
 /// system's roots (`SSL_CERT_FILE` and `SSL_CERT_DIR` honoured), read once
-/// per process. reqwest would read and parse them for every client it
-/// builds: `MasterClient::new` took 2.8–4.1 ms with the 292 certificates
-/// of this machine's `/etc/ssl/certs`, against 1.9 µs with this (a loop of
-/// 200 in a release build), and the master makes a client for every
-/// exec, start and stop it forwards to a host.
-fn tls_config() -> Option<&'static rustls::ClientConfig> {
+/// per process; `None` when the system has none rustls can use. reqwest
+/// would read and parse them for every client it builds:
+/// `MasterClient::new` took 2.8–4.1 ms with the 292 certificates of this
+/// machine's `/etc/ssl/certs`, against 1.9 µs with this (a loop of 200 in
+/// a release build), and the master makes a client for every exec, start
+/// and stop it forwards to a host.
+pub fn system_tls_config() -> Option<&'static rustls::ClientConfig> {
     static CONFIG: std::sync::OnceLock<Option<rustls::ClientConfig>> = std::sync::OnceLock::new();
     CONFIG
         .get_or_init(|| {
@@ -68,24 +70,53 @@ fn tls_config() -> Option<&'static rustls::ClientConfig> {
                 // Certificates rustls cannot use are skipped, as reqwest does.
                 let _ = roots.add(cert);
             }
-            let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-            rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .ok()
-                .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+            (!roots.is_empty()).then(|| trusting(roots)).flatten()
         })
         .as_ref()
 }
 
-/// A new HTTP client (its own connection pool) with the shared TLS
-/// configuration ([`tls_config`]).
-fn http_client() -> reqwest::Client {
+/// A TLS client configuration trusting only the PEM certificates in
+/// `ca_file` (a private CA); the error names the file and what is wrong.
+pub fn tls_config_from_pem(ca_file: &std::path::Path) -> Result<rustls::ClientConfig, String> {
+    use rustls::pki_types::pem::PemObject;
+    let bad = |e: String| format!("CA file {}: {e}", ca_file.display());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in
+        rustls::pki_types::CertificateDer::pem_file_iter(ca_file).map_err(|e| bad(e.to_string()))?
+    {
+        roots
+            .add(cert.map_err(|e| bad(e.to_string()))?)
+            .map_err(|e| bad(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(bad("no CERTIFICATE in the PEM file".into()));
+    }
+    trusting(roots).ok_or_else(|| bad("refused by rustls".into()))
+}
+
+/// TLS 1.2 and 1.3 on *ring*, verifying servers against `roots`.
+fn trusting(roots: rustls::RootCertStore) -> Option<rustls::ClientConfig> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .ok()
+        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+}
+
+/// A reqwest client builder with the shared TLS configuration
+/// ([`system_tls_config`]), for clients with options of their own.
+pub fn http_client_builder() -> reqwest::ClientBuilder {
     let builder = reqwest::Client::builder();
-    let builder = match tls_config() {
+    match system_tls_config() {
         Some(cfg) => builder.use_preconfigured_tls(cfg.clone()),
         None => builder,
-    };
-    builder.build().unwrap_or_default()
+    }
+}
+
+/// A new HTTP client (its own connection pool) with the shared TLS
+/// configuration.
+fn http_client() -> reqwest::Client {
+    http_client_builder().build().unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -176,7 +176,7 @@ impl MasterLink {
         acl: Arc<AclCache>,
         events: Arc<dyn HostEvents>,
     ) -> Self {
-        let http = reqwest::Client::builder()
+        let http = cocalc_client::http_client_builder()
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(30))
             .build()

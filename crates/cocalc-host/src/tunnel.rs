@@ -109,46 +109,18 @@ pub struct TunnelClientConfig {
 pub fn tls_client_config(
     ca_file: Option<&std::path::Path>,
 ) -> Result<Arc<rustls::ClientConfig>, TunnelError> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::CertificateDer;
-    let mut roots = rustls::RootCertStore::empty();
     match ca_file {
-        Some(path) => {
-            let bad = |e: String| TunnelError::Tls(format!("CA file {}: {e}", path.display()));
-            let certs = CertificateDer::pem_file_iter(path)
-                .map_err(|e| bad(e.to_string()))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| bad(e.to_string()))?;
-            if certs.is_empty() {
-                return Err(bad("no CERTIFICATE in the PEM file".into()));
-            }
-            for c in certs {
-                roots.add(c).map_err(|e| bad(e.to_string()))?;
-            }
-        }
-        None => {
-            let found = rustls_native_certs::load_native_certs();
-            for c in found.certs {
-                // A system bundle may hold certificates rustls cannot use;
-                // the others still count.
-                let _ = roots.add(c);
-            }
-            if roots.is_empty() {
-                return Err(TunnelError::Tls(format!(
-                    "no usable root certificates on this system ({:?}); set tunnel_ca_file",
-                    found.errors
-                )));
-            }
-        }
+        Some(path) => cocalc_client::tls_config_from_pem(path)
+            .map(Arc::new)
+            .map_err(TunnelError::Tls),
+        None => cocalc_client::system_tls_config()
+            .map(|c| Arc::new(c.clone()))
+            .ok_or_else(|| {
+                TunnelError::Tls(
+                    "no usable root certificates on this system; set tunnel_ca_file".into(),
+                )
+            }),
     }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| TunnelError::Tls(e.to_string()))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    Ok(Arc::new(cfg))
 }
 
 impl std::fmt::Debug for TunnelClientConfig {
