@@ -283,6 +283,11 @@ fn proxy_starts_from_config_and_refuses_at_the_edge() {
             format!("tls_cert_file = \"{}\"\n", missing.display()),
             "go with tls_listen".to_string(),
         ),
+        // The CA that hosts with https:// URLs must chain to.
+        (
+            format!("hosts_ca_file = \"{}\"\n", missing.display()),
+            format!("hosts_ca_file: CA file {}", missing.display()),
+        ),
     ] {
         std::fs::write(
             &cfg,

@@ -4,146 +4,14 @@
 //! tunnel survives `kill -9` of the proxy and of the host, and requests in
 //! flight when either dies fail promptly instead of hanging.
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{cocalc, free_port};
-
-struct Proc {
-    child: Child,
-    line: String,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `bin -c cfg` and waits for a stderr line starting with `prefix`.
-fn spawn(bin: &str, cfg: &Path, prefix: &str) -> Proc {
-    spawn_with(bin, cfg, prefix, &[])
-}
-
-/// [`spawn`] with more environment variables.
-fn spawn_with(bin: &str, cfg: &Path, prefix: &str, env: &[(&str, &Path)]) -> Proc {
-    let mut child = Command::new(bin)
-        .args(["-c", cfg.to_str().unwrap()])
-        .env("RUST_LOG", "warn")
-        .envs(env.iter().map(|(k, v)| (*k, v.as_os_str())))
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let line = loop {
-        let line = lines
-            .next()
-            .unwrap_or_else(|| panic!("{bin} exited before printing {prefix:?}"))
-            .unwrap();
-        if line.starts_with(prefix) {
-            break line;
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    Proc { child, line }
-}
-
-/// A master with its data in `d/m`, started with `env`: the process, its
-/// URL and the admin key.
-fn start_master(d: &Path, env: &[(&str, &Path)]) -> (Proc, String, String) {
-    std::fs::write(
-        d.join("master.toml"),
-        format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n",
-            d.join("m").display()
-        ),
-    )
-    .unwrap();
-    let master = spawn_with(
-        env!("CARGO_BIN_EXE_cocalc-master"),
-        &d.join("master.toml"),
-        "cocalc-master: listening on ",
-        env,
-    );
-    let murl = master
-        .line
-        .trim_start_matches("cocalc-master: listening on ")
-        .to_string();
-    let admin = std::fs::read_to_string(d.join("m/admin.key"))
-        .unwrap()
-        .trim()
-        .to_string();
-    (master, murl, admin)
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "exit {:?}, stderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Rows of `/proc/net/tcp{,6}` for sockets that `pid` holds, as
-/// (local address, remote address, state) in the kernel's hex notation.
-fn tcp_sockets(pid: u32) -> Vec<(String, String, String)> {
-    let mut mine = std::collections::HashSet::new();
-    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .flatten()
-    {
-        if let Ok(target) = std::fs::read_link(fd.path()) {
-            let t = target.to_string_lossy().into_owned();
-            if let Some(inode) = t.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')) {
-                mine.insert(inode.to_string());
-            }
-        }
-    }
-    let mut found = Vec::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let text = std::fs::read_to_string(table).unwrap_or_default();
-        for row in text.lines().skip(1) {
-            let cols: Vec<&str> = row.split_whitespace().collect();
-            // Column 9 is the inode.
-            if cols.len() > 9 && mine.contains(cols[9]) {
-                found.push((cols[1].into(), cols[2].into(), cols[3].into()));
-            }
-        }
-    }
-    found
-}
-
-/// Local addresses of `pid`'s TCP listeners (state 0A).
-fn listening_sockets(pid: u32) -> Vec<String> {
-    tcp_sockets(pid)
-        .into_iter()
-        .filter(|s| s.2 == "0A")
-        .map(|s| s.0)
-        .collect()
-}
-
-/// How many established (state 01) TCP connections `pid` has to `port`.
-fn connections_to(pid: u32, port: u16) -> usize {
-    let suffix = format!(":{port:04X}");
-    tcp_sockets(pid)
-        .iter()
-        .filter(|s| s.2 == "01" && s.1.ends_with(&suffix))
-        .count()
-}
+use common::{
+    blocking_post, cocalc, connections_to, eventually, free_port, listening_sockets, ok, spawn,
+    start_master, tcp_sockets, Proc,
+};
 
 #[test]
 fn hidden_host_is_served_through_the_tunnel_and_survives_restarts() {
@@ -371,26 +239,6 @@ fn kill_mid_request(master: &str, key: &str, victim: &mut Proc) -> Output {
         "in-flight request hung for {took:?}"
     );
     o
-}
-
-/// POST JSON with a bearer key; the JSON answer (blocking, for tests).
-fn blocking_post(url: &str, key: &str, body: serde_json::Value) -> serde_json::Value {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        reqwest::Client::new()
-            .post(url)
-            .bearer_auth(key)
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    })
 }
 
 /// The hidden host's tunnel and dial-backs over TLS: the proxy serves

@@ -18,6 +18,10 @@
 //!   requests in front of hyper's, which splices large relayed bodies.
 //! * [`liveness`]: TCP keepalive and `TCP_USER_TIMEOUT` on every relayed
 //!   connection, so a peer that vanished is noticed within minutes.
+//! * [`tls`]: certificates loaded from PEM files and reloaded on
+//!   renewal, server and client handshakes with a deadline, for the HTTPS
+//!   listeners of the proxy and hosts and for the proxy's connections to
+//!   `https://` hosts.
 //!
 //! Errors are the server's [`ApiError`](cocalc_core::ApiError) (status, code,
 //! message, hint); failures to connect are `503 master_unreachable` /
@@ -47,6 +51,7 @@ pub mod relay;
 pub mod serve;
 #[cfg(target_os = "linux")]
 pub mod splice;
+pub mod tls;
 pub mod upstream;
 
 pub use host::{encode_path, HostClient};

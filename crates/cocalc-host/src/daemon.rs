@@ -6,7 +6,10 @@
 //!
 //! ```toml
 //! listen = "127.0.0.1:8443"            # data plane address
-//! # public_url = "http://10.0.0.5:8443" # how users reach it (default: http://<listen>)
+//! # public_url = "http://10.0.0.5:8443" # how users reach it (default: http://<listen>,
+//! #                                     # or https://<listen> with a certificate)
+//! # tls_cert_file = "/etc/cocalc/host.crt" # serve listen over HTTPS: a PEM chain, leaf
+//! # tls_key_file = "/etc/cocalc/host.pem"  # first, and its key (re-read every 30 s)
 //! # tunnel_url = "https://proxy:8443"   # instead of listen: a hidden host that
 //! #                                     # dials this proxy and listens nowhere
 //! #                                     # (https: TLS, or http: plain)
@@ -91,9 +94,17 @@ pub struct HostConfig {
     /// to (default: the system's roots).
     #[serde(default)]
     pub tunnel_ca_file: Option<PathBuf>,
-    /// How users reach this host (default `http://<bound address>`).
+    /// How users reach this host (default `http://<bound address>`, or
+    /// `https://` with `tls_cert_file`).
     #[serde(default)]
     pub public_url: Option<String>,
+    /// Serve `listen` over HTTPS with this PEM certificate chain (leaf
+    /// first), re-read every [`HOUSEKEEPING`] round so a renewal needs no restart.
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The private key of `tls_cert_file` (PEM).
+    #[serde(default)]
+    pub tls_key_file: Option<PathBuf>,
     /// The master.
     pub master_url: String,
     /// State directory.
@@ -161,6 +172,10 @@ fn default_runner() -> String {
 fn default_storage() -> String {
     "dir".into()
 }
+/// How often the host saves its ACL cache, flushes its audit sink and
+/// (serving HTTPS) re-reads its certificate and key.
+pub const HOUSEKEEPING: Duration = Duration::from_secs(30);
+
 /// The default project image name used by `cocalc dev up` and the host.
 pub const DEFAULT_IMAGE: &str = "localhost/cocalc-project:latest";
 fn default_image() -> String {
@@ -186,7 +201,18 @@ impl HostConfig {
         let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
         let cfg: HostConfig = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
         cfg.check().map_err(bad)?;
+        if let Some(files) = cfg.tls_files() {
+            cocalc_client::tls::server_config(&files).map_err(|e| bad(e.to_string()))?;
+        }
         Ok(cfg)
+    }
+
+    /// The certificate and key files, when both are set.
+    pub fn tls_files(&self) -> Option<cocalc_client::tls::TlsFiles> {
+        Some(cocalc_client::tls::TlsFiles {
+            cert_file: self.tls_cert_file.clone()?,
+            key_file: self.tls_key_file.clone()?,
+        })
     }
 
     /// Checks choices that serde cannot.
@@ -223,6 +249,19 @@ impl HostConfig {
                 .is_some_and(|u| u.starts_with("https://"))
         {
             return Err("tunnel_ca_file goes with an https:// tunnel_url".into());
+        }
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(_), None) | (None, Some(_)) => {
+                return Err("tls_cert_file and tls_key_file go together".into())
+            }
+            (Some(_), Some(_)) if self.listen.is_none() => {
+                return Err(
+                    "tls_cert_file and tls_key_file go with listen: a hidden host serves \
+                     only through its tunnel"
+                        .into(),
+                )
+            }
+            _ => {}
         }
         if !matches!(self.runner.as_str(), "process" | "podman") {
             return Err(format!(
@@ -324,10 +363,15 @@ pub async fn start(
         .await
         .map_err(|e| start_err(&format!("listen on {listen}"), e))?;
     let addr = listener.local_addr().map_err(|e| start_err("listen", e))?;
+    let scheme = if cfg.tls_files().is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let public = cfg
         .public_url
         .clone()
-        .unwrap_or_else(|| format!("http://{addr}"));
+        .unwrap_or_else(|| format!("{scheme}://{addr}"));
     Ok((build(cfg, public).await?, Some(listener)))
 }
 
@@ -395,6 +439,7 @@ pub struct Host {
     tunnel: Option<Arc<crate::tunnel::TunnelClient>>,
     endpoint: HostEndpoint,
     metrics_listen: Option<SocketAddr>,
+    tls: Option<Arc<cocalc_client::tls::CertStore>>,
 }
 
 impl std::fmt::Debug for Host {
@@ -572,6 +617,12 @@ async fn build_at(cfg: &HostConfig, endpoint: HostEndpoint) -> Result<Host, Host
             }
         }));
     }
+    let tls = match cfg.tls_files() {
+        Some(files) if cfg.listen.is_some() => {
+            Some(cocalc_client::tls::CertStore::load(files).map_err(|e| start_err("TLS", e))?)
+        }
+        _ => None,
+    };
     let agent =
         HostAgent::new(AgentConfig::new(host), runner, storage, gate).with_local_store(local);
     let known = agent
@@ -599,6 +650,7 @@ async fn build_at(cfg: &HostConfig, endpoint: HostEndpoint) -> Result<Host, Host
         tunnel,
         endpoint,
         metrics_listen: cfg.metrics_listen,
+        tls,
     })
 }
 
@@ -718,8 +770,9 @@ impl Host {
         self.serve(None, shutdown).await
     }
 
-    /// Serves the data plane on `listener` if there is one and through the
-    /// tunnel if the host has one, and keeps the master link up, until
+    /// Serves the data plane on `listener` if there is one (over HTTPS if
+    /// the config had `tls_cert_file`) and through the tunnel if the host
+    /// has one, and keeps the master link up, until
     /// `shutdown` completes. ([`Host::run`] and [`Host::run_hidden`] are the
     /// two usual cases.)
     pub async fn serve(
@@ -727,6 +780,14 @@ impl Host {
         listener: Option<tokio::net::TcpListener>,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        let tls_config = match &self.tls {
+            Some(certs) => Some(
+                certs
+                    .server_config()
+                    .map_err(|e| std::io::Error::other(format!("TLS: {e}")))?,
+            ),
+            None => None,
+        };
         let me = Arc::new(self);
         let (tx, rx) = tokio::sync::watch::channel(false);
         let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -769,15 +830,23 @@ impl Host {
             })
         };
         // Save the ACL cache to the local store every 30 s (and at the end),
-        // and flush the audit sink.
+        // flush the audit sink, and re-read the TLS certificate.
         let saver = {
             let me = me.clone();
             let stop = wait(rx.clone());
             tokio::spawn(async move {
                 let save = async {
                     loop {
-                        tokio::time::sleep(Duration::from_secs(30)).await;
+                        tokio::time::sleep(HOUSEKEEPING).await;
                         me.agent.flush_audit();
+                        match me.tls.as_ref().map(|c| c.reload()) {
+                            Some(Ok(true)) => tracing::info!("presenting a new TLS certificate"),
+                            Some(Err(e)) => tracing::warn!(
+                                error = %e,
+                                "reloading the TLS certificate failed; keeping the current one"
+                            ),
+                            _ => {}
+                        }
                         if let Err(e) = me.agent.save_acl().await {
                             tracing::warn!(error = %e, "saving the ACL cache failed");
                         }
@@ -824,8 +893,20 @@ impl Host {
             shutdown.await;
             let _ = tx.send(true);
         });
-        let result = match listener {
-            Some(l) => {
+        let result = match (listener, tls_config) {
+            (Some(l), Some(config)) => {
+                // HTTPS: every request through hyper (the lean relay reads
+                // a bare socket).
+                cocalc_client::tls::serve_tls(
+                    l,
+                    config,
+                    move |_| hyper_util::service::TowerToHyperService::new(router.clone()),
+                    |peer, why| tracing::debug!(%peer, error = %why, "TLS handshake failed"),
+                    wait(rx),
+                )
+                .await
+            }
+            (Some(l), None) => {
                 // Plain requests to servers in projects take the lean
                 // relay; everything else the router.
                 let lean = crate::dataplane::LeanPorts::new(me.agent.clone());
@@ -841,7 +922,7 @@ impl Host {
                 )
                 .await
             }
-            None => {
+            (None, _) => {
                 wait(rx).await;
                 Ok(())
             }
@@ -910,5 +991,37 @@ mod tests {
             .contains("tunnel_ca_file goes with an https://"));
         let public = check("tunnel_url = \"http://p:1\"\npublic_url = \"http://h:2\"\n");
         assert!(public.unwrap_err().contains("public_url has no meaning"));
+    }
+
+    #[test]
+    fn https_needs_both_files_and_a_listen_address() {
+        let tls = "tls_cert_file = \"/c.crt\"\ntls_key_file = \"/c.pem\"\n";
+        assert!(check(&format!("listen = \"127.0.0.1:0\"\n{tls}")).is_ok());
+        let half = check("listen = \"127.0.0.1:0\"\ntls_cert_file = \"/c.crt\"\n");
+        assert!(half.unwrap_err().contains("go together"));
+        let hidden = check(&format!("tunnel_url = \"https://p:1\"\n{tls}"));
+        assert!(hidden.unwrap_err().contains("go with listen"));
+    }
+
+    #[test]
+    fn a_certificate_that_does_not_load_is_named_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("host.toml");
+        let missing = dir.path().join("missing.crt");
+        std::fs::write(
+            &cfg,
+            format!(
+                "listen = \"127.0.0.1:0\"\nmaster_url = \"http://127.0.0.1:1\"\n\
+                 data_dir = \"/tmp/x\"\ntls_cert_file = \"{0}\"\ntls_key_file = \"{0}\"\n",
+                missing.display()
+            ),
+        )
+        .unwrap();
+        let e = HostConfig::load(&cfg).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(
+            e.to_string().contains(&missing.display().to_string()),
+            "{e}"
+        );
     }
 }

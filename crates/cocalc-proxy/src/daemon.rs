@@ -18,6 +18,8 @@
 //! # tls_cert_file = "/etc/cocalc/proxy.crt" # a PEM certificate chain, leaf first,
 //! # tls_key_file = "/etc/cocalc/proxy.pem"  # and its PEM private key (both re-read every
 //! #                                          # key_refresh_secs: renewals need no restart)
+//! # hosts_ca_file = "/etc/cocalc/hosts-ca.pem" # hosts with https:// URLs must chain to these
+//! #                                          # roots (default: the system's)
 //! ```
 //!
 //! Hidden hosts open reverse tunnels at `<public_url>/.cocalc/tunnel` (see
@@ -114,6 +116,10 @@ pub struct ProxyConfig {
     /// PEM private key of that certificate.
     #[serde(default)]
     pub tls_key_file: Option<PathBuf>,
+    /// PEM certificates that hosts with `https://` URLs must chain to
+    /// (default: the system's roots).
+    #[serde(default)]
+    pub hosts_ca_file: Option<PathBuf>,
 }
 
 fn default_refresh() -> u64 {
@@ -154,6 +160,7 @@ impl ProxyConfig {
             }
             (None, _) => {}
         }
+        cfg.host_transport().map_err(bad)?;
         Ok(cfg)
     }
 
@@ -162,6 +169,19 @@ impl ProxyConfig {
         Some(crate::tls::TlsFiles {
             cert_file: self.tls_cert_file.clone()?,
             key_file: self.tls_key_file.clone()?,
+        })
+    }
+
+    /// How the proxy reaches hosts with URLs: the roots of
+    /// `hosts_ca_file` for `https://` ones when it is set.
+    fn host_transport(&self) -> Result<crate::TcpTransport, String> {
+        let tcp = crate::TcpTransport::default();
+        Ok(match &self.hosts_ca_file {
+            Some(path) => tcp.with_tls(Arc::new(
+                cocalc_client::tls_config_from_pem(path)
+                    .map_err(|e| format!("hosts_ca_file: {e}"))?,
+            )),
+            None => tcp,
         })
     }
 
@@ -201,7 +221,10 @@ pub async fn run(
     );
     let ingress = Ingress::new(
         icfg,
-        Arc::new(ProxyTransport::new(tunnels.clone())),
+        Arc::new(
+            ProxyTransport::new(tunnels.clone())
+                .with_tcp(cfg.host_transport().map_err(ProxyDaemonError::Start)?),
+        ),
         clock.clone(),
     )
     .await

@@ -1,5 +1,7 @@
-//! Direct TCP transport to hosts that publish a URL.
+//! Direct TCP transport to hosts that publish a URL, with TLS for
+//! `https://` ones.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -8,19 +10,25 @@ use cocalc_core::{
 };
 use tokio::net::TcpStream;
 
-/// Connects to [`HostEndpoint::Url`] endpoints over plain TCP, with a connect
-/// timeout (default 5 s). For `https` URLs it opens the TCP connection only;
-/// TLS is layered on top by the caller. Tunnel endpoints are refused with
+/// Connects to [`HostEndpoint::Url`] endpoints over TCP, with a connect
+/// timeout (default 5 s). For `https` URLs it also runs the TLS handshake
+/// ([`cocalc_client::tls::connect`]) and checks the host's certificate
+/// against the roots it was given ([`TcpTransport::with_tls`]) or else the
+/// system's ([`cocalc_client::system_tls_config`]); the connection it
+/// returns is then the encrypted stream, whose bytes relays copy (they
+/// splice only bare TCP sockets). Tunnel endpoints are refused with
 /// [`TransportError::UnsupportedEndpoint`].
 #[derive(Debug, Clone)]
 pub struct TcpTransport {
     connect_timeout: Duration,
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Default for TcpTransport {
     fn default() -> Self {
         TcpTransport {
             connect_timeout: Duration::from_secs(5),
+            tls: None,
         }
     }
 }
@@ -28,7 +36,30 @@ impl Default for TcpTransport {
 impl TcpTransport {
     /// A transport with the given connect timeout.
     pub fn with_timeout(connect_timeout: Duration) -> Self {
-        TcpTransport { connect_timeout }
+        TcpTransport {
+            connect_timeout,
+            ..TcpTransport::default()
+        }
+    }
+
+    /// Checks `https://` hosts against `config` (a private CA's roots,
+    /// say: [`cocalc_client::tls_config_from_pem`]) instead of the
+    /// system's roots.
+    pub fn with_tls(mut self, config: Arc<rustls::ClientConfig>) -> Self {
+        self.tls = Some(config);
+        self
+    }
+
+    /// The TLS configuration for `https://` hosts: the one given, else the
+    /// system's roots.
+    fn tls_config(&self) -> Option<Arc<rustls::ClientConfig>> {
+        static SYSTEM: std::sync::OnceLock<Option<Arc<rustls::ClientConfig>>> =
+            std::sync::OnceLock::new();
+        self.tls.clone().or_else(|| {
+            SYSTEM
+                .get_or_init(|| cocalc_client::system_tls_config().map(|c| Arc::new(c.clone())))
+                .clone()
+        })
     }
 }
 
@@ -51,7 +82,20 @@ impl Transport for TcpTransport {
             .map_err(|e| unreachable(format!("connect to {addr}: {e}")))?;
         cocalc_client::liveness::tune(&stream)
             .map_err(|e| unreachable(format!("set TCP_NODELAY and keepalive: {e}")))?;
-        Ok(Box::new(stream))
+        if !url.starts_with("https://") {
+            return Ok(Box::new(stream));
+        }
+        let config = self.tls_config().ok_or_else(|| {
+            unreachable(format!(
+                "{url} needs TLS, and the system has no root certificates \
+                 (configure the hosts' CA)"
+            ))
+        })?;
+        let name = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
+        let tls = cocalc_client::tls::connect(config, name, stream)
+            .await
+            .map_err(|e| unreachable(format!("TLS to {addr}: {e}")))?;
+        Ok(Box::new(tls))
     }
 }
 

@@ -719,6 +719,13 @@ impl ProxyTransport {
             tunnels,
         }
     }
+
+    /// Hosts with URLs reached through `tcp` (a private CA for `https://`
+    /// hosts: [`TcpTransport::with_tls`]).
+    pub fn with_tcp(mut self, tcp: TcpTransport) -> Self {
+        self.tcp = tcp;
+        self
+    }
 }
 
 #[async_trait]

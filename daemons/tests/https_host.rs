@@ -1,0 +1,189 @@
+//! A host that serves its data plane over HTTPS (`tls_cert_file`), with the
+//! real daemons as separate processes: it registers an `https://` URL;
+//! the CLI, the master's one-call exec and the proxy (trusting the host's
+//! CA through `hosts_ca_file`) all reach it over TLS, and get the same
+//! answers; a proxy that does not trust the host's certificate refuses to
+//! relay, saying why; plain HTTP to the host's port gets no answer.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use cocalc_core::ExecRequest;
+
+mod common;
+use common::{
+    blocking_post, cocalc_env, connections_to, eventually, free_port, ok, spawn, start_master,
+};
+
+#[test]
+fn host_serves_https_to_the_cli_the_master_and_the_proxy() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let (cert, key) = (d.join("host.crt"), d.join("host.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+    // The master and the CLI trust the host's certificate as a system root.
+    let trust = [("SSL_CERT_FILE", cert.as_path())];
+    let (_master, murl, admin) = start_master(d, &trust);
+    let cli = |key: &str, args: &[&str], stdin: Option<&[u8]>| {
+        cocalc_env(&murl, key, args, stdin, &trust)
+    };
+    let json =
+        |o: std::process::Output| -> serde_json::Value { serde_json::from_str(&ok(&o)).unwrap() };
+    let proxy_key = json(cli(
+        &admin,
+        &["proxy-key", "create", "edge", "--json"],
+        None,
+    ))["api_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let alice = json(cli(&admin, &["user", "create", "alice", "--json"], None))["api_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let token = ok(&cli(&admin, &["host", "bootstrap-token"], None))
+        .trim()
+        .to_string();
+    let port = free_port();
+    std::fs::write(
+        d.join("host.toml"),
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n\
+             master_url = \"{murl}\"\ndata_dir = \"{}\"\nbootstrap_token = \"{token}\"\n\
+             runner = \"process\"\nstorage = \"dir\"\n",
+            cert.display(),
+            key.display(),
+            d.join("h").display()
+        ),
+    )
+    .unwrap();
+    let url = format!("https://127.0.0.1:{port}");
+    let host = spawn(
+        env!("CARGO_BIN_EXE_cocalc-host"),
+        &d.join("host.toml"),
+        "cocalc-host: ",
+    );
+    assert!(
+        host.line.ends_with(&format!("listening on {url}")),
+        "{}",
+        host.line
+    );
+    eventually("the host is up", Duration::from_secs(20), || {
+        let o = cli(&admin, &["host", "list", "--json"], None);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        v.as_array().is_some_and(|a| {
+            a.iter()
+                .any(|h| h["state"] == "up" && h["endpoint"]["value"] == url.as_str())
+        })
+    });
+
+    // The CLI, straight to the host over HTTPS.
+    ok(&cli(&alice, &["project", "create", "p"], None));
+    let open = json(cli(&alice, &["project", "open", "p", "--json"], None));
+    assert_eq!(open["endpoint"]["value"], url.as_str());
+    let project: cocalc_core::ProjectId = open["project"].as_str().unwrap().parse().unwrap();
+    let connect_token = open["token"].as_str().unwrap().to_string();
+    let script = "echo \"$((6 * 7)) over tls\"; exit 3";
+    let direct = cli(
+        &alice,
+        &["project", "exec", "p", "--", "sh", "-c", script],
+        None,
+    );
+    assert_eq!(direct.status.code(), Some(3), "{direct:?}");
+    assert_eq!(String::from_utf8_lossy(&direct.stdout), "42 over tls\n");
+    let big: Vec<u8> = (0..2_000_000u32).map(|i| (i % 251) as u8).collect();
+    ok(&cli(&alice, &["file", "put", "p", "big.bin"], Some(&big)));
+    let got = cli(&alice, &["file", "get", "p", "big.bin"], None);
+    assert!(
+        got.status.success() && got.stdout == big,
+        "the file came back different"
+    );
+
+    // The master's one-call exec forwards to the host over HTTPS.
+    let r = blocking_post(
+        &format!("{murl}/v1/projects/{project}/exec"),
+        &alice,
+        serde_json::json!({ "argv": ["sh", "-c", script] }),
+    );
+    let r: cocalc_core::wire::ExecResult = serde_json::from_value(r).unwrap();
+    assert_eq!((r.exit_code, &r.stdout[..]), (3, &b"42 over tls\n"[..]));
+
+    // The proxy, told to trust the host's CA, relays over TLS and answers
+    // as the host does.
+    let proxy_at = |name: &str, extra: &str| {
+        let listen = free_port();
+        let cfg = d.join(format!("{name}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "listen = \"127.0.0.1:{listen}\"\nmaster_url = \"{murl}\"\n\
+                 api_key = \"{proxy_key}\"\n{extra}"
+            ),
+        )
+        .unwrap();
+        let p = spawn(
+            env!("CARGO_BIN_EXE_cocalc-proxy"),
+            &cfg,
+            "cocalc-proxy: listening on ",
+        );
+        (p, format!("http://127.0.0.1:{listen}"))
+    };
+    let (proxy, purl) = proxy_at(
+        "proxy",
+        &format!("hosts_ca_file = \"{}\"\n", cert.display()),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let exec = ExecRequest::new(vec!["sh".into(), "-c".into(), script.into()]);
+    let via = rt
+        .block_on(
+            cocalc_client::HostClient::new(purl.clone(), project, connect_token.clone())
+                .exec(&exec),
+        )
+        .unwrap();
+    assert_eq!(via.exit_code, 3);
+    assert_eq!(via.stdout, direct.stdout);
+    let back = rt
+        .block_on(
+            cocalc_client::HostClient::new(purl, project, connect_token.clone()).read("big.bin"),
+        )
+        .unwrap();
+    assert!(
+        back == big,
+        "the file came back different through the proxy"
+    );
+    assert!(
+        connections_to(proxy.child.id(), port) >= 1,
+        "the proxy keeps its connection to the host's TLS port"
+    );
+
+    // A proxy without the host's CA refuses to relay, and says why.
+    let (_untrusting, uurl) = proxy_at("untrusting", "");
+    let e = rt
+        .block_on(cocalc_client::HostClient::new(uurl, project, connect_token).exec(&exec))
+        .unwrap_err();
+    assert_eq!(
+        (e.status, e.code.as_str()),
+        (502, "host_unreachable"),
+        "{e:?}"
+    );
+    assert!(e.message.contains("certificate"), "{e:?}");
+
+    // Plain HTTP to the host's TLS port is not answered as HTTP.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: h\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    assert!(
+        !answer.starts_with(b"HTTP/"),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+}
