@@ -2,7 +2,8 @@
 //! real daemons as separate processes: it registers an `https://` URL;
 //! the CLI, the master's one-call exec and the proxy (trusting the host's
 //! CA through `hosts_ca_file`) all reach it over TLS, and get the same
-//! answers; a proxy that does not trust the host's certificate refuses to
+//! answers, WebSockets (a terminal, an echo server in the project)
+//! included; a proxy that does not trust the host's certificate refuses to
 //! relay, saying why; plain HTTP to the host's port gets no answer.
 
 use std::io::{Read, Write};
@@ -150,13 +151,65 @@ fn host_serves_https_to_the_cli_the_master_and_the_proxy() {
     assert_eq!(via.stdout, direct.stdout);
     let back = rt
         .block_on(
-            cocalc_client::HostClient::new(purl, project, connect_token.clone()).read("big.bin"),
+            cocalc_client::HostClient::new(purl.clone(), project, connect_token.clone())
+                .read("big.bin"),
         )
         .unwrap();
     assert!(
         back == big,
         "the file came back different through the proxy"
     );
+    // WebSockets through the proxy: a terminal the host serves itself, and
+    // an echo server in the project (the process runner's projects share
+    // the host's network), each relayed over the TLS connection.
+    rt.block_on(async {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+        let ws_to = |path: String| {
+            let mut req = format!("{}/{project}/{path}", purl.replacen("http://", "ws://", 1))
+                .into_client_request()
+                .unwrap();
+            req.headers_mut().insert(
+                "authorization",
+                format!("Bearer {connect_token}").parse().unwrap(),
+            );
+            tokio_tungstenite::connect_async(req)
+        };
+        let (mut term, _) = ws_to("terminal".into()).await.unwrap();
+        term.send(Message::Binary(b"echo tty-$((40+2))\n".to_vec().into()))
+            .await
+            .unwrap();
+        let mut seen = String::new();
+        while !seen.contains("tty-42") {
+            match tokio::time::timeout(Duration::from_secs(10), term.next()).await {
+                Ok(Some(Ok(Message::Binary(b)))) => seen.push_str(&String::from_utf8_lossy(&b)),
+                Ok(Some(Ok(_))) => {}
+                other => panic!("terminal ended: {other:?}; saw {seen:?}"),
+            }
+        }
+        let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let echo_port = echo.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (s, _) = echo.accept().await.unwrap();
+            let mut ws = tokio_tungstenite::accept_async(s).await.unwrap();
+            while let Some(Ok(m)) = ws.next().await {
+                if m.is_close() || ws.send(m).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let (mut ws, _) = ws_to(format!("port/{echo_port}/")).await.unwrap();
+        let frames = [
+            Message::Text("over tls".into()),
+            Message::Binary((0..300_000u32).map(|i| i as u8).collect::<Vec<u8>>().into()),
+        ];
+        for f in &frames {
+            ws.send(f.clone()).await.unwrap();
+            let back = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
+            assert_eq!(&back.unwrap().unwrap().unwrap(), f);
+        }
+        ws.close(None).await.unwrap();
+    });
     assert!(
         connections_to(proxy.child.id(), port) >= 1,
         "the proxy keeps its connection to the host's TLS port"
