@@ -929,7 +929,7 @@ struct IngressFixture {
     audit: std::sync::Arc<cocalc_auth::MemoryAuditSink>,
 }
 
-async fn ingress_fixture(dir: &Path, project_rps: u32) -> IngressFixture {
+async fn ingress_fixture(dir: &Path, project_rps: u32, client_connections: u32) -> IngressFixture {
     let m = start_master(&dir.join("master"), "127.0.0.1:0").await;
     let admin = MasterClient::new(&m.url, &m.admin);
     let t = admin.bootstrap_token().await.unwrap()["token"]
@@ -946,6 +946,7 @@ async fn ingress_fixture(dir: &Path, project_rps: u32) -> IngressFixture {
         cocalc_proxy::IngressConfig::new(&m.url, proxy_user["api_key"].as_str().unwrap());
     icfg.project_rps = project_rps;
     icfg.client_rps = 1000;
+    icfg.client_connections = client_connections;
     let audit = std::sync::Arc::new(cocalc_auth::MemoryAuditSink::new());
     let ingress = cocalc_proxy::Ingress::with_audit(
         icfg,
@@ -962,6 +963,158 @@ async fn ingress_fixture(dir: &Path, project_rps: u32) -> IngressFixture {
         ingress,
         audit,
     }
+}
+
+/// One client address holds at most `client_connections` connections with
+/// project requests on them: a WebSocket counts until it closes, one more
+/// connection is answered 429 `too_many_connections` and closed (counted
+/// and audited), a slot comes back when a connection ends, and
+/// connections that only carry the proxy's own `/.cocalc/` paths do not
+/// count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingress_caps_connections_per_client() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let dir = tempfile::tempdir().unwrap();
+    let IngressFixture {
+        m,
+        admin,
+        h: _h,
+        ingress,
+        audit,
+    } = ingress_fixture(dir.path(), 200, 3).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn({
+        let ingress = ingress.clone();
+        async move {
+            cocalc_proxy::serve_ingress(
+                listener,
+                ingress,
+                axum::Router::new(),
+                std::future::pending(),
+            )
+            .await
+            .unwrap();
+        }
+    });
+    let u = admin.create_user("u").await.unwrap();
+    let c = MasterClient::new(&m.url, u["api_key"].as_str().unwrap());
+    c.create_project(&CreateProjectRequest::new("p"))
+        .await
+        .unwrap();
+    let o = c.open("p").await.unwrap();
+    let pid = o.project.to_string();
+    let held = || ingress.connections_of(addr.ip());
+
+    // One keep-alive connection per call; `get` sends on it.
+    type Conn = hyper::client::conn::http1::SendRequest<http_body_util::Empty<hyper::body::Bytes>>;
+    let connect = || async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+        let done = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        (send, done)
+    };
+    let get = |send: &mut Conn, path: String| {
+        let req = hyper::Request::get(path)
+            .header("host", "proxy")
+            .header("authorization", format!("Bearer {}", o.token))
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        let sent = send.send_request(req);
+        async move {
+            use http_body_util::BodyExt;
+            let r = sent.await.unwrap();
+            let head = r.headers().clone();
+            let status = r.status().as_u16();
+            let body = r.into_body().collect().await.unwrap().to_bytes();
+            (status, head, body)
+        }
+    };
+    let status = format!("/{pid}/status");
+
+    let (mut c1, _) = connect().await;
+    let (mut c2, _) = connect().await;
+    assert_eq!(get(&mut c1, status.clone()).await.0, 200);
+    assert_eq!(get(&mut c2, status.clone()).await.0, 200);
+    assert_eq!(get(&mut c1, status.clone()).await.0, 200, "reused");
+    assert_eq!(held(), 2);
+
+    // A WebSocket through the ingress holds its slot after the handshake.
+    let echo_port = websocket_echo_server().await;
+    let mut req = format!("ws://{addr}/{pid}/port/{echo_port}/")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", o.token).parse().unwrap(),
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    ws.send(Message::Text("still here".into())).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::Text("still here".into())
+    );
+    assert_eq!(held(), 3);
+
+    // The proxy's own paths are not project traffic: not counted, not capped.
+    let (mut own, _) = connect().await;
+    let (code, _, body) = get(&mut own, "/.cocalc/nothing".into()).await;
+    assert_eq!(code, 400, "{body:?}");
+    assert_eq!(held(), 3);
+
+    // A fourth connection with project requests is refused and closed.
+    let (mut c4, c4_done) = connect().await;
+    let (code, head, body) = get(&mut c4, status.clone()).await;
+    assert_eq!(code, 429, "{body:?}");
+    let e: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(e["code"], "too_many_connections", "{e}");
+    assert_eq!(head["retry-after"], "1");
+    assert_eq!(head["connection"], "close");
+    tokio::time::timeout(Duration::from_secs(5), c4_done)
+        .await
+        .expect("the refused connection is closed")
+        .unwrap();
+    assert_eq!(held(), 3, "a refused connection holds nothing");
+    assert_eq!(
+        ingress
+            .refusals()
+            .too_many_connections
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert!(audit
+        .records()
+        .iter()
+        .any(|r| r.reason == "too_many_connections"));
+
+    // Closing the WebSocket gives its slot back.
+    ws.close(None).await.unwrap();
+    drop(ws);
+    eventually(
+        "the WebSocket's slot comes back",
+        Duration::from_secs(10),
+        || async { held() == 2 },
+    )
+    .await;
+    let (mut c5, _) = connect().await;
+    assert_eq!(get(&mut c5, status.clone()).await.0, 200);
+    assert_eq!(held(), 3);
+    // So does a connection that ends.
+    drop(c1);
+    eventually(
+        "a closed connection's slot comes back",
+        Duration::from_secs(10),
+        || async { held() == 2 },
+    )
+    .await;
+    assert_eq!(get(&mut c2, status).await.0, 200, "the others still serve");
 }
 
 /// A "server in a project" (the host's loopback, as the process runner
@@ -1018,7 +1171,7 @@ async fn ingress_matches_direct_and_refuses_bad_input() {
         h,
         ingress,
         audit,
-    } = ingress_fixture(dir.path(), 20).await;
+    } = ingress_fixture(dir.path(), 20, 1000).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let purl = format!("http://{}", listener.local_addr().unwrap());
     // Served as the daemon serves it, so WebSockets below are relayed by
@@ -1365,7 +1518,7 @@ async fn ingress_over_https_answers_as_over_http() {
         h,
         ingress,
         audit,
-    } = ingress_fixture(dir.path(), 200).await;
+    } = ingress_fixture(dir.path(), 200, 1000).await;
     let (cert, key, root) = self_signed(dir.path());
     let certs = cocalc_proxy::tls::CertStore::load(cocalc_proxy::tls::TlsFiles {
         cert_file: cert.clone(),

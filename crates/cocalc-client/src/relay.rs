@@ -21,6 +21,21 @@ use tokio::net::TcpStream;
 /// it waits) for as long as the connection stays up.
 pub const UPGRADE_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Something a relayed upgrade keeps until both of its directions are
+/// done: put in the extensions of a request given to [`relay_within`], it
+/// is moved into the task that relays the upgraded connections (and
+/// dropped with the request otherwise). The ingress holds its
+/// per-client connection slot this way, so a WebSocket counts for as long
+/// as it is open, not only while its handshake is answered.
+#[derive(Clone)]
+pub struct HoldWhileUpgraded(pub std::sync::Arc<dyn std::any::Any + Send + Sync>);
+
+impl std::fmt::Debug for HoldWhileUpgraded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HoldWhileUpgraded")
+    }
+}
+
 /// Why [`relay`] failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -52,7 +67,8 @@ where
 /// switches protocols (101) and the request came from a server that can
 /// upgrade it (an `OnUpgrade` in its extensions), the two upgraded
 /// connections are relayed into each other ([`relay_upgraded`]) until
-/// both directions are done.
+/// both directions are done, keeping the request's [`HoldWhileUpgraded`]
+/// until then.
 pub async fn relay_within<B>(
     conn: BoxedConnection,
     req: http::Request<B>,
@@ -65,6 +81,7 @@ where
 {
     let (mut parts, body) = req.into_parts();
     let client_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+    let hold = parts.extensions.remove::<HoldWhileUpgraded>();
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(conn)).await?;
     let driver = tokio::spawn(async move {
@@ -90,6 +107,7 @@ where
                 if let (Ok(c), Ok(u)) = (client.await, upstream.await) {
                     let _ = relay_upgraded(c, u).await;
                 }
+                drop(hold);
             });
         }
     }

@@ -9,6 +9,7 @@
 //! key_refresh_secs = 60                    # how often to reload the master's signing keys
 //! project_rps = 200                        # requests/s per project (and burst)
 //! client_rps = 100                         # requests/s per client address (and burst)
+//! client_connections = 1000                # connections per client address (0: no cap)
 //! # public_url = "http://proxy.example:8000" # this proxy's tunnel handle: the URL hidden
 //! #                                          # hosts dial and sign (default http://<listen>)
 //! ssh_listen = "0.0.0.0:2222"              # optional: SSH ingress (`ssh project-<uuid>@proxy`)
@@ -91,6 +92,10 @@ pub struct ProxyConfig {
     /// Requests per second per client address.
     #[serde(default)]
     pub client_rps: Option<u32>,
+    /// Connections per client address (0: no cap; default
+    /// [`IngressConfig::client_connections`]).
+    #[serde(default)]
+    pub client_connections: Option<u32>,
     /// This proxy's tunnel handle (default `http://<bound address>`).
     #[serde(default)]
     pub public_url: Option<String>,
@@ -207,6 +212,9 @@ pub async fn run(
     }
     if let Some(r) = cfg.client_rps {
         icfg.client_rps = r;
+    }
+    if let Some(n) = cfg.client_connections {
+        icfg.client_connections = n;
     }
     let (listener, addr) = bind(cfg.listen, "listen").await?;
     let handle = cfg

@@ -22,7 +22,11 @@
 //!    connection and otherwise lives at most the TTL.
 //! 4. **Rate limits** (before any token is verified): per client address
 //!    and per project, answered with 429 and `Retry-After`, so one noisy
-//!    project or client does not starve the others.
+//!    project or client does not starve the others. Before those, a cap
+//!    on the connections one client address holds open with project
+//!    requests on them ([`IngressConfig::client_connections`]; a
+//!    WebSocket counts until it closes): a connection over it is answered
+//!    429 `too_many_connections` and closed.
 //! 5. **Forward.** Bodies stream both ways; WebSocket upgrades pass
 //!    through; `Host` becomes the host's address and the original goes in
 //!    `X-Forwarded-Host`, with `X-Forwarded-For` and `X-Forwarded-Proto`.
@@ -69,6 +73,13 @@ pub struct IngressConfig {
     pub project_rps: u32,
     /// Requests per second allowed per client address (default 100).
     pub client_rps: u32,
+    /// Connections one client address may hold open with project requests
+    /// on them, WebSockets included (default 1,000: a classroom behind
+    /// one NAT address, each browser with a few keep-alive connections and
+    /// a few terminals, stays well under it); 0 for no cap. Connections
+    /// that only carry the proxy's own endpoints (`/.cocalc/`: hidden
+    /// hosts' tunnels and dial-backs) do not count.
+    pub client_connections: u32,
 }
 
 impl IngressConfig {
@@ -80,6 +91,7 @@ impl IngressConfig {
             route_ttl: Duration::from_secs(10),
             project_rps: 200,
             client_rps: 100,
+            client_connections: 1000,
         }
     }
 }
@@ -97,6 +109,9 @@ pub struct Refusals {
     pub rate_limited: AtomicU64,
     /// TLS handshakes that failed or stalled ([`crate::tls`]).
     pub tls_handshake: AtomicU64,
+    /// Connections refused because their client address held
+    /// [`IngressConfig::client_connections`] already.
+    pub too_many_connections: AtomicU64,
 }
 
 /// The ingress service.
@@ -111,6 +126,7 @@ pub struct Ingress {
     refusals: Refusals,
     per_project: Limiter<ProjectId>,
     per_client: Limiter<std::net::IpAddr>,
+    connections: Arc<ConnectionCounts>,
     pool: cocalc_client::relay::Pool<HostId, Incoming>,
     upstream: Upstream<HostId>,
 }
@@ -126,6 +142,58 @@ type Limiter<K> = governor::RateLimiter<
 
 fn limiter<K: std::hash::Hash + Eq + Clone>(rps: u32) -> Limiter<K> {
     governor::RateLimiter::dashmap_with_hasher(quota(rps), Default::default())
+}
+
+/// How many connections each client address holds (those with project
+/// requests on them), against the cap.
+#[derive(Debug)]
+struct ConnectionCounts {
+    limit: u32,
+    by_ip: Mutex<HashMap<std::net::IpAddr, u32, foldhash::fast::RandomState>>,
+}
+
+impl ConnectionCounts {
+    /// A slot for one more connection from `ip`, unless it holds `limit`.
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<ConnectionSlot> {
+        let mut by_ip = self.by_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let n = by_ip.entry(ip).or_insert(0);
+        if *n >= self.limit {
+            return None;
+        }
+        *n += 1;
+        Some(ConnectionSlot {
+            counts: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// One connection's place in [`ConnectionCounts`], given back when dropped.
+#[derive(Debug)]
+struct ConnectionSlot {
+    counts: Arc<ConnectionCounts>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut by_ip = self.counts.by_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = by_ip.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                by_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// What one client connection holds: its slot under the per-client
+/// connection cap, taken at its first project request (`None` once
+/// refused). Shared by every clone of its [`Peer`], and kept by relayed
+/// WebSockets until they close.
+#[derive(Debug, Default)]
+struct PeerConnection {
+    slot: std::sync::OnceLock<Option<ConnectionSlot>>,
 }
 
 /// A host's cached route: its endpoint, the authority requests to it
@@ -147,14 +215,17 @@ pub type IngressBody = Either<Either<Incoming, ResponseBody<HostId>>, Body>;
 pub type Response = http::Response<IngressBody>;
 
 /// The client end of a connection to the ingress: its address, which the
-/// per-client limit keys on, that address as the value appended to
-/// `X-Forwarded-For` (made once per connection, not per request), and the
-/// scheme it came in with (`X-Forwarded-Proto`).
+/// per-client limits key on, that address as the value appended to
+/// `X-Forwarded-For` (made once per connection, not per request), the
+/// scheme it came in with (`X-Forwarded-Proto`), and the connection's
+/// place under the per-client connection cap. Make one per connection
+/// and clone it for its requests: the cap counts `Peer`s.
 #[derive(Debug, Clone)]
 pub struct Peer {
     addr: SocketAddr,
     ip: HeaderValue,
     proto: HeaderValue,
+    conn: Arc<PeerConnection>,
 }
 
 impl Peer {
@@ -166,6 +237,7 @@ impl Peer {
             addr,
             ip,
             proto: HTTP,
+            conn: Arc::default(),
         }
     }
 
@@ -355,6 +427,10 @@ impl Ingress {
             clock: clock.clone(),
             per_project: limiter(cfg.project_rps),
             per_client: limiter(cfg.client_rps),
+            connections: Arc::new(ConnectionCounts {
+                limit: cfg.client_connections,
+                by_ip: Mutex::default(),
+            }),
             pool: cocalc_client::relay::Pool::new(POOL_PER_HOST),
             upstream: Upstream::new(POOL_PER_HOST),
             verifier: Verifier::for_ingress(KeySet::new(), clock),
@@ -553,6 +629,7 @@ impl Ingress {
         peer: &Peer,
         req: &http::Request<B>,
     ) -> Result<(ProjectId, HostId, Arc<Route>), Refusal> {
+        self.hold_connection(peer).map_err(|r| *r)?;
         let (project, host) = self.admit(peer.addr, req).map_err(|r| *r)?;
         match self.route(host).await {
             Ok(route) => Ok((project, host, route)),
@@ -602,6 +679,53 @@ impl Ingress {
         };
         self.refuse(&self.refusals.bad_path, "bad_path", None, peer, &why);
         fail(400, "bad_path", why).map(full)
+    }
+
+    /// The connection cap: the peer's connection takes a slot at its first
+    /// project request; one whose address holds them all is refused (429
+    /// `too_many_connections`, `Connection: close`), once per connection.
+    fn hold_connection(&self, peer: &Peer) -> Result<(), Box<Refusal>> {
+        let limit = self.connections.limit;
+        if limit == 0 {
+            return Ok(());
+        }
+        let slot = peer
+            .conn
+            .slot
+            .get_or_init(|| self.connections.take(peer.addr.ip()));
+        if slot.is_some() {
+            return Ok(());
+        }
+        self.refuse(
+            &self.refusals.too_many_connections,
+            "too_many_connections",
+            None,
+            peer.addr,
+            &format!("this address holds {limit} connections already"),
+        );
+        let mut r = fail(
+            429,
+            "too_many_connections",
+            format!(
+                "this address holds {limit} connections to the proxy already; close some \
+                 (idle keep-alive connections, WebSockets) or retry in 1 s"
+            ),
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        Err(Box::new(r))
+    }
+
+    /// How many connections `ip` holds under the connection cap now.
+    pub fn connections_of(&self, ip: std::net::IpAddr) -> u32 {
+        let by_ip = self
+            .connections
+            .by_ip
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        by_ip.get(&ip).copied().unwrap_or(0)
     }
 
     /// The checks before anything is forwarded: the per-client limit, the
@@ -704,6 +828,12 @@ impl Ingress {
         parts.headers.insert(header::HOST, route.authority.clone());
         parts.headers.insert(X_FORWARDED_FOR, xff);
         parts.headers.insert(X_FORWARDED_PROTO, peer.proto.clone());
+        if parts.headers.contains_key(header::UPGRADE) {
+            // A WebSocket keeps its connection's slot until it closes.
+            parts
+                .extensions
+                .insert(cocalc_client::relay::HoldWhileUpgraded(peer.conn.clone()));
+        }
         let connect = || self.transport.connect(host, &route.endpoint);
         // Boxed: hyper's client futures are large, and most requests take
         // the lean path above.

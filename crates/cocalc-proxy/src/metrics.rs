@@ -91,6 +91,7 @@ impl Collector for ProxyMetrics {
                 ("rate_limited", &r.rate_limited),
                 ("unreachable", &r.unreachable),
                 ("tls_handshake", &r.tls_handshake),
+                ("too_many_connections", &r.too_many_connections),
             ],
         )?;
         #[cfg(feature = "ssh")]
