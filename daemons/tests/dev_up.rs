@@ -165,26 +165,15 @@ fn next_steps_work_and_ctrl_c_stops(backend: &str) {
     // The same project through the proxy dev up started.
     let o = cocalc(&d, &["project", "open", "demo", "--json"], None);
     let open: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let via_proxy: serde_json::Value = rt.block_on(async {
-        reqwest::Client::new()
-            .post(format!(
-                "http://127.0.0.1:{}/{}/exec",
-                d.proxy_port,
-                open["project"].as_str().unwrap()
-            ))
-            .bearer_auth(open["token"].as_str().unwrap())
-            .json(&serde_json::json!({"argv": ["cat", "hello.txt"]}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    });
+    let via_proxy = common::blocking_post(
+        &format!(
+            "http://127.0.0.1:{}/{}/exec",
+            d.proxy_port,
+            open["project"].as_str().unwrap()
+        ),
+        open["token"].as_str().unwrap(),
+        serde_json::json!({"argv": ["cat", "hello.txt"]}),
+    );
     assert_eq!(via_proxy["exit_code"], 0, "{via_proxy}");
     assert_eq!(
         via_proxy["stdout"], "aGkK",

@@ -13,7 +13,8 @@ use cocalc_core::ExecRequest;
 
 mod common;
 use common::{
-    blocking_post, cocalc_env, connections_to, eventually, free_port, ok, spawn, start_master,
+    api_key_of, blocking_post, cocalc_env, connections_to, eventually, free_port, ok, spawn,
+    start_master,
 };
 
 #[test]
@@ -32,18 +33,12 @@ fn host_serves_https_to_the_cli_the_master_and_the_proxy() {
     };
     let json =
         |o: std::process::Output| -> serde_json::Value { serde_json::from_str(&ok(&o)).unwrap() };
-    let proxy_key = json(cli(
+    let proxy_key = api_key_of(&cli(
         &admin,
         &["proxy-key", "create", "edge", "--json"],
         None,
-    ))["api_key"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let alice = json(cli(&admin, &["user", "create", "alice", "--json"], None))["api_key"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    ));
+    let alice = api_key_of(&cli(&admin, &["user", "create", "alice", "--json"], None));
 
     let token = ok(&cli(&admin, &["host", "bootstrap-token"], None))
         .trim()

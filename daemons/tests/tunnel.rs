@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 mod common;
 use common::{
-    blocking_post, cocalc, connections_to, eventually, free_port, listening_sockets, ok, spawn,
-    start_master, tcp_sockets, Proc,
+    api_key_of, blocking_post, cocalc, connections_to, eventually, free_port, listening_sockets,
+    ok, spawn, start_master, tcp_sockets, Proc,
 };
 
 #[test]
@@ -19,25 +19,9 @@ fn hidden_host_is_served_through_the_tunnel_and_survives_restarts() {
     let d = dir.path();
 
     let (master, murl, admin) = start_master(d, &[]);
-    let user_key = |name: &str| -> String {
-        let v: serde_json::Value = serde_json::from_str(&ok(&cocalc(
-            &murl,
-            &admin,
-            &["user", "create", name, "--json"],
-            None,
-        )))
-        .unwrap();
-        v["api_key"].as_str().unwrap().to_string()
-    };
-    let created: serde_json::Value = serde_json::from_str(&ok(&cocalc(
-        &murl,
-        &admin,
-        &["proxy-key", "create", "edge", "--json"],
-        None,
-    )))
-    .unwrap();
-    let proxy_key = created["api_key"].as_str().unwrap().to_string();
-    let alice = user_key("alice");
+    let create = |args: &[&str]| api_key_of(&cocalc(&murl, &admin, args, None));
+    let proxy_key = create(&["proxy-key", "create", "edge", "--json"]);
+    let alice = create(&["user", "create", "alice", "--json"]);
 
     // Proxy, on a port it keeps across restarts.
     let port = free_port();
@@ -261,18 +245,12 @@ fn hidden_host_tunnels_over_tls() {
     };
 
     let json = |o: Output| -> serde_json::Value { serde_json::from_str(&ok(&o)).unwrap() };
-    let proxy_key = json(cli(
+    let proxy_key = api_key_of(&cli(
         &admin,
         &["proxy-key", "create", "edge", "--json"],
         None,
-    ))["api_key"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let alice = json(cli(&admin, &["user", "create", "alice", "--json"], None))["api_key"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    ));
+    let alice = api_key_of(&cli(&admin, &["user", "create", "alice", "--json"], None));
 
     let (plain, tls) = (free_port(), free_port());
     let handle = format!("https://127.0.0.1:{tls}");

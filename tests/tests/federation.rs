@@ -965,6 +965,39 @@ async fn ingress_fixture(dir: &Path, project_rps: u32, client_connections: u32) 
     }
 }
 
+/// Serves `ingress` as the daemon does ([`cocalc_proxy::serve_ingress`])
+/// on a loopback port: its address, and the task.
+async fn serve_ingress_on_loopback(
+    ingress: &std::sync::Arc<cocalc_proxy::Ingress>,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let ingress = ingress.clone();
+    let served = tokio::spawn(async move {
+        cocalc_proxy::serve_ingress(
+            listener,
+            ingress,
+            axum::Router::new(),
+            std::future::pending(),
+        )
+        .await
+        .unwrap();
+    });
+    (addr, served)
+}
+
+/// A new user "u" with the projects `names`, as a client of the master.
+async fn user_with_projects(m: &Master, admin: &MasterClient, names: &[&str]) -> MasterClient {
+    let u = admin.create_user("u").await.unwrap();
+    let c = MasterClient::new(&m.url, u["api_key"].as_str().unwrap());
+    for name in names {
+        c.create_project(&CreateProjectRequest::new(*name))
+            .await
+            .unwrap();
+    }
+    c
+}
+
 /// One client address holds at most `client_connections` connections with
 /// project requests on them: a WebSocket counts until it closes, one more
 /// connection is answered 429 `too_many_connections` and closed (counted
@@ -985,26 +1018,8 @@ async fn ingress_caps_connections_per_client() {
         ingress,
         audit,
     } = ingress_fixture(dir.path(), 200, 3).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn({
-        let ingress = ingress.clone();
-        async move {
-            cocalc_proxy::serve_ingress(
-                listener,
-                ingress,
-                axum::Router::new(),
-                std::future::pending(),
-            )
-            .await
-            .unwrap();
-        }
-    });
-    let u = admin.create_user("u").await.unwrap();
-    let c = MasterClient::new(&m.url, u["api_key"].as_str().unwrap());
-    c.create_project(&CreateProjectRequest::new("p"))
-        .await
-        .unwrap();
+    let (addr, _served) = serve_ingress_on_loopback(&ingress).await;
+    let c = user_with_projects(&m, &admin, &["p"]).await;
     let o = c.open("p").await.unwrap();
     let pid = o.project.to_string();
     let held = || ingress.connections_of(addr.ip());
@@ -1172,32 +1187,12 @@ async fn ingress_matches_direct_and_refuses_bad_input() {
         ingress,
         audit,
     } = ingress_fixture(dir.path(), 20, 1000).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let purl = format!("http://{}", listener.local_addr().unwrap());
     // Served as the daemon serves it, so WebSockets below are relayed by
     // splice(2) at the proxy as well as at the host.
-    let served = tokio::spawn({
-        let ingress = ingress.clone();
-        async move {
-            cocalc_proxy::serve_ingress(
-                listener,
-                ingress,
-                axum::Router::new(),
-                std::future::pending(),
-            )
-            .await
-            .unwrap();
-        }
-    });
+    let (addr, served) = serve_ingress_on_loopback(&ingress).await;
+    let purl = format!("http://{addr}");
 
-    let u = admin.create_user("u").await.unwrap();
-    let c = MasterClient::new(&m.url, u["api_key"].as_str().unwrap());
-    c.create_project(&CreateProjectRequest::new("p"))
-        .await
-        .unwrap();
-    c.create_project(&CreateProjectRequest::new("q"))
-        .await
-        .unwrap();
+    let c = user_with_projects(&m, &admin, &["p", "q"]).await;
     let o = c.open("p").await.unwrap();
     let oq = c.open("q").await.unwrap();
     let pid = o.project.to_string();

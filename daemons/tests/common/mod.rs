@@ -182,6 +182,13 @@ pub(crate) fn connections_to(pid: u32, port: u16) -> usize {
         .count()
 }
 
+/// The `api_key` of what `cocalc … create … --json` printed (a user, a
+/// proxy key), after checking it succeeded.
+pub(crate) fn api_key_of(o: &Output) -> String {
+    let v: serde_json::Value = serde_json::from_str(&ok(o)).unwrap();
+    v["api_key"].as_str().unwrap().to_string()
+}
+
 /// POST JSON with a bearer key; the JSON answer (blocking, for tests).
 pub(crate) fn blocking_post(url: &str, key: &str, body: serde_json::Value) -> serde_json::Value {
     let rt = tokio::runtime::Builder::new_current_thread()
