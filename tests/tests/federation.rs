@@ -248,18 +248,14 @@ async fn federation_end_to_end() {
     // A terminal over WebSocket: input, output, resize, close.
     {
         use futures_util::{SinkExt, StreamExt};
-        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         use tokio_tungstenite::tungstenite::Message;
         let url = format!(
             "{}/{pid}/terminal?rows=30&cols=100",
             here.url.replacen("http://", "ws://", 1)
         );
-        let mut req = url.into_client_request().unwrap();
-        req.headers_mut().insert(
-            "authorization",
-            format!("Bearer {}", open.token).parse().unwrap(),
-        );
-        let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+        let (mut ws, _) = tokio_tungstenite::connect_async(ws_request(url, &open.token))
+            .await
+            .unwrap();
         ws.send(Message::Text(r#"{"resize":{"rows":40,"cols":120}}"#.into()))
             .await
             .unwrap();
@@ -965,6 +961,18 @@ async fn ingress_fixture(dir: &Path, project_rps: u32, client_connections: u32) 
     }
 }
 
+/// A WebSocket handshake request for `url`, carrying `token`.
+fn ws_request(
+    url: String,
+    token: &str,
+) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req
+}
+
 /// Serves `ingress` as the daemon does ([`cocalc_proxy::serve_ingress`])
 /// on a loopback port: its address, and the task.
 async fn serve_ingress_on_loopback(
@@ -1007,7 +1015,6 @@ async fn user_with_projects(m: &Master, admin: &MasterClient, names: &[&str]) ->
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingress_caps_connections_per_client() {
     use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     use tokio_tungstenite::tungstenite::Message;
 
     let dir = tempfile::tempdir().unwrap();
@@ -1063,13 +1070,7 @@ async fn ingress_caps_connections_per_client() {
 
     // A WebSocket through the ingress holds its slot after the handshake.
     let echo_port = websocket_echo_server().await;
-    let mut req = format!("ws://{addr}/{pid}/port/{echo_port}/")
-        .into_client_request()
-        .unwrap();
-    req.headers_mut().insert(
-        "authorization",
-        format!("Bearer {}", o.token).parse().unwrap(),
-    );
+    let req = ws_request(format!("ws://{addr}/{pid}/port/{echo_port}/"), &o.token);
     let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
     ws.send(Message::Text("still here".into())).await.unwrap();
     assert_eq!(
@@ -1176,7 +1177,6 @@ async fn headers_server() -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingress_matches_direct_and_refuses_bad_input() {
     use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     use tokio_tungstenite::tungstenite::Message;
 
     let dir = tempfile::tempdir().unwrap();
@@ -1249,12 +1249,9 @@ async fn ingress_matches_direct_and_refuses_bad_input() {
         assert_eq!(head.bytes().await.unwrap().len(), 0);
     }
     // A terminal through the ingress.
-    let mut req = format!("{}/{pid}/terminal", purl.replacen("http://", "ws://", 1))
-        .into_client_request()
-        .unwrap();
-    req.headers_mut().insert(
-        "authorization",
-        format!("Bearer {}", o.token).parse().unwrap(),
+    let req = ws_request(
+        format!("{}/{pid}/terminal", purl.replacen("http://", "ws://", 1)),
+        &o.token,
     );
     let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
     ws.send(Message::Binary(b"echo via-$((40+2))\n".to_vec().into()))
@@ -1288,15 +1285,12 @@ async fn ingress_matches_direct_and_refuses_bad_input() {
     ];
     let mut echoed = Vec::new();
     for base in [&h.url, &purl] {
-        let mut req = format!(
-            "{}/{pid}/port/{echo_port}/",
-            base.replacen("http://", "ws://", 1)
-        )
-        .into_client_request()
-        .unwrap();
-        req.headers_mut().insert(
-            "authorization",
-            format!("Bearer {}", o.token).parse().unwrap(),
+        let req = ws_request(
+            format!(
+                "{}/{pid}/port/{echo_port}/",
+                base.replacen("http://", "ws://", 1)
+            ),
+            &o.token,
         );
         let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
         let mut got = Vec::new();
@@ -1503,7 +1497,6 @@ async fn https(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingress_over_https_answers_as_over_http() {
     use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     use tokio_tungstenite::tungstenite::Message;
 
     let dir = tempfile::tempdir().unwrap();
@@ -1590,13 +1583,7 @@ async fn ingress_over_https_answers_as_over_http() {
 
     // A WebSocket through TLS to an echo server in the project.
     let echo_port = websocket_echo_server().await;
-    let mut req = format!("wss://{paddr}/{pid}/port/{echo_port}/")
-        .into_client_request()
-        .unwrap();
-    req.headers_mut().insert(
-        "authorization",
-        format!("Bearer {}", o.token).parse().unwrap(),
-    );
+    let req = ws_request(format!("wss://{paddr}/{pid}/port/{echo_port}/"), &o.token);
     let (mut ws, _) = tokio_tungstenite::client_async(req, tls_connect(paddr, &root).await)
         .await
         .unwrap();
