@@ -79,6 +79,11 @@ fn keygen(path: &Path) -> String {
 }
 
 async fn federation() -> Fed {
+    federation_capped(cocalc_proxy::IngressConfig::new("", "").client_connections).await
+}
+
+/// [`federation`] with the proxy's per-client connection cap at `cap`.
+async fn federation_capped(cap: u32) -> Fed {
     require_openssh();
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
@@ -145,8 +150,10 @@ async fn federation() -> Fed {
     let manual = cocalc_core::ManualClock::new(cocalc_core::SystemClock.now());
     let clock: cocalc_core::SharedClock = Arc::new(manual.clone());
     let audit = Arc::new(cocalc_auth::MemoryAuditSink::new());
+    let mut icfg = cocalc_proxy::IngressConfig::new(&master_url, &proxy_key);
+    icfg.client_connections = cap;
     let ingress = cocalc_proxy::Ingress::with_audit(
-        cocalc_proxy::IngressConfig::new(&master_url, &proxy_key),
+        icfg,
         Arc::new(cocalc_proxy::TcpTransport::default()),
         clock.clone(),
         audit.clone(),
@@ -268,6 +275,53 @@ impl Fed {
 /// port taken out (the rest must not tell one refusal from another).
 fn refusal_text(out: &Output, user: &str) -> String {
     String::from_utf8_lossy(&out.stderr).replace(user, "USER")
+}
+
+/// SSH sessions count under the proxy's per-client connection cap: over
+/// it a connection is closed before the server's version line, counted
+/// and audited; a slot comes back when a session ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_connections_per_client_are_capped() {
+    use tokio::io::AsyncReadExt;
+    let f = federation_capped(2).await;
+    // The first bytes the server sends on a new connection.
+    let greeting = |s: tokio::net::TcpStream| async move {
+        let mut s = s;
+        let mut buf = vec![0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("the server answers or closes")
+            .unwrap_or(0);
+        buf.truncate(n);
+        (String::from_utf8_lossy(&buf).into_owned(), s)
+    };
+    let connect = || tokio::net::TcpStream::connect(("127.0.0.1", f.ssh_port));
+    let (g1, s1) = greeting(connect().await.unwrap()).await;
+    let (g2, _s2) = greeting(connect().await.unwrap()).await;
+    assert!(g1.starts_with("SSH-2.0-cocalc-proxy"), "{g1:?}");
+    assert!(g2.starts_with("SSH-2.0-cocalc-proxy"), "{g2:?}");
+    let (g3, _) = greeting(connect().await.unwrap()).await;
+    assert_eq!(g3, "", "closed before the version line");
+    assert_eq!(
+        f.ssh
+            .refusals()
+            .too_many_connections
+            .load(Ordering::Relaxed),
+        1
+    );
+    assert!(f
+        .audit
+        .records()
+        .iter()
+        .any(|r| r.action == "ssh" && r.reason == "too_many_connections"));
+    // One session ends: its slot is given back.
+    drop(s1);
+    eventually("a slot comes back", Duration::from_secs(10), || async {
+        let (g, _) = greeting(connect().await.unwrap()).await;
+        g.starts_with("SSH-2.0-cocalc-proxy")
+    })
+    .await;
+    f.shut_down().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -74,7 +74,8 @@ pub struct IngressConfig {
     /// Requests per second allowed per client address (default 100).
     pub client_rps: u32,
     /// Connections one client address may hold open with project requests
-    /// on them, WebSockets included (default 1,000: a classroom behind
+    /// on them, WebSockets and SSH sessions included (default 1,000: a
+    /// classroom behind
     /// one NAT address, each browser with a few keep-alive connections and
     /// a few terminals, stays well under it); 0 for no cap. Connections
     /// that only carry the proxy's own endpoints (`/.cocalc/`: hidden
@@ -109,8 +110,9 @@ pub struct Refusals {
     pub rate_limited: AtomicU64,
     /// TLS handshakes that failed or stalled ([`crate::tls`]).
     pub tls_handshake: AtomicU64,
-    /// Connections refused because their client address held
-    /// [`IngressConfig::client_connections`] already.
+    /// HTTP connections refused because their client address held
+    /// [`IngressConfig::client_connections`] already (SSH ones are
+    /// counted with the SSH refusals).
     pub too_many_connections: AtomicU64,
 }
 
@@ -168,9 +170,10 @@ impl ConnectionCounts {
     }
 }
 
-/// One connection's place in [`ConnectionCounts`], given back when dropped.
+/// One connection's place under the per-client connection cap, given back
+/// when dropped.
 #[derive(Debug)]
-struct ConnectionSlot {
+pub(crate) struct ConnectionSlot {
     counts: Arc<ConnectionCounts>,
     ip: std::net::IpAddr,
 }
@@ -716,6 +719,20 @@ impl Ingress {
         r.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
         Err(Box::new(r))
+    }
+
+    /// A place under the per-client connection cap for a connection from
+    /// `ip` that is not served by [`Ingress::handle`] (an SSH session):
+    /// `Ok(None)` when there is no cap, `Err(cap)` when `ip` holds `cap`
+    /// connections already.
+    pub(crate) fn connection_slot(
+        &self,
+        ip: std::net::IpAddr,
+    ) -> Result<Option<ConnectionSlot>, u32> {
+        match self.connections.limit {
+            0 => Ok(None),
+            limit => self.connections.take(ip).map(Some).ok_or(limit),
+        }
     }
 
     /// How many connections `ip` holds under the connection cap now.

@@ -107,6 +107,7 @@ impl Collector for ProxyMetrics {
                     ("master_error", &r.master_error),
                     ("bad_method", &r.bad_method),
                     ("rate_limited", &r.rate_limited),
+                    ("too_many_connections", &r.too_many_connections),
                 ],
             )?;
         }

@@ -102,6 +102,10 @@ pub struct SshRefusals {
     pub bad_method: AtomicU64,
     /// Login attempts over [`AUTH_ATTEMPTS_PER_MINUTE`] from one address.
     pub rate_limited: AtomicU64,
+    /// Connections from an address that held
+    /// [`IngressConfig::client_connections`](crate::IngressConfig::client_connections)
+    /// already (closed before the SSH handshake).
+    pub too_many_connections: AtomicU64,
 }
 
 /// Why a login was refused (the audit record's `reason`).
@@ -118,6 +122,8 @@ pub enum Refusal {
     BadMethod,
     /// Too many attempts from the client's address.
     RateLimited,
+    /// Too many connections from the client's address.
+    TooManyConnections,
 }
 
 impl Refusal {
@@ -129,6 +135,7 @@ impl Refusal {
             Refusal::MasterError => "master_error",
             Refusal::BadMethod => "bad_method",
             Refusal::RateLimited => "rate_limited",
+            Refusal::TooManyConnections => "too_many_connections",
         }
     }
 }
@@ -142,6 +149,7 @@ impl SshRefusals {
             Refusal::MasterError => &self.master_error,
             Refusal::BadMethod => &self.bad_method,
             Refusal::RateLimited => &self.rate_limited,
+            Refusal::TooManyConnections => &self.too_many_connections,
         }
     }
 }
@@ -273,6 +281,15 @@ impl SshIngress {
                     }
                 },
             };
+            // Sessions count under the per-client connection cap, with the
+            // client's HTTP connections.
+            let slot = match self.ingress.connection_slot(peer.ip()) {
+                Ok(slot) => slot,
+                Err(cap) => {
+                    self.refuse_connection(peer, cap);
+                    continue;
+                }
+            };
             let _ = cocalc_client::liveness::tune(&sock);
             let conn = Conn {
                 ssh: self.clone(),
@@ -291,8 +308,25 @@ impl SshIngress {
                     }
                     Err(e) => tracing::debug!(%peer, error = %e, "ssh handshake failed"),
                 }
+                drop(slot);
             });
         }
+    }
+
+    /// Counts and audits a connection closed at once because its address
+    /// holds `cap` connections already.
+    fn refuse_connection(&self, peer: std::net::SocketAddr, cap: u32) {
+        let reason = Refusal::TooManyConnections;
+        self.refusals
+            .counter(reason)
+            .fetch_add(1, Ordering::Relaxed);
+        self.ingress.audit(AuditRecord::new(
+            self.clock.now(),
+            AuditOutcome::Refuse,
+            "ssh",
+            reason.as_str(),
+            format!("client {peer}: this address holds {cap} connections already"),
+        ));
     }
 }
 
