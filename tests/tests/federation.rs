@@ -925,7 +925,12 @@ struct IngressFixture {
     audit: std::sync::Arc<cocalc_auth::MemoryAuditSink>,
 }
 
-async fn ingress_fixture(dir: &Path, project_rps: u32, client_connections: u32) -> IngressFixture {
+/// A master, one host and an ingress (not served yet) whose config
+/// `tune` adjusts.
+async fn ingress_fixture(
+    dir: &Path,
+    tune: impl FnOnce(&mut cocalc_proxy::IngressConfig),
+) -> IngressFixture {
     let m = start_master(&dir.join("master"), "127.0.0.1:0").await;
     let admin = MasterClient::new(&m.url, &m.admin);
     let t = admin.bootstrap_token().await.unwrap()["token"]
@@ -940,9 +945,8 @@ async fn ingress_fixture(dir: &Path, project_rps: u32, client_connections: u32) 
     let proxy_user = admin.create_user("proxy").await.unwrap();
     let mut icfg =
         cocalc_proxy::IngressConfig::new(&m.url, proxy_user["api_key"].as_str().unwrap());
-    icfg.project_rps = project_rps;
     icfg.client_rps = 1000;
-    icfg.client_connections = client_connections;
+    tune(&mut icfg);
     let audit = std::sync::Arc::new(cocalc_auth::MemoryAuditSink::new());
     let ingress = cocalc_proxy::Ingress::with_audit(
         icfg,
@@ -1006,6 +1010,70 @@ async fn user_with_projects(m: &Master, admin: &MasterClient, names: &[&str]) ->
     c
 }
 
+/// While the master is away the ingress keeps routing to the hosts it
+/// knows, for `route_grace` past the routes' TTL; after that their
+/// requests fail with the master's error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingress_routes_without_the_master_for_the_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    // The host stays up (dropping it would stop it).
+    let IngressFixture {
+        m,
+        admin,
+        ingress,
+        h: _h,
+        audit,
+    } = ingress_fixture(dir.path(), |c| {
+        c.route_ttl = Duration::from_millis(200);
+        c.route_grace = Duration::from_secs(3);
+    })
+    .await;
+    let (addr, _served) = serve_ingress_on_loopback(&ingress).await;
+    let c = user_with_projects(&m, &admin, &["p"]).await;
+    let o = c.open("p").await.unwrap();
+    let pid = o.project.to_string();
+    let argv = ["sh", "-c", "echo still-$((40+2))"];
+    let purl = format!("http://{addr}");
+    let ok = exec(&purl, &pid, &o.token, &argv).await;
+    assert_eq!(ok.0, 200, "{ok:?}");
+    let started = Instant::now();
+    let m_addr = m.addr;
+    m.shut_down().await;
+
+    // Past the TTL, the master gone: routed with the known address, by
+    // the lean path and by hyper's.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..3 {
+        assert_eq!(exec(&purl, &pid, &o.token, &argv).await, ok);
+        let r = reqwest::Client::new()
+            .get(format!("{purl}/{pid}/status"))
+            .bearer_auth(&o.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    // Past the TTL and the grace: the master's error.
+    let over = Duration::from_millis(200 + 3000 + 300);
+    tokio::time::sleep(over.saturating_sub(started.elapsed())).await;
+    let (code, body) = exec(&purl, &pid, &o.token, &argv).await;
+    assert_eq!(
+        (code, &body["code"]),
+        (503, &json!("master_unreachable")),
+        "{body}"
+    );
+    // Telling the client what failed, not where the master is.
+    let said = body["message"].as_str().unwrap();
+    assert!(said.contains("cannot ask the master"), "{body}");
+    assert!(!said.contains(&m_addr.to_string()), "{body}");
+    assert!(body.get("hint").is_none(), "{body}");
+    // Counted and audited.
+    assert!(audit
+        .records()
+        .iter()
+        .any(|r| r.reason == "master_unreachable"));
+}
+
 /// One client address holds at most `client_connections` connections with
 /// project requests on them: a WebSocket counts until it closes, one more
 /// connection is answered 429 `too_many_connections` and closed (counted
@@ -1024,7 +1092,7 @@ async fn ingress_caps_connections_per_client() {
         h: _h,
         ingress,
         audit,
-    } = ingress_fixture(dir.path(), 200, 3).await;
+    } = ingress_fixture(dir.path(), |c| c.client_connections = 3).await;
     let (addr, _served) = serve_ingress_on_loopback(&ingress).await;
     let c = user_with_projects(&m, &admin, &["p"]).await;
     let o = c.open("p").await.unwrap();
@@ -1186,7 +1254,7 @@ async fn ingress_matches_direct_and_refuses_bad_input() {
         h,
         ingress,
         audit,
-    } = ingress_fixture(dir.path(), 20, 1000).await;
+    } = ingress_fixture(dir.path(), |c| c.project_rps = 20).await;
     // Served as the daemon serves it, so WebSockets below are relayed by
     // splice(2) at the proxy as well as at the host.
     let (addr, served) = serve_ingress_on_loopback(&ingress).await;
@@ -1506,7 +1574,7 @@ async fn ingress_over_https_answers_as_over_http() {
         h,
         ingress,
         audit,
-    } = ingress_fixture(dir.path(), 200, 1000).await;
+    } = ingress_fixture(dir.path(), |_| {}).await;
     let (cert, key, root) = self_signed(dir.path());
     let certs = cocalc_proxy::tls::CertStore::load(cocalc_proxy::tls::TlsFiles {
         cert_file: cert.clone(),

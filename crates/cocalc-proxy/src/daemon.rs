@@ -10,6 +10,8 @@
 //! project_rps = 200                        # requests/s per project (and burst)
 //! client_rps = 100                         # requests/s per client address (and burst)
 //! client_connections = 1000                # connections per client address (0: no cap)
+//! route_grace_secs = 3600                  # keep routing to known hosts this long while the
+//!                                          # master cannot be asked
 //! # public_url = "http://proxy.example:8000" # this proxy's tunnel handle: the URL hidden
 //! #                                          # hosts dial and sign (default http://<listen>)
 //! ssh_listen = "0.0.0.0:2222"              # optional: SSH ingress (`ssh project-<uuid>@proxy`)
@@ -96,6 +98,11 @@ pub struct ProxyConfig {
     /// [`IngressConfig::client_connections`]).
     #[serde(default)]
     pub client_connections: Option<u32>,
+    /// How long known hosts' addresses are still used while the master
+    /// cannot be asked, seconds (default
+    /// [`IngressConfig::route_grace`]).
+    #[serde(default)]
+    pub route_grace_secs: Option<u64>,
     /// This proxy's tunnel handle (default `http://<bound address>`).
     #[serde(default)]
     pub public_url: Option<String>,
@@ -215,6 +222,9 @@ pub async fn run(
     }
     if let Some(n) = cfg.client_connections {
         icfg.client_connections = n;
+    }
+    if let Some(secs) = cfg.route_grace_secs {
+        icfg.route_grace = Duration::from_secs(secs);
     }
     let (listener, addr) = bind(cfg.listen, "listen").await?;
     let handle = cfg

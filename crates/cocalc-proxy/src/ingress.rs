@@ -18,8 +18,14 @@
 //!    the move name the new host, and tokens for the old placement reach
 //!    the old host, which refuses them by generation. Only a host's own
 //!    endpoint can go stale (a host re-registering elsewhere, a hidden
-//!    host moving its tunnel); that entry is dropped at the first failed
-//!    connection and otherwise lives at most the TTL.
+//!    host moving its tunnel); that entry is asked for again at the first
+//!    failed connection and otherwise after the TTL. An entry past its TTL
+//!    still serves while the master is asked again in the background
+//!    (one request per host at a time), so the master is never on the
+//!    request path once a host is known; and while the master cannot
+//!    answer, the ingress keeps routing with what it knows for
+//!    [`IngressConfig::route_grace`] (tokens are verified with the signing
+//!    keys it holds).
 //! 4. **Rate limits** (before any token is verified): per client address
 //!    and per project, answered with 429 and `Retry-After`, so one noisy
 //!    project or client does not starve the others. Before those, a cap
@@ -66,8 +72,13 @@ pub struct IngressConfig {
     pub master_url: String,
     /// API key the ingress uses to look hosts up.
     pub api_key: String,
-    /// How long a host's endpoint is cached (default 10 s).
+    /// How long a host's endpoint is cached before the master is asked
+    /// again (default 10 s).
     pub route_ttl: Duration,
+    /// How long past `route_ttl` a host's endpoint is still used when the
+    /// master cannot be asked (default an hour, a host's default offline
+    /// grace); after that its requests fail with the master's error.
+    pub route_grace: Duration,
     /// Requests per second allowed per project (default 200), with the
     /// same number as burst.
     pub project_rps: u32,
@@ -90,6 +101,7 @@ impl IngressConfig {
             master_url: master_url.into(),
             api_key: api_key.into(),
             route_ttl: Duration::from_secs(10),
+            route_grace: Duration::from_secs(3600),
             project_rps: 200,
             client_rps: 100,
             client_connections: 1000,
@@ -104,7 +116,8 @@ pub struct Refusals {
     pub bad_path: AtomicU64,
     /// Missing or invalid tokens.
     pub bad_token: AtomicU64,
-    /// Hosts that could not be reached.
+    /// Hosts that could not be reached, or whose address the master
+    /// could not give.
     pub unreachable: AtomicU64,
     /// Requests over a rate limit.
     pub rate_limited: AtomicU64,
@@ -124,7 +137,7 @@ pub struct Ingress {
     master: MasterClient,
     verifier: Verifier,
     transport: Arc<dyn Transport>,
-    routes: Mutex<HashMap<HostId, Arc<Route>, foldhash::fast::RandomState>>,
+    routes: Arc<Routes>,
     refusals: Refusals,
     per_project: Limiter<ProjectId>,
     per_client: Limiter<std::net::IpAddr>,
@@ -206,6 +219,50 @@ struct Route {
     endpoint: HostEndpoint,
     authority: HeaderValue,
     at: Instant,
+    /// A connection to the host failed: ask the master again.
+    doubted: std::sync::atomic::AtomicBool,
+    /// The master is being asked again (or could not answer within the
+    /// last second).
+    refreshing: std::sync::atomic::AtomicBool,
+}
+
+impl Route {
+    /// The route to `host` at `endpoint`, asked for now.
+    fn new(host: HostId, endpoint: HostEndpoint) -> Result<Route, ApiError> {
+        let authority = match &endpoint {
+            HostEndpoint::Url(u) => crate::parse_host_url(u).map_err(|e| ApiError::from(&e))?,
+            _ => host.to_string(),
+        };
+        let authority = HeaderValue::from_str(&authority).map_err(|_| {
+            ApiError::new(
+                502,
+                "bad_endpoint",
+                format!("host {host}'s address {authority:?} is not a valid Host header"),
+            )
+        })?;
+        Ok(Route {
+            endpoint,
+            authority,
+            at: Instant::now(),
+            doubted: Default::default(),
+            refreshing: Default::default(),
+        })
+    }
+}
+
+/// The cached routes, by host.
+type Routes = Mutex<HashMap<HostId, Arc<Route>, foldhash::fast::RandomState>>;
+
+fn lock_routes(
+    routes: &Routes,
+) -> std::sync::MutexGuard<'_, HashMap<HostId, Arc<Route>, foldhash::fast::RandomState>> {
+    routes.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Whether `e` says the master could not answer (unreachable, failing),
+/// rather than that it answered no.
+fn master_away(e: &ApiError) -> bool {
+    e.status >= 500
 }
 
 /// What the ingress answers with: a host's streamed response (through
@@ -440,7 +497,7 @@ impl Ingress {
             master,
             cfg,
             transport,
-            routes: Mutex::new(HashMap::default()),
+            routes: Arc::default(),
             refusals: Refusals::default(),
         };
         ing.refresh_keys().await?;
@@ -496,42 +553,69 @@ impl Ingress {
     /// `host`'s route: cached, or asked of the master. The asking is
     /// boxed, so the future of every request does not carry the master
     /// client's request state for the rare miss.
+    /// The route to `host`: the cached one while fresh; past its TTL (or
+    /// doubted) and within the grace, still the cached one, while the
+    /// master is asked again in the background; otherwise the master's
+    /// answer, waited for.
     async fn route(&self, host: HostId) -> Result<Arc<Route>, ApiError> {
-        if let Some(r) = self
-            .routes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&host)
-        {
-            if r.at.elapsed() < self.cfg.route_ttl {
-                return Ok(r.clone());
-            }
+        let cached = lock_routes(&self.routes).get(&host).cloned();
+        let Some(r) = cached else {
+            return Box::pin(self.fetch_route(host)).await;
+        };
+        let age = r.at.elapsed();
+        if age < self.cfg.route_ttl && !r.doubted.load(Ordering::Relaxed) {
+            return Ok(r);
         }
-        Box::pin(self.fetch_route(host)).await
+        if age >= self.cfg.route_ttl + self.cfg.route_grace {
+            return Box::pin(self.fetch_route(host)).await;
+        }
+        if !r.refreshing.swap(true, Ordering::AcqRel) {
+            self.refresh_route(host, r.clone());
+        }
+        Ok(r)
+    }
+
+    /// Asks the master for `host`'s endpoint in the background and
+    /// replaces `old` with the answer. A host the master no longer knows
+    /// (404) is forgotten; when the master cannot answer, `old` stays and
+    /// is asked for again a second later at the earliest.
+    fn refresh_route(&self, host: HostId, old: Arc<Route>) {
+        let (master, routes) = (self.master.clone(), self.routes.clone());
+        tokio::spawn(async move {
+            let fresh = master
+                .host_endpoint(host)
+                .await
+                .and_then(|endpoint| Route::new(host, endpoint));
+            match fresh {
+                Ok(r) => {
+                    lock_routes(&routes).insert(host, Arc::new(r));
+                }
+                Err(e) if e.status == 404 => {
+                    let mut routes = lock_routes(&routes);
+                    if routes.get(&host).is_some_and(|r| Arc::ptr_eq(r, &old)) {
+                        routes.remove(&host);
+                    }
+                }
+                Err(e) => {
+                    if master_away(&e) {
+                        tracing::warn!(
+                            %host,
+                            error = %e.message,
+                            "the master cannot be asked for a host's address; routing with \
+                             the one known"
+                        );
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    old.refreshing.store(false, Ordering::Release);
+                }
+            }
+        });
     }
 
     async fn fetch_route(&self, host: HostId) -> Result<Arc<Route>, ApiError> {
         let endpoint = self.master.host_endpoint(host).await?;
-        let authority = match &endpoint {
-            HostEndpoint::Url(u) => crate::parse_host_url(u).map_err(|e| ApiError::from(&e))?,
-            _ => host.to_string(),
-        };
-        let authority = HeaderValue::from_str(&authority).map_err(|_| {
-            ApiError::new(
-                502,
-                "bad_endpoint",
-                format!("host {host}'s address {authority:?} is not a valid Host header"),
-            )
-        })?;
-        let r = Arc::new(Route {
-            endpoint,
-            authority,
-            at: Instant::now(),
-        });
-        self.routes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(host, r.clone());
+        let r = Arc::new(Route::new(host, endpoint)?);
+        lock_routes(&self.routes).insert(host, r.clone());
         Ok(r)
     }
 
@@ -559,19 +643,28 @@ impl Ingress {
             Ok(c) => Ok((c, authority)),
             Err(e) => {
                 self.refusals.unreachable.fetch_add(1, Ordering::Relaxed);
-                self.forget_route(host);
+                self.doubt_route(host);
                 Err(ApiError::from(&e))
             }
         }
     }
 
-    /// Forgets a cached route and the pooled connections to that host (the
-    /// master's push of a project move, or a host that failed).
+    /// Forgets a cached route and the pooled connections to that host:
+    /// the next request to it waits for the master's answer.
     pub fn forget_route(&self, host: HostId) {
-        self.routes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&host);
+        lock_routes(&self.routes).remove(&host);
+        self.pool.forget(|h| *h == host);
+        self.upstream.forget(|h| *h == host);
+    }
+
+    /// A connection to `host` failed: its pooled connections are dropped
+    /// and the master is asked for its address again at the next request,
+    /// which meanwhile goes where the cached route says (the host may be
+    /// restarting at the same address while the master is away).
+    fn doubt_route(&self, host: HostId) {
+        if let Some(r) = lock_routes(&self.routes).get(&host) {
+            r.doubted.store(true, Ordering::Relaxed);
+        }
         self.pool.forget(|h| *h == host);
         self.upstream.forget(|h| *h == host);
     }
@@ -636,7 +729,26 @@ impl Ingress {
         let (project, host) = self.admit(peer.addr, req).map_err(|r| *r)?;
         match self.route(host).await {
             Ok(route) => Ok((project, host, route)),
-            Err(e) => Err(api(&e)),
+            Err(e) => {
+                // Counted and audited with the master's own words; the
+                // client is told what failed, not where the master is.
+                self.refuse(
+                    &self.refusals.unreachable,
+                    &e.code,
+                    Some(project),
+                    peer.addr,
+                    &format!("asking the master for host {host}: {}", e.message),
+                );
+                Err(api(&if master_away(&e) {
+                    ApiError::new(
+                        e.status,
+                        &e.code,
+                        format!("the proxy cannot ask the master where host {host} is"),
+                    )
+                } else {
+                    e
+                }))
+            }
         }
     }
 
@@ -656,7 +768,7 @@ impl Ingress {
             peer.addr,
             &e.message,
         );
-        self.forget_route(host);
+        self.doubt_route(host);
         api(e)
     }
 
