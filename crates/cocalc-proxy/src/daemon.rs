@@ -12,6 +12,8 @@
 //! client_connections = 1000                # connections per client address (0: no cap)
 //! route_grace_secs = 3600                  # keep routing to known hosts this long while the
 //!                                          # master cannot be asked
+//! # state_dir = "/var/lib/cocalc-proxy"    # keeps signing keys and hosts' addresses, so the
+//!                                          # proxy can start while the master is away
 //! # public_url = "http://proxy.example:8000" # this proxy's tunnel handle: the URL hidden
 //! #                                          # hosts dial and sign (default http://<listen>)
 //! ssh_listen = "0.0.0.0:2222"              # optional: SSH ingress (`ssh project-<uuid>@proxy`)
@@ -103,6 +105,11 @@ pub struct ProxyConfig {
     /// [`IngressConfig::route_grace`]).
     #[serde(default)]
     pub route_grace_secs: Option<u64>,
+    /// Where the ingress keeps the master's signing keys and the hosts'
+    /// addresses, so the proxy can start while the master is away
+    /// ([`IngressConfig::state_dir`]); none by default.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
     /// This proxy's tunnel handle (default `http://<bound address>`).
     #[serde(default)]
     pub public_url: Option<String>,
@@ -226,6 +233,7 @@ pub async fn run(
     if let Some(secs) = cfg.route_grace_secs {
         icfg.route_grace = Duration::from_secs(secs);
     }
+    icfg.state_dir = cfg.state_dir.clone();
     let (listener, addr) = bind(cfg.listen, "listen").await?;
     let handle = cfg
         .public_url
@@ -266,6 +274,9 @@ pub async fn run(
                 hub.prune();
                 if let Err(e) = ing.refresh_keys().await {
                     tracing::warn!(error = %e.message, "reloading signing keys failed");
+                }
+                if let Err(e) = ing.save_state() {
+                    tracing::warn!(error = %e, "saving the ingress state failed");
                 }
                 match certs.as_ref().map(|c| c.reload()) {
                     Some(Ok(true)) => tracing::info!("presenting a new TLS certificate"),
@@ -312,6 +323,9 @@ pub async fn run(
     let _ = stop_ssh.send(());
     if let Some(t) = ssh_task {
         let _ = t.await;
+    }
+    if let Err(e) = ingress.save_state() {
+        tracing::warn!(error = %e, "saving the ingress state failed");
     }
     result
 }

@@ -79,6 +79,10 @@ pub struct IngressConfig {
     /// master cannot be asked (default an hour, a host's default offline
     /// grace); after that its requests fail with the master's error.
     pub route_grace: Duration,
+    /// Where the ingress keeps the master's signing keys and the hosts'
+    /// addresses ([`Ingress::save_state`]), so that it can start and
+    /// route while the master is away (default none: it cannot).
+    pub state_dir: Option<std::path::PathBuf>,
     /// Requests per second allowed per project (default 200), with the
     /// same number as burst.
     pub project_rps: u32,
@@ -102,6 +106,7 @@ impl IngressConfig {
             api_key: api_key.into(),
             route_ttl: Duration::from_secs(10),
             route_grace: Duration::from_secs(3600),
+            state_dir: None,
             project_rps: 200,
             client_rps: 100,
             client_connections: 1000,
@@ -138,6 +143,8 @@ pub struct Ingress {
     verifier: Verifier,
     transport: Arc<dyn Transport>,
     routes: Arc<Routes>,
+    /// The master's signing keys as it last gave them (PASERK), to save.
+    signing_keys: Mutex<Vec<String>>,
     refusals: Refusals,
     per_project: Limiter<ProjectId>,
     per_client: Limiter<std::net::IpAddr>,
@@ -219,6 +226,8 @@ struct Route {
     endpoint: HostEndpoint,
     authority: HeaderValue,
     at: Instant,
+    /// When the master gave this endpoint (saved with it).
+    confirmed: Timestamp,
     /// A connection to the host failed: ask the master again.
     doubted: std::sync::atomic::AtomicBool,
     /// The master is being asked again (or could not answer within the
@@ -227,8 +236,9 @@ struct Route {
 }
 
 impl Route {
-    /// The route to `host` at `endpoint`, asked for now.
-    fn new(host: HostId, endpoint: HostEndpoint) -> Result<Route, ApiError> {
+    /// The route to `host` at `endpoint`, which the master gave at
+    /// `confirmed`.
+    fn new(host: HostId, endpoint: HostEndpoint, confirmed: Timestamp) -> Result<Route, ApiError> {
         let authority = match &endpoint {
             HostEndpoint::Url(u) => crate::parse_host_url(u).map_err(|e| ApiError::from(&e))?,
             _ => host.to_string(),
@@ -244,11 +254,32 @@ impl Route {
             endpoint,
             authority,
             at: Instant::now(),
+            confirmed,
             doubted: Default::default(),
             refreshing: Default::default(),
         })
     }
 }
+
+/// What the ingress keeps in [`IngressConfig::state_dir`], so that it can
+/// start and route while the master is away: the master's signing keys,
+/// and the hosts' addresses with when the master gave them.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct SavedState {
+    signing_keys: Vec<String>,
+    routes: Vec<SavedRoute>,
+}
+
+/// One saved route.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct SavedRoute {
+    host: HostId,
+    endpoint: HostEndpoint,
+    confirmed: Timestamp,
+}
+
+/// The file in [`IngressConfig::state_dir`].
+pub const STATE_FILE: &str = "ingress-state.json";
 
 /// The cached routes, by host.
 type Routes = Mutex<HashMap<HostId, Arc<Route>, foldhash::fast::RandomState>>;
@@ -498,9 +529,23 @@ impl Ingress {
             cfg,
             transport,
             routes: Arc::default(),
+            signing_keys: Mutex::default(),
             refusals: Refusals::default(),
         };
-        ing.refresh_keys().await?;
+        let restored = ing.restore_state().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "the saved ingress state cannot be used; ignoring it");
+            false
+        });
+        if let Err(e) = ing.refresh_keys().await {
+            if !(restored && master_away(&e)) {
+                return Err(e);
+            }
+            tracing::warn!(
+                error = %e.message,
+                "the master cannot be reached: starting with the signing keys and routes saved \
+                 in state_dir"
+            );
+        }
         Ok(Arc::new(ing))
     }
 
@@ -540,6 +585,13 @@ impl Ingress {
     /// rotation).
     pub async fn refresh_keys(&self) -> Result<(), ApiError> {
         let keys = self.master.signing_keys().await?;
+        self.install_keys(&keys)?;
+        *self.signing_keys.lock().unwrap_or_else(|p| p.into_inner()) = keys;
+        Ok(())
+    }
+
+    /// Verifies tokens with `keys` (PASERK, newest first) from now on.
+    fn install_keys(&self, keys: &[String]) -> Result<(), ApiError> {
         let mut set = KeySet::new();
         for (i, k) in keys.iter().rev().enumerate() {
             let pk = paserk::decode_public(k)
@@ -550,13 +602,90 @@ impl Ingress {
         Ok(())
     }
 
-    /// `host`'s route: cached, or asked of the master. The asking is
-    /// boxed, so the future of every request does not carry the master
-    /// client's request state for the rare miss.
+    /// Writes the master's signing keys and the known routes to
+    /// [`IngressConfig::state_dir`] ([`STATE_FILE`], replaced whole);
+    /// does nothing without one, or before the master gave any key. The
+    /// daemon calls it after each key refresh and at shutdown; at start,
+    /// the ingress reads it back, and starts with it if the master cannot
+    /// be reached. Routes keep the time the master gave them, so restarts
+    /// do not extend [`IngressConfig::route_grace`].
+    pub fn save_state(&self) -> std::io::Result<()> {
+        use std::io::Write;
+        let Some(dir) = &self.cfg.state_dir else {
+            return Ok(());
+        };
+        let signing_keys = self
+            .signing_keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if signing_keys.is_empty() {
+            return Ok(());
+        }
+        let routes = lock_routes(&self.routes)
+            .iter()
+            .map(|(host, r)| SavedRoute {
+                host: *host,
+                endpoint: r.endpoint.clone(),
+                confirmed: r.confirmed,
+            })
+            .collect();
+        let text = serde_json::to_vec(&SavedState {
+            signing_keys,
+            routes,
+        })
+        .map_err(std::io::Error::other)?;
+        std::fs::create_dir_all(dir)?;
+        let tmp = dir.join(format!("{STATE_FILE}.new"));
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&text)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, dir.join(STATE_FILE))
+    }
+
+    /// Reads what [`Ingress::save_state`] wrote: the signing keys, and the
+    /// routes the master gave less than `route_ttl + route_grace` ago
+    /// (each asked for again at its first use). `Ok(false)` when there is
+    /// nothing saved.
+    fn restore_state(&self) -> Result<bool, String> {
+        let Some(dir) = &self.cfg.state_dir else {
+            return Ok(false);
+        };
+        let path = dir.join(STATE_FILE);
+        let text = match std::fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        let state: SavedState =
+            serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        self.install_keys(&state.signing_keys)
+            .map_err(|e| format!("{}: {}", path.display(), e.message))?;
+        *self.signing_keys.lock().unwrap_or_else(|p| p.into_inner()) = state.signing_keys;
+        let now = self.clock.now();
+        let usable = self.cfg.route_ttl + self.cfg.route_grace;
+        let mut routes = lock_routes(&self.routes);
+        for saved in state.routes {
+            let age = Duration::from_millis(u64::try_from(now.0 - saved.confirmed.0).unwrap_or(0));
+            if age >= usable {
+                continue;
+            }
+            let Ok(mut r) = Route::new(saved.host, saved.endpoint, saved.confirmed) else {
+                continue;
+            };
+            r.at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+            r.doubted = true.into();
+            routes.insert(saved.host, Arc::new(r));
+        }
+        Ok(true)
+    }
+
     /// The route to `host`: the cached one while fresh; past its TTL (or
     /// doubted) and within the grace, still the cached one, while the
     /// master is asked again in the background; otherwise the master's
-    /// answer, waited for.
+    /// answer, waited for. The asking is boxed, so the future of every
+    /// request does not carry the master client's request state for the
+    /// rare miss.
     async fn route(&self, host: HostId) -> Result<Arc<Route>, ApiError> {
         let cached = lock_routes(&self.routes).get(&host).cloned();
         let Some(r) = cached else {
@@ -580,12 +709,13 @@ impl Ingress {
     /// (404) is forgotten; when the master cannot answer, `old` stays and
     /// is asked for again a second later at the earliest.
     fn refresh_route(&self, host: HostId, old: Arc<Route>) {
-        let (master, routes) = (self.master.clone(), self.routes.clone());
+        let (master, routes, clock) =
+            (self.master.clone(), self.routes.clone(), self.clock.clone());
         tokio::spawn(async move {
             let fresh = master
                 .host_endpoint(host)
                 .await
-                .and_then(|endpoint| Route::new(host, endpoint));
+                .and_then(|endpoint| Route::new(host, endpoint, clock.now()));
             match fresh {
                 Ok(r) => {
                     lock_routes(&routes).insert(host, Arc::new(r));
@@ -614,7 +744,7 @@ impl Ingress {
 
     async fn fetch_route(&self, host: HostId) -> Result<Arc<Route>, ApiError> {
         let endpoint = self.master.host_endpoint(host).await?;
-        let r = Arc::new(Route::new(host, endpoint)?);
+        let r = Arc::new(Route::new(host, endpoint, self.clock.now())?);
         lock_routes(&self.routes).insert(host, r.clone());
         Ok(r)
     }
