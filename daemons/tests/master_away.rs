@@ -1,103 +1,167 @@
 //! The proxy while the master is away, with the real daemons as separate
-//! processes: a proxy with a `state_dir` keeps the master's signing keys
-//! and the hosts' addresses on disk, so that restarted while the master is
-//! down it starts and serves the projects it knew; one without cannot
-//! start, and says why.
+//! processes: a proxy with a `state_dir` keeps the master's signing keys,
+//! the hosts' addresses and hidden hosts' keys on disk, so that restarted
+//! while the master is down it starts, takes hidden hosts' tunnels back,
+//! and serves the projects it knew; one without cannot start, and says
+//! why.
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 mod common;
-use common::{api_key_of, blocking_post, cocalc, eventually, free_port, ok, spawn, start_master};
+use common::{
+    api_key_of, blocking_post, cocalc, eventually, free_port, ok, spawn, start_master, Proc,
+};
+
+/// A master, a proxy with a state directory, and one host (hidden, dialling
+/// the proxy, or with a URL) holding alice's project.
+struct Fed {
+    master: Option<Proc>,
+    _host: Proc,
+    proxy: Proc,
+    /// The proxy's config file (with `state_dir`) and port.
+    proxy_cfg: PathBuf,
+    port: u16,
+    state: PathBuf,
+    project: String,
+    token: String,
+}
+
+fn federation(d: &Path, hidden: bool) -> Fed {
+    let (master, murl, admin) = start_master(d, &[]);
+    let cli = |key: &str, args: &[&str]| cocalc(&murl, key, args, None);
+    let proxy_key = api_key_of(&cli(&admin, &["proxy-key", "create", "edge", "--json"]));
+    let alice = api_key_of(&cli(&admin, &["user", "create", "alice", "--json"]));
+    let port = free_port();
+    let state = d.join("proxy-state");
+    let proxy_cfg = d.join("proxy.toml");
+    std::fs::write(
+        &proxy_cfg,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\nmaster_url = \"{murl}\"\napi_key = \"{proxy_key}\"\n\
+             key_refresh_secs = 1\nstate_dir = \"{}\"\n",
+            state.display()
+        ),
+    )
+    .unwrap();
+    let proxy = spawn(
+        env!("CARGO_BIN_EXE_cocalc-proxy"),
+        &proxy_cfg,
+        "cocalc-proxy: listening on ",
+    );
+    let bootstrap = ok(&cli(&admin, &["host", "bootstrap-token"]))
+        .trim()
+        .to_string();
+    let reach = if hidden {
+        format!("tunnel_url = \"http://127.0.0.1:{port}\"")
+    } else {
+        format!("listen = \"127.0.0.1:{}\"", free_port())
+    };
+    std::fs::write(
+        d.join("host.toml"),
+        format!(
+            "{reach}\nmaster_url = \"{murl}\"\ndata_dir = \"{}\"\n\
+             bootstrap_token = \"{bootstrap}\"\nrunner = \"process\"\nstorage = \"dir\"\n",
+            d.join("h").display()
+        ),
+    )
+    .unwrap();
+    let host = spawn(
+        env!("CARGO_BIN_EXE_cocalc-host"),
+        &d.join("host.toml"),
+        "cocalc-host: ",
+    );
+    eventually("the host is up", Duration::from_secs(20), || {
+        let o = cli(&admin, &["host", "list", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        v.as_array()
+            .is_some_and(|a| a.iter().any(|h| h["state"] == "up"))
+    });
+    ok(&cli(&alice, &["project", "create", "p"]));
+    let open: serde_json::Value =
+        serde_json::from_str(&ok(&cli(&alice, &["project", "open", "p", "--json"]))).unwrap();
+    Fed {
+        master: Some(master),
+        _host: host,
+        proxy,
+        proxy_cfg,
+        port,
+        state,
+        project: open["project"].as_str().unwrap().to_string(),
+        token: open["token"].as_str().unwrap().to_string(),
+    }
+}
+
+impl Fed {
+    /// The same exec through the proxy, as JSON.
+    fn exec_via_proxy(&self) -> serde_json::Value {
+        blocking_post(
+            &format!("http://127.0.0.1:{}/{}/exec", self.port, self.project),
+            &self.token,
+            serde_json::json!({ "argv": ["sh", "-c", "echo still-$((40+2))"] }),
+        )
+    }
+
+    /// The proxy's saved state, once it holds what `ready` asks for.
+    fn wait_for_saved(&self, file: &str, ready: impl Fn(&serde_json::Value) -> bool) {
+        let path = self.state.join(file);
+        eventually(
+            &format!("the proxy saved {file}"),
+            Duration::from_secs(10),
+            || {
+                std::fs::read(&path)
+                    .ok()
+                    .and_then(|t| serde_json::from_slice::<serde_json::Value>(&t).ok())
+                    .is_some_and(|v| ready(&v))
+            },
+        );
+    }
+
+    /// Stops the proxy and the master, then starts the proxy again.
+    fn restart_proxy_without_master(&mut self) {
+        let _ = self.proxy.child.kill();
+        let _ = self.proxy.child.wait();
+        self.master = None;
+        self.proxy = spawn(
+            env!("CARGO_BIN_EXE_cocalc-proxy"),
+            &self.proxy_cfg,
+            "cocalc-proxy: listening on ",
+        );
+    }
+}
 
 #[test]
 fn proxy_restarted_while_the_master_is_away_serves_from_its_state() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (master, murl, admin) = start_master(d, &[]);
-    let cli = |key: &str, args: &[&str]| cocalc(&murl, key, args, None);
-    let proxy_key = api_key_of(&cli(&admin, &["proxy-key", "create", "edge", "--json"]));
-    let alice = api_key_of(&cli(&admin, &["user", "create", "alice", "--json"]));
-    let token = ok(&cli(&admin, &["host", "bootstrap-token"]))
-        .trim()
-        .to_string();
-    std::fs::write(
-        d.join("host.toml"),
-        format!(
-            "listen = \"127.0.0.1:{}\"\nmaster_url = \"{murl}\"\ndata_dir = \"{}\"\n\
-             bootstrap_token = \"{token}\"\nrunner = \"process\"\nstorage = \"dir\"\n",
-            free_port(),
-            d.join("h").display()
-        ),
-    )
-    .unwrap();
-    let _host = spawn(
-        env!("CARGO_BIN_EXE_cocalc-host"),
-        &d.join("host.toml"),
-        "cocalc-host: ",
-    );
-    let port = free_port();
-    let state = d.join("proxy-state");
-    let write_proxy_cfg = |name: &str, state_dir: Option<&std::path::Path>| {
-        let cfg = d.join(name);
-        let extra = state_dir.map_or(String::new(), |s| {
-            format!("state_dir = \"{}\"\n", s.display())
-        });
-        std::fs::write(
-            &cfg,
-            format!(
-                "listen = \"127.0.0.1:{port}\"\nmaster_url = \"{murl}\"\napi_key = \"{proxy_key}\"\n\
-                 key_refresh_secs = 1\n{extra}"
-            ),
-        )
-        .unwrap();
-        cfg
-    };
-    let with_state = write_proxy_cfg("proxy.toml", Some(&state));
-    let proxy = spawn(
-        env!("CARGO_BIN_EXE_cocalc-proxy"),
-        &with_state,
-        "cocalc-proxy: listening on ",
-    );
-
-    ok(&cli(&alice, &["project", "create", "p"]));
-    let open: serde_json::Value =
-        serde_json::from_str(&ok(&cli(&alice, &["project", "open", "p", "--json"]))).unwrap();
-    let (project, connect_token) = (
-        open["project"].as_str().unwrap().to_string(),
-        open["token"].as_str().unwrap().to_string(),
-    );
-    let exec_via_proxy = || {
-        blocking_post(
-            &format!("http://127.0.0.1:{port}/{project}/exec"),
-            &connect_token,
-            serde_json::json!({ "argv": ["sh", "-c", "echo still-$((40+2))"] }),
-        )
-    };
-    let before = exec_via_proxy();
+    let mut f = federation(d, false);
+    let before = f.exec_via_proxy();
     assert_eq!(before["exit_code"], 0, "{before}");
     // Saved every key refresh (1 s here): the keys, and the host's route.
-    let saved = state.join(cocalc_proxy::ingress::STATE_FILE);
-    eventually(
-        "the proxy saved the host's route",
-        Duration::from_secs(10),
-        || {
-            std::fs::read(&saved)
-                .ok()
-                .and_then(|t| serde_json::from_slice::<serde_json::Value>(&t).ok())
-                .is_some_and(|v| {
-                    v["routes"].as_array().is_some_and(|r| r.len() == 1)
-                        && v["signing_keys"].as_array().is_some_and(|k| !k.is_empty())
-                })
-        },
-    );
+    f.wait_for_saved(cocalc_proxy::ingress::STATE_FILE, |v| {
+        v["routes"].as_array().is_some_and(|r| r.len() == 1)
+            && v["signing_keys"].as_array().is_some_and(|k| !k.is_empty())
+    });
+    f.restart_proxy_without_master();
+    let after = f.exec_via_proxy();
+    assert_eq!(after, before, "the same answer with the master away");
 
-    drop(proxy);
-    drop(master);
-
-    // Without saved state the proxy cannot start, and says why.
+    // Without saved state a proxy cannot start, and says why.
+    let bare = d.join("bare.toml");
+    let cfg = std::fs::read_to_string(&f.proxy_cfg).unwrap();
+    let without_state: String = cfg
+        .lines()
+        .filter(|l| !l.starts_with("state_dir") && !l.starts_with("listen"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(
+        &bare,
+        format!("listen = \"127.0.0.1:{}\"\n{without_state}", free_port()),
+    )
+    .unwrap();
     let o = Command::new(env!("CARGO_BIN_EXE_cocalc-proxy"))
-        .args(["-c", write_proxy_cfg("bare.toml", None).to_str().unwrap()])
+        .args(["-c", bare.to_str().unwrap()])
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(1), "{o:?}");
@@ -105,13 +169,31 @@ fn proxy_restarted_while_the_master_is_away_serves_from_its_state() {
         String::from_utf8_lossy(&o.stderr).contains("reaching the master"),
         "{o:?}"
     );
+}
 
-    // With it, the proxy starts and serves the project as before.
-    let _proxy = spawn(
-        env!("CARGO_BIN_EXE_cocalc-proxy"),
-        &with_state,
-        "cocalc-proxy: listening on ",
+/// A hidden host's tunnel comes back to a proxy restarted while the
+/// master is away: the proxy checks its handshake with the host key it
+/// saved.
+#[test]
+fn hidden_host_redials_a_proxy_restarted_while_the_master_is_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut f = federation(dir.path(), true);
+    let before = f.exec_via_proxy();
+    assert_eq!(before["exit_code"], 0, "{before}");
+    f.wait_for_saved(cocalc_proxy::tunnel::HOST_KEYS_FILE, |v| {
+        v.as_object().is_some_and(|keys| keys.len() == 1)
+    });
+    f.wait_for_saved(cocalc_proxy::ingress::STATE_FILE, |v| {
+        v["routes"].as_array().is_some_and(|r| r.len() == 1)
+    });
+    f.restart_proxy_without_master();
+    let mut last = serde_json::Value::Null;
+    eventually(
+        "the hidden host's tunnel is back and serves",
+        Duration::from_secs(30),
+        || {
+            last = f.exec_via_proxy();
+            last == before
+        },
     );
-    let after = exec_via_proxy();
-    assert_eq!(after, before, "the same answer with the master away");
 }

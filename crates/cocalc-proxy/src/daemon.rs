@@ -240,8 +240,10 @@ pub async fn run(
         .clone()
         .unwrap_or_else(|| format!("http://{addr}"));
     let clock: cocalc_core::SharedClock = Arc::new(SystemClock);
+    let mut tcfg = TunnelConfig::new(handle.clone());
+    tcfg.state_dir = cfg.state_dir.clone();
     let tunnels = TunnelHub::new(
-        TunnelConfig::new(handle.clone()),
+        tcfg,
         cocalc_client::MasterClient::new(icfg.master_url.clone(), icfg.api_key.clone()),
         clock.clone(),
     );
@@ -275,8 +277,8 @@ pub async fn run(
                 if let Err(e) = ing.refresh_keys().await {
                     tracing::warn!(error = %e.message, "reloading signing keys failed");
                 }
-                if let Err(e) = ing.save_state() {
-                    tracing::warn!(error = %e, "saving the ingress state failed");
+                if let Err(e) = ing.save_state().and_then(|()| hub.save_state()) {
+                    tracing::warn!(error = %e, "saving the proxy's state failed");
                 }
                 match certs.as_ref().map(|c| c.reload()) {
                     Some(Ok(true)) => tracing::info!("presenting a new TLS certificate"),
@@ -308,9 +310,14 @@ pub async fn run(
     };
     let (stop_tls, tls_task) = start_tls(&cfg, certs, &ingress, tunnels.clone().router()).await?;
     eprintln!("cocalc-proxy: listening on http://{addr}");
-    let result = crate::serve_ingress(listener, ingress.clone(), tunnels.router(), shutdown)
-        .await
-        .map_err(|e| ProxyDaemonError::Start(e.to_string()));
+    let result = crate::serve_ingress(
+        listener,
+        ingress.clone(),
+        tunnels.clone().router(),
+        shutdown,
+    )
+    .await
+    .map_err(|e| ProxyDaemonError::Start(e.to_string()));
     let _ = stop_tls.send(());
     if let Some(t) = tls_task {
         let _ = t.await;
@@ -324,8 +331,8 @@ pub async fn run(
     if let Some(t) = ssh_task {
         let _ = t.await;
     }
-    if let Err(e) = ingress.save_state() {
-        tracing::warn!(error = %e, "saving the ingress state failed");
+    if let Err(e) = ingress.save_state().and_then(|()| tunnels.save_state()) {
+        tracing::warn!(error = %e, "saving the proxy's state failed");
     }
     result
 }

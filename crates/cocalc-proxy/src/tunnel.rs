@@ -120,6 +120,11 @@ pub struct TunnelConfig {
     pub dial_timeout: Duration,
     /// See [`TunnelConfig::dial_timeout`] (default 60 s).
     pub dial_retry_after: Duration,
+    /// Where the hub keeps the host keys the master gave it
+    /// ([`TunnelHub::save_state`]), so that hidden hosts can open their
+    /// tunnels again while the master is away, also after a restart of
+    /// this proxy (default none).
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 impl TunnelConfig {
@@ -135,6 +140,7 @@ impl TunnelConfig {
             dial_back: true,
             dial_timeout: Duration::from_secs(3),
             dial_retry_after: Duration::from_secs(60),
+            state_dir: None,
         }
     }
 }
@@ -143,6 +149,9 @@ type Sender = hyper::client::conn::http2::SendRequest<Body>;
 
 /// Host keys kept at most (one per host that dialled lately).
 const HOST_KEY_CACHE: u64 = 100_000;
+
+/// The file in [`TunnelConfig::state_dir`]: host id → PASERK public key.
+pub const HOST_KEYS_FILE: &str = "tunnel-host-keys.json";
 
 struct Tunnel {
     serial: u64,
@@ -186,6 +195,9 @@ pub struct TunnelHub {
     /// Host keys from the master: bounded, and looked up again after a
     /// while (and at once when a signature fails, see `check_handshake`).
     keys: moka::sync::Cache<HostId, ed25519_dalek::VerifyingKey>,
+    /// Every host key the master gave (at most [`HOST_KEY_CACHE`]), used
+    /// when it cannot be asked.
+    known_keys: Mutex<HashMap<HostId, ed25519_dalek::VerifyingKey>>,
     seen: Mutex<HashMap<[u8; 64], Instant>>,
     /// Dial-backs asked for, by nonce.
     pending: Mutex<HashMap<String, PendingDial>>,
@@ -230,7 +242,9 @@ impl TunnelHub {
     ) -> Arc<Self> {
         let n = std::num::NonZeroU32::new(cfg.handshakes_per_sec.max(1))
             .unwrap_or(std::num::NonZeroU32::MIN);
+        let known_keys = Mutex::new(restore_host_keys(cfg.state_dir.as_deref()));
         Arc::new(TunnelHub {
+            known_keys,
             limiter: governor::RateLimiter::keyed(governor::Quota::per_second(n).allow_burst(n)),
             audit,
             cfg,
@@ -300,15 +314,63 @@ impl TunnelHub {
             .with_state(self)
     }
 
+    /// `host`'s key: cached, or the master's; when the master cannot be
+    /// asked (5xx), the last one it gave.
     async fn host_key(&self, host: HostId) -> Result<ed25519_dalek::VerifyingKey, ApiError> {
         if let Some(k) = self.keys.get(&host) {
             return Ok(k);
         }
-        let r = self.master.host_key(host).await?;
+        let r = match self.master.host_key(host).await {
+            Ok(r) => r,
+            Err(e) if e.status >= 500 => {
+                let known = lock(&self.known_keys).get(&host).copied();
+                return match known {
+                    Some(key) => {
+                        tracing::warn!(
+                            %host,
+                            error = %e.message,
+                            "the master cannot be asked for a host's key; using the last one it gave"
+                        );
+                        Ok(key)
+                    }
+                    None => Err(e),
+                };
+            }
+            Err(e) => return Err(e),
+        };
         let key = paserk::decode_public(&r.public_key)
             .map_err(|e| ApiError::new(502, "bad_host_key", format!("host {host}'s key: {e}")))?;
         self.keys.insert(host, key);
+        let mut known = lock(&self.known_keys);
+        if known.len() < HOST_KEY_CACHE as usize || known.contains_key(&host) {
+            known.insert(host, key);
+        }
         Ok(key)
+    }
+
+    /// Writes the host keys the master gave to [`TunnelConfig::state_dir`]
+    /// ([`HOST_KEYS_FILE`], replaced whole); does nothing without one. The
+    /// daemon calls it with the ingress's
+    /// [`save_state`](crate::Ingress::save_state); a new hub reads it back.
+    pub fn save_state(&self) -> std::io::Result<()> {
+        use std::io::Write;
+        let Some(dir) = &self.cfg.state_dir else {
+            return Ok(());
+        };
+        let keys: HashMap<String, String> = lock(&self.known_keys)
+            .iter()
+            .map(|(h, k)| (h.to_string(), paserk::encode_public(k)))
+            .collect();
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let text = serde_json::to_vec(&keys).map_err(std::io::Error::other)?;
+        std::fs::create_dir_all(dir)?;
+        let tmp = dir.join(format!("{HOST_KEYS_FILE}.new"));
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&text)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, dir.join(HOST_KEYS_FILE))
     }
 
     /// Checks a handshake's signature: against the cached key first, and
@@ -697,6 +759,31 @@ async fn accept_dial(State(hub): State<Arc<TunnelHub>>, req: Request) -> Respons
     r.headers_mut()
         .insert(header::UPGRADE, HeaderValue::from_static(DIAL_PROTOCOL));
     r
+}
+
+/// The host keys saved in `dir` ([`TunnelHub::save_state`]); none when
+/// there is no file, and those that do not parse are skipped (logged).
+fn restore_host_keys(
+    dir: Option<&std::path::Path>,
+) -> HashMap<HostId, ed25519_dalek::VerifyingKey> {
+    let Some(path) = dir.map(|d| d.join(HOST_KEYS_FILE)) else {
+        return HashMap::new();
+    };
+    let saved: HashMap<String, String> = match std::fs::read(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return HashMap::new(),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "saved host keys not read");
+            return HashMap::new();
+        }
+        Ok(text) => serde_json::from_slice(&text).unwrap_or_else(|e| {
+            tracing::warn!(path = %path.display(), error = %e, "saved host keys not read");
+            HashMap::new()
+        }),
+    };
+    saved
+        .into_iter()
+        .filter_map(|(h, k)| Some((h.parse().ok()?, paserk::decode_public(&k).ok()?)))
+        .collect()
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
