@@ -178,8 +178,12 @@ fn proxy_restarted_while_the_master_is_away_serves_from_its_state() {
 fn hidden_host_redials_a_proxy_restarted_while_the_master_is_away() {
     let dir = tempfile::tempdir().unwrap();
     let mut f = federation(dir.path(), true);
-    let before = f.exec_via_proxy();
-    assert_eq!(before["exit_code"], 0, "{before}");
+    // "Up" at the master can come before the tunnel is open.
+    let mut before = serde_json::Value::Null;
+    eventually("exec through the tunnel", Duration::from_secs(20), || {
+        before = f.exec_via_proxy();
+        before["exit_code"] == 0
+    });
     f.wait_for_saved(cocalc_proxy::tunnel::HOST_KEYS_FILE, |v| {
         v.as_object().is_some_and(|keys| keys.len() == 1)
     });

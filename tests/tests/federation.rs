@@ -1025,7 +1025,7 @@ async fn ingress_routes_without_the_master_for_the_grace() {
         audit,
     } = ingress_fixture(dir.path(), |c| {
         c.route_ttl = Duration::from_millis(200);
-        c.route_grace = Duration::from_secs(3);
+        c.route_grace = Duration::from_secs(8);
     })
     .await;
     let (addr, _served) = serve_ingress_on_loopback(&ingress).await;
@@ -1054,7 +1054,7 @@ async fn ingress_routes_without_the_master_for_the_grace() {
         assert_eq!(r.status(), 200);
     }
     // Past the TTL and the grace: the master's error.
-    let over = Duration::from_millis(200 + 3000 + 300);
+    let over = Duration::from_millis(200 + 8000 + 300);
     tokio::time::sleep(over.saturating_sub(started.elapsed())).await;
     let (code, body) = exec(&purl, &pid, &o.token, &argv).await;
     assert_eq!(
