@@ -1036,6 +1036,8 @@ async fn ingress_routes_without_the_master_for_the_grace() {
     let purl = format!("http://{addr}");
     let ok = exec(&purl, &pid, &o.token, &argv).await;
     assert_eq!(ok.0, 200, "{ok:?}");
+    let stats = ingress.route_stats();
+    assert_eq!((stats.fresh, stats.stale, stats.master_away), (1, 0, false));
     let started = Instant::now();
     let m_addr = m.addr;
     m.shut_down().await;
@@ -1052,6 +1054,28 @@ async fn ingress_routes_without_the_master_for_the_grace() {
             .await
             .unwrap();
         assert_eq!(r.status(), 200);
+    }
+    // What an operator sees meanwhile.
+    eventually(
+        "the failed lookup is seen",
+        Duration::from_secs(5),
+        || async { ingress.route_stats().master_away },
+    )
+    .await;
+    let stats = ingress.route_stats();
+    assert_eq!((stats.fresh, stats.stale), (0, 1));
+    assert!(stats.lookup_failures >= 1);
+    let tunnels = cocalc_proxy::TunnelHub::new(
+        cocalc_proxy::TunnelConfig::new("http://unused"),
+        MasterClient::new(&purl, "unused"),
+        std::sync::Arc::new(cocalc_core::SystemClock),
+    );
+    let text = cocalc_proxy::metrics::ProxyMetrics::new(ingress.clone(), tunnels).render();
+    for line in [
+        "cocalc_proxy_master_away 1",
+        "cocalc_proxy_routes{state=\"stale\"} 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
     }
     // Past the TTL and the grace: the master's error.
     let over = Duration::from_millis(200 + 8000 + 300);
@@ -1146,6 +1170,7 @@ async fn ingress_caps_connections_per_client() {
         Message::Text("still here".into())
     );
     assert_eq!(held(), 3);
+    assert_eq!(ingress.connections_held(), (1, 3));
 
     // The proxy's own paths are not project traffic: not counted, not capped.
     let (mut own, _) = connect().await;

@@ -53,7 +53,9 @@ pub struct Grant {
 
 /// Fetches a fresh ACL answer from the master into the cache (the host's
 /// master link implements this). Called by the [`Gate`] when the cache
-/// answers [`AccessError::NeedsRefresh`].
+/// answers [`AccessError::NeedsRefresh`], or
+/// [`AccessError::NotCachedOffline`] (the master may be back before the
+/// link noticed).
 #[async_trait::async_trait]
 pub trait AclRefresher: Send + Sync {
     /// Stores the master's current answer for `(project, user)` in the ACL
@@ -172,8 +174,15 @@ impl Gate {
         claims
             .require_project(project)
             .map_err(|e| fail(e.into()))?;
+        // An entry that is stale, or missing while the link is thought
+        // down, is asked for: a missing entry cannot be served anyway, and
+        // the link may be back (a push channel that failed while the host
+        // registered marks it down until the next contact).
         let permission = match (self.acl.check(&claims, needed), &self.refresher) {
-            (Err(AccessError::NeedsRefresh { .. }), Some(r)) => {
+            (
+                Err(AccessError::NeedsRefresh { .. } | AccessError::NotCachedOffline { .. }),
+                Some(r),
+            ) => {
                 if let Err(why) = r.refresh(project, claims.user).await {
                     tracing::warn!(%project, error = %why, "ACL refresh failed; master link marked down");
                     self.acl.master_down();

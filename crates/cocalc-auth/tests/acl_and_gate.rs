@@ -335,6 +335,84 @@ fn gate_checks_token_project_and_acl_and_audits_everything() {
     assert!(recs.iter().all(|r| r.host == Some(host)));
 }
 
+/// Answers ACL refreshes as the master would (`permission` for everyone),
+/// or fails as an unreachable master does; counts the calls.
+struct FakeMaster {
+    acl: Arc<AclCache>,
+    permission: Option<Permission>,
+    reachable: std::sync::atomic::AtomicBool,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl cocalc_auth::AclRefresher for FakeMaster {
+    async fn refresh(&self, project: ProjectId, user: UserId) -> Result<(), String> {
+        use std::sync::atomic::Ordering;
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        if !self.reachable.load(Ordering::Relaxed) {
+            return Err("connection refused".into());
+        }
+        self.acl.set(project, user, self.permission);
+        self.acl.master_up();
+        Ok(())
+    }
+}
+
+/// A user the cache has never seen, while the link is thought down (as
+/// after a push channel that failed during registration): the gate asks
+/// the master rather than refusing, and refuses only if the master cannot
+/// answer.
+#[test]
+fn a_missing_entry_is_asked_for_even_while_the_link_is_thought_down() {
+    use std::sync::atomic::Ordering;
+    let GateFixture {
+        gate,
+        acl,
+        u,
+        p,
+        token,
+        ..
+    } = gate_fixture(Arc::new(MemoryAuditSink::new()));
+    let master = Arc::new(FakeMaster {
+        acl: acl.clone(),
+        permission: Some(Permission::Write),
+        reachable: true.into(),
+        calls: 0.into(),
+    });
+    let gate = gate.with_refresher(master.clone());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // Known to the cache: served, link down or not, without asking.
+        acl.master_down();
+        gate.authorize(&token, p, Permission::Write, "exec")
+            .await
+            .unwrap();
+        assert_eq!(master.calls.load(Ordering::Relaxed), 0);
+        // Unknown: asked for, and the link is up again.
+        acl.remove(p, u);
+        acl.master_down();
+        let g = gate
+            .authorize(&token, p, Permission::Write, "exec")
+            .await
+            .unwrap();
+        assert_eq!(g.permission, Permission::Write);
+        assert_eq!(master.calls.load(Ordering::Relaxed), 1);
+        assert_eq!(acl.master_down_since(), None);
+        // Unknown with the master really away: refused as before.
+        acl.remove(p, u);
+        master.reachable.store(false, Ordering::Relaxed);
+        acl.master_down();
+        let e = gate
+            .authorize(&token, p, Permission::Write, "exec")
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "acl_not_cached_offline");
+        assert_eq!(master.calls.load(Ordering::Relaxed), 2);
+    });
+}
+
 /// Keeps refusals only, as a sink that logs grants at a disabled level does.
 struct RefusalsOnly(MemoryAuditSink);
 

@@ -143,6 +143,8 @@ pub struct Ingress {
     verifier: Verifier,
     transport: Arc<dyn Transport>,
     routes: Arc<Routes>,
+    /// How the master's route lookups have gone.
+    lookups: Arc<Lookups>,
     /// The master's signing keys as it last gave them (PASERK), to save.
     signing_keys: Mutex<Vec<String>>,
     refusals: Refusals,
@@ -280,6 +282,48 @@ struct SavedRoute {
 
 /// The file in [`IngressConfig::state_dir`].
 pub const STATE_FILE: &str = "ingress-state.json";
+
+/// How the master's answers to route lookups have gone: failures counted,
+/// and whether the last one failed (logged once when that changes, not
+/// per lookup).
+#[derive(Debug, Default)]
+struct Lookups {
+    failures: AtomicU64,
+    away: std::sync::atomic::AtomicBool,
+}
+
+impl Lookups {
+    fn answered(&self) {
+        if self.away.swap(false, Ordering::Relaxed) {
+            tracing::info!("the master answers route lookups again");
+        }
+    }
+
+    fn failed(&self, host: HostId, e: &ApiError) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        if master_away(e) && !self.away.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                %host,
+                error = %e.message,
+                "the master cannot be asked for hosts' addresses; routing with the ones known"
+            );
+        }
+    }
+}
+
+/// What the ingress knows of hosts' addresses now ([`Ingress::route_stats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RouteStats {
+    /// Routes within their TTL.
+    pub fresh: u64,
+    /// Routes past their TTL or doubted, still used while the master is
+    /// asked again (or away).
+    pub stale: u64,
+    /// Lookups at the master that failed, since start.
+    pub lookup_failures: u64,
+    /// Whether the last lookup failed because the master could not answer.
+    pub master_away: bool,
+}
 
 /// The cached routes, by host.
 type Routes = Mutex<HashMap<HostId, Arc<Route>, foldhash::fast::RandomState>>;
@@ -529,6 +573,7 @@ impl Ingress {
             cfg,
             transport,
             routes: Arc::default(),
+            lookups: Arc::default(),
             signing_keys: Mutex::default(),
             refusals: Refusals::default(),
         };
@@ -709,8 +754,12 @@ impl Ingress {
     /// (404) is forgotten; when the master cannot answer, `old` stays and
     /// is asked for again a second later at the earliest.
     fn refresh_route(&self, host: HostId, old: Arc<Route>) {
-        let (master, routes, clock) =
-            (self.master.clone(), self.routes.clone(), self.clock.clone());
+        let (master, routes, clock, lookups) = (
+            self.master.clone(),
+            self.routes.clone(),
+            self.clock.clone(),
+            self.lookups.clone(),
+        );
         tokio::spawn(async move {
             let fresh = master
                 .host_endpoint(host)
@@ -718,23 +767,18 @@ impl Ingress {
                 .and_then(|endpoint| Route::new(host, endpoint, clock.now()));
             match fresh {
                 Ok(r) => {
+                    lookups.answered();
                     lock_routes(&routes).insert(host, Arc::new(r));
                 }
                 Err(e) if e.status == 404 => {
+                    lookups.answered();
                     let mut routes = lock_routes(&routes);
                     if routes.get(&host).is_some_and(|r| Arc::ptr_eq(r, &old)) {
                         routes.remove(&host);
                     }
                 }
                 Err(e) => {
-                    if master_away(&e) {
-                        tracing::warn!(
-                            %host,
-                            error = %e.message,
-                            "the master cannot be asked for a host's address; routing with \
-                             the one known"
-                        );
-                    }
+                    lookups.failed(host, &e);
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     old.refreshing.store(false, Ordering::Release);
                 }
@@ -743,7 +787,18 @@ impl Ingress {
     }
 
     async fn fetch_route(&self, host: HostId) -> Result<Arc<Route>, ApiError> {
-        let endpoint = self.master.host_endpoint(host).await?;
+        let endpoint = match self.master.host_endpoint(host).await {
+            Ok(e) => {
+                self.lookups.answered();
+                e
+            }
+            Err(e) => {
+                if e.status != 404 {
+                    self.lookups.failed(host, &e);
+                }
+                return Err(e);
+            }
+        };
         let r = Arc::new(Route::new(host, endpoint, self.clock.now())?);
         lock_routes(&self.routes).insert(host, r.clone());
         Ok(r)
@@ -975,6 +1030,37 @@ impl Ingress {
             0 => Ok(None),
             limit => self.connections.take(ip).map(Some).ok_or(limit),
         }
+    }
+
+    /// The cached routes by freshness, and how the master's lookups went.
+    pub fn route_stats(&self) -> RouteStats {
+        let mut stats = RouteStats {
+            lookup_failures: self.lookups.failures.load(Ordering::Relaxed),
+            master_away: self.lookups.away.load(Ordering::Relaxed),
+            ..RouteStats::default()
+        };
+        for r in lock_routes(&self.routes).values() {
+            if r.at.elapsed() < self.cfg.route_ttl && !r.doubted.load(Ordering::Relaxed) {
+                stats.fresh += 1;
+            } else {
+                stats.stale += 1;
+            }
+        }
+        stats
+    }
+
+    /// Client addresses holding connections under the cap, and the
+    /// connections they hold.
+    pub fn connections_held(&self) -> (u64, u64) {
+        let by_ip = self
+            .connections
+            .by_ip
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        (
+            by_ip.len() as u64,
+            by_ip.values().map(|n| u64::from(*n)).sum(),
+        )
     }
 
     /// How many connections `ip` holds under the connection cap now.

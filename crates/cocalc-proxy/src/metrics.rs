@@ -10,7 +10,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use cocalc_core::counters::encode::{counter, counters, gauge};
+use cocalc_core::counters::encode::{counter, counters, gauge, gauges};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
 
@@ -153,6 +153,44 @@ impl Collector for ProxyMetrics {
             "tunnels_connected",
             "Hidden hosts with a tunnel to this proxy now",
             self.tunnels.connected().len() as i64,
+        )?;
+        let routes = self.ingress.route_stats();
+        gauges(
+            &mut encoder,
+            "routes",
+            "Hosts' addresses known, fresh or stale (past their TTL: still used while the \
+             master is asked again, or away)",
+            [
+                ([("state", "fresh".to_string())], routes.fresh as i64),
+                ([("state", "stale".to_string())], routes.stale as i64),
+            ],
+        )?;
+        counter(
+            &mut encoder,
+            "master_lookup_failures",
+            "Route lookups at the master that failed",
+            routes.lookup_failures,
+        )?;
+        gauge(
+            &mut encoder,
+            "master_away",
+            "1 while the master does not answer route lookups (the proxy routes with the \
+             addresses it knows)",
+            i64::from(routes.master_away),
+        )?;
+        let (clients, held) = self.ingress.connections_held();
+        gauge(
+            &mut encoder,
+            "client_connections",
+            "Connections with project requests (and SSH sessions) open now, under the \
+             per-client cap",
+            held as i64,
+        )?;
+        gauge(
+            &mut encoder,
+            "client_addresses",
+            "Client addresses holding such connections now",
+            clients as i64,
         )?;
         Ok(())
     }
