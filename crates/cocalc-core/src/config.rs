@@ -17,8 +17,36 @@ pub fn inline_or_file(inline: Option<&str>, file: Option<&Path>) -> Result<Optio
     }
 }
 
+/// Replaces the file at `path` with `bytes` so that a reader (or a crash)
+/// sees the old content or the new, never a part: written beside it
+/// (`<name>.new`, after creating the directory), flushed to disk, then
+/// renamed over it. For the state daemons keep between restarts.
+pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".new");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn atomic_writes_replace_whole_files_and_make_their_directory() {
+        let dir = std::env::temp_dir().join(format!("cocalc-atomic-{}", std::process::id()));
+        let path = dir.join("sub").join("state.json");
+        super::write_file_atomically(&path, b"first").unwrap();
+        super::write_file_atomically(&path, b"second, longer").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"second, longer");
+        assert!(!dir.join("sub").join("state.json.new").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     use super::*;
 
     #[test]

@@ -655,7 +655,6 @@ impl Ingress {
     /// be reached. Routes keep the time the master gave them, so restarts
     /// do not extend [`IngressConfig::route_grace`].
     pub fn save_state(&self) -> std::io::Result<()> {
-        use std::io::Write;
         let Some(dir) = &self.cfg.state_dir else {
             return Ok(());
         };
@@ -680,12 +679,7 @@ impl Ingress {
             routes,
         })
         .map_err(std::io::Error::other)?;
-        std::fs::create_dir_all(dir)?;
-        let tmp = dir.join(format!("{STATE_FILE}.new"));
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&text)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, dir.join(STATE_FILE))
+        cocalc_core::config::write_file_atomically(&dir.join(STATE_FILE), &text)
     }
 
     /// Reads what [`Ingress::save_state`] wrote: the signing keys, and the

@@ -353,7 +353,6 @@ impl TunnelHub {
     /// daemon calls it with the ingress's
     /// [`save_state`](crate::Ingress::save_state); a new hub reads it back.
     pub fn save_state(&self) -> std::io::Result<()> {
-        use std::io::Write;
         let Some(dir) = &self.cfg.state_dir else {
             return Ok(());
         };
@@ -365,12 +364,7 @@ impl TunnelHub {
             return Ok(());
         }
         let text = serde_json::to_vec(&keys).map_err(std::io::Error::other)?;
-        std::fs::create_dir_all(dir)?;
-        let tmp = dir.join(format!("{HOST_KEYS_FILE}.new"));
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&text)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, dir.join(HOST_KEYS_FILE))
+        cocalc_core::config::write_file_atomically(&dir.join(HOST_KEYS_FILE), &text)
     }
 
     /// Checks a handshake's signature: against the cached key first, and
