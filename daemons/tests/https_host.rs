@@ -13,8 +13,8 @@ use cocalc_core::ExecRequest;
 
 mod common;
 use common::{
-    api_key_of, blocking_post, cocalc_env, connections_to, eventually, free_port, ok, spawn,
-    start_master,
+    api_key_of, blocking_post, cocalc_env, connections_to, eventually, free_port, host_config, ok,
+    spawn, spawn_host, start_master,
 };
 
 #[test]
@@ -44,24 +44,18 @@ fn host_serves_https_to_the_cli_the_master_and_the_proxy() {
         .trim()
         .to_string();
     let port = free_port();
-    std::fs::write(
-        d.join("host.toml"),
-        format!(
-            "listen = \"127.0.0.1:{port}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n\
-             master_url = \"{murl}\"\ndata_dir = \"{}\"\nbootstrap_token = \"{token}\"\n\
-             runner = \"process\"\nstorage = \"dir\"\n",
+    let host_cfg = host_config(
+        d,
+        &format!(
+            "listen = \"127.0.0.1:{port}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"",
             cert.display(),
-            key.display(),
-            d.join("h").display()
+            key.display()
         ),
-    )
-    .unwrap();
-    let url = format!("https://127.0.0.1:{port}");
-    let host = spawn(
-        env!("CARGO_BIN_EXE_cocalc-host"),
-        &d.join("host.toml"),
-        "cocalc-host: ",
+        &murl,
+        &token,
     );
+    let url = format!("https://127.0.0.1:{port}");
+    let host = spawn_host(&host_cfg);
     assert!(
         host.line.ends_with(&format!("listening on {url}")),
         "{}",

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 mod common;
 use common::{
-    api_key_of, blocking_post, cocalc, eventually, free_port, ok, spawn, start_master, Proc,
+    api_key_of, blocking_post, cocalc, eventually, free_port, host_config, ok, spawn, spawn_host,
+    start_master, Proc,
 };
 
 /// A master, a proxy with a state directory, and one host (hidden, dialling
@@ -58,20 +59,7 @@ fn federation(d: &Path, hidden: bool) -> Fed {
     } else {
         format!("listen = \"127.0.0.1:{}\"", free_port())
     };
-    std::fs::write(
-        d.join("host.toml"),
-        format!(
-            "{reach}\nmaster_url = \"{murl}\"\ndata_dir = \"{}\"\n\
-             bootstrap_token = \"{bootstrap}\"\nrunner = \"process\"\nstorage = \"dir\"\n",
-            d.join("h").display()
-        ),
-    )
-    .unwrap();
-    let host = spawn(
-        env!("CARGO_BIN_EXE_cocalc-host"),
-        &d.join("host.toml"),
-        "cocalc-host: ",
-    );
+    let host = spawn_host(&host_config(d, &reach, &murl, &bootstrap));
     eventually("the host is up", Duration::from_secs(20), || {
         let o = cli(&admin, &["host", "list", "--json"]);
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 mod common;
 use common::{
-    api_key_of, blocking_post, cocalc, connections_to, eventually, free_port, listening_sockets,
-    ok, spawn, start_master, tcp_sockets, Proc,
+    api_key_of, blocking_post, cocalc, connections_to, eventually, free_port, host_config,
+    listening_sockets, ok, spawn, spawn_host, start_master, tcp_sockets, Proc,
 };
 
 #[test]
@@ -47,22 +47,8 @@ fn hidden_host_is_served_through_the_tunnel_and_survives_restarts() {
     let token = ok(&cocalc(&murl, &admin, &["host", "bootstrap-token"], None))
         .trim()
         .to_string();
-    std::fs::write(
-        d.join("host.toml"),
-        format!(
-            "tunnel_url = \"{purl}\"\nmaster_url = \"{murl}\"\ndata_dir = \"{}\"\n\
-             bootstrap_token = \"{token}\"\nrunner = \"process\"\nstorage = \"dir\"\n",
-            d.join("h").display()
-        ),
-    )
-    .unwrap();
-    let start_host = || {
-        spawn(
-            env!("CARGO_BIN_EXE_cocalc-host"),
-            &d.join("host.toml"),
-            "cocalc-host: ",
-        )
-    };
+    let host_cfg = host_config(d, &format!("tunnel_url = \"{purl}\""), &murl, &token);
+    let start_host = || spawn_host(&host_cfg);
     let mut host = start_host();
     assert!(host.line.contains("hidden"), "{}", host.line);
 
@@ -273,21 +259,15 @@ fn hidden_host_tunnels_over_tls() {
     let token = ok(&cli(&admin, &["host", "bootstrap-token"], None))
         .trim()
         .to_string();
-    std::fs::write(
-        d.join("host.toml"),
-        format!(
-            "tunnel_url = \"{handle}\"\ntunnel_ca_file = \"{}\"\nmaster_url = \"{murl}\"\n\
-             data_dir = \"{}\"\nbootstrap_token = \"{token}\"\nrunner = \"process\"\nstorage = \"dir\"\n",
-            cert.display(),
-            d.join("h").display()
+    let host = spawn_host(&host_config(
+        d,
+        &format!(
+            "tunnel_url = \"{handle}\"\ntunnel_ca_file = \"{}\"",
+            cert.display()
         ),
-    )
-    .unwrap();
-    let host = spawn(
-        env!("CARGO_BIN_EXE_cocalc-host"),
-        &d.join("host.toml"),
-        "cocalc-host: ",
-    );
+        &murl,
+        &token,
+    ));
     assert!(host.line.contains("hidden"), "{}", host.line);
     eventually(
         "the hidden host is up over TLS",

@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -180,6 +180,29 @@ pub(crate) fn connections_to(pid: u32, port: u16) -> usize {
         .iter()
         .filter(|s| s.2 == "01" && s.1.ends_with(&suffix))
         .count()
+}
+
+/// Writes `d/host.toml` for a host with the process runner and directory
+/// storage, its data in `d/h`: `reach` (its `listen` or `tunnel_url`
+/// line, and any others), the master at `murl` and a bootstrap token.
+/// Returns the file.
+pub(crate) fn host_config(d: &Path, reach: &str, murl: &str, bootstrap: &str) -> PathBuf {
+    let cfg = d.join("host.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{reach}\nmaster_url = \"{murl}\"\ndata_dir = \"{}\"\n\
+             bootstrap_token = \"{bootstrap}\"\nrunner = \"process\"\nstorage = \"dir\"\n",
+            d.join("h").display()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+/// Starts `cocalc-host -c cfg`, once it says it serves.
+pub(crate) fn spawn_host(cfg: &Path) -> Proc {
+    spawn(env!("CARGO_BIN_EXE_cocalc-host"), cfg, "cocalc-host: ")
 }
 
 /// The `api_key` of what `cocalc … create … --json` printed (a user, a
