@@ -314,6 +314,30 @@ fn proxy_starts_from_config_and_refuses_at_the_edge() {
     assert_eq!(created["key"]["name"], "edge");
     let key_file = dir.path().join("proxy.key");
     std::fs::write(&key_file, created["api_key"].as_str().unwrap()).unwrap();
+    // A state_dir that cannot be made stops the start, naming it.
+    let blocked = dir.path().join("a-file");
+    std::fs::write(&blocked, "").unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:0\"\nmaster_url = \"{}\"\napi_key_file = \"{}\"\n\
+             state_dir = \"{}/state\"\n",
+            d.url,
+            key_file.display(),
+            blocked.display()
+        ),
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_cocalc-proxy"))
+        .args(["-c", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains(&format!("state_dir {}/state", blocked.display())),
+        "{o:?}"
+    );
     std::fs::write(
         &cfg,
         format!(

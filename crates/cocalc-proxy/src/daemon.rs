@@ -233,6 +233,11 @@ pub async fn run(
     if let Some(secs) = cfg.route_grace_secs {
         icfg.route_grace = Duration::from_secs(secs);
     }
+    if let Some(dir) = &cfg.state_dir {
+        // Found out now, not as a warning at every save.
+        std::fs::create_dir_all(dir)
+            .map_err(|e| ProxyDaemonError::Start(format!("state_dir {}: {e}", dir.display())))?;
+    }
     icfg.state_dir = cfg.state_dir.clone();
     let (listener, addr) = bind(cfg.listen, "listen").await?;
     let handle = cfg
