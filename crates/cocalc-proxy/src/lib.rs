@@ -1,6 +1,6 @@
 //! # cocalc-proxy
 //!
-//! Optional ingress in front of project-hosts. This crate will hold:
+//! Optional ingress in front of project-hosts:
 //!
 //! * **HTTP/WebSocket ingress**: routes `/<project id>/…` to the host that
 //!   holds the project, enforcing the base path (a canonical 36-byte UUID
@@ -10,12 +10,16 @@
 //! * **reverse tunnels**: the far end for hosts that accept no inbound
 //!   connections, as a [`Transport`](cocalc_core::Transport).
 //!
-//! What exists today: the HTTP/WebSocket [`Ingress`] (base-path checks,
-//! token checks, routing by the token's host, streaming and WebSocket
-//! pass-through, rate limits), the SSH ingress (`ssh::SshIngress`:
+//! In detail: the HTTP/WebSocket [`Ingress`] (base-path checks, token
+//! checks, routing by the token's host, streaming and WebSocket
+//! pass-through, rate limits, a cap on connections per client address;
+//! the master is asked for hosts' addresses in the background and, while
+//! it is away, the known ones keep serving, across restarts with
+//! [`IngressConfig::state_dir`]), the SSH ingress (`ssh::SshIngress`:
 //! public-key logins authorized by the master; exec, shell, `direct-tcpip`
 //! forwarding and SFTP forwarded to the host's data plane), the direct
-//! transport, [`TcpTransport`], which reaches hosts that publish a URL,
+//! transport, [`TcpTransport`], which reaches hosts that publish a URL
+//! (over TLS for `https://` ones),
 //! the reverse-tunnel end, [`TunnelHub`] with [`ProxyTransport`], and
 //! [`metrics`] (refusals by reason, tunnels, dial-backs). [`serve_ingress`]
 //! serves it all on one listener, project paths without a router in
