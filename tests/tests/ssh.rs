@@ -324,6 +324,49 @@ async fn ssh_connections_per_client_are_capped() {
     f.shut_down().await;
 }
 
+/// With the master away nobody can check a key: every login is refused,
+/// the registered key's as a stranger's, and nothing is audited as a
+/// grant. (They used to be let in as "pending", as when the master
+/// checked the key but could not open the project yet.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_logins_are_refused_while_the_master_is_away() {
+    let mut f = federation().await;
+    let user = f.user_name();
+    let ok = f.ssh(&f.key, &user, &["echo in"], None).await;
+    assert_eq!(String::from_utf8_lossy(&ok.stdout), "in\n", "{ok:?}");
+    // The master is the first task of the fixture.
+    let _ = f.stops[0].send(true);
+    let master = f.tasks.remove(0);
+    let _ = tokio::time::timeout(Duration::from_secs(10), master).await;
+    let granted_before = f
+        .audit
+        .records()
+        .iter()
+        .filter(|r| r.reason == "granted")
+        .count();
+    let stranger = f.root.join("stranger_key");
+    keygen(&stranger);
+    let known = f.ssh(&f.key, &user, &["echo in"], None).await;
+    let unknown = f.ssh(&stranger, &user, &["echo in"], None).await;
+    for o in [&known, &unknown] {
+        assert_eq!(o.status.code(), Some(255), "{o:?}");
+        assert!(o.stdout.is_empty(), "{o:?}");
+    }
+    assert_eq!(
+        refusal_text(&known, &user),
+        refusal_text(&unknown, &user),
+        "the registered key is not told apart"
+    );
+    let records = f.audit.records();
+    assert_eq!(
+        records.iter().filter(|r| r.reason == "granted").count(),
+        granted_before,
+        "no grant without the master"
+    );
+    assert!(records.iter().any(|r| r.reason == "master_error"));
+    f.shut_down().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssh_exec_matches_direct_exec_and_refusals_look_alike() {
     let f = federation().await;

@@ -154,6 +154,17 @@ impl SshRefusals {
     }
 }
 
+/// Whether `e` is an answer of the master itself, rather than the
+/// client's report that it could not reach it (`master_unreachable`) or
+/// an answer that is not the master's JSON (`http_error`, `bad_response`:
+/// a load balancer in front of it).
+fn from_the_master(e: &ApiError) -> bool {
+    !matches!(
+        e.code.as_str(),
+        "master_unreachable" | "http_error" | "bad_response"
+    )
+}
+
 /// Public-key login attempts allowed per client address and minute (also
 /// the burst); more are refused without asking the master.
 pub const AUTH_ATTEMPTS_PER_MINUTE: u32 = 60;
@@ -577,8 +588,10 @@ impl russh::server::Handler for Conn {
             }
             // The master checked the key before it tried to open the
             // project: the login stands, and each channel tries again and
-            // tells the user why it cannot run yet.
-            Err(e) if e.status == 409 || e.status == 503 => {
+            // tells the user why it cannot run yet. Not when the master
+            // could not be asked at all (or something in front of it
+            // answered): then nobody checked the key.
+            Err(e) if e.status == 409 || (e.status == 503 && from_the_master(&e)) => {
                 self.grant(project, public_key, format!(", pending: {}", e.message));
                 self.login = Some(Arc::new(Login {
                     project,
