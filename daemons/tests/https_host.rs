@@ -44,10 +44,12 @@ fn host_serves_https_to_the_cli_the_master_and_the_proxy() {
         .trim()
         .to_string();
     let port = free_port();
+    let metrics_port = free_port();
     let host_cfg = host_config(
         d,
         &format!(
-            "listen = \"127.0.0.1:{port}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"",
+            "listen = \"127.0.0.1:{port}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n\
+             metrics_listen = \"127.0.0.1:{metrics_port}\"",
             cert.display(),
             key.display()
         ),
@@ -216,7 +218,22 @@ fn host_serves_https_to_the_cli_the_master_and_the_proxy() {
     );
     assert!(e.message.contains("certificate"), "{e:?}");
 
-    // Plain HTTP to the host's TLS port is not answered as HTTP.
+    // Plain HTTP to the host's TLS port is not answered as HTTP, and the
+    // failed handshake is counted.
+    let tls_failures = || -> u64 {
+        let mut m = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
+        m.write_all(b"GET /metrics HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        m.read_to_string(&mut text).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("cocalc_host_tls_handshake_failures_total "))
+            .unwrap_or_else(|| panic!("no TLS failure count in:\n{text}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let failures_before = tls_failures();
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     s.write_all(b"GET /healthz HTTP/1.1\r\nHost: h\r\n\r\n")
@@ -227,5 +244,10 @@ fn host_serves_https_to_the_cli_the_master_and_the_proxy() {
         !answer.starts_with(b"HTTP/"),
         "{:?}",
         String::from_utf8_lossy(&answer)
+    );
+    eventually(
+        "the failed handshake is counted",
+        Duration::from_secs(10),
+        || tls_failures() == failures_before + 1,
     );
 }

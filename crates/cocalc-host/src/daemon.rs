@@ -440,6 +440,7 @@ pub struct Host {
     endpoint: HostEndpoint,
     metrics_listen: Option<SocketAddr>,
     tls: Option<Arc<cocalc_client::tls::CertStore>>,
+    tls_failures: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Host {
@@ -651,20 +652,25 @@ async fn build_at(cfg: &HostConfig, endpoint: HostEndpoint) -> Result<Host, Host
         endpoint,
         metrics_listen: cfg.metrics_listen,
         tls,
+        tls_failures: Arc::default(),
     })
 }
 
 impl Host {
     /// This host's metrics ([`crate::metrics`]).
     pub fn metrics(&self) -> crate::metrics::HostMetrics {
-        crate::metrics::HostMetrics::new(
+        let m = crate::metrics::HostMetrics::new(
             self.agent.clone(),
             self.link.clone(),
             self.clock.clone(),
             self.running.clone(),
             self.slots,
             self.tunnel.clone(),
-        )
+        );
+        match self.tls {
+            Some(_) => m.with_tls_failures(self.tls_failures.clone()),
+            None => m,
+        }
     }
 
     /// Health, capacity and load as reported in keepalives.
@@ -897,11 +903,15 @@ impl Host {
             (Some(l), Some(config)) => {
                 // HTTPS: every request through hyper (the lean relay reads
                 // a bare socket).
+                let tls_failures = me.tls_failures.clone();
                 cocalc_client::tls::serve_tls(
                     l,
                     config,
                     move |_| hyper_util::service::TowerToHyperService::new(router.clone()),
-                    |peer, why| tracing::debug!(%peer, error = %why, "TLS handshake failed"),
+                    move |peer, why| {
+                        tls_failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(%peer, error = %why, "TLS handshake failed")
+                    },
                     wait(rx),
                 )
                 .await

@@ -34,6 +34,7 @@ pub struct HostMetrics {
     running: Arc<AtomicU32>,
     slots: u32,
     tunnel: Option<Arc<TunnelClient>>,
+    tls_failures: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl std::fmt::Debug for HostMetrics {
@@ -60,7 +61,15 @@ impl HostMetrics {
             running,
             slots,
             tunnel,
+            tls_failures: None,
         }
+    }
+
+    /// Also reports `failures`: TLS handshakes on the data plane that
+    /// failed or stalled (a host serving HTTPS).
+    pub fn with_tls_failures(mut self, failures: Arc<std::sync::atomic::AtomicU64>) -> Self {
+        self.tls_failures = Some(failures);
+        self
     }
 
     /// All metrics now, in the OpenMetrics text format ([`CONTENT_TYPE`]).
@@ -112,6 +121,15 @@ impl Collector for HostMetrics {
                 "dial_backs",
                 "Dial-back connections opened to the proxy for user connections",
                 t.dials(),
+            )?;
+        }
+        if let Some(n) = &self.tls_failures {
+            counter(
+                &mut encoder,
+                "tls_handshake_failures",
+                "TLS handshakes on the data plane that failed or stalled (plain HTTP to the \
+                 HTTPS port, no protocol or certificate in common, 10 s without finishing)",
+                n.load(Ordering::Relaxed),
             )?;
         }
         responses(
