@@ -476,9 +476,14 @@ impl MasterLink {
         status: Arc<dyn HostStatus>,
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) {
+        // The push channel is opened once the master knows this host: tried
+        // before, it fails, and the failure marked the ACL cache's link down
+        // right after the registration had marked it up.
+        let (registered_tx, mut registered_rx) = tokio::sync::watch::channel(false);
         let push = {
             let me = self.clone();
             async move {
+                let _ = registered_rx.wait_for(|r| *r).await;
                 let mut backoff = Backoff::new(self_seed(&me.cfg.host));
                 loop {
                     match me.push_channel(|| {}).await {
@@ -523,6 +528,7 @@ impl MasterLink {
                 let wait = match result {
                     Ok(grant) => {
                         registered = true;
+                        registered_tx.send_replace(true);
                         backoff.reset();
                         Duration::from_millis(grant.next_keepalive_ms.max(100))
                     }
