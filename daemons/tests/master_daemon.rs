@@ -283,6 +283,11 @@ fn proxy_starts_from_config_and_refuses_at_the_edge() {
             format!("tls_cert_file = \"{}\"\n", missing.display()),
             "go with tls_listen".to_string(),
         ),
+        // Load balancers in front: addresses or ranges.
+        (
+            "trusted_proxies = [\"10.0.0.0/8\", \"lb.example\"]\n".to_string(),
+            "trusted_proxies: \"lb.example\" is not an address or a range".to_string(),
+        ),
         // The CA that hosts with https:// URLs must chain to.
         (
             format!("hosts_ca_file = \"{}\"\n", missing.display()),

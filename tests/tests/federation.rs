@@ -1098,6 +1098,125 @@ async fn ingress_routes_without_the_master_for_the_grace() {
         .any(|r| r.reason == "master_unreachable"));
 }
 
+/// Behind a load balancer (`trusted_proxies`), the per-client limit keys
+/// on the address the balancer forwarded for, its connections are not
+/// capped, and its `X-Forwarded-Proto` passes; anyone else's forwarding
+/// headers change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingress_believes_forwarding_headers_from_trusted_proxies_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let IngressFixture {
+        m,
+        admin,
+        ingress,
+        h: _h,
+        audit,
+    } = ingress_fixture(dir.path(), |c| {
+        c.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+        // One request a second per client: the checks below come well
+        // within a second of each other.
+        c.client_rps = 1;
+    })
+    .await;
+    let (addr, _served) = serve_ingress_on_loopback(&ingress).await;
+    let c = user_with_projects(&m, &admin, &["p"]).await;
+    let o = c.open("p").await.unwrap();
+    let pid = o.project.to_string();
+    let hport = headers_server().await;
+    // The balancer is 127.0.0.1; 127.0.0.2 (loopback too) is a stranger.
+    let lb = reqwest::Client::new();
+    let stranger = reqwest::Client::builder()
+        .local_address("127.0.0.2".parse::<std::net::IpAddr>().unwrap())
+        .build()
+        .unwrap();
+    let get = |http: &reqwest::Client, path: &str, xff: &str, proto: &str| {
+        http.get(format!("http://{addr}/{pid}/{path}"))
+            .bearer_auth(&o.token)
+            .header("x-forwarded-for", xff)
+            .header("x-forwarded-proto", proto)
+            .send()
+    };
+    let status = |r: reqwest::Response| r.status().as_u16();
+
+    // Each forwarded client has a budget of its own.
+    let client_a = "203.0.113.7";
+    assert_eq!(
+        status(get(&lb, "status", client_a, "http").await.unwrap()),
+        200
+    );
+    assert_eq!(
+        status(get(&lb, "status", client_a, "http").await.unwrap()),
+        429
+    );
+    // The right-most address that is not the balancer's counts.
+    let chain = "198.51.100.1, 127.0.0.1";
+    assert_eq!(
+        status(get(&lb, "status", chain, "http").await.unwrap()),
+        200
+    );
+    // The project's server sees the balancer's scheme.
+    let seen = get(&lb, &format!("port/{hport}/h"), "203.0.113.8", "https")
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        seen.lines().any(|l| l == "x-forwarded-proto: https"),
+        "{seen}"
+    );
+    assert_eq!(
+        ingress.connections_held(),
+        (0, 0),
+        "the balancer is not capped"
+    );
+
+    // A stranger's headers are not believed: its own address counts, and
+    // the scheme is the one it came in with.
+    let seen = get(
+        &stranger,
+        &format!("port/{hport}/h"),
+        "203.0.113.9",
+        "https",
+    )
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    assert!(
+        seen.lines().any(|l| l == "x-forwarded-proto: http"),
+        "{seen}"
+    );
+    assert_eq!(
+        status(
+            get(&stranger, "status", "203.0.113.11", "http")
+                .await
+                .unwrap()
+        ),
+        429,
+        "a new X-Forwarded-For does not buy a new budget"
+    );
+    assert_eq!(ingress.connections_of("127.0.0.2".parse().unwrap()), 1);
+    // Refusals name the forwarded client and the balancer it came through.
+    let details: Vec<String> = audit
+        .records()
+        .into_iter()
+        .filter(|r| r.reason == "rate_limited")
+        .map(|r| r.detail)
+        .collect();
+    assert!(
+        details
+            .iter()
+            .any(|d| d.starts_with(&format!("client {client_a} (via 127.0.0.1:"))),
+        "{details:?}"
+    );
+    assert!(
+        details.iter().any(|d| d.starts_with("client 127.0.0.2:")),
+        "{details:?}"
+    );
+}
+
 /// One client address holds at most `client_connections` connections with
 /// project requests on them: a WebSocket counts until it closes, one more
 /// connection is answered 429 `too_many_connections` and closed (counted

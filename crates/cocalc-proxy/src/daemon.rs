@@ -14,6 +14,8 @@
 //!                                          # master cannot be asked
 //! # state_dir = "/var/lib/cocalc-proxy"    # keeps signing keys and hosts' addresses, so the
 //!                                          # proxy can start while the master is away
+//! # trusted_proxies = ["10.0.0.0/8"]       # load balancers in front: their X-Forwarded-For
+//!                                          # and X-Forwarded-Proto are believed
 //! # public_url = "http://proxy.example:8000" # this proxy's tunnel handle: the URL hidden
 //! #                                          # hosts dial and sign (default http://<listen>)
 //! ssh_listen = "0.0.0.0:2222"              # optional: SSH ingress (`ssh project-<uuid>@proxy`)
@@ -110,6 +112,11 @@ pub struct ProxyConfig {
     /// ([`IngressConfig::state_dir`]); none by default.
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
+    /// Load balancers in front of the proxy, as addresses or ranges
+    /// (`"10.0.0.0/8"`, `"192.0.2.7"`): see
+    /// [`IngressConfig::trusted_proxies`].
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
     /// This proxy's tunnel handle (default `http://<bound address>`).
     #[serde(default)]
     pub public_url: Option<String>,
@@ -180,6 +187,7 @@ impl ProxyConfig {
             (None, _) => {}
         }
         cfg.host_transport().map_err(bad)?;
+        cfg.trusted_proxies().map_err(bad)?;
         Ok(cfg)
     }
 
@@ -189,6 +197,21 @@ impl ProxyConfig {
             cert_file: self.tls_cert_file.clone()?,
             key_file: self.tls_key_file.clone()?,
         })
+    }
+
+    /// `trusted_proxies` as ranges; a bare address is a range of one. The
+    /// error names the entry that is neither.
+    fn trusted_proxies(&self) -> Result<Vec<ipnet::IpNet>, String> {
+        self.trusted_proxies
+            .iter()
+            .map(|s| {
+                s.parse::<ipnet::IpNet>()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        format!("trusted_proxies: {s:?} is not an address or a range (10.0.0.0/8)")
+                    })
+            })
+            .collect()
     }
 
     /// How the proxy reaches hosts with URLs: the roots of
@@ -239,6 +262,7 @@ pub async fn run(
             .map_err(|e| ProxyDaemonError::Start(format!("state_dir {}: {e}", dir.display())))?;
     }
     icfg.state_dir = cfg.state_dir.clone();
+    icfg.trusted_proxies = cfg.trusted_proxies().map_err(ProxyDaemonError::Start)?;
     let (listener, addr) = bind(cfg.listen, "listen").await?;
     let handle = cfg
         .public_url

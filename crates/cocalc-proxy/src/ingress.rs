@@ -83,6 +83,14 @@ pub struct IngressConfig {
     /// addresses ([`Ingress::save_state`]), so that it can start and
     /// route while the master is away (default none: it cannot).
     pub state_dir: Option<std::path::PathBuf>,
+    /// Proxies in front of this one (load balancers) whose
+    /// `X-Forwarded-For` and `X-Forwarded-Proto` are believed (default
+    /// none). A request from one of them counts against the per-client
+    /// rate limit of the right-most address in `X-Forwarded-For` that is
+    /// not itself a trusted proxy, and its connections are not capped
+    /// (they carry many clients). Requests from anyone else are judged by
+    /// their own address, whatever headers they send.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Requests per second allowed per project (default 200), with the
     /// same number as burst.
     pub project_rps: u32,
@@ -107,6 +115,7 @@ impl IngressConfig {
             route_ttl: Duration::from_secs(10),
             route_grace: Duration::from_secs(3600),
             state_dir: None,
+            trusted_proxies: Vec::new(),
             project_rps: 200,
             client_rps: 100,
             client_connections: 1000,
@@ -611,7 +620,7 @@ impl Ingress {
         counter: &AtomicU64,
         reason: &str,
         project: Option<ProjectId>,
-        peer: SocketAddr,
+        peer: impl std::fmt::Display,
         detail: &str,
     ) {
         counter.fetch_add(1, Ordering::Relaxed);
@@ -905,7 +914,8 @@ impl Ingress {
         req: &http::Request<B>,
     ) -> Result<(ProjectId, HostId, Arc<Route>), Refusal> {
         self.hold_connection(peer).map_err(|r| *r)?;
-        let (project, host) = self.admit(peer.addr, req).map_err(|r| *r)?;
+        let client = self.client_of(peer, req.headers());
+        let (project, host) = self.admit(client, req).map_err(|r| *r)?;
         match self.route(host).await {
             Ok(route) => Ok((project, host, route)),
             Err(e) => {
@@ -980,7 +990,7 @@ impl Ingress {
     /// `too_many_connections`, `Connection: close`), once per connection.
     fn hold_connection(&self, peer: &Peer) -> Result<(), Box<Refusal>> {
         let limit = self.connections.limit;
-        if limit == 0 {
+        if limit == 0 || self.is_trusted(peer.addr.ip()) {
             return Ok(());
         }
         let slot = peer
@@ -1067,17 +1077,71 @@ impl Ingress {
         by_ip.get(&ip).copied().unwrap_or(0)
     }
 
+    /// Whether `ip` is one of [`IngressConfig::trusted_proxies`].
+    fn is_trusted(&self, ip: std::net::IpAddr) -> bool {
+        let nets = &self.cfg.trusted_proxies;
+        !nets.is_empty() && nets.iter().any(|n| n.contains(&ip))
+    }
+
+    /// Who a request from `peer` is from: `peer` itself, unless it is a
+    /// trusted proxy; then the right-most address of `X-Forwarded-For`
+    /// that is not a trusted proxy too (the proxy itself if there is none,
+    /// or if an entry before one does not parse).
+    fn client_of(&self, peer: &Peer, headers: &http::HeaderMap) -> Client {
+        let own = Client {
+            ip: peer.addr.ip(),
+            peer: peer.addr,
+        };
+        if !self.is_trusted(own.ip) {
+            return own;
+        }
+        let forwarded: Vec<&str> = headers
+            .get_all(X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .collect();
+        for entry in forwarded.iter().rev() {
+            match entry.parse::<std::net::IpAddr>() {
+                Ok(ip) if self.is_trusted(ip) => continue,
+                Ok(ip) => {
+                    return Client {
+                        ip,
+                        peer: peer.addr,
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        own
+    }
+
+    /// The scheme to tell hosts: what a trusted proxy says it was
+    /// (`X-Forwarded-Proto: http` or `https`), else the one the request
+    /// came in with.
+    fn forwarded_proto(&self, peer: &Peer, headers: &http::HeaderMap) -> HeaderValue {
+        if self.is_trusted(peer.addr.ip()) {
+            match headers.get(X_FORWARDED_PROTO).map(HeaderValue::as_bytes) {
+                Some(b"https") => return HTTPS,
+                Some(b"http") => return HTTP,
+                _ => {}
+            }
+        }
+        peer.proto.clone()
+    }
+
     /// The checks before anything is forwarded: the per-client limit, the
     /// base path, the per-project limit and the token. Returns the
     /// project and the host the token names, or the refusal to answer
     /// with.
     fn admit<B>(
         &self,
-        peer: SocketAddr,
+        peer: Client,
         req: &http::Request<B>,
     ) -> Result<(ProjectId, HostId), Box<Refusal>> {
         use governor::clock::{Clock, DefaultClock};
-        if let Err(not_until) = self.per_client.check_key(&peer.ip()) {
+        if let Err(not_until) = self.per_client.check_key(&peer.ip) {
             self.refuse(
                 &self.refusals.rate_limited,
                 "rate_limited",
@@ -1166,7 +1230,8 @@ impl Ingress {
         }
         parts.headers.insert(header::HOST, route.authority.clone());
         parts.headers.insert(X_FORWARDED_FOR, xff);
-        parts.headers.insert(X_FORWARDED_PROTO, peer.proto.clone());
+        let proto = self.forwarded_proto(peer, &parts.headers);
+        parts.headers.insert(X_FORWARDED_PROTO, proto);
         if parts.headers.contains_key(header::UPGRADE) {
             // A WebSocket keeps its connection's slot until it closes.
             parts
@@ -1192,11 +1257,12 @@ impl Ingress {
         parts: &http::request::Parts,
     ) -> Result<http::Response<ResponseBody<HostId>>, ApiError> {
         let xff = forwarded_for(parts, peer);
+        let proto = self.forwarded_proto(peer, &parts.headers);
         let replace = [
             (&header::HOST, Some(&route.authority)),
             (&X_FORWARDED_HOST, parts.headers.get(header::HOST)),
             (&X_FORWARDED_FOR, Some(&xff)),
-            (&X_FORWARDED_PROTO, Some(&peer.proto)),
+            (&X_FORWARDED_PROTO, Some(&proto)),
         ];
         let connect = || self.transport.connect(host, &route.endpoint);
         self.upstream
@@ -1263,6 +1329,25 @@ fn forwarded_for(parts: &http::request::Parts, peer: &Peer) -> HeaderValue {
             HeaderValue::from_bytes(&v).unwrap_or_else(|_| peer.ip.clone())
         }
         None => peer.ip.clone(),
+    }
+}
+
+/// Who a request is from, for the per-client limit and the audit log: its
+/// peer's address, or the address a trusted proxy (`via`) forwarded it
+/// for.
+#[derive(Debug, Clone, Copy)]
+struct Client {
+    ip: std::net::IpAddr,
+    peer: SocketAddr,
+}
+
+impl std::fmt::Display for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.ip == self.peer.ip() {
+            write!(f, "{}", self.peer)
+        } else {
+            write!(f, "{} (via {})", self.ip, self.peer)
+        }
     }
 }
 
