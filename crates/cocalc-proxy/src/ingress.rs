@@ -32,7 +32,9 @@
 //!    on the connections one client address holds open with project
 //!    requests on them ([`IngressConfig::client_connections`]; a
 //!    WebSocket counts until it closes): a connection over it is answered
-//!    429 `too_many_connections` and closed.
+//!    429 `too_many_connections` and closed. Behind a load balancer listed
+//!    in [`IngressConfig::trusted_proxies`], the client is the address it
+//!    forwarded for.
 //! 5. **Forward.** Bodies stream both ways; WebSocket upgrades pass
 //!    through; `Host` becomes the host's address and the original goes in
 //!    `X-Forwarded-Host`, with `X-Forwarded-For` and `X-Forwarded-Proto`.
