@@ -1081,8 +1081,7 @@ impl Ingress {
 
     /// Whether `ip` is one of [`IngressConfig::trusted_proxies`].
     fn is_trusted(&self, ip: std::net::IpAddr) -> bool {
-        let nets = &self.cfg.trusted_proxies;
-        !nets.is_empty() && nets.iter().any(|n| n.contains(&ip))
+        in_nets(&self.cfg.trusted_proxies, ip)
     }
 
     /// Who a request from `peer` is from: `peer` itself, unless it is a
@@ -1334,6 +1333,17 @@ fn forwarded_for(parts: &http::request::Parts, peer: &Peer) -> HeaderValue {
     }
 }
 
+/// Whether `ip` is in one of `nets`. An IPv4 address seen as IPv6
+/// (`::ffff:10.0.0.5`, on a listener bound to `[::]`) is matched as the
+/// IPv4 address it is.
+fn in_nets(nets: &[ipnet::IpNet], ip: std::net::IpAddr) -> bool {
+    if nets.is_empty() {
+        return false;
+    }
+    let ip = ip.to_canonical();
+    nets.iter().any(|n| n.contains(&ip))
+}
+
 /// Who a request is from, for the per-client limit and the audit log: its
 /// peer's address, or the address a trusted proxy (`via`) forwarded it
 /// for.
@@ -1407,6 +1417,22 @@ const HOST_UPGRADE_TIMEOUT: Duration = Duration::from_secs(45);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trusted_proxies_match_ranges_and_mapped_addresses() {
+        let nets: Vec<ipnet::IpNet> = ["10.0.0.0/8", "2001:db8::/32", "192.0.2.7/32"]
+            .iter()
+            .map(|n| n.parse().unwrap())
+            .collect();
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert!(in_nets(&nets, ip("10.1.2.3")));
+        assert!(in_nets(&nets, ip("::ffff:10.1.2.3")), "IPv4 seen as IPv6");
+        assert!(in_nets(&nets, ip("2001:db8::1")));
+        assert!(in_nets(&nets, ip("192.0.2.7")));
+        assert!(!in_nets(&nets, ip("192.0.2.8")));
+        assert!(!in_nets(&nets, ip("11.0.0.1")));
+        assert!(!in_nets(&[], ip("10.1.2.3")), "no list, nobody trusted");
+    }
 
     #[test]
     fn base_paths_are_checked_before_anything_is_sliced() {
