@@ -51,7 +51,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
@@ -238,8 +238,8 @@ struct PeerConnection {
 struct Route {
     endpoint: HostEndpoint,
     authority: HeaderValue,
-    at: Instant,
-    /// When the master gave this endpoint (saved with it).
+    /// When the master gave this endpoint (saved with it); its age, by the
+    /// ingress's clock, decides between fresh, stale and too old.
     confirmed: Timestamp,
     /// A connection to the host failed: ask the master again.
     doubted: std::sync::atomic::AtomicBool,
@@ -266,11 +266,15 @@ impl Route {
         Ok(Route {
             endpoint,
             authority,
-            at: Instant::now(),
             confirmed,
             doubted: Default::default(),
             refreshing: Default::default(),
         })
+    }
+
+    /// Within `ttl` of when the master gave it, and no connection failed.
+    fn fresh(&self, now: Timestamp, ttl: Duration) -> bool {
+        now.since(self.confirmed) < ttl && !self.doubted.load(Ordering::Relaxed)
     }
 }
 
@@ -716,15 +720,13 @@ impl Ingress {
         let usable = self.cfg.route_ttl + self.cfg.route_grace;
         let mut routes = lock_routes(&self.routes);
         for saved in state.routes {
-            let age = Duration::from_millis(u64::try_from(now.0 - saved.confirmed.0).unwrap_or(0));
-            if age >= usable {
+            if now.since(saved.confirmed) >= usable {
                 continue;
             }
-            let Ok(mut r) = Route::new(saved.host, saved.endpoint, saved.confirmed) else {
+            let Ok(r) = Route::new(saved.host, saved.endpoint, saved.confirmed) else {
                 continue;
             };
-            r.at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
-            r.doubted = true.into();
+            r.doubted.store(true, Ordering::Relaxed);
             routes.insert(saved.host, Arc::new(r));
         }
         Ok(true)
@@ -741,11 +743,11 @@ impl Ingress {
         let Some(r) = cached else {
             return Box::pin(self.fetch_route(host)).await;
         };
-        let age = r.at.elapsed();
-        if age < self.cfg.route_ttl && !r.doubted.load(Ordering::Relaxed) {
+        let now = self.clock.now();
+        if r.fresh(now, self.cfg.route_ttl) {
             return Ok(r);
         }
-        if age >= self.cfg.route_ttl + self.cfg.route_grace {
+        if now.since(r.confirmed) >= self.cfg.route_ttl + self.cfg.route_grace {
             return Box::pin(self.fetch_route(host)).await;
         }
         if !r.refreshing.swap(true, Ordering::AcqRel) {
@@ -1045,8 +1047,9 @@ impl Ingress {
             master_away: self.lookups.away.load(Ordering::Relaxed),
             ..RouteStats::default()
         };
+        let now = self.clock.now();
         for r in lock_routes(&self.routes).values() {
-            if r.at.elapsed() < self.cfg.route_ttl && !r.doubted.load(Ordering::Relaxed) {
+            if r.fresh(now, self.cfg.route_ttl) {
                 stats.fresh += 1;
             } else {
                 stats.stale += 1;
