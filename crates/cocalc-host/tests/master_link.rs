@@ -279,6 +279,18 @@ async fn run_marks_the_link_down_when_the_master_goes_and_up_when_it_returns() {
         }
     };
     wait_for(true).await;
+    // And its push channel is open (it opens once the host is registered):
+    // one still being opened while the master stops could be taken by the
+    // hub after `close_all` below and stay up.
+    let host = HostId::new_v4([2; 16]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !m.push().connected().contains(&host) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "push channel never opened"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // The master goes away as a daemon stops: no listener, idle HTTP
     // connections closed (aborting the task would leave the host's pooled
     // keep-alive connection served, and its keepalives answered), and then
