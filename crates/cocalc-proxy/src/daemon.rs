@@ -12,6 +12,8 @@
 //! client_connections = 1000                # connections per client address (0: no cap)
 //! route_grace_secs = 3600                  # keep routing to known hosts this long while the
 //!                                          # master cannot be asked
+//! host_check_after_secs = 10               # requests waiting this long on a host that answers
+//! host_check_timeout_secs = 10             # nothing: check its /health; silent: 504 (0: off)
 //! # state_dir = "/var/lib/cocalc-proxy"    # keeps signing keys and hosts' addresses, so the
 //!                                          # proxy can start while the master is away
 //! # trusted_proxies = ["10.0.0.0/8"]       # load balancers in front: their X-Forwarded-For
@@ -107,6 +109,16 @@ pub struct ProxyConfig {
     /// [`IngressConfig::route_grace`]).
     #[serde(default)]
     pub route_grace_secs: Option<u64>,
+    /// Seconds requests wait on a host that answers none of them before
+    /// its health is checked (0: never; default
+    /// [`IngressConfig::host_check_after`]).
+    #[serde(default)]
+    pub host_check_after_secs: Option<u64>,
+    /// Seconds a host has to answer that check before the requests
+    /// waiting on it end with 504 (default
+    /// [`IngressConfig::host_check_timeout`]).
+    #[serde(default)]
+    pub host_check_timeout_secs: Option<u64>,
     /// Where the ingress keeps the master's signing keys and the hosts'
     /// addresses, so the proxy can start while the master is away
     /// ([`IngressConfig::state_dir`]); none by default.
@@ -186,6 +198,13 @@ impl ProxyConfig {
             }
             (None, _) => {}
         }
+        if cfg.host_check_timeout_secs == Some(0) {
+            return Err(bad(
+                "host_check_timeout_secs must be at least 1 (to turn host checks off, set \
+                 host_check_after_secs = 0)"
+                    .into(),
+            ));
+        }
         cfg.host_transport().map_err(bad)?;
         cfg.trusted_proxies().map_err(bad)?;
         Ok(cfg)
@@ -255,6 +274,12 @@ pub async fn run(
     }
     if let Some(secs) = cfg.route_grace_secs {
         icfg.route_grace = Duration::from_secs(secs);
+    }
+    if let Some(secs) = cfg.host_check_after_secs {
+        icfg.host_check_after = Duration::from_secs(secs);
+    }
+    if let Some(secs) = cfg.host_check_timeout_secs {
+        icfg.host_check_timeout = Duration::from_secs(secs);
     }
     if let Some(dir) = &cfg.state_dir {
         // Found out now, not as a warning at every save.

@@ -53,6 +53,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::watch::{HostWatch, Watched};
 use axum::body::Body;
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use bytes::Bytes;
@@ -106,6 +107,14 @@ pub struct IngressConfig {
     /// that only carry the proxy's own endpoints (`/.cocalc/`: hidden
     /// hosts' tunnels and dial-backs) do not count.
     pub client_connections: u32,
+    /// How long requests wait on a host that answers none of them before
+    /// the host is checked (its `GET /health`), and again every as long
+    /// while that goes on (default 10 s; zero: never). See
+    /// [`crate::watch`].
+    pub host_check_after: Duration,
+    /// How long a host has to answer that check before the requests
+    /// waiting on it end with 504 `host_not_responding` (default 10 s).
+    pub host_check_timeout: Duration,
 }
 
 impl IngressConfig {
@@ -121,6 +130,8 @@ impl IngressConfig {
             project_rps: 200,
             client_rps: 100,
             client_connections: 1000,
+            host_check_after: Duration::from_secs(10),
+            host_check_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -143,6 +154,9 @@ pub struct Refusals {
     /// [`IngressConfig::client_connections`] already (SSH ones are
     /// counted with the SSH refusals).
     pub too_many_connections: AtomicU64,
+    /// Requests ended because their host kept them waiting and did not
+    /// answer its health check either ([`crate::watch`]).
+    pub host_not_responding: AtomicU64,
 }
 
 /// The ingress service.
@@ -164,6 +178,8 @@ pub struct Ingress {
     connections: Arc<ConnectionCounts>,
     pool: cocalc_client::relay::Pool<HostId, Incoming>,
     upstream: Upstream<HostId>,
+    /// Checks hosts that keep requests waiting.
+    watch: HostWatch,
 }
 
 /// A keyed rate limiter whose map hashes with foldhash (seeded per
@@ -246,12 +262,19 @@ struct Route {
     /// The master is being asked again (or could not answer within the
     /// last second).
     refreshing: std::sync::atomic::AtomicBool,
+    /// The host as [`crate::watch`] sees it.
+    watched: Arc<Watched>,
 }
 
 impl Route {
     /// The route to `host` at `endpoint`, which the master gave at
     /// `confirmed`.
-    fn new(host: HostId, endpoint: HostEndpoint, confirmed: Timestamp) -> Result<Route, ApiError> {
+    fn new(
+        host: HostId,
+        endpoint: HostEndpoint,
+        confirmed: Timestamp,
+        watch: &HostWatch,
+    ) -> Result<Route, ApiError> {
         let authority = match &endpoint {
             HostEndpoint::Url(u) => crate::parse_host_url(u).map_err(|e| ApiError::from(&e))?,
             _ => host.to_string(),
@@ -263,10 +286,12 @@ impl Route {
                 format!("host {host}'s address {authority:?} is not a valid Host header"),
             )
         })?;
+        let watched = watch.host(host, &endpoint, authority.to_str().unwrap_or_default());
         Ok(Route {
             endpoint,
             authority,
             confirmed,
+            watched,
             doubted: Default::default(),
             refreshing: Default::default(),
         })
@@ -584,6 +609,11 @@ impl Ingress {
             pool: cocalc_client::relay::Pool::new(POOL_PER_HOST),
             upstream: Upstream::new(POOL_PER_HOST),
             verifier: Verifier::for_ingress(KeySet::new(), clock),
+            watch: HostWatch::new(
+                transport.clone(),
+                cfg.host_check_after,
+                cfg.host_check_timeout,
+            ),
             master,
             cfg,
             transport,
@@ -723,7 +753,7 @@ impl Ingress {
             if now.since(saved.confirmed) >= usable {
                 continue;
             }
-            let Ok(r) = Route::new(saved.host, saved.endpoint, saved.confirmed) else {
+            let Ok(r) = Route::new(saved.host, saved.endpoint, saved.confirmed, &self.watch) else {
                 continue;
             };
             r.doubted.store(true, Ordering::Relaxed);
@@ -761,17 +791,18 @@ impl Ingress {
     /// (404) is forgotten; when the master cannot answer, `old` stays and
     /// is asked for again a second later at the earliest.
     fn refresh_route(&self, host: HostId, old: Arc<Route>) {
-        let (master, routes, clock, lookups) = (
+        let (master, routes, clock, lookups, watch) = (
             self.master.clone(),
             self.routes.clone(),
             self.clock.clone(),
             self.lookups.clone(),
+            self.watch.clone(),
         );
         tokio::spawn(async move {
             let fresh = master
                 .host_endpoint(host)
                 .await
-                .and_then(|endpoint| Route::new(host, endpoint, clock.now()));
+                .and_then(|endpoint| Route::new(host, endpoint, clock.now(), &watch));
             match fresh {
                 Ok(r) => {
                     lookups.answered();
@@ -806,7 +837,7 @@ impl Ingress {
                 return Err(e);
             }
         };
-        let r = Arc::new(Route::new(host, endpoint, self.clock.now())?);
+        let r = Arc::new(Route::new(host, endpoint, self.clock.now(), &self.watch)?);
         lock_routes(&self.routes).insert(host, r.clone());
         Ok(r)
     }
@@ -847,6 +878,7 @@ impl Ingress {
         lock_routes(&self.routes).remove(&host);
         self.pool.forget(|h| *h == host);
         self.upstream.forget(|h| *h == host);
+        self.watch.forget(host);
     }
 
     /// A connection to `host` failed: its pooled connections are dropped
@@ -881,7 +913,10 @@ impl Ingress {
             Ok(ready) => ready,
             Err(refusal) => return refusal.map(full),
         };
-        match self.forward(host, &route, peer, req).await {
+        // Pinned where it is made: the request's future is large, and
+        // the watch takes it by reference rather than moving it.
+        let answer = std::pin::pin!(self.forward(host, &route, peer, req));
+        match self.watch.answer(&route.watched, answer).await {
             Ok(r) => r,
             Err(e) => self.forward_failed(project, host, peer, &e).map(full),
         }
@@ -903,12 +938,18 @@ impl Ingress {
             Err(refusal) => return refusal.map(LeanBody::Full),
         };
         let (parts, ()) = req.into_parts();
-        match self.send_lean(host, &route, peer, &parts).await {
+        let answer = std::pin::pin!(self.send_lean(host, &route, peer, &parts));
+        match self.watch.answer(&route.watched, answer).await {
             Ok(r) => r.map(LeanBody::Upstream),
             Err(e) => self
                 .forward_failed(project, host, peer, &e)
                 .map(LeanBody::Full),
         }
+    }
+
+    /// Host checks run, and how many found the host silent.
+    pub fn host_checks(&self) -> &crate::watch::WatchStats {
+        self.watch.stats()
     }
 
     /// The checks ([`Ingress::admit`]) and the route of the token's host.
@@ -954,13 +995,12 @@ impl Ingress {
         peer: &Peer,
         e: &ApiError,
     ) -> Refusal {
-        self.refuse(
-            &self.refusals.unreachable,
-            &e.code,
-            Some(project),
-            peer.addr,
-            &e.message,
-        );
+        let counter = if e.code == crate::watch::HOST_NOT_RESPONDING {
+            &self.refusals.host_not_responding
+        } else {
+            &self.refusals.unreachable
+        };
+        self.refuse(counter, &e.code, Some(project), peer.addr, &e.message);
         self.doubt_route(host);
         api(e)
     }

@@ -50,6 +50,7 @@ pub mod ssh;
 mod tcp;
 pub mod tls;
 pub mod tunnel;
+pub mod watch;
 
 pub use cocalc_core::parse_host_url;
 pub use ingress::{Ingress, IngressConfig, LeanIngress, Peer};

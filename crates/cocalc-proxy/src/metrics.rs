@@ -92,7 +92,20 @@ impl Collector for ProxyMetrics {
                 ("unreachable", &r.unreachable),
                 ("tls_handshake", &r.tls_handshake),
                 ("too_many_connections", &r.too_many_connections),
+                ("host_not_responding", &r.host_not_responding),
             ],
+        )?;
+        let checks = self.ingress.host_checks();
+        counters(
+            &mut encoder,
+            "host_checks",
+            "Health checks of hosts that kept a request waiting, by result (silent: the \
+             requests waiting on it ended with 504)",
+            [
+                ("answered", checks.answered.load(Ordering::Relaxed)),
+                ("silent", checks.silent.load(Ordering::Relaxed)),
+            ]
+            .map(|(result, n)| ([("result", result.to_string())], n)),
         )?;
         #[cfg(feature = "ssh")]
         if let Some(ssh) = &self.ssh {

@@ -1,0 +1,188 @@
+//! A host whose program hangs while its kernel still accepts connections
+//! (here: stopped with `SIGSTOP`), under a real proxy: requests waiting on
+//! it end with 504 `host_not_responding` once its health check goes
+//! unanswered, instead of waiting without end; a project's slow server on a
+//! live host is still waited for; and the host serves again once it runs.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+mod common;
+use common::{
+    api_key_of, cocalc, eventually, free_port, host_config, ok, spawn, spawn_host, start_master,
+};
+
+/// GET with a bearer token: the status and the body (blocking, for tests).
+fn get(url: &str, token: &str) -> (u16, String) {
+    request(reqwest::Method::GET, url, token, None)
+}
+
+fn request(
+    method: reqwest::Method,
+    url: &str,
+    token: &str,
+    json: Option<serde_json::Value>,
+) -> (u16, String) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut req = reqwest::Client::new()
+            .request(method, url)
+            .bearer_auth(token);
+        if let Some(body) = json {
+            req = req.json(&body);
+        }
+        let r = req.send().await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    })
+}
+
+/// The value of the metric sample `line` starts with, or 0.
+fn metric(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn signal(pid: u32, sig: &str) {
+    let s = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(s.success(), "kill {sig} {pid}");
+}
+
+/// A server for the project: `GET /<s>` answers `slow-ok` after `s`
+/// seconds.
+const SLOW_SERVER: &str = r#"
+import http.server, sys, time
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        time.sleep(float(self.path.strip("/") or 0))
+        self.send_response(200); self.send_header("content-length", "7"); self.end_headers()
+        self.wfile.write(b"slow-ok")
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+
+#[test]
+fn requests_to_a_hung_host_end_and_slow_projects_are_waited_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (_master, murl, admin) = start_master(d, &[]);
+    let cli = |key: &str, args: &[&str]| cocalc(&murl, key, args, None);
+    let proxy_key = api_key_of(&cli(&admin, &["proxy-key", "create", "edge", "--json"]));
+    let alice = api_key_of(&cli(&admin, &["user", "create", "alice", "--json"]));
+    let (port, metrics_port) = (free_port(), free_port());
+    let proxy_cfg = d.join("proxy.toml");
+    std::fs::write(
+        &proxy_cfg,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\nmaster_url = \"{murl}\"\napi_key = \"{proxy_key}\"\n\
+             metrics_listen = \"127.0.0.1:{metrics_port}\"\n\
+             host_check_after_secs = 1\nhost_check_timeout_secs = 1\n"
+        ),
+    )
+    .unwrap();
+    let _proxy = spawn(
+        env!("CARGO_BIN_EXE_cocalc-proxy"),
+        &proxy_cfg,
+        "cocalc-proxy: listening on ",
+    );
+    let bootstrap = ok(&cli(&admin, &["host", "bootstrap-token"]))
+        .trim()
+        .to_string();
+    let reach = format!("listen = \"127.0.0.1:{}\"", free_port());
+    let host = spawn_host(&host_config(d, &reach, &murl, &bootstrap));
+    eventually("the host is up", Duration::from_secs(20), || {
+        let o = cli(&admin, &["host", "list", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        v.as_array()
+            .is_some_and(|a| a.iter().any(|h| h["state"] == "up"))
+    });
+    ok(&cli(&alice, &["project", "create", "p"]));
+    let open: serde_json::Value =
+        serde_json::from_str(&ok(&cli(&alice, &["project", "open", "p", "--json"]))).unwrap();
+    let project = open["project"].as_str().unwrap();
+    let token = open["token"].as_str().unwrap();
+    let via_proxy = format!("http://127.0.0.1:{port}/{project}");
+    let metrics = || get(&format!("http://127.0.0.1:{metrics_port}/metrics"), "").1;
+    let exec = |script: &str| {
+        request(
+            reqwest::Method::POST,
+            &format!("{via_proxy}/exec"),
+            token,
+            Some(serde_json::json!({ "argv": ["sh", "-c", script] })),
+        )
+    };
+
+    // A slow server in the project, taking 3 s per answer: the proxy
+    // checks the host after 1 s, finds it answering, and waits on.
+    let app = free_port();
+    let start = format!(
+        "cat > slow.py <<'EOF'\n{SLOW_SERVER}\nEOF\nnohup python3 slow.py {app} >/dev/null 2>&1 &"
+    );
+    let (s, body) = exec(&start);
+    assert_eq!(s, 200, "{body}");
+    eventually(
+        "the project's server answers",
+        Duration::from_secs(10),
+        || get(&format!("{via_proxy}/port/{app}/0"), token).0 == 200,
+    );
+    let (s, body) = get(&format!("{via_proxy}/port/{app}/3"), token);
+    assert_eq!((s, body.as_str()), (200, "slow-ok"));
+    let m = metrics();
+    assert!(
+        metric(&m, "cocalc_proxy_host_checks_total{result=\"answered\"}") >= 1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "cocalc_proxy_host_checks_total{result=\"silent\"}"),
+        0.0
+    );
+
+    // The host's program stops; its kernel still accepts connections.
+    signal(host.child.id(), "-STOP");
+    let started = Instant::now();
+    // The lean path (no body) and hyper's (a body) both end.
+    let (s, body) = get(&format!("{via_proxy}/status"), token);
+    assert_eq!(s, 504, "{body}");
+    let e: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(e["code"], "host_not_responding", "{e}");
+    assert!(
+        e["message"].as_str().unwrap().contains("GET /health"),
+        "{e}"
+    );
+    let (s, body) = exec("echo never");
+    assert_eq!(s, 504, "{body}");
+    // Neither waited for anything like a default TCP timeout: the check's
+    // 1 + 1 s each, with room for a loaded machine.
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    let m = metrics();
+    assert!(
+        metric(
+            &m,
+            "cocalc_proxy_http_refusals_total{reason=\"host_not_responding\"}"
+        ) >= 2.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "cocalc_proxy_host_checks_total{result=\"silent\"}") >= 1.0,
+        "{m}"
+    );
+
+    // Running again, the host answers through the proxy as before.
+    signal(host.child.id(), "-CONT");
+    eventually("the host answers again", Duration::from_secs(20), || {
+        let (s, body) = exec("echo back-$((40+2))");
+        s == 200
+            && serde_json::from_str::<cocalc_core::wire::ExecResult>(&body)
+                .is_ok_and(|r| r.exit_code == 0 && r.stdout == b"back-42\n")
+    });
+}
