@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 mod common;
 use common::{
-    api_key_of, cocalc, eventually, free_port, host_config, ok, spawn, spawn_host, start_master,
+    api_key_of, cocalc, create_and_open, eventually, free_port, host_config, ok, spawn, spawn_host,
+    start_master, wait_for_host_up,
 };
 
 /// GET with a bearer token: the status and the body (blocking, for tests).
@@ -96,17 +97,9 @@ fn requests_to_a_hung_host_end_and_slow_projects_are_waited_for() {
         .to_string();
     let reach = format!("listen = \"127.0.0.1:{}\"", free_port());
     let host = spawn_host(&host_config(d, &reach, &murl, &bootstrap));
-    eventually("the host is up", Duration::from_secs(20), || {
-        let o = cli(&admin, &["host", "list", "--json"]);
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
-        v.as_array()
-            .is_some_and(|a| a.iter().any(|h| h["state"] == "up"))
-    });
-    ok(&cli(&alice, &["project", "create", "p"]));
-    let open: serde_json::Value =
-        serde_json::from_str(&ok(&cli(&alice, &["project", "open", "p", "--json"]))).unwrap();
-    let project = open["project"].as_str().unwrap();
-    let token = open["token"].as_str().unwrap();
+    wait_for_host_up(&murl, &admin);
+    let (project, token) = create_and_open(&murl, &alice, "p");
+    let token = token.as_str();
     let via_proxy = format!("http://127.0.0.1:{port}/{project}");
     let metrics = || get(&format!("http://127.0.0.1:{metrics_port}/metrics"), "").1;
     let exec = |script: &str| {

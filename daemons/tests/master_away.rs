@@ -11,8 +11,8 @@ use std::time::Duration;
 
 mod common;
 use common::{
-    api_key_of, blocking_post, cocalc, eventually, free_port, host_config, ok, spawn, spawn_host,
-    start_master, Proc,
+    api_key_of, blocking_post, cocalc, create_and_open, eventually, free_port, host_config, ok,
+    spawn, spawn_host, start_master, wait_for_host_up, Proc,
 };
 
 /// A master, a proxy with a state directory, and one host (hidden, dialling
@@ -60,15 +60,8 @@ fn federation(d: &Path, hidden: bool) -> Fed {
         format!("listen = \"127.0.0.1:{}\"", free_port())
     };
     let host = spawn_host(&host_config(d, &reach, &murl, &bootstrap));
-    eventually("the host is up", Duration::from_secs(20), || {
-        let o = cli(&admin, &["host", "list", "--json"]);
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
-        v.as_array()
-            .is_some_and(|a| a.iter().any(|h| h["state"] == "up"))
-    });
-    ok(&cli(&alice, &["project", "create", "p"]));
-    let open: serde_json::Value =
-        serde_json::from_str(&ok(&cli(&alice, &["project", "open", "p", "--json"]))).unwrap();
+    wait_for_host_up(&murl, &admin);
+    let (project, token) = create_and_open(&murl, &alice, "p");
     Fed {
         master: Some(master),
         _host: host,
@@ -76,8 +69,8 @@ fn federation(d: &Path, hidden: bool) -> Fed {
         proxy_cfg,
         port,
         state,
-        project: open["project"].as_str().unwrap().to_string(),
-        token: open["token"].as_str().unwrap().to_string(),
+        project,
+        token,
     }
 }
 

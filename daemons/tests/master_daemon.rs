@@ -288,6 +288,19 @@ fn proxy_starts_from_config_and_refuses_at_the_edge() {
             "trusted_proxies = [\"10.0.0.0/8\", \"lb.example\"]\n".to_string(),
             "trusted_proxies: \"lb.example\" is not an address or a range".to_string(),
         ),
+        // The PROXY protocol: on listeners that exist, from someone.
+        (
+            "trusted_proxies = [\"10.0.0.5\"]\nproxy_protocol = [\"smtp\"]\n".to_string(),
+            "proxy_protocol: unknown listener \"smtp\"".to_string(),
+        ),
+        (
+            "trusted_proxies = [\"10.0.0.5\"]\nproxy_protocol = [\"ssh\"]\n".to_string(),
+            "\"ssh\" is listed but ssh_listen is not set".to_string(),
+        ),
+        (
+            "proxy_protocol = [\"http\"]\n".to_string(),
+            "proxy_protocol needs trusted_proxies".to_string(),
+        ),
         // The CA that hosts with https:// URLs must chain to.
         (
             format!("hosts_ca_file = \"{}\"\n", missing.display()),

@@ -1217,6 +1217,130 @@ async fn ingress_believes_forwarding_headers_from_trusted_proxies_only() {
     );
 }
 
+/// Behind a TCP load balancer that sends the PROXY protocol (a trusted
+/// proxy, on a listener that expects it), the client the header names is
+/// the peer: it is what the project sees in `X-Forwarded-For` and what
+/// holds the connection under the per-client cap. The balancer's
+/// connection without a header is closed and counted; a stranger's
+/// header is not read, just refused as HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingress_takes_clients_from_proxy_protocol_headers() {
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let IngressFixture {
+        m,
+        admin,
+        ingress,
+        h: _h,
+        audit,
+    } = ingress_fixture(dir.path(), |c| {
+        c.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    })
+    .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = tokio::spawn(cocalc_proxy::serve_ingress(
+        ingress.listener(listener, "http", true),
+        ingress.clone(),
+        axum::Router::new(),
+        std::future::pending(),
+    ));
+    let c = user_with_projects(&m, &admin, &["p"]).await;
+    let o = c.open("p").await.unwrap();
+    let pid = o.project.to_string();
+    let hport = headers_server().await;
+
+    // A connection from the balancer: its header, then HTTP.
+    let via_balancer = |header: Vec<u8>| {
+        let (pid, token) = (pid.clone(), o.token.clone());
+        async move {
+            let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            tcp.write_all(&header).await.unwrap();
+            let (mut send, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                    .await
+                    .unwrap();
+            let conn = tokio::spawn(conn);
+            let req = http::Request::get(format!("/{pid}/port/{hport}/h"))
+                .header("host", addr.to_string())
+                .header("authorization", format!("Bearer {token}"))
+                .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+                .unwrap();
+            let r = send.send_request(req).await.unwrap();
+            assert_eq!(r.status(), 200);
+            let seen = r.into_body().collect().await.unwrap().to_bytes();
+            // `send` and `conn` keep the connection open.
+            (String::from_utf8(seen.to_vec()).unwrap(), send, conn)
+        }
+    };
+    let (seen, _open, _conn) =
+        via_balancer(b"PROXY TCP4 203.0.113.7 127.0.0.1 5555 80\r\n".to_vec()).await;
+    assert!(
+        seen.lines().any(|l| l == "x-forwarded-for: 203.0.113.7"),
+        "{seen}"
+    );
+    assert_eq!(ingress.connections_of("203.0.113.7".parse().unwrap()), 1);
+    assert_eq!(ingress.connections_of("127.0.0.1".parse().unwrap()), 0);
+
+    // Version 2, an IPv6 client.
+    let mut v2 = b"\r\n\r\n\0\r\nQUIT\n\x21\x21\x00\x24".to_vec();
+    v2.extend_from_slice(
+        &"2001:db8::5"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets(),
+    );
+    v2.extend_from_slice(&[0; 16]);
+    v2.extend_from_slice(&[0x1f, 0x90, 0x00, 0x50]);
+    let (seen, _open6, _conn6) = via_balancer(v2).await;
+    assert!(
+        seen.lines().any(|l| l == "x-forwarded-for: 2001:db8::5"),
+        "{seen}"
+    );
+
+    // The balancer's address without a header: closed, counted, audited.
+    let mut bare = tokio::net::TcpStream::connect(addr).await.unwrap();
+    bare.write_all(format!("GET /{pid}/status HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = bare.read_to_end(&mut answer).await;
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    assert_eq!(
+        ingress
+            .refusals()
+            .bad_proxy_header
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert!(
+        audit
+            .records()
+            .iter()
+            .any(|r| r.reason == "bad_proxy_header"
+                && r.detail.contains("http listener")
+                && r.detail
+                    .contains("does not begin with a PROXY protocol header")),
+        "{:?}",
+        audit.records()
+    );
+
+    // A stranger's header is not read: it is a bad request line.
+    let stranger = tokio::net::TcpSocket::new_v4().unwrap();
+    stranger.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut s = stranger.connect(addr).await.unwrap();
+    s.write_all(b"PROXY TCP4 203.0.113.9 127.0.0.1 5555 80\r\nGET / HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(ingress.connections_of("203.0.113.9".parse().unwrap()), 0);
+    served.abort();
+}
+
 /// One client address holds at most `client_connections` connections with
 /// project requests on them: a WebSocket counts until it closes, one more
 /// connection is answered 429 `too_many_connections` and closed (counted

@@ -84,6 +84,13 @@ async fn federation() -> Fed {
 
 /// [`federation`] with the proxy's per-client connection cap at `cap`.
 async fn federation_capped(cap: u32) -> Fed {
+    federation_with(cap, false).await
+}
+
+/// [`federation`] with the proxy's per-client connection cap at `cap`,
+/// and, if `proxy_protocol`, 127.0.0.1 a trusted load balancer whose SSH
+/// connections begin with a PROXY protocol header.
+async fn federation_with(cap: u32, proxy_protocol: bool) -> Fed {
     require_openssh();
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
@@ -152,6 +159,9 @@ async fn federation_capped(cap: u32) -> Fed {
     let audit = Arc::new(cocalc_auth::MemoryAuditSink::new());
     let mut icfg = cocalc_proxy::IngressConfig::new(&master_url, &proxy_key);
     icfg.client_connections = cap;
+    if proxy_protocol {
+        icfg.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    }
     let ingress = cocalc_proxy::Ingress::with_audit(
         icfg,
         Arc::new(cocalc_proxy::TcpTransport::default()),
@@ -162,9 +172,10 @@ async fn federation_capped(cap: u32) -> Fed {
     .unwrap();
     let host_key =
         cocalc_proxy::ssh::load_or_generate_host_key(&root.join("proxy_ssh_ed25519")).unwrap();
-    let ssh = cocalc_proxy::SshIngress::new(ingress, host_key, clock);
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let ssh_port = l.local_addr().unwrap().port();
+    let l = ingress.listener(l, "ssh", proxy_protocol);
+    let ssh = cocalc_proxy::SshIngress::new(ingress, host_key, clock);
     let (stop, mut rx) = watch::channel(false);
     let served = ssh.clone();
     tasks.push(tokio::spawn(async move {
@@ -277,30 +288,34 @@ fn refusal_text(out: &Output, user: &str) -> String {
     String::from_utf8_lossy(&out.stderr).replace(user, "USER")
 }
 
+/// The first bytes the SSH ingress on `port` sends on a new connection
+/// after `first` was sent on it ("" if it closes it), and the connection.
+async fn greeting(port: u16, first: &[u8]) -> (String, tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(first).await.unwrap();
+    let mut buf = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("the server answers or closes")
+        .unwrap_or(0);
+    buf.truncate(n);
+    (String::from_utf8_lossy(&buf).into_owned(), s)
+}
+
 /// SSH sessions count under the proxy's per-client connection cap: over
 /// it a connection is closed before the server's version line, counted
 /// and audited; a slot comes back when a session ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssh_connections_per_client_are_capped() {
-    use tokio::io::AsyncReadExt;
     let f = federation_capped(2).await;
-    // The first bytes the server sends on a new connection.
-    let greeting = |s: tokio::net::TcpStream| async move {
-        let mut s = s;
-        let mut buf = vec![0u8; 64];
-        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
-            .await
-            .expect("the server answers or closes")
-            .unwrap_or(0);
-        buf.truncate(n);
-        (String::from_utf8_lossy(&buf).into_owned(), s)
-    };
-    let connect = || tokio::net::TcpStream::connect(("127.0.0.1", f.ssh_port));
-    let (g1, s1) = greeting(connect().await.unwrap()).await;
-    let (g2, _s2) = greeting(connect().await.unwrap()).await;
+    let (g1, s1) = greeting(f.ssh_port, b"").await;
+    let (g2, _s2) = greeting(f.ssh_port, b"").await;
     assert!(g1.starts_with("SSH-2.0-cocalc-proxy"), "{g1:?}");
     assert!(g2.starts_with("SSH-2.0-cocalc-proxy"), "{g2:?}");
-    let (g3, _) = greeting(connect().await.unwrap()).await;
+    let (g3, _) = greeting(f.ssh_port, b"").await;
     assert_eq!(g3, "", "closed before the version line");
     assert_eq!(
         f.ssh
@@ -317,10 +332,43 @@ async fn ssh_connections_per_client_are_capped() {
     // One session ends: its slot is given back.
     drop(s1);
     eventually("a slot comes back", Duration::from_secs(10), || async {
-        let (g, _) = greeting(connect().await.unwrap()).await;
+        let (g, _) = greeting(f.ssh_port, b"").await;
         g.starts_with("SSH-2.0-cocalc-proxy")
     })
     .await;
+    f.shut_down().await;
+}
+
+/// Behind a TCP load balancer sending the PROXY protocol, the client the
+/// header names is the one capped: two clients through the one balancer
+/// each have their own slots. The balancer's connection without a header
+/// is closed before the version line, counted and audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_behind_a_balancer_caps_the_clients_its_headers_name() {
+    let f = federation_with(1, true).await;
+    let greeting = |header: &'static [u8]| greeting(f.ssh_port, header);
+    let (a, _a) = greeting(b"PROXY TCP4 203.0.113.7 127.0.0.1 5555 22\r\n").await;
+    let (b, _b) = greeting(b"PROXY TCP4 203.0.113.8 127.0.0.1 5556 22\r\n").await;
+    assert!(a.starts_with("SSH-2.0-cocalc-proxy"), "{a:?}");
+    assert!(b.starts_with("SSH-2.0-cocalc-proxy"), "{b:?}");
+    let (again, _) = greeting(b"PROXY TCP4 203.0.113.7 127.0.0.1 5557 22\r\n").await;
+    assert_eq!(again, "", "203.0.113.7 holds its one slot");
+    assert!(f
+        .audit
+        .records()
+        .iter()
+        .any(|r| r.reason == "too_many_connections"
+            && r.detail.starts_with("client 203.0.113.7:5557")));
+    let (bare, _) = greeting(b"SSH-2.0-OpenSSH_9.2\r\n").await;
+    assert_eq!(bare, "", "no header from the balancer: closed");
+    let refused = f
+        .audit
+        .records()
+        .into_iter()
+        .filter(|r| r.reason == "bad_proxy_header")
+        .collect::<Vec<_>>();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(refused[0].detail.contains("ssh listener"), "{refused:?}");
     f.shut_down().await;
 }
 

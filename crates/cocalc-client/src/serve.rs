@@ -21,6 +21,29 @@ use hyper::body::{Body, Incoming};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
+/// Where a server's connections come from: a bound [`TcpListener`], or a
+/// listener that does something with each connection before giving it
+/// out (the proxy's PROXY-protocol listener reads a load balancer's header
+/// off it and gives the client's address as the peer). [`serve`],
+/// [`serve_lean`], [`accept_loop`] and [`crate::tls::serve_tls`] take
+/// any.
+pub trait Accept: Send {
+    /// The next connection and its peer's address. Errors are those of
+    /// [`TcpListener::accept`]: [`accept_loop`] skips per-connection ones
+    /// and pauses on others.
+    fn accept(
+        &mut self,
+    ) -> impl Future<Output = std::io::Result<(tokio::net::TcpStream, SocketAddr)>> + Send;
+}
+
+impl Accept for TcpListener {
+    fn accept(
+        &mut self,
+    ) -> impl Future<Output = std::io::Result<(tokio::net::TcpStream, SocketAddr)>> + Send {
+        TcpListener::accept(self)
+    }
+}
+
 /// How long a client may take to send a whole request head before the
 /// connection is closed (slow-header clients would otherwise hold
 /// connections open forever).
@@ -37,7 +60,7 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// skipped, and running out of file descriptors pauses accepting for a
 /// moment.
 pub async fn serve<F, S, B>(
-    listener: TcpListener,
+    listener: impl Accept,
     make: F,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()>
@@ -67,7 +90,7 @@ where
 /// service returned beside it. Shutdown, accept errors and the head
 /// timeout are as in [`serve`].
 pub async fn serve_lean<F, L, S, B>(
-    listener: TcpListener,
+    listener: impl Accept,
     make: F,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()>
@@ -99,7 +122,7 @@ where
 /// completes. Then it stops accepting and returns once every
 /// connection's future has. Accept errors are handled as in [`serve`].
 pub async fn accept_loop<C, Fut>(
-    listener: TcpListener,
+    mut listener: impl Accept,
     shutdown: impl Future<Output = ()>,
     conn: C,
 ) -> std::io::Result<()>

@@ -188,7 +188,7 @@ pub async fn accept(
 /// bytes are copied: a TLS stream cannot be spliced). A failed handshake
 /// goes to `refused(peer, why)` instead.
 pub async fn serve_tls<F, R, S, B>(
-    listener: tokio::net::TcpListener,
+    listener: impl crate::serve::Accept,
     config: Arc<rustls::ServerConfig>,
     make: F,
     refused: R,

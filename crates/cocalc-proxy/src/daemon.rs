@@ -18,6 +18,8 @@
 //!                                          # proxy can start while the master is away
 //! # trusted_proxies = ["10.0.0.0/8"]       # load balancers in front: their X-Forwarded-For
 //!                                          # and X-Forwarded-Proto are believed
+//! # proxy_protocol = ["ssh"]               # listeners ("http", "https", "ssh") where they
+//!                                          # send a PROXY protocol header instead
 //! # public_url = "http://proxy.example:8000" # this proxy's tunnel handle: the URL hidden
 //! #                                          # hosts dial and sign (default http://<listen>)
 //! ssh_listen = "0.0.0.0:2222"              # optional: SSH ingress (`ssh project-<uuid>@proxy`)
@@ -129,6 +131,14 @@ pub struct ProxyConfig {
     /// [`IngressConfig::trusted_proxies`].
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// Listeners (`"http"`, `"https"`, `"ssh"`) on which connections
+    /// from `trusted_proxies` begin with a PROXY protocol header naming
+    /// the client (TCP load balancers: HAProxy `send-proxy`, AWS NLB),
+    /// see [`crate::proxy_protocol`]; none by default. On such a listener
+    /// those connections' `X-Forwarded-For` is not believed: the header
+    /// names the client.
+    #[serde(default)]
+    pub proxy_protocol: Vec<String>,
     /// This proxy's tunnel handle (default `http://<bound address>`).
     #[serde(default)]
     pub public_url: Option<String>,
@@ -207,7 +217,42 @@ impl ProxyConfig {
         }
         cfg.host_transport().map_err(bad)?;
         cfg.trusted_proxies().map_err(bad)?;
+        cfg.check_proxy_protocol().map_err(bad)?;
         Ok(cfg)
+    }
+
+    /// `proxy_protocol` names listeners that exist, and trusts someone.
+    fn check_proxy_protocol(&self) -> Result<(), String> {
+        for name in &self.proxy_protocol {
+            let set = match name.as_str() {
+                "http" => true,
+                "https" => self.tls_listen.is_some(),
+                "ssh" => self.ssh_listen.is_some(),
+                _ => {
+                    return Err(format!(
+                        "proxy_protocol: unknown listener {name:?} (one of \"http\", \"https\", \
+                         \"ssh\")"
+                    ))
+                }
+            };
+            if !set {
+                return Err(format!(
+                    "proxy_protocol: {name:?} is listed but {name}_listen is not set"
+                ));
+            }
+        }
+        if !self.proxy_protocol.is_empty() && self.trusted_proxies.is_empty() {
+            return Err(
+                "proxy_protocol needs trusted_proxies: the load balancers whose headers are read"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Whether the listener `name` reads PROXY protocol headers.
+    fn proxied(&self, name: &str) -> bool {
+        self.proxy_protocol.iter().any(|n| n == name)
     }
 
     /// The certificate and key files, when both are set.
@@ -365,7 +410,7 @@ pub async fn run(
     let (stop_tls, tls_task) = start_tls(&cfg, certs, &ingress, tunnels.clone().router()).await?;
     eprintln!("cocalc-proxy: listening on http://{addr}");
     let result = crate::serve_ingress(
-        listener,
+        ingress.listener(listener, "http", cfg.proxied("http")),
         ingress.clone(),
         tunnels.clone().router(),
         shutdown,
@@ -424,7 +469,7 @@ async fn start_tls(
     let (l, addr) = bind(at, "tls listen").await?;
     eprintln!("cocalc-proxy: https on https://{addr}");
     let task = tokio::spawn(crate::tls::serve_ingress_tls(
-        l,
+        ingress.listener(l, "https", cfg.proxied("https")),
         tls,
         ingress.clone(),
         internal,
@@ -467,6 +512,7 @@ async fn start_ssh(
                 .public_key()
                 .fingerprint(russh::keys::HashAlg::Sha256)
                 .to_string();
+            let l = ingress.listener(l, "ssh", cfg.proxied("ssh"));
             let ssh = crate::SshIngress::new(ingress.clone(), key, clock.clone());
             *metrics = metrics.clone().with_ssh(ssh.clone());
             eprintln!("cocalc-proxy: ssh on {ssh_addr} (host key {fp})");

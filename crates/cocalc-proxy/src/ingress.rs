@@ -157,6 +157,10 @@ pub struct Refusals {
     /// Requests ended because their host kept them waiting and did not
     /// answer its health check either ([`crate::watch`]).
     pub host_not_responding: AtomicU64,
+    /// Connections from trusted proxies, on a listener that expects the
+    /// PROXY protocol from them, closed for a missing, malformed or late
+    /// header ([`crate::proxy_protocol`]; SSH listeners' too).
+    pub bad_proxy_header: AtomicU64,
 }
 
 /// The ingress service.
@@ -1125,6 +1129,41 @@ impl Ingress {
     /// Whether `ip` is one of [`IngressConfig::trusted_proxies`].
     fn is_trusted(&self, ip: std::net::IpAddr) -> bool {
         in_nets(&self.cfg.trusted_proxies, ip)
+    }
+
+    /// `listener`, reading a PROXY protocol header off every connection
+    /// from [`IngressConfig::trusted_proxies`] if `proxy_protocol`
+    /// ([`crate::proxy_protocol`]): serve the ingress, its HTTPS side or
+    /// the SSH ingress on it, and they see the clients behind TCP load
+    /// balancers as the peers. A trusted proxy's connection without a
+    /// valid header is closed, counted (`bad_proxy_header`) and audited
+    /// with `name`, the listener's.
+    pub fn listener(
+        self: &Arc<Self>,
+        listener: tokio::net::TcpListener,
+        name: &'static str,
+        proxy_protocol: bool,
+    ) -> crate::proxy_protocol::Listener {
+        if !proxy_protocol {
+            return listener.into();
+        }
+        let nets = self.cfg.trusted_proxies.clone();
+        let ingress = Arc::downgrade(self);
+        crate::proxy_protocol::Listener::Proxied(crate::proxy_protocol::ProxiedListener::new(
+            listener,
+            Arc::new(move |ip| in_nets(&nets, ip)),
+            Arc::new(move |peer, why: &str| {
+                if let Some(i) = ingress.upgrade() {
+                    i.refuse(
+                        &i.refusals.bad_proxy_header,
+                        "bad_proxy_header",
+                        None,
+                        format_args!("{peer} (a trusted proxy)"),
+                        &format!("{name} listener: {why}"),
+                    );
+                }
+            }),
+        ))
     }
 
     /// Who a request from `peer` is from: `peer` itself, unless it is a

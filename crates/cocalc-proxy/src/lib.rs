@@ -21,7 +21,10 @@
 //! transport, [`TcpTransport`], which reaches hosts that publish a URL
 //! (over TLS for `https://` ones),
 //! the reverse-tunnel end, [`TunnelHub`] with [`ProxyTransport`], and
-//! [`metrics`] (refusals by reason, tunnels, dial-backs). [`serve_ingress`]
+//! [`metrics`] (refusals by reason, tunnels, dial-backs), [`watch`] (requests
+//! waiting on a host whose program hangs end with 504 once its health
+//! check goes unanswered) and [`proxy_protocol`] (the clients behind TCP
+//! load balancers, from their PROXY protocol headers). [`serve_ingress`]
 //! serves it all on one listener, project paths without a router in
 //! between; [`tls::serve_ingress_tls`] serves the ingress over HTTPS on
 //! another.
@@ -43,6 +46,7 @@
 pub mod daemon;
 pub mod ingress;
 pub mod metrics;
+pub mod proxy_protocol;
 #[cfg(feature = "ssh")]
 mod sftp;
 #[cfg(feature = "ssh")]
@@ -72,7 +76,7 @@ pub use tunnel::{ProxyTransport, TunnelConfig, TunnelHub};
 /// so relayed WebSockets between TCP sockets reach the relay as bare
 /// sockets and move by `splice(2)` too.
 pub async fn serve_ingress(
-    listener: tokio::net::TcpListener,
+    listener: impl cocalc_client::serve::Accept,
     ingress: std::sync::Arc<Ingress>,
     internal: axum::Router,
     shutdown: impl std::future::Future<Output = ()>,

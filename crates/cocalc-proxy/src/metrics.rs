@@ -93,6 +93,7 @@ impl Collector for ProxyMetrics {
                 ("tls_handshake", &r.tls_handshake),
                 ("too_many_connections", &r.too_many_connections),
                 ("host_not_responding", &r.host_not_responding),
+                ("bad_proxy_header", &r.bad_proxy_header),
             ],
         )?;
         let checks = self.ingress.host_checks();

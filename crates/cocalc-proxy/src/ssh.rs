@@ -276,7 +276,7 @@ impl SshIngress {
     /// Accepts connections on `listener` until `shutdown` completes.
     pub async fn serve(
         self: Arc<Self>,
-        listener: tokio::net::TcpListener,
+        mut listener: impl cocalc_client::serve::Accept,
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) {
         tokio::pin!(shutdown);

@@ -48,7 +48,7 @@ use crate::Ingress;
 /// ([`cocalc_client::liveness::tune`]) and [`HANDSHAKE_TIMEOUT`] to finish
 /// its handshake.
 pub async fn serve_ingress_tls(
-    listener: tokio::net::TcpListener,
+    listener: impl cocalc_client::serve::Accept,
     tls: Arc<rustls::ServerConfig>,
     ingress: Arc<Ingress>,
     internal: axum::Router,

@@ -200,6 +200,32 @@ pub(crate) fn host_config(d: &Path, reach: &str, murl: &str, bootstrap: &str) ->
     cfg
 }
 
+/// Waits until the master at `murl` lists a host as up (asked with the
+/// admin key).
+pub(crate) fn wait_for_host_up(murl: &str, admin: &str) {
+    eventually("the host is up", Duration::from_secs(20), || {
+        let o = cocalc(murl, admin, &["host", "list", "--json"], None);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        v.as_array()
+            .is_some_and(|a| a.iter().any(|h| h["state"] == "up"))
+    });
+}
+
+/// Creates the project `name` as the user of `key` and opens it: the
+/// project's id and a connect token.
+pub(crate) fn create_and_open(murl: &str, key: &str, name: &str) -> (String, String) {
+    ok(&cocalc(murl, key, &["project", "create", name], None));
+    let open: serde_json::Value = serde_json::from_str(&ok(&cocalc(
+        murl,
+        key,
+        &["project", "open", name, "--json"],
+        None,
+    )))
+    .unwrap();
+    let field = |k: &str| open[k].as_str().unwrap().to_string();
+    (field("project"), field("token"))
+}
+
 /// Starts `cocalc-host -c cfg`, once it says it serves.
 pub(crate) fn spawn_host(cfg: &Path) -> Proc {
     spawn(env!("CARGO_BIN_EXE_cocalc-host"), cfg, "cocalc-host: ")
