@@ -2,7 +2,8 @@
 //! (here: stopped with `SIGSTOP`), under a real proxy: requests waiting on
 //! it end with 504 `host_not_responding` once its health check goes
 //! unanswered, instead of waiting without end; a project's slow server on a
-//! live host is still waited for; and the host serves again once it runs.
+//! live host is still waited for; the master's one-call exec ends when the
+//! host's lease runs out; and the host serves again once it runs.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -169,6 +170,18 @@ fn requests_to_a_hung_host_end_and_slow_projects_are_waited_for() {
         metric(&m, "cocalc_proxy_host_checks_total{result=\"silent\"}") >= 1.0,
         "{m}"
     );
+
+    // The master's one-call exec to the stopped host ends once the host's
+    // lease runs out (15 s or so here), with the same code.
+    let (s, body) = request(
+        reqwest::Method::POST,
+        &format!("{murl}/v1/projects/{project}/exec"),
+        &alice,
+        Some(serde_json::json!({ "argv": ["echo", "never"] })),
+    );
+    assert_eq!(s, 504, "{body}");
+    assert!(body.contains("host_not_responding"), "{body}");
+    assert!(body.contains("stopped renewing its lease"), "{body}");
 
     // Running again, the host answers through the proxy as before.
     signal(host.child.id(), "-CONT");

@@ -607,8 +607,11 @@ async fn forward_exec(
         return Err(MasterError::BadRequest("argv is empty".into()));
     }
     let p = m.resolve_project(&c, &p)?;
-    let host = m.host_client(&c, p).await?;
-    Ok(Json(host.exec(&req).await.map_err(MasterError::Upstream)?).into_response())
+    let (h, host) = m.host_client(&c, p).await?;
+    let done = m.while_host_up(h, async {
+        host.exec(&req).await.map_err(MasterError::Upstream)
+    });
+    Ok(Json(done.await?).into_response())
 }
 
 #[utoipa::path(post, path = "/v1/projects/{p}/start", tag = "projects", params(("p" = String, Path, description = "project id or name")), security(("api_key" = [])), responses((status = 200, body = cocalc_core::RunStatus), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError), (status = 503, body = ApiError)))]
@@ -618,8 +621,11 @@ async fn forward_start(
     Path(p): Path<String>,
 ) -> Result<Response> {
     let p = m.resolve_project(&c, &p)?;
-    let host = m.host_client(&c, p).await?;
-    Ok(Json(host.start().await.map_err(MasterError::Upstream)?).into_response())
+    let (h, host) = m.host_client(&c, p).await?;
+    let done = m.while_host_up(h, async {
+        host.start().await.map_err(MasterError::Upstream)
+    });
+    Ok(Json(done.await?).into_response())
 }
 
 #[utoipa::path(post, path = "/v1/projects/{p}/stop", tag = "projects", params(("p" = String, Path, description = "project id or name")), security(("api_key" = [])), responses((status = 204), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError), (status = 503, body = ApiError)))]
@@ -629,8 +635,11 @@ async fn forward_stop(
     Path(p): Path<String>,
 ) -> Result<Response> {
     let p = m.resolve_project(&c, &p)?;
-    let host = m.host_client(&c, p).await?;
-    host.stop().await.map_err(MasterError::Upstream)?;
+    let (h, host) = m.host_client(&c, p).await?;
+    m.while_host_up(h, async {
+        host.stop().await.map_err(MasterError::Upstream)
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

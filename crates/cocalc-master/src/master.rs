@@ -13,8 +13,8 @@ use cocalc_core::wire::{
     ProjectInfo, PushMessage, RegisterHostRequest,
 };
 use cocalc_core::{
-    Generation, HostId, HostState, Permission, Placement, PlacementRequest, ProjectId, SharedClock,
-    Timestamp, UserId,
+    ApiError, Generation, HostId, HostState, Permission, Placement, PlacementRequest, ProjectId,
+    SharedClock, Timestamp, UserId,
 };
 use cocalc_placement::{HostRecord, MapStore, Registry, RegistryError};
 
@@ -470,22 +470,56 @@ impl Master {
         Ok(placed)
     }
 
-    /// A data-plane client for the project's host, acting as the caller
-    /// (the project is placed first if needed). For callers that want
-    /// "run this in my project" in one call to the master.
+    /// The project's host and a data-plane client for it, acting as the
+    /// caller (the project is placed first if needed). For callers that
+    /// want "run this in my project" in one call to the master; make the
+    /// call under [`Master::while_host_up`].
     pub async fn host_client(
         &self,
         caller: &Caller,
         project: ProjectId,
-    ) -> Result<cocalc_client::HostClient, MasterError> {
+    ) -> Result<(HostId, cocalc_client::HostClient), MasterError> {
         let open = self.open_project(caller, project).await?;
         // A hidden host's endpoint is the proxy holding its tunnel; the
         // proxy serves the same paths, so the client is the same.
-        Ok(cocalc_client::HostClient::new(
+        let client = cocalc_client::HostClient::new(
             open.endpoint.base_url().to_string(),
             project,
             open.token,
-        ))
+        );
+        Ok((open.host, client))
+    }
+
+    /// Awaits `call`, made to `host`, unless the host goes `Down` first
+    /// (its lease expired: it stopped renewing it); then `call` is
+    /// dropped, closing its connection, and the result is 504
+    /// `host_not_responding`. A host whose program hangs still accepts
+    /// connections, so a call to it would otherwise wait without end. The
+    /// host's state is looked at every second.
+    pub async fn while_host_up<T>(
+        &self,
+        host: HostId,
+        call: impl std::future::Future<Output = Result<T, MasterError>>,
+    ) -> Result<T, MasterError> {
+        tokio::pin!(call);
+        loop {
+            tokio::select! {
+                r = &mut call => return r,
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            let now = self.now();
+            if self
+                .registry
+                .get(host)
+                .is_some_and(|h| h.state_at(now) == HostState::Down)
+            {
+                return Err(MasterError::Upstream(ApiError::new(
+                    504,
+                    "host_not_responding",
+                    format!("host {host} stopped renewing its lease while this call waited on it"),
+                )));
+            }
+        }
     }
 
     /// Why the project is where it is.
