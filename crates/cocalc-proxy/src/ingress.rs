@@ -168,12 +168,11 @@ pub struct Ingress {
     audit: Arc<dyn AuditSink>,
     clock: SharedClock,
     cfg: IngressConfig,
-    master: MasterClient,
     verifier: Verifier,
     transport: Arc<dyn Transport>,
-    routes: Arc<Routes>,
-    /// How the master's route lookups have gone.
-    lookups: Arc<Lookups>,
+    /// The master client, the cached routes, how lookups have gone, and
+    /// the host watch.
+    lookup: RouteLookup,
     /// The master's signing keys as it last gave them (PASERK), to save.
     signing_keys: Mutex<Vec<String>>,
     refusals: Refusals,
@@ -182,8 +181,6 @@ pub struct Ingress {
     connections: Arc<ConnectionCounts>,
     pool: cocalc_client::relay::Pool<HostId, Incoming>,
     upstream: Upstream<HostId>,
-    /// Checks hosts that keep requests waiting.
-    watch: HostWatch,
 }
 
 /// A keyed rate limiter whose map hashes with foldhash (seeded per
@@ -352,6 +349,36 @@ impl Lookups {
                 "the master cannot be asked for hosts' addresses; routing with the ones known"
             );
         }
+    }
+}
+
+/// How the ingress asks the master for a host's address, on a request's
+/// path or in the background: what it needs, cheap to clone into a task.
+#[derive(Clone)]
+struct RouteLookup {
+    master: MasterClient,
+    /// The cached routes.
+    routes: Arc<Routes>,
+    clock: SharedClock,
+    /// How the master's route lookups have gone.
+    lookups: Arc<Lookups>,
+    /// Checks hosts that keep requests waiting.
+    watch: HostWatch,
+}
+
+impl RouteLookup {
+    /// Asks the master for `host`'s endpoint; caches and returns the
+    /// route. A failed lookup is counted (a 404 is an answer: the master
+    /// does not know the host).
+    async fn ask(&self, host: HostId) -> Result<Arc<Route>, ApiError> {
+        let answer = self.master.host_endpoint(host).await;
+        match &answer {
+            Err(e) if e.status != 404 => self.lookups.failed(host, e),
+            _ => self.lookups.answered(),
+        }
+        let r = Arc::new(Route::new(host, answer?, self.clock.now(), &self.watch)?);
+        lock_routes(&self.routes).insert(host, r.clone());
+        Ok(r)
     }
 }
 
@@ -612,17 +639,20 @@ impl Ingress {
             }),
             pool: cocalc_client::relay::Pool::new(POOL_PER_HOST),
             upstream: Upstream::new(POOL_PER_HOST),
-            verifier: Verifier::for_ingress(KeySet::new(), clock),
-            watch: HostWatch::new(
-                transport.clone(),
-                cfg.host_check_after,
-                cfg.host_check_timeout,
-            ),
-            master,
+            verifier: Verifier::for_ingress(KeySet::new(), clock.clone()),
+            lookup: RouteLookup {
+                master,
+                routes: Arc::default(),
+                clock,
+                lookups: Arc::default(),
+                watch: HostWatch::new(
+                    transport.clone(),
+                    cfg.host_check_after,
+                    cfg.host_check_timeout,
+                ),
+            },
             cfg,
             transport,
-            routes: Arc::default(),
-            lookups: Arc::default(),
             signing_keys: Mutex::default(),
             refusals: Refusals::default(),
         };
@@ -678,7 +708,7 @@ impl Ingress {
     /// Reloads the master's signing keys (call periodically and after a
     /// rotation).
     pub async fn refresh_keys(&self) -> Result<(), ApiError> {
-        let keys = self.master.signing_keys().await?;
+        let keys = self.lookup.master.signing_keys().await?;
         self.install_keys(&keys)?;
         *self.signing_keys.lock().unwrap_or_else(|p| p.into_inner()) = keys;
         Ok(())
@@ -715,7 +745,7 @@ impl Ingress {
         if signing_keys.is_empty() {
             return Ok(());
         }
-        let routes = lock_routes(&self.routes)
+        let routes = lock_routes(&self.lookup.routes)
             .iter()
             .map(|(host, r)| SavedRoute {
                 host: *host,
@@ -752,12 +782,17 @@ impl Ingress {
         *self.signing_keys.lock().unwrap_or_else(|p| p.into_inner()) = state.signing_keys;
         let now = self.clock.now();
         let usable = self.cfg.route_ttl + self.cfg.route_grace;
-        let mut routes = lock_routes(&self.routes);
+        let mut routes = lock_routes(&self.lookup.routes);
         for saved in state.routes {
             if now.since(saved.confirmed) >= usable {
                 continue;
             }
-            let Ok(r) = Route::new(saved.host, saved.endpoint, saved.confirmed, &self.watch) else {
+            let Ok(r) = Route::new(
+                saved.host,
+                saved.endpoint,
+                saved.confirmed,
+                &self.lookup.watch,
+            ) else {
                 continue;
             };
             r.doubted.store(true, Ordering::Relaxed);
@@ -773,7 +808,7 @@ impl Ingress {
     /// request does not carry the master client's request state for the
     /// rare miss.
     async fn route(&self, host: HostId) -> Result<Arc<Route>, ApiError> {
-        let cached = lock_routes(&self.routes).get(&host).cloned();
+        let cached = lock_routes(&self.lookup.routes).get(&host).cloned();
         let Some(r) = cached else {
             return Box::pin(self.fetch_route(host)).await;
         };
@@ -795,32 +830,17 @@ impl Ingress {
     /// (404) is forgotten; when the master cannot answer, `old` stays and
     /// is asked for again a second later at the earliest.
     fn refresh_route(&self, host: HostId, old: Arc<Route>) {
-        let (master, routes, clock, lookups, watch) = (
-            self.master.clone(),
-            self.routes.clone(),
-            self.clock.clone(),
-            self.lookups.clone(),
-            self.watch.clone(),
-        );
+        let lookup = self.lookup.clone();
         tokio::spawn(async move {
-            let fresh = master
-                .host_endpoint(host)
-                .await
-                .and_then(|endpoint| Route::new(host, endpoint, clock.now(), &watch));
-            match fresh {
-                Ok(r) => {
-                    lookups.answered();
-                    lock_routes(&routes).insert(host, Arc::new(r));
-                }
+            match lookup.ask(host).await {
+                Ok(_) => {}
                 Err(e) if e.status == 404 => {
-                    lookups.answered();
-                    let mut routes = lock_routes(&routes);
+                    let mut routes = lock_routes(&lookup.routes);
                     if routes.get(&host).is_some_and(|r| Arc::ptr_eq(r, &old)) {
                         routes.remove(&host);
                     }
                 }
-                Err(e) => {
-                    lookups.failed(host, &e);
+                Err(_) => {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     old.refreshing.store(false, Ordering::Release);
                 }
@@ -828,27 +848,14 @@ impl Ingress {
         });
     }
 
+    /// Asks the master for `host`'s endpoint and waits for the answer.
     async fn fetch_route(&self, host: HostId) -> Result<Arc<Route>, ApiError> {
-        let endpoint = match self.master.host_endpoint(host).await {
-            Ok(e) => {
-                self.lookups.answered();
-                e
-            }
-            Err(e) => {
-                if e.status != 404 {
-                    self.lookups.failed(host, &e);
-                }
-                return Err(e);
-            }
-        };
-        let r = Arc::new(Route::new(host, endpoint, self.clock.now(), &self.watch)?);
-        lock_routes(&self.routes).insert(host, r.clone());
-        Ok(r)
+        self.lookup.ask(host).await
     }
 
     /// The master client the ingress acts with.
     pub fn master(&self) -> &MasterClient {
-        &self.master
+        &self.lookup.master
     }
 
     /// A fresh connection to `host` (route from the master, then the
@@ -879,10 +886,10 @@ impl Ingress {
     /// Forgets a cached route and the pooled connections to that host:
     /// the next request to it waits for the master's answer.
     pub fn forget_route(&self, host: HostId) {
-        lock_routes(&self.routes).remove(&host);
+        lock_routes(&self.lookup.routes).remove(&host);
         self.pool.forget(|h| *h == host);
         self.upstream.forget(|h| *h == host);
-        self.watch.forget(host);
+        self.lookup.watch.forget(host);
     }
 
     /// A connection to `host` failed: its pooled connections are dropped
@@ -890,7 +897,7 @@ impl Ingress {
     /// which meanwhile goes where the cached route says (the host may be
     /// restarting at the same address while the master is away).
     fn doubt_route(&self, host: HostId) {
-        if let Some(r) = lock_routes(&self.routes).get(&host) {
+        if let Some(r) = lock_routes(&self.lookup.routes).get(&host) {
             r.doubted.store(true, Ordering::Relaxed);
         }
         self.pool.forget(|h| *h == host);
@@ -920,7 +927,7 @@ impl Ingress {
         // Pinned where it is made: the request's future is large, and
         // the watch takes it by reference rather than moving it.
         let answer = std::pin::pin!(self.forward(host, &route, peer, req));
-        match self.watch.answer(&route.watched, answer).await {
+        match self.lookup.watch.answer(&route.watched, answer).await {
             Ok(r) => r,
             Err(e) => self.forward_failed(project, host, peer, &e).map(full),
         }
@@ -943,7 +950,7 @@ impl Ingress {
         };
         let (parts, ()) = req.into_parts();
         let answer = std::pin::pin!(self.send_lean(host, &route, peer, &parts));
-        match self.watch.answer(&route.watched, answer).await {
+        match self.lookup.watch.answer(&route.watched, answer).await {
             Ok(r) => r.map(LeanBody::Upstream),
             Err(e) => self
                 .forward_failed(project, host, peer, &e)
@@ -953,7 +960,7 @@ impl Ingress {
 
     /// Host checks run, and how many found the host silent.
     pub fn host_checks(&self) -> &crate::watch::WatchStats {
-        self.watch.stats()
+        self.lookup.watch.stats()
     }
 
     /// The checks ([`Ingress::admit`]) and the route of the token's host.
@@ -1087,12 +1094,12 @@ impl Ingress {
     /// The cached routes by freshness, and how the master's lookups went.
     pub fn route_stats(&self) -> RouteStats {
         let mut stats = RouteStats {
-            lookup_failures: self.lookups.failures.load(Ordering::Relaxed),
-            master_away: self.lookups.away.load(Ordering::Relaxed),
+            lookup_failures: self.lookup.lookups.failures.load(Ordering::Relaxed),
+            master_away: self.lookup.lookups.away.load(Ordering::Relaxed),
             ..RouteStats::default()
         };
         let now = self.clock.now();
-        for r in lock_routes(&self.routes).values() {
+        for r in lock_routes(&self.lookup.routes).values() {
             if r.fresh(now, self.cfg.route_ttl) {
                 stats.fresh += 1;
             } else {
