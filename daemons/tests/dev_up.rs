@@ -89,33 +89,6 @@ fn cocalc(d: &DevUp, args: &[&str], stdin: Option<&[u8]>) -> std::process::Outpu
     common::cocalc(&master, key.trim(), args, stdin)
 }
 
-/// `ssh project-<id>@127.0.0.1 -p <dev up's ssh port> COMMAND` with `key`.
-fn ssh(d: &DevUp, key: &std::path::Path, project: &str, command: &str) -> std::process::Output {
-    Command::new("ssh")
-        .args([
-            "-F",
-            "/dev/null",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "LogLevel=ERROR",
-            "-i",
-        ])
-        .arg(key)
-        .args(["-p", &d.ssh_port.to_string()])
-        .arg(format!("project-{project}@127.0.0.1"))
-        .arg(command)
-        .stdin(Stdio::null())
-        .output()
-        .expect("ssh (openssh-client) is needed")
-}
-
 fn next_steps_work_and_ctrl_c_stops(backend: &str) {
     let mut d = start(backend);
     let o = cocalc(
@@ -181,20 +154,15 @@ fn next_steps_work_and_ctrl_c_stops(backend: &str) {
     );
     // SSH through the proxy, with a key registered by `cocalc ssh-key add`.
     let key = d.dir.path().join("id_ed25519");
-    let k = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(&key)
-        .output()
-        .expect("ssh-keygen (openssh-client) is needed");
-    assert!(k.status.success(), "{k:?}");
+    common::ssh_keygen(&key);
     let pubkey = key.with_extension("pub");
     let o = cocalc(&d, &["ssh-key", "add", pubkey.to_str().unwrap()], None);
     assert!(o.status.success(), "{o:?}");
     let o = cocalc(&d, &["ssh-key", "list", "--json"], None);
     let keys: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(keys.as_array().map(Vec::len), Some(1), "{keys}");
-    let o = ssh(
-        &d,
+    let o = common::ssh_exec(
+        d.ssh_port,
         &key,
         open["project"].as_str().unwrap(),
         "cat hello.txt; exit 3",
@@ -261,8 +229,8 @@ fn next_steps_work_and_ctrl_c_stops(backend: &str) {
         std::thread::sleep(Duration::from_millis(200));
     }
     // SSH reaches the hidden host too, through the same tunnel.
-    let o = ssh(
-        &d,
+    let o = common::ssh_exec(
+        d.ssh_port,
         &key,
         open["project"].as_str().unwrap(),
         "echo over-ssh-$((40+2))",

@@ -2,8 +2,9 @@
 //! (here: stopped with `SIGSTOP`), under a real proxy: requests waiting on
 //! it end with 504 `host_not_responding` once its health check goes
 //! unanswered, instead of waiting without end; a project's slow server on a
-//! live host is still waited for; the master's one-call exec ends when the
-//! host's lease runs out; and the host serves again once it runs.
+//! live host is still waited for; an SSH command's channel ends the same
+//! way; the master's one-call exec ends when the host's lease runs out;
+//! and the host serves again once it runs.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 mod common;
 use common::{
     api_key_of, cocalc, create_and_open, eventually, free_port, host_config, ok, spawn, spawn_host,
-    start_master, wait_for_host_up,
+    ssh_exec, ssh_keygen, start_master, wait_for_host_up,
 };
 
 /// GET with a bearer token: the status and the body (blocking, for tests).
@@ -77,14 +78,16 @@ fn requests_to_a_hung_host_end_and_slow_projects_are_waited_for() {
     let cli = |key: &str, args: &[&str]| cocalc(&murl, key, args, None);
     let proxy_key = api_key_of(&cli(&admin, &["proxy-key", "create", "edge", "--json"]));
     let alice = api_key_of(&cli(&admin, &["user", "create", "alice", "--json"]));
-    let (port, metrics_port) = (free_port(), free_port());
+    let (port, metrics_port, ssh_port) = (free_port(), free_port(), free_port());
     let proxy_cfg = d.join("proxy.toml");
     std::fs::write(
         &proxy_cfg,
         format!(
             "listen = \"127.0.0.1:{port}\"\nmaster_url = \"{murl}\"\napi_key = \"{proxy_key}\"\n\
              metrics_listen = \"127.0.0.1:{metrics_port}\"\n\
-             host_check_after_secs = 1\nhost_check_timeout_secs = 1\n"
+             ssh_listen = \"127.0.0.1:{ssh_port}\"\nssh_host_key_file = \"{}\"\n\
+             host_check_after_secs = 1\nhost_check_timeout_secs = 1\n",
+            d.join("proxy_ssh_ed25519").display()
         ),
     )
     .unwrap();
@@ -137,9 +140,33 @@ fn requests_to_a_hung_host_end_and_slow_projects_are_waited_for() {
         0.0
     );
 
+    // Alice's key, for SSH through the proxy.
+    let key = d.join("alice_ed25519");
+    ssh_keygen(&key);
+    ok(&cli(
+        &alice,
+        &[
+            "ssh-key",
+            "add",
+            key.with_extension("pub").to_str().unwrap(),
+        ],
+    ));
+    let o = ssh_exec(ssh_port, &key, &project, "echo hi");
+    assert_eq!(
+        (o.status.code(), o.stdout.as_slice()),
+        (Some(0), &b"hi\n"[..]),
+        "{o:?}"
+    );
+
     // The host's program stops; its kernel still accepts connections.
     signal(host.child.id(), "-STOP");
     let started = Instant::now();
+    // An SSH command's channel to the host ends, and says why (first,
+    // while the master still holds the host's lease).
+    let o = ssh_exec(ssh_port, &key, &project, "echo never");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(255), "{o:?}");
+    assert!(err.contains("not its health check either"), "{err}");
     // The lean path (no body) and hyper's (a body) both end.
     let (s, body) = get(&format!("{via_proxy}/status"), token);
     assert_eq!(s, 504, "{body}");

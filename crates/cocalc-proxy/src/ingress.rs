@@ -958,6 +958,22 @@ impl Ingress {
         }
     }
 
+    /// Awaits `answer`, an exchange with `host` made outside the HTTP
+    /// path (the SSH ingress's), under the same watch as requests
+    /// ([`crate::watch`]): if the host keeps it waiting and fails its
+    /// health check, the result is 504 `host_not_responding`.
+    pub async fn while_host_answers<T, F>(
+        &self,
+        host: HostId,
+        answer: std::pin::Pin<&mut F>,
+    ) -> Result<T, ApiError>
+    where
+        F: std::future::Future<Output = Result<T, ApiError>> + ?Sized,
+    {
+        let route = self.route(host).await?;
+        self.lookup.watch.answer(&route.watched, answer).await
+    }
+
     /// Host checks run, and how many found the host silent.
     pub fn host_checks(&self) -> &crate::watch::WatchStats {
         self.lookup.watch.stats()

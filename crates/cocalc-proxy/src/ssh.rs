@@ -403,24 +403,29 @@ impl Ctx {
                 .parse()
                 .map_err(|_| ApiError::new(500, "internal", "peer address"))?,
         );
-        match tokio_tungstenite::client_async(req, conn).await {
-            Ok((ws, _)) => Ok(ws),
-            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-                let status = resp.status().as_u16();
-                Err(resp
-                    .body()
-                    .as_deref()
-                    .and_then(|b| serde_json::from_slice::<ApiError>(b).ok())
-                    .unwrap_or_else(|| {
-                        ApiError::new(status, "host_refused", format!("host answered {status}"))
-                    }))
+        let handshake = std::pin::pin!(async move {
+            match tokio_tungstenite::client_async(req, conn).await {
+                Ok((ws, _)) => Ok(ws),
+                Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                    let status = resp.status().as_u16();
+                    Err(resp
+                        .body()
+                        .as_deref()
+                        .and_then(|b| serde_json::from_slice::<ApiError>(b).ok())
+                        .unwrap_or_else(|| {
+                            ApiError::new(status, "host_refused", format!("host answered {status}"))
+                        }))
+                }
+                Err(e) => Err(ApiError::new(
+                    502,
+                    "host_failed",
+                    format!("host {host}: {e}"),
+                )),
             }
-            Err(e) => Err(ApiError::new(
-                502,
-                "host_failed",
-                format!("host {host}: {e}"),
-            )),
-        }
+        });
+        // A hung host accepts the connection and never answers: the wait
+        // is watched as an ingress request's is.
+        self.ssh.ingress.while_host_answers(host, handshake).await
     }
 
     /// A plain HTTP request to `/{project}{path}` on the project's host:
@@ -437,29 +442,33 @@ impl Ctx {
         let failed = |e: &dyn std::fmt::Display| {
             ApiError::new(502, "host_failed", format!("host {host}: {e}"))
         };
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(conn))
-                .await
+        let uri = format!("/{}{path}", self.login.project);
+        let exchange = std::pin::pin!(async move {
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(conn))
+                    .await
+                    .map_err(|e| failed(&e))?;
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            let req = http::Request::builder()
+                .method(method)
+                .uri(uri)
+                .header(http::header::HOST, authority)
+                .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+                .body(http_body_util::Full::new(bytes::Bytes::from(body)))
                 .map_err(|e| failed(&e))?;
-        tokio::spawn(async move {
-            let _ = connection.await;
+            let resp = sender.send_request(req).await.map_err(|e| failed(&e))?;
+            let status = resp.status().as_u16();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| failed(&e))?
+                .to_bytes();
+            Ok((status, body))
         });
-        let req = http::Request::builder()
-            .method(method)
-            .uri(format!("/{}{path}", self.login.project))
-            .header(http::header::HOST, authority)
-            .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
-            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
-            .map_err(|e| failed(&e))?;
-        let resp = sender.send_request(req).await.map_err(|e| failed(&e))?;
-        let status = resp.status().as_u16();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| failed(&e))?
-            .to_bytes();
-        Ok((status, body))
+        self.ssh.ingress.while_host_answers(host, exchange).await
     }
 
     /// A channel that could not be served, as a refusal record (action

@@ -226,6 +226,33 @@ pub(crate) fn create_and_open(murl: &str, key: &str, name: &str) -> (String, Str
     (field("project"), field("token"))
 }
 
+/// A new Ed25519 key pair at `path` (and `path.pub`), by `ssh-keygen`.
+pub(crate) fn ssh_keygen(path: &Path) {
+    let k = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(path)
+        .output()
+        .expect("ssh-keygen (openssh-client) is needed");
+    assert!(k.status.success(), "{k:?}");
+}
+
+/// Runs `command` in `project` with `ssh` (OpenSSH, as a script would:
+/// no config, no prompts), through the SSH ingress on `port`, logging in
+/// with `key`.
+pub(crate) fn ssh_exec(port: u16, key: &Path, project: &str, command: &str) -> Output {
+    Command::new("ssh")
+        .args(["-F", "/dev/null", "-o", "StrictHostKeyChecking=no"])
+        .args(["-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes"])
+        .args(["-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR", "-i"])
+        .arg(key)
+        .args(["-p", &port.to_string()])
+        .arg(format!("project-{project}@127.0.0.1"))
+        .arg(command)
+        .stdin(Stdio::null())
+        .output()
+        .expect("ssh (openssh-client) is needed")
+}
+
 /// Starts `cocalc-host -c cfg`, once it says it serves.
 pub(crate) fn spawn_host(cfg: &Path) -> Proc {
     spawn(env!("CARGO_BIN_EXE_cocalc-host"), cfg, "cocalc-host: ")
