@@ -298,6 +298,10 @@ fn proxy_starts_from_config_and_refuses_at_the_edge() {
             "\"ssh\" is listed but ssh_listen is not set".to_string(),
         ),
         (
+            "trusted_proxies = [\"10.0.0.5\"]\nproxy_protocol = [\"https\"]\n".to_string(),
+            "\"https\" is listed but tls_listen is not set".to_string(),
+        ),
+        (
             "proxy_protocol = [\"http\"]\n".to_string(),
             "proxy_protocol needs trusted_proxies".to_string(),
         ),

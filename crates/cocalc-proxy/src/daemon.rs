@@ -224,10 +224,10 @@ impl ProxyConfig {
     /// `proxy_protocol` names listeners that exist, and trusts someone.
     fn check_proxy_protocol(&self) -> Result<(), String> {
         for name in &self.proxy_protocol {
-            let set = match name.as_str() {
-                "http" => true,
-                "https" => self.tls_listen.is_some(),
-                "ssh" => self.ssh_listen.is_some(),
+            let (set, option) = match name.as_str() {
+                "http" => (true, "listen"),
+                "https" => (self.tls_listen.is_some(), "tls_listen"),
+                "ssh" => (self.ssh_listen.is_some(), "ssh_listen"),
                 _ => {
                     return Err(format!(
                         "proxy_protocol: unknown listener {name:?} (one of \"http\", \"https\", \
@@ -237,7 +237,7 @@ impl ProxyConfig {
             };
             if !set {
                 return Err(format!(
-                    "proxy_protocol: {name:?} is listed but {name}_listen is not set"
+                    "proxy_protocol: {name:?} is listed but {option} is not set"
                 ));
             }
         }

@@ -21,7 +21,9 @@
 //! header is closed and reported (the balancer is misconfigured, or
 //! someone else shares its address); a header that names no client
 //! (version 1 `UNKNOWN`, version 2 `LOCAL`: the balancer's own health
-//! checks) leaves the balancer as the peer. Connections from anyone else
+//! checks) leaves the balancer as the peer, and one closed before its
+//! first byte (a plain TCP health check) is just closed. Connections from
+//! anyone else
 //! are given out as they are: their first bytes are the protocol's own,
 //! and a header there is just bytes that protocol refuses.
 //!
@@ -193,11 +195,22 @@ async fn accept_all(
         }
         let (tx, refused) = (tx.clone(), refused.clone());
         tokio::spawn(async move {
-            match tokio::time::timeout(HEADER_TIMEOUT, read_header(&mut tcp)).await {
-                Ok(Ok(client)) => {
+            let got = tokio::time::timeout(HEADER_TIMEOUT, async {
+                let mut first = [0u8; 1];
+                match tcp.peek(&mut first).await {
+                    // Closed (or reset) before a byte: a balancer's TCP
+                    // health check (AWS's send no header), not a refusal.
+                    Ok(0) | Err(_) => None,
+                    Ok(_) => Some(read_header(&mut tcp).await),
+                }
+            })
+            .await;
+            match got {
+                Ok(None) => {}
+                Ok(Some(Ok(client))) => {
                     let _ = tx.send(Ok((tcp, client.unwrap_or(peer)))).await;
                 }
-                Ok(Err(why)) => refused(peer, &why),
+                Ok(Some(Err(why))) => refused(peer, &why),
                 Err(_) => refused(
                     peer,
                     &format!("no complete PROXY protocol header within {HEADER_TIMEOUT:?}"),
@@ -437,6 +450,9 @@ mod tests {
         s.read_exact(&mut hello).await.unwrap();
         assert_eq!(&hello, b"hello");
 
+        // A trusted address that connects and closes without a byte (a
+        // TCP health check): nothing to report.
+        drop(TcpStream::connect(addr).await.unwrap());
         // A trusted address without a header: closed and reported; the
         // next connection is served.
         let mut bad = TcpStream::connect(addr).await.unwrap();

@@ -156,9 +156,8 @@ impl HostWatch {
         &self.inner.stats
     }
 
-    /// The watch's state of `host`, checked at `endpoint` with `Host:
-    /// authority` (the first caller's; a host's address is the same for
-    /// all its routes until [`HostWatch::forget`]).
+    /// The watch's state of `host`, to be checked at `endpoint` with
+    /// `Host: authority` (each call sets them: the latest route's).
     pub fn host(&self, host: HostId, endpoint: &HostEndpoint, authority: &str) -> Arc<Watched> {
         let target = (endpoint.clone(), authority.to_string());
         let mut hosts = self.inner.hosts.lock().unwrap_or_else(|e| e.into_inner());
@@ -222,16 +221,17 @@ impl HostWatch {
         }
     }
 
-    /// Forgets what is known of `host` (a host gone from the fleet);
-    /// requests waiting on it meanwhile are still watched through the
-    /// [`Watched`] they hold, and so are the ones a later
-    /// [`HostWatch::host`] gives.
+    /// Forgets what is known of `host` (a host gone from the fleet),
+    /// unless requests wait on it now: those stay watched, and a later
+    /// [`HostWatch::host`] gives the same state.
     pub fn forget(&self, host: HostId) {
-        self.inner
-            .hosts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&host);
+        let mut hosts = self.inner.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        if hosts
+            .get(&host)
+            .is_some_and(|w| w.waiting.load(Ordering::Acquire) == 0)
+        {
+            hosts.remove(&host);
+        }
     }
 }
 
@@ -437,6 +437,25 @@ mod tests {
     async fn late<T>(ms: u64, v: T) -> Result<T, ApiError> {
         tokio::time::sleep(Duration::from_millis(ms)).await;
         Ok(v)
+    }
+
+    #[tokio::test]
+    async fn forgetting_a_host_keeps_its_waits_watched() {
+        let (fake, w) = watch(true, 200, 200);
+        let h = host(&w);
+        let wait = pin!(std::future::pending::<Result<(), ApiError>>());
+        let forget = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            w.forget(HOST);
+            // The same state, not a fresh one the ticker never saw waits on.
+            assert!(Arc::ptr_eq(&h, &host(&w)));
+        };
+        let (r, ()) = tokio::join!(w.answer(&h, wait), forget);
+        assert_eq!(r.unwrap_err().code, HOST_NOT_RESPONDING);
+        assert_eq!(fake.connects.load(Ordering::Relaxed), 1);
+        // With nothing waiting, forgetting drops it.
+        w.forget(HOST);
+        assert!(!Arc::ptr_eq(&h, &host(&w)));
     }
 
     #[tokio::test]
