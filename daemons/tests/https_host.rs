@@ -13,8 +13,8 @@ use cocalc_core::ExecRequest;
 
 mod common;
 use common::{
-    api_key_of, blocking_post, cocalc_env, connections_to, eventually, free_port, host_config, ok,
-    spawn, spawn_host, start_master,
+    api_key_of, blocking_post, bootstrap_token, cocalc_env, connections_to, eventually, free_port,
+    host_config, ok, spawn_host, spawn_proxy, start_master,
 };
 
 #[test]
@@ -40,9 +40,7 @@ fn host_serves_https_to_the_cli_the_master_and_the_proxy() {
     ));
     let alice = api_key_of(&cli(&admin, &["user", "create", "alice", "--json"], None));
 
-    let token = ok(&cli(&admin, &["host", "bootstrap-token"], None))
-        .trim()
-        .to_string();
+    let token = bootstrap_token(&murl, &admin);
     let port = free_port();
     let metrics_port = free_port();
     let host_cfg = host_config(
@@ -116,11 +114,7 @@ fn host_serves_https_to_the_cli_the_master_and_the_proxy() {
             ),
         )
         .unwrap();
-        let p = spawn(
-            env!("CARGO_BIN_EXE_cocalc-proxy"),
-            &cfg,
-            "cocalc-proxy: listening on ",
-        );
+        let p = spawn_proxy(&cfg);
         (p, format!("http://127.0.0.1:{listen}"))
     };
     let (proxy, purl) = proxy_at(

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 mod common;
 use common::{
-    api_key_of, cocalc, create_and_open, eventually, free_port, host_config, ok, spawn, spawn_host,
-    ssh_exec, ssh_keygen, start_master, wait_for_host_up,
+    api_key_of, bootstrap_token, cocalc, create_and_open, eventually, free_port, host_config, ok,
+    spawn_host, spawn_proxy, ssh_exec, ssh_keygen, start_master, wait_for_host_up,
 };
 
 /// GET with a bearer token: the status and the body (blocking, for tests).
@@ -91,14 +91,8 @@ fn requests_to_a_hung_host_end_and_slow_projects_are_waited_for() {
         ),
     )
     .unwrap();
-    let _proxy = spawn(
-        env!("CARGO_BIN_EXE_cocalc-proxy"),
-        &proxy_cfg,
-        "cocalc-proxy: listening on ",
-    );
-    let bootstrap = ok(&cli(&admin, &["host", "bootstrap-token"]))
-        .trim()
-        .to_string();
+    let _proxy = spawn_proxy(&proxy_cfg);
+    let bootstrap = bootstrap_token(&murl, &admin);
     let reach = format!("listen = \"127.0.0.1:{}\"", free_port());
     let host = spawn_host(&host_config(d, &reach, &murl, &bootstrap));
     wait_for_host_up(&murl, &admin);

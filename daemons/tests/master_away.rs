@@ -11,8 +11,8 @@ use std::time::Duration;
 
 mod common;
 use common::{
-    api_key_of, blocking_post, cocalc, create_and_open, eventually, free_port, host_config, ok,
-    spawn, spawn_host, start_master, wait_for_host_up, Proc,
+    api_key_of, blocking_post, bootstrap_token, cocalc, create_and_open, eventually, free_port,
+    host_config, spawn_host, spawn_proxy, start_master, wait_for_host_up, Proc,
 };
 
 /// A master, a proxy with a state directory, and one host (hidden, dialling
@@ -46,14 +46,8 @@ fn federation(d: &Path, hidden: bool) -> Fed {
         ),
     )
     .unwrap();
-    let proxy = spawn(
-        env!("CARGO_BIN_EXE_cocalc-proxy"),
-        &proxy_cfg,
-        "cocalc-proxy: listening on ",
-    );
-    let bootstrap = ok(&cli(&admin, &["host", "bootstrap-token"]))
-        .trim()
-        .to_string();
+    let proxy = spawn_proxy(&proxy_cfg);
+    let bootstrap = bootstrap_token(&murl, &admin);
     let reach = if hidden {
         format!("tunnel_url = \"http://127.0.0.1:{port}\"")
     } else {
@@ -104,11 +98,7 @@ impl Fed {
         let _ = self.proxy.child.kill();
         let _ = self.proxy.child.wait();
         self.master = None;
-        self.proxy = spawn(
-            env!("CARGO_BIN_EXE_cocalc-proxy"),
-            &self.proxy_cfg,
-            "cocalc-proxy: listening on ",
-        );
+        self.proxy = spawn_proxy(&self.proxy_cfg);
     }
 }
 

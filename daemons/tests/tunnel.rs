@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 mod common;
 use common::{
-    api_key_of, blocking_post, cocalc, connections_to, eventually, free_port, host_config,
-    listening_sockets, ok, spawn, spawn_host, start_master, tcp_sockets, Proc,
+    api_key_of, blocking_post, bootstrap_token, cocalc, connections_to, eventually, free_port,
+    host_config, listening_sockets, ok, spawn_host, spawn_proxy, start_master, tcp_sockets, Proc,
 };
 
 #[test]
@@ -33,20 +33,12 @@ fn hidden_host_is_served_through_the_tunnel_and_survives_restarts() {
         ),
     )
     .unwrap();
-    let start_proxy = || {
-        spawn(
-            env!("CARGO_BIN_EXE_cocalc-proxy"),
-            &d.join("proxy.toml"),
-            "cocalc-proxy: listening on ",
-        )
-    };
+    let start_proxy = || spawn_proxy(&d.join("proxy.toml"));
     let mut proxy = start_proxy();
     assert_eq!(proxy.line, format!("cocalc-proxy: listening on {purl}"));
 
     // A hidden host: tunnel_url and no listen address.
-    let token = ok(&cocalc(&murl, &admin, &["host", "bootstrap-token"], None))
-        .trim()
-        .to_string();
+    let token = bootstrap_token(&murl, &admin);
     let host_cfg = host_config(d, &format!("tunnel_url = \"{purl}\""), &murl, &token);
     let start_host = || spawn_host(&host_cfg);
     let mut host = start_host();
@@ -251,14 +243,8 @@ fn hidden_host_tunnels_over_tls() {
         ),
     )
     .unwrap();
-    let _proxy = spawn(
-        env!("CARGO_BIN_EXE_cocalc-proxy"),
-        &d.join("proxy.toml"),
-        "cocalc-proxy: listening on ",
-    );
-    let token = ok(&cli(&admin, &["host", "bootstrap-token"], None))
-        .trim()
-        .to_string();
+    let _proxy = spawn_proxy(&d.join("proxy.toml"));
+    let token = bootstrap_token(&murl, &admin);
     let host = spawn_host(&host_config(
         d,
         &format!(

@@ -253,6 +253,22 @@ pub(crate) fn ssh_exec(port: u16, key: &Path, project: &str, command: &str) -> O
         .expect("ssh (openssh-client) is needed")
 }
 
+/// Starts `cocalc-proxy -c cfg`, once it says it listens.
+pub(crate) fn spawn_proxy(cfg: &Path) -> Proc {
+    spawn(
+        env!("CARGO_BIN_EXE_cocalc-proxy"),
+        cfg,
+        "cocalc-proxy: listening on ",
+    )
+}
+
+/// A host bootstrap token from the master at `murl` (admin key `admin`).
+pub(crate) fn bootstrap_token(murl: &str, admin: &str) -> String {
+    ok(&cocalc(murl, admin, &["host", "bootstrap-token"], None))
+        .trim()
+        .to_string()
+}
+
 /// Starts `cocalc-host -c cfg`, once it says it serves.
 pub(crate) fn spawn_host(cfg: &Path) -> Proc {
     spawn(env!("CARGO_BIN_EXE_cocalc-host"), cfg, "cocalc-host: ")
