@@ -359,6 +359,12 @@ async fn ssh_behind_a_balancer_caps_the_clients_its_headers_name() {
         .iter()
         .any(|r| r.reason == "too_many_connections"
             && r.detail.starts_with("client 203.0.113.7:5557")));
+    // The balancer's own connections (a header naming no client) carry
+    // many clients: not capped.
+    let (l1, _l1) = greeting(b"PROXY UNKNOWN\r\n").await;
+    let (l2, _l2) = greeting(b"PROXY UNKNOWN\r\n").await;
+    assert!(l1.starts_with("SSH-2.0-cocalc-proxy"), "{l1:?}");
+    assert!(l2.starts_with("SSH-2.0-cocalc-proxy"), "{l2:?}");
     let (bare, _) = greeting(b"SSH-2.0-OpenSSH_9.2\r\n").await;
     assert_eq!(bare, "", "no header from the balancer: closed");
     let refused = f

@@ -1095,14 +1095,17 @@ impl Ingress {
 
     /// A place under the per-client connection cap for a connection from
     /// `ip` that is not served by [`Ingress::handle`] (an SSH session):
-    /// `Ok(None)` when there is no cap, `Err(cap)` when `ip` holds `cap`
-    /// connections already.
+    /// `Ok(None)` when there is no cap or `ip` is a trusted proxy,
+    /// `Err(cap)` when `ip` holds `cap` connections already.
     pub(crate) fn connection_slot(
         &self,
         ip: std::net::IpAddr,
     ) -> Result<Option<ConnectionSlot>, u32> {
         match self.connections.limit {
+            // A trusted proxy's connections carry many clients, as on
+            // the HTTP side.
             0 => Ok(None),
+            _ if self.is_trusted(ip) => Ok(None),
             limit => self.connections.take(ip).map(Some).ok_or(limit),
         }
     }
