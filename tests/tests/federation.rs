@@ -661,6 +661,75 @@ async fn one_host_one_project(dir: &Path, extra: &str) -> Solo {
     Solo { m, h, c, o }
 }
 
+/// A host's own listener caps the connections one client address holds
+/// (`client_connections`): WebSockets count until they close, one more
+/// connection is answered 429 `too_many_connections` and closed, and the
+/// proxies in `trusted_proxies` are not counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_caps_connections_per_client() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let Solo { m: _m, h, c: _c, o } = one_host_one_project(
+        dir.path(),
+        "client_connections = 2\ntrusted_proxies = [\"127.0.0.1\"]\n",
+    )
+    .await;
+    let addr: SocketAddr = h.url.trim_start_matches("http://").parse().unwrap();
+    let pid = o.project.to_string();
+    // A connection from `local` (127.0.0.2 is a client, 127.0.0.1 the
+    // trusted proxy).
+    let connect = |local: &'static str| async move {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{local}:0").parse().unwrap()).unwrap();
+        sock.connect(addr).await.unwrap()
+    };
+    let terminal = |local: &'static str| {
+        let (pid, token) = (pid.clone(), o.token.clone());
+        async move {
+            let req = ws_request(format!("ws://{addr}/{pid}/terminal"), &token);
+            tokio_tungstenite::client_async(req, connect(local).await)
+                .await
+                .unwrap()
+                .0
+        }
+    };
+    // A status request on a connection of its own: the whole answer.
+    let status = |local: &'static str| {
+        let (pid, token) = (pid.clone(), o.token.clone());
+        async move {
+            let mut s = connect(local).await;
+            let req = format!(
+                "GET /{pid}/status HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
+                 Connection: close\r\n\r\n"
+            );
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut answer = Vec::new();
+            let _ = s.read_to_end(&mut answer).await;
+            String::from_utf8_lossy(&answer).into_owned()
+        }
+    };
+
+    let first = terminal("127.0.0.2").await;
+    let _second = terminal("127.0.0.2").await;
+    let refused = status("127.0.0.2").await;
+    assert!(refused.starts_with("HTTP/1.1 429"), "{refused}");
+    assert!(refused.contains("too_many_connections"), "{refused}");
+    assert!(
+        refused.to_ascii_lowercase().contains("retry-after: 1"),
+        "{refused}"
+    );
+    // The trusted proxy is not counted: three more of its own.
+    let _p1 = terminal("127.0.0.1").await;
+    let _p2 = terminal("127.0.0.1").await;
+    assert!(status("127.0.0.1").await.starts_with("HTTP/1.1 200"));
+    // A WebSocket that closes gives its place back.
+    drop(first);
+    eventually("a slot comes back", Duration::from_secs(10), || async {
+        status("127.0.0.2").await.starts_with("HTTP/1.1 200")
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn activity_reaches_the_master_and_idle_projects_are_stopped() {
     let dir = tempfile::tempdir().unwrap();

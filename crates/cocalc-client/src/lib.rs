@@ -42,6 +42,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod conncap;
 mod host;
 pub mod lean;
 pub mod liveness;

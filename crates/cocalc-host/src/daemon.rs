@@ -10,6 +10,8 @@
 //! #                                     # or https://<listen> with a certificate)
 //! # tls_cert_file = "/etc/cocalc/host.crt" # serve listen over HTTPS: a PEM chain, leaf
 //! # tls_key_file = "/etc/cocalc/host.pem"  # first, and its key (re-read every 30 s)
+//! # client_connections = 1000           # per client address on listen (default 0: no cap)
+//! # trusted_proxies = ["10.0.0.5"]      # not capped: the proxies in front
 //! # tunnel_url = "https://proxy:8443"   # instead of listen: a hidden host that
 //! #                                     # dials this proxy and listens nowhere
 //! #                                     # (https: TLS, or http: plain)
@@ -105,6 +107,16 @@ pub struct HostConfig {
     /// The private key of `tls_cert_file` (PEM).
     #[serde(default)]
     pub tls_key_file: Option<PathBuf>,
+    /// Connections one client address may hold on `listen`, WebSockets
+    /// included (0, the default: no cap); see [`crate::admission`]. Set
+    /// it with `trusted_proxies` where users reach the host directly.
+    #[serde(default)]
+    pub client_connections: u32,
+    /// Addresses or ranges (`"10.0.0.0/8"`, `"192.0.2.7"`) whose
+    /// connections are not capped: the proxies in front, which carry many
+    /// clients.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
     /// The master.
     pub master_url: String,
     /// State directory.
@@ -250,6 +262,7 @@ impl HostConfig {
         {
             return Err("tunnel_ca_file goes with an https:// tunnel_url".into());
         }
+        cocalc_client::conncap::parse_nets(&self.trusted_proxies)?;
         match (&self.tls_cert_file, &self.tls_key_file) {
             (Some(_), None) | (None, Some(_)) => {
                 return Err("tls_cert_file and tls_key_file go together".into())
@@ -441,6 +454,8 @@ pub struct Host {
     metrics_listen: Option<SocketAddr>,
     tls: Option<Arc<cocalc_client::tls::CertStore>>,
     tls_failures: Arc<std::sync::atomic::AtomicU64>,
+    /// The per-client connection cap on `listen`.
+    admission: crate::admission::Admission,
 }
 
 impl std::fmt::Debug for Host {
@@ -653,6 +668,11 @@ async fn build_at(cfg: &HostConfig, endpoint: HostEndpoint) -> Result<Host, Host
         metrics_listen: cfg.metrics_listen,
         tls,
         tls_failures: Arc::default(),
+        admission: crate::admission::Admission::new(
+            cfg.client_connections,
+            cocalc_client::conncap::parse_nets(&cfg.trusted_proxies)
+                .map_err(HostDaemonError::Start)?,
+        ),
     })
 }
 
@@ -904,10 +924,16 @@ impl Host {
                 // HTTPS: every request through hyper (the lean relay reads
                 // a bare socket).
                 let tls_failures = me.tls_failures.clone();
+                let admission = me.admission.clone();
                 cocalc_client::tls::serve_tls(
                     l,
                     config,
-                    move |_| hyper_util::service::TowerToHyperService::new(router.clone()),
+                    move |peer: SocketAddr| {
+                        crate::admission::Admitted::new(
+                            hyper_util::service::TowerToHyperService::new(router.clone()),
+                            admission.admit(peer.ip()),
+                        )
+                    },
                     move |peer, why| {
                         tls_failures.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(%peer, error = %why, "TLS handshake failed")
@@ -920,12 +946,17 @@ impl Host {
                 // Plain requests to servers in projects take the lean
                 // relay; everything else the router.
                 let lean = crate::dataplane::LeanPorts::new(me.agent.clone());
+                let admission = me.admission.clone();
                 cocalc_client::serve::serve_lean(
                     l,
-                    move |_| {
+                    move |peer: SocketAddr| {
+                        let ticket = admission.admit(peer.ip());
                         (
-                            lean.clone(),
-                            hyper_util::service::TowerToHyperService::new(router.clone()),
+                            crate::admission::AdmittedLean::new(lean.clone(), ticket.clone()),
+                            crate::admission::Admitted::new(
+                                hyper_util::service::TowerToHyperService::new(router.clone()),
+                                ticket,
+                            ),
                         )
                     },
                     wait(rx),
@@ -1001,6 +1032,17 @@ mod tests {
             .contains("tunnel_ca_file goes with an https://"));
         let public = check("tunnel_url = \"http://p:1\"\npublic_url = \"http://h:2\"\n");
         assert!(public.unwrap_err().contains("public_url has no meaning"));
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_ranges() {
+        let ok = "listen = \"127.0.0.1:0\"\nclient_connections = 10\n\
+                  trusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\"]\n";
+        assert!(check(ok).is_ok());
+        let bad = check("listen = \"127.0.0.1:0\"\ntrusted_proxies = [\"proxy.example\"]\n");
+        assert!(bad
+            .unwrap_err()
+            .contains("\"proxy.example\" is not an address"));
     }
 
     #[test]

@@ -81,6 +81,10 @@ impl From<AgentError> for Failure {
 
 type Result<T> = std::result::Result<T, Failure>;
 
+/// A connection's place under the per-client connection cap
+/// ([`crate::admission`]), which a WebSocket keeps until it closes.
+type Hold = axum::Extension<cocalc_client::relay::HoldWhileUpgraded>;
+
 /// The data-plane router over `agent`.
 pub fn router(agent: Arc<HostAgent>) -> Router {
     Router::new()
@@ -530,6 +534,7 @@ async fn terminal(
     Path(p): Path<String>,
     headers: HeaderMap,
     uri: Uri,
+    hold: Option<Hold>,
     ws: axum::extract::ws::WebSocketUpgrade,
 ) -> Result<Response> {
     // Never the cookie-exchange redirect here: a WebSocket cannot follow it.
@@ -545,7 +550,10 @@ async fn terminal(
         cols: dim("cols", 80),
     };
     let session = a.terminal(&g, size).await?;
-    Ok(ws.on_upgrade(move |socket| pump_terminal(socket, session)))
+    Ok(ws.on_upgrade(move |socket| async move {
+        pump_terminal(socket, session).await;
+        drop(hold);
+    }))
 }
 
 /// Copies terminal output to the socket and socket input to the terminal
@@ -889,10 +897,14 @@ async fn exec_stream(
     Path(p): Path<String>,
     headers: HeaderMap,
     uri: Uri,
+    hold: Option<Hold>,
     ws: axum::extract::ws::WebSocketUpgrade,
 ) -> Result<Response> {
     let g = check_write(&a, &p, &headers, &uri, "exec").await?;
-    Ok(ws.on_upgrade(move |socket| pump_exec(socket, a, g)))
+    Ok(ws.on_upgrade(move |socket| async move {
+        pump_exec(socket, a, g).await;
+        drop(hold);
+    }))
 }
 
 async fn pump_exec(mut socket: axum::extract::ws::WebSocket, a: AppState, g: Grant) {
@@ -1011,6 +1023,7 @@ async fn tcp(
     Path((p, port)): Path<(String, String)>,
     headers: HeaderMap,
     uri: Uri,
+    hold: Option<Hold>,
     ws: axum::extract::ws::WebSocketUpgrade,
 ) -> Result<Response> {
     let port: u16 = port.parse().ok().filter(|p| *p > 0).ok_or_else(|| {
@@ -1033,7 +1046,10 @@ async fn tcp(
                 format!("nothing answers on port {port} in the project: {e}"),
             ))
         })?;
-    Ok(ws.on_upgrade(move |socket| pump_tcp(socket, conn)))
+    Ok(ws.on_upgrade(move |socket| async move {
+        pump_tcp(socket, conn).await;
+        drop(hold);
+    }))
 }
 
 async fn pump_tcp(

@@ -8,6 +8,7 @@
 //! | --- | --- | --- |
 //! | [`HostAgent`] | one host's projects: every request checked (token, project, revocations, ACL fetched from the master when stale, **generation fence**), start on demand, exec, terminals, stop | always |
 //! | [`dataplane`] | the HTTP/WebSocket data plane over an agent: exec, files, terminals, `/port/<p>/` and `/server/<p>/` into the project, browser token → cookie exchange | always |
+//! | [`admission`] | the cap on connections one client address holds on the host's listener (WebSockets until they close), the proxies in front not counted | always |
 //! | [`files`] | [`ProjectFiles`](files::ProjectFiles): file access confined to a project's home with `cap-std` (`..`, absolute paths and symlinks out are refused) | always |
 //! | [`MasterLink`] | registration with a bootstrap token, signed keepalives, the push channel (ACL changes, revocations, keys, start/stop), ACL lookups, activity; reconnects with backoff and drives the ACL cache's offline grace | always |
 //! | [`local_store`] | the host's SQLite cache: generation fences, ACL entries and revocations, so a restarted host serves at once | always |
@@ -57,6 +58,7 @@
 //! ```
 
 pub mod activity;
+pub mod admission;
 pub mod agent;
 pub mod daemon;
 pub mod dataplane;

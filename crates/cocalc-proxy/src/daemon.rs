@@ -266,16 +266,7 @@ impl ProxyConfig {
     /// `trusted_proxies` as ranges; a bare address is a range of one. The
     /// error names the entry that is neither.
     fn trusted_proxies(&self) -> Result<Vec<ipnet::IpNet>, String> {
-        self.trusted_proxies
-            .iter()
-            .map(|s| {
-                s.parse::<ipnet::IpNet>()
-                    .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-                    .map_err(|_| {
-                        format!("trusted_proxies: {s:?} is not an address or a range (10.0.0.0/8)")
-                    })
-            })
-            .collect()
+        cocalc_client::conncap::parse_nets(&self.trusted_proxies)
     }
 
     /// How the proxy reaches hosts with URLs: the roots of

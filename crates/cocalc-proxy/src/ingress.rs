@@ -58,6 +58,7 @@ use axum::body::Body;
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use bytes::Bytes;
 use cocalc_auth::{paserk, AuditSink, KeySet, TracingAuditSink, Verifier};
+use cocalc_client::conncap::{in_nets, ConnectionCap, Slot};
 use cocalc_client::lean::LeanBody;
 use cocalc_client::upstream::{ResponseBody, Upstream, UpstreamError};
 use cocalc_client::MasterClient;
@@ -178,7 +179,7 @@ pub struct Ingress {
     refusals: Refusals,
     per_project: Limiter<ProjectId>,
     per_client: Limiter<std::net::IpAddr>,
-    connections: Arc<ConnectionCounts>,
+    connections: Arc<ConnectionCap>,
     pool: cocalc_client::relay::Pool<HostId, Incoming>,
     upstream: Upstream<HostId>,
 }
@@ -196,57 +197,13 @@ fn limiter<K: std::hash::Hash + Eq + Clone>(rps: u32) -> Limiter<K> {
     governor::RateLimiter::dashmap_with_hasher(quota(rps), Default::default())
 }
 
-/// How many connections each client address holds (those with project
-/// requests on them), against the cap.
-#[derive(Debug)]
-struct ConnectionCounts {
-    limit: u32,
-    by_ip: Mutex<HashMap<std::net::IpAddr, u32, foldhash::fast::RandomState>>,
-}
-
-impl ConnectionCounts {
-    /// A slot for one more connection from `ip`, unless it holds `limit`.
-    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<ConnectionSlot> {
-        let mut by_ip = self.by_ip.lock().unwrap_or_else(|p| p.into_inner());
-        let n = by_ip.entry(ip).or_insert(0);
-        if *n >= self.limit {
-            return None;
-        }
-        *n += 1;
-        Some(ConnectionSlot {
-            counts: self.clone(),
-            ip,
-        })
-    }
-}
-
-/// One connection's place under the per-client connection cap, given back
-/// when dropped.
-#[derive(Debug)]
-pub(crate) struct ConnectionSlot {
-    counts: Arc<ConnectionCounts>,
-    ip: std::net::IpAddr,
-}
-
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        let mut by_ip = self.counts.by_ip.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = by_ip.get_mut(&self.ip) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                by_ip.remove(&self.ip);
-            }
-        }
-    }
-}
-
 /// What one client connection holds: its slot under the per-client
 /// connection cap, taken at its first project request (`None` once
 /// refused). Shared by every clone of its [`Peer`], and kept by relayed
 /// WebSockets until they close.
 #[derive(Debug, Default)]
 struct PeerConnection {
-    slot: std::sync::OnceLock<Option<ConnectionSlot>>,
+    slot: std::sync::OnceLock<Option<Slot>>,
 }
 
 /// A host's cached route: its endpoint, the authority requests to it
@@ -633,10 +590,7 @@ impl Ingress {
             clock: clock.clone(),
             per_project: limiter(cfg.project_rps),
             per_client: limiter(cfg.client_rps),
-            connections: Arc::new(ConnectionCounts {
-                limit: cfg.client_connections,
-                by_ip: Mutex::default(),
-            }),
+            connections: ConnectionCap::new(cfg.client_connections),
             pool: cocalc_client::relay::Pool::new(POOL_PER_HOST),
             upstream: Upstream::new(POOL_PER_HOST),
             verifier: Verifier::for_ingress(KeySet::new(), clock.clone()),
@@ -1060,7 +1014,7 @@ impl Ingress {
     /// project request; one whose address holds them all is refused (429
     /// `too_many_connections`, `Connection: close`), once per connection.
     fn hold_connection(&self, peer: &Peer) -> Result<(), Box<Refusal>> {
-        let limit = self.connections.limit;
+        let limit = self.connections.limit();
         if limit == 0 || self.is_trusted(peer.addr.ip()) {
             return Ok(());
         }
@@ -1097,11 +1051,8 @@ impl Ingress {
     /// `ip` that is not served by [`Ingress::handle`] (an SSH session):
     /// `Ok(None)` when there is no cap or `ip` is a trusted proxy,
     /// `Err(cap)` when `ip` holds `cap` connections already.
-    pub(crate) fn connection_slot(
-        &self,
-        ip: std::net::IpAddr,
-    ) -> Result<Option<ConnectionSlot>, u32> {
-        match self.connections.limit {
+    pub(crate) fn connection_slot(&self, ip: std::net::IpAddr) -> Result<Option<Slot>, u32> {
+        match self.connections.limit() {
             // A trusted proxy's connections carry many clients, as on
             // the HTTP side.
             0 => Ok(None),
@@ -1131,25 +1082,12 @@ impl Ingress {
     /// Client addresses holding connections under the cap, and the
     /// connections they hold.
     pub fn connections_held(&self) -> (u64, u64) {
-        let by_ip = self
-            .connections
-            .by_ip
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        (
-            by_ip.len() as u64,
-            by_ip.values().map(|n| u64::from(*n)).sum(),
-        )
+        self.connections.held()
     }
 
     /// How many connections `ip` holds under the connection cap now.
     pub fn connections_of(&self, ip: std::net::IpAddr) -> u32 {
-        let by_ip = self
-            .connections
-            .by_ip
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        by_ip.get(&ip).copied().unwrap_or(0)
+        self.connections.of(ip)
     }
 
     /// Whether `ip` is one of [`IngressConfig::trusted_proxies`].
@@ -1439,17 +1377,6 @@ fn forwarded_for(parts: &http::request::Parts, peer: &Peer) -> HeaderValue {
         }
         None => peer.ip.clone(),
     }
-}
-
-/// Whether `ip` is in one of `nets`. An IPv4 address seen as IPv6
-/// (`::ffff:10.0.0.5`, on a listener bound to `[::]`) is matched as the
-/// IPv4 address it is.
-fn in_nets(nets: &[ipnet::IpNet], ip: std::net::IpAddr) -> bool {
-    if nets.is_empty() {
-        return false;
-    }
-    let ip = ip.to_canonical();
-    nets.iter().any(|n| n.contains(&ip))
 }
 
 /// Who a request is from, for the per-client limit and the audit log: its

@@ -1,0 +1,224 @@
+//! The cap on connections one client address holds on a host's own
+//! listener ([`HostConfig::client_connections`](crate::daemon::HostConfig)).
+//!
+//! Users reach a host directly, so one address could hold thousands of
+//! connections — idle keep-alives, WebSockets, heads that never finish —
+//! and take the host's file descriptors from everyone else. [`Admission`]
+//! gives each accepted connection a place under a
+//! [`ConnectionCap`]: the connection's services ([`Admitted`] around the
+//! router, [`AdmittedLean`] around the lean port relay) keep it while the
+//! connection is served, and a WebSocket keeps it until it closes (the
+//! place rides in the upgrade request's extensions as a
+//! [`HoldWhileUpgraded`], which the port relay and the terminal,
+//! exec-stream and tcp handlers keep). A connection over the cap is
+//! answered 429 `too_many_connections` (with `Retry-After: 1` and
+//! `Connection: close`) at its first request, and closed. Connections
+//! from `trusted_proxies` — the proxies in front, which carry many
+//! clients — are not counted.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{header, HeaderValue, Request, Response, StatusCode};
+use bytes::Bytes;
+use cocalc_client::conncap::{in_nets, ConnectionCap};
+use cocalc_client::lean::{LeanBody, LeanService};
+use cocalc_client::relay::HoldWhileUpgraded;
+use cocalc_core::ApiError;
+
+/// Who may hold how many connections (see the module overview).
+#[derive(Debug, Clone)]
+pub struct Admission {
+    cap: Arc<ConnectionCap>,
+    trusted: Arc<[ipnet::IpNet]>,
+}
+
+/// What one connection was given: a place to hold (none when uncapped),
+/// or a refusal naming the cap.
+#[derive(Debug, Clone)]
+pub struct Ticket {
+    hold: Option<HoldWhileUpgraded>,
+    refused: Option<u32>,
+}
+
+impl Admission {
+    /// `limit` connections per address (0: no cap), not counting those
+    /// from `trusted`.
+    pub fn new(limit: u32, trusted: Vec<ipnet::IpNet>) -> Self {
+        Admission {
+            cap: ConnectionCap::new(limit),
+            trusted: trusted.into(),
+        }
+    }
+
+    /// The ticket of a connection from `peer`.
+    pub fn admit(&self, peer: IpAddr) -> Ticket {
+        if self.cap.limit() == 0 || in_nets(&self.trusted, peer) {
+            return Ticket {
+                hold: None,
+                refused: None,
+            };
+        }
+        match self.cap.take(peer) {
+            Some(slot) => Ticket {
+                hold: Some(HoldWhileUpgraded(Arc::new(slot))),
+                refused: None,
+            },
+            None => {
+                tracing::debug!(%peer, "a client over the connection cap is refused");
+                Ticket {
+                    hold: None,
+                    refused: Some(self.cap.limit()),
+                }
+            }
+        }
+    }
+
+    /// Addresses holding connections now, and the connections they hold.
+    pub fn held(&self) -> (u64, u64) {
+        self.cap.held()
+    }
+}
+
+impl Ticket {
+    /// The refusal, as JSON with the headers that close the connection.
+    fn refusal(limit: u32) -> (StatusCode, [(header::HeaderName, HeaderValue); 3], Bytes) {
+        let e = ApiError::new(
+            429,
+            "too_many_connections",
+            format!(
+                "this address holds {limit} connections to the host already; close some \
+                 (idle keep-alive connections, WebSockets) or retry in 1 s"
+            ),
+        );
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            [
+                (header::RETRY_AFTER, HeaderValue::from_static("1")),
+                (header::CONNECTION, HeaderValue::from_static("close")),
+                (
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                ),
+            ],
+            Bytes::from(serde_json::to_vec(&e).unwrap_or_default()),
+        )
+    }
+}
+
+/// Builds the response `parts` describe with `body`.
+fn respond<B>(
+    (status, headers, _): &(StatusCode, [(header::HeaderName, HeaderValue); 3], Bytes),
+    body: B,
+) -> Response<B> {
+    let mut r = Response::new(body);
+    *r.status_mut() = *status;
+    for (k, v) in headers {
+        r.headers_mut().insert(k.clone(), v.clone());
+    }
+    r
+}
+
+/// A connection's router service under its [`Ticket`].
+#[derive(Debug, Clone)]
+pub struct Admitted<S> {
+    inner: S,
+    ticket: Ticket,
+}
+
+impl<S> Admitted<S> {
+    /// `inner` for a connection holding `ticket`.
+    pub fn new(inner: S, ticket: Ticket) -> Self {
+        Admitted { inner, ticket }
+    }
+}
+
+impl<S> hyper::service::Service<Request<hyper::body::Incoming>> for Admitted<S>
+where
+    S: hyper::service::Service<
+        Request<hyper::body::Incoming>,
+        Response = Response<Body>,
+        Error = Infallible,
+    >,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn call(&self, mut req: Request<hyper::body::Incoming>) -> Self::Future {
+        if let Some(limit) = self.ticket.refused {
+            let refusal = Ticket::refusal(limit);
+            let body = Body::from(refusal.2.clone());
+            return Box::pin(std::future::ready(Ok(respond(&refusal, body))));
+        }
+        if let Some(hold) = &self.ticket.hold {
+            if req.headers().contains_key(header::UPGRADE) {
+                req.extensions_mut().insert(hold.clone());
+            }
+        }
+        Box::pin(self.inner.call(req))
+    }
+}
+
+/// A connection's lean port relay under its [`Ticket`]: a refused
+/// connection's plain requests are answered with the refusal here.
+#[derive(Debug, Clone)]
+pub struct AdmittedLean<L> {
+    inner: L,
+    ticket: Ticket,
+}
+
+impl<L> AdmittedLean<L> {
+    /// `inner` for a connection holding `ticket`.
+    pub fn new(inner: L, ticket: Ticket) -> Self {
+        AdmittedLean { inner, ticket }
+    }
+}
+
+impl<L: LeanService> LeanService for AdmittedLean<L> {
+    type Key = L::Key;
+
+    fn takes(&self, req: &Request<()>) -> bool {
+        self.ticket.refused.is_some() || self.inner.takes(req)
+    }
+
+    async fn call(&self, req: Request<()>) -> Response<LeanBody<Self::Key>> {
+        match self.ticket.refused {
+            Some(limit) => {
+                let refusal = Ticket::refusal(limit);
+                let body = LeanBody::Full(refusal.2.clone());
+                respond(&refusal, body)
+            }
+            None => self.inner.call(req).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tickets_count_untrusted_addresses_only() {
+        let a = Admission::new(1, vec!["10.0.0.0/8".parse().unwrap()]);
+        let client: IpAddr = "192.0.2.1".parse().unwrap();
+        let first = a.admit(client);
+        assert!(first.hold.is_some() && first.refused.is_none());
+        assert_eq!(a.admit(client).refused, Some(1));
+        // A proxy in front is not counted, however many it holds.
+        let proxy: IpAddr = "10.1.2.3".parse().unwrap();
+        assert!((0..5).all(|_| a.admit(proxy).refused.is_none()));
+        assert_eq!(a.held(), (1, 1));
+        drop(first);
+        assert_eq!(a.held(), (0, 0));
+        assert!(a.admit(client).refused.is_none());
+        // No cap: nothing counted.
+        let off = Admission::new(0, Vec::new());
+        assert!((0..5).all(|_| off.admit(client).hold.is_none()));
+    }
+}
