@@ -669,11 +669,27 @@ async fn one_host_one_project(dir: &Path, extra: &str) -> Solo {
 async fn host_caps_connections_per_client() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
+    let mport = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let Solo { m: _m, h, c: _c, o } = one_host_one_project(
         dir.path(),
-        "client_connections = 2\ntrusted_proxies = [\"127.0.0.1\"]\n",
+        &format!(
+            "client_connections = 2\ntrusted_proxies = [\"127.0.0.1\"]\n\
+             metrics_listen = \"127.0.0.1:{mport}\"\n"
+        ),
     )
     .await;
+    let metrics = || async move {
+        reqwest::get(format!("http://127.0.0.1:{mport}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
     let addr: SocketAddr = h.url.trim_start_matches("http://").parse().unwrap();
     let pid = o.project.to_string();
     // A connection from `local` (127.0.0.2 is a client, 127.0.0.1 the
@@ -717,6 +733,12 @@ async fn host_caps_connections_per_client() {
     assert!(
         refused.to_ascii_lowercase().contains("retry-after: 1"),
         "{refused}"
+    );
+    let m = metrics().await;
+    assert!(m.contains("cocalc_host_client_connections 2\n"), "{m}");
+    assert!(
+        m.contains("cocalc_host_client_connections_refused_total 1\n"),
+        "{m}"
     );
     // The trusted proxy is not counted: three more of its own.
     let _p1 = terminal("127.0.0.1").await;

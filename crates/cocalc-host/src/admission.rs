@@ -20,6 +20,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -35,6 +36,7 @@ use cocalc_core::ApiError;
 pub struct Admission {
     cap: Arc<ConnectionCap>,
     trusted: Arc<[ipnet::IpNet]>,
+    refused: Arc<AtomicU64>,
 }
 
 /// What one connection was given: a place to hold (none when uncapped),
@@ -52,6 +54,7 @@ impl Admission {
         Admission {
             cap: ConnectionCap::new(limit),
             trusted: trusted.into(),
+            refused: Arc::default(),
         }
     }
 
@@ -69,6 +72,7 @@ impl Admission {
                 refused: None,
             },
             None => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(%peer, "a client over the connection cap is refused");
                 Ticket {
                     hold: None,
@@ -81,6 +85,11 @@ impl Admission {
     /// Addresses holding connections now, and the connections they hold.
     pub fn held(&self) -> (u64, u64) {
         self.cap.held()
+    }
+
+    /// Connections refused for being over the cap, since start.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
     }
 }
 
@@ -210,6 +219,7 @@ mod tests {
         let first = a.admit(client);
         assert!(first.hold.is_some() && first.refused.is_none());
         assert_eq!(a.admit(client).refused, Some(1));
+        assert_eq!(a.refused(), 1);
         // A proxy in front is not counted, however many it holds.
         let proxy: IpAddr = "10.1.2.3".parse().unwrap();
         assert!((0..5).all(|_| a.admit(proxy).refused.is_none()));

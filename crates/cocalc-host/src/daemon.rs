@@ -687,6 +687,7 @@ impl Host {
             self.slots,
             self.tunnel.clone(),
         );
+        let m = m.with_admission(self.admission.clone());
         match self.tls {
             Some(_) => m.with_tls_failures(self.tls_failures.clone()),
             None => m,

@@ -35,6 +35,7 @@ pub struct HostMetrics {
     slots: u32,
     tunnel: Option<Arc<TunnelClient>>,
     tls_failures: Option<Arc<std::sync::atomic::AtomicU64>>,
+    admission: Option<crate::admission::Admission>,
 }
 
 impl std::fmt::Debug for HostMetrics {
@@ -62,7 +63,15 @@ impl HostMetrics {
             slots,
             tunnel,
             tls_failures: None,
+            admission: None,
         }
+    }
+
+    /// Also reports the per-client connection cap on the listener: the
+    /// connections held under it and those refused.
+    pub fn with_admission(mut self, admission: crate::admission::Admission) -> Self {
+        self.admission = Some(admission);
+        self
     }
 
     /// Also reports `failures`: TLS handshakes on the data plane that
@@ -130,6 +139,28 @@ impl Collector for HostMetrics {
                 "TLS handshakes on the data plane that failed or stalled (plain HTTP to the \
                  HTTPS port, no protocol or certificate in common, 10 s without finishing)",
                 n.load(Ordering::Relaxed),
+            )?;
+        }
+        if let Some(a) = &self.admission {
+            let (addresses, held) = a.held();
+            gauge(
+                &mut encoder,
+                "client_connections",
+                "Connections held under the per-client cap (client_connections) now",
+                held as i64,
+            )?;
+            gauge(
+                &mut encoder,
+                "client_addresses",
+                "Client addresses holding such connections now",
+                addresses as i64,
+            )?;
+            counter(
+                &mut encoder,
+                "client_connections_refused",
+                "Connections answered 429 too_many_connections and closed (their address \
+                 held client_connections already)",
+                a.refused(),
             )?;
         }
         responses(
