@@ -263,6 +263,15 @@ impl HostConfig {
             return Err("tunnel_ca_file goes with an https:// tunnel_url".into());
         }
         cocalc_client::conncap::parse_nets(&self.trusted_proxies)?;
+        if self.listen.is_none()
+            && (self.client_connections > 0 || !self.trusted_proxies.is_empty())
+        {
+            return Err(
+                "client_connections and trusted_proxies go with listen: a hidden host is \
+                 reached through its proxy, which caps connections itself"
+                    .into(),
+            );
+        }
         match (&self.tls_cert_file, &self.tls_key_file) {
             (Some(_), None) | (None, Some(_)) => {
                 return Err("tls_cert_file and tls_key_file go together".into())
@@ -1044,6 +1053,8 @@ mod tests {
         assert!(bad
             .unwrap_err()
             .contains("\"proxy.example\" is not an address"));
+        let hidden = check("tunnel_url = \"http://p:1\"\nclient_connections = 10\n");
+        assert!(hidden.unwrap_err().contains("go with listen"));
     }
 
     #[test]
