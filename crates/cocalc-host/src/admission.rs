@@ -12,7 +12,8 @@
 //! [`HoldWhileUpgraded`], which the port relay and the terminal,
 //! exec-stream and tcp handlers keep). A connection over the cap is
 //! answered 429 `too_many_connections` (with `Retry-After: 1` and
-//! `Connection: close`) at its first request, and closed. Connections
+//! `Connection: close`) at its first request, and closed; the refusal is
+//! counted and, with [`Admission::with_audit`], an audit record. Connections
 //! from `trusted_proxies` — the proxies in front, which carry many
 //! clients — are not counted.
 
@@ -26,17 +27,28 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{header, HeaderValue, Request, Response, StatusCode};
 use bytes::Bytes;
+use cocalc_auth::AuditSink;
 use cocalc_client::conncap::{in_nets, ConnectionCap};
 use cocalc_client::lean::{LeanBody, LeanService};
 use cocalc_client::relay::HoldWhileUpgraded;
-use cocalc_core::ApiError;
+use cocalc_core::{ApiError, AuditOutcome, AuditRecord, SharedClock};
 
 /// Who may hold how many connections (see the module overview).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Admission {
     cap: Arc<ConnectionCap>,
     trusted: Arc<[ipnet::IpNet]>,
     refused: Arc<AtomicU64>,
+    audit: Option<(Arc<dyn AuditSink>, SharedClock)>,
+}
+
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admission")
+            .field("cap", &self.cap)
+            .field("trusted", &self.trusted)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What one connection was given: a place to hold (none when uncapped),
@@ -55,7 +67,15 @@ impl Admission {
             cap: ConnectionCap::new(limit),
             trusted: trusted.into(),
             refused: Arc::default(),
+            audit: None,
         }
+    }
+
+    /// Also hands each refusal to `audit` (action `host_connection`,
+    /// reason `too_many_connections`), stamped by `clock`.
+    pub fn with_audit(mut self, audit: Arc<dyn AuditSink>, clock: SharedClock) -> Self {
+        self.audit = Some((audit, clock));
+        self
     }
 
     /// The ticket of a connection from `peer`.
@@ -73,7 +93,18 @@ impl Admission {
             },
             None => {
                 self.refused.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(%peer, "a client over the connection cap is refused");
+                if let Some((audit, clock)) = &self.audit {
+                    audit.record(AuditRecord::new(
+                        clock.now(),
+                        AuditOutcome::Refuse,
+                        "host_connection",
+                        "too_many_connections",
+                        format!(
+                            "client {peer}: this address holds {} connections already",
+                            self.cap.limit()
+                        ),
+                    ));
+                }
                 Ticket {
                     hold: None,
                     refused: Some(self.cap.limit()),
@@ -227,6 +258,19 @@ mod tests {
         drop(first);
         assert_eq!(a.held(), (0, 0));
         assert!(a.admit(client).refused.is_none());
+        // Refusals are audit records, when a sink is given.
+        let sink = Arc::new(cocalc_auth::MemoryAuditSink::new());
+        let audited = Admission::new(1, Vec::new())
+            .with_audit(sink.clone(), Arc::new(cocalc_core::SystemClock));
+        let _held = audited.admit(client);
+        assert_eq!(audited.admit(client).refused, Some(1));
+        let records = sink.records();
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].reason, "too_many_connections");
+        assert!(
+            records[0].detail.starts_with("client 192.0.2.1:"),
+            "{records:?}"
+        );
         // No cap: nothing counted.
         let off = Admission::new(0, Vec::new());
         assert!((0..5).all(|_| off.admit(client).hold.is_none()));

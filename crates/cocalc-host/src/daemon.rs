@@ -609,14 +609,9 @@ async fn build_at(cfg: &HostConfig, endpoint: HostEndpoint) -> Result<Host, Host
         acl.clone(),
         events.clone(),
     ));
-    let gate = Gate::new(
-        host,
-        verifier,
-        acl,
-        Arc::new(TracingAuditSink::new()),
-        clock.clone(),
-    )
-    .with_refresher(link.clone());
+    let audit: Arc<dyn cocalc_auth::AuditSink> = Arc::new(TracingAuditSink::new());
+    let gate =
+        Gate::new(host, verifier, acl, audit.clone(), clock.clone()).with_refresher(link.clone());
     let local_path = cfg.data_dir.join("local.db");
     let local = crate::local_store::LocalStore::open(&local_path)
         .map_err(|e| start_err(&local_path.display().to_string(), e))?;
@@ -662,6 +657,11 @@ async fn build_at(cfg: &HostConfig, endpoint: HostEndpoint) -> Result<Host, Host
     }
     let agent = Arc::new(agent);
     let _ = events.agent.set(Arc::downgrade(&agent));
+    let admission = crate::admission::Admission::new(
+        cfg.client_connections,
+        cocalc_client::conncap::parse_nets(&cfg.trusted_proxies).map_err(HostDaemonError::Start)?,
+    )
+    .with_audit(audit, clock.clone());
     Ok(Host {
         agent,
         link,
@@ -677,11 +677,7 @@ async fn build_at(cfg: &HostConfig, endpoint: HostEndpoint) -> Result<Host, Host
         metrics_listen: cfg.metrics_listen,
         tls,
         tls_failures: Arc::default(),
-        admission: crate::admission::Admission::new(
-            cfg.client_connections,
-            cocalc_client::conncap::parse_nets(&cfg.trusted_proxies)
-                .map_err(HostDaemonError::Start)?,
-        ),
+        admission,
     })
 }
 
