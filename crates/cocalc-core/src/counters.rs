@@ -83,6 +83,23 @@ pub mod encode {
         g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)
     }
 
+    /// The two gauges of a per-client connection cap: `client_connections`
+    /// (the connections held under it now, described by `help`) and
+    /// `client_addresses` (the addresses holding them).
+    pub fn client_connections(
+        encoder: &mut DescriptorEncoder<'_>,
+        help: &str,
+        (addresses, held): (u64, u64),
+    ) -> Result<(), std::fmt::Error> {
+        gauge(encoder, "client_connections", help, held as i64)?;
+        gauge(
+            encoder,
+            "client_addresses",
+            "Client addresses holding such connections now",
+            addresses as i64,
+        )
+    }
+
     /// One counter sample without labels (`<name>_total`).
     pub fn counter(
         encoder: &mut DescriptorEncoder<'_>,

@@ -12,7 +12,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use cocalc_core::counters::encode::{counter, gauge, responses};
+use cocalc_core::counters::encode::{client_connections, counter, gauge, responses};
 use cocalc_core::SharedClock;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -142,18 +142,10 @@ impl Collector for HostMetrics {
             )?;
         }
         if let Some(a) = &self.admission {
-            let (addresses, held) = a.held();
-            gauge(
+            client_connections(
                 &mut encoder,
-                "client_connections",
                 "Connections held under the per-client cap (client_connections) now",
-                held as i64,
-            )?;
-            gauge(
-                &mut encoder,
-                "client_addresses",
-                "Client addresses holding such connections now",
-                addresses as i64,
+                a.held(),
             )?;
             counter(
                 &mut encoder,

@@ -167,12 +167,11 @@ pub struct Refusals {
 /// The ingress service.
 pub struct Ingress {
     audit: Arc<dyn AuditSink>,
-    clock: SharedClock,
     cfg: IngressConfig,
     verifier: Verifier,
     transport: Arc<dyn Transport>,
-    /// The master client, the cached routes, how lookups have gone, and
-    /// the host watch.
+    /// The master client, the clock, the cached routes, how lookups have
+    /// gone, and the host watch.
     lookup: RouteLookup,
     /// The master's signing keys as it last gave them (PASERK), to save.
     signing_keys: Mutex<Vec<String>>,
@@ -587,7 +586,6 @@ impl Ingress {
         let master = MasterClient::new(cfg.master_url.clone(), cfg.api_key.clone());
         let ing = Ingress {
             audit,
-            clock: clock.clone(),
             per_project: limiter(cfg.project_rps),
             per_client: limiter(cfg.client_rps),
             connections: ConnectionCap::new(cfg.client_connections),
@@ -649,7 +647,7 @@ impl Ingress {
     ) {
         counter.fetch_add(1, Ordering::Relaxed);
         let mut r = AuditRecord::new(
-            self.clock.now(),
+            self.lookup.clock.now(),
             AuditOutcome::Refuse,
             "ingress",
             reason,
@@ -734,7 +732,7 @@ impl Ingress {
         self.install_keys(&state.signing_keys)
             .map_err(|e| format!("{}: {}", path.display(), e.message))?;
         *self.signing_keys.lock().unwrap_or_else(|p| p.into_inner()) = state.signing_keys;
-        let now = self.clock.now();
+        let now = self.lookup.clock.now();
         let usable = self.cfg.route_ttl + self.cfg.route_grace;
         let mut routes = lock_routes(&self.lookup.routes);
         for saved in state.routes {
@@ -766,7 +764,7 @@ impl Ingress {
         let Some(r) = cached else {
             return Box::pin(self.fetch_route(host)).await;
         };
-        let now = self.clock.now();
+        let now = self.lookup.clock.now();
         if r.fresh(now, self.cfg.route_ttl) {
             return Ok(r);
         }
@@ -1068,7 +1066,7 @@ impl Ingress {
             master_away: self.lookup.lookups.away.load(Ordering::Relaxed),
             ..RouteStats::default()
         };
-        let now = self.clock.now();
+        let now = self.lookup.clock.now();
         for r in lock_routes(&self.lookup.routes).values() {
             if r.fresh(now, self.cfg.route_ttl) {
                 stats.fresh += 1;

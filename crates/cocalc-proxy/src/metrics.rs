@@ -10,7 +10,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use cocalc_core::counters::encode::{counter, counters, gauge, gauges};
+use cocalc_core::counters::encode::{client_connections, counter, counters, gauge, gauges};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
 
@@ -192,19 +192,11 @@ impl Collector for ProxyMetrics {
              addresses it knows)",
             i64::from(routes.master_away),
         )?;
-        let (clients, held) = self.ingress.connections_held();
-        gauge(
+        client_connections(
             &mut encoder,
-            "client_connections",
             "Connections with project requests (and SSH sessions) open now, under the \
              per-client cap",
-            held as i64,
-        )?;
-        gauge(
-            &mut encoder,
-            "client_addresses",
-            "Client addresses holding such connections now",
-            clients as i64,
+            self.ingress.connections_held(),
         )?;
         Ok(())
     }
