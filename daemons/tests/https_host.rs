@@ -4,7 +4,8 @@
 //! CA through `hosts_ca_file`) all reach it over TLS, and get the same
 //! answers, WebSockets (a terminal, an echo server in the project)
 //! included; a proxy that does not trust the host's certificate refuses to
-//! relay, saying why; plain HTTP to the host's port gets no answer.
+//! relay, saying why; plain HTTP to the host's port gets no answer. A
+//! client asking for HTTP/2 (as browsers do) gets it, and the same answers.
 
 use std::io::{Read, Write};
 use std::time::Duration;
@@ -199,6 +200,96 @@ fn host_serves_https_to_the_cli_the_master_and_the_proxy() {
         connections_to(proxy.child.id(), port) >= 1,
         "the proxy keeps its connection to the host's TLS port"
     );
+
+    // HTTP/2 straight to the host, as a browser asks for it (ALPN `h2`):
+    // exec, a 2 MB file (more than HTTP/2's first flow-control window) and
+    // a server in the project, all on one connection.
+    rt.block_on(async {
+        use http_body_util::BodyExt;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ck.cert.der().clone()).unwrap();
+        let mut tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+            .connect(
+                rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap(),
+                tcp,
+            )
+            .await
+            .unwrap();
+        assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let (h2, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let send = |method: &str, path: String, body: String| {
+            let mut h2 = h2.clone();
+            let req = hyper::Request::builder()
+                .method(method)
+                .uri(format!("https://files.example:{port}/{project}/{path}"))
+                .header("authorization", format!("Bearer {connect_token}"))
+                .header("content-type", "application/json")
+                .body(body)
+                .unwrap();
+            async move {
+                let r = h2.send_request(req).await.unwrap();
+                assert_eq!(r.version(), hyper::Version::HTTP_2);
+                let status = r.status().as_u16();
+                (status, r.into_body().collect().await.unwrap().to_bytes())
+            }
+        };
+        let (status, body) = send(
+            "POST",
+            "exec".into(),
+            serde_json::json!({ "argv": ["sh", "-c", script] }).to_string(),
+        )
+        .await;
+        assert_eq!(status, 200, "{body:?}");
+        let r: cocalc_core::wire::ExecResult = serde_json::from_slice(&body).unwrap();
+        assert_eq!((r.exit_code, &r.stdout[..]), (3, &direct.stdout[..]));
+        let (status, body) = send("GET", "files/big.bin".into(), String::new()).await;
+        assert_eq!(status, 200);
+        assert!(body[..] == big[..], "the file came back different over h2");
+        // A server in the project gets HTTP/1.1 with the client's Host.
+        let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server_port = server.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let (mut s, _) = server.accept().await.unwrap();
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut b = [0u8; 1];
+                if s.read(&mut b).await.unwrap() == 0 {
+                    return;
+                }
+                head.push(b[0]);
+            }
+            let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", head.len());
+            s.write_all(answer.as_bytes()).await.unwrap();
+            s.write_all(&head).await.unwrap();
+        });
+        let (status, body) = send("GET", format!("port/{server_port}/a?b=1"), String::new()).await;
+        let head = String::from_utf8_lossy(&body).to_lowercase();
+        assert_eq!(status, 200, "{head}");
+        assert!(head.starts_with("get /a?b=1 http/1.1\r\n"), "{head}");
+        assert!(
+            head.contains(&format!("\r\nhost: files.example:{port}\r\n")),
+            "{head}"
+        );
+        assert!(!head.contains("authorization"), "{head}");
+    });
 
     // A proxy without the host's CA refuses to relay, and says why.
     let (_untrusting, uurl) = proxy_at("untrusting", "");

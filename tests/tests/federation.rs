@@ -1883,6 +1883,35 @@ async fn tls_connect_trusting(
     addr: SocketAddr,
     trusted: &[&[u8]],
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    tls_connect_offering(addr, trusted, &[]).await
+}
+
+/// An HTTP/2 connection to `addr` over TLS trusting only `root`, as a
+/// browser makes it (ALPN `h2`, then `http/1.1`); fails unless the server
+/// chose `h2`.
+async fn h2_connect(
+    addr: SocketAddr,
+    root: &[u8],
+) -> hyper::client::conn::http2::SendRequest<String> {
+    let tls = tls_connect_offering(addr, &[root], &[b"h2", b"http/1.1"]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+/// A TLS connection to `addr` trusting only the certificates `trusted`,
+/// offering the protocols `alpn` (none: no ALPN).
+async fn tls_connect_offering(
+    addr: SocketAddr,
+    trusted: &[&[u8]],
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     for root in trusted {
         roots
@@ -1896,6 +1925,8 @@ async fn tls_connect_trusting(
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
+    let mut cfg = cfg;
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
         .connect(rustls::pki_types::ServerName::from(addr.ip()), tcp)
@@ -1921,6 +1952,22 @@ async fn https(
     (parts.status.as_u16(), parts.headers, body)
 }
 
+/// Checks what `headers_server` answered to a request for `app.example`
+/// through the HTTPS ingress: the scheme, the client's Host and address,
+/// and no token.
+fn seen_over_https(status: u16, body: Vec<u8>) {
+    let seen = String::from_utf8(body).unwrap();
+    assert_eq!(status, 200, "{seen}");
+    for line in [
+        "x-forwarded-proto: https",
+        "x-forwarded-host: app.example",
+        "x-forwarded-for: 127.0.0.1",
+    ] {
+        assert!(seen.lines().any(|l| l == line), "{line} in {seen}");
+    }
+    assert!(!seen.contains("authorization"), "{seen}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingress_over_https_answers_as_over_http() {
     use futures_util::{SinkExt, StreamExt};
@@ -1940,7 +1987,9 @@ async fn ingress_over_https_answers_as_over_http() {
         key_file: key.clone(),
     })
     .unwrap();
-    let tls = certs.server_config().unwrap();
+    let tls = certs
+        .server_config(cocalc_proxy::tls::HttpVersions::default())
+        .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let paddr = listener.local_addr().unwrap();
     let served = tokio::spawn(cocalc_proxy::tls::serve_ingress_tls(
@@ -1997,16 +2046,7 @@ async fn ingress_over_https_answers_as_over_http() {
         request("GET", format!("/{pid}/port/{hport}/h"), String::new()),
     )
     .await;
-    let seen = String::from_utf8(body).unwrap();
-    assert_eq!(status, 200, "{seen}");
-    for line in [
-        "x-forwarded-proto: https",
-        "x-forwarded-host: app.example",
-        "x-forwarded-for: 127.0.0.1",
-    ] {
-        assert!(seen.lines().any(|l| l == line), "{line} in {seen}");
-    }
-    assert!(!seen.contains("authorization"), "{seen}");
+    seen_over_https(status, body);
 
     // A WebSocket through TLS to an echo server in the project.
     let echo_port = websocket_echo_server().await;
@@ -2028,6 +2068,85 @@ async fn ingress_over_https_answers_as_over_http() {
         assert_eq!(&back, f);
     }
     ws.close(None).await.unwrap();
+
+    // HTTP/2, as browsers ask for it: the same answers, with the client's
+    // `:authority` as its Host, many requests at once on one connection.
+    let h2 = h2_connect(paddr, &root).await;
+    let h2_request = |method: &str, path: String, body: String| {
+        http::Request::builder()
+            .method(method)
+            .uri(format!("https://app.example{path}"))
+            .header("authorization", format!("Bearer {}", o.token))
+            .header("content-type", "application/json")
+            .body(body)
+            .unwrap()
+    };
+    let h2_send = |req: http::Request<String>| {
+        let mut h2 = h2.clone();
+        async move {
+            use http_body_util::BodyExt;
+            let r = h2.send_request(req).await.unwrap();
+            assert_eq!(r.version(), http::Version::HTTP_2);
+            let status = r.status().as_u16();
+            let body = r.into_body().collect().await.unwrap().to_bytes().to_vec();
+            (status, body)
+        }
+    };
+    let (status, body) = h2_send(h2_request(
+        "POST",
+        format!("/{pid}/exec"),
+        json!({ "argv": argv }).to_string(),
+    ))
+    .await;
+    assert_eq!(
+        (status, serde_json::from_slice::<Value>(&body).unwrap()),
+        direct
+    );
+    let mut at_once = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        at_once.spawn(h2_send(h2_request(
+            "GET",
+            format!("/{pid}/port/{hport}/h"),
+            String::new(),
+        )));
+    }
+    while let Some(answer) = at_once.join_next().await {
+        let (status, body) = answer.unwrap();
+        seen_over_https(status, body);
+    }
+    // Cookies come in several headers over HTTP/2: the token is found in
+    // any of them, and the project's server gets the others in one.
+    let cookie = cocalc_core::wire::token_cookie_name(o.project);
+    let req = http::Request::builder()
+        .uri(format!("https://app.example/{pid}/port/{hport}/h"))
+        .header("cookie", "theme=dark")
+        .header("cookie", format!("{cookie}={}", o.token))
+        .header("cookie", "lang=en")
+        .body(String::new())
+        .unwrap();
+    let (status, body) = h2_send(req).await;
+    let seen = String::from_utf8(body).unwrap();
+    assert_eq!(status, 200, "{seen}");
+    assert!(
+        seen.lines().any(|l| l == "cookie: theme=dark; lang=en"),
+        "{seen}"
+    );
+    // Refusals are the same too.
+    let (status, body) = h2_send(h2_request(
+        "GET",
+        format!("/{}/exec", pid.to_uppercase()),
+        String::new(),
+    ))
+    .await;
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("bad_path"));
+    let mut no_token = h2_request("GET", format!("/{pid}/port/{hport}/h"), String::new());
+    no_token.headers_mut().remove("authorization");
+    let (status, _) = h2_send(no_token).await;
+    assert_eq!(status, 401);
+    // A client that offers only HTTP/1.1 gets it on the same listener.
+    let tls = tls_connect_offering(paddr, &[&root], &[b"http/1.1"]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
 
     // Paths under /.cocalc/ that the proxy does not serve (here: none)
     // are bad paths, as over HTTP.

@@ -21,7 +21,8 @@
 //! * [`tls`]: certificates loaded from PEM files and reloaded on
 //!   renewal, server and client handshakes with a deadline, for the HTTPS
 //!   listeners of the proxy and hosts and for the proxy's connections to
-//!   `https://` hosts.
+//!   `https://` hosts; [`http2`] serves the clients of those listeners
+//!   that ask for HTTP/2.
 //!
 //! Errors are the server's [`ApiError`](cocalc_core::ApiError) (status, code,
 //! message, hint); failures to connect are `503 master_unreachable` /
@@ -44,6 +45,7 @@
 
 pub mod conncap;
 mod host;
+pub mod http2;
 pub mod lean;
 pub mod liveness;
 mod master;

@@ -7,8 +7,11 @@
 //!   ([`CertStore::reload`]): a renewed certificate is presented to new
 //!   connections without a restart, while open ones keep theirs.
 //!   [`CertStore::server_config`] makes the rustls `ServerConfig` (TLS 1.2
-//!   and 1.3, ALPN `http/1.1`) that presents it; [`server_config`] does both
-//!   at once.
+//!   and 1.3, ALPN `h2` and `http/1.1`, or `http/1.1` alone:
+//!   [`HttpVersions`]) that presents it; [`server_config`] does both at
+//!   once.
+//! * [`serve_tls`] serves HTTP over it: HTTP/2 ([`crate::http2`]) to
+//!   clients whose handshake chose `h2`, HTTP/1.1 to the rest.
 //! * [`accept`] finishes a server handshake within [`HANDSHAKE_TIMEOUT`];
 //!   [`connect`] runs a client handshake over an open TCP connection,
 //!   checking the server's certificate against the name in its URL.
@@ -70,11 +73,44 @@ pub enum TlsError {
     Refused(String),
 }
 
+/// Which HTTP versions a TLS listener offers, by ALPN (RFC 7301) in the
+/// handshake. A client offering none of them still gets HTTP/1.1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum HttpVersions {
+    /// HTTP/2 to clients that offer it (browsers do), HTTP/1.1 to the
+    /// rest.
+    #[default]
+    Http2AndHttp1,
+    /// HTTP/1.1 only.
+    Http1Only,
+}
+
+impl HttpVersions {
+    /// `Http2AndHttp1` if `http2`, else `Http1Only` (a config file's
+    /// switch).
+    pub fn with_http2(http2: bool) -> Self {
+        if http2 {
+            HttpVersions::Http2AndHttp1
+        } else {
+            HttpVersions::Http1Only
+        }
+    }
+
+    /// The ALPN protocol names offered, the preferred first.
+    fn alpn(self) -> Vec<Vec<u8>> {
+        match self {
+            HttpVersions::Http2AndHttp1 => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+            HttpVersions::Http1Only => vec![b"http/1.1".to_vec()],
+        }
+    }
+}
+
 /// Loads `files` into a server configuration: TLS 1.2 and 1.3 with
-/// rustls' safe defaults, no client certificates, ALPN `http/1.1`
-/// ([`CertStore::load`], then [`CertStore::server_config`]).
+/// rustls' safe defaults, no client certificates, ALPN `h2` and
+/// `http/1.1` ([`CertStore::load`], then [`CertStore::server_config`]).
 pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    CertStore::load(files.clone())?.server_config()
+    CertStore::load(files.clone())?.server_config(HttpVersions::default())
 }
 
 /// The certificate a TLS listener presents, loaded from its files and
@@ -101,14 +137,17 @@ impl CertStore {
     }
 
     /// A server configuration presenting this store's certificate,
-    /// whatever it is at each handshake.
-    pub fn server_config(self: &Arc<Self>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    /// whatever it is at each handshake, and offering `versions` of HTTP.
+    pub fn server_config(
+        self: &Arc<Self>,
+        versions: HttpVersions,
+    ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
         let mut cfg = rustls::ServerConfig::builder_with_provider(self.provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::Refused(e.to_string()))?
             .with_no_client_auth()
             .with_cert_resolver(self.clone());
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        cfg.alpn_protocols = versions.alpn();
         Ok(Arc::new(cfg))
     }
 
@@ -180,13 +219,15 @@ pub async fn accept(
     }
 }
 
-/// Serves HTTP/1.1 over TLS on `listener` until `shutdown` completes,
-/// then lets requests in flight finish, as [`serve`](crate::serve::serve)
+/// Serves HTTP over TLS on `listener` until `shutdown` completes, then
+/// lets requests in flight finish, as [`serve`](crate::serve::serve)
 /// does over plain TCP: each connection gets keepalive
 /// ([`liveness::tune`](crate::liveness::tune)) and [`accept`]'s handshake,
-/// then the service `make(peer address)` returns, with upgrades (their
-/// bytes are copied: a TLS stream cannot be spliced). A failed handshake
-/// goes to `refused(peer, why)` instead.
+/// then the service `make(peer address)` returns. A connection whose
+/// handshake chose `h2` is served HTTP/2 ([`crate::http2::serve_io`]),
+/// any other HTTP/1.1 with upgrades (their bytes are copied: a TLS stream
+/// cannot be spliced). A failed handshake goes to `refused(peer, why)`
+/// instead.
 pub async fn serve_tls<F, R, S, B>(
     listener: impl crate::serve::Accept,
     config: Arc<rustls::ServerConfig>,
@@ -213,10 +254,15 @@ where
             let _ = crate::liveness::tune(&tcp);
             match accept(&acceptor, tcp).await {
                 Ok(stream) => {
-                    crate::serve::serve_io(stream, make(peer), async move {
+                    let stop = async move {
                         let _ = stop.changed().await;
-                    })
-                    .await
+                    };
+                    if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                        let idle = crate::http2::IDLE_TIMEOUT;
+                        crate::http2::serve_io(stream, make(peer), stop, idle).await
+                    } else {
+                        crate::serve::serve_io(stream, make(peer), stop).await
+                    }
                 }
                 Err(why) => refused(peer, why),
             }
@@ -273,6 +319,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let good = pair(dir.path(), "a");
         let cfg = server_config(&good).unwrap();
+        assert_eq!(cfg.alpn_protocols, [b"h2".to_vec(), b"http/1.1".to_vec()]);
+        let store = CertStore::load(good.clone()).unwrap();
+        let cfg = store.server_config(HttpVersions::Http1Only).unwrap();
         assert_eq!(cfg.alpn_protocols, [b"http/1.1".to_vec()]);
 
         let missing = TlsFiles {

@@ -10,6 +10,7 @@
 //! #                                     # or https://<listen> with a certificate)
 //! # tls_cert_file = "/etc/cocalc/host.crt" # serve listen over HTTPS: a PEM chain, leaf
 //! # tls_key_file = "/etc/cocalc/host.pem"  # first, and its key (re-read every 30 s)
+//! # tls_http2 = true                    # HTTPS: HTTP/2 to clients that ask (default)
 //! # client_connections = 1000           # per client address on listen (default 0: no cap)
 //! # trusted_proxies = ["10.0.0.5"]      # not capped: the proxies in front
 //! # tunnel_url = "https://proxy:8443"   # instead of listen: a hidden host that
@@ -107,6 +108,11 @@ pub struct HostConfig {
     /// The private key of `tls_cert_file` (PEM).
     #[serde(default)]
     pub tls_key_file: Option<PathBuf>,
+    /// Whether the HTTPS listener offers HTTP/2 to clients that ask for
+    /// it ([`cocalc_client::http2`]); default `true`. HTTP/1.1 is always
+    /// offered.
+    #[serde(default = "default_tls_http2")]
+    pub tls_http2: bool,
     /// Connections one client address may hold on `listen`, WebSockets
     /// included (0, the default: no cap); see [`crate::admission`]. Set
     /// it with `trusted_proxies` where users reach the host directly.
@@ -173,6 +179,10 @@ fn default_activity_interval() -> u64 {
 
 fn default_idle() -> u64 {
     3600
+}
+
+fn default_tls_http2() -> bool {
+    true
 }
 
 fn default_region() -> String {
@@ -462,6 +472,7 @@ pub struct Host {
     endpoint: HostEndpoint,
     metrics_listen: Option<SocketAddr>,
     tls: Option<Arc<cocalc_client::tls::CertStore>>,
+    tls_versions: cocalc_client::tls::HttpVersions,
     tls_failures: Arc<std::sync::atomic::AtomicU64>,
     /// The per-client connection cap on `listen`.
     admission: crate::admission::Admission,
@@ -676,6 +687,7 @@ async fn build_at(cfg: &HostConfig, endpoint: HostEndpoint) -> Result<Host, Host
         endpoint,
         metrics_listen: cfg.metrics_listen,
         tls,
+        tls_versions: cocalc_client::tls::HttpVersions::with_http2(cfg.tls_http2),
         tls_failures: Arc::default(),
         admission,
     })
@@ -815,7 +827,7 @@ impl Host {
         let tls_config = match &self.tls {
             Some(certs) => Some(
                 certs
-                    .server_config()
+                    .server_config(self.tls_versions)
                     .map_err(|e| std::io::Error::other(format!("TLS: {e}")))?,
             ),
             None => None,

@@ -29,6 +29,7 @@
 //! # tls_cert_file = "/etc/cocalc/proxy.crt" # a PEM certificate chain, leaf first,
 //! # tls_key_file = "/etc/cocalc/proxy.pem"  # and its PEM private key (both re-read every
 //! #                                          # key_refresh_secs: renewals need no restart)
+//! # tls_http2 = true                       # HTTP/2 on tls_listen to clients that ask (default)
 //! # hosts_ca_file = "/etc/cocalc/hosts-ca.pem" # hosts with https:// URLs must chain to these
 //! #                                          # roots (default: the system's)
 //! ```
@@ -164,6 +165,11 @@ pub struct ProxyConfig {
     /// PEM private key of that certificate.
     #[serde(default)]
     pub tls_key_file: Option<PathBuf>,
+    /// Whether `tls_listen` offers HTTP/2 to clients that ask for it
+    /// ([`cocalc_client::http2`]); default `true`. HTTP/1.1 is always
+    /// offered, and WebSockets use it.
+    #[serde(default = "default_tls_http2")]
+    pub tls_http2: bool,
     /// PEM certificates that hosts with `https://` URLs must chain to
     /// (default: the system's roots).
     #[serde(default)]
@@ -172,6 +178,10 @@ pub struct ProxyConfig {
 
 fn default_refresh() -> u64 {
     60
+}
+
+fn default_tls_http2() -> bool {
+    true
 }
 
 impl ProxyConfig {
@@ -455,7 +465,7 @@ async fn start_tls(
         return Ok((stop, None));
     };
     let tls = certs
-        .server_config()
+        .server_config(crate::tls::HttpVersions::with_http2(cfg.tls_http2))
         .map_err(|e| ProxyDaemonError::Start(e.to_string()))?;
     let (l, addr) = bind(at, "tls listen").await?;
     eprintln!("cocalc-proxy: https on https://{addr}");

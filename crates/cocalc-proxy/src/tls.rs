@@ -7,11 +7,15 @@
 //! `key_refresh_secs`, so a renewed certificate is presented to new
 //! connections without a restart, while open ones keep theirs);
 //! [`CertStore::server_config`] makes the rustls `ServerConfig` (TLS 1.2
-//! and 1.3, ALPN `http/1.1`) that presents it, and [`server_config`] does
-//! both at once. [`serve_ingress_tls`] accepts connections, finishes each
-//! handshake within [`HANDSHAKE_TIMEOUT`], and serves HTTP/1.1 on the
-//! encrypted stream with [`Ingress::handle`], telling hosts
-//! `X-Forwarded-Proto: https`. A failed handshake (plain HTTP sent to the
+//! and 1.3, ALPN `h2` and `http/1.1` unless [`HttpVersions`] says
+//! HTTP/1.1 only) that presents it, and [`server_config`] does both at
+//! once. [`serve_ingress_tls`] accepts connections, finishes each
+//! handshake within [`HANDSHAKE_TIMEOUT`], and serves the encrypted stream
+//! with [`Ingress::handle`], telling hosts `X-Forwarded-Proto: https`:
+//! HTTP/2 to clients whose handshake chose it
+//! ([`cocalc_client::http2`]: browsers send a page's requests over one
+//! connection; hosts still get HTTP/1.1), HTTP/1.1 to the rest and for
+//! WebSockets. A failed handshake (plain HTTP sent to the
 //! TLS port, an unknown protocol version, a client that stalls) is a
 //! refusal like any other: counted as `tls_handshake` and audited.
 //!
@@ -36,7 +40,9 @@
 
 use std::sync::Arc;
 
-pub use cocalc_client::tls::{server_config, CertStore, TlsError, TlsFiles, HANDSHAKE_TIMEOUT};
+pub use cocalc_client::tls::{
+    server_config, CertStore, HttpVersions, TlsError, TlsFiles, HANDSHAKE_TIMEOUT,
+};
 
 use crate::ingress::Peer;
 use crate::Ingress;
