@@ -14,7 +14,8 @@
 //! --conns 32`, `--only tunnel` for the routes whose name contains
 //! "tunnel", `--rounds 3` to measure every route three times in turn and
 //! compare medians; `--callgrind` for instructions per request of the
-//! proxy and nginx, `--callgrind-host` for the host's too). Needs nginx
+//! proxy and nginx, `--callgrind-host` for the host's too; `--access-log`
+//! to have the proxy and nginx each write an access log). Needs nginx
 //! (`apt-get install nginx`); without it the nginx row is skipped and
 //! says so. Goals: proxy ≥ 1.0× nginx req/s with
 //! p99 ≤ nginx's; WebSocket and tunnel bytes/s ≥ 0.8× direct.
@@ -326,12 +327,25 @@ async fn main() {
     let key = w("tls.pem", ck.key_pair.serialize_pem());
     let _ = ROOT.set(ck.cert.der().to_vec());
     let ptls = free_port();
+    // `--access-log`: the proxy and nginx each write one, to measure
+    // what it costs them.
+    let (proxy_log, nginx_log) = if std::env::args().any(|a| a == "--access-log") {
+        (
+            format!(
+                "access_log = \"{}\"\n",
+                dir.path().join("proxy-access.log").display()
+            ),
+            dir.path().join("nginx-access.log").display().to_string(),
+        )
+    } else {
+        (String::new(), "off".to_string())
+    };
     let pcfg = w(
         "p.toml",
         format!(
             "listen = \"127.0.0.1:{pport}\"\nmaster_url = \"{murl}\"\napi_key = \"{pkey}\"\n\
              project_rps = 1000000\nclient_rps = 1000000\ntls_listen = \"127.0.0.1:{ptls}\"\n\
-             tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+             tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n{proxy_log}",
             cert.display(),
             key.display()
         ),
@@ -412,7 +426,8 @@ async fn main() {
         .replace("@LISTEN_PORT@", &nport.to_string())
         .replace("@TLS_PORT@", &ntls.to_string())
         .replace("@CERT@", cert.to_str().unwrap())
-        .replace("@KEY@", key.to_str().unwrap());
+        .replace("@KEY@", key.to_str().unwrap())
+        .replace("@ACCESS_LOG@", &nginx_log);
         std::fs::create_dir_all(dir.path().join("nginx/tmp")).unwrap();
         let conf_path = dir.path().join("nginx/nginx.conf");
         std::fs::write(&conf_path, conf).unwrap();

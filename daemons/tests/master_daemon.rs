@@ -283,6 +283,14 @@ fn proxy_starts_from_config_and_refuses_at_the_edge() {
             format!("tls_cert_file = \"{}\"\n", missing.display()),
             "go with tls_listen".to_string(),
         ),
+        // An access log in a directory that is not there.
+        (
+            format!(
+                "access_log = \"{}\"\n",
+                dir.path().join("no-dir").join("access.log").display()
+            ),
+            format!("{} is not a directory", dir.path().join("no-dir").display()),
+        ),
         // Load balancers in front: addresses or ranges.
         (
             "trusted_proxies = [\"10.0.0.0/8\", \"lb.example\"]\n".to_string(),

@@ -1952,6 +1952,178 @@ async fn https(
     (parts.status.as_u16(), parts.headers, body)
 }
 
+/// With an access log, every project request the ingress answers is a
+/// JSON line: the lean path's and hyper's, refusals, HTTP/2 over TLS;
+/// tokens in the query are redacted; the metrics count the lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingress_access_log_records_each_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("access.log");
+    let log = cocalc_client::access_log::AccessLog::open(cocalc_client::access_log::Target::File(
+        log_path.clone(),
+    ))
+    .unwrap();
+    let IngressFixture {
+        m,
+        admin,
+        h,
+        ingress,
+        ..
+    } = ingress_fixture(dir.path(), |c| c.access_log = Some(log.clone())).await;
+    let (paddr, served) = serve_ingress_on_loopback(&ingress).await;
+    let purl = format!("http://{paddr}");
+    let (cert, key, root) = self_signed(dir.path());
+    let tls = cocalc_proxy::tls::server_config(&cocalc_proxy::tls::TlsFiles {
+        cert_file: cert,
+        key_file: key,
+    })
+    .unwrap();
+    let tls_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let taddr = tls_listener.local_addr().unwrap();
+    let served_tls = tokio::spawn(cocalc_proxy::tls::serve_ingress_tls(
+        tls_listener,
+        tls,
+        ingress.clone(),
+        axum::Router::new(),
+        std::future::pending(),
+    ));
+
+    let u = admin.create_user("u").await.unwrap();
+    let c = MasterClient::new(&m.url, u["api_key"].as_str().unwrap());
+    c.create_project(&CreateProjectRequest::new("p"))
+        .await
+        .unwrap();
+    let o = c.open("p").await.unwrap();
+    let pid = o.project.to_string();
+    let hport = headers_server().await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+
+    // 1. The lean path, the token in the query: the host's cookie
+    // exchange (303 to the same path without it).
+    let r = http
+        .get(format!("{purl}/{pid}/port/{hport}/x?a=1&token={}", o.token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    // 2. Hyper's path: a request with a body.
+    let (status, _) = exec(&purl, &pid, &o.token, &["true"]).await;
+    assert_eq!(status, 200);
+    // 3. A bad path and 4. no token: refusals.
+    let r = http.get(format!("{purl}/nope")).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let r = http
+        .get(format!("{purl}/{pid}/port/{hport}/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // 5. HTTP/2 over TLS.
+    let mut h2 = h2_connect(taddr, &root).await;
+    let r = h2
+        .send_request(
+            http::Request::builder()
+                .uri(format!("https://app.example/{pid}/port/{hport}/y"))
+                .header("authorization", format!("Bearer {}", o.token))
+                .body(String::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    eventually("five lines written", Duration::from_secs(10), || async {
+        log.written() == 5
+    })
+    .await;
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    assert!(!text.contains(&o.token), "a token in the log:\n{text}");
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let host = h.id.to_string();
+    let expect = [
+        (
+            "GET",
+            format!("/{pid}/port/{hport}/x?a=1&token=REDACTED"),
+            303,
+            true,
+            false,
+            "HTTP/1.1",
+        ),
+        ("POST", format!("/{pid}/exec"), 200, true, false, "HTTP/1.1"),
+        ("GET", "/nope".to_string(), 400, false, false, "HTTP/1.1"),
+        (
+            "GET",
+            format!("/{pid}/port/{hport}/"),
+            401,
+            false,
+            false,
+            "HTTP/1.1",
+        ),
+        (
+            "GET",
+            format!("/{pid}/port/{hport}/y"),
+            200,
+            true,
+            true,
+            "HTTP/2",
+        ),
+    ];
+    assert_eq!(lines.len(), expect.len(), "{text}");
+    for (line, (method, target, status, via_host, tls, version)) in lines.iter().zip(expect) {
+        assert_eq!(line["method"], method, "{line}");
+        assert_eq!(line["target"], target.as_str(), "{line}");
+        assert_eq!(line["status"], status, "{line}");
+        assert_eq!(line["tls"], tls, "{line}");
+        assert_eq!(line["version"], version, "{line}");
+        assert_eq!(line["client"], "127.0.0.1", "{line}");
+        assert!(
+            line["time"].as_str().is_some_and(|t| t.ends_with('Z')),
+            "{line}"
+        );
+        assert!(line["micros"].as_u64().is_some(), "{line}");
+        let project = if target == "/nope" {
+            Value::Null
+        } else {
+            json!(pid)
+        };
+        assert_eq!(
+            line.get("project").cloned().unwrap_or(Value::Null),
+            project,
+            "{line}"
+        );
+        let to = if via_host { json!(host) } else { Value::Null };
+        assert_eq!(
+            line.get("host").cloned().unwrap_or(Value::Null),
+            to,
+            "{line}"
+        );
+    }
+    let tunnels = cocalc_proxy::TunnelHub::new(
+        cocalc_proxy::TunnelConfig::new("http://unused"),
+        MasterClient::new(&purl, "unused"),
+        std::sync::Arc::new(cocalc_core::SystemClock),
+    );
+    let metrics = cocalc_proxy::metrics::ProxyMetrics::new(ingress.clone(), tunnels).render();
+    for line in [
+        "cocalc_proxy_access_log_lines_total{result=\"written\"} 5",
+        "cocalc_proxy_access_log_lines_total{result=\"dropped\"} 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+    }
+
+    served.abort();
+    served_tls.abort();
+    h.stop.send(true).unwrap();
+    let _ = h.task.await;
+    m.shut_down().await;
+}
+
 /// Checks what `headers_server` answered to a request for `app.example`
 /// through the HTTPS ingress: the scheme, the client's Host and address,
 /// and no token.

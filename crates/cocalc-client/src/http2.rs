@@ -53,13 +53,22 @@ pub const MAX_HEADER_LIST_SIZE: u32 = 64 << 10;
 /// ([`HEADER_READ_TIMEOUT`](crate::serve::HEADER_READ_TIMEOUT)).
 pub const IDLE_TIMEOUT: Duration = crate::serve::HEADER_READ_TIMEOUT;
 
+/// The HTTP version a request came in with, when [`shape_as_http1`]
+/// changed it (a request extension), for logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientVersion(pub http::Version);
+
 /// Rewrites an HTTP/2 request into the shape an HTTP/1.1 service expects:
 /// `Host` set from the target's authority (without any user part), the
 /// target reduced to its path and query, several `Cookie` headers joined
-/// into one with `"; "`, and the version set to HTTP/1.1. A target without
-/// a path (a `CONNECT`'s) is left as it is. Applying it twice changes
-/// nothing more.
+/// into one with `"; "`, and the version set to HTTP/1.1, the one it had
+/// kept as a [`ClientVersion`] extension. A target without a path (a
+/// `CONNECT`'s) is left as it is. Applying it twice changes nothing more.
 pub fn shape_as_http1<B>(req: &mut http::Request<B>) {
+    if req.version() != http::Version::HTTP_11 {
+        let v = ClientVersion(req.version());
+        req.extensions_mut().insert(v);
+    }
     if let Some(pq) = req.uri().path_and_query().cloned() {
         if let Some(authority) = req.uri().authority() {
             let host = authority.as_str().rsplit('@').next().unwrap_or_default();
@@ -273,6 +282,10 @@ mod tests {
         shape_as_http1(&mut req);
         assert_eq!(req.uri(), "/p/x?a=1");
         assert_eq!(req.version(), http::Version::HTTP_11);
+        assert_eq!(
+            req.extensions().get::<ClientVersion>(),
+            Some(&ClientVersion(http::Version::HTTP_2))
+        );
         assert_eq!(req.headers()[HOST], "app.example:8443");
         let cookies: Vec<_> = req.headers().get_all(COOKIE).iter().collect();
         assert_eq!(cookies, ["a=1; b=2; c=3"]);
@@ -280,6 +293,11 @@ mod tests {
         shape_as_http1(&mut req);
         assert_eq!(req.uri(), "/p/x?a=1");
         assert_eq!(req.headers(), &once);
+        assert_eq!(
+            req.extensions().get::<ClientVersion>(),
+            Some(&ClientVersion(http::Version::HTTP_2)),
+            "the client's version is kept"
+        );
 
         // No authority: the Host sent stays; one cookie header stays.
         let mut req = http::Request::builder()

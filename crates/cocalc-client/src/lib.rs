@@ -24,6 +24,9 @@
 //!   `https://` hosts; [`http2`] serves the clients of those listeners
 //!   that ask for HTTP/2.
 //!
+//! * [`access_log`]: one JSON line per request answered, written by a
+//!   thread of its own, with tokens redacted and rotation noticed.
+//!
 //! Errors are the server's [`ApiError`](cocalc_core::ApiError) (status, code,
 //! message, hint); failures to connect are `503 master_unreachable` /
 //! `host_unreachable`.
@@ -43,6 +46,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod access_log;
 pub mod conncap;
 mod host;
 pub mod http2;

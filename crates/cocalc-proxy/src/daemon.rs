@@ -25,6 +25,8 @@
 //! ssh_listen = "0.0.0.0:2222"              # optional: SSH ingress (`ssh project-<uuid>@proxy`)
 //! ssh_host_key_file = "/var/lib/cocalc/proxy_ssh_ed25519"  # generated (0600) on first start
 //! metrics_listen = "127.0.0.1:9101"        # optional: GET /metrics (Prometheus), keep it private
+//! # access_log = "/var/log/cocalc/proxy-access.log" # optional: a JSON line per project request
+//! #                                          # ("-": standard output); rotation is noticed
 //! # tls_listen = "0.0.0.0:8443"            # optional: the ingress over HTTPS (crate::tls), with
 //! # tls_cert_file = "/etc/cocalc/proxy.crt" # a PEM certificate chain, leaf first,
 //! # tls_key_file = "/etc/cocalc/proxy.pem"  # and its PEM private key (both re-read every
@@ -155,6 +157,12 @@ pub struct ProxyConfig {
     /// off the public network.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Where every project request answered is logged, one JSON line each
+    /// ([`cocalc_client::access_log`]): a file (appended to, created, and
+    /// opened again when rotated away) or `"-"` for standard output. None
+    /// when absent.
+    #[serde(default)]
+    pub access_log: Option<String>,
     /// Where the ingress is served over HTTPS ([`crate::tls`]); none when
     /// absent. Needs `tls_cert_file` and `tls_key_file`.
     #[serde(default)]
@@ -227,6 +235,7 @@ impl ProxyConfig {
         }
         cfg.host_transport().map_err(bad)?;
         cfg.trusted_proxies().map_err(bad)?;
+        cfg.check_access_log().map_err(bad)?;
         cfg.check_proxy_protocol().map_err(bad)?;
         Ok(cfg)
     }
@@ -258,6 +267,27 @@ impl ProxyConfig {
             );
         }
         Ok(())
+    }
+
+    /// `access_log`'s directory exists (the file is created at start).
+    fn check_access_log(&self) -> Result<(), String> {
+        use cocalc_client::access_log::Target;
+        let Some(Target::File(path)) = self.access_log.as_deref().map(Target::parse) else {
+            return Ok(());
+        };
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if dir.is_dir() {
+            Ok(())
+        } else {
+            Err(format!(
+                "access_log {}: {} is not a directory",
+                path.display(),
+                dir.display()
+            ))
+        }
     }
 
     /// Whether the listener `name` reads PROXY protocol headers.
@@ -334,6 +364,13 @@ pub async fn run(
     }
     icfg.state_dir = cfg.state_dir.clone();
     icfg.trusted_proxies = cfg.trusted_proxies().map_err(ProxyDaemonError::Start)?;
+    if let Some(target) = &cfg.access_log {
+        let target = cocalc_client::access_log::Target::parse(target);
+        icfg.access_log = Some(
+            cocalc_client::access_log::AccessLog::open(target)
+                .map_err(|e| ProxyDaemonError::Start(format!("access_log: {e}")))?,
+        );
+    }
     let (listener, addr) = bind(cfg.listen, "listen").await?;
     let handle = cfg
         .public_url

@@ -58,6 +58,7 @@ use axum::body::Body;
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use bytes::Bytes;
 use cocalc_auth::{paserk, AuditSink, KeySet, TracingAuditSink, Verifier};
+use cocalc_client::access_log::AccessLog;
 use cocalc_client::conncap::{in_nets, ConnectionCap, Slot};
 use cocalc_client::lean::LeanBody;
 use cocalc_client::upstream::{ResponseBody, Upstream, UpstreamError};
@@ -116,6 +117,9 @@ pub struct IngressConfig {
     /// How long a host has to answer that check before the requests
     /// waiting on it end with 504 `host_not_responding` (default 10 s).
     pub host_check_timeout: Duration,
+    /// Where every project request answered is logged, one JSON line
+    /// each ([`cocalc_client::access_log`]); default none.
+    pub access_log: Option<AccessLog>,
 }
 
 impl IngressConfig {
@@ -133,6 +137,7 @@ impl IngressConfig {
             client_connections: 1000,
             host_check_after: Duration::from_secs(10),
             host_check_timeout: Duration::from_secs(10),
+            access_log: None,
         }
     }
 }
@@ -872,17 +877,34 @@ impl Ingress {
     /// counted, audited and answered here. Serve it with
     /// [`crate::serve_ingress`], or from any hyper server.
     pub async fn handle(&self, peer: &Peer, req: http::Request<Incoming>) -> Response {
+        let Some(log) = &self.cfg.access_log else {
+            return self.answer(peer, req).await.0;
+        };
+        let seen = Seen::of(self, peer, &req);
+        let (r, host) = self.answer(peer, req).await;
+        seen.record(log, r.status(), host);
+        r
+    }
+
+    /// [`Ingress::handle`]'s answer, and the host it came from (none for
+    /// a refusal before forwarding).
+    async fn answer(
+        &self,
+        peer: &Peer,
+        req: http::Request<Incoming>,
+    ) -> (Response, Option<HostId>) {
         let (project, host, route) = match self.prepare(peer, &req).await {
             Ok(ready) => ready,
-            Err(refusal) => return refusal.map(full),
+            Err(refusal) => return (refusal.map(full), None),
         };
         // Pinned where it is made: the request's future is large, and
         // the watch takes it by reference rather than moving it.
         let answer = std::pin::pin!(self.forward(host, &route, peer, req));
-        match self.lookup.watch.answer(&route.watched, answer).await {
+        let r = match self.lookup.watch.answer(&route.watched, answer).await {
             Ok(r) => r,
             Err(e) => self.forward_failed(project, host, peer, &e).map(full),
-        }
+        };
+        (r, Some(host))
     }
 
     /// Answers one plain request (no body, no upgrade) as
@@ -896,18 +918,34 @@ impl Ingress {
         peer: &Peer,
         req: http::Request<()>,
     ) -> http::Response<LeanBody<HostId>> {
+        let Some(log) = &self.cfg.access_log else {
+            return self.answer_lean(peer, req).await.0;
+        };
+        let seen = Seen::of(self, peer, &req);
+        let (r, host) = self.answer_lean(peer, req).await;
+        seen.record(log, r.status(), host);
+        r
+    }
+
+    /// [`Ingress::handle_lean`]'s answer, and the host it came from.
+    async fn answer_lean(
+        &self,
+        peer: &Peer,
+        req: http::Request<()>,
+    ) -> (http::Response<LeanBody<HostId>>, Option<HostId>) {
         let (project, host, route) = match self.prepare(peer, &req).await {
             Ok(ready) => ready,
-            Err(refusal) => return refusal.map(LeanBody::Full),
+            Err(refusal) => return (refusal.map(LeanBody::Full), None),
         };
         let (parts, ()) = req.into_parts();
         let answer = std::pin::pin!(self.send_lean(host, &route, peer, &parts));
-        match self.lookup.watch.answer(&route.watched, answer).await {
+        let r = match self.lookup.watch.answer(&route.watched, answer).await {
             Ok(r) => r.map(LeanBody::Upstream),
             Err(e) => self
                 .forward_failed(project, host, peer, &e)
                 .map(LeanBody::Full),
-        }
+        };
+        (r, Some(host))
     }
 
     /// Awaits `answer`, an exchange with `host` made outside the HTTP
@@ -924,6 +962,11 @@ impl Ingress {
     {
         let route = self.route(host).await?;
         self.lookup.watch.answer(&route.watched, answer).await
+    }
+
+    /// The access log, when there is one ([`IngressConfig::access_log`]).
+    pub fn access_log(&self) -> Option<&AccessLog> {
+        self.cfg.access_log.as_ref()
     }
 
     /// Host checks run, and how many found the host silent.
@@ -1359,6 +1402,60 @@ impl Ingress {
                 })?
         };
         Ok(resp.map(|b| Either::Left(Either::Left(b))))
+    }
+}
+
+/// What the access log keeps of a request while it is answered.
+struct Seen {
+    started: std::time::Instant,
+    time: Timestamp,
+    client: std::net::IpAddr,
+    method: http::Method,
+    target: String,
+    version: http::Version,
+    tls: bool,
+    project: Option<ProjectId>,
+}
+
+impl Seen {
+    fn of<B>(ingress: &Ingress, peer: &Peer, req: &http::Request<B>) -> Self {
+        Seen {
+            started: std::time::Instant::now(),
+            time: ingress.lookup.clock.now(),
+            client: ingress.client_of(peer, req.headers()).ip,
+            method: req.method().clone(),
+            target: req.uri().path_and_query().map_or_else(
+                || req.uri().path().to_string(),
+                |pq| pq.as_str().to_string(),
+            ),
+            version: req
+                .extensions()
+                .get::<cocalc_client::http2::ClientVersion>()
+                .map_or(req.version(), |v| v.0),
+            tls: peer.proto == HTTPS,
+            project: project_of_path(req.uri().path()).ok(),
+        }
+    }
+
+    fn record(self, log: &AccessLog, status: StatusCode, host: Option<HostId>) {
+        let version = match self.version {
+            http::Version::HTTP_10 => "HTTP/1.0",
+            http::Version::HTTP_11 => "HTTP/1.1",
+            http::Version::HTTP_2 => "HTTP/2",
+            _ => "HTTP/?",
+        };
+        log.record(&cocalc_client::access_log::Entry {
+            time: self.time,
+            client: self.client,
+            method: self.method.as_str(),
+            target: &self.target,
+            version,
+            tls: self.tls,
+            status: status.as_u16(),
+            micros: u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            project: self.project,
+            host,
+        });
     }
 }
 

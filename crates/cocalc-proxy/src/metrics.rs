@@ -108,6 +108,16 @@ impl Collector for ProxyMetrics {
             ]
             .map(|(result, n)| ([("result", result.to_string())], n)),
         )?;
+        if let Some(log) = self.ingress.access_log() {
+            counters(
+                &mut encoder,
+                "access_log_lines",
+                "Access log lines, by result (dropped: the writer fell behind or could not \
+                 write)",
+                [("written", log.written()), ("dropped", log.dropped())]
+                    .map(|(result, n)| ([("result", result.to_string())], n)),
+            )?;
+        }
         #[cfg(feature = "ssh")]
         if let Some(ssh) = &self.ssh {
             let r = ssh.refusals();

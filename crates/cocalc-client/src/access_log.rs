@@ -1,0 +1,491 @@
+//! Access logs: one JSON line per request a relay answered, for the
+//! operator's tools (`jq`, Loki, a SIEM) — who asked for what, what they
+//! were answered and how long it took.
+//!
+//! [`AccessLog::open`] starts a thread of its own that writes the lines,
+//! so a request pays for formatting its line and handing it over, never
+//! for a write: a full queue (a stalled disk) drops lines and counts them
+//! ([`AccessLog::dropped`]) rather than hold requests up. The thread
+//! writes in batches and flushes whenever the queue is empty, so a line
+//! is on disk within moments of its request.
+//!
+//! Rotation needs no signal: about once a second the thread checks that
+//! the file at the log's path is still the one it writes, and opens it
+//! again (creating it) when it is not — after `logrotate` moved it away or
+//! it was deleted. Lines written in between are in the moved file.
+//!
+//! Connect tokens never reach the log: a `token=` value in the query is
+//! written as `REDACTED`, and headers are not logged.
+//!
+//! ```no_run
+//! # fn demo() -> std::io::Result<()> {
+//! use cocalc_client::access_log::{AccessLog, Entry, Target};
+//! let log = AccessLog::open(Target::parse("/var/log/cocalc/proxy-access.log"))?;
+//! log.record(&Entry {
+//!     time: cocalc_core::Timestamp(1_764_034_200_123),
+//!     client: "192.0.2.7".parse().unwrap(),
+//!     method: "GET",
+//!     target: "/a778f1d1-6365-4ece-a961-c658fd1a9b4b/port/8888/?token=secret",
+//!     version: "HTTP/1.1",
+//!     tls: true,
+//!     status: 200,
+//!     micros: 1_250,
+//!     project: None,
+//!     host: None,
+//! });
+//! // {"time":"2025-11-25T01:30:00.123Z","client":"192.0.2.7","method":"GET",
+//! //  "target":"/a778…/port/8888/?token=REDACTED","version":"HTTP/1.1",
+//! //  "tls":true,"status":200,"micros":1250}
+//! # Ok(()) }
+//! ```
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cocalc_core::{HostId, ProjectId, Timestamp};
+use serde::{Serialize, Serializer};
+
+/// Lines queued for the writer at most; more are dropped and counted.
+pub const QUEUE: usize = 16_384;
+
+/// Longest target written; a longer one is cut there (on a character
+/// boundary) and ends with `…`.
+pub const MAX_TARGET: usize = 4096;
+
+/// How often the writer checks that its file is still at the log's path.
+const REOPEN_CHECK: Duration = Duration::from_secs(1);
+
+/// Where an access log goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Standard output (a container's log, journald).
+    Stdout,
+    /// A file, appended to and created (mode 0640) if missing.
+    File(PathBuf),
+}
+
+impl Target {
+    /// `"-"` is standard output; anything else a file's path.
+    pub fn parse(s: &str) -> Self {
+        if s == "-" {
+            Target::Stdout
+        } else {
+            Target::File(PathBuf::from(s))
+        }
+    }
+}
+
+/// One request as the log records it. Fields that are `None` are left
+/// out of the line.
+#[derive(Debug, Serialize)]
+pub struct Entry<'a> {
+    /// When the request's head arrived (written in RFC 3339, UTC, to the
+    /// millisecond).
+    #[serde(serialize_with = "rfc3339")]
+    pub time: Timestamp,
+    /// The client: the peer, or the client a trusted proxy named.
+    pub client: IpAddr,
+    /// The method.
+    pub method: &'a str,
+    /// Path and query as requested, `token=` values `REDACTED`, cut at
+    /// [`MAX_TARGET`] bytes.
+    #[serde(serialize_with = "redacted")]
+    pub target: &'a str,
+    /// The HTTP version the client spoke (`HTTP/1.1`, `HTTP/2`).
+    pub version: &'a str,
+    /// Whether the connection was TLS.
+    pub tls: bool,
+    /// The status answered.
+    pub status: u16,
+    /// Microseconds from the request's head to the answer's (the body may
+    /// stream for longer; for a WebSocket, until it was upgraded).
+    pub micros: u64,
+    /// The project, when the path named one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub project: Option<ProjectId>,
+    /// The host the request went to, when it got that far.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<HostId>,
+}
+
+fn rfc3339<S: Serializer>(t: &Timestamp, s: S) -> Result<S::Ok, S::Error> {
+    use time::format_description::well_known::Rfc3339;
+    let nanos = i128::from(t.as_millis()) * 1_000_000;
+    let text = time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|d| d.format(&Rfc3339).ok())
+        .unwrap_or_else(|| t.as_millis().to_string());
+    s.serialize_str(&text)
+}
+
+fn redacted<S: Serializer>(target: &&str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redact(target))
+}
+
+/// `target` with every `token=` value in its query replaced by
+/// `REDACTED`, and cut at [`MAX_TARGET`] bytes.
+pub fn redact(target: &str) -> std::borrow::Cow<'_, str> {
+    let mut cut = target;
+    if cut.len() > MAX_TARGET {
+        let mut end = MAX_TARGET;
+        while !cut.is_char_boundary(end) {
+            end -= 1;
+        }
+        cut = &cut[..end];
+    }
+    let Some((path, query)) = cut.split_once('?') else {
+        return if cut.len() == target.len() {
+            target.into()
+        } else {
+            format!("{cut}…").into()
+        };
+    };
+    let has_token = query.split('&').any(|p| p.starts_with("token="));
+    if !has_token && cut.len() == target.len() {
+        return target.into();
+    }
+    let mut out = String::with_capacity(cut.len() + 8);
+    out.push_str(path);
+    let mut sep = '?';
+    for p in query.split('&') {
+        out.push(sep);
+        sep = '&';
+        if p.starts_with("token=") {
+            out.push_str("token=REDACTED");
+        } else {
+            out.push_str(p);
+        }
+    }
+    if cut.len() < target.len() {
+        out.push('…');
+    }
+    out.into()
+}
+
+/// An open access log; clones write to the same one. The writer thread
+/// ends when the last clone is dropped, after writing what is queued.
+#[derive(Clone)]
+pub struct AccessLog {
+    tx: SyncSender<Vec<u8>>,
+    counts: Arc<Counts>,
+    target: Arc<Target>,
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    written: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl std::fmt::Debug for AccessLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessLog")
+            .field("target", &self.target)
+            .field("written", &self.written())
+            .field("dropped", &self.dropped())
+            .finish()
+    }
+}
+
+impl AccessLog {
+    /// Opens `target` (a file is opened now, so a path that cannot be
+    /// written is an error at start, naming it) and starts the writer.
+    pub fn open(target: Target) -> std::io::Result<Self> {
+        Self::open_checking(target, REOPEN_CHECK)
+    }
+
+    fn open_checking(target: Target, every: Duration) -> std::io::Result<Self> {
+        let out = Out::open(&target)?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
+        let counts = Arc::new(Counts::default());
+        let writer_counts = counts.clone();
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || write_lines(rx, out, &writer_counts, every))?;
+        Ok(AccessLog {
+            tx,
+            counts,
+            target: Arc::new(target),
+        })
+    }
+
+    /// Queues `entry`'s line for the writer; drops it (counted) if the
+    /// queue is full.
+    pub fn record(&self, entry: &Entry<'_>) {
+        let mut line = Vec::with_capacity(256);
+        if serde_json::to_writer(&mut line, entry).is_err() {
+            return;
+        }
+        line.push(b'\n');
+        match self.tx.try_send(line) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.counts.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Lines written so far.
+    pub fn written(&self) -> u64 {
+        self.counts.written.load(Ordering::Relaxed)
+    }
+
+    /// Lines dropped so far (the queue was full, or writing failed).
+    pub fn dropped(&self) -> u64 {
+        self.counts.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Where the log goes.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+}
+
+/// What the writer writes to.
+enum Out {
+    Stdout,
+    File {
+        path: PathBuf,
+        file: std::io::BufWriter<std::fs::File>,
+    },
+}
+
+impl Out {
+    fn open(target: &Target) -> std::io::Result<Self> {
+        match target {
+            Target::Stdout => Ok(Out::Stdout),
+            Target::File(path) => Ok(Out::File {
+                path: path.clone(),
+                file: std::io::BufWriter::with_capacity(64 << 10, open_file(path)?),
+            }),
+        }
+    }
+
+    fn write(&mut self, line: &[u8]) -> std::io::Result<()> {
+        match self {
+            Out::Stdout => std::io::stdout().lock().write_all(line),
+            Out::File { file, .. } => file.write_all(line),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Out::Stdout => std::io::stdout().lock().flush(),
+            Out::File { file, .. } => file.flush(),
+        }
+    }
+
+    /// Opens the path again if the file there is not the one written
+    /// (moved away, deleted). What was buffered goes to the old one.
+    fn reopen_if_moved(&mut self) -> std::io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let Out::File { path, file } = self else {
+            return Ok(());
+        };
+        let ours = file.get_ref().metadata()?;
+        let same = std::fs::metadata(&*path)
+            .map(|m| (m.dev(), m.ino()) == (ours.dev(), ours.ino()))
+            .unwrap_or(false);
+        if !same {
+            file.flush()?;
+            *file = std::io::BufWriter::with_capacity(64 << 10, open_file(path)?);
+        }
+        Ok(())
+    }
+}
+
+fn open_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o640)
+        .open(path)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+}
+
+/// The writer thread: writes what comes in batches, flushes when the
+/// queue is empty, and looks for a moved file every `every`.
+fn write_lines(rx: Receiver<Vec<u8>>, mut out: Out, counts: &Counts, every: Duration) {
+    let mut checked = Instant::now();
+    let mut failing = false;
+    loop {
+        let first = match rx.recv_timeout(every) {
+            Ok(line) => Some(line),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => {
+                let _ = out.flush();
+                return;
+            }
+        };
+        if checked.elapsed() >= every {
+            checked = Instant::now();
+            if let Err(e) = out.reopen_if_moved() {
+                tracing::warn!(error = %e, "access log: cannot open it again");
+            }
+        }
+        let Some(first) = first else { continue };
+        let mut batch = 0u64;
+        let mut result = out.write(&first);
+        batch += 1;
+        while result.is_ok() {
+            match rx.try_recv() {
+                Ok(line) => {
+                    result = out.write(&line);
+                    batch += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        let result = result.and_then(|()| out.flush());
+        match result {
+            Ok(()) => {
+                counts.written.fetch_add(batch, Ordering::Relaxed);
+                failing = false;
+            }
+            Err(e) => {
+                counts.dropped.fetch_add(batch, Ordering::Relaxed);
+                if !failing {
+                    tracing::warn!(error = %e, "access log: lines dropped, writing failed");
+                    failing = true;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(target: &str) -> Entry<'_> {
+        Entry {
+            time: Timestamp(1_764_034_200_123),
+            client: "192.0.2.7".parse().unwrap(),
+            method: "GET",
+            target,
+            version: "HTTP/2",
+            tls: true,
+            status: 200,
+            micros: 1250,
+            project: Some("a778f1d1-6365-4ece-a961-c658fd1a9b4b".parse().unwrap()),
+            host: None,
+        }
+    }
+
+    #[test]
+    fn tokens_are_redacted_and_long_targets_cut() {
+        assert_eq!(redact("/p/x?a=1"), "/p/x?a=1");
+        assert_eq!(redact("/p/x"), "/p/x");
+        assert_eq!(
+            redact("/p/x?a=1&token=v4.public.abc&b=2&token="),
+            "/p/x?a=1&token=REDACTED&b=2&token=REDACTED"
+        );
+        // `mytoken=` is someone else's parameter.
+        assert_eq!(redact("/p?mytoken=x"), "/p?mytoken=x");
+        let long = format!("/p?token=t&q={}", "é".repeat(MAX_TARGET));
+        let cut = redact(&long);
+        assert!(
+            cut.len() <= MAX_TARGET + "REDACTED".len() + "…".len(),
+            "{}",
+            cut.len()
+        );
+        assert!(cut.starts_with("/p?token=REDACTED&q=é"), "{cut}");
+        assert!(cut.ends_with('…'));
+        let long_path = "/x".repeat(MAX_TARGET);
+        assert_eq!(redact(&long_path).len(), MAX_TARGET + "…".len());
+    }
+
+    #[test]
+    fn lines_are_json_with_what_happened() {
+        let mut line = Vec::new();
+        serde_json::to_writer(&mut line, &entry("/p?token=secret")).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "time": "2025-11-25T01:30:00.123Z",
+                "client": "192.0.2.7",
+                "method": "GET",
+                "target": "/p?token=REDACTED",
+                "version": "HTTP/2",
+                "tls": true,
+                "status": 200,
+                "micros": 1250,
+                "project": "a778f1d1-6365-4ece-a961-c658fd1a9b4b",
+            })
+        );
+    }
+
+    /// Waits until `log` has written `n` lines (or 10 s pass).
+    fn written(log: &AccessLog, n: u64) {
+        let t = Instant::now();
+        while log.written() < n && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(log.written(), n);
+    }
+
+    #[test]
+    fn lines_reach_the_file_and_a_rotated_file_is_opened_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let log = AccessLog::open_checking(Target::File(path.clone()), Duration::from_millis(50))
+            .unwrap();
+        for i in 0..3 {
+            log.record(&entry(&format!("/r{i}")));
+        }
+        written(&log, 3);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let targets: Vec<String> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["target"].to_string())
+            .collect();
+        assert_eq!(targets, ["\"/r0\"", "\"/r1\"", "\"/r2\""]);
+
+        // logrotate moves the file away: new lines go to a new file at
+        // the path once the writer notices; none is lost.
+        let rotated = dir.path().join("access.log.1");
+        std::fs::rename(&path, &rotated).unwrap();
+        let t = Instant::now();
+        while !path.exists() {
+            log.record(&entry("/during"));
+            assert!(t.elapsed() < Duration::from_secs(10), "not reopened");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        log.record(&entry("/after"));
+        let sent = log.written() + 1;
+        let t = Instant::now();
+        while log.written() < sent && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let new = std::fs::read_to_string(&path).unwrap();
+        let old = std::fs::read_to_string(&rotated).unwrap();
+        assert!(new.contains("\"/after\""), "{new}");
+        assert_eq!(
+            (old.lines().count() + new.lines().count()) as u64,
+            log.written()
+        );
+        assert_eq!(log.dropped(), 0);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode & 0o007, 0, "not readable by others: {mode:o}");
+        }
+    }
+
+    #[test]
+    fn a_path_that_cannot_be_written_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("missing").join("access.log");
+        let e = AccessLog::open(Target::File(path.clone())).unwrap_err();
+        assert!(e.to_string().contains(&path.display().to_string()), "{e}");
+        assert_eq!(Target::parse("-"), Target::Stdout);
+    }
+}
