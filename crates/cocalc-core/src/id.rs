@@ -106,20 +106,30 @@ fn unreachable_bad_uuid(kind: &'static str) -> Result<[u8; 16], IdError> {
 }
 
 fn write_uuid(bytes: &[u8; 16], f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    f.write_str(encoded_str(&encode_uuid(bytes)))
+}
+
+/// The canonical form of `bytes`: lowercase hex digits and hyphens.
+const fn encode_uuid(bytes: &[u8; 16]) -> [u8; UUID_STR_LEN] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut buf = [0u8; UUID_STR_LEN];
-    let mut i = 0;
-    for (n, byte) in bytes.iter().enumerate() {
+    let (mut n, mut i) = (0, 0);
+    while n < 16 {
         if matches!(n, 4 | 6 | 8 | 10) {
             buf[i] = b'-';
             i += 1;
         }
-        buf[i] = HEX[(byte >> 4) as usize];
-        buf[i + 1] = HEX[(byte & 0xf) as usize];
+        buf[i] = HEX[(bytes[n] >> 4) as usize];
+        buf[i + 1] = HEX[(bytes[n] & 0xf) as usize];
         i += 2;
+        n += 1;
     }
-    // The buffer holds only ASCII hex digits and hyphens.
-    f.write_str(std::str::from_utf8(&buf).map_err(|_| fmt::Error)?)
+    buf
+}
+
+/// [`encode_uuid`]'s bytes as text (they are ASCII).
+fn encoded_str(buf: &[u8; UUID_STR_LEN]) -> &str {
+    std::str::from_utf8(buf).unwrap_or_default()
 }
 
 /// The OpenAPI schema of every id: a canonical lowercase UUID string.
@@ -165,6 +175,12 @@ macro_rules! uuid_id {
             pub fn parse(s: &str) -> Result<Self, IdError> {
                 parse_uuid($kind, s).map(Self)
             }
+
+            /// The canonical form as ASCII bytes (what `Display` writes),
+            /// without allocating or going through a formatter.
+            pub const fn encode(&self) -> [u8; UUID_STR_LEN] {
+                encode_uuid(&self.0)
+            }
         }
 
         impl FromStr for $name {
@@ -200,7 +216,7 @@ macro_rules! uuid_id {
 
         impl Serialize for $name {
             fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.collect_str(self)
+                s.serialize_str(encoded_str(&self.encode()))
             }
         }
 

@@ -881,18 +881,18 @@ impl Ingress {
             return self.answer(peer, req).await.0;
         };
         let seen = Seen::of(self, peer, &req);
-        let (r, host) = self.answer(peer, req).await;
-        seen.record(log, r.status(), host);
+        let (r, routed) = self.answer(peer, req).await;
+        seen.record(log, r.status(), routed);
         r
     }
 
-    /// [`Ingress::handle`]'s answer, and the host it came from (none for
-    /// a refusal before forwarding).
+    /// [`Ingress::handle`]'s answer, and the project and host it went to
+    /// (none for a refusal before forwarding).
     async fn answer(
         &self,
         peer: &Peer,
         req: http::Request<Incoming>,
-    ) -> (Response, Option<HostId>) {
+    ) -> (Response, Option<(ProjectId, HostId)>) {
         let (project, host, route) = match self.prepare(peer, &req).await {
             Ok(ready) => ready,
             Err(refusal) => return (refusal.map(full), None),
@@ -904,7 +904,7 @@ impl Ingress {
             Ok(r) => r,
             Err(e) => self.forward_failed(project, host, peer, &e).map(full),
         };
-        (r, Some(host))
+        (r, Some((project, host)))
     }
 
     /// Answers one plain request (no body, no upgrade) as
@@ -922,17 +922,21 @@ impl Ingress {
             return self.answer_lean(peer, req).await.0;
         };
         let seen = Seen::of(self, peer, &req);
-        let (r, host) = self.answer_lean(peer, req).await;
-        seen.record(log, r.status(), host);
+        let (r, routed) = self.answer_lean(peer, req).await;
+        seen.record(log, r.status(), routed);
         r
     }
 
-    /// [`Ingress::handle_lean`]'s answer, and the host it came from.
+    /// [`Ingress::handle_lean`]'s answer, and the project and host it
+    /// went to.
     async fn answer_lean(
         &self,
         peer: &Peer,
         req: http::Request<()>,
-    ) -> (http::Response<LeanBody<HostId>>, Option<HostId>) {
+    ) -> (
+        http::Response<LeanBody<HostId>>,
+        Option<(ProjectId, HostId)>,
+    ) {
         let (project, host, route) = match self.prepare(peer, &req).await {
             Ok(ready) => ready,
             Err(refusal) => return (refusal.map(LeanBody::Full), None),
@@ -945,7 +949,7 @@ impl Ingress {
                 .forward_failed(project, host, peer, &e)
                 .map(LeanBody::Full),
         };
-        (r, Some(host))
+        (r, Some((project, host)))
     }
 
     /// Awaits `answer`, an exchange with `host` made outside the HTTP
@@ -1405,16 +1409,16 @@ impl Ingress {
     }
 }
 
-/// What the access log keeps of a request while it is answered.
+/// What the access log keeps of a request while it is answered (the
+/// target is the request's own `Uri`, shared, not copied).
 struct Seen {
     started: std::time::Instant,
     time: Timestamp,
     client: std::net::IpAddr,
     method: http::Method,
-    target: String,
+    uri: http::Uri,
     version: http::Version,
     tls: bool,
-    project: Option<ProjectId>,
 }
 
 impl Seen {
@@ -1424,37 +1428,43 @@ impl Seen {
             time: ingress.lookup.clock.now(),
             client: ingress.client_of(peer, req.headers()).ip,
             method: req.method().clone(),
-            target: req.uri().path_and_query().map_or_else(
-                || req.uri().path().to_string(),
-                |pq| pq.as_str().to_string(),
-            ),
+            uri: req.uri().clone(),
             version: req
                 .extensions()
                 .get::<cocalc_client::http2::ClientVersion>()
                 .map_or(req.version(), |v| v.0),
             tls: peer.proto == HTTPS,
-            project: project_of_path(req.uri().path()).ok(),
         }
     }
 
-    fn record(self, log: &AccessLog, status: StatusCode, host: Option<HostId>) {
+    /// Logs the request, answered with `status`; `routed` is where it
+    /// went (for a refusal, the project is read from the path).
+    fn record(self, log: &AccessLog, status: StatusCode, routed: Option<(ProjectId, HostId)>) {
         let version = match self.version {
             http::Version::HTTP_10 => "HTTP/1.0",
             http::Version::HTTP_11 => "HTTP/1.1",
             http::Version::HTTP_2 => "HTTP/2",
             _ => "HTTP/?",
         };
+        let target = self
+            .uri
+            .path_and_query()
+            .map_or_else(|| self.uri.path(), |pq| pq.as_str());
+        let project = match routed {
+            Some((project, _)) => Some(project),
+            None => project_of_path(self.uri.path()).ok(),
+        };
         log.record(&cocalc_client::access_log::Entry {
             time: self.time,
             client: self.client,
             method: self.method.as_str(),
-            target: &self.target,
+            target,
             version,
             tls: self.tls,
             status: status.as_u16(),
             micros: u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX),
-            project: self.project,
-            host,
+            project,
+            host: routed.map(|(_, host)| host),
         });
     }
 }
