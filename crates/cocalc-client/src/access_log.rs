@@ -6,8 +6,10 @@
 //! so a request pays for formatting its line and handing it over, never
 //! for a write: a full queue (a stalled disk) drops lines and counts them
 //! ([`AccessLog::dropped`]) rather than hold requests up. The thread
-//! writes in batches and flushes whenever the queue is empty, so a line
-//! is on disk within moments of its request.
+//! wakes every [`DRAIN_EVERY`] and writes what has queued in one batch
+//! (not a wake-up and a write per request), so a line is on disk within
+//! a tenth of a second of its request; [`AccessLog::flush`] writes the
+//! queue out at once (a daemon calls it when it stops).
 //!
 //! Rotation needs no signal: about once a second the thread checks that
 //! the file at the log's path is still the one it writes, and opens it
@@ -43,7 +45,7 @@ use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -55,6 +57,9 @@ pub const QUEUE: usize = 16_384;
 /// Longest target written; a longer one is cut there (on a character
 /// boundary) and ends with `…`.
 pub const MAX_TARGET: usize = 4096;
+
+/// How often the writer thread writes out what has queued.
+pub const DRAIN_EVERY: Duration = Duration::from_millis(100);
 
 /// How often the writer checks that its file is still at the log's path.
 const REOPEN_CHECK: Duration = Duration::from_secs(1);
@@ -258,12 +263,19 @@ pub struct AccessLog {
     tx: SyncSender<Vec<u8>>,
     counts: Arc<Counts>,
     target: Arc<Target>,
+    writer: std::thread::Thread,
 }
 
 #[derive(Debug, Default)]
 struct Counts {
+    /// Lines queued.
+    sent: AtomicU64,
+    /// Lines written.
     written: AtomicU64,
-    dropped: AtomicU64,
+    /// Lines not queued: the queue was full.
+    full: AtomicU64,
+    /// Lines queued that could not be written.
+    failed: AtomicU64,
 }
 
 impl std::fmt::Debug for AccessLog {
@@ -288,14 +300,35 @@ impl AccessLog {
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
         let counts = Arc::new(Counts::default());
         let writer_counts = counts.clone();
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || write_lines(rx, out, &writer_counts, every))?;
         Ok(AccessLog {
             tx,
             counts,
             target: Arc::new(target),
+            writer: writer.thread().clone(),
         })
+    }
+
+    /// Has the writer write out what is queued now, and waits until it
+    /// has (or `within` has passed: `false`). Lines recorded meanwhile by
+    /// others may be written too.
+    pub fn flush(&self, within: Duration) -> bool {
+        let want = self.counts.sent.load(Ordering::Acquire);
+        let started = Instant::now();
+        self.writer.unpark();
+        loop {
+            let done = self.counts.written.load(Ordering::Acquire)
+                + self.counts.failed.load(Ordering::Acquire);
+            if done >= want {
+                return true;
+            }
+            if started.elapsed() >= within {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Queues `entry`'s line for the writer; drops it (counted) if the
@@ -305,9 +338,11 @@ impl AccessLog {
         entry.write_json(&mut line);
         line.push(b'\n');
         match self.tx.try_send(line) {
-            Ok(()) => {}
+            Ok(()) => {
+                self.counts.sent.fetch_add(1, Ordering::Release);
+            }
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.counts.dropped.fetch_add(1, Ordering::Relaxed);
+                self.counts.full.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -319,7 +354,7 @@ impl AccessLog {
 
     /// Lines dropped so far (the queue was full, or writing failed).
     pub fn dropped(&self) -> u64 {
-        self.counts.dropped.load(Ordering::Relaxed)
+        self.counts.full.load(Ordering::Relaxed) + self.counts.failed.load(Ordering::Relaxed)
     }
 
     /// Where the log goes.
@@ -391,52 +426,55 @@ fn open_file(path: &Path) -> std::io::Result<std::fs::File> {
         .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
 }
 
-/// The writer thread: writes what comes in batches, flushes when the
-/// queue is empty, and looks for a moved file every `every`.
+/// The writer thread: every [`DRAIN_EVERY`] (or when unparked by
+/// [`AccessLog::flush`]) writes what has queued and flushes it; looks for
+/// a moved file every `every`; ends, after a last batch, when every
+/// [`AccessLog`] is gone.
 fn write_lines(rx: Receiver<Vec<u8>>, mut out: Out, counts: &Counts, every: Duration) {
     let mut checked = Instant::now();
     let mut failing = false;
     loop {
-        let first = match rx.recv_timeout(every) {
-            Ok(line) => Some(line),
-            Err(RecvTimeoutError::Timeout) => None,
-            Err(RecvTimeoutError::Disconnected) => {
-                let _ = out.flush();
-                return;
-            }
-        };
+        std::thread::park_timeout(DRAIN_EVERY.min(every));
         if checked.elapsed() >= every {
             checked = Instant::now();
             if let Err(e) = out.reopen_if_moved() {
                 tracing::warn!(error = %e, "access log: cannot open it again");
             }
         }
-        let Some(first) = first else { continue };
-        let mut batch = 0u64;
-        let mut result = out.write(&first);
-        batch += 1;
-        while result.is_ok() {
+        let (mut batch, mut ended) = (0u64, false);
+        let mut result = Ok(());
+        loop {
             match rx.try_recv() {
                 Ok(line) => {
-                    result = out.write(&line);
+                    if result.is_ok() {
+                        result = out.write(&line);
+                    }
                     batch += 1;
                 }
-                Err(_) => break,
-            }
-        }
-        let result = result.and_then(|()| out.flush());
-        match result {
-            Ok(()) => {
-                counts.written.fetch_add(batch, Ordering::Relaxed);
-                failing = false;
-            }
-            Err(e) => {
-                counts.dropped.fetch_add(batch, Ordering::Relaxed);
-                if !failing {
-                    tracing::warn!(error = %e, "access log: lines dropped, writing failed");
-                    failing = true;
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    ended = true;
+                    break;
                 }
             }
+        }
+        if batch > 0 {
+            match result.and_then(|()| out.flush()) {
+                Ok(()) => {
+                    counts.written.fetch_add(batch, Ordering::Release);
+                    failing = false;
+                }
+                Err(e) => {
+                    counts.failed.fetch_add(batch, Ordering::Release);
+                    if !failing {
+                        tracing::warn!(error = %e, "access log: lines dropped, writing failed");
+                        failing = true;
+                    }
+                }
+            }
+        }
+        if ended {
+            return;
         }
     }
 }
@@ -525,15 +563,6 @@ mod tests {
         assert!(v.get("project").is_none(), "{v}");
     }
 
-    /// Waits until `log` has written `n` lines (or 10 s pass).
-    fn written(log: &AccessLog, n: u64) {
-        let t = Instant::now();
-        while log.written() < n && t.elapsed() < Duration::from_secs(10) {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert_eq!(log.written(), n);
-    }
-
     #[test]
     fn lines_reach_the_file_and_a_rotated_file_is_opened_again() {
         let dir = tempfile::tempdir().unwrap();
@@ -543,7 +572,8 @@ mod tests {
         for i in 0..3 {
             log.record(&entry(&format!("/r{i}")));
         }
-        written(&log, 3);
+        assert!(log.flush(Duration::from_secs(10)));
+        assert_eq!(log.written(), 3);
         let text = std::fs::read_to_string(&path).unwrap();
         let targets: Vec<String> = text
             .lines()
@@ -562,11 +592,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
         log.record(&entry("/after"));
-        let sent = log.written() + 1;
-        let t = Instant::now();
-        while log.written() < sent && t.elapsed() < Duration::from_secs(10) {
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        assert!(log.flush(Duration::from_secs(10)));
         let new = std::fs::read_to_string(&path).unwrap();
         let old = std::fs::read_to_string(&rotated).unwrap();
         assert!(new.contains("\"/after\""), "{new}");
@@ -580,6 +606,25 @@ mod tests {
             use std::os::unix::fs::PermissionsExt;
             let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode & 0o007, 0, "not readable by others: {mode:o}");
+        }
+    }
+
+    #[test]
+    fn the_last_lines_are_written_when_the_log_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let log = AccessLog::open(Target::File(path.clone())).unwrap();
+        log.record(&entry("/a"));
+        log.record(&entry("/b"));
+        drop(log);
+        let t = Instant::now();
+        loop {
+            let text = std::fs::read_to_string(&path).unwrap();
+            if text.lines().count() == 2 {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(10), "{text:?}");
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 

@@ -471,6 +471,11 @@ pub async fn run(
     if let Err(e) = ingress.save_state().and_then(|()| tunnels.save_state()) {
         tracing::warn!(error = %e, "saving the proxy's state failed");
     }
+    if let Some(log) = ingress.access_log() {
+        if !log.flush(Duration::from_secs(5)) {
+            tracing::warn!("the access log's last lines were not written within 5 s");
+        }
+    }
     result
 }
 
