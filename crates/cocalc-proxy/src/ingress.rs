@@ -877,25 +877,10 @@ impl Ingress {
     /// counted, audited and answered here. Serve it with
     /// [`crate::serve_ingress`], or from any hyper server.
     pub async fn handle(&self, peer: &Peer, req: http::Request<Incoming>) -> Response {
-        let Some(log) = &self.cfg.access_log else {
-            return self.answer(peer, req).await.0;
-        };
-        let seen = Seen::of(self, peer, &req);
-        let (r, routed) = self.answer(peer, req).await;
-        seen.record(log, r.status(), routed);
-        r
-    }
-
-    /// [`Ingress::handle`]'s answer, and the project and host it went to
-    /// (none for a refusal before forwarding).
-    async fn answer(
-        &self,
-        peer: &Peer,
-        req: http::Request<Incoming>,
-    ) -> (Response, Option<(ProjectId, HostId)>) {
+        let seen = self.seen(peer, &req);
         let (project, host, route) = match self.prepare(peer, &req).await {
             Ok(ready) => ready,
-            Err(refusal) => return (refusal.map(full), None),
+            Err(refusal) => return self.logged(seen, refusal, None).map(full),
         };
         // Pinned where it is made: the request's future is large, and
         // the watch takes it by reference rather than moving it.
@@ -904,7 +889,7 @@ impl Ingress {
             Ok(r) => r,
             Err(e) => self.forward_failed(project, host, peer, &e).map(full),
         };
-        (r, Some((project, host)))
+        self.logged(seen, r, Some((project, host)))
     }
 
     /// Answers one plain request (no body, no upgrade) as
@@ -918,28 +903,10 @@ impl Ingress {
         peer: &Peer,
         req: http::Request<()>,
     ) -> http::Response<LeanBody<HostId>> {
-        let Some(log) = &self.cfg.access_log else {
-            return self.answer_lean(peer, req).await.0;
-        };
-        let seen = Seen::of(self, peer, &req);
-        let (r, routed) = self.answer_lean(peer, req).await;
-        seen.record(log, r.status(), routed);
-        r
-    }
-
-    /// [`Ingress::handle_lean`]'s answer, and the project and host it
-    /// went to.
-    async fn answer_lean(
-        &self,
-        peer: &Peer,
-        req: http::Request<()>,
-    ) -> (
-        http::Response<LeanBody<HostId>>,
-        Option<(ProjectId, HostId)>,
-    ) {
+        let seen = self.seen(peer, &req);
         let (project, host, route) = match self.prepare(peer, &req).await {
             Ok(ready) => ready,
-            Err(refusal) => return (refusal.map(LeanBody::Full), None),
+            Err(refusal) => return self.logged(seen, refusal, None).map(LeanBody::Full),
         };
         let (parts, ()) = req.into_parts();
         let answer = std::pin::pin!(self.send_lean(host, &route, peer, &parts));
@@ -949,7 +916,30 @@ impl Ingress {
                 .forward_failed(project, host, peer, &e)
                 .map(LeanBody::Full),
         };
-        (r, Some((project, host)))
+        self.logged(seen, r, Some((project, host)))
+    }
+
+    /// What the access log keeps of `req` while it is answered; nothing
+    /// without an access log.
+    fn seen<B>(&self, peer: &Peer, req: &http::Request<B>) -> Option<Seen> {
+        self.cfg
+            .access_log
+            .as_ref()
+            .map(|_| Seen::of(self, peer, req))
+    }
+
+    /// `r`, after logging it if the request was `seen`; `routed` is the
+    /// project and host it went to (none for a refusal before that).
+    fn logged<B>(
+        &self,
+        seen: Option<Seen>,
+        r: http::Response<B>,
+        routed: Option<(ProjectId, HostId)>,
+    ) -> http::Response<B> {
+        if let (Some(seen), Some(log)) = (seen, &self.cfg.access_log) {
+            seen.record(log, r.status(), routed);
+        }
+        r
     }
 
     /// Awaits `answer`, an exchange with `host` made outside the HTTP
