@@ -20,7 +20,8 @@
 //! both).
 //!
 //! Limits: at most [`MAX_CONCURRENT_STREAMS`] requests at once per
-//! connection, request heads up to [`MAX_HEADER_LIST_SIZE`], and a
+//! connection, request heads up to [`MAX_HEADER_LIST_SIZE`], at most
+//! [`MAX_SEND_BUFFER`] of each answer held for a client slow to read it, and a
 //! connection with no request for [`IDLE_TIMEOUT`] is closed (a GOAWAY,
 //! then the close), as HTTP/1.1 closes an idle keep-alive connection.
 //! Hyper's HTTP/2 server bounds streams reset before they are answered
@@ -47,6 +48,12 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 128;
 /// Largest request head accepted, as HTTP/2 counts it (each field's name
 /// and value plus 32 bytes, RFC 9113 §6.5.2); a larger one is refused.
 pub const MAX_HEADER_LIST_SIZE: u32 = 64 << 10;
+
+/// Most bytes of one response held for a client that does not read them
+/// (hyper's default is 400 KiB): with [`MAX_CONCURRENT_STREAMS`] streams a
+/// connection holds at most 16 MiB of answers it could not yet send,
+/// rather than 50.
+pub const MAX_SEND_BUFFER: usize = 128 << 10;
 
 /// How long an HTTP/2 connection may go without a request open before it
 /// is closed: the same as an idle HTTP/1.1 keep-alive connection
@@ -123,6 +130,7 @@ where
         .timer(TokioTimer::new())
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .max_send_buf_size(MAX_SEND_BUFFER)
         // Uploads: the receive window grows with the link's measured
         // bandwidth-delay product instead of staying at 1 MiB, which
         // would cap a 50 ms path at 20 MiB/s.
