@@ -752,6 +752,99 @@ async fn host_caps_connections_per_client() {
     .await;
 }
 
+/// A host with `access_log` logs each request on its listener, the lean
+/// port relay's and the router's, refusals included, with the client a
+/// trusted proxy names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_access_log_records_each_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("host-access.log");
+    let mport = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let Solo { m: _m, h, c: _c, o } = one_host_one_project(
+        dir.path(),
+        &format!(
+            "access_log = \"{}\"\ntrusted_proxies = [\"127.0.0.1\"]\n\
+             metrics_listen = \"127.0.0.1:{mport}\"\n",
+            log_path.display()
+        ),
+    )
+    .await;
+    let addr: SocketAddr = h.url.trim_start_matches("http://").parse().unwrap();
+    let pid = o.project.to_string();
+    let hport = headers_server().await;
+    // One request from `local` on a connection of its own: the status.
+    let get = |local: &'static str, path: String, extra: String| async move {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{local}:0").parse().unwrap()).unwrap();
+        let mut s = sock.connect(addr).await.unwrap();
+        let req =
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer).await;
+        let answer = String::from_utf8_lossy(&answer).into_owned();
+        answer[9..12].parse::<u16>().unwrap()
+    };
+    let auth = format!("Authorization: Bearer {}\r\n", o.token);
+    assert_eq!(
+        get("127.0.0.2", format!("/{pid}/status"), auth.clone()).await,
+        200
+    );
+    assert_eq!(
+        get("127.0.0.2", format!("/{pid}/port/{hport}/a"), auth.clone()).await,
+        200
+    );
+    let via_proxy = format!("{auth}X-Forwarded-For: 198.51.100.7\r\n");
+    assert_eq!(
+        get("127.0.0.1", format!("/{pid}/status"), via_proxy).await,
+        200
+    );
+    assert_eq!(
+        get("127.0.0.2", format!("/{pid}/status"), String::new()).await,
+        401
+    );
+
+    let host = h.id.to_string();
+    let expect = [
+        ("127.0.0.2", format!("/{pid}/status"), 200),
+        ("127.0.0.2", format!("/{pid}/port/{hport}/a"), 200),
+        ("198.51.100.7", format!("/{pid}/status"), 200),
+        ("127.0.0.2", format!("/{pid}/status"), 401),
+    ];
+    eventually("four lines written", Duration::from_secs(10), || async {
+        std::fs::read_to_string(&log_path).is_ok_and(|t| t.lines().count() == expect.len())
+    })
+    .await;
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    for (line, (client, target, status)) in text.lines().zip(expect) {
+        let line: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(line["client"], client, "{line}");
+        assert_eq!(line["method"], "GET", "{line}");
+        assert_eq!(line["target"], target.as_str(), "{line}");
+        assert_eq!(line["status"], status, "{line}");
+        assert_eq!(line["version"], "HTTP/1.1", "{line}");
+        assert_eq!(line["tls"], false, "{line}");
+        assert_eq!(line["project"], pid.as_str(), "{line}");
+        assert_eq!(line["host"], host.as_str(), "{line}");
+    }
+    assert!(!text.contains(&o.token));
+    let metrics = reqwest::get(format!("http://127.0.0.1:{mport}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("cocalc_host_access_log_lines_total{result=\"written\"} 4\n"),
+        "{metrics}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn activity_reaches_the_master_and_idle_projects_are_stopped() {
     let dir = tempfile::tempdir().unwrap();

@@ -82,6 +82,28 @@ impl Target {
             Target::File(PathBuf::from(s))
         }
     }
+
+    /// Whether the log can be opened as far as can be told without
+    /// creating it (a config check): a file's directory must exist. The
+    /// error names it.
+    pub fn check(&self) -> Result<(), String> {
+        let Target::File(path) = self else {
+            return Ok(());
+        };
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if dir.is_dir() {
+            Ok(())
+        } else {
+            Err(format!(
+                "access_log {}: {} is not a directory",
+                path.display(),
+                dir.display()
+            ))
+        }
+    }
 }
 
 /// One request as the log records it. Fields that are `None` are left
@@ -151,6 +173,84 @@ impl Entry<'_> {
         }
         out.push(b'}');
     }
+}
+
+/// A request on its way in, kept until it is answered and then logged
+/// ([`Pending::record`]); the target is the request's own `Uri`, shared,
+/// not copied.
+#[derive(Debug)]
+pub struct Pending {
+    started: Instant,
+    time: Timestamp,
+    client: IpAddr,
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
+    tls: bool,
+}
+
+impl Pending {
+    /// `req`, from `client` (over TLS if `tls`), arriving at `time`. The
+    /// version is the one the client spoke, when
+    /// [`shape_as_http1`](crate::http2::shape_as_http1) changed it.
+    pub fn new<B>(req: &http::Request<B>, client: IpAddr, tls: bool, time: Timestamp) -> Self {
+        Pending {
+            started: Instant::now(),
+            time,
+            client,
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req
+                .extensions()
+                .get::<crate::http2::ClientVersion>()
+                .map_or(req.version(), |v| v.0),
+            tls,
+        }
+    }
+
+    /// The request's path.
+    pub fn path(&self) -> &str {
+        self.uri.path()
+    }
+
+    /// Logs the request to `log`, answered with `status` now; `project`
+    /// and `host` as far as they are known.
+    pub fn record(
+        self,
+        log: &AccessLog,
+        status: http::StatusCode,
+        project: Option<ProjectId>,
+        host: Option<HostId>,
+    ) {
+        let version = match self.version {
+            http::Version::HTTP_10 => "HTTP/1.0",
+            http::Version::HTTP_11 => "HTTP/1.1",
+            http::Version::HTTP_2 => "HTTP/2",
+            _ => "HTTP/?",
+        };
+        let target = self
+            .uri
+            .path_and_query()
+            .map_or_else(|| self.uri.path(), |pq| pq.as_str());
+        log.record(&Entry {
+            time: self.time,
+            client: self.client,
+            method: self.method.as_str(),
+            target,
+            version,
+            tls: self.tls,
+            status: status.as_u16(),
+            micros: u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            project,
+            host,
+        });
+    }
+}
+
+/// The project a path names in its first segment
+/// (`/<project id>/…`), if it parses as one.
+pub fn project_in_path(path: &str) -> Option<ProjectId> {
+    path.strip_prefix('/')?.split('/').next()?.parse().ok()
 }
 
 /// `s` as a JSON string: copied as it is when it is printable ASCII with

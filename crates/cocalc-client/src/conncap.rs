@@ -107,6 +107,35 @@ pub fn in_nets(nets: &[ipnet::IpNet], ip: IpAddr) -> bool {
     nets.iter().any(|n| n.contains(&ip))
 }
 
+/// Who a request from `peer` is from: `peer` itself, unless it is in
+/// `trusted` (proxies in front); then the right-most address of
+/// `X-Forwarded-For` that is not trusted too (`peer` if there is none,
+/// or if an entry before one does not parse).
+pub fn forwarded_client(
+    peer: IpAddr,
+    headers: &http::HeaderMap,
+    trusted: &[ipnet::IpNet],
+) -> IpAddr {
+    if !in_nets(trusted, peer) {
+        return peer;
+    }
+    let forwarded: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    for entry in forwarded.iter().rev() {
+        match entry.parse::<IpAddr>() {
+            Ok(ip) if in_nets(trusted, ip) => continue,
+            Ok(ip) => return ip,
+            Err(_) => break,
+        }
+    }
+    peer
+}
+
 /// One connection's place under a [`ConnectionCap`], given back when
 /// dropped.
 #[derive(Debug)]

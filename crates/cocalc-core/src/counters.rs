@@ -100,6 +100,22 @@ pub mod encode {
         )
     }
 
+    /// The lines of an access log, `access_log_lines_total` by `result`:
+    /// `written`, and `dropped` (the writer fell behind or could not
+    /// write).
+    pub fn access_log_lines(
+        encoder: &mut DescriptorEncoder<'_>,
+        (written, dropped): (u64, u64),
+    ) -> Result<(), std::fmt::Error> {
+        counters(
+            encoder,
+            "access_log_lines",
+            "Access log lines, by result (dropped: the writer fell behind or could not write)",
+            [("written", written), ("dropped", dropped)]
+                .map(|(result, n)| ([("result", result.to_string())], n)),
+        )
+    }
+
     /// One counter sample without labels (`<name>_total`).
     pub fn counter(
         encoder: &mut DescriptorEncoder<'_>,

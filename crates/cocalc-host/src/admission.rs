@@ -16,6 +16,10 @@
 //! counted and, with [`Admission::with_audit`], an audit record. Connections
 //! from `trusted_proxies` — the proxies in front, which carry many
 //! clients — are not counted.
+//!
+//! With [`Admission::with_access_log`] the same services also log every
+//! request they answer ([`cocalc_client::access_log`]), the client being
+//! the one a trusted proxy names in `X-Forwarded-For`.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -28,10 +32,11 @@ use axum::body::Body;
 use axum::http::{header, HeaderValue, Request, Response, StatusCode};
 use bytes::Bytes;
 use cocalc_auth::AuditSink;
-use cocalc_client::conncap::{in_nets, ConnectionCap};
+use cocalc_client::access_log::{project_in_path, AccessLog, Pending};
+use cocalc_client::conncap::{forwarded_client, in_nets, ConnectionCap};
 use cocalc_client::lean::{LeanBody, LeanService};
 use cocalc_client::relay::HoldWhileUpgraded;
-use cocalc_core::{ApiError, AuditOutcome, AuditRecord, SharedClock};
+use cocalc_core::{ApiError, AuditOutcome, AuditRecord, HostId, SharedClock};
 
 /// Who may hold how many connections (see the module overview).
 #[derive(Clone)]
@@ -40,6 +45,14 @@ pub struct Admission {
     trusted: Arc<[ipnet::IpNet]>,
     refused: Arc<AtomicU64>,
     audit: Option<(Arc<dyn AuditSink>, SharedClock)>,
+    log: Option<Arc<HostLog>>,
+}
+
+/// An access log, the host it is this host's, and the clock stamping it.
+struct HostLog {
+    log: AccessLog,
+    host: HostId,
+    clock: SharedClock,
 }
 
 impl std::fmt::Debug for Admission {
@@ -52,11 +65,33 @@ impl std::fmt::Debug for Admission {
 }
 
 /// What one connection was given: a place to hold (none when uncapped),
-/// or a refusal naming the cap.
-#[derive(Debug, Clone)]
+/// or a refusal naming the cap; and, with an access log, what its
+/// requests are logged with.
+#[derive(Clone)]
 pub struct Ticket {
     hold: Option<HoldWhileUpgraded>,
     refused: Option<u32>,
+    logged: Option<Logged>,
+}
+
+/// How a connection's requests are logged: the log, the peer, the
+/// trusted proxies, whether it is TLS.
+#[derive(Clone)]
+struct Logged {
+    log: Arc<HostLog>,
+    peer: IpAddr,
+    trusted: Arc<[ipnet::IpNet]>,
+    tls: bool,
+}
+
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ticket")
+            .field("hold", &self.hold)
+            .field("refused", &self.refused)
+            .field("logged", &self.logged.is_some())
+            .finish()
+    }
 }
 
 impl Admission {
@@ -68,7 +103,20 @@ impl Admission {
             trusted: trusted.into(),
             refused: Arc::default(),
             audit: None,
+            log: None,
         }
+    }
+
+    /// Also logs every request the connections' services answer to `log`
+    /// (as answered by `host`), stamped by `clock`.
+    pub fn with_access_log(mut self, log: AccessLog, host: HostId, clock: SharedClock) -> Self {
+        self.log = Some(Arc::new(HostLog { log, host, clock }));
+        self
+    }
+
+    /// The access log, when there is one.
+    pub fn access_log(&self) -> Option<&AccessLog> {
+        self.log.as_ref().map(|l| &l.log)
     }
 
     /// Also hands each refusal to `audit` (action `host_connection`,
@@ -78,18 +126,26 @@ impl Admission {
         self
     }
 
-    /// The ticket of a connection from `peer`.
+    /// The ticket of a plain connection from `peer`.
     pub fn admit(&self, peer: IpAddr) -> Ticket {
+        let logged = self.log.as_ref().map(|log| Logged {
+            log: log.clone(),
+            peer,
+            trusted: self.trusted.clone(),
+            tls: false,
+        });
         if self.cap.limit() == 0 || in_nets(&self.trusted, peer) {
             return Ticket {
                 hold: None,
                 refused: None,
+                logged,
             };
         }
         match self.cap.take(peer) {
             Some(slot) => Ticket {
                 hold: Some(HoldWhileUpgraded(Arc::new(slot))),
                 refused: None,
+                logged,
             },
             None => {
                 self.refused.fetch_add(1, Ordering::Relaxed);
@@ -108,6 +164,7 @@ impl Admission {
                 Ticket {
                     hold: None,
                     refused: Some(self.cap.limit()),
+                    logged,
                 }
             }
         }
@@ -125,6 +182,23 @@ impl Admission {
 }
 
 impl Ticket {
+    /// This ticket for a connection over TLS (as its log lines say).
+    pub fn over_tls(mut self) -> Self {
+        if let Some(l) = &mut self.logged {
+            l.tls = true;
+        }
+        self
+    }
+
+    /// What the access log keeps of `req` until it is answered; nothing
+    /// without a log.
+    fn pending<B>(&self, req: &Request<B>) -> Option<(Pending, Arc<HostLog>)> {
+        let l = self.logged.as_ref()?;
+        let client = forwarded_client(l.peer, req.headers(), &l.trusted);
+        let pending = Pending::new(req, client, l.tls, l.log.clock.now());
+        Some((pending, l.log.clone()))
+    }
+
     /// The refusal, as JSON with the headers that close the connection.
     fn refusal(limit: u32) -> (StatusCode, [(header::HeaderName, HeaderValue); 3], Bytes) {
         let e = ApiError::new(
@@ -147,6 +221,14 @@ impl Ticket {
             ],
             Bytes::from(serde_json::to_vec(&e).unwrap_or_default()),
         )
+    }
+}
+
+/// Logs a request [`Ticket::pending`] kept, answered with `status`.
+fn record(pending: Option<(Pending, Arc<HostLog>)>, status: StatusCode) {
+    if let Some((p, l)) = pending {
+        let project = project_in_path(p.path());
+        p.record(&l.log, status, project, Some(l.host));
     }
 }
 
@@ -191,9 +273,11 @@ where
     type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
 
     fn call(&self, mut req: Request<hyper::body::Incoming>) -> Self::Future {
+        let pending = self.ticket.pending(&req);
         if let Some(limit) = self.ticket.refused {
             let refusal = Ticket::refusal(limit);
             let body = Body::from(refusal.2.clone());
+            record(pending, refusal.0);
             return Box::pin(std::future::ready(Ok(respond(&refusal, body))));
         }
         if let Some(hold) = &self.ticket.hold {
@@ -201,7 +285,17 @@ where
                 req.extensions_mut().insert(hold.clone());
             }
         }
-        Box::pin(self.inner.call(req))
+        let answer = self.inner.call(req);
+        match pending {
+            None => Box::pin(answer),
+            Some(pending) => Box::pin(async move {
+                let r = answer.await;
+                if let Ok(resp) = &r {
+                    record(Some(pending), resp.status());
+                }
+                r
+            }),
+        }
     }
 }
 
@@ -228,14 +322,17 @@ impl<L: LeanService> LeanService for AdmittedLean<L> {
     }
 
     async fn call(&self, req: Request<()>) -> Response<LeanBody<Self::Key>> {
-        match self.ticket.refused {
+        let pending = self.ticket.pending(&req);
+        let r = match self.ticket.refused {
             Some(limit) => {
                 let refusal = Ticket::refusal(limit);
                 let body = LeanBody::Full(refusal.2.clone());
                 respond(&refusal, body)
             }
             None => self.inner.call(req).await,
-        }
+        };
+        record(pending, r.status());
+        r
     }
 }
 

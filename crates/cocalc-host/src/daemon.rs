@@ -31,6 +31,8 @@
 //! offline_grace_secs = 3600
 //! acl_ttl_secs = 300
 //! # metrics_listen = "127.0.0.1:9102"  # GET /metrics (Prometheus); keep it private
+//! # access_log = "/var/log/cocalc/host-access.log" # a JSON line per request on listen
+//! #                                     # ("-": standard output); rotation is noticed
 //! ```
 
 use std::net::SocketAddr;
@@ -171,6 +173,13 @@ pub struct HostConfig {
     /// absent. Keep it off the public network.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Where every request answered on `listen` is logged, one JSON line
+    /// each ([`cocalc_client::access_log`]): a file (appended to,
+    /// created, opened again when rotated away) or `"-"` for standard
+    /// output. None when absent. (A hidden host's requests are logged by
+    /// its proxy.)
+    #[serde(default)]
+    pub access_log: Option<String>,
 }
 
 fn default_activity_interval() -> u64 {
@@ -273,6 +282,16 @@ impl HostConfig {
             return Err("tunnel_ca_file goes with an https:// tunnel_url".into());
         }
         cocalc_client::conncap::parse_nets(&self.trusted_proxies)?;
+        if let Some(t) = &self.access_log {
+            if self.listen.is_none() {
+                return Err(
+                    "access_log goes with listen: a hidden host's requests are logged by its \
+                     proxy"
+                        .into(),
+                );
+            }
+            cocalc_client::access_log::Target::parse(t).check()?;
+        }
         if self.listen.is_none()
             && (self.client_connections > 0 || !self.trusted_proxies.is_empty())
         {
@@ -668,11 +687,17 @@ async fn build_at(cfg: &HostConfig, endpoint: HostEndpoint) -> Result<Host, Host
     }
     let agent = Arc::new(agent);
     let _ = events.agent.set(Arc::downgrade(&agent));
-    let admission = crate::admission::Admission::new(
+    let mut admission = crate::admission::Admission::new(
         cfg.client_connections,
         cocalc_client::conncap::parse_nets(&cfg.trusted_proxies).map_err(HostDaemonError::Start)?,
     )
     .with_audit(audit, clock.clone());
+    if let Some(t) = &cfg.access_log {
+        let log =
+            cocalc_client::access_log::AccessLog::open(cocalc_client::access_log::Target::parse(t))
+                .map_err(|e| start_err("access_log", e))?;
+        admission = admission.with_access_log(log, host, clock.clone());
+    }
     Ok(Host {
         agent,
         link,
@@ -949,7 +974,7 @@ impl Host {
                     move |peer: SocketAddr| {
                         crate::admission::Admitted::new(
                             hyper_util::service::TowerToHyperService::new(router.clone()),
-                            admission.admit(peer.ip()),
+                            admission.admit(peer.ip()).over_tls(),
                         )
                     },
                     move |peer, why| {
@@ -997,6 +1022,11 @@ impl Host {
         let _ = counter.await;
         let _ = saver.await;
         let _ = culler.await;
+        if let Some(log) = me.admission.access_log() {
+            if !log.flush(Duration::from_secs(5)) {
+                tracing::warn!("the access log's last lines were not written within 5 s");
+            }
+        }
         result
     }
 }
@@ -1063,6 +1093,26 @@ mod tests {
             .contains("\"proxy.example\" is not an address"));
         let hidden = check("tunnel_url = \"http://p:1\"\nclient_connections = 10\n");
         assert!(hidden.unwrap_err().contains("go with listen"));
+    }
+
+    #[test]
+    fn an_access_log_needs_a_directory_and_a_listen_address() {
+        assert!(check("listen = \"127.0.0.1:0\"\naccess_log = \"-\"\n").is_ok());
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("access.log");
+        let ok = format!(
+            "listen = \"127.0.0.1:0\"\naccess_log = \"{}\"\n",
+            file.display()
+        );
+        assert!(check(&ok).is_ok());
+        let missing = dir.path().join("no").join("access.log");
+        let bad = check(&format!(
+            "listen = \"127.0.0.1:0\"\naccess_log = \"{}\"\n",
+            missing.display()
+        ));
+        assert!(bad.unwrap_err().contains("is not a directory"));
+        let hidden = check("tunnel_url = \"http://p:1\"\naccess_log = \"-\"\n");
+        assert!(hidden.unwrap_err().contains("logged by its proxy"));
     }
 
     #[test]

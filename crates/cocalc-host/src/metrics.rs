@@ -12,7 +12,9 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use cocalc_core::counters::encode::{client_connections, counter, gauge, responses};
+use cocalc_core::counters::encode::{
+    access_log_lines, client_connections, counter, gauge, responses,
+};
 use cocalc_core::SharedClock;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -154,6 +156,9 @@ impl Collector for HostMetrics {
                  held client_connections already)",
                 a.refused(),
             )?;
+            if let Some(log) = a.access_log() {
+                access_log_lines(&mut encoder, (log.written(), log.dropped()))?;
+            }
         }
         responses(
             &mut encoder,

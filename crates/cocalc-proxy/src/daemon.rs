@@ -271,22 +271,9 @@ impl ProxyConfig {
 
     /// `access_log`'s directory exists (the file is created at start).
     fn check_access_log(&self) -> Result<(), String> {
-        use cocalc_client::access_log::Target;
-        let Some(Target::File(path)) = self.access_log.as_deref().map(Target::parse) else {
-            return Ok(());
-        };
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        if dir.is_dir() {
-            Ok(())
-        } else {
-            Err(format!(
-                "access_log {}: {} is not a directory",
-                path.display(),
-                dir.display()
-            ))
+        match &self.access_log {
+            Some(t) => cocalc_client::access_log::Target::parse(t).check(),
+            None => Ok(()),
         }
     }
 

@@ -58,8 +58,8 @@ use axum::body::Body;
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use bytes::Bytes;
 use cocalc_auth::{paserk, AuditSink, KeySet, TracingAuditSink, Verifier};
-use cocalc_client::access_log::AccessLog;
-use cocalc_client::conncap::{in_nets, ConnectionCap, Slot};
+use cocalc_client::access_log::{AccessLog, Pending};
+use cocalc_client::conncap::{forwarded_client, in_nets, ConnectionCap, Slot};
 use cocalc_client::lean::LeanBody;
 use cocalc_client::upstream::{ResponseBody, Upstream, UpstreamError};
 use cocalc_client::MasterClient;
@@ -921,23 +921,27 @@ impl Ingress {
 
     /// What the access log keeps of `req` while it is answered; nothing
     /// without an access log.
-    fn seen<B>(&self, peer: &Peer, req: &http::Request<B>) -> Option<Seen> {
-        self.cfg
-            .access_log
-            .as_ref()
-            .map(|_| Seen::of(self, peer, req))
+    fn seen<B>(&self, peer: &Peer, req: &http::Request<B>) -> Option<Pending> {
+        self.cfg.access_log.as_ref().map(|_| {
+            let client = self.client_of(peer, req.headers()).ip;
+            Pending::new(req, client, peer.proto == HTTPS, self.lookup.clock.now())
+        })
     }
 
     /// `r`, after logging it if the request was `seen`; `routed` is the
     /// project and host it went to (none for a refusal before that).
     fn logged<B>(
         &self,
-        seen: Option<Seen>,
+        seen: Option<Pending>,
         r: http::Response<B>,
         routed: Option<(ProjectId, HostId)>,
     ) -> http::Response<B> {
         if let (Some(seen), Some(log)) = (seen, &self.cfg.access_log) {
-            seen.record(log, r.status(), routed);
+            // A refusal before routing: the project its path names.
+            let project = routed
+                .map(|(p, _)| p)
+                .or_else(|| project_of_path(seen.path()).ok());
+            seen.record(log, r.status(), project, routed.map(|(_, h)| h));
         }
         r
     }
@@ -1170,33 +1174,10 @@ impl Ingress {
     /// that is not a trusted proxy too (the proxy itself if there is none,
     /// or if an entry before one does not parse).
     fn client_of(&self, peer: &Peer, headers: &http::HeaderMap) -> Client {
-        let own = Client {
-            ip: peer.addr.ip(),
+        Client {
+            ip: forwarded_client(peer.addr.ip(), headers, &self.cfg.trusted_proxies),
             peer: peer.addr,
-        };
-        if !self.is_trusted(own.ip) {
-            return own;
         }
-        let forwarded: Vec<&str> = headers
-            .get_all(X_FORWARDED_FOR)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .collect();
-        for entry in forwarded.iter().rev() {
-            match entry.parse::<std::net::IpAddr>() {
-                Ok(ip) if self.is_trusted(ip) => continue,
-                Ok(ip) => {
-                    return Client {
-                        ip,
-                        peer: peer.addr,
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-        own
     }
 
     /// The scheme to tell hosts: what a trusted proxy says it was
@@ -1396,66 +1377,6 @@ impl Ingress {
                 })?
         };
         Ok(resp.map(|b| Either::Left(Either::Left(b))))
-    }
-}
-
-/// What the access log keeps of a request while it is answered (the
-/// target is the request's own `Uri`, shared, not copied).
-struct Seen {
-    started: std::time::Instant,
-    time: Timestamp,
-    client: std::net::IpAddr,
-    method: http::Method,
-    uri: http::Uri,
-    version: http::Version,
-    tls: bool,
-}
-
-impl Seen {
-    fn of<B>(ingress: &Ingress, peer: &Peer, req: &http::Request<B>) -> Self {
-        Seen {
-            started: std::time::Instant::now(),
-            time: ingress.lookup.clock.now(),
-            client: ingress.client_of(peer, req.headers()).ip,
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-            version: req
-                .extensions()
-                .get::<cocalc_client::http2::ClientVersion>()
-                .map_or(req.version(), |v| v.0),
-            tls: peer.proto == HTTPS,
-        }
-    }
-
-    /// Logs the request, answered with `status`; `routed` is where it
-    /// went (for a refusal, the project is read from the path).
-    fn record(self, log: &AccessLog, status: StatusCode, routed: Option<(ProjectId, HostId)>) {
-        let version = match self.version {
-            http::Version::HTTP_10 => "HTTP/1.0",
-            http::Version::HTTP_11 => "HTTP/1.1",
-            http::Version::HTTP_2 => "HTTP/2",
-            _ => "HTTP/?",
-        };
-        let target = self
-            .uri
-            .path_and_query()
-            .map_or_else(|| self.uri.path(), |pq| pq.as_str());
-        let project = match routed {
-            Some((project, _)) => Some(project),
-            None => project_of_path(self.uri.path()).ok(),
-        };
-        log.record(&cocalc_client::access_log::Entry {
-            time: self.time,
-            client: self.client,
-            method: self.method.as_str(),
-            target,
-            version,
-            tls: self.tls,
-            status: status.as_u16(),
-            micros: u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX),
-            project,
-            host: routed.map(|(_, host)| host),
-        });
     }
 }
 

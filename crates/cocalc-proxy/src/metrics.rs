@@ -10,7 +10,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use cocalc_core::counters::encode::{client_connections, counter, counters, gauge, gauges};
+use cocalc_core::counters::encode::{
+    access_log_lines, client_connections, counter, counters, gauge, gauges,
+};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
 
@@ -109,14 +111,7 @@ impl Collector for ProxyMetrics {
             .map(|(result, n)| ([("result", result.to_string())], n)),
         )?;
         if let Some(log) = self.ingress.access_log() {
-            counters(
-                &mut encoder,
-                "access_log_lines",
-                "Access log lines, by result (dropped: the writer fell behind or could not \
-                 write)",
-                [("written", log.written()), ("dropped", log.dropped())]
-                    .map(|(result, n)| ([("result", result.to_string())], n)),
-            )?;
+            access_log_lines(&mut encoder, (log.written(), log.dropped()))?;
         }
         #[cfg(feature = "ssh")]
         if let Some(ssh) = &self.ssh {
