@@ -661,19 +661,43 @@ async fn one_host_one_project(dir: &Path, extra: &str) -> Solo {
     Solo { m, h, c, o }
 }
 
+/// A port free on loopback now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A TCP connection to `addr` from the loopback address `local` (any of
+/// 127.0.0.0/8), to be a client other than 127.0.0.1.
+async fn connect_from(local: &str, addr: SocketAddr) -> tokio::net::TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{local}:0").parse().unwrap()).unwrap();
+    sock.connect(addr).await.unwrap()
+}
+
+/// `GET path` from `local` to `addr` on a connection of its own, with the
+/// header lines `extra` (each ending in CRLF): the whole answer.
+async fn get_from(local: &str, addr: SocketAddr, path: &str, extra: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = connect_from(local, addr).await;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 /// A host's own listener caps the connections one client address holds
 /// (`client_connections`): WebSockets count until they close, one more
 /// connection is answered 429 `too_many_connections` and closed, and the
 /// proxies in `trusted_proxies` are not counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_caps_connections_per_client() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
-    let mport = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let mport = free_port();
     let Solo { m: _m, h, c: _c, o } = one_host_one_project(
         dir.path(),
         &format!(
@@ -692,18 +716,13 @@ async fn host_caps_connections_per_client() {
     };
     let addr: SocketAddr = h.url.trim_start_matches("http://").parse().unwrap();
     let pid = o.project.to_string();
-    // A connection from `local` (127.0.0.2 is a client, 127.0.0.1 the
-    // trusted proxy).
-    let connect = |local: &'static str| async move {
-        let sock = tokio::net::TcpSocket::new_v4().unwrap();
-        sock.bind(format!("{local}:0").parse().unwrap()).unwrap();
-        sock.connect(addr).await.unwrap()
-    };
+    // Connections from 127.0.0.2 (a client) and 127.0.0.1 (the trusted
+    // proxy).
     let terminal = |local: &'static str| {
         let (pid, token) = (pid.clone(), o.token.clone());
         async move {
             let req = ws_request(format!("ws://{addr}/{pid}/terminal"), &token);
-            tokio_tungstenite::client_async(req, connect(local).await)
+            tokio_tungstenite::client_async(req, connect_from(local, addr).await)
                 .await
                 .unwrap()
                 .0
@@ -711,18 +730,9 @@ async fn host_caps_connections_per_client() {
     };
     // A status request on a connection of its own: the whole answer.
     let status = |local: &'static str| {
-        let (pid, token) = (pid.clone(), o.token.clone());
-        async move {
-            let mut s = connect(local).await;
-            let req = format!(
-                "GET /{pid}/status HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
-                 Connection: close\r\n\r\n"
-            );
-            s.write_all(req.as_bytes()).await.unwrap();
-            let mut answer = Vec::new();
-            let _ = s.read_to_end(&mut answer).await;
-            String::from_utf8_lossy(&answer).into_owned()
-        }
+        let path = format!("/{pid}/status");
+        let auth = format!("Authorization: Bearer {}\r\n", o.token);
+        async move { get_from(local, addr, &path, &auth).await }
     };
 
     let first = terminal("127.0.0.2").await;
@@ -757,14 +767,9 @@ async fn host_caps_connections_per_client() {
 /// trusted proxy names.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_access_log_records_each_request() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
     let log_path = dir.path().join("host-access.log");
-    let mport = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let mport = free_port();
     let Solo { m: _m, h, c: _c, o } = one_host_one_project(
         dir.path(),
         &format!(
@@ -779,15 +784,7 @@ async fn host_access_log_records_each_request() {
     let hport = headers_server().await;
     // One request from `local` on a connection of its own: the status.
     let get = |local: &'static str, path: String, extra: String| async move {
-        let sock = tokio::net::TcpSocket::new_v4().unwrap();
-        sock.bind(format!("{local}:0").parse().unwrap()).unwrap();
-        let mut s = sock.connect(addr).await.unwrap();
-        let req =
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).await.unwrap();
-        let mut answer = Vec::new();
-        let _ = s.read_to_end(&mut answer).await;
-        let answer = String::from_utf8_lossy(&answer).into_owned();
+        let answer = get_from(local, addr, &path, &extra).await;
         answer[9..12].parse::<u16>().unwrap()
     };
     let auth = format!("Authorization: Bearer {}\r\n", o.token);
@@ -1249,18 +1246,13 @@ async fn ingress_routes_without_the_master_for_the_grace() {
     let stats = ingress.route_stats();
     assert_eq!((stats.fresh, stats.stale), (0, 1));
     assert!(stats.lookup_failures >= 1);
-    let tunnels = cocalc_proxy::TunnelHub::new(
-        cocalc_proxy::TunnelConfig::new("http://unused"),
-        MasterClient::new(&purl, "unused"),
-        std::sync::Arc::new(cocalc_core::SystemClock),
+    proxy_metrics_show(
+        &ingress,
+        &[
+            "cocalc_proxy_master_away 1",
+            "cocalc_proxy_routes{state=\"stale\"} 1",
+        ],
     );
-    let text = cocalc_proxy::metrics::ProxyMetrics::new(ingress.clone(), tunnels).render();
-    for line in [
-        "cocalc_proxy_master_away 1",
-        "cocalc_proxy_routes{state=\"stale\"} 1",
-    ] {
-        assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
-    }
     // Past the TTL and the grace: the master's error.
     let over = Duration::from_millis(200 + 8000 + 300);
     tokio::time::sleep(over.saturating_sub(started.elapsed())).await;
@@ -1963,6 +1955,38 @@ fn self_signed(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, Vec<u8>) 
     (cert, key, ck.cert.der().to_vec())
 }
 
+/// Serves `ingress` over TLS with `tls` on a loopback port: its address,
+/// and the task.
+async fn serve_tls_on_loopback(
+    ingress: &std::sync::Arc<cocalc_proxy::Ingress>,
+    tls: std::sync::Arc<rustls::ServerConfig>,
+) -> (SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = tokio::spawn(cocalc_proxy::tls::serve_ingress_tls(
+        listener,
+        tls,
+        ingress.clone(),
+        axum::Router::new(),
+        std::future::pending(),
+    ));
+    (addr, served)
+}
+
+/// Checks that the metrics of a proxy serving `ingress` (and no tunnels)
+/// have each of `lines`.
+fn proxy_metrics_show(ingress: &std::sync::Arc<cocalc_proxy::Ingress>, lines: &[&str]) {
+    let tunnels = cocalc_proxy::TunnelHub::new(
+        cocalc_proxy::TunnelConfig::new("http://unused"),
+        MasterClient::new("http://127.0.0.1:9", "unused"),
+        std::sync::Arc::new(cocalc_core::SystemClock),
+    );
+    let text = cocalc_proxy::metrics::ProxyMetrics::new(ingress.clone(), tunnels).render();
+    for line in lines {
+        assert!(text.lines().any(|l| l == *line), "{line} in:\n{text}");
+    }
+}
+
 /// A TLS connection to `addr` trusting only `root`.
 async fn tls_connect(
     addr: SocketAddr,
@@ -2071,21 +2095,9 @@ async fn ingress_access_log_records_each_request() {
         key_file: key,
     })
     .unwrap();
-    let tls_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let taddr = tls_listener.local_addr().unwrap();
-    let served_tls = tokio::spawn(cocalc_proxy::tls::serve_ingress_tls(
-        tls_listener,
-        tls,
-        ingress.clone(),
-        axum::Router::new(),
-        std::future::pending(),
-    ));
+    let (taddr, served_tls) = serve_tls_on_loopback(&ingress, tls).await;
 
-    let u = admin.create_user("u").await.unwrap();
-    let c = MasterClient::new(&m.url, u["api_key"].as_str().unwrap());
-    c.create_project(&CreateProjectRequest::new("p"))
-        .await
-        .unwrap();
+    let c = user_with_projects(&m, &admin, &["p"]).await;
     let o = c.open("p").await.unwrap();
     let pid = o.project.to_string();
     let hport = headers_server().await;
@@ -2197,18 +2209,13 @@ async fn ingress_access_log_records_each_request() {
             "{line}"
         );
     }
-    let tunnels = cocalc_proxy::TunnelHub::new(
-        cocalc_proxy::TunnelConfig::new("http://unused"),
-        MasterClient::new(&purl, "unused"),
-        std::sync::Arc::new(cocalc_core::SystemClock),
+    proxy_metrics_show(
+        &ingress,
+        &[
+            "cocalc_proxy_access_log_lines_total{result=\"written\"} 5",
+            "cocalc_proxy_access_log_lines_total{result=\"dropped\"} 0",
+        ],
     );
-    let metrics = cocalc_proxy::metrics::ProxyMetrics::new(ingress.clone(), tunnels).render();
-    for line in [
-        "cocalc_proxy_access_log_lines_total{result=\"written\"} 5",
-        "cocalc_proxy_access_log_lines_total{result=\"dropped\"} 0",
-    ] {
-        assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
-    }
 
     served.abort();
     served_tls.abort();
@@ -2255,21 +2262,9 @@ async fn ingress_over_https_answers_as_over_http() {
     let tls = certs
         .server_config(cocalc_proxy::tls::HttpVersions::default())
         .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let paddr = listener.local_addr().unwrap();
-    let served = tokio::spawn(cocalc_proxy::tls::serve_ingress_tls(
-        listener,
-        tls,
-        ingress.clone(),
-        axum::Router::new(),
-        std::future::pending(),
-    ));
+    let (paddr, served) = serve_tls_on_loopback(&ingress, tls).await;
 
-    let u = admin.create_user("u").await.unwrap();
-    let c = MasterClient::new(&m.url, u["api_key"].as_str().unwrap());
-    c.create_project(&CreateProjectRequest::new("p"))
-        .await
-        .unwrap();
+    let c = user_with_projects(&m, &admin, &["p"]).await;
     let o = c.open("p").await.unwrap();
     let pid = o.project.to_string();
     let request = |method: &str, path: String, body: String| {
