@@ -19,6 +19,12 @@
 //! Connect tokens never reach the log: a `token=` value in the query is
 //! written as `REDACTED`, and headers are not logged.
 //!
+//! A server keeps a [`Pending`] of each request (its arrival, client,
+//! method and target, shared with the request rather than copied) and
+//! records it with the answer's status ([`Pending::record`]); the proxy's
+//! ingress and hosts' per-connection services do. [`Entry`] is the line
+//! itself, for callers that have all of it at once.
+//!
 //! ```no_run
 //! # fn demo() -> std::io::Result<()> {
 //! use cocalc_client::access_log::{AccessLog, Entry, Target};

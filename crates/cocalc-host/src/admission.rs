@@ -48,7 +48,8 @@ pub struct Admission {
     log: Option<Arc<HostLog>>,
 }
 
-/// An access log, the host it is this host's, and the clock stamping it.
+/// The access log, this host's id for its lines, and the clock that
+/// stamps them.
 struct HostLog {
     log: AccessLog,
     host: HostId,
