@@ -2070,8 +2070,9 @@ async fn https(
 }
 
 /// With an access log, every project request the ingress answers is a
-/// JSON line: the lean path's and hyper's, refusals, HTTP/2 over TLS;
-/// tokens in the query are redacted; the metrics count the lines.
+/// JSON line: the lean path's and hyper's, refusals, HTTP/2 over TLS, and
+/// one whose client gave up (499, with the host it waited on); tokens in
+/// the query are redacted; the metrics count the lines.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingress_access_log_records_each_request() {
     let dir = tempfile::tempdir().unwrap();
@@ -2139,9 +2140,32 @@ async fn ingress_access_log_records_each_request() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    // 6. A client that gives up on a server in the project that never
+    // answers (an HTTP/2 stream reset): 499, with the host it waited on.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let _held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let waiting = h2.send_request(
+        http::Request::builder()
+            .uri(format!("https://app.example/{pid}/port/{silent_port}/z"))
+            .header("authorization", format!("Bearer {}", o.token))
+            .body(String::new())
+            .unwrap(),
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), waiting)
+            .await
+            .is_err(),
+        "the silent server answered"
+    );
 
-    eventually("five lines written", Duration::from_secs(10), || async {
-        log.written() == 5
+    eventually("six lines written", Duration::from_secs(10), || async {
+        log.written() == 6
     })
     .await;
     let text = std::fs::read_to_string(&log_path).unwrap();
@@ -2174,6 +2198,14 @@ async fn ingress_access_log_records_each_request() {
             "GET",
             format!("/{pid}/port/{hport}/y"),
             200,
+            true,
+            true,
+            "HTTP/2",
+        ),
+        (
+            "GET",
+            format!("/{pid}/port/{silent_port}/z"),
+            499,
             true,
             true,
             "HTTP/2",
@@ -2212,7 +2244,7 @@ async fn ingress_access_log_records_each_request() {
     proxy_metrics_show(
         &ingress,
         &[
-            "cocalc_proxy_access_log_lines_total{result=\"written\"} 5",
+            "cocalc_proxy_access_log_lines_total{result=\"written\"} 6",
             "cocalc_proxy_access_log_lines_total{result=\"dropped\"} 0",
         ],
     );

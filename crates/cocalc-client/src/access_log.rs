@@ -20,10 +20,13 @@
 //! written as `REDACTED`, and headers are not logged.
 //!
 //! A server keeps a [`Pending`] of each request (its arrival, client,
-//! method and target, shared with the request rather than copied) and
-//! records it with the answer's status ([`Pending::record`]); the proxy's
-//! ingress and hosts' per-connection services do. [`Entry`] is the line
-//! itself, for callers that have all of it at once.
+//! method and target, shared with the request rather than copied) in a
+//! [`Waiting`], which records it with the answer's status, or as 499
+//! (nginx's "client closed request") if the answer is dropped because
+//! the client went away first — a line, with the host it waited on, for
+//! every request that never got its answer. The proxy's ingress and
+//! hosts' per-connection services do. [`Entry`] is the line itself, for
+//! callers that have all of it at once.
 //!
 //! ```no_run
 //! # fn demo() -> std::io::Result<()> {
@@ -250,6 +253,60 @@ impl Pending {
             project,
             host,
         });
+    }
+}
+
+/// The status logged for a request whose client went away before it was
+/// answered (nginx's 499, "client closed request").
+pub const CLIENT_CLOSED: u16 = 499;
+
+/// A request waiting for its answer, logged exactly once: with the answer's
+/// status ([`Waiting::answered`]), or as [`CLIENT_CLOSED`] when dropped
+/// unanswered. The project is the one it was routed to, else the one its
+/// path names; the host, the one it was routed to.
+#[derive(Debug)]
+pub struct Waiting<L: std::ops::Deref<Target = AccessLog>> {
+    pending: Option<Pending>,
+    log: L,
+    project: Option<ProjectId>,
+    host: Option<HostId>,
+}
+
+impl<L: std::ops::Deref<Target = AccessLog>> Waiting<L> {
+    /// `pending`, to be logged to `log`.
+    pub fn new(pending: Pending, log: L) -> Self {
+        Waiting {
+            pending: Some(pending),
+            log,
+            project: None,
+            host: None,
+        }
+    }
+
+    /// The request went to `project` on `host`.
+    pub fn routed(&mut self, project: Option<ProjectId>, host: HostId) {
+        self.project = project.or(self.project);
+        self.host = Some(host);
+    }
+
+    /// Logs the request, answered with `status`.
+    pub fn answered(mut self, status: http::StatusCode) {
+        self.record(status.as_u16());
+    }
+
+    fn record(&mut self, status: u16) {
+        if let Some(p) = self.pending.take() {
+            let project = self.project.or_else(|| project_in_path(p.path()));
+            let status = http::StatusCode::from_u16(status)
+                .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+            p.record(&self.log, status, project, self.host);
+        }
+    }
+}
+
+impl<L: std::ops::Deref<Target = AccessLog>> Drop for Waiting<L> {
+    fn drop(&mut self) {
+        self.record(CLIENT_CLOSED);
     }
 }
 
@@ -713,6 +770,69 @@ mod tests {
             let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode & 0o007, 0, "not readable by others: {mode:o}");
         }
+    }
+
+    #[test]
+    fn a_request_dropped_unanswered_is_logged_as_499_with_where_it_waited() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let log = AccessLog::open(Target::File(path.clone())).unwrap();
+        let pid = "a778f1d1-6365-4ece-a961-c658fd1a9b4b";
+        let host: HostId = "0b5e0c1d-3a5f-4c8e-9a7b-2f1e0d9c8b7a".parse().unwrap();
+        let req = |path: String| http::Request::get(path).body(()).unwrap();
+        let client: IpAddr = "192.0.2.7".parse().unwrap();
+        let t = Timestamp(1_764_034_200_123);
+        // Answered, routed: one line with its status.
+        let mut w = Waiting::new(
+            Pending::new(&req(format!("/{pid}/a")), client, false, t),
+            &log,
+        );
+        w.routed(None, host);
+        w.answered(http::StatusCode::OK);
+        // Dropped while waiting on the host: 499, with the host.
+        let mut w = Waiting::new(
+            Pending::new(&req(format!("/{pid}/b")), client, false, t),
+            &log,
+        );
+        w.routed(None, host);
+        drop(w);
+        // Dropped before routing: 499, the project from the path.
+        drop(Waiting::new(
+            Pending::new(&req(format!("/{pid}/c")), client, true, t),
+            &log,
+        ));
+        assert!(log.flush(Duration::from_secs(10)));
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let seen: Vec<_> = lines
+            .iter()
+            .map(|l| {
+                (
+                    l["target"]
+                        .as_str()
+                        .unwrap()
+                        .rsplit('/')
+                        .next()
+                        .unwrap()
+                        .to_string(),
+                    l["status"].as_u64().unwrap(),
+                    l["project"].as_str().unwrap().to_string(),
+                    l.get("host").map(|h| h.as_str().unwrap().to_string()),
+                )
+            })
+            .collect();
+        let h = Some(host.to_string());
+        assert_eq!(
+            seen,
+            [
+                ("a".to_string(), 200, pid.to_string(), h.clone()),
+                ("b".to_string(), 499, pid.to_string(), h),
+                ("c".to_string(), 499, pid.to_string(), None),
+            ]
+        );
     }
 
     #[test]

@@ -32,7 +32,7 @@ use axum::body::Body;
 use axum::http::{header, HeaderValue, Request, Response, StatusCode};
 use bytes::Bytes;
 use cocalc_auth::AuditSink;
-use cocalc_client::access_log::{project_in_path, AccessLog, Pending};
+use cocalc_client::access_log::{AccessLog, Pending, Waiting};
 use cocalc_client::conncap::{forwarded_client, in_nets, ConnectionCap};
 use cocalc_client::lean::{LeanBody, LeanService};
 use cocalc_client::relay::HoldWhileUpgraded;
@@ -51,7 +51,7 @@ pub struct Admission {
 /// The access log, this host's id for its lines, and the clock that
 /// stamps them.
 struct HostLog {
-    log: AccessLog,
+    log: Arc<AccessLog>,
     host: HostId,
     clock: SharedClock,
 }
@@ -111,13 +111,17 @@ impl Admission {
     /// Also logs every request the connections' services answer to `log`
     /// (as answered by `host`), stamped by `clock`.
     pub fn with_access_log(mut self, log: AccessLog, host: HostId, clock: SharedClock) -> Self {
-        self.log = Some(Arc::new(HostLog { log, host, clock }));
+        self.log = Some(Arc::new(HostLog {
+            log: Arc::new(log),
+            host,
+            clock,
+        }));
         self
     }
 
     /// The access log, when there is one.
     pub fn access_log(&self) -> Option<&AccessLog> {
-        self.log.as_ref().map(|l| &l.log)
+        self.log.as_ref().map(|l| &*l.log)
     }
 
     /// Also hands each refusal to `audit` (action `host_connection`,
@@ -191,13 +195,15 @@ impl Ticket {
         self
     }
 
-    /// What the access log keeps of `req` until it is answered; nothing
-    /// without a log.
-    fn pending<B>(&self, req: &Request<B>) -> Option<(Pending, Arc<HostLog>)> {
+    /// What the access log keeps of `req` until it is answered (logged
+    /// as 499 if the client goes away first); nothing without a log.
+    fn pending<B>(&self, req: &Request<B>) -> Option<Waiting<Arc<AccessLog>>> {
         let l = self.logged.as_ref()?;
         let client = forwarded_client(l.peer, req.headers(), &l.trusted);
         let pending = Pending::new(req, client, l.tls, l.log.clock.now());
-        Some((pending, l.log.clone()))
+        let mut w = Waiting::new(pending, l.log.log.clone());
+        w.routed(None, l.log.host);
+        Some(w)
     }
 
     /// The refusal, as JSON with the headers that close the connection.
@@ -226,10 +232,9 @@ impl Ticket {
 }
 
 /// Logs a request [`Ticket::pending`] kept, answered with `status`.
-fn record(pending: Option<(Pending, Arc<HostLog>)>, status: StatusCode) {
-    if let Some((p, l)) = pending {
-        let project = project_in_path(p.path());
-        p.record(&l.log, status, project, Some(l.host));
+fn record(pending: Option<Waiting<Arc<AccessLog>>>, status: StatusCode) {
+    if let Some(w) = pending {
+        w.answered(status);
     }
 }
 

@@ -58,7 +58,7 @@ use axum::body::Body;
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use bytes::Bytes;
 use cocalc_auth::{paserk, AuditSink, KeySet, TracingAuditSink, Verifier};
-use cocalc_client::access_log::{AccessLog, Pending};
+use cocalc_client::access_log::{AccessLog, Pending, Waiting};
 use cocalc_client::conncap::{forwarded_client, in_nets, ConnectionCap, Slot};
 use cocalc_client::lean::LeanBody;
 use cocalc_client::upstream::{ResponseBody, Upstream, UpstreamError};
@@ -877,11 +877,14 @@ impl Ingress {
     /// counted, audited and answered here. Serve it with
     /// [`crate::serve_ingress`], or from any hyper server.
     pub async fn handle(&self, peer: &Peer, req: http::Request<Incoming>) -> Response {
-        let seen = self.seen(peer, &req);
+        let mut seen = self.seen(peer, &req);
         let (project, host, route) = match self.prepare(peer, &req).await {
             Ok(ready) => ready,
-            Err(refusal) => return self.logged(seen, refusal, None).map(full),
+            Err(refusal) => return logged(seen, refusal).map(full),
         };
+        if let Some(w) = &mut seen {
+            w.routed(Some(project), host);
+        }
         // Pinned where it is made: the request's future is large, and
         // the watch takes it by reference rather than moving it.
         let answer = std::pin::pin!(self.forward(host, &route, peer, req));
@@ -889,7 +892,7 @@ impl Ingress {
             Ok(r) => r,
             Err(e) => self.forward_failed(project, host, peer, &e).map(full),
         };
-        self.logged(seen, r, Some((project, host)))
+        logged(seen, r)
     }
 
     /// Answers one plain request (no body, no upgrade) as
@@ -903,11 +906,14 @@ impl Ingress {
         peer: &Peer,
         req: http::Request<()>,
     ) -> http::Response<LeanBody<HostId>> {
-        let seen = self.seen(peer, &req);
+        let mut seen = self.seen(peer, &req);
         let (project, host, route) = match self.prepare(peer, &req).await {
             Ok(ready) => ready,
-            Err(refusal) => return self.logged(seen, refusal, None).map(LeanBody::Full),
+            Err(refusal) => return logged(seen, refusal).map(LeanBody::Full),
         };
+        if let Some(w) = &mut seen {
+            w.routed(Some(project), host);
+        }
         let (parts, ()) = req.into_parts();
         let answer = std::pin::pin!(self.send_lean(host, &route, peer, &parts));
         let r = match self.lookup.watch.answer(&route.watched, answer).await {
@@ -916,34 +922,18 @@ impl Ingress {
                 .forward_failed(project, host, peer, &e)
                 .map(LeanBody::Full),
         };
-        self.logged(seen, r, Some((project, host)))
+        logged(seen, r)
     }
 
-    /// What the access log keeps of `req` while it is answered; nothing
-    /// without an access log.
-    fn seen<B>(&self, peer: &Peer, req: &http::Request<B>) -> Option<Pending> {
-        self.cfg.access_log.as_ref().map(|_| {
+    /// What the access log keeps of `req` while it is answered (logged
+    /// as 499 if the client goes away first); nothing without an access
+    /// log.
+    fn seen<B>(&self, peer: &Peer, req: &http::Request<B>) -> Option<Waiting<&AccessLog>> {
+        self.cfg.access_log.as_ref().map(|log| {
             let client = self.client_of(peer, req.headers()).ip;
-            Pending::new(req, client, peer.proto == HTTPS, self.lookup.clock.now())
+            let pending = Pending::new(req, client, peer.proto == HTTPS, self.lookup.clock.now());
+            Waiting::new(pending, log)
         })
-    }
-
-    /// `r`, after logging it if the request was `seen`; `routed` is the
-    /// project and host it went to (none for a refusal before that).
-    fn logged<B>(
-        &self,
-        seen: Option<Pending>,
-        r: http::Response<B>,
-        routed: Option<(ProjectId, HostId)>,
-    ) -> http::Response<B> {
-        if let (Some(seen), Some(log)) = (seen, &self.cfg.access_log) {
-            // A refusal before routing: the project its path names.
-            let project = routed
-                .map(|(p, _)| p)
-                .or_else(|| project_of_path(seen.path()).ok());
-            seen.record(log, r.status(), project, routed.map(|(_, h)| h));
-        }
-        r
     }
 
     /// Awaits `answer`, an exchange with `host` made outside the HTTP
@@ -1378,6 +1368,14 @@ impl Ingress {
         };
         Ok(resp.map(|b| Either::Left(Either::Left(b))))
     }
+}
+
+/// `r`, after logging it if the request was `seen`.
+fn logged<B>(seen: Option<Waiting<&AccessLog>>, r: http::Response<B>) -> http::Response<B> {
+    if let Some(w) = seen {
+        w.answered(r.status());
+    }
+    r
 }
 
 /// The `X-Forwarded-For` the host sees: the client's, with the client
