@@ -283,7 +283,8 @@ impl<L: std::ops::Deref<Target = AccessLog>> Waiting<L> {
         }
     }
 
-    /// The request went to `project` on `host`.
+    /// The request went to `host` (for `project`, when given; otherwise
+    /// the project its path names is logged).
     pub fn routed(&mut self, project: Option<ProjectId>, host: HostId) {
         self.project = project.or(self.project);
         self.host = Some(host);
