@@ -48,12 +48,13 @@ pub struct Admission {
     log: Option<Arc<HostLog>>,
 }
 
-/// The access log, this host's id for its lines, and the clock that
-/// stamps them.
+/// The access log, this host's id for its lines, the clock that stamps
+/// them, and the trusted proxies whose `X-Forwarded-For` names clients.
 struct HostLog {
     log: Arc<AccessLog>,
     host: HostId,
     clock: SharedClock,
+    trusted: Arc<[ipnet::IpNet]>,
 }
 
 impl std::fmt::Debug for Admission {
@@ -75,13 +76,12 @@ pub struct Ticket {
     logged: Option<Logged>,
 }
 
-/// How a connection's requests are logged: the log, the peer, the
-/// trusted proxies, whether it is TLS.
+/// How a connection's requests are logged: the log, the peer, whether
+/// it is TLS.
 #[derive(Clone)]
 struct Logged {
     log: Arc<HostLog>,
     peer: IpAddr,
-    trusted: Arc<[ipnet::IpNet]>,
     tls: bool,
 }
 
@@ -115,6 +115,7 @@ impl Admission {
             log: Arc::new(log),
             host,
             clock,
+            trusted: self.trusted.clone(),
         }));
         self
     }
@@ -136,7 +137,6 @@ impl Admission {
         let logged = self.log.as_ref().map(|log| Logged {
             log: log.clone(),
             peer,
-            trusted: self.trusted.clone(),
             tls: false,
         });
         if self.cap.limit() == 0 || in_nets(&self.trusted, peer) {
@@ -199,7 +199,7 @@ impl Ticket {
     /// as 499 if the client goes away first); nothing without a log.
     fn pending<B>(&self, req: &Request<B>) -> Option<Waiting<Arc<AccessLog>>> {
         let l = self.logged.as_ref()?;
-        let client = forwarded_client(l.peer, req.headers(), &l.trusted);
+        let client = forwarded_client(l.peer, req.headers(), &l.log.trusted);
         let pending = Pending::new(req, client, l.tls, l.log.clock.now());
         let mut w = Waiting::new(pending, l.log.log.clone());
         w.routed(None, l.log.host);
