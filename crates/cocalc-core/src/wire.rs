@@ -91,6 +91,14 @@ pub const DIAL_PROTOCOL: &str = "cocalc-dial/1";
 /// connection within seconds.
 pub const DIAL_HEADER: &str = "x-cocalc-dial";
 
+/// Header a proxy adds to a request it forwards to another proxy (the one
+/// a hidden host's tunnel lands at), naming itself by its tunnel handle.
+/// A proxy never forwards a request carrying it to a third proxy: when
+/// two proxies' cached routes disagree about where a tunnel lands, the
+/// request gets a 502 instead of going round. Stripped before a request
+/// reaches a host.
+pub const VIA_PROXY_HEADER: &str = "x-cocalc-via-proxy";
+
 /// True when `s` has the form of a dial-back nonce (32 lowercase hex
 /// digits).
 pub fn is_dial_nonce(s: &str) -> bool {

@@ -38,7 +38,12 @@
 //!
 //! Hidden hosts open reverse tunnels at `<public_url>/.cocalc/tunnel` (see
 //! [`crate::tunnel`]); users reach them through this proxy like any other
-//! host.
+//! host. With several proxies, give each its own `public_url`: a request
+//! for a hidden host whose tunnel lands at another proxy goes on to that
+//! proxy's `public_url` (see "Through another proxy" in
+//! [`crate::ingress`]), so list the proxies in each other's
+//! `trusted_proxies`. `hosts_ca_file` covers proxies with `https://`
+//! handles too.
 //!
 //! Give the proxy a proxy key (`cocalc proxy-key create NAME`): it may
 //! look hosts up and ask the master whether an SSH key may enter a
@@ -365,6 +370,9 @@ pub async fn run(
         .unwrap_or_else(|| format!("http://{addr}"));
     let clock: cocalc_core::SharedClock = Arc::new(SystemClock);
     let mut tcfg = TunnelConfig::new(handle.clone());
+    // Hidden hosts whose tunnels land at other proxies are reached
+    // through those.
+    icfg.tunnel_handle = Some(tcfg.handle.clone());
     tcfg.state_dir = cfg.state_dir.clone();
     let tunnels = TunnelHub::new(
         tcfg,

@@ -46,6 +46,24 @@
 //!    read and answered without hyper's server
 //!    ([`Ingress::handle_lean`] on [`cocalc_client::lean`]), and a large
 //!    body from a host moves to the client by `splice(2)`.
+//!
+//! **Through another proxy.** A hidden host's endpoint names the proxy its
+//! tunnel lands at (its handle). With [`IngressConfig::tunnel_handle`]
+//! set, a request for a hidden host whose tunnel lands at *another* proxy
+//! goes to that proxy's handle, as to a host's URL (TLS for `https://`),
+//! so any proxy of a fleet serves every hidden host and users need not
+//! reach the one that holds the tunnel. That proxy checks the token
+//! again and routes into the tunnel. The request keeps the client's
+//! `Host` (the other proxy writes `X-Forwarded-Host` from it), gets the
+//! client appended to `X-Forwarded-For` as usual, and carries
+//! [`cocalc_core::wire::VIA_PROXY_HEADER`]. A request that carries that
+//! header is never forwarded to a third proxy: it is refused with 502
+//! [`TUNNEL_ELSEWHERE`] and the route asked for again, so two proxies
+//! whose cached routes disagree (a host that just moved its tunnel)
+//! cannot send a request round. The header is stripped before requests
+//! reach hosts. List the other proxies in
+//! [`IngressConfig::trusted_proxies`] so that the clients they forward
+//! for are the ones rate-limited, capped and logged, not the proxies.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -120,6 +138,13 @@ pub struct IngressConfig {
     /// Where every project request answered is logged, one JSON line
     /// each ([`cocalc_client::access_log`]); default none.
     pub access_log: Option<AccessLog>,
+    /// This proxy's tunnel handle ([`crate::TunnelHub::handle`]), when it
+    /// has a tunnel hub. A hidden host whose tunnel lands at *another*
+    /// proxy (a tunnel endpoint with another handle) is then reached
+    /// through that proxy, so every proxy of a fleet serves every hidden
+    /// host: see "Through another proxy" in the module overview. Default
+    /// none: tunnel endpoints go to the transport as they are.
+    pub tunnel_handle: Option<String>,
 }
 
 impl IngressConfig {
@@ -138,6 +163,7 @@ impl IngressConfig {
             host_check_after: Duration::from_secs(10),
             host_check_timeout: Duration::from_secs(10),
             access_log: None,
+            tunnel_handle: None,
         }
     }
 }
@@ -210,11 +236,19 @@ struct PeerConnection {
     slot: std::sync::OnceLock<Option<Slot>>,
 }
 
-/// A host's cached route: its endpoint, the authority requests to it
-/// carry as `Host`, and when the master was asked.
+/// A host's cached route: its endpoint, where connections to it go, the
+/// authority requests to it carry as `Host`, and when the master was
+/// asked.
 #[derive(Debug)]
 struct Route {
+    /// The endpoint as the master gave it (what is saved).
     endpoint: HostEndpoint,
+    /// What connections go to: `endpoint`, or, for a tunnel that lands at
+    /// another proxy, that proxy's handle as a URL.
+    dial: HostEndpoint,
+    /// Requests go through another proxy (`dial` is its handle): they keep
+    /// the client's `Host` and carry [`VIA_PROXY_HEADER`].
+    via_peer: bool,
     authority: HeaderValue,
     /// When the master gave this endpoint (saved with it); its age, by the
     /// ingress's clock, decides between fresh, stale and too old.
@@ -230,16 +264,31 @@ struct Route {
 
 impl Route {
     /// The route to `host` at `endpoint`, which the master gave at
-    /// `confirmed`.
+    /// `confirmed`; `own` is this proxy's tunnel handle, if it has one
+    /// (a tunnel endpoint with another handle is reached through the
+    /// proxy it names).
     fn new(
         host: HostId,
         endpoint: HostEndpoint,
         confirmed: Timestamp,
         watch: &HostWatch,
+        own: Option<&str>,
     ) -> Result<Route, ApiError> {
-        let authority = match &endpoint {
-            HostEndpoint::Url(u) => crate::parse_host_url(u).map_err(|e| ApiError::from(&e))?,
-            _ => host.to_string(),
+        let peer = match (&endpoint, own) {
+            (HostEndpoint::Tunnel(h), Some(own))
+                if h.trim_end_matches('/') != own.trim_end_matches('/') =>
+            {
+                Some(peer_handle(host, h)?)
+            }
+            _ => None,
+        };
+        let (dial, authority) = match (peer, &endpoint) {
+            (Some((url, authority)), _) => (HostEndpoint::Url(url), authority),
+            (None, HostEndpoint::Url(u)) => (
+                endpoint.clone(),
+                crate::parse_host_url(u).map_err(|e| ApiError::from(&e))?,
+            ),
+            (None, _) => (endpoint.clone(), host.to_string()),
         };
         let authority = HeaderValue::from_str(&authority).map_err(|_| {
             ApiError::new(
@@ -248,9 +297,11 @@ impl Route {
                 format!("host {host}'s address {authority:?} is not a valid Host header"),
             )
         })?;
-        let watched = watch.host(host, &endpoint, authority.to_str().unwrap_or_default());
+        let watched = watch.host(host, &dial, authority.to_str().unwrap_or_default());
         Ok(Route {
+            via_peer: dial != endpoint,
             endpoint,
+            dial,
             authority,
             confirmed,
             watched,
@@ -325,6 +376,11 @@ struct RouteLookup {
     lookups: Arc<Lookups>,
     /// Checks hosts that keep requests waiting.
     watch: HostWatch,
+    /// This proxy's tunnel handle ([`IngressConfig::tunnel_handle`]).
+    handle: Option<Arc<str>>,
+    /// What requests forwarded to another proxy carry as
+    /// [`VIA_PROXY_HEADER`]: the handle.
+    via: HeaderValue,
 }
 
 impl RouteLookup {
@@ -337,7 +393,13 @@ impl RouteLookup {
             Err(e) if e.status != 404 => self.lookups.failed(host, e),
             _ => self.lookups.answered(),
         }
-        let r = Arc::new(Route::new(host, answer?, self.clock.now(), &self.watch)?);
+        let r = Arc::new(Route::new(
+            host,
+            answer?,
+            self.clock.now(),
+            &self.watch,
+            self.handle.as_deref(),
+        )?);
         lock_routes(&self.routes).insert(host, r.clone());
         Ok(r)
     }
@@ -425,6 +487,11 @@ impl Peer {
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const VIA_PROXY: HeaderName = HeaderName::from_static(cocalc_core::wire::VIA_PROXY_HEADER);
+
+/// The code of the refusal of a request another proxy forwarded for a
+/// host whose tunnel this proxy places at a third one.
+pub const TUNNEL_ELSEWHERE: &str = "tunnel_elsewhere";
 
 fn quota(rps: u32) -> governor::Quota {
     let n = std::num::NonZeroU32::new(rps.max(1)).unwrap_or(std::num::NonZeroU32::MIN);
@@ -607,6 +674,15 @@ impl Ingress {
                     cfg.host_check_after,
                     cfg.host_check_timeout,
                 ),
+                handle: cfg
+                    .tunnel_handle
+                    .as_deref()
+                    .map(|h| Arc::from(h.trim_end_matches('/'))),
+                via: cfg
+                    .tunnel_handle
+                    .as_deref()
+                    .and_then(|h| HeaderValue::from_str(h.trim_end_matches('/')).ok())
+                    .unwrap_or(HeaderValue::from_static("proxy")),
             },
             cfg,
             transport,
@@ -749,6 +825,7 @@ impl Ingress {
                 saved.endpoint,
                 saved.confirmed,
                 &self.lookup.watch,
+                self.lookup.handle.as_deref(),
             ) else {
                 continue;
             };
@@ -816,22 +893,24 @@ impl Ingress {
     }
 
     /// A fresh connection to `host` (route from the master, then the
-    /// transport), with the authority to send as `Host`. Used by the SSH
+    /// transport), with what requests on it must carry. Used by the SSH
     /// ingress; goes through the same [`Transport`] as HTTP, so hosts
-    /// reached by other means (tunnels) work the same. A failed connect
-    /// forgets the route.
-    pub async fn connect_host(
-        &self,
-        host: HostId,
-    ) -> Result<(cocalc_core::BoxedConnection, String), ApiError> {
+    /// reached by other means (tunnels, also through another proxy) work
+    /// the same. A failed connect forgets the route.
+    pub async fn connect_host(&self, host: HostId) -> Result<HostConnection, ApiError> {
         let route = self.route(host).await?;
         let authority = route
             .authority
             .to_str()
             .map_err(|_| ApiError::new(502, "bad_endpoint", format!("host {host}'s address")))?
             .to_string();
-        match self.transport.connect(host, &route.endpoint).await {
-            Ok(c) => Ok((c, authority)),
+        let via = route.via_peer.then(|| (VIA_PROXY, self.lookup.via.clone()));
+        match self.transport.connect(host, &route.dial).await {
+            Ok(conn) => Ok(HostConnection {
+                conn,
+                authority,
+                via,
+            }),
             Err(e) => {
                 self.refusals.unreachable.fetch_add(1, Ordering::Relaxed);
                 self.doubt_route(host);
@@ -972,6 +1051,26 @@ impl Ingress {
         let client = self.client_of(peer, req.headers());
         let (project, host) = self.admit(client, req).map_err(|r| *r)?;
         match self.route(host).await {
+            Ok(route) if route.via_peer && req.headers().contains_key(VIA_PROXY) => {
+                // Forwarded here by another proxy, for a tunnel this one
+                // places at a third: the proxies' routes disagree (a host
+                // moved its tunnel). Asking the master again settles it;
+                // forwarding again could go round.
+                let why = format!(
+                    "host {host}'s tunnel lands at another proxy ({}) as far as this one \
+                     knows, and the request was forwarded by a proxy already",
+                    route.endpoint.base_url()
+                );
+                self.refuse(
+                    &self.refusals.unreachable,
+                    TUNNEL_ELSEWHERE,
+                    Some(project),
+                    peer.addr,
+                    &why,
+                );
+                self.doubt_route(host);
+                Err(api(&ApiError::new(502, TUNNEL_ELSEWHERE, why)))
+            }
             Ok(route) => Ok((project, host, route)),
             Err(e) => {
                 // Counted and audited with the master's own words; the
@@ -1274,14 +1373,23 @@ impl Ingress {
             return Ok(resp.map(|b| Either::Left(Either::Right(b))));
         }
         // As on the lean path: a client's own X-Forwarded-Host never
-        // passes; it is the Host the client sent, or absent.
+        // passes; it is the Host the client sent, or absent. Through
+        // another proxy the client's Host goes as it is: that proxy
+        // writes X-Forwarded-Host from it.
         let xff = forwarded_for(&parts, peer);
         let orig_host = parts.headers.remove(header::HOST);
         parts.headers.remove(X_FORWARDED_HOST);
-        if let Some(orig) = orig_host {
-            parts.headers.insert(X_FORWARDED_HOST, orig);
+        parts.headers.remove(VIA_PROXY);
+        if route.via_peer {
+            let host_header = orig_host.unwrap_or_else(|| route.authority.clone());
+            parts.headers.insert(header::HOST, host_header);
+            parts.headers.insert(VIA_PROXY, self.lookup.via.clone());
+        } else {
+            if let Some(orig) = orig_host {
+                parts.headers.insert(X_FORWARDED_HOST, orig);
+            }
+            parts.headers.insert(header::HOST, route.authority.clone());
         }
-        parts.headers.insert(header::HOST, route.authority.clone());
         parts.headers.insert(X_FORWARDED_FOR, xff);
         let proto = self.forwarded_proto(peer, &parts.headers);
         parts.headers.insert(X_FORWARDED_PROTO, proto);
@@ -1291,7 +1399,7 @@ impl Ingress {
                 .extensions
                 .insert(cocalc_client::relay::HoldWhileUpgraded(peer.conn.clone()));
         }
-        let connect = || self.transport.connect(host, &route.endpoint);
+        let connect = || self.transport.connect(host, &route.dial);
         // Boxed: hyper's client futures are large, and most requests take
         // the lean path above.
         Box::pin(self.forward_hyper(host, http::Request::from_parts(parts, body), connect)).await
@@ -1311,13 +1419,27 @@ impl Ingress {
     ) -> Result<http::Response<ResponseBody<HostId>>, ApiError> {
         let xff = forwarded_for(parts, peer);
         let proto = self.forwarded_proto(peer, &parts.headers);
-        let replace = [
-            (&header::HOST, Some(&route.authority)),
-            (&X_FORWARDED_HOST, parts.headers.get(header::HOST)),
-            (&X_FORWARDED_FOR, Some(&xff)),
-            (&X_FORWARDED_PROTO, Some(&proto)),
-        ];
-        let connect = || self.transport.connect(host, &route.endpoint);
+        let client_host = parts.headers.get(header::HOST);
+        let replace = if route.via_peer {
+            // Another proxy: the client's Host as it is (that proxy writes
+            // X-Forwarded-Host from it), and who forwarded.
+            [
+                (&header::HOST, client_host.or(Some(&route.authority))),
+                (&X_FORWARDED_HOST, None),
+                (&X_FORWARDED_FOR, Some(&xff)),
+                (&X_FORWARDED_PROTO, Some(&proto)),
+                (&VIA_PROXY, Some(&self.lookup.via)),
+            ]
+        } else {
+            [
+                (&header::HOST, Some(&route.authority)),
+                (&X_FORWARDED_HOST, client_host),
+                (&X_FORWARDED_FOR, Some(&xff)),
+                (&X_FORWARDED_PROTO, Some(&proto)),
+                (&VIA_PROXY, None),
+            ]
+        };
+        let connect = || self.transport.connect(host, &route.dial);
         self.upstream
             .send(host, parts, &replace, connect)
             .await
@@ -1368,6 +1490,51 @@ impl Ingress {
         };
         Ok(resp.map(|b| Either::Left(Either::Left(b))))
     }
+}
+
+/// A connection to a host from [`Ingress::connect_host`].
+pub struct HostConnection {
+    /// The connection (to the host, or to the proxy its tunnel lands at).
+    pub conn: cocalc_core::BoxedConnection,
+    /// What requests on it carry as `Host`.
+    pub authority: String,
+    /// A header requests on it must also carry: [`cocalc_core::wire::VIA_PROXY_HEADER`]
+    /// when the connection goes to another proxy.
+    pub via: Option<(HeaderName, HeaderValue)>,
+}
+
+impl std::fmt::Debug for HostConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostConnection")
+            .field("authority", &self.authority)
+            .field("via", &self.via)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The URL and authority of another proxy's tunnel handle `h`, which
+/// `host`'s tunnel lands at, for forwarding requests to it: an `http://`
+/// or `https://` URL with nothing after the authority (requests go to
+/// `/<project id>/…` at its root, as to a host).
+fn peer_handle(host: HostId, h: &str) -> Result<(String, String), ApiError> {
+    let url = h.trim_end_matches('/');
+    let bad = |why: String| {
+        ApiError::new(
+            502,
+            "bad_endpoint",
+            format!(
+                "host {host}'s tunnel lands at the proxy {h:?}, which cannot be reached: {why}"
+            ),
+        )
+    };
+    let authority = crate::parse_host_url(url).map_err(|e| bad(e.to_string()))?;
+    let rest = url.split_once("://").map_or("", |(_, r)| r);
+    if rest != authority {
+        return Err(bad(
+            "a handle with a path, query or fragment is not supported".into(),
+        ));
+    }
+    Ok((url.to_string(), authority))
 }
 
 /// `r`, after logging it if the request was `seen`.
@@ -1481,6 +1648,59 @@ mod tests {
         assert!(!in_nets(&nets, ip("192.0.2.8")));
         assert!(!in_nets(&nets, ip("11.0.0.1")));
         assert!(!in_nets(&[], ip("10.1.2.3")), "no list, nobody trusted");
+    }
+
+    #[tokio::test]
+    async fn tunnels_at_other_proxies_are_reached_through_them() {
+        let watch = HostWatch::new(
+            Arc::new(crate::TcpTransport::default()),
+            Duration::ZERO,
+            Duration::from_secs(1),
+        );
+        let host = HostId::from_bytes([7; 16]);
+        let route =
+            |e: HostEndpoint, own: Option<&str>| Route::new(host, e, Timestamp(0), &watch, own);
+        let tunnel = |h: &str| HostEndpoint::Tunnel(h.into());
+
+        // Its own tunnel (a trailing slash on either side is the same
+        // handle): to the transport as it is.
+        for (at, own) in [
+            ("http://a:8000", "http://a:8000/"),
+            ("http://a:8000/", "http://a:8000"),
+        ] {
+            let r = route(tunnel(at), Some(own)).unwrap();
+            assert!(!r.via_peer);
+            assert_eq!(r.dial, tunnel(at));
+            assert_eq!(r.authority, host.to_string().as_str());
+        }
+        // Another proxy's: to its handle, as to a host's URL.
+        let r = route(tunnel("https://b.example:8443/"), Some("http://a:8000")).unwrap();
+        assert!(r.via_peer);
+        assert_eq!(r.dial, HostEndpoint::Url("https://b.example:8443".into()));
+        assert_eq!(r.authority, "b.example:8443");
+        assert_eq!(
+            r.endpoint,
+            tunnel("https://b.example:8443/"),
+            "saved as given"
+        );
+        // Without a handle of its own, the ingress leaves tunnels to the
+        // transport; URLs are never another proxy's.
+        assert!(!route(tunnel("http://b:8000"), None).unwrap().via_peer);
+        let url = HostEndpoint::Url("http://10.0.0.5:8443".into());
+        let r = route(url.clone(), Some("http://a:8000")).unwrap();
+        assert!(!r.via_peer);
+        assert_eq!(r.dial, url);
+        // A handle that cannot be forwarded to is a clear error.
+        for (bad, why) in [
+            ("http://b:8000/edge", "with a path"),
+            ("ftp://b", "scheme"),
+            ("http://user@b:8000", "user info"),
+        ] {
+            let e = route(tunnel(bad), Some("http://a:8000")).unwrap_err();
+            assert_eq!((e.status, e.code.as_str()), (502, "bad_endpoint"), "{bad}");
+            assert!(e.message.contains(why), "{bad}: {}", e.message);
+            assert!(e.message.contains(&host.to_string()), "{}", e.message);
+        }
     }
 
     #[test]

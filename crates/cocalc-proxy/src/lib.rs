@@ -57,7 +57,7 @@ pub mod tunnel;
 pub mod watch;
 
 pub use cocalc_core::parse_host_url;
-pub use ingress::{Ingress, IngressConfig, LeanIngress, Peer};
+pub use ingress::{HostConnection, Ingress, IngressConfig, LeanIngress, Peer};
 #[cfg(feature = "ssh")]
 pub use ssh::{Refusal, SshIngress, SshRefusals};
 pub use tcp::TcpTransport;

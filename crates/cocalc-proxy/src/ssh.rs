@@ -384,7 +384,11 @@ impl Ctx {
     /// A WebSocket to `/{project}{path}` on the project's host.
     async fn socket(&self, path: &str) -> Result<HostSocket, ApiError> {
         let (host, token) = self.token().await?;
-        let (conn, authority) = self.ssh.ingress.connect_host(host).await?;
+        let crate::HostConnection {
+            conn,
+            authority,
+            via,
+        } = self.ssh.ingress.connect_host(host).await?;
         let url = format!("ws://{authority}/{}{path}", self.login.project);
         let mut req = url
             .as_str()
@@ -403,6 +407,9 @@ impl Ctx {
                 .parse()
                 .map_err(|_| ApiError::new(500, "internal", "peer address"))?,
         );
+        if let Some((name, value)) = via {
+            req.headers_mut().insert(name, value);
+        }
         let handshake = std::pin::pin!(async move {
             match tokio_tungstenite::client_async(req, conn).await {
                 Ok((ws, _)) => Ok(ws),
@@ -438,7 +445,11 @@ impl Ctx {
     ) -> Result<(u16, bytes::Bytes), ApiError> {
         use http_body_util::BodyExt;
         let (host, token) = self.token().await?;
-        let (conn, authority) = self.ssh.ingress.connect_host(host).await?;
+        let crate::HostConnection {
+            conn,
+            authority,
+            via,
+        } = self.ssh.ingress.connect_host(host).await?;
         let failed = |e: &dyn std::fmt::Display| {
             ApiError::new(502, "host_failed", format!("host {host}: {e}"))
         };
@@ -451,11 +462,15 @@ impl Ctx {
             tokio::spawn(async move {
                 let _ = connection.await;
             });
-            let req = http::Request::builder()
+            let mut req = http::Request::builder()
                 .method(method)
                 .uri(uri)
                 .header(http::header::HOST, authority)
-                .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+                .header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+            if let Some((name, value)) = via {
+                req = req.header(name, value);
+            }
+            let req = req
                 .body(http_body_util::Full::new(bytes::Bytes::from(body)))
                 .map_err(|e| failed(&e))?;
             let resp = sender.send_request(req).await.map_err(|e| failed(&e))?;

@@ -1,0 +1,261 @@
+//! Two `cocalc-proxy` daemons in front of one hidden host whose tunnel
+//! lands at the first: a user who reaches the second one (another DNS
+//! answer, another balancer target) is served all the same — HTTP with
+//! and without a body, a server in the project, SSH — through the first.
+//! The project's server sees the client's `Host` and address as if there
+//! were one proxy; a request that one proxy already forwarded is never
+//! forwarded again.
+
+use std::time::Duration;
+
+mod common;
+use common::{
+    api_key_of, bootstrap_token, cocalc, create_and_open, eventually, free_port, host_config, ok,
+    spawn_host, spawn_proxy, ssh_exec, ssh_keygen, start_master,
+};
+
+/// A server for the project: `GET` answers with the request's headers,
+/// one `name: value` line each, names in lowercase.
+const HEADERS_SERVER: &str = r#"
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        b = "".join(f"{k.lower()}: {v}\n" for k, v in self.headers.items()).encode()
+        self.send_response(200); self.send_header("content-length", str(len(b))); self.end_headers()
+        self.wfile.write(b)
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+
+/// A request from the local address `from` with a bearer token and the
+/// headers `extra`: the status and the body (blocking, for tests).
+fn request(
+    from: &str,
+    method: reqwest::Method,
+    url: &str,
+    token: &str,
+    json: Option<serde_json::Value>,
+    extra: &[(&str, &str)],
+) -> (u16, String) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .local_address(from.parse::<std::net::IpAddr>().unwrap())
+            .build()
+            .unwrap();
+        let mut req = client.request(method, url).bearer_auth(token);
+        for (k, v) in extra {
+            req = req.header(*k, *v);
+        }
+        if let Some(body) = json {
+            req = req.json(&body);
+        }
+        let r = req.send().await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    })
+}
+
+/// The access log's lines at `path` whose target contains `needle`.
+fn logged(path: &std::path::Path, needle: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["target"].as_str().unwrap().contains(needle))
+        .collect()
+}
+
+#[test]
+fn a_hidden_host_is_reached_through_any_proxy() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (_master, murl, admin) = start_master(d, &[]);
+    let cli = |key: &str, args: &[&str]| cocalc(&murl, key, args, None);
+    let proxy_key = api_key_of(&cli(&admin, &["proxy-key", "create", "edge", "--json"]));
+    let alice = api_key_of(&cli(&admin, &["user", "create", "alice", "--json"]));
+
+    // Proxy A holds the tunnel; it believes what the other proxy (on
+    // 127.0.0.1) says about its clients. Proxy B also speaks SSH.
+    let (a, b, b_ssh) = (free_port(), free_port(), free_port());
+    let (a_log, b_log) = (d.join("a-access.log"), d.join("b-access.log"));
+    let proxy = |name: &str, port: u16, extra: String| {
+        let cfg = d.join(format!("{name}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "listen = \"127.0.0.1:{port}\"\nmaster_url = \"{murl}\"\n\
+                 api_key = \"{proxy_key}\"\n{extra}"
+            ),
+        )
+        .unwrap();
+        spawn_proxy(&cfg)
+    };
+    let _proxy_a = proxy(
+        "a",
+        a,
+        format!(
+            "trusted_proxies = [\"127.0.0.1\"]\naccess_log = \"{}\"\n",
+            a_log.display()
+        ),
+    );
+    let _proxy_b = proxy(
+        "b",
+        b,
+        format!(
+            "ssh_listen = \"127.0.0.1:{b_ssh}\"\nssh_host_key_file = \"{}\"\n\
+             access_log = \"{}\"\n",
+            d.join("b_ssh_ed25519").display(),
+            b_log.display()
+        ),
+    );
+
+    let purl_a = format!("http://127.0.0.1:{a}");
+    let bootstrap = bootstrap_token(&murl, &admin);
+    let reach = format!("tunnel_url = \"{purl_a}\"");
+    let _host = spawn_host(&host_config(d, &reach, &murl, &bootstrap));
+    let mut host_id = String::new();
+    eventually(
+        "the hidden host is up with its tunnel at proxy A",
+        Duration::from_secs(20),
+        || {
+            let o = cli(&admin, &["host", "list", "--json"]);
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+            let Some(h) = v.as_array().and_then(|a| a.first()) else {
+                return false;
+            };
+            host_id = h["id"].as_str().unwrap_or_default().to_string();
+            h["state"] == "up" && h["endpoint"]["value"] == purl_a.as_str()
+        },
+    );
+    let (project, token) = create_and_open(&murl, &alice, "p");
+    let token = token.as_str();
+    let via_b = format!("http://127.0.0.1:{b}/{project}");
+    let from = "127.0.0.2";
+
+    // A request with a body (hyper's path) through B.
+    let exec = |script: &str| {
+        request(
+            from,
+            reqwest::Method::POST,
+            &format!("{via_b}/exec"),
+            token,
+            Some(serde_json::json!({ "argv": ["sh", "-c", script] })),
+            &[],
+        )
+    };
+    let (s, body) = exec("echo through-b");
+    assert_eq!(s, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    // The exec API answers with standard output in base64.
+    assert_eq!(
+        (&v["exit_code"], &v["stdout"]),
+        (
+            &serde_json::json!(0),
+            &serde_json::json!("dGhyb3VnaC1iCg==")
+        ),
+        "\"through-b\\n\" expected: {v}"
+    );
+
+    // A server in the project, reached through B by plain GETs (the lean
+    // path): it sees the client's Host and address, as behind one proxy,
+    // and neither the token nor the proxies' own header.
+    let app = free_port();
+    let start = format!(
+        "cat > headers.py <<'EOF'\n{HEADERS_SERVER}\nEOF\nnohup python3 headers.py {app} >/dev/null 2>&1 &"
+    );
+    let (s, body) = exec(&start);
+    assert_eq!(s, 200, "{body}");
+    let get = |url: &str, extra: &[(&str, &str)]| {
+        request(from, reqwest::Method::GET, url, token, None, extra)
+    };
+    let page = format!("{via_b}/port/{app}/hello");
+    eventually(
+        "the project's server answers through B",
+        Duration::from_secs(10),
+        || get(&page, &[]).0 == 200,
+    );
+    let (s, seen) = get(&page, &[]);
+    assert_eq!(s, 200, "{seen}");
+    let header = |name: &str| {
+        seen.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .map(str::to_string)
+    };
+    assert_eq!(
+        header("x-forwarded-host").as_deref(),
+        Some(format!("127.0.0.1:{b}").as_str()),
+        "the Host the client sent to B:\n{seen}"
+    );
+    let xff = header("x-forwarded-for").unwrap_or_default();
+    assert!(xff.starts_with(from), "the client first: {xff:?}\n{seen}");
+    assert_eq!(
+        header("x-forwarded-proto").as_deref(),
+        Some("http"),
+        "{seen}"
+    );
+    assert_eq!(header("x-cocalc-via-proxy"), None, "{seen}");
+    assert!(
+        !seen.contains(token),
+        "the token reached the project:\n{seen}"
+    );
+
+    // Both proxies log the request (the last GET; earlier ones may have
+    // come before the server listened), with the client and the host: A
+    // with the client B forwarded for (B is a trusted proxy there).
+    let last = |log: &std::path::Path| logged(log, "/hello").pop();
+    eventually(
+        "both access logs have the GET",
+        Duration::from_secs(5),
+        || {
+            [&a_log, &b_log]
+                .iter()
+                .all(|log| last(log).is_some_and(|l| l["status"] == 200))
+        },
+    );
+    for line in [last(&a_log).unwrap(), last(&b_log).unwrap()] {
+        assert_eq!(line["client"], from, "{line}");
+        assert_eq!(line["status"], 200, "{line}");
+        assert_eq!(line["host"], host_id.as_str(), "{line}");
+        assert_eq!(line["project"], project.as_str(), "{line}");
+    }
+
+    // SSH through B: a WebSocket to the host's exec-stream, through A.
+    let key = d.join("alice_ed25519");
+    ssh_keygen(&key);
+    ok(&cli(
+        &alice,
+        &[
+            "ssh-key",
+            "add",
+            key.with_extension("pub").to_str().unwrap(),
+        ],
+    ));
+    let o = ssh_exec(b_ssh, &key, &project, "echo ssh-through-b; exit 4");
+    assert_eq!(
+        (o.status.code(), o.stdout.as_slice()),
+        (Some(4), &b"ssh-through-b\n"[..]),
+        "{o:?}"
+    );
+
+    // A request one proxy forwarded already is not forwarded again: B,
+    // which would have to, refuses it and says why ...
+    let hop = [("x-cocalc-via-proxy", "http://127.0.0.1:1")];
+    let (s, body) = get(&page, &hop);
+    assert_eq!(s, 502, "{body}");
+    let e: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(e["code"], "tunnel_elsewhere", "{e}");
+    assert!(
+        e["message"].as_str().unwrap().contains(&purl_a),
+        "names where this proxy places the tunnel: {e}"
+    );
+    // ... and it does not stick: the next request without it is served.
+    let (s, body) = get(&page, &[]);
+    assert_eq!(s, 200, "{body}");
+    // A, which holds the tunnel, serves it; the header stops there.
+    let (s, seen) = get(&format!("{purl_a}/{project}/port/{app}/hello"), &hop);
+    assert_eq!(s, 200, "{seen}");
+    assert!(!seen.contains("x-cocalc-via-proxy"), "{seen}");
+}
