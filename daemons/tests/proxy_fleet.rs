@@ -4,14 +4,15 @@
 //! and without a body, a server in the project, SSH — through the first.
 //! The project's server sees the client's `Host` and address as if there
 //! were one proxy; a request that one proxy already forwarded is never
-//! forwarded again.
+//! forwarded again. And a hidden host that lists both proxies moves its
+//! tunnel to the second when the first dies, and tells the master.
 
 use std::time::Duration;
 
 mod common;
 use common::{
     api_key_of, bootstrap_token, cocalc, create_and_open, eventually, free_port, host_config, ok,
-    spawn_host, spawn_proxy, ssh_exec, ssh_keygen, start_master,
+    spawn_host, spawn_proxy, ssh_exec, ssh_keygen, start_master, Proc,
 };
 
 /// A server for the project: `GET` answers with the request's headers,
@@ -68,49 +69,63 @@ fn logged(path: &std::path::Path, needle: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Starts a proxy named `name` (its config file `d/<name>.toml`) on
+/// loopback port `port`, with the config lines `extra`.
+fn start_proxy(d: &std::path::Path, name: &str, port: u16, common: &str, extra: &str) -> Proc {
+    let cfg = d.join(format!("{name}.toml"));
+    std::fs::write(
+        &cfg,
+        format!("listen = \"127.0.0.1:{port}\"\n{common}{extra}"),
+    )
+    .unwrap();
+    spawn_proxy(&cfg)
+}
+
+/// The config lines every proxy of a test shares: the master and the
+/// proxy key.
+fn proxy_common(murl: &str, admin: &str) -> String {
+    let o = cocalc(
+        murl,
+        admin,
+        &["proxy-key", "create", "edge", "--json"],
+        None,
+    );
+    let key = api_key_of(&o);
+    format!("master_url = \"{murl}\"\napi_key = \"{key}\"\n")
+}
+
+/// The master's record of its only host, once there is one.
+fn the_host(murl: &str, admin: &str) -> Option<serde_json::Value> {
+    let o = cocalc(murl, admin, &["host", "list", "--json"], None);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+    v.as_array()?.first().cloned()
+}
+
 #[test]
 fn a_hidden_host_is_reached_through_any_proxy() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let (_master, murl, admin) = start_master(d, &[]);
     let cli = |key: &str, args: &[&str]| cocalc(&murl, key, args, None);
-    let proxy_key = api_key_of(&cli(&admin, &["proxy-key", "create", "edge", "--json"]));
+    let common = proxy_common(&murl, &admin);
     let alice = api_key_of(&cli(&admin, &["user", "create", "alice", "--json"]));
 
     // Proxy A holds the tunnel; it believes what the other proxy (on
     // 127.0.0.1) says about its clients. Proxy B also speaks SSH.
     let (a, b, b_ssh) = (free_port(), free_port(), free_port());
     let (a_log, b_log) = (d.join("a-access.log"), d.join("b-access.log"));
-    let proxy = |name: &str, port: u16, extra: String| {
-        let cfg = d.join(format!("{name}.toml"));
-        std::fs::write(
-            &cfg,
-            format!(
-                "listen = \"127.0.0.1:{port}\"\nmaster_url = \"{murl}\"\n\
-                 api_key = \"{proxy_key}\"\n{extra}"
-            ),
-        )
-        .unwrap();
-        spawn_proxy(&cfg)
-    };
-    let _proxy_a = proxy(
-        "a",
-        a,
-        format!(
-            "trusted_proxies = [\"127.0.0.1\"]\naccess_log = \"{}\"\n",
-            a_log.display()
-        ),
+    let a_extra = format!(
+        "trusted_proxies = [\"127.0.0.1\"]\naccess_log = \"{}\"\n",
+        a_log.display()
     );
-    let _proxy_b = proxy(
-        "b",
-        b,
-        format!(
-            "ssh_listen = \"127.0.0.1:{b_ssh}\"\nssh_host_key_file = \"{}\"\n\
-             access_log = \"{}\"\n",
-            d.join("b_ssh_ed25519").display(),
-            b_log.display()
-        ),
+    let _proxy_a = start_proxy(d, "a", a, &common, &a_extra);
+    let b_extra = format!(
+        "ssh_listen = \"127.0.0.1:{b_ssh}\"\nssh_host_key_file = \"{}\"\n\
+         access_log = \"{}\"\n",
+        d.join("b_ssh_ed25519").display(),
+        b_log.display()
     );
+    let _proxy_b = start_proxy(d, "b", b, &common, &b_extra);
 
     let purl_a = format!("http://127.0.0.1:{a}");
     let bootstrap = bootstrap_token(&murl, &admin);
@@ -121,9 +136,7 @@ fn a_hidden_host_is_reached_through_any_proxy() {
         "the hidden host is up with its tunnel at proxy A",
         Duration::from_secs(20),
         || {
-            let o = cli(&admin, &["host", "list", "--json"]);
-            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
-            let Some(h) = v.as_array().and_then(|a| a.first()) else {
+            let Some(h) = the_host(&murl, &admin) else {
                 return false;
             };
             host_id = h["id"].as_str().unwrap_or_default().to_string();
@@ -258,4 +271,78 @@ fn a_hidden_host_is_reached_through_any_proxy() {
     let (s, seen) = get(&format!("{purl_a}/{project}/port/{app}/hello"), &hop);
     assert_eq!(s, 200, "{seen}");
     assert!(!seen.contains("x-cocalc-via-proxy"), "{seen}");
+}
+
+#[test]
+fn a_hidden_host_moves_its_tunnel_when_its_proxy_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (_master, murl, admin) = start_master(d, &[]);
+    let common = proxy_common(&murl, &admin);
+    let alice = api_key_of(&cocalc(
+        &murl,
+        &admin,
+        &["user", "create", "alice", "--json"],
+        None,
+    ));
+    let (a, b) = (free_port(), free_port());
+    let (purl_a, purl_b) = (
+        format!("http://127.0.0.1:{a}"),
+        format!("http://127.0.0.1:{b}"),
+    );
+    let mut proxy_a = start_proxy(d, "a", a, &common, "");
+    let _proxy_b = start_proxy(d, "b", b, &common, "");
+
+    // The host lists both proxies, A first.
+    let bootstrap = bootstrap_token(&murl, &admin);
+    let reach = format!("tunnel_url = [\"{purl_a}\", \"{purl_b}\"]");
+    let _host = spawn_host(&host_config(d, &reach, &murl, &bootstrap));
+    let at = |purl: &str| {
+        the_host(&murl, &admin).is_some_and(|h| {
+            h["state"] == "up" && h["health"] == "ok" && h["endpoint"]["value"] == purl
+        })
+    };
+    eventually("the tunnel at A", Duration::from_secs(20), || at(&purl_a));
+    let (project, token) = create_and_open(&murl, &alice, "p");
+    let exec_at = |purl: &str| {
+        let (s, body) = request(
+            "127.0.0.1",
+            reqwest::Method::POST,
+            &format!("{purl}/{project}/exec"),
+            &token,
+            Some(serde_json::json!({ "argv": ["true"] })),
+            &[],
+        );
+        s == 200 && body.contains("\"exit_code\":0")
+    };
+    assert!(exec_at(&purl_a));
+    assert!(exec_at(&purl_b), "B forwards to A");
+
+    // A dies: the host's tunnel moves to B, and the master is told.
+    proxy_a.child.kill().unwrap();
+    proxy_a.child.wait().unwrap();
+    let killed = std::time::Instant::now();
+    eventually(
+        "the master has the tunnel at B",
+        Duration::from_secs(20),
+        || at(&purl_b),
+    );
+    eprintln!(
+        "the master had the tunnel at B {:?} after A died",
+        killed.elapsed()
+    );
+    eventually(
+        "B serves the host from its own tunnel",
+        Duration::from_secs(20),
+        || exec_at(&purl_b),
+    );
+
+    // A comes back: the host stays at B (no flapping back), and A serves
+    // it through B.
+    drop(proxy_a);
+    let _proxy_a = start_proxy(d, "a", a, &common, "");
+    eventually("A forwards to B", Duration::from_secs(20), || {
+        exec_at(&purl_a)
+    });
+    assert!(at(&purl_b), "{:?}", the_host(&murl, &admin));
 }

@@ -15,7 +15,9 @@
 //! # trusted_proxies = ["10.0.0.5"]      # not capped: the proxies in front
 //! # tunnel_url = "https://proxy:8443"   # instead of listen: a hidden host that
 //! #                                     # dials this proxy and listens nowhere
-//! #                                     # (https: TLS, or http: plain)
+//! #                                     # (https: TLS, or http: plain); or a
+//! #                                     # list, ["https://a:8443", "https://b:8443"]:
+//! #                                     # the next is tried when one is down
 //! # tunnel_ca_file = "/etc/cocalc/ca.pem" # https: trust these roots for the
 //! #                                     # proxy instead of the system's
 //! master_url = "http://127.0.0.1:8080"
@@ -84,6 +86,26 @@ fn start_err(what: &str, e: impl std::fmt::Display) -> HostDaemonError {
     HostDaemonError::Start(format!("{what}: {e}"))
 }
 
+/// `tunnel_url`: one proxy's URL, or several.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum ProxyUrls {
+    /// One proxy.
+    One(String),
+    /// Several, the preferred first.
+    Several(Vec<String>),
+}
+
+impl ProxyUrls {
+    /// The URLs, the preferred first.
+    pub fn urls(&self) -> &[String] {
+        match self {
+            ProxyUrls::One(u) => std::slice::from_ref(u),
+            ProxyUrls::Several(v) => v,
+        }
+    }
+}
+
 /// The host's config file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -92,10 +114,13 @@ pub struct HostConfig {
     #[serde(default)]
     pub listen: Option<SocketAddr>,
     /// A hidden host: dial a reverse tunnel to the proxy at this base URL
-    /// (its handle) and serve the data plane only through it.
+    /// (its handle) and serve the data plane only through it. Several
+    /// proxies' URLs: the tunnel lands at one at a time, the next tried
+    /// when it cannot (see `cocalc_host::tunnel`), and the host registers
+    /// the one it is at.
     #[serde(default)]
-    pub tunnel_url: Option<String>,
-    /// PEM certificates the proxy of an `https://` `tunnel_url` must chain
+    pub tunnel_url: Option<ProxyUrls>,
+    /// PEM certificates the proxies of `https://` `tunnel_url`s must chain
     /// to (default: the system's roots).
     #[serde(default)]
     pub tunnel_ca_file: Option<PathBuf>,
@@ -266,18 +291,14 @@ impl HostConfig {
                         .into(),
                 )
             }
-            (None, Some(u)) if !u.starts_with("http://") && !u.starts_with("https://") => {
-                return Err(format!(
-                    "tunnel_url {u:?} must start with https:// (or http:// on a trusted network)"
-                ))
-            }
+            (None, Some(urls)) => check_tunnel_urls(urls.urls())?,
             _ => {}
         }
         if self.tunnel_ca_file.is_some()
             && !self
                 .tunnel_url
-                .as_deref()
-                .is_some_and(|u| u.starts_with("https://"))
+                .as_ref()
+                .is_some_and(|u| u.urls().iter().any(|u| u.starts_with("https://")))
         {
             return Err("tunnel_ca_file goes with an https:// tunnel_url".into());
         }
@@ -488,7 +509,6 @@ pub struct Host {
     idle_timeout: Duration,
     activity_interval: Duration,
     tunnel: Option<Arc<crate::tunnel::TunnelClient>>,
-    endpoint: HostEndpoint,
     metrics_listen: Option<SocketAddr>,
     tls: Option<Arc<cocalc_client::tls::CertStore>>,
     tls_versions: cocalc_client::tls::HttpVersions,
@@ -511,13 +531,35 @@ pub async fn build(cfg: &HostConfig, public_url: String) -> Result<Host, HostDae
     build_at(cfg, HostEndpoint::Url(public_url)).await
 }
 
+/// `tunnel_url`'s URLs: at least one, each `http://` or `https://`, no
+/// two the same.
+fn check_tunnel_urls(urls: &[String]) -> Result<(), String> {
+    if urls.is_empty() {
+        return Err("tunnel_url lists no proxy".into());
+    }
+    for (i, u) in urls.iter().enumerate() {
+        if !u.starts_with("http://") && !u.starts_with("https://") {
+            return Err(format!(
+                "tunnel_url {u:?} must start with https:// (or http:// on a trusted network)"
+            ));
+        }
+        let same = |v: &String| v.trim_end_matches('/') == u.trim_end_matches('/');
+        if urls[..i].iter().any(same) {
+            return Err(format!("tunnel_url lists {u:?} twice"));
+        }
+    }
+    Ok(())
+}
+
 /// Builds a hidden host (config with `tunnel_url`): it registers the
-/// tunnel's handle as its endpoint and serves only through the tunnel (run
-/// it with [`Host::run_hidden`]).
+/// tunnel's handle as its endpoint (the first proxy's, until the tunnel
+/// lands at another) and serves only through the tunnel (run it with
+/// [`Host::run_hidden`]).
 pub async fn build_hidden(cfg: &HostConfig) -> Result<Host, HostDaemonError> {
     let url = cfg
         .tunnel_url
-        .as_deref()
+        .as_ref()
+        .and_then(|u| u.urls().first())
         .ok_or_else(|| HostDaemonError::Start("a hidden host needs tunnel_url".into()))?;
     build_at(
         cfg,
@@ -648,7 +690,11 @@ async fn build_at(cfg: &HostConfig, endpoint: HostEndpoint) -> Result<Host, Host
     let tunnel = match &endpoint {
         HostEndpoint::Tunnel(url) => {
             let mut tcfg = crate::tunnel::TunnelClientConfig::new(url.clone(), host, key.clone());
-            if url.starts_with("https://") {
+            let others = cfg.tunnel_url.as_ref().map_or(&[][..], |u| u.urls());
+            for other in others.iter().skip(1) {
+                tcfg = tcfg.fall_back_to(other.clone());
+            }
+            if tcfg.proxy_urls.iter().any(|u| u.starts_with("https://")) {
                 tcfg.tls = Some(
                     crate::tunnel::tls_client_config(cfg.tunnel_ca_file.as_deref())
                         .map_err(|e| HostDaemonError::Start(e.to_string()))?,
@@ -659,10 +705,14 @@ async fn build_at(cfg: &HostConfig, endpoint: HostEndpoint) -> Result<Host, Host
         _ => None,
     };
     if let Some(t) = &tunnel {
-        // Health follows the tunnel; tell the master at once.
+        // Health follows the tunnel, and the endpoint follows the proxy
+        // it lands at; tell the master at once.
         let link = Arc::downgrade(&link);
-        t.on_change(Box::new(move |_| {
+        t.on_change(Box::new(move |at| {
             if let Some(l) = link.upgrade() {
+                if let Some(url) = at {
+                    l.set_endpoint(HostEndpoint::Tunnel(url.to_string()));
+                }
                 l.status_changed();
             }
         }));
@@ -709,7 +759,6 @@ async fn build_at(cfg: &HostConfig, endpoint: HostEndpoint) -> Result<Host, Host
         idle_timeout: Duration::from_secs(cfg.idle_timeout_secs),
         activity_interval: Duration::from_secs(cfg.activity_interval_secs.max(1)),
         tunnel,
-        endpoint,
         metrics_listen: cfg.metrics_listen,
         tls,
         tls_versions: cocalc_client::tls::HttpVersions::with_http2(cfg.tls_http2),
@@ -804,9 +853,10 @@ impl Host {
         }
     }
 
-    /// How users reach this host, as registered with the master.
-    pub fn endpoint(&self) -> &HostEndpoint {
-        &self.endpoint
+    /// How users reach this host, as registered with the master (a
+    /// hidden host's follows the proxy its tunnel is at).
+    pub fn endpoint(&self) -> HostEndpoint {
+        self.link.endpoint()
     }
 
     /// The tunnel client of a hidden host (`None` for a host with a URL).
@@ -1080,6 +1130,42 @@ mod tests {
             .contains("tunnel_ca_file goes with an https://"));
         let public = check("tunnel_url = \"http://p:1\"\npublic_url = \"http://h:2\"\n");
         assert!(public.unwrap_err().contains("public_url has no meaning"));
+    }
+
+    #[test]
+    fn a_hidden_host_may_list_several_proxies() {
+        let two = "tunnel_url = [\"https://a:8443\", \"http://b:8000/\"]\n";
+        assert!(check(two).is_ok());
+        let cfg: HostConfig = toml::from_str(&format!(
+            "{two}master_url = \"http://m:1\"\ndata_dir = \"/tmp/x\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            cfg.tunnel_url.unwrap().urls(),
+            ["https://a:8443".to_string(), "http://b:8000/".to_string()]
+        );
+        // tunnel_ca_file goes with any https:// proxy among them.
+        let ca = "tunnel_ca_file = \"/etc/ca.pem\"\n";
+        assert!(check(&format!("{two}{ca}")).is_ok());
+        let plain = "tunnel_url = [\"http://a:1\", \"http://b:1\"]\n";
+        assert!(check(&format!("{plain}{ca}"))
+            .unwrap_err()
+            .contains("tunnel_ca_file goes with"));
+        for (bad, why) in [
+            ("tunnel_url = []\n", "lists no proxy"),
+            (
+                "tunnel_url = [\"http://a:1\", \"ftp://b:1\"]\n",
+                "\"ftp://b:1\" must start",
+            ),
+            ("tunnel_url = [\"http://a:1\", \"http://a:1/\"]\n", "twice"),
+            (
+                "listen = \"127.0.0.1:0\"\ntunnel_url = [\"http://a:1\"]\n",
+                "exclude each other",
+            ),
+        ] {
+            let e = check(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
     }
 
     #[test]

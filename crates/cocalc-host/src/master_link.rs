@@ -95,7 +95,9 @@ pub struct LinkConfig {
     pub bootstrap_token: Option<String>,
     /// Region.
     pub region: Region,
-    /// How users and the proxy reach this host.
+    /// How users and the proxy reach this host (at first: a hidden host
+    /// whose tunnel moves to another proxy changes it with
+    /// [`MasterLink::set_endpoint`]).
     pub endpoint: HostEndpoint,
 }
 
@@ -146,6 +148,10 @@ pub struct MasterLink {
     last_lease_ms: std::sync::atomic::AtomicI64,
     /// Wakes the keepalive loop early when the host's status changed.
     status_changed: tokio::sync::Notify,
+    /// How users and proxies reach this host now.
+    endpoint: std::sync::Mutex<HostEndpoint>,
+    /// The endpoint changed since the master was last told it.
+    endpoint_changed: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for MasterLink {
@@ -182,6 +188,8 @@ impl MasterLink {
             .build()
             .unwrap_or_default();
         MasterLink {
+            endpoint: std::sync::Mutex::new(cfg.endpoint.clone()),
+            endpoint_changed: std::sync::atomic::AtomicBool::new(false),
             cfg,
             http,
             clock,
@@ -197,6 +205,30 @@ impl MasterLink {
     /// This host's id.
     pub fn host(&self) -> HostId {
         self.cfg.host
+    }
+
+    /// How users and proxies reach this host, as the master is (or is
+    /// about to be) told.
+    pub fn endpoint(&self) -> HostEndpoint {
+        self.endpoint
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The host is now reached at `endpoint` (a hidden host's tunnel
+    /// landed at another proxy): [`MasterLink::run`] registers again with
+    /// it at once, retrying until the master has it. No-op when it is the
+    /// endpoint already.
+    pub fn set_endpoint(&self, endpoint: HostEndpoint) {
+        let mut e = self.endpoint.lock().unwrap_or_else(|p| p.into_inner());
+        if *e != endpoint {
+            tracing::info!(from = ?*e, to = ?endpoint, "the host's endpoint moved; telling the master");
+            *e = endpoint;
+            self.endpoint_changed
+                .store(true, std::sync::atomic::Ordering::Release);
+            self.status_changed.notify_one();
+        }
     }
 
     /// When the master last granted a lease (registration or keepalive),
@@ -281,7 +313,7 @@ impl MasterLink {
             paserk::encode_public(&self.cfg.key.verifying_key()),
             self.cfg.bootstrap_token.clone(),
             self.cfg.region.clone(),
-            self.cfg.endpoint.clone(),
+            self.endpoint(),
             capacity,
         );
         let body = serde_json::to_vec(&req).map_err(|e| LinkError::Protocol(e.to_string()))?;
@@ -512,7 +544,16 @@ impl MasterLink {
                     .last_lease_ms
                     .load(std::sync::atomic::Ordering::Relaxed);
                 let leases_flow = self.clock.now().as_millis() - last < 3 * interval;
-                if registered && leases_flow && self.keepalive_on_push(health, capacity, load) {
+                // A moved endpoint goes to the master by registering again
+                // (signed with the host key: no bootstrap token is used).
+                let moved = self
+                    .endpoint_changed
+                    .swap(false, std::sync::atomic::Ordering::AcqRel);
+                if registered
+                    && !moved
+                    && leases_flow
+                    && self.keepalive_on_push(health, capacity, load)
+                {
                     // The lease comes back as a frame; wait as the last grant said.
                     let ms = self
                         .next_keepalive_ms
@@ -520,11 +561,15 @@ impl MasterLink {
                     self.pause(Duration::from_millis(ms)).await;
                     continue;
                 }
-                let result = if registered {
+                let result = if registered && !moved {
                     self.keepalive(health, capacity, load).await
                 } else {
                     self.register(capacity).await
                 };
+                if moved && result.is_err() {
+                    self.endpoint_changed
+                        .store(true, std::sync::atomic::Ordering::Release);
+                }
                 let wait = match result {
                     Ok(grant) => {
                         registered = true;

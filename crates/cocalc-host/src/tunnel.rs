@@ -22,9 +22,21 @@
 //! [`TunnelClientConfig::tls`] ([`tls_client_config`]: the system's, or a
 //! CA file's); dial-back connections are then served through hyper and
 //! copy rather than splice.
+//!
+//! **Several proxies.** With more than one URL in
+//! [`TunnelClientConfig::proxy_urls`] the tunnel lands at one of them at a
+//! time. An attempt that does not get a tunnel up (the proxy is down,
+//! unreachable, or refuses) moves the next attempt on to the next URL,
+//! round the list, with the same backoff; a tunnel that was up and ended
+//! is dialled at the same proxy first (it may be restarting). The host
+//! stays where it landed rather than going back to the first proxy, and
+//! [`TunnelClient::on_change`] tells the host daemon where that is, so
+//! that it registers that proxy as its endpoint. Users reach the host
+//! through any proxy either way (proxies forward requests for hidden
+//! hosts whose tunnels land at other proxies to those).
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -86,9 +98,13 @@ pub enum TunnelError {
 /// Where and as whom to open the tunnel.
 #[derive(Clone)]
 pub struct TunnelClientConfig {
-    /// The proxy's base URL: where to dial, and the handle the signature
-    /// covers (it must equal the proxy's configured handle).
-    pub proxy_url: String,
+    /// The proxies' base URLs, the preferred first: where to dial, and
+    /// the handle the signature covers (each must equal that proxy's
+    /// configured handle). The tunnel lands at one of them at a time: see
+    /// "Several proxies" in the module overview. Never empty when built
+    /// with [`TunnelClientConfig::new`]; add more with
+    /// [`TunnelClientConfig::fall_back_to`].
+    pub proxy_urls: Vec<String>,
     /// This host.
     pub host: HostId,
     /// This host's key (the one registered with the master).
@@ -97,8 +113,8 @@ pub struct TunnelClientConfig {
     pub keepalive_interval: Duration,
     /// Drop the tunnel when a PING is not answered within this (default 10 s).
     pub keepalive_timeout: Duration,
-    /// How to verify the proxy when `proxy_url` is `https://` (required
-    /// then; [`tls_client_config`]). Unused for `http://`.
+    /// How to verify the proxies whose URLs are `https://` (required then;
+    /// [`tls_client_config`]). Unused for `http://`.
     pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
@@ -126,7 +142,7 @@ pub fn tls_client_config(
 impl std::fmt::Debug for TunnelClientConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TunnelClientConfig")
-            .field("proxy_url", &self.proxy_url)
+            .field("proxy_urls", &self.proxy_urls)
             .field("host", &self.host)
             .finish_non_exhaustive()
     }
@@ -136,13 +152,21 @@ impl TunnelClientConfig {
     /// Defaults for dialling `proxy_url` as `host` with `key`.
     pub fn new(proxy_url: impl Into<String>, host: HostId, key: SigningKey) -> Self {
         TunnelClientConfig {
-            proxy_url: proxy_url.into().trim_end_matches('/').to_string(),
+            proxy_urls: vec![proxy_url.into().trim_end_matches('/').to_string()],
             host,
             key,
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(10),
             tls: None,
         }
+    }
+
+    /// Adds `proxy_url` to the proxies the tunnel may land at, after the
+    /// ones given so far.
+    pub fn fall_back_to(mut self, proxy_url: impl Into<String>) -> Self {
+        self.proxy_urls
+            .push(proxy_url.into().trim_end_matches('/').to_string());
+        self
     }
 }
 
@@ -218,13 +242,17 @@ impl Dial {
     }
 }
 
-/// Called with the new state whenever the tunnel comes up or goes down.
-pub type TunnelHook = Box<dyn Fn(bool) + Send + Sync>;
+/// Called whenever the tunnel comes up (with the URL of the proxy it
+/// landed at) or goes down (`None`).
+pub type TunnelHook = Box<dyn Fn(Option<&str>) + Send + Sync>;
 
 /// Keeps a hidden host's tunnel to its proxy open.
 pub struct TunnelClient {
     cfg: TunnelClientConfig,
     clock: SharedClock,
+    /// Index in `cfg.proxy_urls` of the proxy the tunnel is at, or is
+    /// dialled at next.
+    current: AtomicUsize,
     connected: AtomicBool,
     connects: AtomicU64,
     dials: Arc<AtomicU64>,
@@ -246,6 +274,7 @@ impl TunnelClient {
         Arc::new(TunnelClient {
             cfg,
             clock,
+            current: AtomicUsize::new(0),
             connected: AtomicBool::new(false),
             connects: AtomicU64::new(0),
             dials: Arc::new(AtomicU64::new(0)),
@@ -253,9 +282,10 @@ impl TunnelClient {
         })
     }
 
-    /// Sets the function told about every change of the tunnel's state (the
-    /// host daemon sends a keepalive with the new health). Only the first
-    /// call has an effect.
+    /// Sets the function told about every change of the tunnel's state
+    /// (the host daemon registers the proxy the tunnel landed at as its
+    /// endpoint, and sends a keepalive with the new health). Only the
+    /// first call has an effect.
     pub fn on_change(&self, hook: TunnelHook) {
         let _ = self.hook.set(hook);
     }
@@ -263,8 +293,27 @@ impl TunnelClient {
     fn set_connected(&self, up: bool) {
         if self.connected.swap(up, Ordering::Relaxed) != up {
             if let Some(h) = self.hook.get() {
-                h(up);
+                let at = self.proxy_url();
+                h(up.then_some(at));
             }
+        }
+    }
+
+    /// The URL of the proxy the tunnel is at (or, while it is down, is
+    /// dialled at next).
+    pub fn proxy_url(&self) -> &str {
+        let urls = &self.cfg.proxy_urls;
+        urls.get(self.current.load(Ordering::Relaxed) % urls.len().max(1))
+            .map_or("", String::as_str)
+    }
+
+    /// After an attempt that did not get a tunnel up, the next one goes
+    /// to the next proxy in the list (the first after the last).
+    fn try_next_proxy(&self) {
+        let n = self.cfg.proxy_urls.len();
+        if n > 1 {
+            let next = (self.current.load(Ordering::Relaxed) + 1) % n;
+            self.current.store(next, Ordering::Relaxed);
         }
     }
 
@@ -297,13 +346,19 @@ impl TunnelClient {
         let work = async {
             loop {
                 let started = std::time::Instant::now();
+                let before = self.connects();
                 let result = self.once(router.clone()).await;
                 self.set_connected(false);
+                let proxy = self.proxy_url().to_string();
                 match result {
-                    Ok(()) => tracing::info!(proxy = %self.cfg.proxy_url, "tunnel closed"),
-                    Err(e) => {
-                        tracing::warn!(proxy = %self.cfg.proxy_url, error = %e, "tunnel failed")
-                    }
+                    Ok(()) => tracing::info!(%proxy, "tunnel closed"),
+                    Err(e) => tracing::warn!(%proxy, error = %e, "tunnel failed"),
+                }
+                // A tunnel that was up is dialled at the same proxy again
+                // (it may be restarting); one that never came up, at the
+                // next proxy.
+                if self.connects() == before {
+                    self.try_next_proxy();
                 }
                 // A tunnel that lived a while resets the backoff.
                 if started.elapsed() > Duration::from_secs(30) {
@@ -319,7 +374,8 @@ impl TunnelClient {
     /// One tunnel: dial, handshake, serve until it ends.
     pub async fn once(&self, router: impl Into<DataPlane>) -> Result<(), TunnelError> {
         let DataPlane { router, lean } = router.into();
-        let dial = Dial::new(&self.cfg.proxy_url, self.cfg.tls.as_ref())?;
+        let proxy_url = self.proxy_url();
+        let dial = Dial::new(proxy_url, self.cfg.tls.as_ref())?;
         let addr = dial.addr.clone();
         let io: cocalc_core::BoxedConnection = match dial.connect(Duration::from_secs(10)).await? {
             Dialled::Tcp(tcp) => Box::new(tcp),
@@ -340,7 +396,7 @@ impl TunnelClient {
             &self.cfg.key,
             self.cfg.host,
             TUNNEL_SIGNED_METHOD,
-            &self.cfg.proxy_url,
+            proxy_url,
             self.clock.now(),
             b"",
         ) {
@@ -374,7 +430,7 @@ impl TunnelClient {
             .map_err(conn_err)?;
         self.set_connected(true);
         self.connects.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(proxy = %self.cfg.proxy_url, "tunnel up");
+        tracing::info!(proxy = %proxy_url, "tunnel up");
         let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         b.timer(TokioTimer::new())
             .keep_alive_interval(self.cfg.keepalive_interval)
