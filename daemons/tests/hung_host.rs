@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 mod common;
 use common::{
-    api_key_of, bootstrap_token, cocalc, create_and_open, eventually, free_port, host_config, ok,
-    spawn_host, spawn_proxy, ssh_exec, ssh_keygen, start_master, wait_for_host_up,
+    api_key_of, bootstrap_token, cocalc, create_and_open, eventually, free_port, host_config,
+    registered_ssh_key, spawn_host, spawn_proxy, ssh_exec, start_master, wait_for_host_up,
 };
 
 /// GET with a bearer token: the status and the body (blocking, for tests).
@@ -136,15 +136,7 @@ fn requests_to_a_hung_host_end_and_slow_projects_are_waited_for() {
 
     // Alice's key, for SSH through the proxy.
     let key = d.join("alice_ed25519");
-    ssh_keygen(&key);
-    ok(&cli(
-        &alice,
-        &[
-            "ssh-key",
-            "add",
-            key.with_extension("pub").to_str().unwrap(),
-        ],
-    ));
+    registered_ssh_key(&murl, &alice, &key);
     let o = ssh_exec(ssh_port, &key, &project, "echo hi");
     assert_eq!(
         (o.status.code(), o.stdout.as_slice()),

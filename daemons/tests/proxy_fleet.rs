@@ -11,8 +11,8 @@ use std::time::Duration;
 
 mod common;
 use common::{
-    api_key_of, bootstrap_token, cocalc, create_and_open, eventually, free_port, host_config, ok,
-    spawn_host, spawn_proxy, ssh_exec, ssh_keygen, start_master, Proc,
+    api_key_of, bootstrap_token, cocalc, create_and_open, eventually, free_port, host_config,
+    registered_ssh_key, spawn_host, spawn_proxy, ssh_exec, start_master, Proc,
 };
 
 /// A server for the project: `GET` answers with the request's headers,
@@ -237,15 +237,7 @@ fn a_hidden_host_is_reached_through_any_proxy() {
 
     // SSH through B: a WebSocket to the host's exec-stream, through A.
     let key = d.join("alice_ed25519");
-    ssh_keygen(&key);
-    ok(&cli(
-        &alice,
-        &[
-            "ssh-key",
-            "add",
-            key.with_extension("pub").to_str().unwrap(),
-        ],
-    ));
+    registered_ssh_key(&murl, &alice, &key);
     let o = ssh_exec(b_ssh, &key, &project, "echo ssh-through-b; exit 4");
     assert_eq!(
         (o.status.code(), o.stdout.as_slice()),

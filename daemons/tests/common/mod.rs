@@ -236,6 +236,19 @@ pub(crate) fn ssh_keygen(path: &Path) {
     assert!(k.status.success(), "{k:?}");
 }
 
+/// A new Ed25519 key pair at `path`, registered with the master at
+/// `murl` as an SSH key of the user whose API key is `user`.
+pub(crate) fn registered_ssh_key(murl: &str, user: &str, path: &Path) {
+    ssh_keygen(path);
+    let public = path.with_extension("pub");
+    ok(&cocalc(
+        murl,
+        user,
+        &["ssh-key", "add", public.to_str().unwrap()],
+        None,
+    ));
+}
+
 /// Runs `command` in `project` with `ssh` (OpenSSH, as a script would:
 /// no config, no prompts), through the SSH ingress on `port`, logging in
 /// with `key`.
