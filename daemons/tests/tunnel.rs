@@ -206,7 +206,9 @@ fn kill_mid_request(master: &str, key: &str, victim: &mut Proc) -> Output {
 /// The hidden host's tunnel and dial-backs over TLS: the proxy serves
 /// `https://` (a self-signed certificate the host is told to trust with
 /// `tunnel_ca_file`; the master and CLI trust it through `SSL_CERT_FILE`),
-/// and the host never touches the proxy's plain port.
+/// and the host never touches the proxy's plain port. A second proxy that
+/// trusts the certificate (`hosts_ca_file`) reaches the host through the
+/// first one's `https://` handle.
 #[test]
 fn hidden_host_tunnels_over_tls() {
     let dir = tempfile::tempdir().unwrap();
@@ -317,4 +319,29 @@ fn hidden_host_tunnels_over_tls() {
     );
     assert_eq!(connections_to(pid, plain), 0, "{:?}", tcp_sockets(pid));
     assert_eq!(listening_sockets(pid), Vec::<String>::new());
+
+    // A second proxy, told to trust the first one's certificate, reaches
+    // the host through the first one's https:// handle.
+    let other = free_port();
+    std::fs::write(
+        d.join("proxy-b.toml"),
+        format!(
+            "listen = \"127.0.0.1:{other}\"\nmaster_url = \"{murl}\"\napi_key = \"{proxy_key}\"\n\
+             hosts_ca_file = \"{}\"\n",
+            cert.display()
+        ),
+    )
+    .unwrap();
+    let _other = spawn_proxy(&d.join("proxy-b.toml"));
+    let r = blocking_post(
+        &format!("http://127.0.0.1:{other}/{project}/exec"),
+        open["token"].as_str().unwrap(),
+        serde_json::json!({ "argv": ["echo", "via-b"] }),
+    );
+    // Standard output comes in base64: "via-b\n".
+    assert_eq!(
+        (&r["exit_code"], &r["stdout"]),
+        (&0.into(), &"dmlhLWIK".into()),
+        "{r}"
+    );
 }
