@@ -10,6 +10,12 @@
 //! * HTTP download bytes/s (64 MiB responses, 1 and 4 at a time);
 //! * WebSocket bytes/s (1 MiB binary messages from the server).
 //!
+//! Over TLS, the proxy and nginx are also measured with HTTP/2 as a
+//! browser speaks it (the "HTTP/2" rows): every client of the run shares
+//! one connection, each request a stream of its own (the 4 downloads of
+//! "x4" too). The other TLS rows stay HTTP/1.1, a connection per client;
+//! WebSockets are HTTP/1.1 on every row.
+//!
 //! Run: `cargo bench -p cocalc-daemons --bench proxy` (`-- --secs 3
 //! --conns 32`, `--only tunnel` for the routes whose name contains
 //! "tunnel", `--rounds 3` to measure every route three times in turn and
@@ -32,7 +38,8 @@ use common::{
 /// The bench's self-signed certificate (DER), which its clients trust.
 static ROOT: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
 
-/// A client builder trusting [`ROOT`].
+/// A client builder trusting [`ROOT`] (HTTP/1.1: the bench builds
+/// reqwest without HTTP/2; the HTTP/2 rows use [`H2`]).
 fn client() -> reqwest::ClientBuilder {
     let b = reqwest::Client::builder();
     match ROOT.get() {
@@ -41,8 +48,113 @@ fn client() -> reqwest::ClientBuilder {
     }
 }
 
+/// Whether a route is measured over HTTP/2 (by its name).
+fn is_h2(route: &str) -> bool {
+    route.ends_with("HTTP/2")
+}
+
+/// A request sender on one HTTP/2 connection.
+type H2Send = hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>;
+
+/// One HTTP/2 connection (hyper's client over TLS, `h2` by ALPN), which
+/// any number of tasks send requests on at once. When the server closes
+/// it (nginx does after `keepalive_requests`, 1,000 by default), the
+/// first task to notice opens a new one and the requests that did not
+/// make it are sent again on that, as a browser does; the time that takes
+/// counts in their latency.
+#[derive(Clone)]
+struct H2 {
+    url: std::sync::Arc<str>,
+    /// The connection, and how many came before it.
+    conn: std::sync::Arc<std::sync::Mutex<(u64, H2Send)>>,
+    /// Held while a new connection is opened, so only one is.
+    reconnecting: std::sync::Arc<tokio::sync::Mutex<()>>,
+}
+
+impl H2 {
+    /// Connects to the authority of `url` (`https://IP:PORT/…`).
+    async fn connect(url: &str) -> H2 {
+        H2 {
+            url: url.into(),
+            conn: std::sync::Arc::new(std::sync::Mutex::new((0, Self::open(url).await))),
+            reconnecting: Default::default(),
+        }
+    }
+
+    /// A new connection to the authority of `url`.
+    async fn open(url: &str) -> H2Send {
+        let uri: hyper::Uri = url.parse().unwrap();
+        let tls = tls_connect_alpn(uri.authority().unwrap().as_str(), &[b"h2"]).await;
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]), "{url}");
+        let (send, conn) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .adaptive_window(true)
+                .handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        send
+    }
+
+    /// `GET url` with the bearer `token`: the answer, checked to be a 200
+    /// over HTTP/2.
+    async fn get(&mut self, url: &str, token: &str) -> hyper::Response<hyper::body::Incoming> {
+        for _ in 0..3 {
+            let (generation, mut send) = self.conn.lock().unwrap().clone();
+            let req = hyper::Request::get(url)
+                .header("authorization", format!("Bearer {token}"))
+                .body(http_body_util::Empty::new())
+                .unwrap();
+            let sent = async {
+                send.ready().await?;
+                send.send_request(req).await
+            };
+            match sent.await {
+                Ok(r) => {
+                    assert_eq!(r.status(), 200, "{url}");
+                    assert_eq!(r.version(), hyper::Version::HTTP_2, "{url}");
+                    return r;
+                }
+                // Closed by the server: a new connection, once.
+                Err(_) => {
+                    let _one = self.reconnecting.lock().await;
+                    if self.conn.lock().unwrap().0 == generation {
+                        let fresh = Self::open(&self.url).await;
+                        *self.conn.lock().unwrap() = (generation + 1, fresh);
+                    }
+                }
+            }
+        }
+        panic!("{url}: three HTTP/2 connections in a row failed the same request");
+    }
+}
+
+/// Bytes of `body` read until it ends or `deadline` passes.
+async fn drain(body: hyper::body::Incoming, deadline: Option<Instant>) -> usize {
+    use http_body_util::BodyExt;
+    let mut body = body;
+    let mut n = 0;
+    while let Some(frame) = body.frame().await {
+        if let Ok(d) = frame.unwrap().into_data() {
+            n += d.len();
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+    }
+    n
+}
+
 /// A TLS connection to `addr` (an IP and port) trusting only [`ROOT`].
 async fn tls_connect(addr: &str) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    tls_connect_alpn(addr, &[]).await
+}
+
+/// [`tls_connect`] offering the application protocols `alpn`.
+async fn tls_connect_alpn(
+    addr: &str,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let addr: std::net::SocketAddr = addr.parse().unwrap();
     let mut roots = rustls::RootCertStore::empty();
     roots
@@ -57,6 +169,8 @@ async fn tls_connect(addr: &str) -> tokio_rustls::client::TlsStream<tokio::net::
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
+    let mut cfg = cfg;
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     tcp.set_nodelay(true).unwrap();
     tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
@@ -149,13 +263,30 @@ fn ws_upgrade(
 }
 
 /// HTTP download rate: `streams` clients each fetching `/big` again and
-/// again for `secs`; bytes/s over all.
-async fn download(url: &str, token: &str, streams: usize, secs: f64) -> f64 {
+/// again for `secs` (over HTTP/2 if `h2`: streams of one connection);
+/// bytes/s over all.
+async fn download(url: &str, token: &str, streams: usize, secs: f64, h2: bool) -> f64 {
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let start = Instant::now();
     let mut tasks = Vec::new();
+    let shared = if h2 {
+        Some(H2::connect(url).await)
+    } else {
+        None
+    };
     for _ in 0..streams {
         let (url, token) = (url.to_string(), token.to_string());
+        if let Some(mut conn) = shared.clone() {
+            tasks.push(tokio::spawn(async move {
+                let mut n = 0;
+                while Instant::now() < deadline {
+                    let r = conn.get(&url, &token).await;
+                    n += drain(r.into_body(), Some(deadline)).await;
+                }
+                n
+            }));
+            continue;
+        }
         tasks.push(tokio::spawn(async move {
             let c = client().build().unwrap();
             let mut n = 0usize;
@@ -222,13 +353,38 @@ fn mib(bps: f64) -> String {
     format!("{:>8.0} MiB/s", bps / (1 << 20) as f64)
 }
 
-/// `conns` clients sending small requests for `secs`: requests per
-/// second, p50, p99 and the number of requests sent.
-async fn load(url: &str, token: &str, conns: usize, secs: f64) -> (f64, Duration, Duration, usize) {
+/// `conns` clients sending small requests for `secs` (each on a
+/// connection of its own; over HTTP/2 if `h2`, all on one connection):
+/// requests per second, p50, p99 and the number of requests sent.
+async fn load(
+    url: &str,
+    token: &str,
+    conns: usize,
+    secs: f64,
+    h2: bool,
+) -> (f64, Duration, Duration, usize) {
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let mut tasks = Vec::new();
+    let shared = if h2 {
+        Some(H2::connect(url).await)
+    } else {
+        None
+    };
     for _ in 0..conns {
         let (url, token) = (url.to_string(), token.to_string());
+        if let Some(mut conn) = shared.clone() {
+            tasks.push(tokio::spawn(async move {
+                let mut lat = Vec::new();
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    let r = conn.get(&url, &token).await;
+                    drain(r.into_body(), None).await;
+                    lat.push(t.elapsed());
+                }
+                lat
+            }));
+            continue;
+        }
         tasks.push(tokio::spawn(async move {
             let c = client().pool_max_idle_per_host(1).build().unwrap();
             let mut lat = Vec::new();
@@ -504,6 +660,18 @@ async fn main() {
             &open.token,
             nginx_pid,
         ),
+        (
+            "via cocalc-proxy HTTP/2",
+            Some(format!("https://127.0.0.1:{ptls}{path}")),
+            &open.token,
+            proxy_pid,
+        ),
+        (
+            "via nginx HTTP/2",
+            nginx_tls_url.as_ref().map(|n| format!("{n}{path}")),
+            &open.token,
+            nginx_pid,
+        ),
     ];
     // `--only tunnel` (a substring of the route names) measures just those.
     let only = std::env::args()
@@ -531,16 +699,17 @@ async fn main() {
         }
         for (i, (name, url, token, relay)) in routes.iter().enumerate() {
             let Some(url) = url else {
-                println!("{name:<22} skipped: nginx not installed (apt-get install nginx)");
+                println!("{name:<24} skipped: nginx not installed (apt-get install nginx)");
                 continue;
             };
-            let _ = load(url, token, 2, 0.3).await; // warm up
+            let h2 = is_h2(name);
+            let _ = load(url, token, 2, 0.3, h2).await; // warm up
             let before = relay.map(cpu_time);
             // Where the rest of the machine's time goes: the host, and this
             // process (load generator and the server in the project).
             let (host_before, own_before) = (cpu_time(host_pid_raw), own_cpu_time());
             let t = Instant::now();
-            let (rate, p50, p99, _) = load(url, token, conns, secs).await;
+            let (rate, p50, p99, _) = load(url, token, conns, secs, h2).await;
             let wall = t.elapsed().as_secs_f64();
             let per_req = |d: Duration| d.as_secs_f64() * 1e6 / (rate * wall);
             let host_us = per_req(cpu_time(host_pid_raw) - host_before);
@@ -558,7 +727,7 @@ async fn main() {
                 }
                 _ => format!("   (host CPU {host_us:.1} µs/req, client+backend {own_us:.1})"),
             };
-            println!("{name:<22} {rate:>9.0} req/s   p50 {p50:>9.2?}   p99 {p99:>9.2?}{cpu}");
+            println!("{name:<24} {rate:>9.0} req/s   p50 {p50:>9.2?}   p99 {p99:>9.2?}{cpu}");
             req_runs[i].push((rate, p99));
         }
         println!(
@@ -569,7 +738,8 @@ async fn main() {
             // CPU per byte of the one-stream download, per process.
             let before = (relay.map(cpu_time), cpu_time(host_pid_raw), own_cpu_time());
             let t = Instant::now();
-            let one = download(&format!("{url}big"), token, 1, secs).await;
+            let h2 = is_h2(name);
+            let one = download(&format!("{url}big"), token, 1, secs, h2).await;
             let gib = one * t.elapsed().as_secs_f64() / f64::from(1u32 << 30);
             let ms_per_gib = |d: Duration| d.as_secs_f64() * 1e3 / gib;
             let relay_cpu = match (relay, before.0) {
@@ -581,10 +751,10 @@ async fn main() {
                 ms_per_gib(cpu_time(host_pid_raw) - before.1),
                 ms_per_gib(own_cpu_time() - before.2),
             );
-            let four = download(&format!("{url}big"), token, 4, secs).await;
+            let four = download(&format!("{url}big"), token, 4, secs, h2).await;
             let ws = websocket(&format!("{url}ws"), token, secs).await;
             println!(
-                "{name:<22} x1 {}   x4 {}   websocket {}   ({cpu})",
+                "{name:<24} x1 {}   x4 {}   websocket {}   ({cpu})",
                 mib(one),
                 mib(four),
                 mib(ws)
@@ -619,7 +789,7 @@ async fn main() {
         println!("medians of {rounds} rounds:");
         for ((name, rate, p99), (_, one, four, ws)) in rows.iter().zip(&bytes_rows) {
             println!(
-                "{name:<22} {rate:>9.0} req/s   p99 {p99:>9.2?}   x1 {}   x4 {}   websocket {}",
+                "{name:<24} {rate:>9.0} req/s   p99 {p99:>9.2?}   x1 {}   x4 {}   websocket {}",
                 mib(*one),
                 mib(*four),
                 mib(*ws)
@@ -634,6 +804,11 @@ async fn main() {
     for (proxy, nginx, over) in [
         ("via cocalc-proxy", "via nginx", ""),
         ("via cocalc-proxy TLS", "via nginx TLS", " over TLS"),
+        (
+            "via cocalc-proxy HTTP/2",
+            "via nginx HTTP/2",
+            " over HTTP/2",
+        ),
     ] {
         let (Some(p), Some(n)) = (
             rows.iter().find(|r| r.0 == proxy),
@@ -679,6 +854,8 @@ async fn main() {
         "via tunnel (hidden)",
         "via cocalc-proxy TLS",
         "via nginx TLS",
+        "via cocalc-proxy HTTP/2",
+        "via nginx HTTP/2",
     ] {
         if let (Some(r), Some(d)) = (bytes_rows.iter().find(|r| r.0 == name), d) {
             println!(
@@ -709,12 +886,13 @@ async fn instructions_per_request(
             continue;
         };
         // Warm up: pooled connections, caches, lazy statics.
-        let _ = load(url, token, conns, 2.0).await;
+        let h2 = is_h2(name);
+        let _ = load(url, token, conns, 2.0, h2).await;
         callgrind_zero(*pid);
-        let (_, _, _, n) = load(url, token, conns, secs).await;
+        let (_, _, _, n) = load(url, token, conns, secs, h2).await;
         let ir = callgrind_ir(*pid) as f64 / n as f64;
         callgrind_dump(*pid);
-        println!("{name:<22} {ir:>9.0} instructions/request   ({n} requests)");
+        println!("{name:<24} {ir:>9.0} instructions/request   ({n} requests)");
         counts.push((*name, ir));
     }
     let find = |n: &str| counts.iter().find(|c| c.0 == n).map(|c| c.1);
@@ -724,6 +902,12 @@ async fn instructions_per_request(
     if let (Some(p), Some(n)) = (find("via cocalc-proxy TLS"), find("via nginx TLS")) {
         println!(
             "over TLS: proxy / nginx instructions per request = {:.2}x",
+            p / n
+        );
+    }
+    if let (Some(p), Some(n)) = (find("via cocalc-proxy HTTP/2"), find("via nginx HTTP/2")) {
+        println!(
+            "over HTTP/2: proxy / nginx instructions per request = {:.2}x",
             p / n
         );
     }

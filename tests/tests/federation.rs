@@ -2071,7 +2071,8 @@ async fn https(
 
 /// With an access log, every project request the ingress answers is a
 /// JSON line: the lean path's and hyper's, refusals, HTTP/2 over TLS, and
-/// one whose client gave up (499, with the host it waited on); tokens in
+/// ones whose client gave up (499, with the host it waited on; an HTTP/2
+/// stream reset and an HTTP/1.1 connection closed); tokens in
 /// the query are redacted; the metrics count the lines.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingress_access_log_records_each_request() {
@@ -2163,9 +2164,22 @@ async fn ingress_access_log_records_each_request() {
             .is_err(),
         "the silent server answered"
     );
+    // 7. The same over HTTP/1.1 (the lean path): the client closes its
+    // connection while it waits.
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut s = tokio::net::TcpStream::connect(paddr).await.unwrap();
+        let req = format!(
+            "GET /{pid}/port/{silent_port}/w HTTP/1.1\r\nHost: {paddr}\r\n\
+             Authorization: Bearer {}\r\n\r\n",
+            o.token
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 
-    eventually("six lines written", Duration::from_secs(10), || async {
-        log.written() == 6
+    eventually("seven lines written", Duration::from_secs(10), || async {
+        log.written() == 7
     })
     .await;
     let text = std::fs::read_to_string(&log_path).unwrap();
@@ -2210,6 +2224,14 @@ async fn ingress_access_log_records_each_request() {
             true,
             "HTTP/2",
         ),
+        (
+            "GET",
+            format!("/{pid}/port/{silent_port}/w"),
+            499,
+            true,
+            false,
+            "HTTP/1.1",
+        ),
     ];
     assert_eq!(lines.len(), expect.len(), "{text}");
     for (line, (method, target, status, via_host, tls, version)) in lines.iter().zip(expect) {
@@ -2244,7 +2266,7 @@ async fn ingress_access_log_records_each_request() {
     proxy_metrics_show(
         &ingress,
         &[
-            "cocalc_proxy_access_log_lines_total{result=\"written\"} 6",
+            "cocalc_proxy_access_log_lines_total{result=\"written\"} 7",
             "cocalc_proxy_access_log_lines_total{result=\"dropped\"} 0",
         ],
     );
