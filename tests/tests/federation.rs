@@ -764,7 +764,7 @@ async fn host_caps_connections_per_client() {
 
 /// A host with `access_log` logs each request on its listener, the lean
 /// port relay's and the router's, refusals included, with the client a
-/// trusted proxy names.
+/// trusted proxy names and the bytes of body it sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_access_log_records_each_request() {
     let dir = tempfile::tempdir().unwrap();
@@ -782,45 +782,42 @@ async fn host_access_log_records_each_request() {
     let addr: SocketAddr = h.url.trim_start_matches("http://").parse().unwrap();
     let pid = o.project.to_string();
     let hport = headers_server().await;
-    // One request from `local` on a connection of its own: the status.
+    // One request from `local` on a connection of its own: the status,
+    // and the size of the body (each is framed by Content-Length).
     let get = |local: &'static str, path: String, extra: String| async move {
         let answer = get_from(local, addr, &path, &extra).await;
-        answer[9..12].parse::<u16>().unwrap()
+        let body = answer.find("\r\n\r\n").map(|i| answer.len() - i - 4);
+        (answer[9..12].parse::<u16>().unwrap(), body.unwrap())
     };
     let auth = format!("Authorization: Bearer {}\r\n", o.token);
-    assert_eq!(
-        get("127.0.0.2", format!("/{pid}/status"), auth.clone()).await,
-        200
-    );
-    assert_eq!(
-        get("127.0.0.2", format!("/{pid}/port/{hport}/a"), auth.clone()).await,
-        200
-    );
+    let (s1, n1) = get("127.0.0.2", format!("/{pid}/status"), auth.clone()).await;
+    let (s2, n2) = get("127.0.0.2", format!("/{pid}/port/{hport}/a"), auth.clone()).await;
     let via_proxy = format!("{auth}X-Forwarded-For: 198.51.100.7\r\n");
-    assert_eq!(
-        get("127.0.0.1", format!("/{pid}/status"), via_proxy).await,
-        200
-    );
-    assert_eq!(
-        get("127.0.0.2", format!("/{pid}/status"), String::new()).await,
-        401
-    );
+    let (s3, n3) = get("127.0.0.1", format!("/{pid}/status"), via_proxy).await;
+    let (s4, n4) = get("127.0.0.2", format!("/{pid}/status"), String::new()).await;
+    assert_eq!([s1, s2, s3, s4], [200, 200, 200, 401]);
+    assert!([n1, n2, n3, n4].iter().all(|n| *n > 0));
 
     let host = h.id.to_string();
     let expect = [
-        ("127.0.0.2", format!("/{pid}/status"), 200),
-        ("127.0.0.2", format!("/{pid}/port/{hport}/a"), 200),
-        ("198.51.100.7", format!("/{pid}/status"), 200),
-        ("127.0.0.2", format!("/{pid}/status"), 401),
+        ("127.0.0.2", format!("/{pid}/status"), 200, n1),
+        ("127.0.0.2", format!("/{pid}/port/{hport}/a"), 200, n2),
+        ("198.51.100.7", format!("/{pid}/status"), 200, n3),
+        ("127.0.0.2", format!("/{pid}/status"), 401, n4),
     ];
     eventually("four lines written", Duration::from_secs(10), || async {
         std::fs::read_to_string(&log_path).is_ok_and(|t| t.lines().count() == expect.len())
     })
     .await;
     let text = std::fs::read_to_string(&log_path).unwrap();
-    for (line, (client, target, status)) in text.lines().zip(expect) {
+    for (line, (client, target, status, bytes)) in text.lines().zip(expect) {
         let line: Value = serde_json::from_str(line).unwrap();
         assert_eq!(line["client"], client, "{line}");
+        assert_eq!(line["bytes"], bytes, "{line}");
+        assert!(
+            line["total_micros"].as_u64().unwrap() >= line["micros"].as_u64().unwrap(),
+            "{line}"
+        );
         assert_eq!(line["method"], "GET", "{line}");
         assert_eq!(line["target"], target.as_str(), "{line}");
         assert_eq!(line["status"], status, "{line}");
@@ -2177,9 +2174,28 @@ async fn ingress_access_log_records_each_request() {
         s.write_all(req.as_bytes()).await.unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    // 8. A file of 300 kB (put straight to the host, not logged here),
+    // read through the proxy: the lean path splices it, and the line
+    // counts its bytes.
+    let big = vec![7u8; 300_000];
+    let r = http
+        .put(format!("{}/{pid}/files/big.bin", h.url))
+        .bearer_auth(&o.token)
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let r = http
+        .get(format!("{purl}/{pid}/files/big.bin"))
+        .bearer_auth(&o.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.bytes().await.unwrap().len(), big.len());
 
-    eventually("seven lines written", Duration::from_secs(10), || async {
-        log.written() == 7
+    eventually("eight lines written", Duration::from_secs(10), || async {
+        log.written() == 8
     })
     .await;
     let text = std::fs::read_to_string(&log_path).unwrap();
@@ -2232,6 +2248,14 @@ async fn ingress_access_log_records_each_request() {
             false,
             "HTTP/1.1",
         ),
+        (
+            "GET",
+            format!("/{pid}/files/big.bin"),
+            200,
+            true,
+            false,
+            "HTTP/1.1",
+        ),
     ];
     assert_eq!(lines.len(), expect.len(), "{text}");
     for (line, (method, target, status, via_host, tls, version)) in lines.iter().zip(expect) {
@@ -2245,7 +2269,23 @@ async fn ingress_access_log_records_each_request() {
             line["time"].as_str().is_some_and(|t| t.ends_with('Z')),
             "{line}"
         );
-        assert!(line["micros"].as_u64().is_some(), "{line}");
+        // Answers count their body's bytes and the time to its end;
+        // requests the client left before an answer have neither.
+        let micros = line["micros"].as_u64().unwrap();
+        if status == 499 {
+            assert!(line.get("bytes").is_none(), "{line}");
+            assert!(line.get("total_micros").is_none(), "{line}");
+        } else {
+            assert!(line["bytes"].as_u64().is_some(), "{line}");
+            assert!(line["total_micros"].as_u64().unwrap() >= micros, "{line}");
+        }
+        if status == 400 || status == 401 {
+            // The JSON refusal.
+            assert!(line["bytes"].as_u64().unwrap() > 20, "{line}");
+        }
+        if target.ends_with("big.bin") {
+            assert_eq!(line["bytes"], 300_000, "{line}");
+        }
         let project = if target == "/nope" {
             Value::Null
         } else {
@@ -2266,7 +2306,7 @@ async fn ingress_access_log_records_each_request() {
     proxy_metrics_show(
         &ingress,
         &[
-            "cocalc_proxy_access_log_lines_total{result=\"written\"} 7",
+            "cocalc_proxy_access_log_lines_total{result=\"written\"} 8",
             "cocalc_proxy_access_log_lines_total{result=\"dropped\"} 0",
         ],
     );

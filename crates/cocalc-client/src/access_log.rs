@@ -21,12 +21,19 @@
 //!
 //! A server keeps a [`Pending`] of each request (its arrival, client,
 //! method and target, shared with the request rather than copied) in a
-//! [`Waiting`], which records it with the answer's status, or as 499
-//! (nginx's "client closed request") if the answer is dropped because
-//! the client went away first — a line, with the host it waited on, for
-//! every request that never got its answer. The proxy's ingress and
-//! hosts' per-connection services do. [`Entry`] is the line itself, for
-//! callers that have all of it at once.
+//! [`Waiting`]. Once the answer's head is there, [`Waiting::answered`]
+//! turns it into a [`BodySent`], which goes with the answer's body and
+//! counts its bytes; the line is written when the body has been sent (or
+//! failed, or the client left mid-body), with the status, the time to
+//! the head (`micros`), the bytes of body sent (`bytes`) and the time to
+//! then (`total_micros`). A [`Logged`] body counts for hyper's servers;
+//! the lean server ([`crate::lean`]) finds the [`BodySent`] in the
+//! answer's extensions. A request dropped before it was answered,
+//! because the client went away first, is logged as 499 (nginx's "client
+//! closed request"), with the host it waited on. A WebSocket's line is
+//! written when it is upgraded (`bytes` 0). The proxy's ingress and
+//! hosts' per-connection services log this way. [`Entry`] is the line
+//! itself, for callers that have all of it at once.
 //!
 //! ```no_run
 //! # fn demo() -> std::io::Result<()> {
@@ -41,22 +48,28 @@
 //!     tls: true,
 //!     status: 200,
 //!     micros: 1_250,
+//!     bytes: Some(5_120),
+//!     total_micros: Some(2_380),
 //!     project: None,
 //!     host: None,
 //! });
 //! // {"time":"2025-11-25T01:30:00.123Z","client":"192.0.2.7","method":"GET",
 //! //  "target":"/a778…/port/8888/?token=REDACTED","version":"HTTP/1.1",
-//! //  "tls":true,"status":200,"micros":1250}
+//! //  "tls":true,"status":200,"micros":1250,"bytes":5120,"total_micros":2380}
 //! # Ok(()) }
 //! ```
 
 use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+
+use bytes::Buf;
 
 use cocalc_core::{HostId, ProjectId, Timestamp};
 
@@ -135,9 +148,14 @@ pub struct Entry<'a> {
     pub tls: bool,
     /// The status answered.
     pub status: u16,
-    /// Microseconds from the request's head to the answer's (the body may
-    /// stream for longer; for a WebSocket, until it was upgraded).
+    /// Microseconds from the request's head to the answer's (for a
+    /// WebSocket, until it was upgraded).
     pub micros: u64,
+    /// Bytes of the answer's body sent (none for a request not answered).
+    pub bytes: Option<u64>,
+    /// Microseconds from the request's head until the answer's body was
+    /// sent, failed, or the client left mid-body.
+    pub total_micros: Option<u64>,
     /// The project, when the path named one.
     pub project: Option<ProjectId>,
     /// The host the request went to, when it got that far.
@@ -170,6 +188,14 @@ impl Entry<'_> {
         out.extend_from_slice(num.format(self.status).as_bytes());
         out.extend_from_slice(b",\"micros\":");
         out.extend_from_slice(num.format(self.micros).as_bytes());
+        if let Some(b) = self.bytes {
+            out.extend_from_slice(b",\"bytes\":");
+            out.extend_from_slice(num.format(b).as_bytes());
+        }
+        if let Some(t) = self.total_micros {
+            out.extend_from_slice(b",\"total_micros\":");
+            out.extend_from_slice(num.format(t).as_bytes());
+        }
         if let Some(p) = self.project {
             out.extend_from_slice(b",\"project\":\"");
             out.extend_from_slice(&p.encode());
@@ -222,12 +248,27 @@ impl Pending {
         self.uri.path()
     }
 
-    /// Logs the request to `log`, answered with `status` now; `project`
-    /// and `host` as far as they are known.
+    /// Logs the request to `log`, answered with `status` now (and no
+    /// body counted); `project` and `host` as far as they are known.
     pub fn record(
         self,
         log: &AccessLog,
         status: http::StatusCode,
+        project: Option<ProjectId>,
+        host: Option<HostId>,
+    ) {
+        let micros = micros(self.started.elapsed());
+        self.write(log, status.as_u16(), micros, None, project, host);
+    }
+
+    /// Logs the request to `log`: answered with `status` after `micros`,
+    /// and `body` (bytes sent, and microseconds to then) when known.
+    fn write(
+        &self,
+        log: &AccessLog,
+        status: u16,
+        micros: u64,
+        body: Option<(u64, u64)>,
         project: Option<ProjectId>,
         host: Option<HostId>,
     ) {
@@ -248,33 +289,41 @@ impl Pending {
             target,
             version,
             tls: self.tls,
-            status: status.as_u16(),
-            micros: u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            status,
+            micros,
+            bytes: body.map(|b| b.0),
+            total_micros: body.map(|b| b.1),
             project,
             host,
         });
     }
 }
 
+/// `d` in whole microseconds.
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
 /// The status logged for a request whose client went away before it was
 /// answered (nginx's 499, "client closed request").
 pub const CLIENT_CLOSED: u16 = 499;
 
-/// A request waiting for its answer, logged exactly once: with the answer's
-/// status ([`Waiting::answered`]), or as [`CLIENT_CLOSED`] when dropped
-/// unanswered. The project is the one it was routed to, else the one its
-/// path names; the host, the one it was routed to.
+/// A request waiting for its answer, logged exactly once: once answered
+/// ([`Waiting::answered`]), when its body has been sent, or as
+/// [`CLIENT_CLOSED`] when dropped unanswered. The project is the one it
+/// was routed to, else the one its path names; the host, the one it was
+/// routed to.
 #[derive(Debug)]
-pub struct Waiting<L: std::ops::Deref<Target = AccessLog>> {
+pub struct Waiting {
     pending: Option<Pending>,
-    log: L,
+    log: Arc<AccessLog>,
     project: Option<ProjectId>,
     host: Option<HostId>,
 }
 
-impl<L: std::ops::Deref<Target = AccessLog>> Waiting<L> {
+impl Waiting {
     /// `pending`, to be logged to `log`.
-    pub fn new(pending: Pending, log: L) -> Self {
+    pub fn new(pending: Pending, log: Arc<AccessLog>) -> Self {
         Waiting {
             pending: Some(pending),
             log,
@@ -290,24 +339,128 @@ impl<L: std::ops::Deref<Target = AccessLog>> Waiting<L> {
         self.host = Some(host);
     }
 
-    /// Logs the request, answered with `status`.
-    pub fn answered(mut self, status: http::StatusCode) {
-        self.record(status.as_u16());
+    /// The answer's head, with `status`, is there: the request is logged
+    /// when the [`BodySent`] returned (and its clones) are dropped, with
+    /// the bytes counted on it.
+    pub fn answered(mut self, status: http::StatusCode) -> BodySent {
+        let pending = self.pending.take().expect("a Waiting is answered once");
+        let project = self.project.or_else(|| project_in_path(pending.path()));
+        BodySent(Arc::new(Sending {
+            head: micros(pending.started.elapsed()),
+            pending,
+            log: self.log.clone(),
+            status: status.as_u16(),
+            project,
+            host: self.host,
+            bytes: AtomicU64::new(0),
+        }))
     }
+}
 
-    fn record(&mut self, status: u16) {
+impl Drop for Waiting {
+    fn drop(&mut self) {
         if let Some(p) = self.pending.take() {
             let project = self.project.or_else(|| project_in_path(p.path()));
-            let status = http::StatusCode::from_u16(status)
-                .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
-            p.record(&self.log, status, project, self.host);
+            let micros = micros(p.started.elapsed());
+            p.write(&self.log, CLIENT_CLOSED, micros, None, project, self.host);
         }
     }
 }
 
-impl<L: std::ops::Deref<Target = AccessLog>> Drop for Waiting<L> {
+/// A request whose answer's head is out and whose body is being sent:
+/// logged once the last clone is dropped (the body ended or failed, or
+/// the client left mid-body), with the bytes counted by
+/// [`BodySent::add`]. A server keeps one with the body: a [`Logged`]
+/// body, or, for the lean server ([`crate::lean`]), the answer's
+/// extensions.
+#[derive(Debug, Clone)]
+pub struct BodySent(Arc<Sending>);
+
+impl BodySent {
+    /// `n` more bytes of the body were sent.
+    pub fn add(&self, n: u64) {
+        self.0.bytes.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// What [`BodySent`] logs when its last clone goes.
+#[derive(Debug)]
+struct Sending {
+    pending: Pending,
+    log: Arc<AccessLog>,
+    status: u16,
+    /// Microseconds to the answer's head.
+    head: u64,
+    project: Option<ProjectId>,
+    host: Option<HostId>,
+    bytes: AtomicU64,
+}
+
+impl Drop for Sending {
     fn drop(&mut self) {
-        self.record(CLIENT_CLOSED);
+        let body = (
+            *self.bytes.get_mut(),
+            micros(self.pending.started.elapsed()),
+        );
+        self.pending.write(
+            &self.log,
+            self.status,
+            self.head,
+            Some(body),
+            self.project,
+            self.host,
+        );
+    }
+}
+
+/// A response body that counts what passes through it on a [`BodySent`]
+/// (when there is one) and drops that at its end, so the request is
+/// logged when its body has been sent. Without one it only passes the
+/// body on.
+#[derive(Debug)]
+pub struct Logged<B> {
+    inner: B,
+    sent: Option<BodySent>,
+}
+
+impl<B> Logged<B> {
+    /// `inner`, counted on `sent`.
+    pub fn new(inner: B, sent: Option<BodySent>) -> Self {
+        Logged { inner, sent }
+    }
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for Logged<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Some(sent) = &this.sent {
+            match &r {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(d) = frame.data_ref() {
+                        sent.add(d.remaining() as u64);
+                    }
+                }
+                // The end, or a failure: logged now.
+                Poll::Ready(_) => this.sent = None,
+                Poll::Pending => {}
+            }
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -657,6 +810,8 @@ mod tests {
             tls: true,
             status: 200,
             micros: 1250,
+            bytes: Some(5120),
+            total_micros: Some(2380),
             project: Some("a778f1d1-6365-4ece-a961-c658fd1a9b4b".parse().unwrap()),
             host: None,
         }
@@ -701,11 +856,13 @@ mod tests {
                 "tls": true,
                 "status": 200,
                 "micros": 1250,
+                "bytes": 5120,
+                "total_micros": 2380,
                 "project": "a778f1d1-6365-4ece-a961-c658fd1a9b4b",
             })
         );
         // Milliseconds padded, an IPv6 client, a target that needs
-        // escaping, a host.
+        // escaping, a host, no body (not answered).
         let host: HostId = "0b5e0c1d-3a5f-4c8e-9a7b-2f1e0d9c8b7a".parse().unwrap();
         let e = Entry {
             time: Timestamp(1_764_034_200_005),
@@ -714,6 +871,8 @@ mod tests {
             host: Some(host),
             project: None,
             tls: false,
+            bytes: None,
+            total_micros: None,
             ..entry("")
         };
         let mut line = Vec::new();
@@ -725,6 +884,10 @@ mod tests {
         assert_eq!(v["host"], host.to_string());
         assert_eq!(v["tls"], false);
         assert!(v.get("project").is_none(), "{v}");
+        assert!(
+            v.get("bytes").is_none() && v.get("total_micros").is_none(),
+            "{v}"
+        );
     }
 
     #[test]
@@ -777,7 +940,7 @@ mod tests {
     fn a_request_dropped_unanswered_is_logged_as_499_with_where_it_waited() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("access.log");
-        let log = AccessLog::open(Target::File(path.clone())).unwrap();
+        let log = Arc::new(AccessLog::open(Target::File(path.clone())).unwrap());
         let pid = "a778f1d1-6365-4ece-a961-c658fd1a9b4b";
         let host: HostId = "0b5e0c1d-3a5f-4c8e-9a7b-2f1e0d9c8b7a".parse().unwrap();
         let req = |path: String| http::Request::get(path).body(()).unwrap();
@@ -786,21 +949,21 @@ mod tests {
         // Answered, routed: one line with its status.
         let mut w = Waiting::new(
             Pending::new(&req(format!("/{pid}/a")), client, false, t),
-            &log,
+            log.clone(),
         );
         w.routed(None, host);
-        w.answered(http::StatusCode::OK);
+        drop(w.answered(http::StatusCode::OK));
         // Dropped while waiting on the host: 499, with the host.
         let mut w = Waiting::new(
             Pending::new(&req(format!("/{pid}/b")), client, false, t),
-            &log,
+            log.clone(),
         );
         w.routed(None, host);
         drop(w);
         // Dropped before routing: 499, the project from the path.
         drop(Waiting::new(
             Pending::new(&req(format!("/{pid}/c")), client, true, t),
-            &log,
+            log.clone(),
         ));
         assert!(log.flush(Duration::from_secs(10)));
         let lines: Vec<serde_json::Value> = std::fs::read_to_string(&path)
@@ -834,6 +997,62 @@ mod tests {
                 ("c".to_string(), 499, pid.to_string(), None),
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn an_answer_is_logged_once_its_body_has_been_sent() {
+        use http_body_util::BodyExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let log = Arc::new(AccessLog::open(Target::File(path.clone())).unwrap());
+        let client: IpAddr = "192.0.2.7".parse().unwrap();
+        let waiting = |target: &str| {
+            let req = http::Request::get(target).body(()).unwrap();
+            Waiting::new(Pending::new(&req, client, false, Timestamp(0)), log.clone())
+        };
+        let lines = || -> Vec<serde_json::Value> {
+            assert!(log.flush(Duration::from_secs(10)));
+            std::fs::read_to_string(&path)
+                .unwrap_or_default()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect()
+        };
+
+        // Counted by hand, on clones: logged when the last one goes.
+        let sent = waiting("/a").answered(http::StatusCode::OK);
+        let other = sent.clone();
+        sent.add(100);
+        drop(sent);
+        std::thread::sleep(Duration::from_millis(5));
+        other.add(23);
+        assert!(lines().is_empty(), "logged before the body was sent");
+        drop(other);
+        let l = lines();
+        assert_eq!((l.len(), &l[0]["bytes"]), (1, &serde_json::json!(123)));
+        let (head, total) = (
+            l[0]["micros"].as_u64().unwrap(),
+            l[0]["total_micros"].as_u64().unwrap(),
+        );
+        assert!(total >= head + 5_000, "head {head} µs, total {total} µs");
+
+        // A Logged body counts its frames and logs at its end, before it
+        // is dropped; without a BodySent it only passes the body on.
+        let sent = waiting("/b").answered(http::StatusCode::PARTIAL_CONTENT);
+        let (mut tx, frames) =
+            http_body_util::channel::Channel::<bytes::Bytes, std::convert::Infallible>::new(2);
+        tx.send_data("hello ".into()).await.unwrap();
+        tx.send_data("world".into()).await.unwrap();
+        drop(tx);
+        let body = Logged::new(frames, Some(sent));
+        let mut body = std::pin::pin!(body);
+        while body.frame().await.is_some() {}
+        let l = lines();
+        assert_eq!(l.len(), 2, "{l:?}");
+        assert_eq!((&l[1]["status"], &l[1]["bytes"]), (&206.into(), &11.into()));
+        let plain = Logged::new(http_body_util::Full::new(bytes::Bytes::from("x")), None);
+        assert_eq!(plain.collect().await.unwrap().to_bytes(), "x");
+        assert_eq!(lines().len(), 2);
     }
 
     #[test]

@@ -245,7 +245,15 @@ impl Conn {
         head_only: bool,
         close_asked: bool,
     ) -> io::Result<bool> {
-        let (parts, body) = answer.into_parts();
+        let (mut parts, body) = answer.into_parts();
+        // The access log's record of the request, if it keeps one: it
+        // counts the body's bytes, and is written when this returns.
+        let sent = parts.extensions.remove::<crate::access_log::BodySent>();
+        let count = |n: usize| {
+            if let Some(s) = &sent {
+                s.add(n as u64);
+            }
+        };
         let close = close_asked || wants_close(&parts.headers);
         let no_body = head_only
             || parts.status.is_informational()
@@ -263,6 +271,9 @@ impl Conn {
                     self.out.extend_from_slice(&data);
                 }
                 tcp.write_all(&self.out).await?;
+                if !no_body {
+                    count(data.len());
+                }
                 return Ok(!close);
             }
             LeanBody::Upstream(b) => b,
@@ -282,25 +293,40 @@ impl Conn {
                 write_head(&mut self.out, &parts, Framing::Length(len), close);
                 self.out.extend_from_slice(&early);
                 tcp.write_all(&self.out).await?;
+                count(early.len());
                 // A failed splice leaves bytes in the pipe: it is closed.
                 body.splice_rest(&*tcp, &mut pipe).await?;
                 pipe.give_back();
+                if let Some(s) = &sent {
+                    s.add(rest);
+                }
                 return Ok(!close);
             }
             // No pipe (out of descriptors): copied below, starting with
             // the bytes the plan took.
             let len = early.len() as u64 + rest;
             return self
-                .stream(tcp, &parts, Some(early), Some(len), body, close)
+                .stream(
+                    tcp,
+                    &parts,
+                    Some(early),
+                    Some(len),
+                    body,
+                    close,
+                    sent.as_ref(),
+                )
                 .await;
         }
         let exact = body.size_hint().exact();
-        self.stream(tcp, &parts, None, exact, body, close).await
+        self.stream(tcp, &parts, None, exact, body, close, sent.as_ref())
+            .await
     }
 
     /// Writes the head and then the body frame by frame as it comes:
     /// `first` (if any) before the body's own frames, framed by `exact`
-    /// length when known, chunked otherwise.
+    /// length when known, chunked otherwise; the bytes of body written are
+    /// counted on `sent`.
+    #[allow(clippy::too_many_arguments)]
     async fn stream<K: Hash + Eq + Unpin>(
         &mut self,
         tcp: &mut TcpStream,
@@ -309,6 +335,7 @@ impl Conn {
         exact: Option<u64>,
         mut body: ResponseBody<K>,
         close: bool,
+        sent: Option<&crate::access_log::BodySent>,
     ) -> io::Result<bool> {
         let framing = exact.map_or(Framing::Chunked, Framing::Length);
         write_head(&mut self.out, parts, framing, close);
@@ -349,6 +376,9 @@ impl Conn {
             if !self.out.is_empty() {
                 tcp.write_all(&self.out).await?;
                 self.out.clear();
+            }
+            if let Some(s) = sent {
+                s.add(data.len() as u64);
             }
         }
         match left {

@@ -32,7 +32,7 @@ use axum::body::Body;
 use axum::http::{header, HeaderValue, Request, Response, StatusCode};
 use bytes::Bytes;
 use cocalc_auth::AuditSink;
-use cocalc_client::access_log::{AccessLog, Pending, Waiting};
+use cocalc_client::access_log::{AccessLog, Logged as LoggedBody, Pending, Waiting};
 use cocalc_client::conncap::{forwarded_client, in_nets, ConnectionCap};
 use cocalc_client::lean::{LeanBody, LeanService};
 use cocalc_client::relay::HoldWhileUpgraded;
@@ -197,7 +197,7 @@ impl Ticket {
 
     /// What the access log keeps of `req` until it is answered (logged
     /// as 499 if the client goes away first); nothing without a log.
-    fn pending<B>(&self, req: &Request<B>) -> Option<Waiting<Arc<AccessLog>>> {
+    fn pending<B>(&self, req: &Request<B>) -> Option<Waiting> {
         let l = self.logged.as_ref()?;
         let client = forwarded_client(l.peer, req.headers(), &l.log.trusted);
         let pending = Pending::new(req, client, l.tls, l.log.clock.now());
@@ -231,10 +231,15 @@ impl Ticket {
     }
 }
 
-/// Logs a request [`Ticket::pending`] kept, answered with `status`.
-fn record(pending: Option<Waiting<Arc<AccessLog>>>, status: StatusCode) {
-    if let Some(w) = pending {
-        w.answered(status);
+/// `r`, its body counted for the access log if [`Ticket::pending`] kept
+/// the request (logged when the body has been sent).
+fn logged(pending: Option<Waiting>, r: Response<Body>) -> Response<Body> {
+    match pending {
+        None => r,
+        Some(w) => {
+            let sent = w.answered(r.status());
+            r.map(|b| Body::new(LoggedBody::new(b, Some(sent))))
+        }
     }
 }
 
@@ -283,8 +288,8 @@ where
         if let Some(limit) = self.ticket.refused {
             let refusal = Ticket::refusal(limit);
             let body = Body::from(refusal.2.clone());
-            record(pending, refusal.0);
-            return Box::pin(std::future::ready(Ok(respond(&refusal, body))));
+            let r = logged(pending, respond(&refusal, body));
+            return Box::pin(std::future::ready(Ok(r)));
         }
         if let Some(hold) = &self.ticket.hold {
             if req.headers().contains_key(header::UPGRADE) {
@@ -296,10 +301,7 @@ where
             None => Box::pin(answer),
             Some(pending) => Box::pin(async move {
                 let r = answer.await;
-                if let Ok(resp) = &r {
-                    record(Some(pending), resp.status());
-                }
-                r
+                r.map(|resp| logged(Some(pending), resp))
             }),
         }
     }
@@ -329,7 +331,7 @@ impl<L: LeanService> LeanService for AdmittedLean<L> {
 
     async fn call(&self, req: Request<()>) -> Response<LeanBody<Self::Key>> {
         let pending = self.ticket.pending(&req);
-        let r = match self.ticket.refused {
+        let mut r = match self.ticket.refused {
             Some(limit) => {
                 let refusal = Ticket::refusal(limit);
                 let body = LeanBody::Full(refusal.2.clone());
@@ -337,7 +339,12 @@ impl<L: LeanService> LeanService for AdmittedLean<L> {
             }
             None => self.inner.call(req).await,
         };
-        record(pending, r.status());
+        // The lean server counts the body on it, and the line is written
+        // when the body has been sent.
+        if let Some(w) = pending {
+            let sent = w.answered(r.status());
+            r.extensions_mut().insert(sent);
+        }
         r
     }
 }

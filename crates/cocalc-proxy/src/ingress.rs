@@ -76,7 +76,7 @@ use axum::body::Body;
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use bytes::Bytes;
 use cocalc_auth::{paserk, AuditSink, KeySet, TracingAuditSink, Verifier};
-use cocalc_client::access_log::{AccessLog, Pending, Waiting};
+use cocalc_client::access_log::{AccessLog, BodySent, Logged, Pending, Waiting};
 use cocalc_client::conncap::{forwarded_client, in_nets, ConnectionCap, Slot};
 use cocalc_client::lean::LeanBody;
 use cocalc_client::upstream::{ResponseBody, Upstream, UpstreamError};
@@ -199,6 +199,8 @@ pub struct Refusals {
 pub struct Ingress {
     audit: Arc<dyn AuditSink>,
     cfg: IngressConfig,
+    /// [`IngressConfig::access_log`], shared with the requests it logs.
+    access_log: Option<Arc<AccessLog>>,
     verifier: Verifier,
     transport: Arc<dyn Transport>,
     /// The master client, the clock, the cached routes, how lookups have
@@ -434,11 +436,14 @@ fn master_away(e: &ApiError) -> bool {
     e.status >= 500
 }
 
-/// What the ingress answers with: a host's streamed response (through
-/// hyper's client for requests with a body or an upgrade, through the lean
-/// [`Upstream`] client for the rest), or
-/// the ingress's own (a refusal).
-pub type IngressBody = Either<Either<Incoming, ResponseBody<HostId>>, Body>;
+/// An answer's body: a host's streamed response (through hyper's client
+/// for requests with a body or an upgrade, through the lean [`Upstream`]
+/// client for the rest), or the ingress's own (a refusal).
+pub type AnswerBody = Either<Either<Incoming, ResponseBody<HostId>>, Body>;
+
+/// What the ingress answers with: an [`AnswerBody`], its bytes counted for
+/// the access log when there is one.
+pub type IngressBody = Logged<AnswerBody>;
 
 /// An HTTP response from [`Ingress::handle`].
 pub type Response = http::Response<IngressBody>;
@@ -503,7 +508,7 @@ fn quota(rps: u32) -> governor::Quota {
 type Refusal = http::Response<Bytes>;
 
 /// The hyper path's body for one of the ingress's own answers.
-fn full(b: Bytes) -> IngressBody {
+fn full(b: Bytes) -> AnswerBody {
     Either::Right(Body::from(b))
 }
 
@@ -655,8 +660,11 @@ impl Ingress {
         clock: SharedClock,
         audit: Arc<dyn AuditSink>,
     ) -> Result<Arc<Self>, ApiError> {
+        let mut cfg = cfg;
+        let access_log = cfg.access_log.take().map(Arc::new);
         let master = MasterClient::new(cfg.master_url.clone(), cfg.api_key.clone());
         let ing = Ingress {
+            access_log,
             audit,
             per_project: limiter(cfg.project_rps),
             per_client: limiter(cfg.client_rps),
@@ -959,7 +967,7 @@ impl Ingress {
         let mut seen = self.seen(peer, &req);
         let (project, host, route) = match self.prepare(peer, &req).await {
             Ok(ready) => ready,
-            Err(refusal) => return logged(seen, refusal).map(full),
+            Err(refusal) => return logged(seen, refusal.map(full)),
         };
         if let Some(w) = &mut seen {
             w.routed(Some(project), host);
@@ -988,7 +996,7 @@ impl Ingress {
         let mut seen = self.seen(peer, &req);
         let (project, host, route) = match self.prepare(peer, &req).await {
             Ok(ready) => ready,
-            Err(refusal) => return logged(seen, refusal).map(LeanBody::Full),
+            Err(refusal) => return logged_lean(seen, refusal.map(LeanBody::Full)),
         };
         if let Some(w) = &mut seen {
             w.routed(Some(project), host);
@@ -1001,17 +1009,17 @@ impl Ingress {
                 .forward_failed(project, host, peer, &e)
                 .map(LeanBody::Full),
         };
-        logged(seen, r)
+        logged_lean(seen, r)
     }
 
     /// What the access log keeps of `req` while it is answered (logged
     /// as 499 if the client goes away first); nothing without an access
     /// log.
-    fn seen<B>(&self, peer: &Peer, req: &http::Request<B>) -> Option<Waiting<&AccessLog>> {
-        self.cfg.access_log.as_ref().map(|log| {
+    fn seen<B>(&self, peer: &Peer, req: &http::Request<B>) -> Option<Waiting> {
+        self.access_log.as_ref().map(|log| {
             let client = self.client_of(peer, req.headers()).ip;
             let pending = Pending::new(req, client, peer.proto == HTTPS, self.lookup.clock.now());
-            Waiting::new(pending, log)
+            Waiting::new(pending, log.clone())
         })
     }
 
@@ -1033,7 +1041,7 @@ impl Ingress {
 
     /// The access log, when there is one ([`IngressConfig::access_log`]).
     pub fn access_log(&self) -> Option<&AccessLog> {
-        self.cfg.access_log.as_ref()
+        self.access_log.as_deref()
     }
 
     /// Host checks run, and how many found the host silent.
@@ -1135,7 +1143,7 @@ impl Ingress {
             Ok(_) => format!("no such path {path:?}"),
         };
         self.refuse(&self.refusals.bad_path, "bad_path", None, peer, &why);
-        fail(400, "bad_path", why).map(full)
+        fail(400, "bad_path", why).map(|b| Logged::new(full(b), None))
     }
 
     /// The connection cap: the peer's connection takes a slot at its first
@@ -1366,7 +1374,7 @@ impl Ingress {
         route: &Route,
         peer: &Peer,
         req: http::Request<Incoming>,
-    ) -> Result<Response, ApiError> {
+    ) -> Result<http::Response<AnswerBody>, ApiError> {
         let (mut parts, body) = req.into_parts();
         if cocalc_client::upstream::takes(&parts, &body) {
             let resp = self.send_lean(host, route, peer, &parts).await?;
@@ -1456,7 +1464,7 @@ impl Ingress {
         host: HostId,
         req: http::Request<Incoming>,
         connect: F,
-    ) -> Result<Response, ApiError>
+    ) -> Result<http::Response<AnswerBody>, ApiError>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<
@@ -1537,10 +1545,22 @@ fn peer_handle(host: HostId, h: &str) -> Result<(String, String), ApiError> {
     Ok((url.to_string(), authority))
 }
 
-/// `r`, after logging it if the request was `seen`.
-fn logged<B>(seen: Option<Waiting<&AccessLog>>, r: http::Response<B>) -> http::Response<B> {
+/// `r`, its body counted for the access log if the request was `seen`
+/// (logged when the body has been sent).
+fn logged(seen: Option<Waiting>, r: http::Response<AnswerBody>) -> Response {
+    let sent = seen.map(|w| w.answered(r.status()));
+    r.map(|b| Logged::new(b, sent))
+}
+
+/// `r`, carrying the access log's record of the request if it was
+/// `seen`, for the lean server to count its body on.
+fn logged_lean(
+    seen: Option<Waiting>,
+    mut r: http::Response<LeanBody<HostId>>,
+) -> http::Response<LeanBody<HostId>> {
     if let Some(w) = seen {
-        w.answered(r.status());
+        let sent: BodySent = w.answered(r.status());
+        r.extensions_mut().insert(sent);
     }
     r
 }

@@ -139,7 +139,7 @@ pub(crate) fn connection_service(
                 req.extensions_mut()
                     .insert(axum::extract::ConnectInfo(peer.addr()));
                 let resp = tower::ServiceExt::oneshot(internal, req).await?;
-                Ok(resp.map(Either::Right))
+                Ok(resp.map(|b| cocalc_client::access_log::Logged::new(Either::Right(b), None)))
             } else {
                 Ok(ingress.handle(&peer, req).await)
             }
