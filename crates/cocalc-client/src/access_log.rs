@@ -27,8 +27,8 @@
 //! failed, or the client left mid-body), with the status, the time to
 //! the head (`micros`), the bytes of body sent (`bytes`) and the time to
 //! then (`total_micros`). A [`Logged`] body counts for hyper's servers;
-//! the lean server ([`crate::lean`]) finds the [`BodySent`] in the
-//! answer's extensions. A request dropped before it was answered,
+//! the lean server ([`crate::lean`]) gets the [`BodySent`] with the answer
+//! (`LeanService::call_logged`). A request dropped before it was answered,
 //! because the client went away first, is logged as 499 (nginx's "client
 //! closed request"), with the host it waited on. A WebSocket's line is
 //! written when it is upgraded (`bytes` 0). The proxy's ingress and
@@ -371,8 +371,9 @@ impl Drop for Waiting {
 /// logged once the last clone is dropped (the body ended or failed, or
 /// the client left mid-body), with the bytes counted by
 /// [`BodySent::add`]. A server keeps one with the body: a [`Logged`]
-/// body, or, for the lean server ([`crate::lean`]), the answer's
-/// extensions.
+/// body, or, for the lean server, what
+/// [`LeanService::call_logged`](crate::lean::LeanService::call_logged)
+/// returns with the answer.
 #[derive(Debug, Clone)]
 pub struct BodySent(Arc<Sending>);
 

@@ -50,6 +50,7 @@ use hyper::body::Incoming;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use crate::access_log::BodySent;
 pub use crate::serve::HEADER_READ_TIMEOUT;
 use crate::upstream::ResponseBody;
 
@@ -103,6 +104,18 @@ pub trait LeanService: Send + Sync {
         &self,
         req: http::Request<()>,
     ) -> impl Future<Output = http::Response<LeanBody<Self::Key>>> + Send;
+
+    /// Answers as [`LeanService::call`] does, with the access log's
+    /// record of the request when the service keeps one: the server
+    /// counts the body's bytes on it and drops it once the body is sent
+    /// (see [`crate::access_log`]). What the server calls; the default
+    /// keeps no record.
+    fn call_logged(
+        &self,
+        req: http::Request<()>,
+    ) -> impl Future<Output = (http::Response<LeanBody<Self::Key>>, Option<BodySent>)> + Send {
+        async move { (self.call(req).await, None) }
+    }
 }
 
 /// Serves one accepted TCP connection: plain requests with `lean`, and,
@@ -141,8 +154,8 @@ pub async fn serve_connection<L, S, B>(
         };
         let close_asked = wants_close(req.headers());
         let head_only = req.method() == Method::HEAD;
-        let answer = {
-            let mut call = pin!(lean.call(req));
+        let (answer, sent) = {
+            let mut call = pin!(lean.call_logged(req));
             loop {
                 conn.room();
                 let room = conn.buf.len() < MAX_HEAD;
@@ -160,7 +173,10 @@ pub async fn serve_connection<L, S, B>(
                 }
             }
         };
-        match conn.answer(&mut tcp, answer, head_only, close_asked).await {
+        match conn
+            .answer(&mut tcp, answer, sent, head_only, close_asked)
+            .await
+        {
             Ok(true) => {}
             Ok(false) | Err(_) => {
                 let _ = tcp.shutdown().await;
@@ -236,19 +252,19 @@ impl Conn {
         }
     }
 
-    /// Writes `answer` to the client. `Ok(true)` when the connection may
-    /// carry another request.
+    /// Writes `answer` to the client, counting its body's bytes on `sent`
+    /// (the access log's record of the request, written when this
+    /// returns). `Ok(true)` when the connection may carry another
+    /// request.
     async fn answer<K: Hash + Eq + Unpin>(
         &mut self,
         tcp: &mut TcpStream,
         answer: http::Response<LeanBody<K>>,
+        sent: Option<BodySent>,
         head_only: bool,
         close_asked: bool,
     ) -> io::Result<bool> {
-        let (mut parts, body) = answer.into_parts();
-        // The access log's record of the request, if it keeps one: it
-        // counts the body's bytes, and is written when this returns.
-        let sent = parts.extensions.remove::<crate::access_log::BodySent>();
+        let (parts, body) = answer.into_parts();
         let count = |n: usize| {
             if let Some(s) = &sent {
                 s.add(n as u64);
@@ -335,7 +351,7 @@ impl Conn {
         exact: Option<u64>,
         mut body: ResponseBody<K>,
         close: bool,
-        sent: Option<&crate::access_log::BodySent>,
+        sent: Option<&BodySent>,
     ) -> io::Result<bool> {
         let framing = exact.map_or(Framing::Chunked, Framing::Length);
         write_head(&mut self.out, parts, framing, close);

@@ -32,7 +32,7 @@ use axum::body::Body;
 use axum::http::{header, HeaderValue, Request, Response, StatusCode};
 use bytes::Bytes;
 use cocalc_auth::AuditSink;
-use cocalc_client::access_log::{AccessLog, Logged as LoggedBody, Pending, Waiting};
+use cocalc_client::access_log::{AccessLog, BodySent, Logged as LoggedBody, Pending, Waiting};
 use cocalc_client::conncap::{forwarded_client, in_nets, ConnectionCap};
 use cocalc_client::lean::{LeanBody, LeanService};
 use cocalc_client::relay::HoldWhileUpgraded;
@@ -330,8 +330,15 @@ impl<L: LeanService> LeanService for AdmittedLean<L> {
     }
 
     async fn call(&self, req: Request<()>) -> Response<LeanBody<Self::Key>> {
+        self.call_logged(req).await.0
+    }
+
+    async fn call_logged(
+        &self,
+        req: Request<()>,
+    ) -> (Response<LeanBody<Self::Key>>, Option<BodySent>) {
         let pending = self.ticket.pending(&req);
-        let mut r = match self.ticket.refused {
+        let r = match self.ticket.refused {
             Some(limit) => {
                 let refusal = Ticket::refusal(limit);
                 let body = LeanBody::Full(refusal.2.clone());
@@ -341,11 +348,8 @@ impl<L: LeanService> LeanService for AdmittedLean<L> {
         };
         // The lean server counts the body on it, and the line is written
         // when the body has been sent.
-        if let Some(w) = pending {
-            let sent = w.answered(r.status());
-            r.extensions_mut().insert(sent);
-        }
-        r
+        let sent = pending.map(|w| w.answered(r.status()));
+        (r, sent)
     }
 }
 

@@ -987,12 +987,14 @@ impl Ingress {
     /// [`cocalc_client::lean::serve_connection`]: the host's answer
     /// comes back through the lean [`Upstream`] client, so a large body
     /// can be spliced to the client. [`crate::serve_ingress`] serves
-    /// with both.
+    /// with both. With an access log, the answer comes with the log's
+    /// record of the request: count the body's bytes on it, and drop it
+    /// once the body is sent.
     pub async fn handle_lean(
         &self,
         peer: &Peer,
         req: http::Request<()>,
-    ) -> http::Response<LeanBody<HostId>> {
+    ) -> (http::Response<LeanBody<HostId>>, Option<BodySent>) {
         let mut seen = self.seen(peer, &req);
         let (project, host, route) = match self.prepare(peer, &req).await {
             Ok(ready) => ready,
@@ -1552,17 +1554,14 @@ fn logged(seen: Option<Waiting>, r: http::Response<AnswerBody>) -> Response {
     r.map(|b| Logged::new(b, sent))
 }
 
-/// `r`, carrying the access log's record of the request if it was
-/// `seen`, for the lean server to count its body on.
+/// `r`, with the access log's record of the request if it was `seen`,
+/// for the lean server to count its body on.
 fn logged_lean(
     seen: Option<Waiting>,
-    mut r: http::Response<LeanBody<HostId>>,
-) -> http::Response<LeanBody<HostId>> {
-    if let Some(w) = seen {
-        let sent: BodySent = w.answered(r.status());
-        r.extensions_mut().insert(sent);
-    }
-    r
+    r: http::Response<LeanBody<HostId>>,
+) -> (http::Response<LeanBody<HostId>>, Option<BodySent>) {
+    let sent = seen.map(|w| w.answered(r.status()));
+    (r, sent)
 }
 
 /// The `X-Forwarded-For` the host sees: the client's, with the client
@@ -1627,10 +1626,15 @@ impl cocalc_client::lean::LeanService for LeanIngress {
         !req.uri().path().starts_with("/.cocalc/")
     }
 
-    fn call(
+    async fn call(&self, req: http::Request<()>) -> http::Response<LeanBody<HostId>> {
+        self.ingress.handle_lean(&self.peer, req).await.0
+    }
+
+    fn call_logged(
         &self,
         req: http::Request<()>,
-    ) -> impl std::future::Future<Output = http::Response<LeanBody<HostId>>> + Send {
+    ) -> impl std::future::Future<Output = (http::Response<LeanBody<HostId>>, Option<BodySent>)> + Send
+    {
         self.ingress.handle_lean(&self.peer, req)
     }
 }
