@@ -690,6 +690,19 @@ async fn get_from(local: &str, addr: SocketAddr, path: &str, extra: &str) -> Str
     String::from_utf8_lossy(&answer).into_owned()
 }
 
+/// Writes `body` to the file `name` of project `pid` through the files
+/// API at `base` (a host's or the proxy's URL), checking it was stored.
+async fn put_file(base: &str, pid: &str, token: &str, name: &str, body: Vec<u8>) {
+    let r = reqwest::Client::new()
+        .put(format!("{base}/{pid}/files/{name}"))
+        .bearer_auth(token)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204, "PUT {base}/{pid}/files/{name}");
+}
+
 /// A host's own listener caps the connections one client address holds
 /// (`client_connections`): WebSockets count until they close, one more
 /// connection is answered 429 `too_many_connections` and closed, and the
@@ -1715,14 +1728,7 @@ async fn ingress_matches_direct_and_refuses_bad_input() {
     // Same file, byte for byte, streamed.
     let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
     let http = reqwest::Client::new();
-    let r = http
-        .put(format!("{purl}/{pid}/files/big.bin"))
-        .bearer_auth(&o.token)
-        .body(big.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 204);
+    put_file(&purl, &pid, &o.token, "big.bin", big.clone()).await;
     let got = http
         .get(format!("{}/{pid}/files/big.bin", h.url))
         .bearer_auth(&o.token)
@@ -2178,14 +2184,7 @@ async fn ingress_access_log_records_each_request() {
     // read through the proxy: the lean path splices it, and the line
     // counts its bytes.
     let big = vec![7u8; 300_000];
-    let r = http
-        .put(format!("{}/{pid}/files/big.bin", h.url))
-        .bearer_auth(&o.token)
-        .body(big.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 204);
+    put_file(&h.url, &pid, &o.token, "big.bin", big.clone()).await;
     let r = http
         .get(format!("{purl}/{pid}/files/big.bin"))
         .bearer_auth(&o.token)
