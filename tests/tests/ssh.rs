@@ -127,8 +127,10 @@ async fn federation_with(cap: u32, proxy_protocol: bool) -> Fed {
         .to_string();
     let hcfg: HostConfig = toml_cfg(&format!(
         "listen = \"127.0.0.1:0\"\nmaster_url = \"{master_url}\"\ndata_dir = \"{}\"\n\
-         bootstrap_token = \"{t}\"\nacl_ttl_secs = 300\nrunner = \"process\"\nstorage = \"dir\"\n",
-        root.join("host").display()
+         bootstrap_token = \"{t}\"\nacl_ttl_secs = 300\nrunner = \"process\"\nstorage = \"dir\"\n\
+         access_log = \"{}\"\ntrusted_proxies = [\"127.0.0.1\"]\n",
+        root.join("host").display(),
+        root.join("host-access.log").display()
     ));
     hcfg.check().unwrap();
     let listener = tokio::net::TcpListener::bind(hcfg.listen.unwrap())
@@ -766,6 +768,9 @@ async fn ssh_forwards_ports_and_serves_sftp() {
         Duration::from_secs(60),
         Command::new("sftp")
             .args(f.ssh_args(&f.key))
+            // From another loopback address, to tell the SSH client from
+            // the proxy in the host's access log.
+            .args(["-o", "BindAddress=127.0.0.2"])
             .args(["-P", &f.ssh_port.to_string(), "-b"])
             .arg(&batch)
             .arg(format!("{user}@127.0.0.1"))
@@ -789,6 +794,22 @@ async fn ssh_forwards_ports_and_serves_sftp() {
     );
     assert_eq!(host.read("d/moved.txt").await.unwrap(), b"sent by sftp\n");
     assert_eq!(host.read("hello.txt").await.unwrap_err().status, 404);
+    // The host saw the SSH client behind the proxy (X-Forwarded-For) on
+    // SFTP's file requests too.
+    let log = f.root.join("host-access.log");
+    let put = |text: &str| {
+        text.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|l| l["method"] == "PUT" && l["target"].as_str().unwrap().ends_with("/up.txt"))
+    };
+    eventually(
+        "the host logs SFTP's put",
+        Duration::from_secs(10),
+        || async { put(&std::fs::read_to_string(&log).unwrap_or_default()).is_some() },
+    )
+    .await;
+    let line = put(&std::fs::read_to_string(&log).unwrap()).unwrap();
+    assert_eq!(line["client"], "127.0.0.2", "{line}");
     // scp (OpenSSH's scp speaks SFTP).
     let out = tokio::time::timeout(
         Duration::from_secs(60),

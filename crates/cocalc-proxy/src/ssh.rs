@@ -454,6 +454,7 @@ impl Ctx {
             ApiError::new(502, "host_failed", format!("host {host}: {e}"))
         };
         let uri = format!("/{}{path}", self.login.project);
+        let client = self.peer.ip().to_string();
         let exchange = std::pin::pin!(async move {
             let (mut sender, connection) =
                 hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(conn))
@@ -462,11 +463,13 @@ impl Ctx {
             tokio::spawn(async move {
                 let _ = connection.await;
             });
+            // The SSH client, as for the session's WebSockets.
             let mut req = http::Request::builder()
                 .method(method)
                 .uri(uri)
                 .header(http::header::HOST, authority)
-                .header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+                .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+                .header("x-forwarded-for", client);
             if let Some((name, value)) = via {
                 req = req.header(name, value);
             }
