@@ -810,6 +810,20 @@ async fn host_access_log_records_each_request() {
     let (s4, n4) = get("127.0.0.2", format!("/{pid}/status"), String::new()).await;
     assert_eq!([s1, s2, s3, s4], [200, 200, 200, 401]);
     assert!([n1, n2, n3, n4].iter().all(|n| *n > 0));
+    // A WebSocket through the port relay: logged when it closes, with
+    // what was relayed to the client.
+    let echo = websocket_echo_server().await;
+    {
+        use futures_util::{SinkExt, StreamExt};
+        let tcp = connect_from("127.0.0.2", addr).await;
+        let req = ws_request(format!("ws://{addr}/{pid}/port/{echo}/ws"), &o.token);
+        let (mut ws, _) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
+        let msg = tokio_tungstenite::tungstenite::Message::binary(vec![2u8; 1_000]);
+        ws.send(msg).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap().len(), 1_000);
+        ws.close(None).await.unwrap();
+        while ws.next().await.is_some() {}
+    }
 
     let host = h.id.to_string();
     let expect = [
@@ -817,8 +831,11 @@ async fn host_access_log_records_each_request() {
         ("127.0.0.2", format!("/{pid}/port/{hport}/a"), 200, n2),
         ("198.51.100.7", format!("/{pid}/status"), 200, n3),
         ("127.0.0.2", format!("/{pid}/status"), 401, n4),
+        // 1,000 bytes echoed in a frame with a 4-byte header (the echo
+        // server hangs up on the client's close without answering it).
+        ("127.0.0.2", format!("/{pid}/port/{echo}/ws"), 101, 1_004),
     ];
-    eventually("four lines written", Duration::from_secs(10), || async {
+    eventually("five lines written", Duration::from_secs(10), || async {
         std::fs::read_to_string(&log_path).is_ok_and(|t| t.lines().count() == expect.len())
     })
     .await;
@@ -839,6 +856,7 @@ async fn host_access_log_records_each_request() {
         assert_eq!(line["project"], pid.as_str(), "{line}");
         assert_eq!(line["host"], host.as_str(), "{line}");
     }
+    assert_eq!(text.lines().count(), 5, "{text}");
     assert!(!text.contains(&o.token));
     let metrics = reqwest::get(format!("http://127.0.0.1:{mport}/metrics"))
         .await
@@ -847,7 +865,7 @@ async fn host_access_log_records_each_request() {
         .await
         .unwrap();
     assert!(
-        metrics.contains("cocalc_host_access_log_lines_total{result=\"written\"} 4\n"),
+        metrics.contains("cocalc_host_access_log_lines_total{result=\"written\"} 5\n"),
         "{metrics}"
     );
 }
@@ -2192,9 +2210,29 @@ async fn ingress_access_log_records_each_request() {
         .await
         .unwrap();
     assert_eq!(r.bytes().await.unwrap().len(), big.len());
+    // 9. A WebSocket to a server in the project: logged when it closes,
+    // with the bytes relayed to the client (frames and their headers).
+    let echo = websocket_echo_server().await;
+    {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        let url = format!("ws://{paddr}/{pid}/port/{echo}/ws");
+        let (mut ws, _) = tokio_tungstenite::connect_async(ws_request(url, &o.token))
+            .await
+            .unwrap();
+        ws.send(Message::text("hello")).await.unwrap();
+        ws.send(Message::binary(vec![1u8; 10_000])).await.unwrap();
+        for want in [5, 10_000] {
+            assert_eq!(ws.next().await.unwrap().unwrap().len(), want);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(log.written(), 8, "a WebSocket logged before it closed");
+        ws.close(None).await.unwrap();
+        while ws.next().await.is_some() {}
+    }
 
-    eventually("eight lines written", Duration::from_secs(10), || async {
-        log.written() == 8
+    eventually("nine lines written", Duration::from_secs(10), || async {
+        log.written() == 9
     })
     .await;
     let text = std::fs::read_to_string(&log_path).unwrap();
@@ -2255,6 +2293,14 @@ async fn ingress_access_log_records_each_request() {
             false,
             "HTTP/1.1",
         ),
+        (
+            "GET",
+            format!("/{pid}/port/{echo}/ws"),
+            101,
+            true,
+            false,
+            "HTTP/1.1",
+        ),
     ];
     assert_eq!(lines.len(), expect.len(), "{text}");
     for (line, (method, target, status, via_host, tls, version)) in lines.iter().zip(expect) {
@@ -2285,6 +2331,12 @@ async fn ingress_access_log_records_each_request() {
         if target.ends_with("big.bin") {
             assert_eq!(line["bytes"], 300_000, "{line}");
         }
+        if status == 101 {
+            // 5 + 10,000 bytes echoed, with frame headers and the close.
+            let n = line["bytes"].as_u64().unwrap();
+            assert!((10_005..10_100).contains(&n), "{line}");
+            assert!(line["total_micros"].as_u64().unwrap() >= 200_000, "{line}");
+        }
         let project = if target == "/nope" {
             Value::Null
         } else {
@@ -2305,7 +2357,7 @@ async fn ingress_access_log_records_each_request() {
     proxy_metrics_show(
         &ingress,
         &[
-            "cocalc_proxy_access_log_lines_total{result=\"written\"} 8",
+            "cocalc_proxy_access_log_lines_total{result=\"written\"} 9",
             "cocalc_proxy_access_log_lines_total{result=\"dropped\"} 0",
         ],
     );

@@ -30,8 +30,11 @@
 //! the lean server ([`crate::lean`]) gets the [`BodySent`] with the answer
 //! (`LeanService::call_logged`). A request dropped before it was answered,
 //! because the client went away first, is logged as 499 (nginx's "client
-//! closed request"), with the host it waited on. A WebSocket's line is
-//! written when it is upgraded (`bytes` 0). The proxy's ingress and
+//! closed request"), with the host it waited on. A WebSocket relayed to
+//! a server ([`crate::relay::relay_within`]) is logged when it closes,
+//! `bytes` counting what the relay sent the client: the server puts an
+//! [`Upgrading`] in the request and fills it once the answer is 101.
+//! Other WebSockets are logged at their upgrade, with `bytes` 0. The proxy's ingress and
 //! hosts' per-connection services log this way. [`Entry`] is the line
 //! itself, for callers that have all of it at once.
 //!
@@ -414,6 +417,26 @@ impl Drop for Sending {
     }
 }
 
+/// The access log's record of an upgraded request, for the relay that
+/// carries its bytes: a request extension the server fills
+/// ([`Upgrading::fill`]) once the answer is 101, and
+/// [`crate::relay::relay_within`] takes when the relayed connection has
+/// closed, counting what it sent the client. The line is written then.
+#[derive(Debug, Clone, Default)]
+pub struct Upgrading(Arc<std::sync::Mutex<Option<BodySent>>>);
+
+impl Upgrading {
+    /// The request was answered 101: `sent` waits for the relay.
+    pub fn fill(&self, sent: BodySent) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(sent);
+    }
+
+    /// The record, if the server filled it (once).
+    pub fn take(&self) -> Option<BodySent> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
 /// A response body that counts what passes through it on a [`BodySent`]
 /// (when there is one) and drops that at its end, so the request is
 /// logged when its body has been sent. Without one it only passes the
@@ -428,6 +451,11 @@ impl<B> Logged<B> {
     /// `inner`, counted on `sent`.
     pub fn new(inner: B, sent: Option<BodySent>) -> Self {
         Logged { inner, sent }
+    }
+
+    /// The record the body counts on, if any (and until its end).
+    pub fn sent(&self) -> Option<&BodySent> {
+        self.sent.as_ref()
     }
 }
 

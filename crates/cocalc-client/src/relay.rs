@@ -68,7 +68,8 @@ where
 /// upgrade it (an `OnUpgrade` in its extensions), the two upgraded
 /// connections are relayed into each other ([`relay_upgraded`]) until
 /// both directions are done, keeping the request's [`HoldWhileUpgraded`]
-/// until then.
+/// until then; the bytes sent to the client are then counted on the
+/// request's [`Upgrading`](crate::access_log::Upgrading), if it has one.
 pub async fn relay_within<B>(
     conn: BoxedConnection,
     req: http::Request<B>,
@@ -82,6 +83,7 @@ where
     let (mut parts, body) = req.into_parts();
     let client_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
     let hold = parts.extensions.remove::<HoldWhileUpgraded>();
+    let upgrading = parts.extensions.remove::<crate::access_log::Upgrading>();
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(conn)).await?;
     let driver = tokio::spawn(async move {
@@ -104,23 +106,29 @@ where
         let upstream = hyper::upgrade::on(&mut resp);
         if let Some(client) = client_upgrade {
             tokio::spawn(async move {
+                let mut to_client = 0;
                 if let (Ok(c), Ok(u)) = (client.await, upstream.await) {
-                    let _ = relay_upgraded(c, u).await;
+                    to_client = relay_upgraded(c, u).await.unwrap_or(0);
                 }
                 drop(hold);
+                // The access log's line, with what the client got.
+                if let Some(sent) = upgrading.and_then(|u| u.take()) {
+                    sent.add(to_client);
+                }
             });
         }
     }
     Ok(resp)
 }
 
-/// Relays two upgraded connections into each other until both are done.
+/// Relays two upgraded connections into each other until both are done,
+/// and returns the bytes sent to the client.
 ///
 /// When both are plain TCP sockets underneath (a client served by
 /// [`serve`](crate::serve::serve) and a host or port reached over TCP),
 /// the bytes move with `splice(2)` and never enter this process;
 /// otherwise (a tunnel stream, a test transport) they are copied.
-pub async fn relay_upgraded(client: Upgraded, upstream: Upgraded) -> std::io::Result<()> {
+pub async fn relay_upgraded(client: Upgraded, upstream: Upgraded) -> std::io::Result<u64> {
     // Each side as a connection, plus what its HTTP parser read past the
     // head, which belongs to the other side before anything else.
     let (mut down, down_early): (BoxedConnection, Bytes) = match crate::serve::into_tcp(client) {
@@ -134,6 +142,7 @@ pub async fn relay_upgraded(client: Upgraded, upstream: Upgraded) -> std::io::Re
         };
     up.write_all(&down_early).await?;
     down.write_all(&up_early).await?;
+    let early = up_early.len() as u64;
     #[cfg(target_os = "linux")]
     if let (Some(d), Some(u)) = (
         (*down).as_any_mut().downcast_mut::<TcpStream>(),
@@ -141,20 +150,22 @@ pub async fn relay_upgraded(client: Upgraded, upstream: Upgraded) -> std::io::Re
     ) {
         // Without pipes (out of file descriptors), copy instead.
         if let Ok(s) = crate::splice::Splicer::new() {
-            return s.run(d, u).await.map(|_| ());
+            return s.run(d, u).await.map(|(_, to_client)| early + to_client);
         }
     }
-    copy(&mut down, &mut up).await
+    copy(&mut down, &mut up)
+        .await
+        .map(|(_, to_client)| early + to_client)
 }
 
-async fn copy<A, B>(a: &mut A, b: &mut B) -> std::io::Result<()>
+/// Copies `a` and `b` into each other until both are done: the bytes a →
+/// b and b → a.
+async fn copy<A, B>(a: &mut A, b: &mut B) -> std::io::Result<(u64, u64)>
 where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
 {
-    tokio::io::copy_bidirectional_with_sizes(a, b, RELAY_BUFFER, RELAY_BUFFER)
-        .await
-        .map(|_| ())
+    tokio::io::copy_bidirectional_with_sizes(a, b, RELAY_BUFFER, RELAY_BUFFER).await
 }
 
 /// Copy buffer per direction of a relayed upgrade: 128 KiB of memory per

@@ -291,17 +291,33 @@ where
             let r = logged(pending, respond(&refusal, body));
             return Box::pin(std::future::ready(Ok(r)));
         }
+        let upgrade = req.headers().contains_key(header::UPGRADE);
         if let Some(hold) = &self.ticket.hold {
-            if req.headers().contains_key(header::UPGRADE) {
+            if upgrade {
                 req.extensions_mut().insert(hold.clone());
             }
         }
+        // A WebSocket relayed to a project's server is logged when the
+        // relay ends, with its bytes.
+        let upgrading = (pending.is_some() && upgrade).then(|| {
+            let u = cocalc_client::access_log::Upgrading::default();
+            req.extensions_mut().insert(u.clone());
+            u
+        });
         let answer = self.inner.call(req);
         match pending {
             None => Box::pin(answer),
             Some(pending) => Box::pin(async move {
                 let r = answer.await;
-                r.map(|resp| logged(Some(pending), resp))
+                r.map(|resp| {
+                    let status = resp.status();
+                    let sent = pending.answered(status);
+                    if let Some(u) = upgrading.filter(|_| status == StatusCode::SWITCHING_PROTOCOLS)
+                    {
+                        u.fill(sent.clone());
+                    }
+                    resp.map(|b| Body::new(LoggedBody::new(b, Some(sent))))
+                })
             }),
         }
     }

@@ -963,7 +963,7 @@ impl Ingress {
     /// token's host and the host's response streams back. Refusals are
     /// counted, audited and answered here. Serve it with
     /// [`crate::serve_ingress`], or from any hyper server.
-    pub async fn handle(&self, peer: &Peer, req: http::Request<Incoming>) -> Response {
+    pub async fn handle(&self, peer: &Peer, mut req: http::Request<Incoming>) -> Response {
         let mut seen = self.seen(peer, &req);
         let (project, host, route) = match self.prepare(peer, &req).await {
             Ok(ready) => ready,
@@ -972,6 +972,13 @@ impl Ingress {
         if let Some(w) = &mut seen {
             w.routed(Some(project), host);
         }
+        // A WebSocket is logged when its relay ends, with its bytes.
+        let upgrading =
+            (seen.is_some() && req.headers().contains_key(header::UPGRADE)).then(|| {
+                let u = cocalc_client::access_log::Upgrading::default();
+                req.extensions_mut().insert(u.clone());
+                u
+            });
         // Pinned where it is made: the request's future is large, and
         // the watch takes it by reference rather than moving it.
         let answer = std::pin::pin!(self.forward(host, &route, peer, req));
@@ -979,7 +986,13 @@ impl Ingress {
             Ok(r) => r,
             Err(e) => self.forward_failed(project, host, peer, &e).map(full),
         };
-        logged(seen, r)
+        let r = logged(seen, r);
+        if let (Some(u), Some(sent)) = (upgrading, r.body().sent()) {
+            if r.status() == StatusCode::SWITCHING_PROTOCOLS {
+                u.fill(sent.clone());
+            }
+        }
+        r
     }
 
     /// Answers one plain request (no body, no upgrade) as
