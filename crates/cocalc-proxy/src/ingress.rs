@@ -1552,7 +1552,7 @@ fn peer_handle(host: HostId, h: &str) -> Result<(String, String), ApiError> {
     };
     let authority = crate::parse_host_url(url).map_err(|e| bad(e.to_string()))?;
     let rest = url.split_once("://").map_or("", |(_, r)| r);
-    if rest != authority {
+    if rest.contains(['/', '?', '#']) {
         return Err(bad(
             "a handle with a path, query or fragment is not supported".into(),
         ));
@@ -1720,6 +1720,10 @@ mod tests {
             tunnel("https://b.example:8443/"),
             "saved as given"
         );
+        // Without a port, the scheme's.
+        let r = route(tunnel("https://b.example"), Some("http://a:8000")).unwrap();
+        assert_eq!(r.dial, HostEndpoint::Url("https://b.example".into()));
+        assert_eq!(r.authority, "b.example:443");
         // Without a handle of its own, the ingress leaves tunnels to the
         // transport; URLs are never another proxy's.
         assert!(!route(tunnel("http://b:8000"), None).unwrap().via_peer);
@@ -1730,6 +1734,7 @@ mod tests {
         // A handle that cannot be forwarded to is a clear error.
         for (bad, why) in [
             ("http://b:8000/edge", "with a path"),
+            ("https://b.example?x=1", "with a path"),
             ("ftp://b", "scheme"),
             ("http://user@b:8000", "user info"),
         ] {
