@@ -34,9 +34,10 @@
 //! a server ([`crate::relay::relay_within`]) is logged when it closes,
 //! `bytes` counting what the relay sent the client: the server puts an
 //! [`Upgrading`] in the request and fills it once the answer is 101.
-//! Other WebSockets are logged at their upgrade, with `bytes` 0. The proxy's ingress and
-//! hosts' per-connection services log this way. [`Entry`] is the line
-//! itself, for callers that have all of it at once.
+//! Other WebSockets are logged at their upgrade, with `bytes` 0. The
+//! proxy's ingress and hosts' per-connection services log this way.
+//! [`Entry`] is the line itself, for callers that have all of it at
+//! once.
 //!
 //! ```no_run
 //! # fn demo() -> std::io::Result<()> {
