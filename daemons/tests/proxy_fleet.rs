@@ -112,7 +112,7 @@ fn a_hidden_host_is_reached_through_any_proxy() {
 
     // Proxy A holds the tunnel; it believes what the other proxy (on
     // 127.0.0.1) says about its clients. Proxy B also speaks SSH.
-    let (a, b, b_ssh) = (free_port(), free_port(), free_port());
+    let (a, b, b_ssh, b_metrics) = (free_port(), free_port(), free_port(), free_port());
     let (a_log, b_log) = (d.join("a-access.log"), d.join("b-access.log"));
     let a_extra = format!(
         "trusted_proxies = [\"127.0.0.1\"]\naccess_log = \"{}\"\n",
@@ -121,7 +121,7 @@ fn a_hidden_host_is_reached_through_any_proxy() {
     let _proxy_a = start_proxy(d, "a", a, &common, &a_extra);
     let b_extra = format!(
         "ssh_listen = \"127.0.0.1:{b_ssh}\"\nssh_host_key_file = \"{}\"\n\
-         access_log = \"{}\"\n",
+         access_log = \"{}\"\nmetrics_listen = \"127.0.0.1:{b_metrics}\"\n",
         d.join("b_ssh_ed25519").display(),
         b_log.display()
     );
@@ -268,6 +268,23 @@ fn a_hidden_host_is_reached_through_any_proxy() {
     let (s, seen) = get(&format!("{purl_a}/{project}/port/{app}/hello"), &hop);
     assert_eq!(s, 200, "{seen}");
     assert!(!seen.contains("x-cocalc-via-proxy"), "{seen}");
+
+    // B's metrics count what it forwarded to A (two execs, the GETs, the
+    // SSH session's connections) and the refusal.
+    let metrics_url = format!("http://127.0.0.1:{b_metrics}/metrics");
+    let (_, metrics) = request(from, reqwest::Method::GET, &metrics_url, "", None, &[]);
+    let sample = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<u64>().ok())
+    };
+    let forwards = sample("cocalc_proxy_peer_forwards_total").unwrap_or(0);
+    assert!(forwards >= 5, "{forwards} forwards:\n{metrics}");
+    assert_eq!(
+        sample("cocalc_proxy_http_refusals_total{reason=\"tunnel_elsewhere\"}"),
+        Some(1),
+        "{metrics}"
+    );
 }
 
 #[test]

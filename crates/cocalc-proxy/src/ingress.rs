@@ -193,6 +193,9 @@ pub struct Refusals {
     /// PROXY protocol from them, closed for a missing, malformed or late
     /// header ([`crate::proxy_protocol`]; SSH listeners' too).
     pub bad_proxy_header: AtomicU64,
+    /// Requests another proxy forwarded for a hidden host whose tunnel
+    /// this one places at a third ([`TUNNEL_ELSEWHERE`]).
+    pub tunnel_elsewhere: AtomicU64,
 }
 
 /// The ingress service.
@@ -201,6 +204,8 @@ pub struct Ingress {
     cfg: IngressConfig,
     /// [`IngressConfig::access_log`], shared with the requests it logs.
     access_log: Option<Arc<AccessLog>>,
+    /// Requests and SSH connections that went through another proxy.
+    peer_forwards: AtomicU64,
     verifier: Verifier,
     transport: Arc<dyn Transport>,
     /// The master client, the clock, the cached routes, how lookups have
@@ -665,6 +670,7 @@ impl Ingress {
         let master = MasterClient::new(cfg.master_url.clone(), cfg.api_key.clone());
         let ing = Ingress {
             access_log,
+            peer_forwards: AtomicU64::new(0),
             audit,
             per_project: limiter(cfg.project_rps),
             per_client: limiter(cfg.client_rps),
@@ -913,6 +919,7 @@ impl Ingress {
             .map_err(|_| ApiError::new(502, "bad_endpoint", format!("host {host}'s address")))?
             .to_string();
         let via = route.via_peer.then(|| (VIA_PROXY, self.lookup.via.clone()));
+        self.count_peer(&route);
         match self.transport.connect(host, &route.dial).await {
             Ok(conn) => Ok(HostConnection {
                 conn,
@@ -1064,6 +1071,19 @@ impl Ingress {
         self.lookup.watch.stats()
     }
 
+    /// Requests and SSH connections for hidden hosts whose tunnels land
+    /// at other proxies, forwarded to those, since start.
+    pub fn peer_forwards(&self) -> u64 {
+        self.peer_forwards.load(Ordering::Relaxed)
+    }
+
+    /// `route` goes through another proxy: counted.
+    fn count_peer(&self, route: &Route) {
+        if route.via_peer {
+            self.peer_forwards.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// The checks ([`Ingress::admit`]) and the route of the token's host.
     async fn prepare<B>(
         &self,
@@ -1085,7 +1105,7 @@ impl Ingress {
                     route.endpoint.base_url()
                 );
                 self.refuse(
-                    &self.refusals.unreachable,
+                    &self.refusals.tunnel_elsewhere,
                     TUNNEL_ELSEWHERE,
                     Some(project),
                     peer.addr,
@@ -1422,6 +1442,7 @@ impl Ingress {
                 .extensions
                 .insert(cocalc_client::relay::HoldWhileUpgraded(peer.conn.clone()));
         }
+        self.count_peer(route);
         let connect = || self.transport.connect(host, &route.dial);
         // Boxed: hyper's client futures are large, and most requests take
         // the lean path above.
@@ -1444,6 +1465,7 @@ impl Ingress {
         let proto = self.forwarded_proto(peer, &parts.headers);
         let client_host = parts.headers.get(header::HOST);
         let replace = if route.via_peer {
+            self.peer_forwards.fetch_add(1, Ordering::Relaxed);
             // Another proxy: the client's Host as it is (that proxy writes
             // X-Forwarded-Host from it), and who forwarded.
             [

@@ -96,7 +96,15 @@ impl Collector for ProxyMetrics {
                 ("too_many_connections", &r.too_many_connections),
                 ("host_not_responding", &r.host_not_responding),
                 ("bad_proxy_header", &r.bad_proxy_header),
+                ("tunnel_elsewhere", &r.tunnel_elsewhere),
             ],
+        )?;
+        counter(
+            &mut encoder,
+            "peer_forwards",
+            "Requests and SSH connections for hidden hosts whose tunnels land at other \
+             proxies, forwarded to those",
+            self.ingress.peer_forwards(),
         )?;
         let checks = self.ingress.host_checks();
         counters(
