@@ -318,6 +318,15 @@ fn proxy_starts_from_config_and_refuses_at_the_edge() {
             format!("hosts_ca_file = \"{}\"\n", missing.display()),
             format!("hosts_ca_file: CA file {}", missing.display()),
         ),
+        // The handle hidden hosts dial and other proxies forward to.
+        (
+            "public_url = \"proxy.example:8000\"\n".to_string(),
+            "public_url \"proxy.example:8000\": ".to_string(),
+        ),
+        (
+            "public_url = \"https://proxy.example/edge\"\n".to_string(),
+            "a path, query or fragment is not supported".to_string(),
+        ),
     ] {
         std::fs::write(
             &cfg,

@@ -242,7 +242,32 @@ impl ProxyConfig {
         cfg.trusted_proxies().map_err(bad)?;
         cfg.check_access_log().map_err(bad)?;
         cfg.check_proxy_protocol().map_err(bad)?;
+        cfg.check_public_url().map_err(bad)?;
         Ok(cfg)
+    }
+
+    /// `public_url` is the proxy's root: hidden hosts dial
+    /// `<public_url>/.cocalc/tunnel` and sign it, and other proxies forward
+    /// requests for those hosts to `<public_url>/<project id>/…`.
+    fn check_public_url(&self) -> Result<(), String> {
+        let Some(url) = &self.public_url else {
+            return Ok(());
+        };
+        let bad = |why: String| {
+            format!(
+                "public_url {url:?}: {why} (it must be this proxy's root URL, \
+                 http(s)://host[:port], which hidden hosts dial and other proxies forward to)"
+            )
+        };
+        crate::parse_host_url(url).map_err(|e| bad(e.to_string()))?;
+        let rest = url
+            .trim_end_matches('/')
+            .split_once("://")
+            .map_or("", |r| r.1);
+        if rest.contains(['/', '?', '#']) {
+            return Err(bad("a path, query or fragment is not supported".into()));
+        }
+        Ok(())
     }
 
     /// `proxy_protocol` names listeners that exist, and trusts someone.
@@ -585,4 +610,38 @@ async fn start_ssh(
     _metrics: &mut crate::metrics::ProxyMetrics,
 ) -> Result<StoppableTask, ProxyDaemonError> {
     Ok((tokio::sync::oneshot::channel::<()>().0, None))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_public_url(url: &str) -> ProxyConfig {
+        toml::from_str(&format!(
+            "listen = \"127.0.0.1:0\"\nmaster_url = \"http://m:1\"\napi_key = \"k\"\n\
+             public_url = \"{url}\"\n"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn public_url_is_the_proxys_root() {
+        for ok in [
+            "https://proxy.example",
+            "https://proxy.example/",
+            "http://10.0.0.7:8000",
+            "http://[2001:db8::7]:8000/",
+        ] {
+            assert_eq!(with_public_url(ok).check_public_url(), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("proxy.example:8000", "scheme"),
+            ("https://proxy.example/edge", "a path"),
+            ("https://proxy.example?x=1", "a path"),
+            ("http://user@proxy.example", "user info"),
+        ] {
+            let e = with_public_url(bad).check_public_url().unwrap_err();
+            assert!(e.contains(why) && e.contains(bad), "{bad}: {e}");
+        }
+    }
 }
