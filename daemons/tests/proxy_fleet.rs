@@ -5,7 +5,8 @@
 //! The project's server sees the client's `Host` and address as if there
 //! were one proxy; a request that one proxy already forwarded is never
 //! forwarded again. And a hidden host that lists both proxies moves its
-//! tunnel to the second when the first dies, and tells the master.
+//! tunnel to the second when the first dies, and tells the master; a
+//! third proxy's first request after that follows at once.
 
 use std::time::Duration;
 
@@ -299,13 +300,16 @@ fn a_hidden_host_moves_its_tunnel_when_its_proxy_dies() {
         &["user", "create", "alice", "--json"],
         None,
     ));
-    let (a, b) = (free_port(), free_port());
+    let (a, b, c) = (free_port(), free_port(), free_port());
     let (purl_a, purl_b) = (
         format!("http://127.0.0.1:{a}"),
         format!("http://127.0.0.1:{b}"),
     );
+    let purl_c = format!("http://127.0.0.1:{c}");
     let mut proxy_a = start_proxy(d, "a", a, &common, "");
     let _proxy_b = start_proxy(d, "b", b, &common, "");
+    // C is in no host's list: it only ever forwards.
+    let _proxy_c = start_proxy(d, "c", c, &common, "");
 
     // The host lists both proxies, A first.
     let bootstrap = bootstrap_token(&murl, &admin);
@@ -334,6 +338,7 @@ fn a_hidden_host_moves_its_tunnel_when_its_proxy_dies() {
         exec_at(&purl_a)
     });
     assert!(exec_at(&purl_b), "B forwards to A");
+    assert!(exec_at(&purl_c), "C forwards to A");
 
     // A dies: the host's tunnel moves to B, and the master is told.
     proxy_a.child.kill().unwrap();
@@ -348,6 +353,18 @@ fn a_hidden_host_moves_its_tunnel_when_its_proxy_dies() {
         "the master had the tunnel at B {:?} after A died",
         killed.elapsed()
     );
+    // C's cached route still says A. Its first request is served all the
+    // same: the connect to A fails, C asks the master, and forwards the
+    // request to B.
+    let (s, body) = request(
+        "127.0.0.1",
+        reqwest::Method::GET,
+        &format!("{purl_c}/{project}/status"),
+        &token,
+        None,
+        &[],
+    );
+    assert_eq!(s, 200, "the first request at C after the move: {body}");
     eventually(
         "B serves the host from its own tunnel",
         Duration::from_secs(20),

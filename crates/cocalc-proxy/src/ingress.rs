@@ -57,10 +57,14 @@
 //! `Host` (the other proxy writes `X-Forwarded-Host` from it), gets the
 //! client appended to `X-Forwarded-For` as usual, and carries
 //! [`cocalc_core::wire::VIA_PROXY_HEADER`]. A request that carries that
-//! header is never forwarded to a third proxy: it is refused with 502
-//! [`TUNNEL_ELSEWHERE`] and the route asked for again, so two proxies
-//! whose cached routes disagree (a host that just moved its tunnel)
-//! cannot send a request round. The header is stripped before requests
+//! header is never forwarded to a third proxy: when this proxy's route
+//! places the tunnel elsewhere, the master is asked again at once (the
+//! other proxy was just told "here"); if it still says elsewhere, the
+//! request is refused with 502 [`TUNNEL_ELSEWHERE`], so two proxies whose
+//! cached routes disagree cannot send a request round. And a request for
+//! a hidden host that cannot be reached where the route says (its tunnel
+//! moved after a failover) asks the master at once and is sent to the new
+//! place, once, if it reached no one (no body, no upgrade). The header is stripped before requests
 //! reach hosts. List the other proxies in
 //! [`IngressConfig::trusted_proxies`] so that the clients they forward
 //! for are the ones rate-limited, capped and logged, not the proxies.
@@ -1095,24 +1099,8 @@ impl Ingress {
         let (project, host) = self.admit(client, req).map_err(|r| *r)?;
         match self.route(host).await {
             Ok(route) if route.via_peer && req.headers().contains_key(VIA_PROXY) => {
-                // Forwarded here by another proxy, for a tunnel this one
-                // places at a third: the proxies' routes disagree (a host
-                // moved its tunnel). Asking the master again settles it;
-                // forwarding again could go round.
-                let why = format!(
-                    "host {host}'s tunnel lands at another proxy ({}) as far as this one \
-                     knows, and the request was forwarded by a proxy already",
-                    route.endpoint.base_url()
-                );
-                self.refuse(
-                    &self.refusals.tunnel_elsewhere,
-                    TUNNEL_ELSEWHERE,
-                    Some(project),
-                    peer.addr,
-                    &why,
-                );
-                self.doubt_route(host);
-                Err(api(&ApiError::new(502, TUNNEL_ELSEWHERE, why)))
+                // Boxed: rare, and kept out of every request's future.
+                Box::pin(self.forwarded_here(peer, project, host, route)).await
             }
             Ok(route) => Ok((project, host, route)),
             Err(e) => {
@@ -1136,6 +1124,43 @@ impl Ingress {
                 }))
             }
         }
+    }
+
+    /// A request another proxy forwarded here, for `host` whose tunnel
+    /// this proxy's `route` places at a third: the proxies' routes
+    /// disagree (the host moved its tunnel). The forwarding proxy has just
+    /// been told this one, so the master is asked again first: if it now
+    /// names this proxy, the request is served. Otherwise it is refused
+    /// ([`TUNNEL_ELSEWHERE`]) rather than forwarded again, which could go
+    /// round.
+    async fn forwarded_here(
+        &self,
+        peer: &Peer,
+        project: ProjectId,
+        host: HostId,
+        route: Arc<Route>,
+    ) -> Result<(ProjectId, HostId, Arc<Route>), Refusal> {
+        let route = match self.fetch_route(host).await {
+            Ok(fresh) if !fresh.via_peer => return Ok((project, host, fresh)),
+            Ok(fresh) => fresh,
+            Err(_) => {
+                self.doubt_route(host);
+                route
+            }
+        };
+        let why = format!(
+            "host {host}'s tunnel lands at another proxy ({}) as far as this one knows, \
+             and the request was forwarded by a proxy already",
+            route.endpoint.base_url()
+        );
+        self.refuse(
+            &self.refusals.tunnel_elsewhere,
+            TUNNEL_ELSEWHERE,
+            Some(project),
+            peer.addr,
+            &why,
+        );
+        Err(api(&ApiError::new(502, TUNNEL_ELSEWHERE, why)))
     }
 
     /// Forwarding to `host` failed: counted, audited, the host's route
@@ -1453,7 +1478,9 @@ impl Ingress {
     /// client, on its own keep-alive connections, with what the host sees
     /// instead of the client's own written into the head: its own address
     /// as `Host`, the client's `Host` as `X-Forwarded-Host`, the client
-    /// appended to `X-Forwarded-For`, and the scheme.
+    /// appended to `X-Forwarded-For`, and the scheme. A hidden host that
+    /// cannot be reached where the route says may have moved its tunnel
+    /// ([`Ingress::send_lean_moved`]).
     async fn send_lean(
         &self,
         host: HostId,
@@ -1461,6 +1488,49 @@ impl Ingress {
         peer: &Peer,
         parts: &http::request::Parts,
     ) -> Result<http::Response<ResponseBody<HostId>>, ApiError> {
+        match self.send_lean_to(host, route, peer, parts).await {
+            Ok(r) => Ok(r),
+            Err(UpstreamError::Connect(e)) if route.endpoint.is_tunnel() => {
+                // Boxed: the rare retry stays out of every request's future.
+                Box::pin(self.send_lean_moved(host, route, peer, parts, e)).await
+            }
+            Err(e) => Err(lean_failed(host, e)),
+        }
+    }
+
+    /// A hidden host's tunnel could not be reached where `route` says
+    /// (the request reached no one): after a failover its tunnel is at
+    /// another proxy, and the cached route has not caught up. The master
+    /// is asked at once; if it names another place, the request is sent
+    /// there, once. Otherwise the connect error `e` stands.
+    async fn send_lean_moved(
+        &self,
+        host: HostId,
+        route: &Route,
+        peer: &Peer,
+        parts: &http::request::Parts,
+        e: cocalc_core::TransportError,
+    ) -> Result<http::Response<ResponseBody<HostId>>, ApiError> {
+        match self.fetch_route(host).await {
+            Ok(fresh) if fresh.endpoint != route.endpoint => {
+                tracing::debug!(%host, from = ?route.endpoint, to = ?fresh.endpoint, "a hidden host's tunnel moved; sending there");
+                self.send_lean_to(host, &fresh, peer, parts)
+                    .await
+                    .map_err(|e| lean_failed(host, e))
+            }
+            _ => Err(ApiError::from(&e)),
+        }
+    }
+
+    /// [`Ingress::send_lean`] to `route`, once.
+    async fn send_lean_to(
+        &self,
+        host: HostId,
+        route: &Route,
+        peer: &Peer,
+        parts: &http::request::Parts,
+    ) -> Result<http::Response<ResponseBody<HostId>>, UpstreamError<cocalc_core::TransportError>>
+    {
         let xff = forwarded_for(parts, peer);
         let proto = self.forwarded_proto(peer, &parts.headers);
         let client_host = parts.headers.get(header::HOST);
@@ -1485,13 +1555,7 @@ impl Ingress {
             ]
         };
         let connect = || self.transport.connect(host, &route.dial);
-        self.upstream
-            .send(host, parts, &replace, connect)
-            .await
-            .map_err(|e| match e {
-                UpstreamError::Connect(e) => ApiError::from(&e),
-                e => host_failed(host, e),
-            })
+        self.upstream.send(host, parts, &replace, connect).await
     }
 
     /// Sends a request with a body or an upgrade, its headers already
@@ -1671,6 +1735,14 @@ impl cocalc_client::lean::LeanService for LeanIngress {
     ) -> impl std::future::Future<Output = (http::Response<LeanBody<HostId>>, Option<BodySent>)> + Send
     {
         self.ingress.handle_lean(&self.peer, req)
+    }
+}
+
+/// What a failed lean exchange with `host` is answered with.
+fn lean_failed(host: HostId, e: UpstreamError<cocalc_core::TransportError>) -> ApiError {
+    match e {
+        UpstreamError::Connect(e) => ApiError::from(&e),
+        e => host_failed(host, e),
     }
 }
 
