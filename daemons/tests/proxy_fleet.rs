@@ -355,7 +355,10 @@ fn a_hidden_host_moves_its_tunnel_when_its_proxy_dies() {
     );
     // C's cached route still says A. Its first request is served all the
     // same: the connect to A fails, C asks the master, and forwards the
-    // request to B.
+    // request to B (whose route says A too, and which asks the master
+    // before refusing a forwarded request). Proxies ask again at most once
+    // a second per host (REASK_AFTER): wait that long since they asked.
+    std::thread::sleep(Duration::from_millis(1_100));
     let (s, body) = request(
         "127.0.0.1",
         reqwest::Method::GET,

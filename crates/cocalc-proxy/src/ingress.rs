@@ -64,7 +64,10 @@
 //! cached routes disagree cannot send a request round. And a request for
 //! a hidden host that cannot be reached where the route says (its tunnel
 //! moved after a failover) asks the master at once and is sent to the new
-//! place, once, if it reached no one (no body, no upgrade). The header is stripped before requests
+//! place, once, if it reached no one (no body, no upgrade). Both ask the
+//! master at most once per host per [`REASK_AFTER`], so a host that stays
+//! unreachable, or a client sending the header on purpose, cannot turn
+//! requests into lookups. The header is stripped before requests
 //! reach hosts. List the other proxies in
 //! [`IngressConfig::trusted_proxies`] so that the clients they forward
 //! for are the ones rate-limited, capped and logged, not the proxies.
@@ -506,6 +509,10 @@ const VIA_PROXY: HeaderName = HeaderName::from_static(cocalc_core::wire::VIA_PRO
 /// The code of the refusal of a request another proxy forwarded for a
 /// host whose tunnel this proxy places at a third one.
 pub const TUNNEL_ELSEWHERE: &str = "tunnel_elsewhere";
+
+/// How long after the master gave a host's route a request may ask it
+/// again, when the route seems wrong (a hidden host's tunnel moved).
+pub const REASK_AFTER: Duration = Duration::from_secs(1);
 
 fn quota(rps: u32) -> governor::Quota {
     let n = std::num::NonZeroU32::new(rps.max(1)).unwrap_or(std::num::NonZeroU32::MIN);
@@ -1126,6 +1133,14 @@ impl Ingress {
         }
     }
 
+    /// Whether the master may be asked for `route`'s host again on a
+    /// request's path: not within [`REASK_AFTER`] of its last answer, so a
+    /// host that stays unreachable, or a client sending the via header on
+    /// purpose, costs the master at most one lookup per host that long.
+    fn may_ask_again(&self, route: &Route) -> bool {
+        self.lookup.clock.now().since(route.confirmed) >= REASK_AFTER
+    }
+
     /// A request another proxy forwarded here, for `host` whose tunnel
     /// this proxy's `route` places at a third: the proxies' routes
     /// disagree (the host moved its tunnel). The forwarding proxy has just
@@ -1140,12 +1155,16 @@ impl Ingress {
         host: HostId,
         route: Arc<Route>,
     ) -> Result<(ProjectId, HostId, Arc<Route>), Refusal> {
-        let route = match self.fetch_route(host).await {
-            Ok(fresh) if !fresh.via_peer => return Ok((project, host, fresh)),
-            Ok(fresh) => fresh,
-            Err(_) => {
-                self.doubt_route(host);
-                route
+        let route = if !self.may_ask_again(&route) {
+            route
+        } else {
+            match self.fetch_route(host).await {
+                Ok(fresh) if !fresh.via_peer => return Ok((project, host, fresh)),
+                Ok(fresh) => fresh,
+                Err(_) => {
+                    self.doubt_route(host);
+                    route
+                }
             }
         };
         let why = format!(
@@ -1490,7 +1509,9 @@ impl Ingress {
     ) -> Result<http::Response<ResponseBody<HostId>>, ApiError> {
         match self.send_lean_to(host, route, peer, parts).await {
             Ok(r) => Ok(r),
-            Err(UpstreamError::Connect(e)) if route.endpoint.is_tunnel() => {
+            Err(UpstreamError::Connect(e))
+                if route.endpoint.is_tunnel() && self.may_ask_again(route) =>
+            {
                 // Boxed: the rare retry stays out of every request's future.
                 Box::pin(self.send_lean_moved(host, route, peer, parts, e)).await
             }
