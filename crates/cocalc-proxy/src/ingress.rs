@@ -1133,12 +1133,17 @@ impl Ingress {
         }
     }
 
-    /// Whether the master may be asked for `route`'s host again on a
-    /// request's path: not within [`REASK_AFTER`] of its last answer, so a
-    /// host that stays unreachable, or a client sending the via header on
-    /// purpose, costs the master at most one lookup per host that long.
-    fn may_ask_again(&self, route: &Route) -> bool {
-        self.lookup.clock.now().since(route.confirmed) >= REASK_AFTER
+    /// Whether the master may be asked for `host`'s route again on a
+    /// request's path: not within [`REASK_AFTER`] of its last answer for
+    /// it (the cached route's, which other requests may have just
+    /// renewed), so a host that stays unreachable, or a client sending the
+    /// via header on purpose, costs the master about one lookup per host
+    /// that long.
+    fn may_ask_again(&self, host: HostId) -> bool {
+        let now = self.lookup.clock.now();
+        lock_routes(&self.lookup.routes)
+            .get(&host)
+            .is_none_or(|r| now.since(r.confirmed) >= REASK_AFTER)
     }
 
     /// A request another proxy forwarded here, for `host` whose tunnel
@@ -1155,7 +1160,7 @@ impl Ingress {
         host: HostId,
         route: Arc<Route>,
     ) -> Result<(ProjectId, HostId, Arc<Route>), Refusal> {
-        let route = if !self.may_ask_again(&route) {
+        let route = if !self.may_ask_again(host) {
             route
         } else {
             match self.fetch_route(host).await {
@@ -1509,9 +1514,7 @@ impl Ingress {
     ) -> Result<http::Response<ResponseBody<HostId>>, ApiError> {
         match self.send_lean_to(host, route, peer, parts).await {
             Ok(r) => Ok(r),
-            Err(UpstreamError::Connect(e))
-                if route.endpoint.is_tunnel() && self.may_ask_again(route) =>
-            {
+            Err(UpstreamError::Connect(e)) if route.endpoint.is_tunnel() => {
                 // Boxed: the rare retry stays out of every request's future.
                 Box::pin(self.send_lean_moved(host, route, peer, parts, e)).await
             }
@@ -1521,9 +1524,11 @@ impl Ingress {
 
     /// A hidden host's tunnel could not be reached where `route` says
     /// (the request reached no one): after a failover its tunnel is at
-    /// another proxy, and the cached route has not caught up. The master
-    /// is asked at once; if it names another place, the request is sent
-    /// there, once. Otherwise the connect error `e` stands.
+    /// another proxy, and `route` has not caught up. The route cached now
+    /// (another request may have renewed it), else the master's answer
+    /// (asked at once, if [`Ingress::may_ask_again`]), says where it is;
+    /// if that is another place, the request is sent there, once.
+    /// Otherwise the connect error `e` stands.
     async fn send_lean_moved(
         &self,
         host: HostId,
@@ -1532,7 +1537,13 @@ impl Ingress {
         parts: &http::request::Parts,
         e: cocalc_core::TransportError,
     ) -> Result<http::Response<ResponseBody<HostId>>, ApiError> {
-        match self.fetch_route(host).await {
+        let cached = lock_routes(&self.lookup.routes).get(&host).cloned();
+        let now = match cached {
+            Some(c) if c.endpoint != route.endpoint => Ok(c),
+            _ if self.may_ask_again(host) => self.fetch_route(host).await,
+            _ => Err(ApiError::from(&e)),
+        };
+        match now {
             Ok(fresh) if fresh.endpoint != route.endpoint => {
                 tracing::debug!(%host, from = ?route.endpoint, to = ?fresh.endpoint, "a hidden host's tunnel moved; sending there");
                 self.send_lean_to(host, &fresh, peer, parts)
