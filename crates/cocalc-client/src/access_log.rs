@@ -32,8 +32,8 @@
 //! because the client went away first, is logged as 499 (nginx's "client
 //! closed request"), with the host it waited on. A WebSocket relayed to
 //! a server ([`crate::relay::relay_within`]) is logged when it closes,
-//! `bytes` counting what the relay sent the client: the server puts an
-//! [`Upgrading`] in the request and fills it once the answer is 101.
+//! `bytes` counting what the relay sent the client: the server gives the
+//! request to [`Waiting::relayed_upgrade`] before forwarding it.
 //! Other WebSockets are logged at their upgrade, with `bytes` 0. The
 //! proxy's ingress and hosts' per-connection services log this way.
 //! [`Entry`] is the line itself, for callers that have all of it at
@@ -323,6 +323,8 @@ pub struct Waiting {
     log: Arc<AccessLog>,
     project: Option<ProjectId>,
     host: Option<HostId>,
+    /// Handed to the relay of an upgrade ([`Waiting::relayed_upgrade`]).
+    upgrading: Option<Upgrading>,
 }
 
 impl Waiting {
@@ -333,6 +335,19 @@ impl Waiting {
             log,
             project: None,
             host: None,
+            upgrading: None,
+        }
+    }
+
+    /// If `req` asks for an upgrade, puts an [`Upgrading`] in its
+    /// extensions for the relay ([`crate::relay::relay_within`]): an
+    /// answer of 101 is then logged when the relayed connection closes,
+    /// with the bytes relayed to the client.
+    pub fn relayed_upgrade<B>(&mut self, req: &mut http::Request<B>) {
+        if req.headers().contains_key(http::header::UPGRADE) {
+            let u = Upgrading::default();
+            req.extensions_mut().insert(u.clone());
+            self.upgrading = Some(u);
         }
     }
 
@@ -345,11 +360,12 @@ impl Waiting {
 
     /// The answer's head, with `status`, is there: the request is logged
     /// when the [`BodySent`] returned (and its clones) are dropped, with
-    /// the bytes counted on it.
+    /// the bytes counted on it (for a 101 to a request given to
+    /// [`Waiting::relayed_upgrade`], also when its relay has ended).
     pub fn answered(mut self, status: http::StatusCode) -> BodySent {
         let pending = self.pending.take().expect("a Waiting is answered once");
         let project = self.project.or_else(|| project_in_path(pending.path()));
-        BodySent(Arc::new(Sending {
+        let sent = BodySent(Arc::new(Sending {
             head: micros(pending.started.elapsed()),
             pending,
             log: self.log.clone(),
@@ -357,7 +373,13 @@ impl Waiting {
             project,
             host: self.host,
             bytes: AtomicU64::new(0),
-        }))
+        }));
+        if let Some(u) = self.upgrading.take() {
+            if status == http::StatusCode::SWITCHING_PROTOCOLS {
+                u.fill(sent.clone());
+            }
+        }
+        sent
     }
 }
 
@@ -452,11 +474,6 @@ impl<B> Logged<B> {
     /// `inner`, counted on `sent`.
     pub fn new(inner: B, sent: Option<BodySent>) -> Self {
         Logged { inner, sent }
-    }
-
-    /// The record the body counts on, if any (and until its end).
-    pub fn sent(&self) -> Option<&BodySent> {
-        self.sent.as_ref()
     }
 }
 

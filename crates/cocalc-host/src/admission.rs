@@ -284,40 +284,29 @@ where
     type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
 
     fn call(&self, mut req: Request<hyper::body::Incoming>) -> Self::Future {
-        let pending = self.ticket.pending(&req);
+        let mut pending = self.ticket.pending(&req);
         if let Some(limit) = self.ticket.refused {
             let refusal = Ticket::refusal(limit);
             let body = Body::from(refusal.2.clone());
             let r = logged(pending, respond(&refusal, body));
             return Box::pin(std::future::ready(Ok(r)));
         }
-        let upgrade = req.headers().contains_key(header::UPGRADE);
         if let Some(hold) = &self.ticket.hold {
-            if upgrade {
+            if req.headers().contains_key(header::UPGRADE) {
                 req.extensions_mut().insert(hold.clone());
             }
         }
-        // A WebSocket relayed to a project's server is logged when the
-        // relay ends, with its bytes.
-        let upgrading = (pending.is_some() && upgrade).then(|| {
-            let u = cocalc_client::access_log::Upgrading::default();
-            req.extensions_mut().insert(u.clone());
-            u
-        });
+        if let Some(w) = &mut pending {
+            // A WebSocket relayed to a project's server is logged when the
+            // relay ends, with its bytes.
+            w.relayed_upgrade(&mut req);
+        }
         let answer = self.inner.call(req);
         match pending {
             None => Box::pin(answer),
             Some(pending) => Box::pin(async move {
                 let r = answer.await;
-                r.map(|resp| {
-                    let status = resp.status();
-                    let sent = pending.answered(status);
-                    if let Some(u) = upgrading.filter(|_| status == StatusCode::SWITCHING_PROTOCOLS)
-                    {
-                        u.fill(sent.clone());
-                    }
-                    resp.map(|b| Body::new(LoggedBody::new(b, Some(sent))))
-                })
+                r.map(|resp| logged(Some(pending), resp))
             }),
         }
     }

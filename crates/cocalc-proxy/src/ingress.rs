@@ -989,14 +989,9 @@ impl Ingress {
         };
         if let Some(w) = &mut seen {
             w.routed(Some(project), host);
+            // A WebSocket is logged when its relay ends, with its bytes.
+            w.relayed_upgrade(&mut req);
         }
-        // A WebSocket is logged when its relay ends, with its bytes.
-        let upgrading =
-            (seen.is_some() && req.headers().contains_key(header::UPGRADE)).then(|| {
-                let u = cocalc_client::access_log::Upgrading::default();
-                req.extensions_mut().insert(u.clone());
-                u
-            });
         // Pinned where it is made: the request's future is large, and
         // the watch takes it by reference rather than moving it.
         let answer = std::pin::pin!(self.forward(host, &route, peer, req));
@@ -1004,13 +999,7 @@ impl Ingress {
             Ok(r) => r,
             Err(e) => self.forward_failed(project, host, peer, &e).map(full),
         };
-        let r = logged(seen, r);
-        if let (Some(u), Some(sent)) = (upgrading, r.body().sent()) {
-            if r.status() == StatusCode::SWITCHING_PROTOCOLS {
-                u.fill(sent.clone());
-            }
-        }
-        r
+        logged(seen, r)
     }
 
     /// Answers one plain request (no body, no upgrade) as
