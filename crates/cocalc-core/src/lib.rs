@@ -76,4 +76,6 @@ pub use storage::{Quota, SnapshotInfo, Storage, StorageError, Usage, VolumeInfo}
 pub use stream::{BoxStream, ByteStream};
 pub use time::{Clock, ManualClock, SharedClock, SystemClock, Timestamp};
 pub use token::{StaticTokenVerifier, TokenClaims, TokenError, TokenVerifier};
-pub use transport::{parse_host_url, BoxedConnection, Connection, Transport, TransportError};
+pub use transport::{
+    parse_host_url, parse_root_url, BoxedConnection, Connection, Transport, TransportError,
+};

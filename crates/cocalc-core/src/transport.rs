@@ -56,6 +56,25 @@ impl TransportError {
     }
 }
 
+/// [`parse_host_url`] for a URL that must be a server's root
+/// (`http(s)://host[:port]`, a trailing `/` allowed), as a proxy's tunnel
+/// handle is: hidden hosts dial it and other proxies forward
+/// `/<project id>/…` to it. Refuses a path, query or fragment.
+pub fn parse_root_url(url: &str) -> Result<String, TransportError> {
+    let authority = parse_host_url(url)?;
+    let rest = url
+        .trim_end_matches('/')
+        .split_once("://")
+        .map_or("", |r| r.1);
+    if rest.contains(['/', '?', '#']) {
+        return Err(TransportError::InvalidEndpoint(format!(
+            "{url:?}: a path, query or fragment is not supported here (the server's root URL, \
+             http(s)://host[:port])"
+        )));
+    }
+    Ok(authority)
+}
+
 /// Splits `http://host:port[/...]` (or `https://`) into `host:port`,
 /// supplying the scheme's default port. Refuses other schemes, user info,
 /// and empty hosts.
@@ -104,4 +123,30 @@ pub trait Transport: Send + Sync {
         host: HostId,
         endpoint: &HostEndpoint,
     ) -> Result<BoxedConnection, TransportError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_urls_are_a_scheme_and_an_authority() {
+        assert_eq!(
+            parse_root_url("https://p.example").unwrap(),
+            "p.example:443"
+        );
+        assert_eq!(parse_root_url("http://p:8000/").unwrap(), "p:8000");
+        assert_eq!(parse_root_url("http://[::1]:8/").unwrap(), "[::1]:8");
+        for bad in [
+            "http://p:8000/edge",
+            "https://p?x=1",
+            "https://p#f",
+            "p:8000",
+        ] {
+            assert!(
+                matches!(parse_root_url(bad), Err(TransportError::InvalidEndpoint(_))),
+                "{bad}"
+            );
+        }
+    }
 }

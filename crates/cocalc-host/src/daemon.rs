@@ -531,8 +531,9 @@ pub async fn build(cfg: &HostConfig, public_url: String) -> Result<Host, HostDae
     build_at(cfg, HostEndpoint::Url(public_url)).await
 }
 
-/// `tunnel_url`'s URLs: at least one, each `http://` or `https://`, no
-/// two the same.
+/// `tunnel_url`'s URLs: at least one, each a proxy's root URL
+/// (`http(s)://host[:port]`, what the proxy's `public_url` is), no two
+/// the same.
 fn check_tunnel_urls(urls: &[String]) -> Result<(), String> {
     if urls.is_empty() {
         return Err("tunnel_url lists no proxy".into());
@@ -543,6 +544,7 @@ fn check_tunnel_urls(urls: &[String]) -> Result<(), String> {
                 "tunnel_url {u:?} must start with https:// (or http:// on a trusted network)"
             ));
         }
+        cocalc_core::parse_root_url(u).map_err(|e| format!("tunnel_url: {e}"))?;
         let same = |v: &String| v.trim_end_matches('/') == u.trim_end_matches('/');
         if urls[..i].iter().any(same) {
             return Err(format!("tunnel_url lists {u:?} twice"));
@@ -1158,6 +1160,10 @@ mod tests {
                 "\"ftp://b:1\" must start",
             ),
             ("tunnel_url = [\"http://a:1\", \"http://a:1/\"]\n", "twice"),
+            (
+                "tunnel_url = \"https://a:1/edge\"\n",
+                "a path, query or fragment",
+            ),
             (
                 "listen = \"127.0.0.1:0\"\ntunnel_url = [\"http://a:1\"]\n",
                 "exclude each other",

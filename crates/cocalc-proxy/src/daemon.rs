@@ -259,15 +259,9 @@ impl ProxyConfig {
                  http(s)://host[:port], which hidden hosts dial and other proxies forward to)"
             )
         };
-        crate::parse_host_url(url).map_err(|e| bad(e.to_string()))?;
-        let rest = url
-            .trim_end_matches('/')
-            .split_once("://")
-            .map_or("", |r| r.1);
-        if rest.contains(['/', '?', '#']) {
-            return Err(bad("a path, query or fragment is not supported".into()));
-        }
-        Ok(())
+        cocalc_core::parse_root_url(url)
+            .map(|_| ())
+            .map_err(|e| bad(e.to_string()))
     }
 
     /// `proxy_protocol` names listeners that exist, and trusts someone.

@@ -1657,13 +1657,7 @@ fn peer_handle(host: HostId, h: &str) -> Result<(String, String), ApiError> {
             ),
         )
     };
-    let authority = crate::parse_host_url(url).map_err(|e| bad(e.to_string()))?;
-    let rest = url.split_once("://").map_or("", |(_, r)| r);
-    if rest.contains(['/', '?', '#']) {
-        return Err(bad(
-            "a handle with a path, query or fragment is not supported".into(),
-        ));
-    }
+    let authority = cocalc_core::parse_root_url(url).map_err(|e| bad(e.to_string()))?;
     Ok((url.to_string(), authority))
 }
 
@@ -1848,8 +1842,8 @@ mod tests {
         assert_eq!(r.dial, url);
         // A handle that cannot be forwarded to is a clear error.
         for (bad, why) in [
-            ("http://b:8000/edge", "with a path"),
-            ("https://b.example?x=1", "with a path"),
+            ("http://b:8000/edge", "a path"),
+            ("https://b.example?x=1", "a path"),
             ("ftp://b", "scheme"),
             ("http://user@b:8000", "user info"),
         ] {
