@@ -265,9 +265,9 @@ impl Conn {
         close_asked: bool,
     ) -> io::Result<bool> {
         let (parts, body) = answer.into_parts();
-        let count = |n: usize| {
+        let count = |n: u64| {
             if let Some(s) = &sent {
-                s.add(n as u64);
+                s.add(n);
             }
         };
         let close = close_asked || wants_close(&parts.headers);
@@ -288,7 +288,7 @@ impl Conn {
                 }
                 tcp.write_all(&self.out).await?;
                 if !no_body {
-                    count(data.len());
+                    count(data.len() as u64);
                 }
                 return Ok(!close);
             }
@@ -309,13 +309,11 @@ impl Conn {
                 write_head(&mut self.out, &parts, Framing::Length(len), close);
                 self.out.extend_from_slice(&early);
                 tcp.write_all(&self.out).await?;
-                count(early.len());
+                count(early.len() as u64);
                 // A failed splice leaves bytes in the pipe: it is closed.
                 body.splice_rest(&*tcp, &mut pipe).await?;
                 pipe.give_back();
-                if let Some(s) = &sent {
-                    s.add(rest);
-                }
+                count(rest);
                 return Ok(!close);
             }
             // No pipe (out of descriptors): copied below, starting with
