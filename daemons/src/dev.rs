@@ -355,15 +355,18 @@ pub async fn up(
     shutdown.await;
     eprintln!("dev up: stopping projects, hosts and the master…");
     for (agent, _) in &hosts {
-        if let Ok(list) = agent.runner().list().await {
-            for p in list
-                .into_iter()
-                .filter(|p| p.state == ProjectState::Running)
-            {
-                if let Err(e) = agent.stop(p.project).await {
-                    eprintln!("dev up: stopping project {}: {e}", p.project);
+        match agent.runner().list().await {
+            Ok(list) => {
+                for p in list
+                    .into_iter()
+                    .filter(|p| p.state == ProjectState::Running)
+                {
+                    if let Err(e) = agent.stop(p.project).await {
+                        eprintln!("dev up: stopping project {}: {e}", p.project);
+                    }
                 }
             }
+            Err(e) => eprintln!("dev up: listing a host's projects to stop them: {e}"),
         }
     }
     let _ = stop_tx.send(true);
