@@ -4,6 +4,7 @@
 //! + Btrfs backend through the same steps when it is root (see below).
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -18,13 +19,21 @@ struct DevUp {
     ssh_port: u16,
 }
 
+impl DevUp {
+    /// What a terminal's Ctrl-C does: SIGINT to the whole foreground process
+    /// group, `dev up` and every child it left in its group alike.
+    fn ctrl_c(&self) -> nix::Result<()> {
+        let group = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGINT)
+    }
+}
+
 impl Drop for DevUp {
     /// Even when a test fails: Ctrl-C first, so containers, mounts and loop
     /// devices are cleaned up; SIGKILL only if that does not finish.
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
-            let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+            let _ = self.ctrl_c();
             let deadline = Instant::now() + Duration::from_secs(60);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = self.child.try_wait() {
@@ -61,6 +70,8 @@ fn start(backend: &str) -> DevUp {
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
+        // A group of its own, as a shell's job: Ctrl-C goes to the group.
+        .process_group(0)
         .spawn()
         .unwrap();
     let out = child.stdout.take().unwrap();
@@ -246,12 +257,23 @@ fn next_steps_work_and_ctrl_c_stops(backend: &str) {
         assert!(as_admin(&["host", "undrain", h]).status.success());
     }
 
-    // Ctrl-C: everything stops, the process exits cleanly.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(d.child.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
+    // Ctrl-C with two projects running, one on a visible host and one on
+    // the hidden host: it stops them, every host and the master, and the
+    // process exits cleanly.
+    let mut running = Vec::new();
+    for name in ["demo", "behind-nat"] {
+        let o = cocalc(&d, &["project", "exec", name, "--", "true"], None);
+        assert!(o.status.success(), "{o:?}");
+        let o = cocalc(&d, &["project", "open", name, "--json"], None);
+        let open: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        running.push(open["project"].as_str().unwrap().to_string());
+    }
+    if backend == "podman" {
+        for id in &running {
+            assert_eq!(containers_named(id), 1, "project {id} runs");
+        }
+    }
+    d.ctrl_c().unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {
         if let Some(s) = d.child.try_wait().unwrap() {
@@ -261,11 +283,55 @@ fn next_steps_work_and_ctrl_c_stops(backend: &str) {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(status.success(), "{status:?}");
+    let dir = d.dir.path().to_str().unwrap();
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
-    assert!(
-        !mounts.contains(d.dir.path().to_str().unwrap()),
-        "a mount was left behind"
-    );
+    assert!(!mounts.contains(dir), "a mount was left behind");
+    let left = processes_working_in(d.dir.path());
+    assert!(left.is_empty(), "processes left running in {dir}: {left:?}");
+    if backend == "podman" {
+        for id in &running {
+            assert_eq!(
+                containers_named(id),
+                0,
+                "project {id}'s container left behind"
+            );
+        }
+        let losetup = Command::new("losetup").arg("-a").output().unwrap();
+        assert!(losetup.status.success(), "{losetup:?}");
+        let losetup = String::from_utf8_lossy(&losetup.stdout);
+        assert!(!losetup.contains(dir), "loop device left behind: {losetup}");
+    }
+}
+
+/// The processes (pid and command line) whose working directory is `dir`
+/// or below it: a process-backend project's shell works in its home.
+fn processes_working_in(dir: &std::path::Path) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(cwd) = std::fs::read_link(entry.path().join("cwd")) else {
+            continue; // gone meanwhile
+        };
+        if cwd.starts_with(dir) {
+            let cmd = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            found.push((pid, String::from_utf8_lossy(&cmd).replace('\0', " ")));
+        }
+    }
+    found
+}
+
+/// How many podman containers (running or not) have `project` in their name.
+fn containers_named(project: &str) -> usize {
+    let o = Command::new("podman")
+        .args(["ps", "-a", "--format", "{{.Names}}", "--filter"])
+        .arg(format!("name={project}"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    String::from_utf8_lossy(&o.stdout).lines().count()
 }
 
 #[test]
@@ -286,9 +352,4 @@ fn dev_up_with_podman_and_btrfs() {
         return;
     }
     next_steps_work_and_ctrl_c_stops("podman");
-    let losetup = Command::new("losetup").arg("-a").output().unwrap();
-    assert!(
-        !String::from_utf8_lossy(&losetup.stdout).contains("cocalc-dev"),
-        "loop device left behind"
-    );
 }

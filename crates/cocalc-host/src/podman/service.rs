@@ -2,6 +2,7 @@
 //! writes for podman.
 
 use std::io::Write;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -106,7 +107,9 @@ fn write_file(p: &Path, text: &str) -> std::io::Result<()> {
 }
 
 /// A `podman system service` process started by the runner; stopped
-/// (`SIGTERM`, then `SIGKILL` after 5 s) when dropped.
+/// (`SIGTERM`, then `SIGKILL` after 5 s) when dropped, and only then: it
+/// runs in a process group of its own, so signals sent to its owner's group
+/// (a terminal's Ctrl-C) leave it to answer the owner's shutdown.
 #[derive(Debug)]
 pub struct PodmanService {
     child: Child,
@@ -130,7 +133,11 @@ impl PodmanService {
             .arg(format!("unix://{}", socket.display()))
             .stdin(Stdio::null())
             .stdout(log)
-            .stderr(log2);
+            .stderr(log2)
+            // Its own process group: a terminal's Ctrl-C reaches the whole
+            // foreground group at once, and the service must outlive its
+            // owner's shutdown long enough to stop the containers.
+            .process_group(0);
         env.apply(&mut cmd);
         let child = cmd
             .spawn()
