@@ -5,8 +5,10 @@
 //! The project's server sees the client's `Host` and address as if there
 //! were one proxy; a request that one proxy already forwarded is never
 //! forwarded again. And a hidden host that lists both proxies moves its
-//! tunnel to the second when the first dies, and tells the master; a
-//! third proxy's first request after that follows at once.
+//! tunnel to the second when the first dies, and tells the master; the
+//! first request after that at other proxies whose routes still name the
+//! dead one follows at once, whatever it is: without a body, with one, a
+//! WebSocket, an SSH session.
 
 use std::time::Duration;
 
@@ -93,6 +95,27 @@ fn proxy_common(murl: &str, admin: &str) -> String {
     );
     let key = api_key_of(&o);
     format!("master_url = \"{murl}\"\napi_key = \"{key}\"\n")
+}
+
+/// Opens a WebSocket to the project's terminal through the proxy on
+/// loopback `port`, and returns the head of the answer (then closes).
+fn websocket_head(port: u16, project: &str, token: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        s,
+        "GET /{project}/terminal HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
+         Authorization: Bearer {token}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap() == 1 {
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
 }
 
 /// The master's record of its only host, once there is one.
@@ -300,16 +323,33 @@ fn a_hidden_host_moves_its_tunnel_when_its_proxy_dies() {
         &["user", "create", "alice", "--json"],
         None,
     ));
-    let (a, b, c) = (free_port(), free_port(), free_port());
+    let (a, b) = (free_port(), free_port());
     let (purl_a, purl_b) = (
         format!("http://127.0.0.1:{a}"),
         format!("http://127.0.0.1:{b}"),
     );
-    let purl_c = format!("http://127.0.0.1:{c}");
     let mut proxy_a = start_proxy(d, "a", a, &common, "");
     let _proxy_b = start_proxy(d, "b", b, &common, "");
-    // C is in no host's list: it only ever forwards.
-    let _proxy_c = start_proxy(d, "c", c, &common, "");
+    // C, D, E and F are in no host's list: they only ever forward. Each
+    // sends one kind of request first after the move: C one without a
+    // body, D one with a body, E a WebSocket, F an SSH session.
+    let f_ssh = free_port();
+    let others: Vec<(u16, String, Proc)> = ["c", "d", "e", "f"]
+        .into_iter()
+        .map(|name| {
+            let port = free_port();
+            let extra = if name == "f" {
+                format!(
+                    "ssh_listen = \"127.0.0.1:{f_ssh}\"\nssh_host_key_file = \"{}\"\n",
+                    d.join("f_ssh_ed25519").display()
+                )
+            } else {
+                String::new()
+            };
+            let p = start_proxy(d, name, port, &common, &extra);
+            (port, format!("http://127.0.0.1:{port}"), p)
+        })
+        .collect();
 
     // The host lists both proxies, A first.
     let bootstrap = bootstrap_token(&murl, &admin);
@@ -338,7 +378,11 @@ fn a_hidden_host_moves_its_tunnel_when_its_proxy_dies() {
         exec_at(&purl_a)
     });
     assert!(exec_at(&purl_b), "B forwards to A");
-    assert!(exec_at(&purl_c), "C forwards to A");
+    for (_, purl, _) in &others {
+        assert!(exec_at(purl), "{purl} forwards to A");
+    }
+    let key = d.join("alice_ed25519");
+    registered_ssh_key(&murl, &alice, &key);
 
     // A dies: the host's tunnel moves to B, and the master is told.
     proxy_a.child.kill().unwrap();
@@ -353,21 +397,37 @@ fn a_hidden_host_moves_its_tunnel_when_its_proxy_dies() {
         "the master had the tunnel at B {:?} after A died",
         killed.elapsed()
     );
-    // C's cached route still says A. Its first request is served all the
-    // same: the connect to A fails, C asks the master, and forwards the
-    // request to B (whose route says A too, and which asks the master
-    // before refusing a forwarded request). Proxies ask again at most once
-    // a second per host (REASK_AFTER): wait that long since they asked.
+    // C, D, E and F's cached routes still say A. Their first requests
+    // are served all the same: the connect to A fails (nothing was sent),
+    // the proxy asks the master, and forwards the request to B (whose
+    // route says A too, and which asks the master before refusing a
+    // forwarded request). Proxies ask again at most once a second per host
+    // (REASK_AFTER): wait that long since they asked.
     std::thread::sleep(Duration::from_millis(1_100));
     let (s, body) = request(
         "127.0.0.1",
         reqwest::Method::GET,
-        &format!("{purl_c}/{project}/status"),
+        &format!("{}/{project}/status", others[0].1),
         &token,
         None,
         &[],
     );
     assert_eq!(s, 200, "the first request at C after the move: {body}");
+    assert!(
+        exec_at(&others[1].1),
+        "the first request at D after the move"
+    );
+    let head = websocket_head(others[2].0, &project, &token);
+    assert!(
+        head.starts_with("HTTP/1.1 101"),
+        "the first WebSocket at E after the move: {head}"
+    );
+    let o = ssh_exec(f_ssh, &key, &project, "echo after-the-move");
+    assert_eq!(
+        (o.status.code(), o.stdout.as_slice()),
+        (Some(0), &b"after-the-move\n"[..]),
+        "the first SSH session at F after the move: {o:?}"
+    );
     eventually(
         "B serves the host from its own tunnel",
         Duration::from_secs(20),

@@ -208,12 +208,26 @@ impl<K, B> std::fmt::Debug for Pool<K, B> {
 }
 
 /// Why a pooled request failed.
-#[derive(Debug)]
-pub enum PoolError<E> {
+pub enum PoolError<E, B> {
     /// Opening a new connection failed (the caller's connect error).
-    Connect(E),
+    /// Nothing of the request was sent: it is handed back whole, body
+    /// unread, for the caller to send elsewhere.
+    Connect(E, Box<http::Request<B>>),
     /// The HTTP exchange failed (after the request may have been sent).
     Http(hyper::Error),
+}
+
+impl<E: std::fmt::Debug, B> std::fmt::Debug for PoolError<E, B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PoolError::Connect(e, req) => f
+                .debug_tuple("Connect")
+                .field(e)
+                .field(&format_args!("{} {}", req.method(), req.uri()))
+                .finish(),
+            PoolError::Http(e) => f.debug_tuple("Http").field(e).finish(),
+        }
+    }
 }
 
 impl<K, B> Pool<K, B>
@@ -278,13 +292,14 @@ where
     /// `connect`. If the idle connection turns out closed before the
     /// request went out (the server timed it out), the request goes on a
     /// new connection instead; once sent, a failure is the caller's to
-    /// see. The response's body streams.
+    /// see. If no connection can be opened, the request comes back
+    /// unsent with the connect error. The response's body streams.
     pub async fn send<E, F, Fut>(
         &self,
         key: K,
         req: http::Request<B>,
         connect: F,
-    ) -> Result<http::Response<hyper::body::Incoming>, PoolError<E>>
+    ) -> Result<http::Response<hyper::body::Incoming>, PoolError<E, B>>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<BoxedConnection, E>>,
@@ -302,7 +317,10 @@ where
                 },
             }
         }
-        let conn = connect().await.map_err(PoolError::Connect)?;
+        let conn = match connect().await {
+            Ok(c) => c,
+            Err(e) => return Err(PoolError::Connect(e, Box::new(req))),
+        };
         let (mut s, connection) = hyper::client::conn::http1::handshake(TokioIo::new(conn))
             .await
             .map_err(PoolError::Http)?;

@@ -640,7 +640,7 @@ async fn ports(State(a): State<AppState>, req: Request) -> Result<Response> {
             })
             .await
             .map_err(|e| match e {
-                cocalc_client::relay::PoolError::Connect(e) => port_unreachable(port, e),
+                cocalc_client::relay::PoolError::Connect(e, _) => port_unreachable(port, e),
                 cocalc_client::relay::PoolError::Http(e) => port_failed(port, &e),
             })?
     };

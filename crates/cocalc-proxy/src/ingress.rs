@@ -64,7 +64,9 @@
 //! cached routes disagree cannot send a request round. And a request for
 //! a hidden host that cannot be reached where the route says (its tunnel
 //! moved after a failover) asks the master at once and is sent to the new
-//! place, once, if it reached no one (no body, no upgrade). Both ask the
+//! place, once, if it reached no one: no connection could be opened, so
+//! nothing was sent (a body is still unread, an upgrade not begun; SSH
+//! channels too, through [`Ingress::connect_host`]). Both ask the
 //! master at most once per host per [`REASK_AFTER`], so a host that stays
 //! unreachable, or a client sending the header on purpose, cannot turn
 //! requests into lookups. The header is stripped before requests
@@ -921,28 +923,62 @@ impl Ingress {
     /// transport), with what requests on it must carry. Used by the SSH
     /// ingress; goes through the same [`Transport`] as HTTP, so hosts
     /// reached by other means (tunnels, also through another proxy) work
-    /// the same. A failed connect forgets the route.
+    /// the same. A hidden host not reached where its route says is
+    /// looked for where its tunnel is now, once, as for HTTP requests
+    /// ([`Ingress::send_lean_moved`]). A failed connect makes the route
+    /// doubted.
     pub async fn connect_host(&self, host: HostId) -> Result<HostConnection, ApiError> {
         let route = self.route(host).await?;
+        let e = match self.connect_route(host, &route).await {
+            Ok(c) => return Ok(c),
+            Err(Unreached::Connect(e)) if route.endpoint.is_tunnel() => {
+                match self.moved_route(host, &route).await {
+                    Some(fresh) => match self.connect_route(host, &fresh).await {
+                        Ok(c) => return Ok(c),
+                        Err(e) => e,
+                    },
+                    None => Unreached::Connect(e),
+                }
+            }
+            Err(e) => e,
+        };
+        self.refusals.unreachable.fetch_add(1, Ordering::Relaxed);
+        self.doubt_route(host);
+        Err(match e {
+            Unreached::Connect(e) => ApiError::from(&e),
+            Unreached::Refused(e) => e,
+        })
+    }
+
+    /// [`Ingress::connect_host`] by `route`, once.
+    async fn connect_route(
+        &self,
+        host: HostId,
+        route: &Route,
+    ) -> Result<HostConnection, Unreached> {
         let authority = route
             .authority
             .to_str()
-            .map_err(|_| ApiError::new(502, "bad_endpoint", format!("host {host}'s address")))?
+            .map_err(|_| {
+                Unreached::Refused(ApiError::new(
+                    502,
+                    "bad_endpoint",
+                    format!("host {host}'s address"),
+                ))
+            })?
             .to_string();
         let via = route.via_peer.then(|| (VIA_PROXY, self.lookup.via.clone()));
-        self.count_peer(&route);
-        match self.transport.connect(host, &route.dial).await {
-            Ok(conn) => Ok(HostConnection {
-                conn,
-                authority,
-                via,
-            }),
-            Err(e) => {
-                self.refusals.unreachable.fetch_add(1, Ordering::Relaxed);
-                self.doubt_route(host);
-                Err(ApiError::from(&e))
-            }
-        }
+        self.count_peer(route);
+        let conn = self
+            .transport
+            .connect(host, &route.dial)
+            .await
+            .map_err(Unreached::Connect)?;
+        Ok(HostConnection {
+            conn,
+            authority,
+            via,
+        })
     }
 
     /// Forgets a cached route and the pooled connections to that host:
@@ -1453,24 +1489,9 @@ impl Ingress {
             let resp = self.send_lean(host, route, peer, &parts).await?;
             return Ok(resp.map(|b| Either::Left(Either::Right(b))));
         }
-        // As on the lean path: a client's own X-Forwarded-Host never
-        // passes; it is the Host the client sent, or absent. Through
-        // another proxy the client's Host goes as it is: that proxy
-        // writes X-Forwarded-Host from it.
         let xff = forwarded_for(&parts, peer);
-        let orig_host = parts.headers.remove(header::HOST);
+        let client_host = parts.headers.remove(header::HOST);
         parts.headers.remove(X_FORWARDED_HOST);
-        parts.headers.remove(VIA_PROXY);
-        if route.via_peer {
-            let host_header = orig_host.unwrap_or_else(|| route.authority.clone());
-            parts.headers.insert(header::HOST, host_header);
-            parts.headers.insert(VIA_PROXY, self.lookup.via.clone());
-        } else {
-            if let Some(orig) = orig_host {
-                parts.headers.insert(X_FORWARDED_HOST, orig);
-            }
-            parts.headers.insert(header::HOST, route.authority.clone());
-        }
         parts.headers.insert(X_FORWARDED_FOR, xff);
         let proto = self.forwarded_proto(peer, &parts.headers);
         parts.headers.insert(X_FORWARDED_PROTO, proto);
@@ -1480,11 +1501,58 @@ impl Ingress {
                 .extensions
                 .insert(cocalc_client::relay::HoldWhileUpgraded(peer.conn.clone()));
         }
-        self.count_peer(route);
-        let connect = || self.transport.connect(host, &route.dial);
+        let mut req = http::Request::from_parts(parts, body);
+        self.address(&mut req, route, client_host.as_ref());
         // Boxed: hyper's client futures are large, and most requests take
         // the lean path above.
-        Box::pin(self.forward_hyper(host, http::Request::from_parts(parts, body), connect)).await
+        match Box::pin(self.forward_hyper(host, route, req)).await {
+            Ok(r) => Ok(r),
+            // Nothing was sent: as on the lean path, a hidden host's tunnel
+            // may have moved (Ingress::send_lean_moved).
+            Err(Unsent(e, mut req)) if route.endpoint.is_tunnel() => {
+                let Some(fresh) = self.moved_route(host, route).await else {
+                    return Err(ApiError::from(&e));
+                };
+                self.address(&mut req, &fresh, client_host.as_ref());
+                match Box::pin(self.forward_hyper(host, &fresh, *req)).await {
+                    Ok(r) => Ok(r),
+                    Err(Unsent(e, _)) => Err(ApiError::from(&e)),
+                    Err(Failed(e)) => Err(e),
+                }
+            }
+            Err(Unsent(e, _)) => Err(ApiError::from(&e)),
+            Err(Failed(e)) => Err(e),
+        }
+    }
+
+    /// Writes into `req`'s head where it goes by `route`: the host's
+    /// address as `Host` and the client's (`client_host`) as
+    /// `X-Forwarded-Host`, as on the lean path (a client's own
+    /// X-Forwarded-Host never passes); through another proxy, the client's
+    /// `Host` as it is (that proxy writes X-Forwarded-Host from it) and
+    /// this proxy's handle as the via header. Counts a forward to another
+    /// proxy.
+    fn address<B>(
+        &self,
+        req: &mut http::Request<B>,
+        route: &Route,
+        client_host: Option<&HeaderValue>,
+    ) {
+        let headers = req.headers_mut();
+        if route.via_peer {
+            let host_header = client_host.unwrap_or(&route.authority).clone();
+            headers.insert(header::HOST, host_header);
+            headers.remove(X_FORWARDED_HOST);
+            headers.insert(VIA_PROXY, self.lookup.via.clone());
+        } else {
+            match client_host {
+                Some(orig) => headers.insert(X_FORWARDED_HOST, orig.clone()),
+                None => headers.remove(X_FORWARDED_HOST),
+            };
+            headers.insert(header::HOST, route.authority.clone());
+            headers.remove(VIA_PROXY);
+        }
+        self.count_peer(route);
     }
 
     /// Sends a request without a body or upgrade through the lean
@@ -1526,21 +1594,32 @@ impl Ingress {
         parts: &http::request::Parts,
         e: cocalc_core::TransportError,
     ) -> Result<http::Response<ResponseBody<HostId>>, ApiError> {
+        match self.moved_route(host, route).await {
+            Some(fresh) => self
+                .send_lean_to(host, &fresh, peer, parts)
+                .await
+                .map_err(|e| lean_failed(host, e)),
+            None => Err(ApiError::from(&e)),
+        }
+    }
+
+    /// Where a hidden host's tunnel is now, if not where `route` says
+    /// (which a request just failed to reach): the route cached now
+    /// (another request may have renewed it), else the master's answer,
+    /// asked at once if [`Ingress::may_ask_again`]. `None` when neither
+    /// names another place.
+    async fn moved_route(&self, host: HostId, route: &Route) -> Option<Arc<Route>> {
         let cached = lock_routes(&self.lookup.routes).get(&host).cloned();
         let now = match cached {
-            Some(c) if c.endpoint != route.endpoint => Ok(c),
-            _ if self.may_ask_again(host) => self.fetch_route(host).await,
-            _ => Err(ApiError::from(&e)),
+            Some(c) if c.endpoint != route.endpoint => c,
+            _ if self.may_ask_again(host) => self.fetch_route(host).await.ok()?,
+            _ => return None,
         };
-        match now {
-            Ok(fresh) if fresh.endpoint != route.endpoint => {
-                tracing::debug!(%host, from = ?route.endpoint, to = ?fresh.endpoint, "a hidden host's tunnel moved; sending there");
-                self.send_lean_to(host, &fresh, peer, parts)
-                    .await
-                    .map_err(|e| lean_failed(host, e))
-            }
-            _ => Err(ApiError::from(&e)),
+        if now.endpoint == route.endpoint {
+            return None;
         }
+        tracing::debug!(%host, from = ?route.endpoint, to = ?now.endpoint, "a hidden host's tunnel moved; sending there");
+        Some(now)
     }
 
     /// [`Ingress::send_lean`] to `route`, once.
@@ -1580,32 +1659,32 @@ impl Ingress {
     }
 
     /// Sends a request with a body or an upgrade, its headers already
-    /// rewritten, through hyper's client.
-    async fn forward_hyper<F, Fut>(
+    /// rewritten for `route`, through hyper's client. A request that
+    /// reached no one (no connection could be opened) comes back
+    /// [`Unsent`].
+    async fn forward_hyper(
         &self,
         host: HostId,
+        route: &Route,
         req: http::Request<Incoming>,
-        connect: F,
-    ) -> Result<http::Response<AnswerBody>, ApiError>
-    where
-        F: FnOnce() -> Fut,
-        Fut: std::future::Future<
-            Output = Result<cocalc_core::BoxedConnection, cocalc_core::TransportError>,
-        >,
-    {
-        let failed = |e: hyper::Error| host_failed(host, e);
+    ) -> Result<http::Response<AnswerBody>, Forwarded> {
+        let connect = || self.transport.connect(host, &route.dial);
+        let failed = |e: hyper::Error| Failed(host_failed(host, e));
         let resp = if req.headers().contains_key(header::UPGRADE) {
             // Upgrades take the connection over: a fresh one, relayed both ways.
-            let conn = connect().await.map_err(|e| ApiError::from(&e))?;
+            let conn = match connect().await {
+                Ok(c) => c,
+                Err(e) => return Err(Unsent(e, Box::new(req))),
+            };
             cocalc_client::relay::relay_within(conn, req, HOST_UPGRADE_TIMEOUT)
                 .await
                 .map_err(|e| match e {
-                    cocalc_client::relay::RelayError::NoAnswer(t) => ApiError::new(
+                    cocalc_client::relay::RelayError::NoAnswer(t) => Failed(ApiError::new(
                         504,
                         "host_timeout",
                         format!("host {host} did not answer the upgrade within {t:?}"),
-                    ),
-                    e => host_failed(host, e),
+                    )),
+                    e => Failed(host_failed(host, e)),
                 })?
         } else {
             // Requests with a body go through hyper's client, on keep-alive
@@ -1614,13 +1693,30 @@ impl Ingress {
                 .send(host, req, connect)
                 .await
                 .map_err(|e| match e {
-                    cocalc_client::relay::PoolError::Connect(e) => ApiError::from(&e),
+                    cocalc_client::relay::PoolError::Connect(e, req) => Unsent(e, req),
                     cocalc_client::relay::PoolError::Http(e) => failed(e),
                 })?
         };
         Ok(resp.map(|b| Either::Left(Either::Left(b))))
     }
 }
+
+/// Why [`Ingress::connect_route`] has no connection.
+enum Unreached {
+    /// The connect failed.
+    Connect(cocalc_core::TransportError),
+    /// The route cannot be used, for this reason.
+    Refused(ApiError),
+}
+
+/// How [`Ingress::forward_hyper`] failed.
+enum Forwarded {
+    /// No connection could be opened: the request, whole, and why.
+    Unsent(cocalc_core::TransportError, Box<http::Request<Incoming>>),
+    /// The exchange failed, answered with this.
+    Failed(ApiError),
+}
+use Forwarded::{Failed, Unsent};
 
 /// A connection to a host from [`Ingress::connect_host`].
 pub struct HostConnection {
