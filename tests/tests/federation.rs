@@ -824,6 +824,36 @@ async fn host_access_log_records_each_request() {
         ws.close(None).await.unwrap();
         while ws.next().await.is_some() {}
     }
+    // The host's own WebSockets (here an exec stream) are logged when they
+    // close too, with the bytes of every frame the client received.
+    let exec_bytes = {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        let tcp = connect_from("127.0.0.2", addr).await;
+        let req = ws_request(format!("ws://{addr}/{pid}/exec-stream"), &o.token);
+        let (mut ws, _) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
+        let run = serde_json::json!({"argv": ["sh", "-c", "head -c 70000 /dev/zero; echo done"]});
+        ws.send(Message::text(run.to_string())).await.unwrap();
+        let (mut received, mut stdout, mut exit) = (0, 0, None);
+        while let Some(msg) = ws.next().await {
+            let msg = msg.unwrap();
+            let payload = match &msg {
+                Message::Close(c) => c.as_ref().map_or(0, |c| 2 + c.reason.len()),
+                m => m.len(),
+            };
+            // A server's frame: the payload after a 2, 4 or 10-byte header.
+            received +=
+                payload + [2, 4, 10][usize::from(payload > 125) + usize::from(payload > 0xffff)];
+            match msg {
+                Message::Binary(b) => stdout += b.len() - 1, // a tag byte, then output
+                Message::Text(t) => exit = Some(t.to_string()),
+                _ => {}
+            }
+        }
+        assert_eq!(stdout, 70_005, "70,000 zeros and done\\n");
+        assert_eq!(exit.as_deref(), Some(r#"{"exit":0}"#));
+        received
+    };
 
     let host = h.id.to_string();
     let expect = [
@@ -834,8 +864,9 @@ async fn host_access_log_records_each_request() {
         // 1,000 bytes echoed in a frame with a 4-byte header (the echo
         // server hangs up on the client's close without answering it).
         ("127.0.0.2", format!("/{pid}/port/{echo}/ws"), 101, 1_004),
+        ("127.0.0.2", format!("/{pid}/exec-stream"), 101, exec_bytes),
     ];
-    eventually("five lines written", Duration::from_secs(10), || async {
+    eventually("six lines written", Duration::from_secs(10), || async {
         std::fs::read_to_string(&log_path).is_ok_and(|t| t.lines().count() == expect.len())
     })
     .await;
@@ -856,7 +887,7 @@ async fn host_access_log_records_each_request() {
         assert_eq!(line["project"], pid.as_str(), "{line}");
         assert_eq!(line["host"], host.as_str(), "{line}");
     }
-    assert_eq!(text.lines().count(), 5, "{text}");
+    assert_eq!(text.lines().count(), 6, "{text}");
     assert!(!text.contains(&o.token));
     let metrics = reqwest::get(format!("http://127.0.0.1:{mport}/metrics"))
         .await
@@ -865,7 +896,7 @@ async fn host_access_log_records_each_request() {
         .await
         .unwrap();
     assert!(
-        metrics.contains("cocalc_host_access_log_lines_total{result=\"written\"} 5\n"),
+        metrics.contains("cocalc_host_access_log_lines_total{result=\"written\"} 6\n"),
         "{metrics}"
     );
 }

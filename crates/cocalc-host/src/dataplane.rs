@@ -85,6 +85,60 @@ type Result<T> = std::result::Result<T, Failure>;
 /// ([`crate::admission`]), which a WebSocket keeps until it closes.
 type Hold = axum::Extension<cocalc_client::relay::HoldWhileUpgraded>;
 
+/// The access log's record of a WebSocket request ([`crate::admission`]
+/// puts it in the request when logging): filled once the answer is 101.
+type Upgrading = axum::Extension<cocalc_client::access_log::Upgrading>;
+
+/// A WebSocket this host serves itself (terminal, exec stream, TCP
+/// relay), counting what it sends the client on the access log's record
+/// of its request, if it was logged: the line is written when the socket
+/// is dropped, with those bytes, as for WebSockets relayed to a project's
+/// server.
+struct LoggedSocket {
+    socket: axum::extract::ws::WebSocket,
+    sent: Option<cocalc_client::access_log::BodySent>,
+}
+
+impl LoggedSocket {
+    /// `socket`, counted on the record `upgrading` holds (if any).
+    fn new(socket: axum::extract::ws::WebSocket, upgrading: Option<Upgrading>) -> Self {
+        let sent = upgrading.and_then(|axum::Extension(u)| u.take());
+        LoggedSocket { socket, sent }
+    }
+
+    /// Sends `msg`, counting its frame as it goes on the wire (a server's
+    /// frames are unmasked and unfragmented: the payload and a header of
+    /// 2, 4 or 10 bytes).
+    async fn send(
+        &mut self,
+        msg: axum::extract::ws::Message,
+    ) -> std::result::Result<(), axum::Error> {
+        use axum::extract::ws::Message;
+        let payload = match &msg {
+            Message::Text(t) => t.len(),
+            Message::Binary(b) | Message::Ping(b) | Message::Pong(b) => b.len(),
+            Message::Close(c) => c.as_ref().map_or(0, |c| 2 + c.reason.len()),
+        };
+        self.socket.send(msg).await?;
+        if let Some(sent) = &self.sent {
+            let header = match payload {
+                0..=125 => 2,
+                126..=0xffff => 4,
+                _ => 10,
+            };
+            sent.add((payload + header) as u64);
+        }
+        Ok(())
+    }
+
+    /// The next message from the client.
+    async fn recv(
+        &mut self,
+    ) -> Option<std::result::Result<axum::extract::ws::Message, axum::Error>> {
+        self.socket.recv().await
+    }
+}
+
 /// The data-plane router over `agent`.
 pub fn router(agent: Arc<HostAgent>) -> Router {
     Router::new()
@@ -535,6 +589,7 @@ async fn terminal(
     headers: HeaderMap,
     uri: Uri,
     hold: Option<Hold>,
+    upgrading: Option<Upgrading>,
     ws: axum::extract::ws::WebSocketUpgrade,
 ) -> Result<Response> {
     // Never the cookie-exchange redirect here: a WebSocket cannot follow it.
@@ -551,14 +606,14 @@ async fn terminal(
     };
     let session = a.terminal(&g, size).await?;
     Ok(ws.on_upgrade(move |socket| async move {
-        pump_terminal(socket, session).await;
+        pump_terminal(LoggedSocket::new(socket, upgrading), session).await;
         drop(hold);
     }))
 }
 
 /// Copies terminal output to the socket and socket input to the terminal
 /// until either side ends; then ends the shell.
-async fn pump_terminal(mut socket: axum::extract::ws::WebSocket, session: cocalc_core::PtySession) {
+async fn pump_terminal(mut socket: LoggedSocket, session: cocalc_core::PtySession) {
     use axum::extract::ws::Message;
     use futures_util::StreamExt;
     let cocalc_core::PtySession {
@@ -898,16 +953,17 @@ async fn exec_stream(
     headers: HeaderMap,
     uri: Uri,
     hold: Option<Hold>,
+    upgrading: Option<Upgrading>,
     ws: axum::extract::ws::WebSocketUpgrade,
 ) -> Result<Response> {
     let g = check_write(&a, &p, &headers, &uri, "exec").await?;
     Ok(ws.on_upgrade(move |socket| async move {
-        pump_exec(socket, a, g).await;
+        pump_exec(LoggedSocket::new(socket, upgrading), a, g).await;
         drop(hold);
     }))
 }
 
-async fn pump_exec(mut socket: axum::extract::ws::WebSocket, a: AppState, g: Grant) {
+async fn pump_exec(mut socket: LoggedSocket, a: AppState, g: Grant) {
     use axum::extract::ws::Message;
     use cocalc_core::wire::{ExecStreamEnd, EXEC_STREAM_STDERR, EXEC_STREAM_STDOUT};
     use cocalc_core::ExecEvent;
@@ -1024,6 +1080,7 @@ async fn tcp(
     headers: HeaderMap,
     uri: Uri,
     hold: Option<Hold>,
+    upgrading: Option<Upgrading>,
     ws: axum::extract::ws::WebSocketUpgrade,
 ) -> Result<Response> {
     let port: u16 = port.parse().ok().filter(|p| *p > 0).ok_or_else(|| {
@@ -1047,15 +1104,12 @@ async fn tcp(
             ))
         })?;
     Ok(ws.on_upgrade(move |socket| async move {
-        pump_tcp(socket, conn).await;
+        pump_tcp(LoggedSocket::new(socket, upgrading), conn).await;
         drop(hold);
     }))
 }
 
-async fn pump_tcp(
-    mut socket: axum::extract::ws::WebSocket,
-    conn: cocalc_core::transport::BoxedConnection,
-) {
+async fn pump_tcp(mut socket: LoggedSocket, conn: cocalc_core::transport::BoxedConnection) {
     use axum::extract::ws::Message;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (mut rd, mut wr) = tokio::io::split(conn);
