@@ -2267,9 +2267,28 @@ async fn ingress_access_log_records_each_request() {
         ws.close(None).await.unwrap();
         while ws.next().await.is_some() {}
     }
+    // 10. A download of 48 MiB the client leaves after 1 MiB (it resets
+    // the connection): spliced too, and the line counts what got out,
+    // more than the client read (socket buffers) and less than all.
+    let huge_len = 48 << 20;
+    put_file(&h.url, &pid, &o.token, "huge.bin", vec![9u8; huge_len]).await;
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(paddr).await.unwrap();
+        let req = format!(
+            "GET /{pid}/files/huge.bin HTTP/1.1\r\nHost: {paddr}\r\n\
+             Authorization: Bearer {}\r\n\r\n",
+            o.token
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut first = vec![0u8; 1 << 20];
+        s.read_exact(&mut first).await.unwrap();
+        assert!(first.starts_with(b"HTTP/1.1 200"));
+        s.set_zero_linger().unwrap();
+    }
 
-    eventually("nine lines written", Duration::from_secs(10), || async {
-        log.written() == 9
+    eventually("ten lines written", Duration::from_secs(10), || async {
+        log.written() == 10
     })
     .await;
     let text = std::fs::read_to_string(&log_path).unwrap();
@@ -2338,6 +2357,14 @@ async fn ingress_access_log_records_each_request() {
             false,
             "HTTP/1.1",
         ),
+        (
+            "GET",
+            format!("/{pid}/files/huge.bin"),
+            200,
+            true,
+            false,
+            "HTTP/1.1",
+        ),
     ];
     assert_eq!(lines.len(), expect.len(), "{text}");
     for (line, (method, target, status, via_host, tls, version)) in lines.iter().zip(expect) {
@@ -2365,8 +2392,12 @@ async fn ingress_access_log_records_each_request() {
             // The JSON refusal.
             assert!(line["bytes"].as_u64().unwrap() > 20, "{line}");
         }
-        if target.ends_with("big.bin") {
+        if target.ends_with("/big.bin") {
             assert_eq!(line["bytes"], 300_000, "{line}");
+        }
+        if target.ends_with("/huge.bin") {
+            let n = line["bytes"].as_u64().unwrap();
+            assert!((1 << 20..huge_len as u64).contains(&n), "{line}");
         }
         if status == 101 {
             // 5 + 10,000 bytes echoed, with frame headers and the close.
@@ -2394,7 +2425,7 @@ async fn ingress_access_log_records_each_request() {
     proxy_metrics_show(
         &ingress,
         &[
-            "cocalc_proxy_access_log_lines_total{result=\"written\"} 9",
+            "cocalc_proxy_access_log_lines_total{result=\"written\"} 10",
             "cocalc_proxy_access_log_lines_total{result=\"dropped\"} 0",
         ],
     );

@@ -311,9 +311,12 @@ impl Conn {
                 tcp.write_all(&self.out).await?;
                 count(early.len() as u64);
                 // A failed splice leaves bytes in the pipe: it is closed.
-                body.splice_rest(&*tcp, &mut pipe).await?;
+                // What got out counts either way.
+                let mut moved = 0;
+                let spliced = body.splice_rest(&*tcp, &mut pipe, &mut moved).await;
+                count(moved);
+                spliced?;
                 pipe.give_back();
-                count(rest);
                 return Ok(!close);
             }
             // No pipe (out of descriptors): copied below, starting with

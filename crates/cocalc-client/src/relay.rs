@@ -108,7 +108,8 @@ where
             tokio::spawn(async move {
                 let mut to_client = 0;
                 if let (Ok(c), Ok(u)) = (client.await, upstream.await) {
-                    to_client = relay_upgraded(c, u).await.unwrap_or(0);
+                    // Counted also when the relay fails midway.
+                    let _ = relay_upgraded(c, u, &mut to_client).await;
                 }
                 drop(hold);
                 // The access log's line, with what the client got.
@@ -122,13 +123,18 @@ where
 }
 
 /// Relays two upgraded connections into each other until both are done,
-/// and returns the bytes sent to the client.
+/// adding to `to_client` the bytes sent to the client as they go (so
+/// after an error too it says how many got out).
 ///
 /// When both are plain TCP sockets underneath (a client served by
 /// [`serve`](crate::serve::serve) and a host or port reached over TCP),
 /// the bytes move with `splice(2)` and never enter this process;
 /// otherwise (a tunnel stream, a test transport) they are copied.
-pub async fn relay_upgraded(client: Upgraded, upstream: Upgraded) -> std::io::Result<u64> {
+pub async fn relay_upgraded(
+    client: Upgraded,
+    upstream: Upgraded,
+    to_client: &mut u64,
+) -> std::io::Result<()> {
     // Each side as a connection, plus what its HTTP parser read past the
     // head, which belongs to the other side before anything else.
     let (mut down, down_early): (BoxedConnection, Bytes) = match crate::serve::into_tcp(client) {
@@ -142,7 +148,7 @@ pub async fn relay_upgraded(client: Upgraded, upstream: Upgraded) -> std::io::Re
         };
     up.write_all(&down_early).await?;
     down.write_all(&up_early).await?;
-    let early = up_early.len() as u64;
+    *to_client += up_early.len() as u64;
     #[cfg(target_os = "linux")]
     if let (Some(d), Some(u)) = (
         (*down).as_any_mut().downcast_mut::<TcpStream>(),
@@ -150,22 +156,64 @@ pub async fn relay_upgraded(client: Upgraded, upstream: Upgraded) -> std::io::Re
     ) {
         // Without pipes (out of file descriptors), copy instead.
         if let Ok(s) = crate::splice::Splicer::new() {
-            return s.run(d, u).await.map(|(_, to_client)| early + to_client);
+            let mut moved = (0, 0);
+            let r = s.run(d, u, &mut moved).await;
+            *to_client += moved.1;
+            return r;
         }
     }
-    copy(&mut down, &mut up)
+    let mut down = CountWrites {
+        io: &mut *down,
+        written: to_client,
+    };
+    tokio::io::copy_bidirectional_with_sizes(&mut down, &mut *up, RELAY_BUFFER, RELAY_BUFFER)
         .await
-        .map(|(_, to_client)| early + to_client)
+        .map(|_| ())
 }
 
-/// Copies `a` and `b` into each other until both are done: the bytes a →
-/// b and b → a.
-async fn copy<A, B>(a: &mut A, b: &mut B) -> std::io::Result<(u64, u64)>
-where
-    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
-    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
-{
-    tokio::io::copy_bidirectional_with_sizes(a, b, RELAY_BUFFER, RELAY_BUFFER).await
+/// A connection that adds what is written to it to `written` as it goes.
+struct CountWrites<'a, T: ?Sized> {
+    io: &'a mut T,
+    written: &'a mut u64,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin + ?Sized> tokio::io::AsyncRead for CountWrites<'_, T> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin + ?Sized> tokio::io::AsyncWrite for CountWrites<'_, T> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = std::pin::Pin::new(&mut *this.io).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            *this.written += *n as u64;
+        }
+        r
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.get_mut().io).poll_shutdown(cx)
+    }
 }
 
 /// Copy buffer per direction of a relayed upgrade: 128 KiB of memory per
@@ -339,6 +387,25 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn a_copied_relay_counts_what_it_wrote_also_when_it_fails() {
+        use tokio::io::AsyncWriteExt;
+        let (mut near, mut far) = tokio::io::duplex(64);
+        let mut written = 0;
+        let mut counted = CountWrites {
+            io: &mut near,
+            written: &mut written,
+        };
+        counted.write_all(b"hello ").await.unwrap();
+        counted.write_all(b"world").await.unwrap();
+        let mut got = [0u8; 11];
+        far.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hello world");
+        drop(far);
+        assert!(counted.write_all(b"lost").await.is_err());
+        assert_eq!(written, 11);
+    }
 
     /// A server that answers every request "ok" with keep-alive, counting
     /// connections; with `close_after_one`, it closes each connection

@@ -85,8 +85,8 @@ fn would_block(e: Errno) -> io::Error {
     }
 }
 
-/// Moves what `pipe` holds to `dst`.
-async fn drain(pipe: &mut Pipe, dst: &TcpStream) -> io::Result<()> {
+/// Moves what `pipe` holds to `dst`, adding to `moved` what went out.
+async fn drain(pipe: &mut Pipe, dst: &TcpStream, moved: &mut u64) -> io::Result<()> {
     while pipe.held > 0 {
         // The pipe holds `held` bytes, so EAGAIN can only mean "the
         // socket's send buffer is full".
@@ -96,15 +96,21 @@ async fn drain(pipe: &mut Pipe, dst: &TcpStream) -> io::Result<()> {
             })
             .await?;
         pipe.held -= m;
+        *moved += m as u64;
     }
     Ok(())
 }
 
 /// Moves bytes from `src` to `dst` until `src` ends, then shuts down the
-/// write side of `dst` (so the far end sees the end too). Returns the
-/// number of bytes moved.
-async fn one_way(src: &TcpStream, dst: &TcpStream, pipe: &mut Pipe) -> io::Result<u64> {
-    let mut moved = 0u64;
+/// write side of `dst` (so the far end sees the end too). Adds to `moved`
+/// the bytes written to `dst` as they go, so it also says how far a
+/// relay that failed got.
+async fn one_way(
+    src: &TcpStream,
+    dst: &TcpStream,
+    pipe: &mut Pipe,
+    moved: &mut u64,
+) -> io::Result<()> {
     loop {
         // The pipe is empty here, so EAGAIN can only mean "no data yet".
         let n = src
@@ -123,16 +129,17 @@ async fn one_way(src: &TcpStream, dst: &TcpStream, pipe: &mut Pipe) -> io::Resul
         if n == 0 {
             nix::sys::socket::shutdown(dst.as_raw_fd(), nix::sys::socket::Shutdown::Write)
                 .or_else(|e| if e == Errno::ENOTCONN { Ok(()) } else { Err(e) })?;
-            return Ok(moved);
+            return Ok(());
         }
         pipe.held = n;
-        drain(pipe, dst).await?;
-        moved += n as u64;
+        drain(pipe, dst, moved).await?;
     }
 }
 
 /// Moves exactly `n` bytes from `src` to `dst` through `pipe`, which must
-/// be empty (as every call leaves it when it succeeds). Fails with
+/// be empty (as every call leaves it when it succeeds), adding to `moved`
+/// the bytes written to `dst` as they go (so after an error it says how
+/// many got out). Fails with
 /// `UnexpectedEof` if `src` ends first; after any error the pipe may hold
 /// bytes and must not be used again. Unlike [`Splicer::run`] it shuts
 /// nothing down: both sockets stay usable for what comes after (the next
@@ -142,6 +149,7 @@ pub async fn splice_exact(
     dst: &TcpStream,
     mut n: u64,
     pipe: &mut Pipe,
+    moved: &mut u64,
 ) -> io::Result<()> {
     while n > 0 {
         let want = usize::try_from(n).unwrap_or(usize::MAX >> 1);
@@ -157,7 +165,7 @@ pub async fn splice_exact(
             ));
         }
         pipe.held = got;
-        drain(pipe, dst).await?;
+        drain(pipe, dst, moved).await?;
         n -= got as u64;
     }
     Ok(())
@@ -183,10 +191,21 @@ impl Splicer {
     /// Relays `a` and `b` into each other with `splice(2)` until both
     /// directions have ended, as [`tokio::io::copy_bidirectional`] does:
     /// when one side ends, the other's write side is shut down and the
-    /// other direction goes on. Returns the bytes moved a → b and b → a;
-    /// the first error ends both directions.
-    pub async fn run(mut self, a: &TcpStream, b: &TcpStream) -> io::Result<(u64, u64)> {
-        tokio::try_join!(one_way(a, b, &mut self.ab), one_way(b, a, &mut self.ba))
+    /// other direction goes on. Adds to `moved` the bytes moved a → b and
+    /// b → a as they go, so after an error too it says how far each
+    /// direction got; the first error ends both directions.
+    pub async fn run(
+        mut self,
+        a: &TcpStream,
+        b: &TcpStream,
+        moved: &mut (u64, u64),
+    ) -> io::Result<()> {
+        let (ab, ba) = (&mut moved.0, &mut moved.1);
+        tokio::try_join!(
+            one_way(a, b, &mut self.ab, ab),
+            one_way(b, a, &mut self.ba, ba)
+        )
+        .map(|_| ())
     }
 }
 
@@ -209,11 +228,13 @@ mod tests {
         let (mut client, relay_a) = pair().await;
         let (relay_b, mut server) = pair().await;
         let relay = tokio::spawn(async move {
+            let mut moved = (0, 0);
             Splicer::new()
                 .unwrap()
-                .run(&relay_a, &relay_b)
+                .run(&relay_a, &relay_b, &mut moved)
                 .await
-                .unwrap()
+                .unwrap();
+            moved
         });
         let up: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let down: Vec<u8> = (0..5_000_000u32).map(|i| (i % 241) as u8).collect();
@@ -250,7 +271,13 @@ mod tests {
     async fn a_half_closed_side_still_receives() {
         let (mut client, relay_a) = pair().await;
         let (relay_b, mut server) = pair().await;
-        tokio::spawn(async move { Splicer::new().unwrap().run(&relay_a, &relay_b).await });
+        tokio::spawn(async move {
+            let mut moved = (0, 0);
+            Splicer::new()
+                .unwrap()
+                .run(&relay_a, &relay_b, &mut moved)
+                .await
+        });
         // The client says all it has, then waits for the answer.
         client.write_all(b"question").await.unwrap();
         client.shutdown().await.unwrap();
@@ -262,5 +289,33 @@ mod tests {
         let mut a = Vec::new();
         client.read_to_end(&mut a).await.unwrap();
         assert_eq!(a, b"answer");
+    }
+
+    #[tokio::test]
+    async fn a_relay_that_fails_midway_says_how_far_it_got() {
+        let (mut client, relay_a) = pair().await;
+        let (relay_b, mut server) = pair().await;
+        let relay = tokio::spawn(async move {
+            let mut moved = (0, 0);
+            let r = Splicer::new()
+                .unwrap()
+                .run(&relay_a, &relay_b, &mut moved)
+                .await;
+            (r, moved)
+        });
+        // The server sends without end; the client reads 1 MB and resets
+        // the connection (SO_LINGER 0), so the relay's writes to it fail.
+        tokio::spawn(async move {
+            let chunk = vec![7u8; 64 << 10];
+            while server.write_all(&chunk).await.is_ok() {}
+        });
+        let mut got = vec![0u8; 1 << 20];
+        client.read_exact(&mut got).await.unwrap();
+        client.set_zero_linger().unwrap();
+        drop(client);
+        let (r, (up, down)) = relay.await.unwrap();
+        assert!(r.is_err(), "the relay saw the reset: {r:?}");
+        assert_eq!(up, 0);
+        assert!(down >= 1 << 20, "at least what the client read: {down}");
     }
 }

@@ -766,13 +766,15 @@ impl<K: Hash + Eq> ResponseBody<K> {
 
     /// Moves the rest of the body (after [`splice_plan`](Self::splice_plan)
     /// said yes) to `dst` with `splice(2)`: it never enters this
-    /// process. Afterwards the body is at its end and its connection went
-    /// back to the pool; on an error it is closed instead, and `pipe`
-    /// must not be used again.
+    /// process. Adds to `moved` the bytes written to `dst` as they go (so
+    /// after an error it says how many got out). Afterwards the body is
+    /// at its end and its connection went back to the pool; on an error
+    /// it is closed instead, and `pipe` must not be used again.
     pub async fn splice_rest(
         &mut self,
         dst: &tokio::net::TcpStream,
         pipe: &mut crate::splice::Pipe,
+        moved: &mut u64,
     ) -> io::Result<()> {
         let Kind::Stream(s) = &mut self.kind else {
             return Err(protocol("splice_rest without splice_plan"));
@@ -783,7 +785,7 @@ impl<K: Hash + Eq> ResponseBody<K> {
         let Some(src) = Self::tcp(s) else {
             return Err(protocol("splice_rest without splice_plan"));
         };
-        match crate::splice::splice_exact(src, dst, n, pipe).await {
+        match crate::splice::splice_exact(src, dst, n, pipe, moved).await {
             Ok(()) => {
                 s.finish();
                 Ok(())
