@@ -443,3 +443,85 @@ fn a_hidden_host_moves_its_tunnel_when_its_proxy_dies() {
     });
     assert!(at(&purl_b), "{:?}", the_host(&murl, &admin));
 }
+
+/// A proxy stopped behind a load balancer drains first (`drain_secs`):
+/// SIGTERM turns its health check to 503 while it goes on serving
+/// project requests, also into a hidden host's tunnel, and it exits once
+/// the drain is over.
+#[test]
+fn a_stopping_proxy_drains_before_it_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (_master, murl, admin) = start_master(d, &[]);
+    let common = proxy_common(&murl, &admin);
+    let alice = api_key_of(&cocalc(
+        &murl,
+        &admin,
+        &["user", "create", "alice", "--json"],
+        None,
+    ));
+    let port = free_port();
+    let purl = format!("http://127.0.0.1:{port}");
+    let mut proxy = start_proxy(d, "p", port, &common, "drain_secs = 3\n");
+    let bootstrap = bootstrap_token(&murl, &admin);
+    let reach = format!("tunnel_url = \"{purl}\"");
+    let _host = spawn_host(&host_config(d, &reach, &murl, &bootstrap));
+    let (project, token) = create_and_open(&murl, &alice, "p");
+    let exec = || {
+        let (s, body) = request(
+            "127.0.0.1",
+            reqwest::Method::POST,
+            &format!("{purl}/{project}/exec"),
+            &token,
+            Some(serde_json::json!({ "argv": ["true"] })),
+            &[],
+        );
+        s == 200 && body.contains("\"exit_code\":0")
+    };
+    let health = || {
+        let url = format!("{purl}/.cocalc/health");
+        let (s, body) = request("127.0.0.1", reqwest::Method::GET, &url, "", None, &[]);
+        (s, serde_json::from_str::<serde_json::Value>(&body).unwrap())
+    };
+    eventually("exec through the proxy", Duration::from_secs(20), exec);
+    let (s, h) = health();
+    assert_eq!(s, 200, "{h}");
+    assert_eq!(
+        (&h["ok"], &h["draining"]),
+        (&true.into(), &false.into()),
+        "{h}"
+    );
+    assert!(h["signing_keys"].as_u64().unwrap() >= 1, "{h}");
+
+    let pid = nix::unistd::Pid::from_raw(proxy.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let stopped_at = std::time::Instant::now();
+    eventually(
+        "the health check says draining",
+        Duration::from_secs(2),
+        || health().0 == 503,
+    );
+    let (_, h) = health();
+    assert_eq!(
+        (&h["ok"], &h["draining"]),
+        (&false.into(), &true.into()),
+        "{h}"
+    );
+    assert!(exec(), "a request while draining is served");
+    let status = loop {
+        if let Some(s) = proxy.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            stopped_at.elapsed() < Duration::from_secs(15),
+            "the proxy did not stop after draining"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    assert!(
+        stopped_at.elapsed() >= Duration::from_millis(2_900),
+        "stopped {:?} after SIGTERM, before the 3 s drain",
+        stopped_at.elapsed()
+    );
+}

@@ -86,6 +86,24 @@ pub const DIAL_PATH: &str = "/.cocalc/tunnel/dial";
 /// The `Upgrade:` token of a dial-back connection.
 pub const DIAL_PROTOCOL: &str = "cocalc-dial/1";
 
+/// Path at a proxy where load balancers check it (`GET`, on every
+/// listener, not rate-limited, not logged): 200 with a [`ProxyHealth`]
+/// while it takes new clients, 503 once it is draining before a stop.
+pub const PROXY_HEALTH_PATH: &str = "/.cocalc/health";
+
+/// The answer at [`PROXY_HEALTH_PATH`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyHealth {
+    /// Whether new clients should be sent here: not draining.
+    pub ok: bool,
+    /// The proxy is stopping: it still serves the requests it gets and
+    /// those in flight, but a balancer should send new clients elsewhere.
+    pub draining: bool,
+    /// The master's token-signing keys the proxy holds (it verifies
+    /// tokens with these, also while the master is away).
+    pub signing_keys: usize,
+}
+
 /// Header carrying a dial-back nonce: 32 lowercase hex digits (128 random
 /// bits), issued by the proxy over the authenticated tunnel, good for one
 /// connection within seconds.

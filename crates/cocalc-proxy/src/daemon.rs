@@ -34,6 +34,9 @@
 //! # tls_http2 = true                       # HTTP/2 on tls_listen to clients that ask (default)
 //! # hosts_ca_file = "/etc/cocalc/hosts-ca.pem" # hosts with https:// URLs must chain to these
 //! #                                          # roots (default: the system's)
+//! # drain_secs = 10                        # on SIGTERM/SIGINT, first answer the health check
+//! #                                          # (GET /.cocalc/health) 503 this long while still
+//! #                                          # serving, so balancers move new clients away
 //! ```
 //!
 //! Hidden hosts open reverse tunnels at `<public_url>/.cocalc/tunnel` (see
@@ -187,6 +190,14 @@ pub struct ProxyConfig {
     /// (default: the system's roots).
     #[serde(default)]
     pub hosts_ca_file: Option<PathBuf>,
+    /// Seconds between the stop signal and the stop: the proxy drains
+    /// ([`Ingress::drain`]), answering its health check
+    /// ([`cocalc_core::wire::PROXY_HEALTH_PATH`]) 503 while it serves
+    /// everything as before, so a load balancer checking it sends new
+    /// clients elsewhere first. Set it to the balancer's check interval
+    /// times its unhealthy threshold. Default 0: stop at once.
+    #[serde(default)]
+    pub drain_secs: u64,
 }
 
 fn default_refresh() -> u64 {
@@ -461,11 +472,26 @@ pub async fn run(
     };
     let (stop_tls, tls_task) = start_tls(&cfg, certs, &ingress, tunnels.clone().router()).await?;
     eprintln!("cocalc-proxy: listening on http://{addr}");
+    let drain = Duration::from_secs(cfg.drain_secs);
+    let drained = {
+        let ingress = ingress.clone();
+        async move {
+            shutdown.await;
+            if !drain.is_zero() {
+                ingress.drain();
+                eprintln!(
+                    "cocalc-proxy: draining for {drain:?} (the health check answers 503), then \
+                     stopping"
+                );
+                tokio::time::sleep(drain).await;
+            }
+        }
+    };
     let result = crate::serve_ingress(
         ingress.listener(listener, "http", cfg.proxied("http")),
         ingress.clone(),
         tunnels.clone().router(),
-        shutdown,
+        drained,
     )
     .await
     .map_err(|e| ProxyDaemonError::Start(e.to_string()));

@@ -215,6 +215,8 @@ pub struct Ingress {
     access_log: Option<Arc<AccessLog>>,
     /// Requests and SSH connections that went through another proxy.
     peer_forwards: AtomicU64,
+    /// Set by [`Ingress::drain`].
+    draining: std::sync::atomic::AtomicBool,
     verifier: Verifier,
     transport: Arc<dyn Transport>,
     /// The master client, the clock, the cached routes, how lookups have
@@ -684,6 +686,7 @@ impl Ingress {
         let ing = Ingress {
             access_log,
             peer_forwards: AtomicU64::new(0),
+            draining: Default::default(),
             audit,
             per_project: limiter(cfg.project_rps),
             per_client: limiter(cfg.client_rps),
@@ -731,6 +734,33 @@ impl Ingress {
             );
         }
         Ok(Arc::new(ing))
+    }
+
+    /// Marks the proxy as draining before a stop: its health check
+    /// ([`cocalc_core::wire::PROXY_HEALTH_PATH`]) answers 503 from now on,
+    /// so load balancers send new clients elsewhere, while requests are
+    /// served as before. There is no way back: a drained proxy stops.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`Ingress::drain`] was called.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// What the health check answers: ok unless draining.
+    pub fn health(&self) -> cocalc_core::wire::ProxyHealth {
+        let draining = self.draining();
+        cocalc_core::wire::ProxyHealth {
+            ok: !draining,
+            draining,
+            signing_keys: self
+                .signing_keys
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .len(),
+        }
     }
 
     /// Refusal counters.

@@ -95,22 +95,39 @@ pub async fn serve_ingress(
     .await
 }
 
-/// `internal` with the ingress refusing, counting and auditing the paths
-/// under `/.cocalc/` it does not serve, as bad paths like any other.
+/// `internal` with the proxy's health check
+/// ([`cocalc_core::wire::PROXY_HEALTH_PATH`], [`Ingress::health`]), and
+/// with the ingress refusing, counting and auditing the paths under
+/// `/.cocalc/` it does not serve, as bad paths like any other.
 pub(crate) fn with_refusals(
     ingress: &std::sync::Arc<Ingress>,
     internal: axum::Router,
 ) -> axum::Router {
     let refuser = ingress.clone();
-    internal.fallback(
-        move |axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<
-            std::net::SocketAddr,
-        >,
-              uri: axum::http::Uri| {
-            let ingress = refuser.clone();
-            async move { ingress.refuse_path(peer, uri.path()) }
-        },
-    )
+    let checked = ingress.clone();
+    let health = move || {
+        let h = checked.health();
+        let status = if h.ok {
+            axum::http::StatusCode::OK
+        } else {
+            axum::http::StatusCode::SERVICE_UNAVAILABLE
+        };
+        std::future::ready((status, axum::Json(h)))
+    };
+    internal
+        .route(
+            cocalc_core::wire::PROXY_HEALTH_PATH,
+            axum::routing::get(health),
+        )
+        .fallback(
+            move |axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<
+                std::net::SocketAddr,
+            >,
+                  uri: axum::http::Uri| {
+                let ingress = refuser.clone();
+                async move { ingress.refuse_path(peer, uri.path()) }
+            },
+        )
 }
 
 /// What hyper's server half answers on one client connection from `peer`:
