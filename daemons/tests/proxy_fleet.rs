@@ -525,3 +525,126 @@ fn a_stopping_proxy_drains_before_it_stops() {
         stopped_at.elapsed()
     );
 }
+
+/// `POST {purl}/{project}/exec` of `true`: whether it answered 200 with
+/// exit code 0 (else the status and body).
+fn exec_through(purl: &str, project: &str, token: &str) -> Result<(), String> {
+    let (s, body) = request(
+        "127.0.0.1",
+        reqwest::Method::POST,
+        &format!("{purl}/{project}/exec"),
+        token,
+        Some(serde_json::json!({ "argv": ["true"] })),
+        &[],
+    );
+    if s == 200 && body.contains("\"exit_code\":0") {
+        Ok(())
+    } else {
+        Err(format!("{s} {body}"))
+    }
+}
+
+/// A proxy that drains before a stop asks the hidden hosts whose tunnels
+/// land at it to move, and a host that lists another proxy moves *before*
+/// its old tunnel closes: the master has it at the other proxy while the
+/// first still drains, and requests through a third proxy, sent all along,
+/// never fail.
+#[test]
+fn a_draining_proxy_moves_its_hidden_hosts_without_a_failed_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (_master, murl, admin) = start_master(d, &[]);
+    let common = proxy_common(&murl, &admin);
+    let alice = api_key_of(&cocalc(
+        &murl,
+        &admin,
+        &["user", "create", "alice", "--json"],
+        None,
+    ));
+    let (a, b, c) = (free_port(), free_port(), free_port());
+    let [purl_a, purl_b, purl_c] = [a, b, c].map(|p| format!("http://127.0.0.1:{p}"));
+    // A asks the master again every second: while it drains, it learns
+    // that the host's tunnel is at B, and still serves what C forwards
+    // through the old tunnel the host keeps open.
+    let a_extra = "drain_secs = 4\nroute_ttl_secs = 1\n";
+    let mut proxy_a = start_proxy(d, "a", a, &common, a_extra);
+    let _proxy_b = start_proxy(d, "b", b, &common, "");
+    let _proxy_c = start_proxy(d, "c", c, &common, "");
+    let bootstrap = bootstrap_token(&murl, &admin);
+    let reach = format!("tunnel_url = [\"{purl_a}\", \"{purl_b}\"]");
+    let _host = spawn_host(&host_config(d, &reach, &murl, &bootstrap));
+    let at = |purl: &str| {
+        the_host(&murl, &admin).is_some_and(|h| {
+            h["state"] == "up" && h["health"] == "ok" && h["endpoint"]["value"] == purl
+        })
+    };
+    eventually("the tunnel at A", Duration::from_secs(20), || at(&purl_a));
+    let (project, token) = create_and_open(&murl, &alice, "p");
+    eventually("exec through A", Duration::from_secs(20), || {
+        exec_through(&purl_a, &project, &token).is_ok()
+    });
+    exec_through(&purl_c, &project, &token).unwrap();
+
+    // C sends a request every 20 ms from now until after A has stopped.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hammer = {
+        let (done, purl_c, project, token) =
+            (done.clone(), purl_c.clone(), project.clone(), token.clone());
+        std::thread::spawn(move || {
+            let (mut sent, mut failed) = (0, Vec::new());
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Err(e) = exec_through(&purl_c, &project, &token) {
+                    failed.push(e);
+                }
+                sent += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (sent, failed)
+        })
+    };
+    let pid = nix::unistd::Pid::from_raw(proxy_a.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let stopped_at = std::time::Instant::now();
+    eventually(
+        "the master has the tunnel at B while A drains",
+        Duration::from_secs(3),
+        || at(&purl_b),
+    );
+    eprintln!(
+        "the tunnel was at B {:?} after SIGTERM to A",
+        stopped_at.elapsed()
+    );
+    assert!(
+        proxy_a.child.try_wait().unwrap().is_none(),
+        "A drains for 4 s"
+    );
+    // A refuses new tunnels while it drains, and still serves.
+    let upgrade = [("connection", "upgrade"), ("upgrade", "cocalc-tunnel/1")];
+    let url = format!("{purl_a}/.cocalc/tunnel");
+    let (s, body) = request("127.0.0.1", reqwest::Method::GET, &url, "", None, &upgrade);
+    assert_eq!(s, 503, "{body}");
+    assert!(body.contains("draining"), "{body}");
+    exec_through(&purl_a, &project, &token).unwrap();
+    exec_through(&purl_b, &project, &token).unwrap();
+    let status = loop {
+        if let Some(s) = proxy_a.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            stopped_at.elapsed() < Duration::from_secs(15),
+            "A did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    std::thread::sleep(Duration::from_secs(1));
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (sent, failed) = hammer.join().unwrap();
+    assert!(sent >= 100, "{sent} requests through C");
+    assert!(
+        failed.is_empty(),
+        "{} of {sent} failed: {failed:?}",
+        failed.len()
+    );
+    assert!(at(&purl_b), "{:?}", the_host(&murl, &admin));
+}

@@ -123,6 +123,14 @@ pub trait Transport: Send + Sync {
         host: HostId,
         endpoint: &HostEndpoint,
     ) -> Result<BoxedConnection, TransportError>;
+
+    /// Whether `host` holds a reverse tunnel open to this process now, so
+    /// that it can be reached through it whatever endpoint the master
+    /// names (a host moving its tunnel away keeps the old one open a
+    /// while). Default: no.
+    fn holds_tunnel(&self, _host: HostId) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

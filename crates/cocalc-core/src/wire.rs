@@ -77,6 +77,13 @@ pub const TUNNEL_MAX_FRAME: u32 = 1 << 20;
 /// answered `202 Accepted` before the host dials.
 pub const DIAL_REQUEST_PATH: &str = "/.cocalc/dial";
 
+/// Path on a host's tunnel (HTTP/2, proxy → host) where a proxy that is
+/// draining before a stop asks the host to move its tunnel to another of
+/// its proxies: a `POST`, answered `202 Accepted` when the host will (it
+/// dials its next proxy at once and keeps this tunnel open meanwhile, so
+/// nothing in flight fails), `409 Conflict` when it has no other proxy.
+pub const TUNNEL_MOVE_PATH: &str = "/.cocalc/move";
+
 /// Path at a proxy where a hidden host delivers a dial-back connection: an
 /// HTTP/1.1 `GET` with `Upgrade:` [`DIAL_PROTOCOL`] and the nonce the proxy
 /// sent in [`DIAL_HEADER`]. After `101` the connection carries HTTP/1.1

@@ -34,6 +34,14 @@
 //! that it registers that proxy as its endpoint. Users reach the host
 //! through any proxy either way (proxies forward requests for hidden
 //! hosts whose tunnels land at other proxies to those).
+//!
+//! **A proxy that is stopping** (draining) asks its hosts over their
+//! tunnels to move ([`TUNNEL_MOVE_PATH`]). A host with another proxy to go
+//! to dials the next one at once, *before* it lets the old tunnel go: the
+//! old one stays open, serving what the draining proxy still sends it,
+//! until that proxy closes it at its stop (or [`MOVE_OVERLAP`] has
+//! passed). So a planned stop of a proxy costs its hidden hosts no failed
+//! request.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -46,8 +54,8 @@ use axum::Router;
 use cocalc_auth::host_auth;
 use cocalc_core::wire::{
     is_dial_nonce, DIAL_HEADER, DIAL_PATH, DIAL_PROTOCOL, DIAL_REQUEST_PATH,
-    TUNNEL_CONNECTION_WINDOW, TUNNEL_MAX_FRAME, TUNNEL_PATH, TUNNEL_PROTOCOL, TUNNEL_SIGNED_METHOD,
-    TUNNEL_STREAM_WINDOW,
+    TUNNEL_CONNECTION_WINDOW, TUNNEL_MAX_FRAME, TUNNEL_MOVE_PATH, TUNNEL_PATH, TUNNEL_PROTOCOL,
+    TUNNEL_SIGNED_METHOD, TUNNEL_STREAM_WINDOW,
 };
 use cocalc_core::{parse_host_url, HostId, SharedClock};
 use ed25519_dalek::SigningKey;
@@ -58,6 +66,11 @@ use crate::master_link::Backoff;
 
 /// How long the proxy may take to answer a tunnel handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a tunnel the proxy asked to move from stays open after the
+/// host has dialled its next proxy, at most: the draining proxy closes it
+/// at its stop, normally well before.
+pub const MOVE_OVERLAP: Duration = Duration::from_secs(60);
 
 /// Dial-back connections one tunnel may have open at once; past this the
 /// host answers 503 and the proxy uses streams inside the tunnel, so a
@@ -254,6 +267,8 @@ pub struct TunnelClient {
     /// dialled at next.
     current: AtomicUsize,
     connected: AtomicBool,
+    /// The proxy the tunnel is up at, as last told to the hook.
+    landed: std::sync::Mutex<Option<String>>,
     connects: AtomicU64,
     dials: Arc<AtomicU64>,
     hook: std::sync::OnceLock<TunnelHook>,
@@ -276,6 +291,7 @@ impl TunnelClient {
             clock,
             current: AtomicUsize::new(0),
             connected: AtomicBool::new(false),
+            landed: std::sync::Mutex::new(None),
             connects: AtomicU64::new(0),
             dials: Arc::new(AtomicU64::new(0)),
             hook: std::sync::OnceLock::new(),
@@ -290,11 +306,15 @@ impl TunnelClient {
         let _ = self.hook.set(hook);
     }
 
-    fn set_connected(&self, up: bool) {
-        if self.connected.swap(up, Ordering::Relaxed) != up {
+    /// The tunnel is up at `proxy`, or down (`None`): the hook hears of
+    /// every change, also from one proxy to another (a move).
+    fn set_landed(&self, proxy: Option<&str>) {
+        self.connected.store(proxy.is_some(), Ordering::Relaxed);
+        let mut landed = self.landed.lock().unwrap_or_else(|p| p.into_inner());
+        if landed.as_deref() != proxy {
+            *landed = proxy.map(str::to_string);
             if let Some(h) = self.hook.get() {
-                let at = self.proxy_url();
-                h(up.then_some(at));
+                h(proxy);
             }
         }
     }
@@ -343,12 +363,31 @@ impl TunnelClient {
         let router = router.into();
         let seed = u64::from_le_bytes(self.cfg.host.as_bytes()[8..16].try_into().unwrap_or([7; 8]));
         let mut backoff = Backoff::new(seed);
+        let movable = self.cfg.proxy_urls.len() > 1;
         let work = async {
             loop {
                 let started = std::time::Instant::now();
                 let before = self.connects();
-                let result = self.once(router.clone()).await;
-                self.set_connected(false);
+                // Told through this tunnel (and only this one) when its
+                // proxy asks the host to move.
+                let asked_to_move = Arc::new(tokio::sync::Notify::new());
+                let mover = movable.then(|| asked_to_move.clone());
+                let mut tunnel = Box::pin(self.clone().serve_one(router.clone(), mover));
+                let result = tokio::select! {
+                    r = &mut tunnel => r,
+                    () = asked_to_move.notified() => {
+                        // Make before break: the next proxy is dialled now,
+                        // and this tunnel goes on serving meanwhile, until
+                        // its proxy closes it.
+                        tracing::info!(proxy = %self.proxy_url(), "the proxy is stopping: moving the tunnel to the next one");
+                        tokio::spawn(async move {
+                            let _ = tokio::time::timeout(MOVE_OVERLAP, tunnel).await;
+                        });
+                        self.try_next_proxy();
+                        continue;
+                    }
+                };
+                self.set_landed(None);
                 let proxy = self.proxy_url().to_string();
                 match result {
                     Ok(()) => tracing::info!(%proxy, "tunnel closed"),
@@ -368,12 +407,31 @@ impl TunnelClient {
             }
         };
         tokio::select! { _ = work => {}, _ = shutdown => {} }
-        self.set_connected(false);
+        self.set_landed(None);
     }
 
-    /// One tunnel: dial, handshake, serve until it ends.
+    /// One tunnel: dial, handshake, serve until it ends. Requests to move
+    /// ([`TUNNEL_MOVE_PATH`]) are refused: that takes [`TunnelClient::run`].
     pub async fn once(&self, router: impl Into<DataPlane>) -> Result<(), TunnelError> {
-        let DataPlane { router, lean } = router.into();
+        self.serve_one_with(router.into(), None).await
+    }
+
+    /// [`TunnelClient::once`] owning its client, `mover` told when the
+    /// proxy asks the host to move.
+    async fn serve_one(
+        self: Arc<Self>,
+        router: DataPlane,
+        mover: Option<Arc<tokio::sync::Notify>>,
+    ) -> Result<(), TunnelError> {
+        self.serve_one_with(router, mover).await
+    }
+
+    async fn serve_one_with(
+        &self,
+        router: DataPlane,
+        mover: Option<Arc<tokio::sync::Notify>>,
+    ) -> Result<(), TunnelError> {
+        let DataPlane { router, lean } = router;
         let proxy_url = self.proxy_url();
         let dial = Dial::new(proxy_url, self.cfg.tls.as_ref())?;
         let addr = dial.addr.clone();
@@ -428,7 +486,7 @@ impl TunnelClient {
             .await
             .map_err(|_| TunnelError::Connection("the upgrade did not complete".into()))?
             .map_err(conn_err)?;
-        self.set_connected(true);
+        self.set_landed(Some(proxy_url));
         self.connects.fetch_add(1, Ordering::Relaxed);
         tracing::info!(proxy = %proxy_url, "tunnel up");
         let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
@@ -448,6 +506,7 @@ impl TunnelClient {
             alive,
             dials: self.dials.clone(),
             room: Arc::new(tokio::sync::Semaphore::new(MAX_DIAL_BACKS)),
+            mover,
         };
         let service = hyper::service::service_fn(move |req| stream(req, dialer.clone()));
         b.serve_connection(io, service).await.map_err(conn_err)
@@ -486,6 +545,9 @@ struct Dialer {
     dials: Arc<AtomicU64>,
     /// One permit per open dial-back connection.
     room: Arc<tokio::sync::Semaphore>,
+    /// Told when the proxy asks the host to move its tunnel; `None` when
+    /// it cannot (no other proxy to go to).
+    mover: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl Dialer {
@@ -647,6 +709,18 @@ async fn stream(
             drop(permit);
         });
         return answer(StatusCode::ACCEPTED, "");
+    }
+    if req.method() == Method::POST && req.uri().path() == TUNNEL_MOVE_PATH {
+        return match &dialer.mover {
+            Some(m) => {
+                m.notify_waiters();
+                answer(StatusCode::ACCEPTED, "")
+            }
+            None => answer(
+                StatusCode::CONFLICT,
+                "this host has no other proxy to move its tunnel to",
+            ),
+        };
     }
     let router = dialer.router;
     if req.method() != Method::CONNECT {

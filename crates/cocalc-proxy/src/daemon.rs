@@ -10,6 +10,8 @@
 //! project_rps = 200                        # requests/s per project (and burst)
 //! client_rps = 100                         # requests/s per client address (and burst)
 //! client_connections = 1000                # connections per client address (0: no cap)
+//! route_ttl_secs = 10                      # how long a host's address is used before the
+//!                                          # master is asked again (in the background)
 //! route_grace_secs = 3600                  # keep routing to known hosts this long while the
 //!                                          # master cannot be asked
 //! host_check_after_secs = 10               # requests waiting this long on a host that answers
@@ -122,6 +124,12 @@ pub struct ProxyConfig {
     /// [`IngressConfig::route_grace`]).
     #[serde(default)]
     pub route_grace_secs: Option<u64>,
+    /// Seconds a host's endpoint from the master is used before the
+    /// master is asked again, in the background (default 10:
+    /// [`IngressConfig::route_ttl`]). Shorter makes proxies notice hosts
+    /// that moved sooner, at one lookup per host per TTL.
+    #[serde(default)]
+    pub route_ttl_secs: Option<u64>,
     /// Seconds requests wait on a host that answers none of them before
     /// its health is checked (0: never; default
     /// [`IngressConfig::host_check_after`]).
@@ -370,6 +378,9 @@ pub async fn run(
     if let Some(n) = cfg.client_connections {
         icfg.client_connections = n;
     }
+    if let Some(secs) = cfg.route_ttl_secs {
+        icfg.route_ttl = Duration::from_secs(secs.max(1));
+    }
     if let Some(secs) = cfg.route_grace_secs {
         icfg.route_grace = Duration::from_secs(secs);
     }
@@ -474,16 +485,21 @@ pub async fn run(
     eprintln!("cocalc-proxy: listening on http://{addr}");
     let drain = Duration::from_secs(cfg.drain_secs);
     let drained = {
-        let ingress = ingress.clone();
+        let (ingress, tunnels) = (ingress.clone(), tunnels.clone());
         async move {
             shutdown.await;
             if !drain.is_zero() {
+                let until = tokio::time::Instant::now() + drain;
                 ingress.drain();
                 eprintln!(
                     "cocalc-proxy: draining for {drain:?} (the health check answers 503), then \
                      stopping"
                 );
-                tokio::time::sleep(drain).await;
+                let moving = tunnels.drain().await;
+                if moving > 0 {
+                    eprintln!("cocalc-proxy: {moving} hidden host(s) move their tunnels");
+                }
+                tokio::time::sleep_until(until).await;
             }
         }
     };

@@ -1062,7 +1062,10 @@ impl Ingress {
         // the watch takes it by reference rather than moving it.
         let answer = std::pin::pin!(self.forward(host, &route, peer, req));
         let r = match self.lookup.watch.answer(&route.watched, answer).await {
-            Ok(r) => r,
+            Ok(r) => {
+                self.check_peer_answer(host, &route, r.status());
+                r
+            }
             Err(e) => self.forward_failed(project, host, peer, &e).map(full),
         };
         logged(seen, r)
@@ -1092,7 +1095,10 @@ impl Ingress {
         let (parts, ()) = req.into_parts();
         let answer = std::pin::pin!(self.send_lean(host, &route, peer, &parts));
         let r = match self.lookup.watch.answer(&route.watched, answer).await {
-            Ok(r) => r.map(LeanBody::Upstream),
+            Ok(r) => {
+                self.check_peer_answer(host, &route, r.status());
+                r.map(LeanBody::Upstream)
+            }
             Err(e) => self
                 .forward_failed(project, host, peer, &e)
                 .map(LeanBody::Full),
@@ -1141,6 +1147,17 @@ impl Ingress {
     /// at other proxies, forwarded to those, since start.
     pub fn peer_forwards(&self) -> u64 {
         self.peer_forwards.load(Ordering::Relaxed)
+    }
+
+    /// Another proxy that `route` went through answered 502: it may
+    /// know better where `host`'s tunnel is (a refusal with
+    /// [`TUNNEL_ELSEWHERE`] says so), so the route is doubted and the
+    /// master asked again, off the request path, rather than sending
+    /// request after request to be refused there until the route's TTL.
+    fn check_peer_answer(&self, host: HostId, route: &Route, status: http::StatusCode) {
+        if route.via_peer && status == http::StatusCode::BAD_GATEWAY {
+            self.doubt_route(host);
+        }
     }
 
     /// `route` goes through another proxy: counted.
@@ -1203,11 +1220,13 @@ impl Ingress {
 
     /// A request another proxy forwarded here, for `host` whose tunnel
     /// this proxy's `route` places at a third: the proxies' routes
-    /// disagree (the host moved its tunnel). The forwarding proxy has just
-    /// been told this one, so the master is asked again first: if it now
-    /// names this proxy, the request is served. Otherwise it is refused
-    /// ([`TUNNEL_ELSEWHERE`]) rather than forwarded again, which could go
-    /// round.
+    /// disagree (the host moved its tunnel). If the host still holds a
+    /// tunnel open here (one moving away keeps its old tunnel a while),
+    /// the request goes through it. Otherwise the forwarding proxy has
+    /// just been told this one, so the master is asked again first: if it
+    /// now names this proxy, the request is served. Otherwise it is
+    /// refused ([`TUNNEL_ELSEWHERE`]) rather than forwarded again, which
+    /// could go round.
     async fn forwarded_here(
         &self,
         peer: &Peer,
@@ -1215,6 +1234,13 @@ impl Ingress {
         host: HostId,
         route: Arc<Route>,
     ) -> Result<(ProjectId, HostId, Arc<Route>), Refusal> {
+        if let (true, Some(own)) = (self.transport.holds_tunnel(host), &self.lookup.handle) {
+            let here = HostEndpoint::Tunnel(own.to_string());
+            let now = self.lookup.clock.now();
+            if let Ok(r) = Route::new(host, here, now, &self.lookup.watch, Some(own)) {
+                return Ok((project, host, Arc::new(r)));
+            }
+        }
         let route = if !self.may_ask_again(host) {
             route
         } else {

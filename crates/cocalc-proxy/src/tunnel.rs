@@ -76,8 +76,8 @@ use cocalc_auth::paserk;
 use cocalc_client::MasterClient;
 use cocalc_core::wire::{
     is_dial_nonce, DIAL_HEADER, DIAL_PATH, DIAL_PROTOCOL, DIAL_REQUEST_PATH,
-    TUNNEL_CONNECTION_WINDOW, TUNNEL_MAX_FRAME, TUNNEL_PATH, TUNNEL_PROTOCOL, TUNNEL_SIGNED_METHOD,
-    TUNNEL_STREAM_WINDOW,
+    TUNNEL_CONNECTION_WINDOW, TUNNEL_MAX_FRAME, TUNNEL_MOVE_PATH, TUNNEL_PATH, TUNNEL_PROTOCOL,
+    TUNNEL_SIGNED_METHOD, TUNNEL_STREAM_WINDOW,
 };
 use cocalc_core::{
     ApiError, BoxedConnection, HostEndpoint, HostId, SharedClock, Transport, TransportError,
@@ -203,6 +203,8 @@ pub struct TunnelHub {
     pending: Mutex<HashMap<String, PendingDial>>,
     /// Hosts whose last dial-back failed, and when.
     no_dial: Mutex<HashMap<HostId, Instant>>,
+    /// Set by [`TunnelHub::drain`].
+    draining: std::sync::atomic::AtomicBool,
     serial: AtomicU64,
     stats: TunnelStats,
 }
@@ -258,6 +260,7 @@ impl TunnelHub {
             seen: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             no_dial: Mutex::new(HashMap::new()),
+            draining: Default::default(),
             serial: AtomicU64::new(1),
             stats: TunnelStats::default(),
         })
@@ -283,9 +286,72 @@ impl TunnelHub {
         self.audit.flush();
     }
 
+    /// The proxy is stopping: new tunnels are refused (503 `draining`), so
+    /// hosts land at their other proxies, and every host with a tunnel
+    /// here is asked to move it ([`TUNNEL_MOVE_PATH`]). A host that can
+    /// dials its next proxy and keeps this tunnel open meanwhile, so the
+    /// requests this proxy still gets for it are served through it until
+    /// the proxy stops; one that cannot (no other proxy) stays. Returns
+    /// once every host has answered (or 5 s have passed), with how many
+    /// are moving.
+    pub async fn drain(&self) -> usize {
+        self.draining.store(true, Ordering::Relaxed);
+        let tunnels: Vec<(HostId, Sender)> = lock(&self.tunnels)
+            .iter()
+            .map(|(h, t)| (*h, t.sender.clone()))
+            .collect();
+        let asks = tunnels.into_iter().map(|(host, mut sender)| async move {
+            let ask = async {
+                sender.ready().await.map_err(|e| e.to_string())?;
+                let req = axum::http::Request::builder()
+                    .method(Method::POST)
+                    .uri(TUNNEL_MOVE_PATH)
+                    .body(Body::empty())
+                    .map_err(|e| e.to_string())?;
+                let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+                Ok::<_, String>(resp.status())
+            };
+            match tokio::time::timeout(Duration::from_secs(5), ask).await {
+                Ok(Ok(StatusCode::ACCEPTED)) => {
+                    tracing::info!(%host, "draining: the host moves its tunnel to another proxy");
+                    true
+                }
+                Ok(Ok(status)) => {
+                    tracing::info!(%host, %status, "draining: the host keeps its tunnel here (no other proxy)");
+                    false
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(%host, error = %e, "draining: asking the host to move failed");
+                    false
+                }
+                Err(_) => {
+                    tracing::warn!(%host, "draining: the host did not answer the move within 5 s");
+                    false
+                }
+            }
+        });
+        futures_util::future::join_all(asks)
+            .await
+            .into_iter()
+            .filter(|moved| *moved)
+            .count()
+    }
+
+    /// Whether [`TunnelHub::drain`] was called.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
     /// Counters.
     pub fn stats(&self) -> &TunnelStats {
         &self.stats
+    }
+
+    /// Whether `host` has a tunnel open here now.
+    pub fn holds(&self, host: HostId) -> bool {
+        lock(&self.tunnels)
+            .get(&host)
+            .is_some_and(|t| !t.sender.is_closed())
     }
 
     /// Hosts with a tunnel open now.
@@ -651,6 +717,14 @@ async fn accept(State(hub): State<Arc<TunnelHub>>, req: Request) -> Response {
             return r;
         }
     }
+    if hub.draining() {
+        hub.refused("draining", "a tunnel handshake while the proxy is stopping");
+        return refuse(
+            503,
+            "draining",
+            "this proxy is stopping: open the tunnel at another proxy",
+        );
+    }
     let upgrade_ok = req
         .headers()
         .get(header::UPGRADE)
@@ -821,5 +895,9 @@ impl Transport for ProxyTransport {
         } else {
             self.tcp.connect(host, endpoint).await
         }
+    }
+
+    fn holds_tunnel(&self, host: HostId) -> bool {
+        self.tunnels.holds(host)
     }
 }
