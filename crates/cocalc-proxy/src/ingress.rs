@@ -1154,9 +1154,13 @@ impl Ingress {
     /// [`TUNNEL_ELSEWHERE`] says so), so the route is doubted and the
     /// master asked again, off the request path, rather than sending
     /// request after request to be refused there until the route's TTL.
+    /// At most once per host per [`REASK_AFTER`]: a 502 may also be a
+    /// project's server failing, which says nothing about the route.
     fn check_peer_answer(&self, host: HostId, route: &Route, status: http::StatusCode) {
-        if route.via_peer && status == http::StatusCode::BAD_GATEWAY {
-            self.doubt_route(host);
+        if route.via_peer && status == http::StatusCode::BAD_GATEWAY && self.may_ask_again(host) {
+            if let Some(r) = lock_routes(&self.lookup.routes).get(&host) {
+                r.doubted.store(true, Ordering::Relaxed);
+            }
         }
     }
 
