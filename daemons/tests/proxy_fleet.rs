@@ -566,8 +566,10 @@ fn a_draining_proxy_moves_its_hidden_hosts_without_a_failed_request() {
     // A asks the master again every second: while it drains, it learns
     // that the host's tunnel is at B, and still serves what C forwards
     // through the old tunnel the host keeps open.
-    let a_extra = "drain_secs = 4\nroute_ttl_secs = 1\n";
-    let mut proxy_a = start_proxy(d, "a", a, &common, a_extra);
+    let a_metrics = free_port();
+    let a_extra =
+        format!("drain_secs = 4\nroute_ttl_secs = 1\nmetrics_listen = \"127.0.0.1:{a_metrics}\"\n");
+    let mut proxy_a = start_proxy(d, "a", a, &common, &a_extra);
     let _proxy_b = start_proxy(d, "b", b, &common, "");
     let _proxy_c = start_proxy(d, "c", c, &common, "");
     let bootstrap = bootstrap_token(&murl, &admin);
@@ -625,6 +627,14 @@ fn a_draining_proxy_moves_its_hidden_hosts_without_a_failed_request() {
     assert_eq!(s, 503, "{body}");
     assert!(body.contains("draining"), "{body}");
     exec_through(&purl_a, &project, &token).unwrap();
+    let url = format!("http://127.0.0.1:{a_metrics}/metrics");
+    let (_, metrics) = request("127.0.0.1", reqwest::Method::GET, &url, "", None, &[]);
+    for line in [
+        "cocalc_proxy_draining 1",
+        "cocalc_proxy_tunnel_moves_total 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+    }
     exec_through(&purl_b, &project, &token).unwrap();
     let status = loop {
         if let Some(s) = proxy_a.child.try_wait().unwrap() {

@@ -181,6 +181,19 @@ impl Collector for ProxyMetrics {
             "Hidden hosts with a tunnel to this proxy now",
             self.tunnels.connected().len() as i64,
         )?;
+        counter(
+            &mut encoder,
+            "tunnel_moves",
+            "Hidden hosts that agreed to move their tunnel to another proxy while this one \
+             drained",
+            t.moves.load(Ordering::Relaxed),
+        )?;
+        gauge(
+            &mut encoder,
+            "draining",
+            "1 while the proxy drains before a stop (its health check answers 503), else 0",
+            i64::from(self.ingress.draining()),
+        )?;
         let routes = self.ingress.route_stats();
         gauges(
             &mut encoder,

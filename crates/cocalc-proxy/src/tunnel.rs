@@ -175,6 +175,8 @@ pub struct TunnelStats {
     pub dial_failures: AtomicU64,
     /// Dial-back connections refused (unknown or expired nonce).
     pub dials_refused: AtomicU64,
+    /// Hosts that agreed to move their tunnel away ([`TunnelHub::drain`]).
+    pub moves: AtomicU64,
 }
 
 /// A dial-back the proxy asked a host for and is waiting on.
@@ -314,6 +316,7 @@ impl TunnelHub {
             match tokio::time::timeout(Duration::from_secs(5), ask).await {
                 Ok(Ok(StatusCode::ACCEPTED)) => {
                     tracing::info!(%host, "draining: the host moves its tunnel to another proxy");
+                    self.stats.moves.fetch_add(1, Ordering::Relaxed);
                     true
                 }
                 Ok(Ok(status)) => {
