@@ -315,14 +315,13 @@ fn a_hidden_host_is_reached_through_any_proxy() {
 fn a_hidden_host_moves_its_tunnel_when_its_proxy_dies() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (_master, murl, admin) = start_master(d, &[]);
-    let common = proxy_common(&murl, &admin);
-    let alice = api_key_of(&cocalc(
-        &murl,
-        &admin,
-        &["user", "create", "alice", "--json"],
-        None,
-    ));
+    let Fleet {
+        _master,
+        murl,
+        admin,
+        common,
+        alice,
+    } = fleet(d);
     let (a, b) = (free_port(), free_port());
     let (purl_a, purl_b) = (
         format!("http://127.0.0.1:{a}"),
@@ -362,17 +361,7 @@ fn a_hidden_host_moves_its_tunnel_when_its_proxy_dies() {
     };
     eventually("the tunnel at A", Duration::from_secs(20), || at(&purl_a));
     let (project, token) = create_and_open(&murl, &alice, "p");
-    let exec_at = |purl: &str| {
-        let (s, body) = request(
-            "127.0.0.1",
-            reqwest::Method::POST,
-            &format!("{purl}/{project}/exec"),
-            &token,
-            Some(serde_json::json!({ "argv": ["true"] })),
-            &[],
-        );
-        s == 200 && body.contains("\"exit_code\":0")
-    };
+    let exec_at = |purl: &str| exec_through(purl, &project, &token).is_ok();
     // (The master may list the host before its tunnel is up.)
     eventually("exec through A", Duration::from_secs(20), || {
         exec_at(&purl_a)
@@ -452,14 +441,13 @@ fn a_hidden_host_moves_its_tunnel_when_its_proxy_dies() {
 fn a_stopping_proxy_drains_before_it_stops() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (_master, murl, admin) = start_master(d, &[]);
-    let common = proxy_common(&murl, &admin);
-    let alice = api_key_of(&cocalc(
-        &murl,
-        &admin,
-        &["user", "create", "alice", "--json"],
-        None,
-    ));
+    let Fleet {
+        _master,
+        murl,
+        admin,
+        common,
+        alice,
+    } = fleet(d);
     let port = free_port();
     let purl = format!("http://127.0.0.1:{port}");
     let mut proxy = start_proxy(d, "p", port, &common, "drain_secs = 3\n");
@@ -467,17 +455,7 @@ fn a_stopping_proxy_drains_before_it_stops() {
     let reach = format!("tunnel_url = \"{purl}\"");
     let _host = spawn_host(&host_config(d, &reach, &murl, &bootstrap));
     let (project, token) = create_and_open(&murl, &alice, "p");
-    let exec = || {
-        let (s, body) = request(
-            "127.0.0.1",
-            reqwest::Method::POST,
-            &format!("{purl}/{project}/exec"),
-            &token,
-            Some(serde_json::json!({ "argv": ["true"] })),
-            &[],
-        );
-        s == 200 && body.contains("\"exit_code\":0")
-    };
+    let exec = || exec_through(&purl, &project, &token).is_ok();
     let health = || {
         let url = format!("{purl}/.cocalc/health");
         let (s, body) = request("127.0.0.1", reqwest::Method::GET, &url, "", None, &[]);
@@ -508,22 +486,58 @@ fn a_stopping_proxy_drains_before_it_stops() {
         "{h}"
     );
     assert!(exec(), "a request while draining is served");
-    let status = loop {
-        if let Some(s) = proxy.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            stopped_at.elapsed() < Duration::from_secs(15),
-            "the proxy did not stop after draining"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(status.success(), "{status:?}");
+    stops_cleanly(&mut proxy, stopped_at);
     assert!(
         stopped_at.elapsed() >= Duration::from_millis(2_900),
         "stopped {:?} after SIGTERM, before the 3 s drain",
         stopped_at.elapsed()
     );
+}
+
+/// A master and what every test here needs of it.
+struct Fleet {
+    _master: Proc,
+    murl: String,
+    admin: String,
+    /// The config lines every proxy shares ([`proxy_common`]).
+    common: String,
+    /// The API key of the user `alice`.
+    alice: String,
+}
+
+/// Starts a master in `d` with a proxy key and the user `alice`.
+fn fleet(d: &std::path::Path) -> Fleet {
+    let (_master, murl, admin) = start_master(d, &[]);
+    let common = proxy_common(&murl, &admin);
+    let alice = api_key_of(&cocalc(
+        &murl,
+        &admin,
+        &["user", "create", "alice", "--json"],
+        None,
+    ));
+    Fleet {
+        _master,
+        murl,
+        admin,
+        common,
+        alice,
+    }
+}
+
+/// Waits (up to 15 s after `since`) for `proxy` to exit, and checks it
+/// exited 0.
+fn stops_cleanly(proxy: &mut Proc, since: std::time::Instant) {
+    let status = loop {
+        if let Some(s) = proxy.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(15),
+            "the proxy did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
 }
 
 /// `POST {purl}/{project}/exec` of `true`: whether it answered 200 with
@@ -553,14 +567,13 @@ fn exec_through(purl: &str, project: &str, token: &str) -> Result<(), String> {
 fn a_draining_proxy_moves_its_hidden_hosts_without_a_failed_request() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (_master, murl, admin) = start_master(d, &[]);
-    let common = proxy_common(&murl, &admin);
-    let alice = api_key_of(&cocalc(
-        &murl,
-        &admin,
-        &["user", "create", "alice", "--json"],
-        None,
-    ));
+    let Fleet {
+        _master,
+        murl,
+        admin,
+        common,
+        alice,
+    } = fleet(d);
     let (a, b, c) = (free_port(), free_port(), free_port());
     let [purl_a, purl_b, purl_c] = [a, b, c].map(|p| format!("http://127.0.0.1:{p}"));
     // A asks the master again every second: while it drains, it learns
@@ -636,17 +649,7 @@ fn a_draining_proxy_moves_its_hidden_hosts_without_a_failed_request() {
         assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
     }
     exec_through(&purl_b, &project, &token).unwrap();
-    let status = loop {
-        if let Some(s) = proxy_a.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            stopped_at.elapsed() < Duration::from_secs(15),
-            "A did not stop"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(status.success(), "{status:?}");
+    stops_cleanly(&mut proxy_a, stopped_at);
     std::thread::sleep(Duration::from_secs(1));
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let (sent, failed) = hammer.join().unwrap();
