@@ -100,14 +100,22 @@ fn proxy_common(murl: &str, admin: &str) -> String {
 /// Opens a WebSocket to the project's terminal through the proxy on
 /// loopback `port`, and returns the head of the answer (then closes).
 fn websocket_head(port: u16, project: &str, token: &str) -> String {
+    let upgrade = "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+                   Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    answer_head(port, &format!("/{project}/terminal"), token, upgrade)
+}
+
+/// Sends `GET path` with `token` and the header lines `extra` over
+/// HTTP/1.1 to the proxy on loopback `port`, and returns the head of the
+/// answer.
+fn answer_head(port: u16, path: &str, token: &str, extra: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     write!(
         s,
-        "GET /{project}/terminal HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
-         Authorization: Bearer {token}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
+         Authorization: Bearer {token}\r\n{extra}\r\n"
     )
     .unwrap();
     let mut head = Vec::new();
@@ -470,6 +478,13 @@ fn a_stopping_proxy_drains_before_it_stops() {
         "{h}"
     );
     assert!(h["signing_keys"].as_u64().unwrap() >= 1, "{h}");
+    let status = format!("/{project}/status");
+    let closes = |head: &str| {
+        head.to_ascii_lowercase()
+            .contains("\r\nconnection: close\r\n")
+    };
+    let head = answer_head(port, &status, &token, "");
+    assert!(head.starts_with("HTTP/1.1 200") && !closes(&head), "{head}");
 
     let pid = nix::unistd::Pid::from_raw(proxy.child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
@@ -486,6 +501,9 @@ fn a_stopping_proxy_drains_before_it_stops() {
         "{h}"
     );
     assert!(exec(), "a request while draining is served");
+    // Keep-alive clients are told to connect again (to another proxy).
+    let head = answer_head(port, &status, &token, "");
+    assert!(head.starts_with("HTTP/1.1 200") && closes(&head), "{head}");
     stops_cleanly(&mut proxy, stopped_at);
     assert!(
         stopped_at.elapsed() >= Duration::from_millis(2_900),

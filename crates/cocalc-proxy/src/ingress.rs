@@ -1049,9 +1049,19 @@ impl Ingress {
     /// [`crate::serve_ingress`], or from any hyper server.
     pub async fn handle(&self, peer: &Peer, mut req: http::Request<Incoming>) -> Response {
         let mut seen = self.seen(peer, &req);
+        let http1 = req
+            .extensions()
+            .get::<cocalc_client::http2::ClientVersion>()
+            .is_none();
         let (project, host, route) = match self.prepare(peer, &req).await {
             Ok(ready) => ready,
-            Err(refusal) => return logged(seen, refusal.map(full)),
+            Err(refusal) => {
+                let mut r = refusal.map(full);
+                if http1 {
+                    self.close_if_draining(&mut r);
+                }
+                return logged(seen, r);
+            }
         };
         if let Some(w) = &mut seen {
             w.routed(Some(project), host);
@@ -1061,14 +1071,30 @@ impl Ingress {
         // Pinned where it is made: the request's future is large, and
         // the watch takes it by reference rather than moving it.
         let answer = std::pin::pin!(self.forward(host, &route, peer, req));
-        let r = match self.lookup.watch.answer(&route.watched, answer).await {
+        let mut r = match self.lookup.watch.answer(&route.watched, answer).await {
             Ok(r) => {
                 self.check_peer_answer(host, &route, r.status());
                 r
             }
             Err(e) => self.forward_failed(project, host, peer, &e).map(full),
         };
+        if http1 {
+            self.close_if_draining(&mut r);
+        }
         logged(seen, r)
+    }
+
+    /// While the proxy drains ([`Ingress::drain`]), an answer to an
+    /// HTTP/1.1 client closes its connection (`Connection: close`), so a
+    /// keep-alive client connects again, through its balancer to a proxy
+    /// that is not stopping, rather than holding on to this one until it
+    /// stops (and losing a request sent as it does). An upgrade keeps its
+    /// connection. HTTP/2 clients get a GOAWAY at the stop instead.
+    fn close_if_draining<B>(&self, r: &mut http::Response<B>) {
+        if self.draining() && r.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
     }
 
     /// Answers one plain request (no body, no upgrade) as
@@ -1087,14 +1113,18 @@ impl Ingress {
         let mut seen = self.seen(peer, &req);
         let (project, host, route) = match self.prepare(peer, &req).await {
             Ok(ready) => ready,
-            Err(refusal) => return logged_lean(seen, refusal.map(LeanBody::Full)),
+            Err(refusal) => {
+                let mut r = refusal.map(LeanBody::Full);
+                self.close_if_draining(&mut r);
+                return logged_lean(seen, r);
+            }
         };
         if let Some(w) = &mut seen {
             w.routed(Some(project), host);
         }
         let (parts, ()) = req.into_parts();
         let answer = std::pin::pin!(self.send_lean(host, &route, peer, &parts));
-        let r = match self.lookup.watch.answer(&route.watched, answer).await {
+        let mut r = match self.lookup.watch.answer(&route.watched, answer).await {
             Ok(r) => {
                 self.check_peer_answer(host, &route, r.status());
                 r.map(LeanBody::Upstream)
@@ -1103,6 +1133,7 @@ impl Ingress {
                 .forward_failed(project, host, peer, &e)
                 .map(LeanBody::Full),
         };
+        self.close_if_draining(&mut r);
         logged_lean(seen, r)
     }
 
