@@ -456,9 +456,13 @@ fn a_stopping_proxy_drains_before_it_stops() {
         common,
         alice,
     } = fleet(d);
-    let port = free_port();
+    let (port, ssh) = (free_port(), free_port());
     let purl = format!("http://127.0.0.1:{port}");
-    let mut proxy = start_proxy(d, "p", port, &common, "drain_secs = 3\n");
+    let extra = format!(
+        "drain_secs = 3\nssh_listen = \"127.0.0.1:{ssh}\"\nssh_host_key_file = \"{}\"\n",
+        d.join("p_ssh_ed25519").display()
+    );
+    let mut proxy = start_proxy(d, "p", port, &common, &extra);
     let bootstrap = bootstrap_token(&murl, &admin);
     let reach = format!("tunnel_url = \"{purl}\"");
     let _host = spawn_host(&host_config(d, &reach, &murl, &bootstrap));
@@ -485,6 +489,24 @@ fn a_stopping_proxy_drains_before_it_stops() {
     };
     let head = answer_head(port, &status, &token, "");
     assert!(head.starts_with("HTTP/1.1 200") && !closes(&head), "{head}");
+    // An SSH session opened before the stop, which lasts into the drain.
+    let key = d.join("alice_ed25519");
+    registered_ssh_key(&murl, &alice, &key);
+    let session = {
+        let (key, project) = (key.clone(), project.clone());
+        std::thread::spawn(move || ssh_exec(ssh, &key, &project, "sleep 1; echo still-here"))
+    };
+    let ssh_hex = format!(":{ssh:04X}");
+    let proxy_pid = proxy.child.id();
+    eventually(
+        "the SSH session is accepted",
+        Duration::from_secs(10),
+        || {
+            common::tcp_sockets(proxy_pid)
+                .iter()
+                .any(|s| s.2 == "01" && s.0.ends_with(&ssh_hex))
+        },
+    );
 
     let pid = nix::unistd::Pid::from_raw(proxy.child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
@@ -504,6 +526,19 @@ fn a_stopping_proxy_drains_before_it_stops() {
     // Keep-alive clients are told to connect again (to another proxy).
     let head = answer_head(port, &status, &token, "");
     assert!(head.starts_with("HTTP/1.1 200") && closes(&head), "{head}");
+    // The SSH port is closed (a TCP balancer's check fails), and the
+    // session opened before goes on to its end.
+    let listening = common::listening_sockets(proxy_pid);
+    assert!(
+        !listening.iter().any(|l| l.ends_with(&ssh_hex)),
+        "SSH still listens while draining: {listening:?}"
+    );
+    let o = session.join().unwrap();
+    assert_eq!(
+        (o.status.code(), o.stdout.as_slice()),
+        (Some(0), &b"still-here\n"[..]),
+        "{o:?}"
+    );
     stops_cleanly(&mut proxy, stopped_at);
     assert!(
         stopped_at.elapsed() >= Duration::from_millis(2_900),

@@ -38,7 +38,8 @@
 //! #                                          # roots (default: the system's)
 //! # drain_secs = 10                        # on SIGTERM/SIGINT, first answer the health check
 //! #                                          # (GET /.cocalc/health) 503 this long while still
-//! #                                          # serving, so balancers move new clients away
+//! #                                          # serving, so balancers move new clients away (the
+//! #                                          # SSH port closes at once; its sessions go on)
 //! ```
 //!
 //! Hidden hosts open reverse tunnels at `<public_url>/.cocalc/tunnel` (see
@@ -202,8 +203,10 @@ pub struct ProxyConfig {
     /// ([`Ingress::drain`]), answering its health check
     /// ([`cocalc_core::wire::PROXY_HEALTH_PATH`]) 503 while it serves
     /// everything as before, so a load balancer checking it sends new
-    /// clients elsewhere first. Set it to the balancer's check interval
-    /// times its unhealthy threshold. Default 0: stop at once.
+    /// clients elsewhere first. The SSH listener closes when the drain
+    /// begins (a TCP balancer's check of it fails), while the SSH
+    /// sessions open go on until the stop. Set it to the balancer's check
+    /// interval times its unhealthy threshold. Default 0: stop at once.
     #[serde(default)]
     pub drain_secs: u64,
 }
@@ -488,6 +491,10 @@ pub async fn run(
         let (ingress, tunnels) = (ingress.clone(), tunnels.clone());
         async move {
             shutdown.await;
+            // SSH stops taking connections now (a TCP balancer's check of
+            // the port fails, so it sends new sessions elsewhere); the
+            // sessions open go on until the stop.
+            let _ = stop_ssh.send(());
             if !drain.is_zero() {
                 let until = tokio::time::Instant::now() + drain;
                 ingress.drain();
@@ -520,7 +527,6 @@ pub async fn run(
     if let Some(t) = metrics_task {
         let _ = t.await;
     }
-    let _ = stop_ssh.send(());
     if let Some(t) = ssh_task {
         let _ = t.await;
     }
