@@ -646,7 +646,26 @@ fn a_draining_proxy_moves_its_hidden_hosts_without_a_failed_request() {
             h["state"] == "up" && h["health"] == "ok" && h["endpoint"]["value"] == purl
         })
     };
-    eventually("the tunnel at A", Duration::from_secs(20), || at(&purl_a));
+    // Up at A by A's own count (the master lists the endpoint before the
+    // tunnel is up).
+    let a_metrics_url = format!("http://127.0.0.1:{a_metrics}/metrics");
+    let a_metrics = || {
+        request(
+            "127.0.0.1",
+            reqwest::Method::GET,
+            &a_metrics_url,
+            "",
+            None,
+            &[],
+        )
+        .1
+    };
+    eventually("the tunnel at A", Duration::from_secs(20), || {
+        at(&purl_a)
+            && a_metrics()
+                .lines()
+                .any(|l| l == "cocalc_proxy_tunnels_connected 1")
+    });
     let (project, token) = create_and_open(&murl, &alice, "p");
     eventually("exec through A", Duration::from_secs(20), || {
         exec_through(&purl_a, &project, &token).is_ok()
@@ -693,8 +712,7 @@ fn a_draining_proxy_moves_its_hidden_hosts_without_a_failed_request() {
     assert_eq!(s, 503, "{body}");
     assert!(body.contains("draining"), "{body}");
     exec_through(&purl_a, &project, &token).unwrap();
-    let url = format!("http://127.0.0.1:{a_metrics}/metrics");
-    let (_, metrics) = request("127.0.0.1", reqwest::Method::GET, &url, "", None, &[]);
+    let metrics = a_metrics();
     for line in [
         "cocalc_proxy_draining 1",
         "cocalc_proxy_tunnel_moves_total 1",

@@ -26,8 +26,10 @@
 //! **Several proxies.** With more than one URL in
 //! [`TunnelClientConfig::proxy_urls`] the tunnel lands at one of them at a
 //! time. An attempt that does not get a tunnel up (the proxy is down,
-//! unreachable, or refuses) moves the next attempt on to the next URL,
-//! round the list, with the same backoff; a tunnel that was up and ended
+//! unreachable, draining or busy) moves the next attempt on to the next
+//! URL, round the list, with the same backoff; one the proxy refused
+//! because of the host itself (401: not registered with the master yet)
+//! is repeated at the same proxy, since every proxy asks the same master; a tunnel that was up and ended
 //! is dialled at the same proxy first (it may be restarting). The host
 //! stays where it landed rather than going back to the first proxy, and
 //! [`TunnelClient::on_change`] tells the host daemon where that is, so
@@ -389,14 +391,14 @@ impl TunnelClient {
                 };
                 self.set_landed(None);
                 let proxy = self.proxy_url().to_string();
-                match result {
+                match &result {
                     Ok(()) => tracing::info!(%proxy, "tunnel closed"),
                     Err(e) => tracing::warn!(%proxy, error = %e, "tunnel failed"),
                 }
                 // A tunnel that was up is dialled at the same proxy again
                 // (it may be restarting); one that never came up, at the
-                // next proxy.
-                if self.connects() == before {
+                // next proxy, unless this proxy refused the host itself.
+                if self.connects() == before && !refused_the_host(&result) {
                     self.try_next_proxy();
                 }
                 // A tunnel that lived a while resets the backoff.
@@ -511,6 +513,16 @@ impl TunnelClient {
         let service = hyper::service::service_fn(move |req| stream(req, dialer.clone()));
         b.serve_connection(io, service).await.map_err(conn_err)
     }
+}
+
+/// Whether a tunnel attempt ended with the proxy refusing this host
+/// itself (4xx but 429: not registered with the master yet, a key the
+/// master does not have), which every proxy would do alike, since they all
+/// ask the same master: the attempt is then repeated at the same proxy
+/// rather than the next. A proxy that is down, draining (503), busy (429)
+/// or cannot ask the master (502) is a reason to try another.
+fn refused_the_host(result: &Result<(), TunnelError>) -> bool {
+    matches!(result, Err(TunnelError::Refused { status, .. }) if (400..500).contains(status) && *status != 429)
 }
 
 /// What a tunnel serves: the data-plane router, and optionally the lean
@@ -750,6 +762,27 @@ async fn stream(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_refusals_of_the_host_itself_keep_the_tunnel_at_the_same_proxy() {
+        let refused = |status| {
+            Err(TunnelError::Refused {
+                status,
+                message: String::new(),
+            })
+        };
+        assert!(refused_the_host(&refused(401)), "not registered yet");
+        assert!(refused_the_host(&refused(400)));
+        for next in [429, 502, 503] {
+            assert!(!refused_the_host(&refused(next)), "{next}");
+        }
+        let down = Err(TunnelError::Dial {
+            addr: "proxy:8000".into(),
+            reason: "connection refused".into(),
+        });
+        assert!(!refused_the_host(&down));
+        assert!(!refused_the_host(&Ok(())));
+    }
 
     #[test]
     fn tunnel_ca_files_that_do_not_load_are_named_and_https_needs_tls() {
