@@ -633,8 +633,12 @@ fn a_draining_proxy_moves_its_hidden_hosts_without_a_failed_request() {
     // that the host's tunnel is at B, and still serves what C forwards
     // through the old tunnel the host keeps open.
     let a_metrics = free_port();
-    let a_extra =
-        format!("drain_secs = 4\nroute_ttl_secs = 1\nmetrics_listen = \"127.0.0.1:{a_metrics}\"\n");
+    let a_log = d.join("a-access.log");
+    let a_extra = format!(
+        "drain_secs = 4\nroute_ttl_secs = 1\nmetrics_listen = \"127.0.0.1:{a_metrics}\"\n\
+         access_log = \"{}\"\n",
+        a_log.display()
+    );
     let mut proxy_a = start_proxy(d, "a", a, &common, &a_extra);
     let _proxy_b = start_proxy(d, "b", b, &common, "");
     let _proxy_c = start_proxy(d, "c", c, &common, "");
@@ -719,6 +723,21 @@ fn a_draining_proxy_moves_its_hidden_hosts_without_a_failed_request() {
     ] {
         assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
     }
+    // A told C it drains (in its answers to what C forwarded), so C asked
+    // the master again and sends to B now: from 2 s into the drain to
+    // 3.5 s, A gets nothing more from C (at most one in flight).
+    let at_a = || logged(&a_log, "/exec").len();
+    let two_s_in = stopped_at + Duration::from_secs(2);
+    std::thread::sleep(two_s_in.saturating_duration_since(std::time::Instant::now()));
+    let before = at_a();
+    std::thread::sleep(Duration::from_millis(1_500));
+    let later = at_a();
+    assert!(
+        later <= before + 1,
+        "A still got {} requests from C",
+        later - before
+    );
+    assert!(before > 0, "A's access log has C's requests from before");
     exec_through(&purl_b, &project, &token).unwrap();
     stops_cleanly(&mut proxy_a, stopped_at);
     std::thread::sleep(Duration::from_secs(1));

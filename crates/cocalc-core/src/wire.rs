@@ -116,6 +116,13 @@ pub struct ProxyHealth {
 /// connection within seconds.
 pub const DIAL_HEADER: &str = "x-cocalc-dial";
 
+/// Header (value `1`) a draining proxy adds to its answers to requests
+/// another proxy forwarded it. That proxy then asks the master again
+/// where the host is (at most once a second per host), so requests for
+/// hosts that moved their tunnels stop going through the proxy about to
+/// stop; it removes the header before the answer goes on.
+pub const DRAINING_HEADER: &str = "x-cocalc-draining";
+
 /// Header a proxy adds to a request it forwards to another proxy (the one
 /// a hidden host's tunnel lands at), naming itself by its tunnel handle.
 /// A proxy never forwards a request carrying it to a third proxy: when

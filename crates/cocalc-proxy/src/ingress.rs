@@ -509,6 +509,7 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const VIA_PROXY: HeaderName = HeaderName::from_static(cocalc_core::wire::VIA_PROXY_HEADER);
+const DRAINING: HeaderName = HeaderName::from_static(cocalc_core::wire::DRAINING_HEADER);
 
 /// The code of the refusal of a request another proxy forwarded for a
 /// host whose tunnel this proxy places at a third one.
@@ -1053,13 +1054,12 @@ impl Ingress {
             .extensions()
             .get::<cocalc_client::http2::ClientVersion>()
             .is_none();
+        let forwarded = req.headers().contains_key(VIA_PROXY);
         let (project, host, route) = match self.prepare(peer, &req).await {
             Ok(ready) => ready,
             Err(refusal) => {
                 let mut r = refusal.map(full);
-                if http1 {
-                    self.close_if_draining(&mut r);
-                }
+                self.mark_if_draining(&mut r, http1, forwarded);
                 return logged(seen, r);
             }
         };
@@ -1072,28 +1072,37 @@ impl Ingress {
         // the watch takes it by reference rather than moving it.
         let answer = std::pin::pin!(self.forward(host, &route, peer, req));
         let mut r = match self.lookup.watch.answer(&route.watched, answer).await {
-            Ok(r) => {
-                self.check_peer_answer(host, &route, r.status());
+            Ok(mut r) => {
+                self.check_peer_answer(host, &route, r.status(), r.headers_mut());
                 r
             }
             Err(e) => self.forward_failed(project, host, peer, &e).map(full),
         };
-        if http1 {
-            self.close_if_draining(&mut r);
-        }
+        self.mark_if_draining(&mut r, http1, forwarded);
         logged(seen, r)
     }
 
-    /// While the proxy drains ([`Ingress::drain`]), an answer to an
-    /// HTTP/1.1 client closes its connection (`Connection: close`), so a
-    /// keep-alive client connects again, through its balancer to a proxy
-    /// that is not stopping, rather than holding on to this one until it
-    /// stops (and losing a request sent as it does). An upgrade keeps its
-    /// connection. HTTP/2 clients get a GOAWAY at the stop instead.
-    fn close_if_draining<B>(&self, r: &mut http::Response<B>) {
-        if self.draining() && r.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+    /// While the proxy drains ([`Ingress::drain`]):
+    /// - an answer to an HTTP/1.1 client closes its connection
+    ///   (`Connection: close`), so a keep-alive client connects again,
+    ///   through its balancer to a proxy that is not stopping, rather than
+    ///   holding on to this one until it stops (and losing a request sent
+    ///   as it does). An upgrade keeps its connection; HTTP/2 clients get
+    ///   a GOAWAY at the stop instead.
+    /// - an answer to a request another proxy `forwarded` carries
+    ///   [`cocalc_core::wire::DRAINING_HEADER`], so that proxy looks the
+    ///   host up again ([`Ingress::check_peer_answer`]).
+    fn mark_if_draining<B>(&self, r: &mut http::Response<B>, http1: bool, forwarded: bool) {
+        if !self.draining() || r.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            return;
+        }
+        if http1 {
             r.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if forwarded {
+            r.headers_mut()
+                .insert(DRAINING, HeaderValue::from_static("1"));
         }
     }
 
@@ -1115,7 +1124,7 @@ impl Ingress {
             Ok(ready) => ready,
             Err(refusal) => {
                 let mut r = refusal.map(LeanBody::Full);
-                self.close_if_draining(&mut r);
+                self.mark_if_draining(&mut r, true, req.headers().contains_key(VIA_PROXY));
                 return logged_lean(seen, r);
             }
         };
@@ -1125,15 +1134,15 @@ impl Ingress {
         let (parts, ()) = req.into_parts();
         let answer = std::pin::pin!(self.send_lean(host, &route, peer, &parts));
         let mut r = match self.lookup.watch.answer(&route.watched, answer).await {
-            Ok(r) => {
-                self.check_peer_answer(host, &route, r.status());
+            Ok(mut r) => {
+                self.check_peer_answer(host, &route, r.status(), r.headers_mut());
                 r.map(LeanBody::Upstream)
             }
             Err(e) => self
                 .forward_failed(project, host, peer, &e)
                 .map(LeanBody::Full),
         };
-        self.close_if_draining(&mut r);
+        self.mark_if_draining(&mut r, true, parts.headers.contains_key(VIA_PROXY));
         logged_lean(seen, r)
     }
 
@@ -1180,15 +1189,27 @@ impl Ingress {
         self.peer_forwards.load(Ordering::Relaxed)
     }
 
-    /// Another proxy that `route` went through answered 502: it may
-    /// know better where `host`'s tunnel is (a refusal with
-    /// [`TUNNEL_ELSEWHERE`] says so), so the route is doubted and the
-    /// master asked again, off the request path, rather than sending
-    /// request after request to be refused there until the route's TTL.
-    /// At most once per host per [`REASK_AFTER`]: a 502 may also be a
-    /// project's server failing, which says nothing about the route.
-    fn check_peer_answer(&self, host: HostId, route: &Route, status: http::StatusCode) {
-        if route.via_peer && status == http::StatusCode::BAD_GATEWAY && self.may_ask_again(host) {
+    /// Another proxy that `route` went through answered 502, or says it
+    /// is draining ([`cocalc_core::wire::DRAINING_HEADER`], removed from
+    /// `headers` here): it may know better where `host`'s tunnel is (a
+    /// refusal with [`TUNNEL_ELSEWHERE`] says so), or be about to stop, so
+    /// the route is doubted and the master asked again, off the request
+    /// path, rather than sending request after request there until the
+    /// route's TTL. At most once per host per [`REASK_AFTER`]: a 502 may
+    /// also be a project's server failing, which says nothing about the
+    /// route.
+    fn check_peer_answer(
+        &self,
+        host: HostId,
+        route: &Route,
+        status: http::StatusCode,
+        headers: &mut http::HeaderMap,
+    ) {
+        if !route.via_peer {
+            return;
+        }
+        let draining = headers.remove(DRAINING).is_some();
+        if (draining || status == http::StatusCode::BAD_GATEWAY) && self.may_ask_again(host) {
             if let Some(r) = lock_routes(&self.lookup.routes).get(&host) {
                 r.doubted.store(true, Ordering::Relaxed);
             }
