@@ -29,8 +29,9 @@
 //! unreachable, draining or busy) moves the next attempt on to the next
 //! URL, round the list, with the same backoff; one the proxy refused
 //! because of the host itself (401: not registered with the master yet)
-//! is repeated at the same proxy, since every proxy asks the same master; a tunnel that was up and ended
-//! is dialled at the same proxy first (it may be restarting). The host
+//! is repeated at the same proxy, since every proxy asks the same
+//! master; a tunnel that was up and ended is dialled at the same proxy
+//! first (it may be restarting). The host
 //! stays where it landed rather than going back to the first proxy, and
 //! [`TunnelClient::on_change`] tells the host daemon where that is, so
 //! that it registers that proxy as its endpoint. Users reach the host
