@@ -956,7 +956,7 @@ impl Ingress {
     /// reached by other means (tunnels, also through another proxy) work
     /// the same. A hidden host not reached where its route says is
     /// looked for where its tunnel is now, once, as for HTTP requests
-    /// ([`Ingress::send_lean_moved`]). A failed connect makes the route
+    /// (see "Through another proxy" in the module overview). A failed connect makes the route
     /// doubted.
     pub async fn connect_host(&self, host: HostId) -> Result<HostConnection, ApiError> {
         let route = self.route(host).await?;
