@@ -1050,16 +1050,19 @@ impl Ingress {
     /// [`crate::serve_ingress`], or from any hyper server.
     pub async fn handle(&self, peer: &Peer, mut req: http::Request<Incoming>) -> Response {
         let mut seen = self.seen(peer, &req);
-        let http1 = req
-            .extensions()
-            .get::<cocalc_client::http2::ClientVersion>()
-            .is_none();
-        let forwarded = req.headers().contains_key(VIA_PROXY);
+        // What the answer needs if the proxy drains: looked at only then.
+        let marks = self.draining().then(|| Marks {
+            http1: req
+                .extensions()
+                .get::<cocalc_client::http2::ClientVersion>()
+                .is_none(),
+            forwarded: req.headers().contains_key(VIA_PROXY),
+        });
         let (project, host, route) = match self.prepare(peer, &req).await {
             Ok(ready) => ready,
             Err(refusal) => {
                 let mut r = refusal.map(full);
-                self.mark_if_draining(&mut r, http1, forwarded);
+                mark_draining(&mut r, marks);
                 return logged(seen, r);
             }
         };
@@ -1078,32 +1081,16 @@ impl Ingress {
             }
             Err(e) => self.forward_failed(project, host, peer, &e).map(full),
         };
-        self.mark_if_draining(&mut r, http1, forwarded);
+        mark_draining(&mut r, marks);
         logged(seen, r)
     }
 
-    /// While the proxy drains ([`Ingress::drain`]):
-    /// - an answer to an HTTP/1.1 client closes its connection
-    ///   (`Connection: close`), so a keep-alive client connects again,
-    ///   through its balancer to a proxy that is not stopping, rather than
-    ///   holding on to this one until it stops (and losing a request sent
-    ///   as it does). An upgrade keeps its connection; HTTP/2 clients get
-    ///   a GOAWAY at the stop instead.
-    /// - an answer to a request another proxy `forwarded` carries
-    ///   [`cocalc_core::wire::DRAINING_HEADER`], so that proxy looks the
-    ///   host up again ([`Ingress::check_peer_answer`]).
-    fn mark_if_draining<B>(&self, r: &mut http::Response<B>, http1: bool, forwarded: bool) {
-        if !self.draining() || r.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-            return;
-        }
-        if http1 {
-            r.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        if forwarded {
-            r.headers_mut()
-                .insert(DRAINING, HeaderValue::from_static("1"));
-        }
+    /// [`Marks`] for a request on the lean path (HTTP/1.1), if draining.
+    fn lean_marks(&self, headers: &http::HeaderMap) -> Option<Marks> {
+        self.draining().then(|| Marks {
+            http1: true,
+            forwarded: headers.contains_key(VIA_PROXY),
+        })
     }
 
     /// Answers one plain request (no body, no upgrade) as
@@ -1124,7 +1111,7 @@ impl Ingress {
             Ok(ready) => ready,
             Err(refusal) => {
                 let mut r = refusal.map(LeanBody::Full);
-                self.mark_if_draining(&mut r, true, req.headers().contains_key(VIA_PROXY));
+                mark_draining(&mut r, self.lean_marks(req.headers()));
                 return logged_lean(seen, r);
             }
         };
@@ -1142,7 +1129,7 @@ impl Ingress {
                 .forward_failed(project, host, peer, &e)
                 .map(LeanBody::Full),
         };
-        self.mark_if_draining(&mut r, true, parts.headers.contains_key(VIA_PROXY));
+        mark_draining(&mut r, self.lean_marks(&parts.headers));
         logged_lean(seen, r)
     }
 
@@ -1819,6 +1806,41 @@ enum Unreached {
     Connect(cocalc_core::TransportError),
     /// The route cannot be used, for this reason.
     Refused(ApiError),
+}
+
+/// What an answer given while the proxy drains ([`Ingress::drain`])
+/// carries, by its request ([`mark_draining`]).
+#[derive(Debug, Clone, Copy)]
+struct Marks {
+    /// The client speaks HTTP/1.1.
+    http1: bool,
+    /// Another proxy forwarded the request.
+    forwarded: bool,
+}
+
+/// While the proxy drains (`marks` is `Some`):
+/// - an answer to an HTTP/1.1 client closes its connection
+///   (`Connection: close`), so a keep-alive client connects again,
+///   through its balancer to a proxy that is not stopping, rather than
+///   holding on to this one until it stops (and losing a request sent as
+///   it does). An upgrade keeps its connection; HTTP/2 clients get a
+///   GOAWAY at the stop instead.
+/// - an answer to a request another proxy forwarded carries
+///   [`cocalc_core::wire::DRAINING_HEADER`], so that proxy looks the host
+///   up again (`Ingress::check_peer_answer`).
+fn mark_draining<B>(r: &mut http::Response<B>, marks: Option<Marks>) {
+    let Some(m) = marks else { return };
+    if r.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+        return;
+    }
+    if m.http1 {
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    if m.forwarded {
+        r.headers_mut()
+            .insert(DRAINING, HeaderValue::from_static("1"));
+    }
 }
 
 /// How [`Ingress::forward_hyper`] failed.
