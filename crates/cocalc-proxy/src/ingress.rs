@@ -1733,8 +1733,8 @@ impl Ingress {
         let xff = forwarded_for(parts, peer);
         let proto = self.forwarded_proto(peer, &parts.headers);
         let client_host = parts.headers.get(header::HOST);
+        self.count_peer(route);
         let replace = if route.via_peer {
-            self.peer_forwards.fetch_add(1, Ordering::Relaxed);
             // Another proxy: the client's Host as it is (that proxy writes
             // X-Forwarded-Host from it), and who forwarded.
             [

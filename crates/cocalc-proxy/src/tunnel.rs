@@ -303,16 +303,7 @@ impl TunnelHub {
             .map(|(h, t)| (*h, t.sender.clone()))
             .collect();
         let asks = tunnels.into_iter().map(|(host, mut sender)| async move {
-            let ask = async {
-                sender.ready().await.map_err(|e| e.to_string())?;
-                let req = axum::http::Request::builder()
-                    .method(Method::POST)
-                    .uri(TUNNEL_MOVE_PATH)
-                    .body(Body::empty())
-                    .map_err(|e| e.to_string())?;
-                let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-                Ok::<_, String>(resp.status())
-            };
+            let ask = post_to_host(&mut sender, TUNNEL_MOVE_PATH, None);
             match tokio::time::timeout(Duration::from_secs(5), ask).await {
                 Ok(Ok(StatusCode::ACCEPTED)) => {
                     tracing::info!(%host, "draining: the host moves its tunnel to another proxy");
@@ -320,7 +311,8 @@ impl TunnelHub {
                     true
                 }
                 Ok(Ok(status)) => {
-                    tracing::info!(%host, %status, "draining: the host keeps its tunnel here (no other proxy)");
+                    // 409: it has no other proxy to go to.
+                    tracing::info!(%host, %status, "draining: the host keeps its tunnel here");
                     false
                 }
                 Ok(Err(e)) => {
@@ -606,19 +598,10 @@ impl TunnelHub {
             },
         );
         let ask = async {
-            sender.ready().await.map_err(|e| format!("tunnel: {e}"))?;
-            let req = axum::http::Request::builder()
-                .method(Method::POST)
-                .uri(DIAL_REQUEST_PATH)
-                .header(DIAL_HEADER, &nonce)
-                .body(Body::empty())
-                .map_err(|e| e.to_string())?;
-            let resp = sender
-                .send_request(req)
-                .await
-                .map_err(|e| format!("tunnel: {e}"))?;
-            if resp.status() != StatusCode::ACCEPTED {
-                return Err(format!("the host answered {}", resp.status()));
+            let status =
+                post_to_host(&mut sender, DIAL_REQUEST_PATH, Some((DIAL_HEADER, &nonce))).await?;
+            if status != StatusCode::ACCEPTED {
+                return Err(format!("the host answered {status}"));
             }
             delivered
                 .await
@@ -700,6 +683,28 @@ impl Transport for TunnelHub {
             other => Err(TransportError::UnsupportedEndpoint(other.clone())),
         }
     }
+}
+
+/// Sends the host a control request over its tunnel (an empty `POST` to
+/// `path`, with `header` if given) and returns the status it answered.
+async fn post_to_host(
+    sender: &mut Sender,
+    path: &str,
+    header: Option<(&str, &str)>,
+) -> Result<StatusCode, String> {
+    sender.ready().await.map_err(|e| format!("tunnel: {e}"))?;
+    let mut req = axum::http::Request::builder()
+        .method(Method::POST)
+        .uri(path);
+    if let Some((name, value)) = header {
+        req = req.header(name, value);
+    }
+    let req = req.body(Body::empty()).map_err(|e| e.to_string())?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("tunnel: {e}"))?;
+    Ok(resp.status())
 }
 
 async fn accept(State(hub): State<Arc<TunnelHub>>, req: Request) -> Response {
