@@ -222,20 +222,29 @@ mod tests {
         (c, s)
     }
 
-    #[tokio::test]
-    async fn bytes_cross_both_ways_and_ends_propagate() {
-        // client ⇄ [relay_a ⇄ relay_b] ⇄ server
-        let (mut client, relay_a) = pair().await;
-        let (relay_b, mut server) = pair().await;
+    /// client ⇄ [relay_a ⇄ relay_b] ⇄ server: the client's and the
+    /// server's ends, and the relay's outcome with what it moved.
+    async fn relayed() -> (
+        TcpStream,
+        TcpStream,
+        tokio::task::JoinHandle<(io::Result<()>, (u64, u64))>,
+    ) {
+        let (client, relay_a) = pair().await;
+        let (relay_b, server) = pair().await;
         let relay = tokio::spawn(async move {
             let mut moved = (0, 0);
-            Splicer::new()
+            let r = Splicer::new()
                 .unwrap()
                 .run(&relay_a, &relay_b, &mut moved)
-                .await
-                .unwrap();
-            moved
+                .await;
+            (r, moved)
         });
+        (client, server, relay)
+    }
+
+    #[tokio::test]
+    async fn bytes_cross_both_ways_and_ends_propagate() {
+        let (mut client, mut server, relay) = relayed().await;
         let up: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let down: Vec<u8> = (0..5_000_000u32).map(|i| (i % 241) as u8).collect();
         let (up2, down2) = (up.clone(), down.clone());
@@ -260,8 +269,10 @@ mod tests {
         tokio::join!(send, recv);
         assert_eq!(got, down, "client received the server's bytes intact");
         srv.await.unwrap();
+        let (r, moved) = relay.await.unwrap();
+        r.unwrap();
         assert_eq!(
-            relay.await.unwrap(),
+            moved,
             (up.len() as u64, down.len() as u64),
             "the relay counts what it moved"
         );
@@ -269,15 +280,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_half_closed_side_still_receives() {
-        let (mut client, relay_a) = pair().await;
-        let (relay_b, mut server) = pair().await;
-        tokio::spawn(async move {
-            let mut moved = (0, 0);
-            Splicer::new()
-                .unwrap()
-                .run(&relay_a, &relay_b, &mut moved)
-                .await
-        });
+        let (mut client, mut server, _relay) = relayed().await;
         // The client says all it has, then waits for the answer.
         client.write_all(b"question").await.unwrap();
         client.shutdown().await.unwrap();
@@ -293,16 +296,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_relay_that_fails_midway_says_how_far_it_got() {
-        let (mut client, relay_a) = pair().await;
-        let (relay_b, mut server) = pair().await;
-        let relay = tokio::spawn(async move {
-            let mut moved = (0, 0);
-            let r = Splicer::new()
-                .unwrap()
-                .run(&relay_a, &relay_b, &mut moved)
-                .await;
-            (r, moved)
-        });
+        let (mut client, mut server, relay) = relayed().await;
         // The server sends without end; the client reads 1 MB and resets
         // the connection (SO_LINGER 0), so the relay's writes to it fail.
         tokio::spawn(async move {
