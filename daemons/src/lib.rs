@@ -55,13 +55,14 @@ impl DaemonFailure for cocalc_host::daemon::HostDaemonError {
 }
 
 /// The whole `main` of a daemon: logging, config (or `--check-config`),
-/// a runtime, `run` until SIGINT/SIGTERM, and the exit code.
+/// a runtime, `run` with the stop signals it is to obey ([`StopSignals`]),
+/// and the exit code.
 pub fn daemon_main<C, E: DaemonFailure, F>(
     name: &str,
     config: &std::path::Path,
     check_only: bool,
     load: impl FnOnce(&std::path::Path) -> Result<C, E>,
-    run: impl FnOnce(C, std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> F,
+    run: impl FnOnce(C, StopSignals) -> F,
 ) -> std::process::ExitCode
 where
     F: std::future::Future<Output = Result<(), E>>,
@@ -89,12 +90,57 @@ where
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cfg, Box::pin(shutdown_signal()))) {
+    match rt.block_on(async { run(cfg, StopSignals::listen()).await }) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{name}: {e}");
             ExitCode::from(e.exit_code())
         }
+    }
+}
+
+/// SIGINT and SIGTERM as they arrive, counted, so a daemon can tell the
+/// first stop signal (stop in order) from a second (stop sooner).
+#[derive(Clone)]
+pub struct StopSignals {
+    count: tokio::sync::watch::Receiver<u32>,
+}
+
+impl StopSignals {
+    /// Starts counting stop signals in a task; call it inside a tokio
+    /// runtime. Signals before this call are not counted.
+    pub fn listen() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (tx, count) = tokio::sync::watch::channel(0u32);
+        // Registered here, not in the task, so a signal right after
+        // `listen` returns is already counted.
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        tokio::spawn(async move {
+            let (Ok(mut term), Ok(mut int)) = (term, int) else {
+                // No signal handling (never on Linux): no count ever.
+                return std::future::pending().await;
+            };
+            loop {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                tx.send_modify(|n| *n += 1);
+            }
+        });
+        StopSignals { count }
+    }
+
+    /// Completes once `n` stop signals have arrived (`n` = 1: the first).
+    pub fn nth(&self, n: u32) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        let mut count = self.count.clone();
+        Box::pin(async move {
+            // An error means the counting task is gone: no more signals.
+            if count.wait_for(|c| *c >= n).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        })
     }
 }
 

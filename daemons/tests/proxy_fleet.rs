@@ -547,6 +547,54 @@ fn a_stopping_proxy_drains_before_it_stops() {
     );
 }
 
+/// A second stop signal ends a long drain at once, and the proxy still
+/// stops in order (here: its access log is flushed).
+#[test]
+fn a_second_stop_signal_ends_the_drain() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let fleet = fleet(d);
+    let port = free_port();
+    let log = d.join("access.log");
+    let extra = format!("drain_secs = 600\naccess_log = \"{}\"\n", log.display());
+    let mut proxy = start_proxy(d, "p", port, &fleet.common, &extra);
+    let health = || {
+        let url = format!("http://127.0.0.1:{port}/.cocalc/health");
+        request("127.0.0.1", reqwest::Method::GET, &url, "", None, &[]).0
+    };
+    eventually("the proxy answers", Duration::from_secs(20), || {
+        health() == 200
+    });
+    // A refused request, so the access log has a line to flush.
+    let target = "/00000000-0000-4000-8000-000000000000/status";
+    let url = format!("http://127.0.0.1:{port}{target}");
+    let (s, body) = request("127.0.0.1", reqwest::Method::GET, &url, "", None, &[]);
+    assert_eq!(s, 401, "{body}");
+
+    let pid = nix::unistd::Pid::from_raw(proxy.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    eventually("the proxy drains", Duration::from_secs(5), || {
+        health() == 503
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        proxy.child.try_wait().unwrap().is_none(),
+        "the proxy stopped without waiting out its drain"
+    );
+    // A second Ctrl-C, as an operator at a terminal sends it.
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let second = std::time::Instant::now();
+    stops_cleanly(&mut proxy, second);
+    assert!(
+        second.elapsed() < Duration::from_secs(10),
+        "stopped {:?} after the second signal",
+        second.elapsed()
+    );
+    let lines = logged(&log, target);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["status"], 401, "{lines:?}");
+}
+
 /// A master and what every test here needs of it.
 struct Fleet {
     _master: Proc,

@@ -39,7 +39,8 @@
 //! # drain_secs = 10                        # on SIGTERM/SIGINT, first answer the health check
 //! #                                          # (GET /.cocalc/health) 503 this long while still
 //! #                                          # serving, so balancers move new clients away (the
-//! #                                          # SSH port closes at once; its sessions go on)
+//! #                                          # SSH port closes at once; its sessions go on);
+//! #                                          # a second signal ends the drain
 //! ```
 //!
 //! Hidden hosts open reverse tunnels at `<public_url>/.cocalc/tunnel` (see
@@ -362,13 +363,26 @@ impl ProxyConfig {
     }
 }
 
-/// Starts the ingress and serves until `shutdown`. Prints
+/// Starts the ingress and serves until `shutdown`, then drains for
+/// [`ProxyConfig::drain_secs`] and stops. Prints
 /// `cocalc-proxy: listening on <url>` to stderr once serving. Raises the
 /// open files limit first
 /// ([`raise_open_files_limit`](cocalc_client::serve::raise_open_files_limit)).
 pub async fn run(
     cfg: ProxyConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ProxyDaemonError> {
+    run_until(cfg, shutdown, std::future::pending()).await
+}
+
+/// [`run`], and a drain that `stop_now` cuts short: the proxy then stops
+/// as it would at the drain's end (connections closed, state saved, the
+/// access log flushed). The daemon passes the second stop signal, so an
+/// operator's second Ctrl-C does not wait out the drain.
+pub async fn run_until(
+    cfg: ProxyConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    stop_now: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ProxyDaemonError> {
     let _ = cocalc_client::serve::raise_open_files_limit();
     let mut icfg = IngressConfig::new(cfg.master_url.trim_end_matches('/'), cfg.key()?);
@@ -500,13 +514,21 @@ pub async fn run(
                 ingress.drain();
                 eprintln!(
                     "cocalc-proxy: draining for {drain:?} (the health check answers 503), then \
-                     stopping"
+                     stopping; a second stop signal stops now"
                 );
-                let moving = tunnels.drain().await;
-                if moving > 0 {
-                    eprintln!("cocalc-proxy: {moving} hidden host(s) move their tunnels");
+                let draining = async {
+                    let moving = tunnels.drain().await;
+                    if moving > 0 {
+                        eprintln!("cocalc-proxy: {moving} hidden host(s) move their tunnels");
+                    }
+                    tokio::time::sleep_until(until).await;
+                };
+                tokio::select! {
+                    () = draining => {}
+                    () = stop_now => {
+                        eprintln!("cocalc-proxy: second stop signal: the drain ends now");
+                    }
                 }
-                tokio::time::sleep_until(until).await;
             }
         }
     };

@@ -25,6 +25,6 @@ fn main() -> ExitCode {
         &args.config,
         args.check_config,
         HostConfig::load,
-        daemon::run,
+        |cfg, signals| daemon::run(cfg, signals.nth(1)),
     )
 }

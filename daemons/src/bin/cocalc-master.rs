@@ -29,6 +29,6 @@ fn main() -> ExitCode {
         &args.config,
         args.check_config,
         DaemonConfig::load,
-        daemon::run,
+        |cfg, signals| daemon::run(cfg, signals.nth(1)),
     )
 }

@@ -31,6 +31,7 @@ fn main() -> ExitCode {
         &args.config,
         args.check_config,
         ProxyConfig::load,
-        daemon::run,
+        // The first signal starts the drain, a second ends it.
+        |cfg, signals| daemon::run_until(cfg, signals.nth(1), signals.nth(2)),
     )
 }
