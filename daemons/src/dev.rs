@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cocalc_core::wire::CreateProjectRequest;
-use cocalc_core::{HostEndpoint, HostState, ProjectState};
+use cocalc_core::{HostEndpoint, HostState};
 use cocalc_host::daemon::{self as host_daemon, HostConfig};
 use cocalc_master::daemon::{self as master_daemon, DaemonConfig};
 use cocalc_master::MasterClient;
@@ -354,16 +354,12 @@ pub async fn up(
 
     shutdown.await;
     eprintln!("dev up: stopping projects, hosts and the master…");
-    for (agent, _) in &hosts {
-        match agent.runner().list().await {
-            Ok(list) => {
-                for p in list
-                    .into_iter()
-                    .filter(|p| p.state == ProjectState::Running)
-                {
-                    if let Err(e) = agent.stop(p.project).await {
-                        eprintln!("dev up: stopping project {}: {e}", p.project);
-                    }
+    let stops = hosts.iter().map(|(agent, _)| agent.stop_all());
+    for stopped in futures_util::future::join_all(stops).await {
+        match stopped {
+            Ok(failed) => {
+                for (p, e) in failed {
+                    eprintln!("dev up: stopping project {p}: {e}");
                 }
             }
             Err(e) => eprintln!("dev up: listing a host's projects to stop them: {e}"),

@@ -400,6 +400,30 @@ impl HostAgent {
         Ok(self.runner.stop(project, self.cfg.stop_grace).await?)
     }
 
+    /// Stops every project the runner lists as running, all at once, each
+    /// with the configured grace ([`HostAgent::stop`]): for a host being
+    /// retired, or a development federation shutting down. Answers the
+    /// projects that failed to stop, each with its error; fails only when
+    /// the runner cannot list its projects, having stopped none.
+    pub async fn stop_all(&self) -> Result<Vec<(ProjectId, AgentError)>, AgentError> {
+        let running: Vec<ProjectId> = self
+            .runner
+            .list()
+            .await?
+            .into_iter()
+            .filter(|p| p.state == ProjectState::Running)
+            .map(|p| p.project)
+            .collect();
+        let stops = running
+            .iter()
+            .map(|&p| async move { (p, self.stop(p).await) });
+        Ok(futures_util::future::join_all(stops)
+            .await
+            .into_iter()
+            .filter_map(|(p, r)| r.err().map(|e| (p, e)))
+            .collect())
+    }
+
     /// Opens an interactive terminal (starting the project if needed).
     pub async fn terminal(
         &self,

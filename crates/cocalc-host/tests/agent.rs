@@ -113,3 +113,32 @@ async fn tokens_and_commands_for_older_generations_are_refused_even_after_a_rest
         .await
         .is_ok());
 }
+
+#[tokio::test]
+async fn stop_all_stops_every_running_project() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, p) = agent(
+        dir.path(),
+        LocalStore::open(&dir.path().join("l.db")).unwrap(),
+    )
+    .await;
+    let q = ProjectId::new_v4([4; 16]);
+    assert!(a.stop_all().await.unwrap().is_empty(), "nothing runs yet");
+    for project in [p, q] {
+        let s = a.start_at(project, Generation(1)).await.unwrap();
+        assert_eq!(s.state, ProjectState::Running);
+    }
+    let failed = a.stop_all().await.unwrap();
+    assert!(failed.is_empty(), "{failed:?}");
+    for project in [p, q] {
+        assert_eq!(
+            a.status(project).await.unwrap().state,
+            ProjectState::Stopped
+        );
+    }
+    let listed = a.runner().list().await.unwrap();
+    assert!(
+        listed.iter().all(|s| s.state != ProjectState::Running),
+        "{listed:?}"
+    );
+}
