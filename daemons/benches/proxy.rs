@@ -4,7 +4,12 @@
 //! (`bench/nginx.conf.template`), through both over TLS (a self-signed
 //! certificate, rustls in the proxy, OpenSSL in nginx; keep-alive
 //! connections, so few handshakes; WebSockets over `wss://`), and through `cocalc-proxy` to a
-//! *hidden* host over its reverse tunnel. Measured:
+//! *hidden* host over its reverse tunnel. An anchor row, "via bare splice
+//! relay", puts the least a relaying process can do in front of the host:
+//! a TCP relay that splices bytes with no HTTP at all (this bench run
+//! again with `--splice-relay`); its bytes/s against direct is what any
+//! relay costs on the machine, and the proxy's against it what the proxy
+//! adds. Measured:
 //!
 //! * small requests: req/s, p50 and p99;
 //! * HTTP download bytes/s (64 MiB responses, 1 and 4 at a time);
@@ -18,7 +23,7 @@
 //!
 //! Run: `cargo bench -p cocalc-daemons --bench proxy` (`-- --secs 3
 //! --conns 32`, `--only tunnel` for the routes whose name contains
-//! "tunnel", `--rounds 3` to measure every route three times in turn and
+//! "tunnel" (`--only direct,proxy,bare` for any of several), `--rounds 3` to measure every route three times in turn and
 //! compare medians; `--callgrind` for instructions per request of the
 //! proxy and nginx, `--callgrind-host` for the host's too; `--access-log`
 //! to have the proxy and nginx each write an access log). Needs nginx
@@ -409,8 +414,43 @@ async fn load(
     (rate, p(0.5), p(0.99), lat.len())
 }
 
+/// `--splice-relay PORT TARGET`: this bench run again as the anchor row
+/// "via bare splice relay", the least any relaying process can do: it
+/// accepts on 127.0.0.1:PORT, connects each client to TARGET and splices
+/// the two sockets both ways (`cocalc_client::splice`, as the proxy does
+/// for bodies and WebSockets), with no HTTP, no routing, no tokens. Its
+/// bytes/s against direct is what a relay costs on this machine; the
+/// proxy's against it is what the proxy adds.
+async fn splice_relay(port: u16, target: String) {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    loop {
+        let Ok((client, _)) = listener.accept().await else {
+            continue;
+        };
+        let target = target.clone();
+        tokio::spawn(async move {
+            let Ok(upstream) = tokio::net::TcpStream::connect(&target).await else {
+                return;
+            };
+            let _ = (client.set_nodelay(true), upstream.set_nodelay(true));
+            let mut moved = (0, 0);
+            if let Ok(s) = cocalc_client::splice::Splicer::new() {
+                let _ = s.run(&client, &upstream, &mut moved).await;
+            }
+        });
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--splice-relay") {
+        let port = args[i + 1].parse().unwrap();
+        splice_relay(port, args[i + 2].clone()).await;
+        return;
+    }
     let secs = arg("--secs", 3.0);
     let conns = arg("--conns", 32.0) as usize;
     let rounds = arg("--rounds", 1.0).max(1.0) as usize;
@@ -615,6 +655,23 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(if callgrind { 3000 } else { 300 })).await;
     }
 
+    // The anchor relay (see `splice_relay`), in front of the host as the
+    // proxy and nginx are. Not under callgrind: it has no HTTP to count.
+    let rport = free_port();
+    let splice_daemon = Daemon(
+        Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--splice-relay",
+                &rport.to_string(),
+                &format!("127.0.0.1:{hport}"),
+            ])
+            .spawn()
+            .unwrap(),
+    );
+    while std::net::TcpStream::connect(("127.0.0.1", rport)).is_err() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
     println!("{conns} connections, {secs} s each, GET {path} (a small body from a server in the project)");
     // Each route, and the process in the middle whose CPU time per
     // request is measured (none for direct).
@@ -635,6 +692,12 @@ async fn main() {
             Some(format!("{purl}{path}")),
             &open.token,
             proxy_pid,
+        ),
+        (
+            "via bare splice relay",
+            Some(format!("http://127.0.0.1:{rport}{path}")),
+            &open.token,
+            (!callgrind).then_some(splice_daemon.0.id()),
         ),
         (
             "via nginx",
@@ -673,14 +736,15 @@ async fn main() {
             nginx_pid,
         ),
     ];
-    // `--only tunnel` (a substring of the route names) measures just those.
+    // `--only tunnel` (a substring of the route names; several separated
+    // by commas) measures just those.
     let only = std::env::args()
         .skip_while(|a| a != "--only")
         .nth(1)
         .unwrap_or_default();
     let routes: Vec<_> = routes
         .into_iter()
-        .filter(|r| r.0.contains(only.as_str()))
+        .filter(|r| only.split(',').any(|o| r.0.contains(o)))
         .collect();
     if callgrind {
         instructions_per_request(&routes, conns, secs).await;
@@ -844,6 +908,12 @@ async fn main() {
     ) {
         println!("tunnel / direct req/s = {:.2}x", t.1 / d.1);
     }
+    if let (Some(p), Some(b)) = (
+        rows.iter().find(|r| r.0 == "via cocalc-proxy"),
+        rows.iter().find(|r| r.0 == "via bare splice relay"),
+    ) {
+        println!("proxy / bare splice relay req/s = {:.2}x", p.1 / b.1);
+    }
     let d = bytes_rows
         .iter()
         .find(|r| r.0 == "direct to the host")
@@ -866,7 +936,32 @@ async fn main() {
             );
         }
     }
+    // The anchor: what relaying itself costs, and what the proxy adds.
+    let bare = bytes_rows
+        .iter()
+        .find(|r| r.0 == "via bare splice relay")
+        .copied();
+    if let (Some(b), Some(d)) = (bare, d) {
+        println!(
+            "bare splice relay / direct bytes/s: x1 {:.2}x   x4 {:.2}x   websocket {:.2}x   \
+             (the least any relay costs here)",
+            b.1 / d.1,
+            b.2 / d.2,
+            b.3 / d.3
+        );
+    }
+    for name in ["via cocalc-proxy", "via tunnel (hidden)"] {
+        if let (Some(r), Some(b)) = (bytes_rows.iter().find(|r| r.0 == name), bare) {
+            println!(
+                "{name} / bare splice relay bytes/s: x1 {:.2}x   x4 {:.2}x   websocket {:.2}x",
+                r.1 / b.1,
+                r.2 / b.2,
+                r.3 / b.3
+            );
+        }
+    }
     drop(nginx_daemon);
+    drop(splice_daemon);
 }
 
 /// The `--callgrind` report: for each route with a process in the middle
