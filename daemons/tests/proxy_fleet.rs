@@ -595,6 +595,61 @@ fn a_second_stop_signal_ends_the_drain() {
     assert_eq!(lines[0]["status"], 401, "{lines:?}");
 }
 
+/// A hidden host asked to move while its next proxy is down stays at the
+/// draining proxy, whose tunnel still serves, until that proxy stops; then
+/// it is down, and lands at the next proxy once that one is up.
+#[test]
+fn a_host_whose_next_proxy_is_down_stays_at_the_draining_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let Fleet {
+        _master,
+        murl,
+        admin,
+        common,
+        alice,
+    } = fleet(d);
+    let (a, b, c) = (free_port(), free_port(), free_port());
+    let [purl_a, purl_b, purl_c] = [a, b, c].map(|p| format!("http://127.0.0.1:{p}"));
+    let mut proxy_a = start_proxy(d, "a", a, &common, "drain_secs = 4\n");
+    // C is not one of the host's proxies: it reaches the host wherever
+    // the master says its tunnel is. Nothing listens at B yet.
+    let _proxy_c = start_proxy(d, "c", c, &common, "");
+    let bootstrap = bootstrap_token(&murl, &admin);
+    let reach = format!("tunnel_url = [\"{purl_a}\", \"{purl_b}\"]");
+    let _host = spawn_host(&host_config(d, &reach, &murl, &bootstrap));
+    let at = |purl: &str| {
+        the_host(&murl, &admin).is_some_and(|h| {
+            h["state"] == "up" && h["health"] == "ok" && h["endpoint"]["value"] == purl
+        })
+    };
+    let (project, token) = create_and_open(&murl, &alice, "p");
+    eventually("exec through C, to A", Duration::from_secs(20), || {
+        at(&purl_a) && exec_through(&purl_c, &project, &token).is_ok()
+    });
+
+    let pid = nix::unistd::Pid::from_raw(proxy_a.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let stopped_at = std::time::Instant::now();
+    // The host tries B (refused: nothing listens) and A (503 draining)
+    // while A drains; all the while it stays at A, and is served there.
+    let mut served = 0;
+    while stopped_at.elapsed() < Duration::from_millis(3_300) {
+        assert!(at(&purl_a), "{:?}", the_host(&murl, &admin));
+        exec_through(&purl_c, &project, &token).unwrap();
+        served += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(served >= 10, "{served} requests through C while A drained");
+    stops_cleanly(&mut proxy_a, stopped_at);
+    eventually("the host is down", Duration::from_secs(10), || {
+        the_host(&murl, &admin).is_some_and(|h| h["health"] != "ok" || h["state"] != "up")
+    });
+    let _proxy_b = start_proxy(d, "b", b, &common, "");
+    eventually("the tunnel at B", Duration::from_secs(60), || at(&purl_b));
+    exec_through(&purl_c, &project, &token).unwrap();
+}
+
 /// A master and what every test here needs of it.
 struct Fleet {
     _master: Proc,
@@ -791,7 +846,8 @@ fn a_draining_proxy_moves_its_hidden_hosts_without_a_failed_request() {
     std::thread::sleep(Duration::from_secs(1));
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let (sent, failed) = hammer.join().unwrap();
-    assert!(sent >= 100, "{sent} requests through C");
+    // About 110 on an idle machine; fewer when other tests load it.
+    assert!(sent >= 50, "{sent} requests through C");
     assert!(
         failed.is_empty(),
         "{} of {sent} failed: {failed:?}",

@@ -44,7 +44,9 @@
 //! old one stays open, serving what the draining proxy still sends it,
 //! until that proxy closes it at its stop (or [`MOVE_OVERLAP`] has
 //! passed). So a planned stop of a proxy costs its hidden hosts no failed
-//! request.
+//! request. If no other proxy takes the tunnel meanwhile (the next one is
+//! down too), the host stays at the draining proxy, whose tunnel still
+//! serves, and is down only once that tunnel has closed.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -272,6 +274,11 @@ pub struct TunnelClient {
     connected: AtomicBool,
     /// The proxy the tunnel is up at, as last told to the hook.
     landed: std::sync::Mutex<Option<String>>,
+    /// Tunnels moves left behind, which serve on until their proxies
+    /// close them, oldest first: the number of tunnels up when the move
+    /// began (which names it), its proxy, and its task (stopped with
+    /// [`TunnelClient::run`]). While one lives, the host is not down.
+    left: std::sync::Mutex<Vec<(u64, String, tokio::task::AbortHandle)>>,
     connects: AtomicU64,
     dials: Arc<AtomicU64>,
     hook: std::sync::OnceLock<TunnelHook>,
@@ -295,6 +302,7 @@ impl TunnelClient {
             current: AtomicUsize::new(0),
             connected: AtomicBool::new(false),
             landed: std::sync::Mutex::new(None),
+            left: std::sync::Mutex::new(Vec::new()),
             connects: AtomicU64::new(0),
             dials: Arc::new(AtomicU64::new(0)),
             hook: std::sync::OnceLock::new(),
@@ -319,6 +327,34 @@ impl TunnelClient {
             if let Some(h) = self.hook.get() {
                 h(proxy);
             }
+        }
+    }
+
+    /// No tunnel is up at the proxy dialled last: the host is down,
+    /// unless a tunnel a move left behind still serves, whose proxy it
+    /// then stays at (so the master goes on routing users there).
+    fn set_down(&self) {
+        let left = self.left.lock().unwrap_or_else(|p| p.into_inner());
+        self.set_landed(left.last().map(|l| l.1.as_str()));
+    }
+
+    /// The tunnel a move left behind (named by `mark`) has ended. If the
+    /// host was at its proxy (no tunnel came up elsewhere since), it is
+    /// at the proxy of a younger tunnel left behind, or down.
+    fn left_tunnel_ended(&self, mark: u64) {
+        let mut left = self.left.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(i) = left.iter().position(|l| l.0 == mark) else {
+            return;
+        };
+        let (_, from, _) = left.remove(i);
+        let at_it = self
+            .landed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_deref()
+            == Some(&from);
+        if at_it {
+            self.set_landed(left.last().map(|l| l.1.as_str()));
         }
     }
 
@@ -382,15 +418,24 @@ impl TunnelClient {
                         // Make before break: the next proxy is dialled now,
                         // and this tunnel goes on serving meanwhile, until
                         // its proxy closes it.
-                        tracing::info!(proxy = %self.proxy_url(), "the proxy is stopping: moving the tunnel to the next one");
-                        tokio::spawn(async move {
+                        let from = self.proxy_url().to_string();
+                        tracing::info!(proxy = %from, "the proxy is stopping: moving the tunnel to the next one");
+                        let mark = self.connects();
+                        let me = self.clone();
+                        // Held while the task starts, so that it cannot
+                        // end before it is recorded.
+                        let mut left = self.left.lock().unwrap_or_else(|p| p.into_inner());
+                        let task = tokio::spawn(async move {
                             let _ = tokio::time::timeout(MOVE_OVERLAP, tunnel).await;
+                            me.left_tunnel_ended(mark);
                         });
+                        left.push((mark, from, task.abort_handle()));
+                        drop(left);
                         self.try_next_proxy();
                         continue;
                     }
                 };
-                self.set_landed(None);
+                self.set_down();
                 let proxy = self.proxy_url().to_string();
                 match &result {
                     Ok(()) => tracing::info!(%proxy, "tunnel closed"),
@@ -410,6 +455,14 @@ impl TunnelClient {
             }
         };
         tokio::select! { _ = work => {}, _ = shutdown => {} }
+        for (_, _, task) in self
+            .left
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            task.abort();
+        }
         self.set_landed(None);
     }
 
