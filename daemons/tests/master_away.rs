@@ -12,7 +12,8 @@ use std::time::Duration;
 mod common;
 use common::{
     api_key_of, blocking_post, bootstrap_token, cocalc, create_and_open, eventually, free_port,
-    host_config, spawn_host, spawn_proxy, start_master, wait_for_host_up, Proc,
+    host_config, registered_ssh_key, spawn_host, spawn_proxy, ssh_exec, start_master,
+    wait_for_host_up, Proc,
 };
 
 /// A master, a proxy with a state directory, and one host (hidden, dialling
@@ -27,6 +28,10 @@ struct Fed {
     state: PathBuf,
     project: String,
     token: String,
+    /// The master's URL, alice's API key, and the proxy's SSH port.
+    murl: String,
+    alice: String,
+    ssh: u16,
 }
 
 fn federation(d: &Path, hidden: bool) -> Fed {
@@ -34,15 +39,17 @@ fn federation(d: &Path, hidden: bool) -> Fed {
     let cli = |key: &str, args: &[&str]| cocalc(&murl, key, args, None);
     let proxy_key = api_key_of(&cli(&admin, &["proxy-key", "create", "edge", "--json"]));
     let alice = api_key_of(&cli(&admin, &["user", "create", "alice", "--json"]));
-    let port = free_port();
+    let (port, ssh) = (free_port(), free_port());
     let state = d.join("proxy-state");
     let proxy_cfg = d.join("proxy.toml");
     std::fs::write(
         &proxy_cfg,
         format!(
             "listen = \"127.0.0.1:{port}\"\nmaster_url = \"{murl}\"\napi_key = \"{proxy_key}\"\n\
-             key_refresh_secs = 1\nstate_dir = \"{}\"\n",
-            state.display()
+             key_refresh_secs = 1\nstate_dir = \"{}\"\nssh_listen = \"127.0.0.1:{ssh}\"\n\
+             ssh_host_key_file = \"{}\"\n",
+            state.display(),
+            d.join("proxy_ssh_ed25519").display()
         ),
     )
     .unwrap();
@@ -65,6 +72,9 @@ fn federation(d: &Path, hidden: bool) -> Fed {
         state,
         project,
         token,
+        murl,
+        alice,
+        ssh,
     }
 }
 
@@ -170,5 +180,40 @@ fn hidden_host_redials_a_proxy_restarted_while_the_master_is_away() {
             last = f.exec_via_proxy();
             last == before
         },
+    );
+}
+
+/// SSH logins while the master is away: a key the master granted for
+/// the project through this proxy logs in again with that grant while
+/// its token lives; a key it never granted here is refused.
+#[test]
+fn ssh_logins_granted_before_go_on_while_the_master_is_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut f = federation(d, false);
+    let (used, unused) = (d.join("used_ed25519"), d.join("unused_ed25519"));
+    registered_ssh_key(&f.murl, &f.alice, &used);
+    registered_ssh_key(&f.murl, &f.alice, &unused);
+    let ssh = |key: &Path| ssh_exec(f.ssh, key, &f.project, "echo via-$((6*7))");
+    let o = ssh(&used);
+    assert_eq!(
+        (o.status.code(), o.stdout.as_slice()),
+        (Some(0), &b"via-42\n"[..]),
+        "{o:?}"
+    );
+    f.master = None;
+    for _ in 0..2 {
+        let o = ssh(&used);
+        assert_eq!(
+            (o.status.code(), o.stdout.as_slice()),
+            (Some(0), &b"via-42\n"[..]),
+            "with the master away: {o:?}"
+        );
+    }
+    let o = ssh(&unused);
+    assert_eq!(o.status.code(), Some(255), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("Permission denied"),
+        "{o:?}"
     );
 }

@@ -35,7 +35,18 @@
 //!
 //! Connect tokens live for minutes; a long SSH connection asks the master
 //! again for a fresh one before opening a channel with a token about to
-//! expire. When the master accepts the key but cannot open the project
+//! expire, and uses the one it has while it is valid if the master cannot
+//! be asked.
+//!
+//! **While the master is away** (it cannot be reached, or something in
+//! front of it answers for it), a login with a key the master granted
+//! for that project through this proxy before is accepted with that grant,
+//! as long as its token has a minute left ([`SshIngress`] remembers
+//! the last grant per project and key, at most [`REMEMBERED_GRANTS`]).
+//! Nothing is granted that the master did not grant: the token is the
+//! master's, and the host checks it as always. Any answer of the master
+//! itself (a refusal, an error) is obeyed; such logins are audited as
+//! granted "from the master's earlier grant". When the master accepts the key but cannot open the project
 //! yet (its host is down, no host has room), the login stands and each
 //! channel tries again, printing why it cannot run (`cocalc: …` on
 //! standard error, exit status 255).
@@ -222,6 +233,9 @@ pub fn project_of_user(user: &str) -> Option<ProjectId> {
 pub struct SshIngress {
     ingress: Arc<Ingress>,
     clock: SharedClock,
+    /// The master's last grant per project and key (OpenSSH key line),
+    /// for logins while the master is away.
+    grants: moka::sync::Cache<(ProjectId, String), OpenProjectResponse>,
     config: Arc<russh::server::Config>,
     refusals: Arc<SshRefusals>,
     attempts: governor::DefaultKeyedRateLimiter<std::net::IpAddr>,
@@ -256,6 +270,11 @@ impl SshIngress {
         Arc::new(SshIngress {
             ingress,
             clock,
+            // Tokens live at most 30 minutes (the master's token_ttl_secs).
+            grants: moka::sync::Cache::builder()
+                .max_capacity(REMEMBERED_GRANTS)
+                .time_to_live(Duration::from_secs(1800))
+                .build(),
             config: Arc::new(config),
             refusals: Arc::new(SshRefusals::default()),
             attempts: governor::RateLimiter::keyed(governor::Quota::per_minute(n)),
@@ -341,6 +360,47 @@ impl SshIngress {
     }
 }
 
+/// Most grants [`SshIngress`] remembers for logins while the master is
+/// away (the least recently used go first).
+pub const REMEMBERED_GRANTS: u64 = 10_000;
+
+impl SshIngress {
+    /// Asks the master whether `key_line` may log in to `project`,
+    /// remembering what it grants. When the master cannot be asked, an
+    /// earlier grant whose token lives at least `life` longer answers
+    /// instead, marked by `true`.
+    async fn authorize(
+        &self,
+        project: ProjectId,
+        key_line: &str,
+        life: Duration,
+    ) -> Result<(OpenProjectResponse, bool), ApiError> {
+        let asked = self
+            .ingress
+            .master()
+            .ssh_authorize(&SshAuthorizeRequest::new(project, key_line.to_string()))
+            .await;
+        let id = (project, key_line.to_string());
+        match asked {
+            Ok(open) => {
+                self.grants.insert(id, open.clone());
+                Ok((open, false))
+            }
+            Err(e) if !from_the_master(&e) => match self.grants.get(&id) {
+                Some(open) if open.expires.since(self.clock.now()) >= life => Ok((open, true)),
+                _ => Err(e),
+            },
+            Err(e) => {
+                if e.status == 403 {
+                    // The master no longer grants it: forget it.
+                    self.grants.invalidate(&id);
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
 /// An authenticated login: the project and the current token.
 struct Login {
     project: ProjectId,
@@ -367,15 +427,17 @@ impl Ctx {
                 return Ok((o.host, o.token.clone()));
             }
         }
+        // With the master away, a token with a few seconds left still
+        // opens a channel (the host checks it when the channel opens).
         let fresh = self
             .ssh
-            .ingress
-            .master()
-            .ssh_authorize(&SshAuthorizeRequest::new(
+            .authorize(
                 self.login.project,
-                self.login.key_line.clone(),
-            ))
-            .await?;
+                &self.login.key_line,
+                Duration::from_secs(5),
+            )
+            .await?
+            .0;
         let out = (fresh.host, fresh.token.clone());
         *self.login.open.lock().unwrap_or_else(|p| p.into_inner()) = Some(fresh);
         Ok(out)
@@ -599,13 +661,16 @@ impl russh::server::Handler for Conn {
         };
         let answer = self
             .ssh
-            .ingress
-            .master()
-            .ssh_authorize(&SshAuthorizeRequest::new(project, key_line.clone()))
+            .authorize(project, &key_line, Duration::from_secs(60))
             .await;
         match answer {
-            Ok(open) => {
-                self.grant(project, public_key, format!(", host {}", open.host));
+            Ok((open, earlier)) => {
+                let how = if earlier {
+                    ", from the master's earlier grant (the master cannot be asked)"
+                } else {
+                    ""
+                };
+                self.grant(project, public_key, format!(", host {}{how}", open.host));
                 self.login = Some(Arc::new(Login {
                     project,
                     key_line,
