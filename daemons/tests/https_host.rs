@@ -289,6 +289,42 @@ fn host_serves_https_to_the_cli_the_master_and_the_proxy() {
             "{head}"
         );
         assert!(!head.contains("authorization"), "{head}");
+
+        // A terminal on the same connection (RFC 8441), served by the
+        // host's own WebSocket handler.
+        let mut connect = hyper::Request::builder()
+            .method("CONNECT")
+            .uri(format!("https://files.example:{port}/{project}/terminal"))
+            .header("authorization", format!("Bearer {connect_token}"))
+            .header("sec-websocket-version", "13")
+            .body(String::new())
+            .unwrap();
+        connect
+            .extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        let r = h2.clone().send_request(connect).await.unwrap();
+        assert_eq!(r.status(), 200, "{r:?}");
+        let upgraded = hyper::upgrade::on(r).await.unwrap();
+        let mut term = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            hyper_util::rt::TokioIo::new(upgraded),
+            tokio_tungstenite::tungstenite::protocol::Role::Client,
+            None,
+        )
+        .await;
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        term.send(Message::Binary(b"echo h2-$((40+2))\n".to_vec().into()))
+            .await
+            .unwrap();
+        let mut seen = String::new();
+        while !seen.contains("h2-42") {
+            match tokio::time::timeout(Duration::from_secs(10), term.next()).await {
+                Ok(Some(Ok(Message::Binary(b)))) => seen.push_str(&String::from_utf8_lossy(&b)),
+                Ok(Some(Ok(_))) => {}
+                other => panic!("terminal over HTTP/2 ended: {other:?}; saw {seen:?}"),
+            }
+        }
+        term.close(None).await.unwrap();
     });
 
     // A proxy without the host's CA refuses to relay, and says why.

@@ -2617,6 +2617,57 @@ async fn ingress_over_https_answers_as_over_http() {
     no_token.headers_mut().remove("authorization");
     let (status, _) = h2_send(no_token).await;
     assert_eq!(status, 401);
+    // A WebSocket on the same HTTP/2 connection (RFC 8441), to the echo
+    // server in the project, while the connection serves requests too.
+    let mut connect = http::Request::builder()
+        .method("CONNECT")
+        .uri(format!("https://app.example/{pid}/port/{echo_port}/"))
+        .header("authorization", format!("Bearer {}", o.token))
+        .header("sec-websocket-version", "13")
+        .body(String::new())
+        .unwrap();
+    connect
+        .extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let r = h2.clone().send_request(connect).await.unwrap();
+    assert_eq!(r.status(), 200, "{r:?}");
+    let stream = hyper::upgrade::on(r).await.unwrap();
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        hyper_util::rt::TokioIo::new(stream),
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        None,
+    )
+    .await;
+    for f in &frames {
+        ws.send(f.clone()).await.unwrap();
+        let back = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(&back, f);
+        let (status, body) = h2_send(h2_request(
+            "GET",
+            format!("/{pid}/port/{hport}/h"),
+            String::new(),
+        ))
+        .await;
+        seen_over_https(status, body);
+    }
+    ws.close(None).await.unwrap();
+    // Without a token it is refused like any request.
+    let mut connect = http::Request::builder()
+        .method("CONNECT")
+        .uri(format!("https://app.example/{pid}/port/{echo_port}/"))
+        .header("sec-websocket-version", "13")
+        .body(String::new())
+        .unwrap();
+    connect
+        .extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let r = h2.clone().send_request(connect).await.unwrap();
+    assert_eq!(r.status(), 401, "{r:?}");
+
     // A client that offers only HTTP/1.1 gets it on the same listener.
     let tls = tls_connect_offering(paddr, &[&root], &[b"http/1.1"]).await;
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));

@@ -14,10 +14,19 @@
 //! the connection-specific headers (`Connection`, `Transfer-Encoding`,
 //! `Keep-Alive`, …) of their responses.
 //!
-//! What HTTP/2 does not carry here: WebSockets. The listener does not
-//! announce extended CONNECT (RFC 8441), so browsers open their WebSockets
-//! on a connection of their own, over HTTP/1.1 (the same listener serves
-//! both).
+//! WebSockets ride the same connection (RFC 8441): the listener announces
+//! extended CONNECT, and a browser opens a WebSocket as a `CONNECT`
+//! stream with `:protocol = websocket`. The service gets it as the
+//! HTTP/1.1 handshake it knows ([`websocket_as_upgrade`]: `GET` with
+//! `Connection: upgrade`, `Upgrade: websocket` and a `Sec-WebSocket-Key`),
+//! its `101 Switching Protocols` goes to the client as the `200` RFC 8441
+//! asks for, and the stream then carries the WebSocket's frames both ways
+//! (through `hyper::upgrade::on`, as an HTTP/1.1 upgrade does). A
+//! WebSocket holds the connection open while it lasts, through the
+//! request's [`HoldWhileUpgraded`](crate::relay::HoldWhileUpgraded) where
+//! the service relays it ([`crate::relay::relay_within`]). Clients that do
+//! not use extended CONNECT open their WebSockets on a connection of their
+//! own over HTTP/1.1, as before (the same listener serves both).
 //!
 //! Limits: at most [`MAX_CONCURRENT_STREAMS`] requests at once per
 //! connection, request heads up to [`MAX_HEADER_LIST_SIZE`], at most
@@ -35,7 +44,10 @@ use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use http::header::{HeaderValue, COOKIE, HOST};
+use http::header::{
+    HeaderValue, CONNECTION, CONTENT_LENGTH, COOKIE, HOST, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY,
+    UPGRADE,
+};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
@@ -101,6 +113,76 @@ pub fn shape_as_http1<B>(req: &mut http::Request<B>) {
     *req.version_mut() = http::Version::HTTP_11;
 }
 
+/// Marks a request that came as an RFC 8441 WebSocket (an extension set
+/// by [`websocket_as_upgrade`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WebSocketOverHttp2;
+
+/// Rewrites an RFC 8441 WebSocket (`CONNECT` with `:protocol =
+/// websocket`) into the HTTP/1.1 handshake: method `GET`, `Connection:
+/// upgrade`, `Upgrade: websocket`, and a fresh `Sec-WebSocket-Key` (RFC
+/// 8441 §5 has none; the client's `Sec-WebSocket-Version`,
+/// `-Protocol` and `-Extensions` stay), marked [`WebSocketOverHttp2`].
+/// Answers whether it did; any other request is left as it is.
+pub fn websocket_as_upgrade<B>(req: &mut http::Request<B>) -> bool {
+    let websocket = req.method() == http::Method::CONNECT
+        && req
+            .extensions()
+            .get::<hyper::ext::Protocol>()
+            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"));
+    if !websocket {
+        return false;
+    }
+    *req.method_mut() = http::Method::GET;
+    let headers = req.headers_mut();
+    headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(key) = HeaderValue::from_str(&websocket_key()) {
+        headers.insert(SEC_WEBSOCKET_KEY, key);
+    }
+    req.extensions_mut().insert(WebSocketOverHttp2);
+    true
+}
+
+/// A `Sec-WebSocket-Key`: 16 bytes from a randomly seeded hash of a
+/// counter, in base64 (RFC 6455 §4.1 asks for a random nonce; it guards
+/// against caches, not attackers, and the server's accept for it is not
+/// checked here: the client of the WebSocket is the HTTP/2 one).
+fn websocket_key() -> String {
+    use base64::Engine as _;
+    use std::hash::BuildHasher as _;
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let seed = foldhash::fast::RandomState::default();
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&seed.hash_one(n).to_le_bytes());
+    bytes[8..].copy_from_slice(&seed.hash_one(!n).to_le_bytes());
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// The answer to an RFC 8441 WebSocket in HTTP/2's terms: the service's
+/// `101` becomes `200` without the handshake's headers (then the stream
+/// carries the WebSocket); a `2xx` that did not switch protocols is a
+/// failed handshake, `502` with no body (RFC 8441 leaves a `2xx` no room
+/// for one); anything else goes as it is. Answers whether the body is to
+/// be dropped.
+fn websocket_answer<B>(res: &mut http::Response<B>) -> bool {
+    let status = res.status();
+    if status == http::StatusCode::SWITCHING_PROTOCOLS {
+        *res.status_mut() = http::StatusCode::OK;
+        for h in [CONNECTION, UPGRADE, SEC_WEBSOCKET_ACCEPT, CONTENT_LENGTH] {
+            res.headers_mut().remove(h);
+        }
+        return true;
+    }
+    if status.is_success() {
+        *res.status_mut() = http::StatusCode::BAD_GATEWAY;
+        res.headers_mut().remove(CONTENT_LENGTH);
+        return true;
+    }
+    false
+}
+
 /// Serves HTTP/2 on `io` (a TLS stream whose handshake chose `h2`) with
 /// `service`, each request shaped by [`shape_as_http1`], until the client
 /// closes the connection, it goes `idle` with no request open (servers
@@ -131,6 +213,8 @@ where
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .max_header_list_size(MAX_HEADER_LIST_SIZE)
         .max_send_buf_size(MAX_SEND_BUFFER)
+        // WebSockets on the connection (RFC 8441).
+        .enable_connect_protocol()
         // Uploads: the receive window grows with the link's measured
         // bandwidth-delay product instead of staying at 1 MiB, which
         // would cap a 50 ms path at 20 MiB/s.
@@ -210,20 +294,32 @@ where
 
     fn call(&self, mut req: http::Request<Incoming>) -> Self::Future {
         let open = Open::new(&self.activity);
+        let websocket = websocket_as_upgrade(&mut req);
         shape_as_http1(&mut req);
+        let open = if websocket {
+            // Held by the request, and by a relay of its WebSocket until
+            // that ends (crate::relay::relay_within).
+            crate::relay::HoldWhileUpgraded::add(req.extensions_mut(), Arc::new(open));
+            None
+        } else {
+            Some(open)
+        };
         TrackedFuture {
             fut: self.inner.call(req),
-            open: Some(open),
+            open,
+            websocket,
         }
     }
 }
 
 pin_project_lite::pin_project! {
-    /// A response on its way, holding its request's [`Open`].
+    /// A response on its way, holding its request's [`Open`]; for an
+    /// RFC 8441 WebSocket, put in HTTP/2's terms ([`websocket_answer`]).
     struct TrackedFuture<F> {
         #[pin]
         fut: F,
         open: Option<Open>,
+        websocket: bool,
     }
 }
 
@@ -237,16 +333,22 @@ where
         let me = self.project();
         let res = ready!(me.fut.poll(cx));
         let open = me.open.take();
-        Poll::Ready(res.map(|r| r.map(|body| Tracked { body, open })))
+        let websocket = *me.websocket;
+        Poll::Ready(res.map(|mut r| {
+            let empty = websocket && websocket_answer(&mut r);
+            r.map(|body| Tracked { body, open, empty })
+        }))
     }
 }
 
 pin_project_lite::pin_project! {
-    /// A response body, holding its request's [`Open`] until it ends.
+    /// A response body, holding its request's [`Open`] until it ends;
+    /// `empty` ones end at once, whatever the service's body held.
     struct Tracked<B> {
         #[pin]
         body: B,
         open: Option<Open>,
+        empty: bool,
     }
 }
 
@@ -259,6 +361,10 @@ impl<B: Body> Body for Tracked<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let me = self.project();
+        if *me.empty {
+            me.open.take();
+            return Poll::Ready(None);
+        }
         let frame = ready!(me.body.poll_frame(cx));
         if !matches!(frame, Some(Ok(_))) {
             me.open.take();
@@ -267,11 +373,15 @@ impl<B: Body> Body for Tracked<B> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.empty || self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        if self.empty {
+            SizeHint::with_exact(0)
+        } else {
+            self.body.size_hint()
+        }
     }
 }
 
@@ -429,6 +539,125 @@ mod tests {
             .unwrap();
         assert!(t.elapsed() >= idle, "not before its idle time");
         assert!(send.send_request(get("/x")).await.is_err());
+    }
+
+    /// A server of `serve_io` whose service takes WebSocket handshakes
+    /// at `/ws` (101, then echoes bytes), answers `/plain` 200 with a
+    /// body and anything else 401; and an HTTP/2 client that has seen the
+    /// server's settings (so it may send extended CONNECT).
+    async fn websocket_pair() -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let service = hyper::service::service_fn(|mut req: http::Request<Incoming>| async move {
+            let h = |name| {
+                req.headers()
+                    .get(name)
+                    .map(|v| v.to_str().unwrap().to_string())
+            };
+            let seen = format!(
+                "{} {} {:?} upgrade={:?} connection={:?} version={:?} key_len={:?}",
+                req.method(),
+                req.uri(),
+                req.version(),
+                h("upgrade"),
+                h("connection"),
+                h("sec-websocket-version"),
+                h("sec-websocket-key").map(|k| k.len()),
+            );
+            let reply = http::Response::builder().header("x-seen", seen);
+            let r = match req.uri().path() {
+                "/ws" => {
+                    let on = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        let mut io = TokioIo::new(on.await.unwrap());
+                        let mut buf = [0u8; 4];
+                        io.read_exact(&mut buf).await.unwrap();
+                        io.write_all(&buf).await.unwrap();
+                    });
+                    reply
+                        .status(101)
+                        .header("upgrade", "websocket")
+                        .header("connection", "upgrade")
+                        .header("sec-websocket-accept", "x")
+                        .body(Full::new(Bytes::new()))
+                }
+                "/plain" => reply.body(Full::new(Bytes::from("not a websocket"))),
+                _ => reply.status(401).body(Full::new(Bytes::from("no token"))),
+            };
+            Ok::<_, std::convert::Infallible>(r.unwrap())
+        });
+        tokio::spawn(serve_io(
+            server,
+            service,
+            std::future::pending(),
+            IDLE_TIMEOUT,
+        ));
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(client))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        // One plain request first: its answer comes after the settings.
+        send.send_request(get("/plain")).await.unwrap();
+        send
+    }
+
+    fn websocket(path: &str) -> http::Request<Full<Bytes>> {
+        let mut req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(format!("https://app.example{path}"))
+            .header("sec-websocket-version", "13")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        req.extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        req
+    }
+
+    #[tokio::test]
+    async fn websockets_over_http2_reach_the_service_as_http1_upgrades() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut send = websocket_pair().await;
+        let r = send.send_request(websocket("/ws?t=1")).await.unwrap();
+        assert_eq!(r.status(), 200, "{r:?}");
+        assert!(!r.headers().contains_key("sec-websocket-accept"), "{r:?}");
+        assert_eq!(
+            r.headers()["x-seen"],
+            "GET /ws?t=1 HTTP/1.1 upgrade=Some(\"websocket\") connection=Some(\"upgrade\") \
+             version=Some(\"13\") key_len=Some(24)"
+        );
+        let mut io = TokioIo::new(hyper::upgrade::on(r).await.unwrap());
+        io.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        io.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+        // The connection serves other requests meanwhile.
+        let r = send.send_request(get("/plain")).await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+
+    #[tokio::test]
+    async fn a_websocket_the_service_refuses_or_does_not_switch_fails_cleanly() {
+        let mut send = websocket_pair().await;
+        // A refusal goes as it is, body and all.
+        let r = send.send_request(websocket("/nope")).await.unwrap();
+        assert_eq!(r.status(), 401);
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "no token");
+        // A 200 to a handshake is no WebSocket: 502, without the body.
+        let r = send.send_request(websocket("/plain")).await.unwrap();
+        assert_eq!(r.status(), 502);
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        assert!(body.is_empty(), "{body:?}");
+        // Plain CONNECT (no :protocol) is not turned into anything.
+        let mut plain = websocket("/ws");
+        plain.extensions_mut().remove::<hyper::ext::Protocol>();
+        *plain.uri_mut() = "app.example:443".parse().unwrap();
+        let r = send.send_request(plain).await.unwrap();
+        assert!(r.headers()["x-seen"]
+            .to_str()
+            .unwrap()
+            .starts_with("CONNECT "));
     }
 
     #[tokio::test]

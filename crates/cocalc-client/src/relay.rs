@@ -30,6 +30,23 @@ pub const UPGRADE_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Clone)]
 pub struct HoldWhileUpgraded(pub std::sync::Arc<dyn std::any::Any + Send + Sync>);
 
+impl HoldWhileUpgraded {
+    /// Adds `item` to what a request's `extensions` hold while upgraded,
+    /// keeping what they held already (several layers of a server each
+    /// have something to hold: a connection slot, an HTTP/2 stream).
+    pub fn add(
+        extensions: &mut http::Extensions,
+        item: std::sync::Arc<dyn std::any::Any + Send + Sync>,
+    ) {
+        let held: std::sync::Arc<dyn std::any::Any + Send + Sync> =
+            match extensions.remove::<HoldWhileUpgraded>() {
+                Some(HoldWhileUpgraded(before)) => std::sync::Arc::new((before, item)),
+                None => item,
+            };
+        extensions.insert(HoldWhileUpgraded(held));
+    }
+}
+
 impl std::fmt::Debug for HoldWhileUpgraded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("HoldWhileUpgraded")

@@ -293,7 +293,7 @@ where
         }
         if let Some(hold) = &self.ticket.hold {
             if req.headers().contains_key(header::UPGRADE) {
-                req.extensions_mut().insert(hold.clone());
+                HoldWhileUpgraded::add(req.extensions_mut(), hold.0.clone());
             }
         }
         if let Some(w) = &mut pending {

@@ -1596,9 +1596,7 @@ impl Ingress {
         parts.headers.insert(X_FORWARDED_PROTO, proto);
         if parts.headers.contains_key(header::UPGRADE) {
             // A WebSocket keeps its connection's slot until it closes.
-            parts
-                .extensions
-                .insert(cocalc_client::relay::HoldWhileUpgraded(peer.conn.clone()));
+            cocalc_client::relay::HoldWhileUpgraded::add(&mut parts.extensions, peer.conn.clone());
         }
         let mut req = http::Request::from_parts(parts, body);
         self.address(&mut req, route, client_host.as_ref());
