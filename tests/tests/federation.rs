@@ -2619,17 +2619,21 @@ async fn ingress_over_https_answers_as_over_http() {
     assert_eq!(status, 401);
     // A WebSocket on the same HTTP/2 connection (RFC 8441), to the echo
     // server in the project, while the connection serves requests too.
-    let mut connect = http::Request::builder()
-        .method("CONNECT")
-        .uri(format!("https://app.example/{pid}/port/{echo_port}/"))
-        .header("authorization", format!("Bearer {}", o.token))
-        .header("sec-websocket-version", "13")
-        .body(String::new())
-        .unwrap();
-    connect
-        .extensions_mut()
-        .insert(hyper::ext::Protocol::from_static("websocket"));
-    let r = h2.clone().send_request(connect).await.unwrap();
+    let websocket = |token: Option<&str>| {
+        let mut connect = http::Request::builder()
+            .method("CONNECT")
+            .uri(format!("https://app.example/{pid}/port/{echo_port}/"))
+            .header("sec-websocket-version", "13");
+        if let Some(t) = token {
+            connect = connect.header("authorization", format!("Bearer {t}"));
+        }
+        let mut connect = connect.body(String::new()).unwrap();
+        connect
+            .extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        h2.clone().send_request(connect)
+    };
+    let r = websocket(Some(&o.token)).await.unwrap();
     assert_eq!(r.status(), 200, "{r:?}");
     let stream = hyper::upgrade::on(r).await.unwrap();
     let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
@@ -2656,16 +2660,7 @@ async fn ingress_over_https_answers_as_over_http() {
     }
     ws.close(None).await.unwrap();
     // Without a token it is refused like any request.
-    let mut connect = http::Request::builder()
-        .method("CONNECT")
-        .uri(format!("https://app.example/{pid}/port/{echo_port}/"))
-        .header("sec-websocket-version", "13")
-        .body(String::new())
-        .unwrap();
-    connect
-        .extensions_mut()
-        .insert(hyper::ext::Protocol::from_static("websocket"));
-    let r = h2.clone().send_request(connect).await.unwrap();
+    let r = websocket(None).await.unwrap();
     assert_eq!(r.status(), 401, "{r:?}");
 
     // A client that offers only HTTP/1.1 gets it on the same listener.
