@@ -18,8 +18,11 @@
 //! Over TLS, the proxy and nginx are also measured with HTTP/2 as a
 //! browser speaks it (the "HTTP/2" rows): every client of the run shares
 //! one connection, each request a stream of its own (the 4 downloads of
-//! "x4" too). The other TLS rows stay HTTP/1.1, a connection per client;
-//! WebSockets are HTTP/1.1 on every row.
+//! "x4" too). The other TLS rows stay HTTP/1.1, a connection per client.
+//! WebSockets are HTTP/1.1 on every row but the proxy's HTTP/2 one, where
+//! the WebSocket rides an HTTP/2 connection (RFC 8441, extended CONNECT,
+//! as Chrome and Firefox use it when offered); nginx's HTTP/2 row keeps
+//! an HTTP/1.1 WebSocket.
 //!
 //! Run: `cargo bench -p cocalc-daemons --bench proxy` (`-- --secs 3
 //! --conns 32`, `--only tunnel` for the routes whose name contains
@@ -335,6 +338,33 @@ async fn websocket(url: &str, token: &str, secs: f64) -> f64 {
         let (ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
         receive(ws, secs).await
     }
+}
+
+/// [`websocket`] on an HTTP/2 connection (RFC 8441: extended CONNECT):
+/// a GET of `url` first, so the client has the server's settings (which
+/// allow extended CONNECT), then `CONNECT {url}ws` with `:protocol =
+/// websocket` on the same connection.
+async fn websocket_h2(url: &str, token: &str, secs: f64) -> f64 {
+    let h2 = H2::connect(url).await;
+    drain(h2.clone().get(url, token).await.into_body(), None).await;
+    let (_, mut send) = h2.conn.lock().unwrap().clone();
+    let mut req = hyper::Request::connect(format!("{url}ws"))
+        .header("authorization", format!("Bearer {token}"))
+        .header("sec-websocket-version", "13")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let r = send.send_request(req).await.unwrap();
+    assert_eq!(r.status(), 200, "{url}ws over HTTP/2");
+    let stream = hyper::upgrade::on(r).await.unwrap();
+    let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        hyper_util::rt::TokioIo::new(stream),
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        None,
+    )
+    .await;
+    receive(ws, secs).await
 }
 
 /// Bytes/s received on `ws` over `secs`.
@@ -816,7 +846,13 @@ async fn main() {
                 ms_per_gib(own_cpu_time() - before.2),
             );
             let four = download(&format!("{url}big"), token, 4, secs, h2).await;
-            let ws = websocket(&format!("{url}ws"), token, secs).await;
+            // The proxy's HTTP/2 row opens its WebSocket on an HTTP/2
+            // connection (RFC 8441), as Chrome and Firefox do there.
+            let ws = if *name == "via cocalc-proxy HTTP/2" {
+                websocket_h2(url, token, secs).await
+            } else {
+                websocket(&format!("{url}ws"), token, secs).await
+            };
             println!(
                 "{name:<24} x1 {}   x4 {}   websocket {}   ({cpu})",
                 mib(one),
