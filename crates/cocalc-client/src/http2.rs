@@ -661,6 +661,75 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_relayed_websocket_keeps_its_connection_from_closing_as_idle() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // A backend that answers handshakes with 101 and then echoes
+        // until its client is done, and anything else with 200.
+        let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = backend.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = backend.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    while !head.ends_with(b"\r\n\r\n") {
+                        let mut b = [0u8; 1];
+                        if s.read(&mut b).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(b[0]);
+                    }
+                    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                    if !head.contains("\r\nupgrade: websocket\r\n") {
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await;
+                        return;
+                    }
+                    let _ = s
+                        .write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n")
+                        .await;
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        let service = hyper::service::service_fn(move |req: http::Request<Incoming>| async move {
+            let conn = tokio::net::TcpStream::connect(at).await.unwrap();
+            let r = crate::relay::relay_within(Box::new(conn), req, Duration::from_secs(5)).await;
+            Ok::<_, std::convert::Infallible>(r.unwrap())
+        });
+        let idle = Duration::from_secs(1);
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let served = tokio::spawn(serve_io(server, service, std::future::pending(), idle));
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(client))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        assert_eq!(send.send_request(get("/")).await.unwrap().status(), 200);
+        let r = send.send_request(websocket("/ws")).await.unwrap();
+        assert_eq!(r.status(), 200, "{r:?}");
+        let mut ws = TokioIo::new(hyper::upgrade::on(r).await.unwrap());
+        // Open well past the idle time, with no request: still served.
+        tokio::time::sleep(idle * 5 / 2).await;
+        assert!(!served.is_finished(), "closed under an open WebSocket");
+        ws.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        ws.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+        let r = send.send_request(get("/")).await.unwrap();
+        assert_eq!(r.status(), 200);
+        // Once it closes, the connection is idle again, and closes.
+        ws.shutdown().await.unwrap();
+        drop(ws);
+        tokio::time::timeout(idle * 5, served)
+            .await
+            .expect("the idle connection closed after its WebSocket")
+            .unwrap();
+    }
+
+    #[tokio::test]
     async fn stop_lets_an_open_request_finish() {
         let (mut send, served, stop) = pair(IDLE_TIMEOUT, Duration::from_millis(300)).await;
         let r = send.send_request(get("/slow")).await.unwrap();
