@@ -380,46 +380,72 @@ async fn ssh_behind_a_balancer_caps_the_clients_its_headers_name() {
     f.shut_down().await;
 }
 
-/// With the master away nobody can check a key: every login is refused,
-/// the registered key's as a stranger's, and nothing is audited as a
-/// grant. (They used to be let in as "pending", as when the master
+/// With the master away nobody can check a key: a login is let in only
+/// with a grant the master gave this proxy for that project and key
+/// before, while its token has a minute left. Every other login is
+/// refused, a registered key's as a stranger's, and none is audited as a
+/// grant. (Logins used to be let in as "pending", as when the master
 /// checked the key but could not open the project yet.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ssh_logins_are_refused_while_the_master_is_away() {
+async fn ssh_logins_while_the_master_is_away_need_an_earlier_grant() {
     let mut f = federation().await;
     let user = f.user_name();
     let ok = f.ssh(&f.key, &user, &["echo in"], None).await;
     assert_eq!(String::from_utf8_lossy(&ok.stdout), "in\n", "{ok:?}");
+    // A second registered key, never used through this proxy.
+    let unused = f.root.join("unused_key");
+    f.user.add_ssh_key(&keygen(&unused)).await.unwrap();
     // The master is the first task of the fixture.
     let _ = f.stops[0].send(true);
     let master = f.tasks.remove(0);
     let _ = tokio::time::timeout(Duration::from_secs(10), master).await;
-    let granted_before = f
-        .audit
-        .records()
-        .iter()
-        .filter(|r| r.reason == "granted")
-        .count();
+    let grants = |f: &Fed| {
+        f.audit
+            .records()
+            .into_iter()
+            .filter(|r| r.reason == "granted")
+            .collect::<Vec<_>>()
+    };
+    let granted_before = grants(&f).len();
+
+    let again = f.ssh(&f.key, &user, &["echo in"], None).await;
+    assert_eq!(
+        (again.status.code(), String::from_utf8_lossy(&again.stdout)),
+        (Some(0), "in\n".into()),
+        "{again:?}"
+    );
+    let granted = grants(&f);
+    assert_eq!(granted.len(), granted_before + 1, "{granted:?}");
+    assert!(
+        granted[granted_before].detail.contains("earlier grant"),
+        "{:?}",
+        granted[granted_before]
+    );
+
     let stranger = f.root.join("stranger_key");
     keygen(&stranger);
-    let known = f.ssh(&f.key, &user, &["echo in"], None).await;
+    let registered = f.ssh(&unused, &user, &["echo in"], None).await;
     let unknown = f.ssh(&stranger, &user, &["echo in"], None).await;
-    for o in [&known, &unknown] {
+    for o in [&registered, &unknown] {
         assert_eq!(o.status.code(), Some(255), "{o:?}");
         assert!(o.stdout.is_empty(), "{o:?}");
     }
     assert_eq!(
-        refusal_text(&known, &user),
+        refusal_text(&registered, &user),
         refusal_text(&unknown, &user),
         "the registered key is not told apart"
     );
-    let records = f.audit.records();
+    // Past its token's life the earlier grant is not used either.
+    f.clock.advance(Duration::from_secs(11 * 60));
+    let late = f.ssh(&f.key, &user, &["echo in"], None).await;
+    assert_eq!(late.status.code(), Some(255), "{late:?}");
     assert_eq!(
-        records.iter().filter(|r| r.reason == "granted").count(),
-        granted_before,
-        "no grant without the master"
+        refusal_text(&late, &user),
+        refusal_text(&unknown, &user),
+        "refused alike"
     );
-    assert!(records.iter().any(|r| r.reason == "master_error"));
+    assert_eq!(grants(&f).len(), granted_before + 1, "no other grant");
+    assert!(f.audit.records().iter().any(|r| r.reason == "master_error"));
     f.shut_down().await;
 }
 
