@@ -2267,7 +2267,39 @@ async fn ingress_access_log_records_each_request() {
         ws.close(None).await.unwrap();
         while ws.next().await.is_some() {}
     }
-    // 10. A download of 48 MiB the client leaves after 1 MiB (it resets
+    // 10. The same WebSocket over HTTP/2 (RFC 8441): logged as the
+    // HTTP/1.1 handshake it is handed on as, with the client's version.
+    {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        let mut connect = http::Request::builder()
+            .method("CONNECT")
+            .uri(format!("https://app.example/{pid}/port/{echo}/h2ws"))
+            .header("authorization", format!("Bearer {}", o.token))
+            .header("sec-websocket-version", "13")
+            .body(String::new())
+            .unwrap();
+        connect
+            .extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        let r = h2.send_request(connect).await.unwrap();
+        assert_eq!(r.status(), 200, "{r:?}");
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            hyper_util::rt::TokioIo::new(hyper::upgrade::on(r).await.unwrap()),
+            tokio_tungstenite::tungstenite::protocol::Role::Client,
+            None,
+        )
+        .await;
+        ws.send(Message::text("hello")).await.unwrap();
+        ws.send(Message::binary(vec![1u8; 10_000])).await.unwrap();
+        for want in [5, 10_000] {
+            assert_eq!(ws.next().await.unwrap().unwrap().len(), want);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        ws.close(None).await.unwrap();
+        while ws.next().await.is_some() {}
+    }
+    // 11. A download of 48 MiB the client leaves after 1 MiB (it resets
     // the connection): spliced too, and the line counts what got out,
     // more than the client read (socket buffers) and less than all.
     let huge_len = 48 << 20;
@@ -2287,8 +2319,8 @@ async fn ingress_access_log_records_each_request() {
         s.set_zero_linger().unwrap();
     }
 
-    eventually("ten lines written", Duration::from_secs(10), || async {
-        log.written() == 10
+    eventually("eleven lines written", Duration::from_secs(10), || async {
+        log.written() == 11
     })
     .await;
     let text = std::fs::read_to_string(&log_path).unwrap();
@@ -2359,6 +2391,14 @@ async fn ingress_access_log_records_each_request() {
         ),
         (
             "GET",
+            format!("/{pid}/port/{echo}/h2ws"),
+            101,
+            true,
+            true,
+            "HTTP/2",
+        ),
+        (
+            "GET",
             format!("/{pid}/files/huge.bin"),
             200,
             true,
@@ -2425,7 +2465,7 @@ async fn ingress_access_log_records_each_request() {
     proxy_metrics_show(
         &ingress,
         &[
-            "cocalc_proxy_access_log_lines_total{result=\"written\"} 10",
+            "cocalc_proxy_access_log_lines_total{result=\"written\"} 11",
             "cocalc_proxy_access_log_lines_total{result=\"dropped\"} 0",
         ],
     );
