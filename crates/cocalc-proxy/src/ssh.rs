@@ -36,7 +36,10 @@
 //! Connect tokens live for minutes; a long SSH connection asks the master
 //! again for a fresh one before opening a channel with a token about to
 //! expire, and uses the one it has while it is valid if the master cannot
-//! be asked.
+//! be asked. When the master accepts the key but cannot open the project
+//! yet (its host is down, no host has room), the login stands and each
+//! channel tries again, printing why it cannot run (`cocalc: …` on
+//! standard error, exit status 255).
 //!
 //! **While the master is away** (it cannot be reached, or something in
 //! front of it answers for it), a login with a key the master granted
@@ -45,11 +48,9 @@
 //! the last grant per project and key, at most [`REMEMBERED_GRANTS`]).
 //! Nothing is granted that the master did not grant: the token is the
 //! master's, and the host checks it as always. Any answer of the master
-//! itself (a refusal, an error) is obeyed; such logins are audited as
-//! granted "from the master's earlier grant". When the master accepts the key but cannot open the project
-//! yet (its host is down, no host has room), the login stands and each
-//! channel tries again, printing why it cannot run (`cocalc: …` on
-//! standard error, exit status 255).
+//! itself (a refusal, an error) is obeyed; logins let in this way are
+//! audited as granted "from the master's earlier grant". Every other
+//! login is refused while the master is away, as nobody can check it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
