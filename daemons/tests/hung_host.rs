@@ -144,6 +144,24 @@ fn requests_to_a_hung_host_end_and_slow_projects_are_waited_for() {
         "{o:?}"
     );
 
+    // A download under way when the host stops (64 MiB: more than the
+    // socket buffers and the proxy's pipe hold), its first MiB read.
+    let (s, body) = exec("head -c 67108864 /dev/zero > big.bin");
+    assert_eq!(s, 200, "{body}");
+    let mut download = {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(
+            c,
+            "GET /{project}/files/big.bin HTTP/1.1\r\nHost: p\r\nAuthorization: Bearer {token}\r\n\r\n"
+        )
+        .unwrap();
+        let mut first = vec![0u8; 1 << 20];
+        c.read_exact(&mut first).unwrap();
+        assert!(first.starts_with(b"HTTP/1.1 200"), "{:?}", &first[..64]);
+        c
+    };
+
     // The host's program stops; its kernel still accepts connections.
     signal(host.child.id(), "-STOP");
     let started = Instant::now();
@@ -183,6 +201,30 @@ fn requests_to_a_hung_host_end_and_slow_projects_are_waited_for() {
         metric(&m, "cocalc_proxy_host_checks_total{result=\"silent\"}") >= 1.0,
         "{m}"
     );
+
+    // The download ends cut short rather than wait without end (here
+    // read after the checks above, so within the time they took).
+    {
+        use std::io::Read;
+        download
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut rest = Vec::new();
+        let r = download.read_to_end(&mut rest);
+        assert!(
+            !r.as_ref().is_err_and(|e| matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            )),
+            "the download still waits: {r:?} after {} more bytes",
+            rest.len()
+        );
+        assert!(
+            rest.len() + (1 << 20) < 64 << 20,
+            "the whole file came ({} bytes) from a stopped host",
+            rest.len()
+        );
+    }
 
     // The master's one-call exec to the stopped host ends once the host's
     // lease runs out (15 s or so here), with the same code.

@@ -304,7 +304,10 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Upstream<K> {
                 home: head.reusable.then(|| (self.shared.clone(), key)),
             })),
         };
-        let mut resp = http::Response::new(ResponseBody { kind });
+        let mut resp = http::Response::new(ResponseBody {
+            kind,
+            watching: None,
+        });
         *resp.status_mut() = head.status;
         *resp.headers_mut() = head.headers;
         resp
@@ -570,6 +573,100 @@ fn frame(
 /// body closes the connection.
 pub struct ResponseBody<K> {
     kind: Kind<K>,
+    /// Set by [`ResponseBody::watched`].
+    watching: Option<Box<Watching>>,
+}
+
+/// What tells a body that its upstream's program has stopped (hung while
+/// its kernel keeps the connection open, so nothing ever arrives and
+/// nothing fails): the proxy's host watch. A body given one
+/// ([`ResponseBody::watched`]) waits on it while it has nothing to hand
+/// out, and ends with a `TimedOut` error once it reports the upstream
+/// silent.
+pub trait Silence: Send + Sync {
+    /// A wait on the upstream begins.
+    fn begin_wait(&self);
+    /// The wait ends; `heard`: because bytes came.
+    fn end_wait(&self, heard: bool);
+    /// Completes, saying why, when the upstream is found silent while
+    /// waits on it are open (a wait that began after the finding waits
+    /// for the next one).
+    fn silent(&self) -> Pin<Box<dyn std::future::Future<Output = String> + Send>>;
+}
+
+/// A body's waits under a [`Silence`].
+struct Watching {
+    by: Arc<dyn Silence>,
+    waiting: bool,
+    /// Made at the first wait, kept (registered) until the body ends.
+    silent: Option<Pin<Box<dyn std::future::Future<Output = String> + Send>>>,
+}
+
+impl Watching {
+    /// `inner`, a poll of the body's bytes, under the watch: a pending
+    /// one waits (and fails if the upstream is found silent), a ready
+    /// one ends the wait.
+    fn poll<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        inner: Poll<Option<io::Result<T>>>,
+    ) -> Poll<Option<io::Result<T>>> {
+        match inner {
+            Poll::Ready(r) => {
+                self.end(matches!(r, Some(Ok(_))));
+                Poll::Ready(r)
+            }
+            Poll::Pending => match self.poll_silent(cx) {
+                Poll::Ready(e) => Poll::Ready(Some(Err(e))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    /// Begins a wait (if none is open) and polls for the finding that
+    /// the upstream is silent, as the error to end the body with.
+    fn poll_silent(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        if !self.waiting {
+            self.waiting = true;
+            self.by.begin_wait();
+        }
+        let by = &self.by;
+        let silent = self.silent.get_or_insert_with(|| by.silent());
+        let why = ready!(silent.as_mut().poll(cx));
+        self.silent = None;
+        self.end(false);
+        Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, why))
+    }
+
+    fn end(&mut self, heard: bool) {
+        if self.waiting {
+            self.waiting = false;
+            self.by.end_wait(heard);
+        }
+    }
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        self.end(false);
+    }
+}
+
+impl<K> ResponseBody<K> {
+    /// This body, reading under `silence` (made only if the body is
+    /// still to be read from its connection): it ends with a `TimedOut`
+    /// error rather than wait without end on an upstream found silent,
+    /// whether it is polled or spliced.
+    pub fn watched(mut self, silence: impl FnOnce() -> Arc<dyn Silence>) -> Self {
+        if matches!(self.kind, Kind::Stream(_)) {
+            self.watching = Some(Box::new(Watching {
+                by: silence(),
+                waiting: false,
+                silent: None,
+            }));
+        }
+        self
+    }
 }
 
 impl<K> std::fmt::Debug for ResponseBody<K> {
@@ -785,7 +882,27 @@ impl<K: Hash + Eq> ResponseBody<K> {
         let Some(src) = Self::tcp(s) else {
             return Err(protocol("splice_rest without splice_plan"));
         };
-        match crate::splice::splice_exact(src, dst, n, pipe, moved).await {
+        let spliced = crate::splice::splice_exact(src, dst, n, pipe, moved);
+        let spliced = match self.watching.as_mut() {
+            None => spliced.await,
+            Some(w) => {
+                // One wait for the whole splice (a long one is checked
+                // every so often, and the host answers).
+                let mut spliced = std::pin::pin!(spliced);
+                std::future::poll_fn(|cx| {
+                    if let Poll::Ready(r) = std::future::Future::poll(spliced.as_mut(), cx) {
+                        w.end(r.is_ok());
+                        return Poll::Ready(r);
+                    }
+                    w.poll_silent(cx).map(Err)
+                })
+                .await
+            }
+        };
+        let Kind::Stream(s) = &mut self.kind else {
+            return Err(protocol("splice_rest without splice_plan"));
+        };
+        match spliced {
             Ok(()) => {
                 s.finish();
                 Ok(())
@@ -808,9 +925,17 @@ impl<K: Hash + Eq + Unpin> http_body::Body for ResponseBody<K> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
-        match &mut self.get_mut().kind {
+        let me = self.get_mut();
+        match &mut me.kind {
             Kind::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            Kind::Stream(s) => s.poll_next(cx).map(|o| o.map(|r| r.map(Frame::data))),
+            Kind::Stream(s) => {
+                let next = s.poll_next(cx);
+                let next = match me.watching.as_mut() {
+                    Some(w) => w.poll(cx, next),
+                    None => next,
+                };
+                next.map(|o| o.map(|r| r.map(Frame::data)))
+            }
         }
     }
 
@@ -1163,6 +1288,109 @@ mod tests {
         let (_, b) = get(&up, &script, "GET").await.unwrap();
         assert_eq!(b, b"hello");
         assert_eq!(script.connects(), 2);
+    }
+
+    /// A [`Silence`] the test fires, counting the waits open.
+    #[derive(Default)]
+    struct FakeSilence {
+        waits: std::sync::atomic::AtomicI64,
+        heard: AtomicUsize,
+        fire: Arc<tokio::sync::Notify>,
+    }
+
+    impl Silence for FakeSilence {
+        fn begin_wait(&self) {
+            self.waits.fetch_add(1, Ordering::SeqCst);
+        }
+        fn end_wait(&self, heard: bool) {
+            self.waits.fetch_sub(1, Ordering::SeqCst);
+            if heard {
+                self.heard.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        fn silent(&self) -> Pin<Box<dyn std::future::Future<Output = String> + Send>> {
+            let fire = self.fire.clone();
+            Box::pin(async move {
+                fire.notified().await;
+                "the upstream stopped".to_string()
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_watched_body_waiting_on_a_silent_upstream_ends_with_an_error() {
+        // 10 of 100 bytes, then nothing, the connection held open.
+        let partial = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789";
+        let script = Script::new(&[&[partial, OK]]);
+        let up = Upstream::new(4);
+        let resp = up
+            .send(1, &parts("GET", &[]), &[], || script.connect())
+            .await
+            .unwrap();
+        let fake = Arc::new(FakeSilence::default());
+        let by: Arc<dyn Silence> = fake.clone();
+        let mut body = resp.into_body().watched(|| by);
+        let mut got = Vec::new();
+        let waiting = tokio::spawn(async move {
+            loop {
+                match body.frame().await {
+                    Some(Ok(f)) => got.extend_from_slice(&f.into_data().unwrap()),
+                    other => return (other.map(|r| r.map(|_| ())), got),
+                }
+            }
+        });
+        for _ in 0..100 {
+            if fake.waits.load(Ordering::SeqCst) == 1 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(fake.waits.load(Ordering::SeqCst), 1, "a wait is open");
+        assert!(!waiting.is_finished());
+        fake.fire.notify_waiters();
+        let (end, got) = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("the body ended")
+            .unwrap();
+        assert_eq!(got, b"0123456789");
+        let e = end.unwrap().unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert_eq!(e.to_string(), "the upstream stopped");
+        assert_eq!(fake.waits.load(Ordering::SeqCst), 0, "the wait ended");
+        assert_eq!(up.idle(&1), 0, "a cut body's connection is not reused");
+    }
+
+    #[tokio::test]
+    async fn a_watched_body_that_keeps_coming_ends_its_waits_as_heard() {
+        // A body already read whole is not watched at all.
+        let script = Script::new(&[&[OK]]);
+        let up = Upstream::new(4);
+        let resp = up
+            .send(1, &parts("GET", &[]), &[], || script.connect())
+            .await
+            .unwrap();
+        let fake = Arc::new(FakeSilence::default());
+        let by: Arc<dyn Silence> = fake.clone();
+        let body = resp.into_body().watched(|| by);
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "hello");
+        assert_eq!(fake.heard.load(Ordering::SeqCst), 0);
+        // One trickling in byte by byte waits between bytes, and each
+        // wait ends as heard.
+        let slow = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: 300\r\n\r\n{}",
+            "y".repeat(300)
+        );
+        let mut script = Script::new(&[&[slow.as_bytes()]]);
+        script.trickle = true;
+        let resp = up
+            .send(2, &parts("GET", &[]), &[], || script.connect())
+            .await
+            .unwrap();
+        let by: Arc<dyn Silence> = fake.clone();
+        let body = resp.into_body().watched(|| by);
+        assert_eq!(body.collect().await.unwrap().to_bytes().len(), 300);
+        assert!(fake.heard.load(Ordering::SeqCst) >= 1);
+        assert_eq!(fake.waits.load(Ordering::SeqCst), 0, "no wait left open");
     }
 
     #[tokio::test]

@@ -1085,6 +1085,21 @@ impl Ingress {
         logged(seen, r)
     }
 
+    /// `body`, from the host `route` leads to, under the host watch: it
+    /// ends rather than wait without end on a host that hangs while it
+    /// is sent ([`HostWatch::silence`]).
+    fn watch_body(
+        &self,
+        body: cocalc_client::upstream::ResponseBody<HostId>,
+        route: &Route,
+    ) -> cocalc_client::upstream::ResponseBody<HostId> {
+        let watch = &self.lookup.watch;
+        if watch.after().is_zero() {
+            return body;
+        }
+        body.watched(|| watch.silence(&route.watched))
+    }
+
     /// [`Marks`] for a request on the lean path (HTTP/1.1), if draining.
     fn lean_marks(&self, headers: &http::HeaderMap) -> Option<Marks> {
         self.draining().then(|| Marks {
@@ -1123,7 +1138,7 @@ impl Ingress {
         let mut r = match self.lookup.watch.answer(&route.watched, answer).await {
             Ok(mut r) => {
                 self.check_peer_answer(host, &route, r.status(), r.headers_mut());
-                r.map(LeanBody::Upstream)
+                r.map(|b| LeanBody::Upstream(self.watch_body(b, &route)))
             }
             Err(e) => self
                 .forward_failed(project, host, peer, &e)
@@ -1586,7 +1601,7 @@ impl Ingress {
         let (mut parts, body) = req.into_parts();
         if cocalc_client::upstream::takes(&parts, &body) {
             let resp = self.send_lean(host, route, peer, &parts).await?;
-            return Ok(resp.map(|b| Either::Left(Either::Right(b))));
+            return Ok(resp.map(|b| Either::Left(Either::Right(self.watch_body(b, route)))));
         }
         let xff = forwarded_for(&parts, peer);
         let client_host = parts.headers.remove(header::HOST);

@@ -18,6 +18,12 @@
 //! it is checked again after another `after`. A host that does not ends
 //! every request then waiting on it with 504 `host_not_responding`.
 //!
+//! Bodies are watched too ([`HostWatch::silence`]): a body the host stops
+//! sending midway leaves its client waiting as surely as a missing
+//! answer. While a body has nothing to hand out (or is being spliced) it
+//! counts as a request waiting on its host, and a check that finds the
+//! host silent ends it with an error, which cuts the answer off.
+//!
 //! So one check runs per host at a time, however many requests wait on
 //! it; a host that keeps answering something is never checked; and a
 //! request pays two atomic counts and a wake-up registration, not a timer
@@ -51,6 +57,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use cocalc_client::upstream::Silence;
 use cocalc_core::{ApiError, HostEndpoint, HostId, Transport};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
@@ -221,6 +228,21 @@ impl HostWatch {
         }
     }
 
+    /// The watch over an answer's body from the host `watched` stands for
+    /// ([`cocalc_client::upstream::ResponseBody::watched`]). A body waits
+    /// on the host while it has nothing to hand out (or while it is
+    /// spliced), counted with the requests waiting for answers; when a
+    /// check finds the host silent, the body ends with an error
+    /// (`TimedOut`), so its client sees the answer cut short instead of
+    /// waiting without end. (With [`HostWatch::after`] zero nothing is
+    /// checked, so nothing ends.)
+    pub fn silence(&self, watched: &Arc<Watched>) -> Arc<dyn Silence> {
+        Arc::new(BodyWatch {
+            inner: self.inner.clone(),
+            watched: watched.clone(),
+        })
+    }
+
     /// Forgets what is known of `host` (a host gone from the fleet),
     /// unless requests wait on it now: those stay watched, and a later
     /// [`HostWatch::host`] gives the same state.
@@ -232,6 +254,48 @@ impl HostWatch {
         {
             hosts.remove(&host);
         }
+    }
+}
+
+/// A body's waits on its host ([`HostWatch::silence`]).
+struct BodyWatch {
+    inner: Arc<Inner>,
+    watched: Arc<Watched>,
+}
+
+impl Silence for BodyWatch {
+    fn begin_wait(&self) {
+        if self.watched.waiting.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.watched
+                .heard_ms
+                .store(self.inner.now(), Ordering::Relaxed);
+        }
+    }
+
+    fn end_wait(&self, heard: bool) {
+        if heard {
+            self.watched
+                .heard_ms
+                .store(self.inner.now(), Ordering::Relaxed);
+        }
+        self.watched.waiting.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    fn silent(&self) -> Pin<Box<dyn Future<Output = String> + Send>> {
+        let (watched, after) = (self.watched.clone(), self.inner.after);
+        Box::pin(async move {
+            watched.silent.notified().await;
+            let why = watched
+                .failure
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .unwrap_or_else(|| Arc::from("no answer"));
+            format!(
+                "{HOST_NOT_RESPONDING}: the host sent nothing for {after:?}, and did not \
+                 answer its health check either: {why}"
+            )
+        })
     }
 }
 
