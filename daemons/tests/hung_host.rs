@@ -58,7 +58,8 @@ fn signal(pid: u32, sig: &str) {
 }
 
 /// A server for the project: `GET /<s>` answers `slow-ok` after `s`
-/// seconds.
+/// seconds; any `POST` answers 4,000,000 bytes, of which it sends
+/// 100,000 and then, a minute later, the rest.
 const SLOW_SERVER: &str = r#"
 import http.server, sys, time
 class H(http.server.BaseHTTPRequestHandler):
@@ -66,6 +67,12 @@ class H(http.server.BaseHTTPRequestHandler):
         time.sleep(float(self.path.strip("/") or 0))
         self.send_response(200); self.send_header("content-length", "7"); self.end_headers()
         self.wfile.write(b"slow-ok")
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(200); self.send_header("content-length", "4000000"); self.end_headers()
+        self.wfile.write(b"p" * 100000); self.wfile.flush()
+        time.sleep(60)
+        self.wfile.write(b"p" * 3900000)
     def log_message(self, *a): pass
 http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 "#;
@@ -162,6 +169,38 @@ fn requests_to_a_hung_host_end_and_slow_projects_are_waited_for() {
         c
     };
 
+    // And an answer to a POST (hyper's path), its first 100,000 bytes
+    // read, the rest a minute off.
+    let mut posted = {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(
+            c,
+            "POST /{project}/port/{app}/stream HTTP/1.1\r\nHost: p\r\nAuthorization: Bearer {token}\r\n\
+             content-length: 1\r\n\r\nx"
+        )
+        .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 65536];
+        let body_at = |got: &[u8]| got.windows(4).position(|w| w == b"\r\n\r\n").map(|h| h + 4);
+        while body_at(&got).is_none_or(|b| got.len() - b < 100_000) {
+            let n = c.read(&mut buf).unwrap();
+            assert!(
+                n > 0,
+                "closed early: {:?}",
+                String::from_utf8_lossy(&got[..got.len().min(200)])
+            );
+            got.extend_from_slice(&buf[..n]);
+        }
+        // (HTTP/1.0: the version the project's server answers in.)
+        assert!(
+            got.starts_with(b"HTTP/1.") && got[8..].starts_with(b" 200 "),
+            "{:?}",
+            String::from_utf8_lossy(&got[..64])
+        );
+        c
+    };
+
     // The host's program stops; its kernel still accepts connections.
     signal(host.child.id(), "-STOP");
     let started = Instant::now();
@@ -202,26 +241,29 @@ fn requests_to_a_hung_host_end_and_slow_projects_are_waited_for() {
         "{m}"
     );
 
-    // The download ends cut short rather than wait without end (here
-    // read after the checks above, so within the time they took).
-    {
+    // The download and the POST's answer end cut short rather than wait
+    // without end (here read after the checks above, so within the time
+    // they took).
+    for (what, conn, whole) in [
+        ("the download", &mut download, 64 << 20),
+        ("the POST's answer", &mut posted, 4_000_000),
+    ] {
         use std::io::Read;
-        download
-            .set_read_timeout(Some(Duration::from_secs(30)))
+        conn.set_read_timeout(Some(Duration::from_secs(30)))
             .unwrap();
         let mut rest = Vec::new();
-        let r = download.read_to_end(&mut rest);
+        let r = conn.read_to_end(&mut rest);
         assert!(
             !r.as_ref().is_err_and(|e| matches!(
                 e.kind(),
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
             )),
-            "the download still waits: {r:?} after {} more bytes",
+            "{what} still waits: {r:?} after {} more bytes",
             rest.len()
         );
         assert!(
-            rest.len() + (1 << 20) < 64 << 20,
-            "the whole file came ({} bytes) from a stopped host",
+            rest.len() < whole,
+            "all of {what} came ({} bytes) from a stopped host",
             rest.len()
         );
     }

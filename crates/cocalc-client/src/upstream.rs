@@ -606,18 +606,18 @@ impl Watching {
     /// `inner`, a poll of the body's bytes, under the watch: a pending
     /// one waits (and fails if the upstream is found silent), a ready
     /// one ends the wait.
-    fn poll<T>(
+    fn poll<T, E: From<io::Error>>(
         &mut self,
         cx: &mut Context<'_>,
-        inner: Poll<Option<io::Result<T>>>,
-    ) -> Poll<Option<io::Result<T>>> {
+        inner: Poll<Option<Result<T, E>>>,
+    ) -> Poll<Option<Result<T, E>>> {
         match inner {
             Poll::Ready(r) => {
                 self.end(matches!(r, Some(Ok(_))));
                 Poll::Ready(r)
             }
             Poll::Pending => match self.poll_silent(cx) {
-                Poll::Ready(e) => Poll::Ready(Some(Err(e))),
+                Poll::Ready(e) => Poll::Ready(Some(Err(e.into()))),
                 Poll::Pending => Poll::Pending,
             },
         }
@@ -649,6 +649,67 @@ impl Watching {
 impl Drop for Watching {
     fn drop(&mut self) {
         self.end(false);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Any body (hyper's `Incoming` from a relay, say) read under a
+    /// [`Silence`], as [`ResponseBody::watched`] reads its own: while it
+    /// has nothing to hand out it waits on its upstream, and it ends with
+    /// a `TimedOut` error once the upstream is found silent. Without one
+    /// it is the body as it is (its errors boxed).
+    pub struct Silenced<B> {
+        #[pin]
+        inner: B,
+        watching: Option<Box<Watching>>,
+    }
+}
+
+impl<B> Silenced<B> {
+    /// `inner`, under `silence` if there is one.
+    pub fn new(inner: B, silence: Option<Arc<dyn Silence>>) -> Self {
+        Silenced {
+            inner,
+            watching: silence.map(|by| {
+                Box::new(Watching {
+                    by,
+                    waiting: false,
+                    silent: None,
+                })
+            }),
+        }
+    }
+}
+
+impl<B> http_body::Body for Silenced<B>
+where
+    B: http_body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = B::Data;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, Self::Error>>> {
+        let me = self.project();
+        let next = me
+            .inner
+            .poll_frame(cx)
+            .map(|o| o.map(|r| r.map_err(Into::into)));
+        match me.watching.as_mut() {
+            Some(w) => w.poll(cx, next),
+            None => next,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -1358,6 +1419,37 @@ mod tests {
         assert_eq!(e.to_string(), "the upstream stopped");
         assert_eq!(fake.waits.load(Ordering::SeqCst), 0, "the wait ended");
         assert_eq!(up.idle(&1), 0, "a cut body's connection is not reused");
+    }
+
+    #[tokio::test]
+    async fn any_body_silenced_ends_when_its_upstream_is_found_silent() {
+        let (mut tx, inner) = http_body_util::channel::Channel::<Bytes, io::Error>::new(1);
+        let fake = Arc::new(FakeSilence::default());
+        let by: Arc<dyn Silence> = fake.clone();
+        let mut body = Silenced::new(inner, Some(by));
+        tx.send_data(Bytes::from("part")).await.unwrap();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first, "part");
+        let next = tokio::spawn(async move { (body.frame().await, tx) });
+        for _ in 0..100 {
+            if fake.waits.load(Ordering::SeqCst) == 1 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(fake.waits.load(Ordering::SeqCst), 1, "a wait is open");
+        fake.fire.notify_waiters();
+        let (end, _tx) = next.await.unwrap();
+        let e = end.unwrap().unwrap_err();
+        let e = e.downcast::<io::Error>().unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert_eq!(fake.waits.load(Ordering::SeqCst), 0);
+        // Without a silence it is the body as it is.
+        let (mut tx, inner) = http_body_util::channel::Channel::<Bytes, io::Error>::new(1);
+        let body = Silenced::new(inner, None);
+        tx.send_data(Bytes::from("all")).await.unwrap();
+        drop(tx);
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "all");
     }
 
     #[tokio::test]

@@ -88,7 +88,7 @@ use cocalc_auth::{paserk, AuditSink, KeySet, TracingAuditSink, Verifier};
 use cocalc_client::access_log::{AccessLog, BodySent, Logged, Pending, Waiting};
 use cocalc_client::conncap::{forwarded_client, in_nets, ConnectionCap, Slot};
 use cocalc_client::lean::LeanBody;
-use cocalc_client::upstream::{ResponseBody, Upstream, UpstreamError};
+use cocalc_client::upstream::{ResponseBody, Silenced, Upstream, UpstreamError};
 use cocalc_client::MasterClient;
 use cocalc_core::{
     ApiError, AuditOutcome, AuditRecord, HostEndpoint, HostId, ProjectId, SharedClock, Timestamp,
@@ -455,7 +455,7 @@ fn master_away(e: &ApiError) -> bool {
 /// An answer's body: a host's streamed response (through hyper's client
 /// for requests with a body or an upgrade, through the lean [`Upstream`]
 /// client for the rest), or the ingress's own (a refusal).
-pub type AnswerBody = Either<Either<Incoming, ResponseBody<HostId>>, Body>;
+pub type AnswerBody = Either<Either<Silenced<Incoming>, ResponseBody<HostId>>, Body>;
 
 /// What the ingress answers with: an [`AnswerBody`], its bytes counted for
 /// the access log when there is one.
@@ -1809,7 +1809,11 @@ impl Ingress {
                     cocalc_client::relay::PoolError::Http(e) => failed(e),
                 })?
         };
-        Ok(resp.map(|b| Either::Left(Either::Left(b))))
+        // A body (not a WebSocket's switch) is read under the host watch.
+        let silence = (resp.status() != http::StatusCode::SWITCHING_PROTOCOLS
+            && !self.lookup.watch.after().is_zero())
+        .then(|| self.lookup.watch.silence(&route.watched));
+        Ok(resp.map(|b| Either::Left(Either::Left(Silenced::new(b, silence)))))
     }
 }
 

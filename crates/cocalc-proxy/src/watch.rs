@@ -22,7 +22,9 @@
 //! sending midway leaves its client waiting as surely as a missing
 //! answer. While a body has nothing to hand out (or is being spliced) it
 //! counts as a request waiting on its host, and a check that finds the
-//! host silent ends it with an error, which cuts the answer off.
+//! host silent ends it with an error, which cuts the answer off. The
+//! ingress watches every answer's body but a WebSocket's (which may
+//! rightly be silent for hours).
 //!
 //! So one check runs per host at a time, however many requests wait on
 //! it; a host that keeps answering something is never checked; and a
