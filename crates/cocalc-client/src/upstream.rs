@@ -1359,6 +1359,19 @@ mod tests {
         fire: Arc<tokio::sync::Notify>,
     }
 
+    impl FakeSilence {
+        /// Returns once one wait is open (fails after a second).
+        async fn until_a_wait_is_open(&self) {
+            for _ in 0..100 {
+                if self.waits.load(Ordering::SeqCst) == 1 {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            panic!("no wait open: {}", self.waits.load(Ordering::SeqCst));
+        }
+    }
+
     impl Silence for FakeSilence {
         fn begin_wait(&self) {
             self.waits.fetch_add(1, Ordering::SeqCst);
@@ -1400,13 +1413,7 @@ mod tests {
                 }
             }
         });
-        for _ in 0..100 {
-            if fake.waits.load(Ordering::SeqCst) == 1 {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        assert_eq!(fake.waits.load(Ordering::SeqCst), 1, "a wait is open");
+        fake.until_a_wait_is_open().await;
         assert!(!waiting.is_finished());
         fake.fire.notify_waiters();
         let (end, got) = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
@@ -1431,13 +1438,7 @@ mod tests {
         let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(first, "part");
         let next = tokio::spawn(async move { (body.frame().await, tx) });
-        for _ in 0..100 {
-            if fake.waits.load(Ordering::SeqCst) == 1 {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        assert_eq!(fake.waits.load(Ordering::SeqCst), 1, "a wait is open");
+        fake.until_a_wait_is_open().await;
         fake.fire.notify_waiters();
         let (end, _tx) = next.await.unwrap();
         let e = end.unwrap().unwrap_err();

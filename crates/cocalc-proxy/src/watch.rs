@@ -211,12 +211,7 @@ impl HostWatch {
                 r
             }
             () = watched.silent.notified() => {
-                let why = watched
-                    .failure
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone()
-                    .unwrap_or_else(|| Arc::from("no answer"));
+                let why = watched.why_silent();
                 Err(ApiError::new(
                     504,
                     HOST_NOT_RESPONDING,
@@ -267,11 +262,7 @@ struct BodyWatch {
 
 impl Silence for BodyWatch {
     fn begin_wait(&self) {
-        if self.watched.waiting.fetch_add(1, Ordering::AcqRel) == 0 {
-            self.watched
-                .heard_ms
-                .store(self.inner.now(), Ordering::Relaxed);
-        }
+        self.watched.begin_wait(&self.inner);
     }
 
     fn end_wait(&self, heard: bool) {
@@ -287,12 +278,7 @@ impl Silence for BodyWatch {
         let (watched, after) = (self.watched.clone(), self.inner.after);
         Box::pin(async move {
             watched.silent.notified().await;
-            let why = watched
-                .failure
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone()
-                .unwrap_or_else(|| Arc::from("no answer"));
+            let why = watched.why_silent();
             format!(
                 "{HOST_NOT_RESPONDING}: the host sent nothing for {after:?}, and did not \
                  answer its health check either: {why}"
@@ -310,12 +296,28 @@ struct Waiting<'a> {
 
 impl<'a> Waiting<'a> {
     fn begin(watched: &'a Watched, inner: &'a Inner) -> Self {
-        if watched.waiting.fetch_add(1, Ordering::AcqRel) == 0 {
+        watched.begin_wait(inner);
+        Waiting { watched }
+    }
+}
+
+impl Watched {
+    /// One more wait on this host (a request's or a body's).
+    fn begin_wait(&self, inner: &Inner) {
+        if self.waiting.fetch_add(1, Ordering::AcqRel) == 0 {
             // The host's silence counts from the first wait, not from
             // whenever it last answered.
-            watched.heard_ms.store(inner.now(), Ordering::Relaxed);
+            self.heard_ms.store(inner.now(), Ordering::Relaxed);
         }
-        Waiting { watched }
+    }
+
+    /// Why the last check found the host silent.
+    fn why_silent(&self) -> Arc<str> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_else(|| Arc::from("no answer"))
     }
 }
 
