@@ -226,24 +226,39 @@ pub struct Pending {
     uri: http::Uri,
     version: http::Version,
     tls: bool,
+    /// An RFC 8441 WebSocket: logged as its client sent and saw it.
+    h2_websocket: bool,
 }
 
 impl Pending {
     /// `req`, from `client` (over TLS if `tls`), arriving at `time`. The
     /// version is the one the client spoke, when
-    /// [`shape_as_http1`](crate::http2::shape_as_http1) changed it.
+    /// [`shape_as_http1`](crate::http2::shape_as_http1) changed it; a
+    /// WebSocket over HTTP/2 that
+    /// [`websocket_as_upgrade`](crate::http2::websocket_as_upgrade) handed
+    /// on as an HTTP/1.1 handshake is logged as its client sent it
+    /// (`CONNECT`) and saw it answered (`200` for the `101`).
     pub fn new<B>(req: &http::Request<B>, client: IpAddr, tls: bool, time: Timestamp) -> Self {
+        let h2_websocket = req
+            .extensions()
+            .get::<crate::http2::WebSocketOverHttp2>()
+            .is_some();
         Pending {
             started: Instant::now(),
             time,
             client,
-            method: req.method().clone(),
+            method: if h2_websocket {
+                http::Method::CONNECT
+            } else {
+                req.method().clone()
+            },
             uri: req.uri().clone(),
             version: req
                 .extensions()
                 .get::<crate::http2::ClientVersion>()
                 .map_or(req.version(), |v| v.0),
             tls,
+            h2_websocket,
         }
     }
 
@@ -286,6 +301,11 @@ impl Pending {
             .uri
             .path_and_query()
             .map_or_else(|| self.uri.path(), |pq| pq.as_str());
+        let status = if self.h2_websocket && status == 101 {
+            200
+        } else {
+            status
+        };
         log.record(&Entry {
             time: self.time,
             client: self.client,
