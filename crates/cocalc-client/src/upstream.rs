@@ -598,7 +598,8 @@ pub trait Silence: Send + Sync {
 struct Watching {
     by: Arc<dyn Silence>,
     waiting: bool,
-    /// Made at the first wait, kept (registered) until the body ends.
+    /// Made when a wait begins and dropped when it ends, so a finding
+    /// that the upstream is silent ends only the waits open then.
     silent: Option<Pin<Box<dyn std::future::Future<Output = String> + Send>>>,
 }
 
@@ -633,7 +634,6 @@ impl Watching {
         let by = &self.by;
         let silent = self.silent.get_or_insert_with(|| by.silent());
         let why = ready!(silent.as_mut().poll(cx));
-        self.silent = None;
         self.end(false);
         Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, why))
     }
@@ -641,6 +641,7 @@ impl Watching {
     fn end(&mut self, heard: bool) {
         if self.waiting {
             self.waiting = false;
+            self.silent = None;
             self.by.end_wait(heard);
         }
     }
@@ -1451,6 +1452,40 @@ mod tests {
         tx.send_data(Bytes::from("all")).await.unwrap();
         drop(tx);
         assert_eq!(body.collect().await.unwrap().to_bytes(), "all");
+    }
+
+    #[tokio::test]
+    async fn a_finding_ends_only_the_waits_open_then() {
+        let (mut tx, inner) = http_body_util::channel::Channel::<Bytes, io::Error>::new(1);
+        let fake = Arc::new(FakeSilence::default());
+        let by: Arc<dyn Silence> = fake.clone();
+        let mut body = std::pin::pin!(Silenced::new(inner, Some(by)));
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(body.as_mut().poll_frame(&mut cx).is_pending());
+        assert_eq!(fake.waits.load(Ordering::SeqCst), 1);
+        tx.send_data(Bytes::from("a")).await.unwrap();
+        assert!(matches!(
+            body.as_mut().poll_frame(&mut cx),
+            Poll::Ready(Some(Ok(_)))
+        ));
+        assert_eq!(fake.waits.load(Ordering::SeqCst), 0);
+        // Found silent while this body had its bytes and waited for none.
+        fake.fire.notify_waiters();
+        assert!(
+            body.as_mut().poll_frame(&mut cx).is_pending(),
+            "a later wait is not ended by an earlier finding"
+        );
+        tx.send_data(Bytes::from("b")).await.unwrap();
+        drop(tx);
+        assert!(matches!(
+            body.as_mut().poll_frame(&mut cx),
+            Poll::Ready(Some(Ok(_)))
+        ));
+        assert!(matches!(
+            body.as_mut().poll_frame(&mut cx),
+            Poll::Ready(None)
+        ));
+        assert_eq!(fake.waits.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test]
