@@ -28,10 +28,12 @@ struct Fed {
     state: PathBuf,
     project: String,
     token: String,
-    /// The master's URL, alice's API key, and the proxy's SSH port.
+    /// The master's URL, alice's API key, and the proxy's SSH and
+    /// metrics ports.
     murl: String,
     alice: String,
     ssh: u16,
+    metrics: u16,
 }
 
 fn federation(d: &Path, hidden: bool) -> Fed {
@@ -39,7 +41,7 @@ fn federation(d: &Path, hidden: bool) -> Fed {
     let cli = |key: &str, args: &[&str]| cocalc(&murl, key, args, None);
     let proxy_key = api_key_of(&cli(&admin, &["proxy-key", "create", "edge", "--json"]));
     let alice = api_key_of(&cli(&admin, &["user", "create", "alice", "--json"]));
-    let (port, ssh) = (free_port(), free_port());
+    let (port, ssh, metrics) = (free_port(), free_port(), free_port());
     let state = d.join("proxy-state");
     let proxy_cfg = d.join("proxy.toml");
     std::fs::write(
@@ -47,7 +49,7 @@ fn federation(d: &Path, hidden: bool) -> Fed {
         format!(
             "listen = \"127.0.0.1:{port}\"\nmaster_url = \"{murl}\"\napi_key = \"{proxy_key}\"\n\
              key_refresh_secs = 1\nstate_dir = \"{}\"\nssh_listen = \"127.0.0.1:{ssh}\"\n\
-             ssh_host_key_file = \"{}\"\n",
+             ssh_host_key_file = \"{}\"\nmetrics_listen = \"127.0.0.1:{metrics}\"\n",
             state.display(),
             d.join("proxy_ssh_ed25519").display()
         ),
@@ -75,6 +77,7 @@ fn federation(d: &Path, hidden: bool) -> Fed {
         murl,
         alice,
         ssh,
+        metrics,
     }
 }
 
@@ -216,4 +219,20 @@ fn ssh_logins_granted_before_go_on_while_the_master_is_away() {
         String::from_utf8_lossy(&o.stderr).contains("Permission denied"),
         "{o:?}"
     );
+    // Counted: two logins from the earlier grant, one refusal.
+    let metrics = {
+        use std::io::{Read, Write};
+        let mut m = std::net::TcpStream::connect(("127.0.0.1", f.metrics)).unwrap();
+        m.write_all(b"GET /metrics HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        m.read_to_string(&mut text).unwrap();
+        text
+    };
+    for line in [
+        "cocalc_proxy_ssh_earlier_grant_logins_total 2",
+        "cocalc_proxy_ssh_refusals_total{reason=\"master_error\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+    }
 }

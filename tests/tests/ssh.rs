@@ -421,6 +421,7 @@ async fn ssh_logins_while_the_master_is_away_need_an_earlier_grant() {
         "{:?}",
         granted[granted_before]
     );
+    assert_eq!(f.ssh.earlier_grant_logins(), 1);
 
     let stranger = f.root.join("stranger_key");
     keygen(&stranger);

@@ -137,6 +137,12 @@ impl Collector for ProxyMetrics {
                     ("too_many_connections", &r.too_many_connections),
                 ],
             )?;
+            counter(
+                &mut encoder,
+                "ssh_earlier_grant_logins",
+                "SSH logins let in while the master could not be asked, from its earlier grants",
+                ssh.earlier_grant_logins(),
+            )?;
         }
         let t = self.tunnels.stats();
         counter(

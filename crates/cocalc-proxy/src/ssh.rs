@@ -237,6 +237,8 @@ pub struct SshIngress {
     /// The master's last grant per project and key (OpenSSH key line),
     /// for logins while the master is away.
     grants: moka::sync::Cache<(ProjectId, String), OpenProjectResponse>,
+    /// Logins let in from such an earlier grant.
+    earlier_grants: AtomicU64,
     config: Arc<russh::server::Config>,
     refusals: Arc<SshRefusals>,
     attempts: governor::DefaultKeyedRateLimiter<std::net::IpAddr>,
@@ -277,6 +279,7 @@ impl SshIngress {
                 .time_to_live(Duration::from_secs(1800))
                 .build(),
             config: Arc::new(config),
+            earlier_grants: AtomicU64::new(0),
             refusals: Arc::new(SshRefusals::default()),
             attempts: governor::RateLimiter::keyed(governor::Quota::per_minute(n)),
         })
@@ -285,6 +288,12 @@ impl SshIngress {
     /// Refusal counters.
     pub fn refusals(&self) -> &SshRefusals {
         &self.refusals
+    }
+
+    /// Logins let in while the master could not be asked, from its
+    /// earlier grants (see the module overview).
+    pub fn earlier_grant_logins(&self) -> u64 {
+        self.earlier_grants.load(Ordering::Relaxed)
     }
 
     /// Drops rate-limit state of addresses not seen lately (call
@@ -667,6 +676,7 @@ impl russh::server::Handler for Conn {
         match answer {
             Ok((open, earlier)) => {
                 let how = if earlier {
+                    self.ssh.earlier_grants.fetch_add(1, Ordering::Relaxed);
                     ", from the master's earlier grant (the master cannot be asked)"
                 } else {
                     ""
