@@ -454,7 +454,8 @@ fn master_away(e: &ApiError) -> bool {
 
 /// An answer's body: a host's streamed response (through hyper's client
 /// for requests with a body or an upgrade, through the lean [`Upstream`]
-/// client for the rest), or the ingress's own (a refusal).
+/// client for the rest; either read under the host watch, so a host that
+/// hangs midway cuts it off), or the ingress's own (a refusal).
 pub type AnswerBody = Either<Either<Silenced<Incoming>, ResponseBody<HostId>>, Body>;
 
 /// What the ingress answers with: an [`AnswerBody`], its bytes counted for
@@ -1088,11 +1089,7 @@ impl Ingress {
     /// `body`, from the host `route` leads to, under the host watch: it
     /// ends rather than wait without end on a host that hangs while it
     /// is sent ([`HostWatch::silence`]).
-    fn watch_body(
-        &self,
-        body: cocalc_client::upstream::ResponseBody<HostId>,
-        route: &Route,
-    ) -> cocalc_client::upstream::ResponseBody<HostId> {
+    fn watch_body(&self, body: ResponseBody<HostId>, route: &Route) -> ResponseBody<HostId> {
         let watch = &self.lookup.watch;
         if watch.after().is_zero() {
             return body;
