@@ -127,6 +127,22 @@ fn answer_head(port: u16, path: &str, token: &str, extra: &str) -> String {
 }
 
 /// The master's record of its only host, once there is one.
+/// Starts a hidden host that dials the proxies `proxies`, in that order.
+fn hidden_host(d: &std::path::Path, murl: &str, admin: &str, proxies: &[&str]) -> Proc {
+    let bootstrap = bootstrap_token(murl, admin);
+    let reach = match proxies {
+        [one] => format!("tunnel_url = \"{one}\""),
+        many => format!("tunnel_url = {many:?}"),
+    };
+    spawn_host(&host_config(d, &reach, murl, &bootstrap))
+}
+
+/// Whether the master lists the host `h` up and healthy, with its tunnel
+/// at the proxy `purl`.
+fn listed_at(h: &serde_json::Value, purl: &str) -> bool {
+    h["state"] == "up" && h["health"] == "ok" && h["endpoint"]["value"] == purl
+}
+
 fn the_host(murl: &str, admin: &str) -> Option<serde_json::Value> {
     let o = cocalc(murl, admin, &["host", "list", "--json"], None);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
@@ -160,9 +176,7 @@ fn a_hidden_host_is_reached_through_any_proxy() {
     let _proxy_b = start_proxy(d, "b", b, &common, &b_extra);
 
     let purl_a = format!("http://127.0.0.1:{a}");
-    let bootstrap = bootstrap_token(&murl, &admin);
-    let reach = format!("tunnel_url = \"{purl_a}\"");
-    let _host = spawn_host(&host_config(d, &reach, &murl, &bootstrap));
+    let _host = hidden_host(d, &murl, &admin, &[&purl_a]);
     let mut host_id = String::new();
     eventually(
         "the hidden host is up with its tunnel at proxy A",
@@ -359,14 +373,8 @@ fn a_hidden_host_moves_its_tunnel_when_its_proxy_dies() {
         .collect();
 
     // The host lists both proxies, A first.
-    let bootstrap = bootstrap_token(&murl, &admin);
-    let reach = format!("tunnel_url = [\"{purl_a}\", \"{purl_b}\"]");
-    let _host = spawn_host(&host_config(d, &reach, &murl, &bootstrap));
-    let at = |purl: &str| {
-        the_host(&murl, &admin).is_some_and(|h| {
-            h["state"] == "up" && h["health"] == "ok" && h["endpoint"]["value"] == purl
-        })
-    };
+    let _host = hidden_host(d, &murl, &admin, &[&purl_a, &purl_b]);
+    let at = |purl: &str| the_host(&murl, &admin).is_some_and(|h| listed_at(&h, purl));
     eventually("the tunnel at A", Duration::from_secs(20), || at(&purl_a));
     let (project, token) = create_and_open(&murl, &alice, "p");
     let exec_at = |purl: &str| exec_through(purl, &project, &token).is_ok();
@@ -463,9 +471,7 @@ fn a_stopping_proxy_drains_before_it_stops() {
         d.join("p_ssh_ed25519").display()
     );
     let mut proxy = start_proxy(d, "p", port, &common, &extra);
-    let bootstrap = bootstrap_token(&murl, &admin);
-    let reach = format!("tunnel_url = \"{purl}\"");
-    let _host = spawn_host(&host_config(d, &reach, &murl, &bootstrap));
+    let _host = hidden_host(d, &murl, &admin, &[&purl]);
     let (project, token) = create_and_open(&murl, &alice, "p");
     let exec = || exec_through(&purl, &project, &token).is_ok();
     let health = || {
@@ -615,17 +621,9 @@ fn a_host_whose_next_proxy_is_down_stays_at_the_draining_one() {
     // C is not one of the host's proxies: it reaches the host wherever
     // the master says its tunnel is. Nothing listens at B yet.
     let _proxy_c = start_proxy(d, "c", c, &common, "");
-    let bootstrap = bootstrap_token(&murl, &admin);
-    let reach = format!("tunnel_url = [\"{purl_a}\", \"{purl_b}\"]");
-    let _host = spawn_host(&host_config(d, &reach, &murl, &bootstrap));
-    let at = |purl: &str| {
-        the_host(&murl, &admin).is_some_and(|h| {
-            h["state"] == "up" && h["health"] == "ok" && h["endpoint"]["value"] == purl
-        })
-    };
-    let at_a = |h: &serde_json::Value| {
-        h["state"] == "up" && h["health"] == "ok" && h["endpoint"]["value"] == purl_a.as_str()
-    };
+    let _host = hidden_host(d, &murl, &admin, &[&purl_a, &purl_b]);
+    let at = |purl: &str| the_host(&murl, &admin).is_some_and(|h| listed_at(&h, purl));
+    let at_a = |h: &serde_json::Value| listed_at(h, &purl_a);
     let (project, token) = create_and_open(&murl, &alice, "p");
     eventually("exec through C, to A", Duration::from_secs(20), || {
         at(&purl_a) && exec_through(&purl_c, &project, &token).is_ok()
@@ -762,14 +760,8 @@ fn a_draining_proxy_moves_its_hidden_hosts_without_a_failed_request() {
     let mut proxy_a = start_proxy(d, "a", a, &common, &a_extra);
     let _proxy_b = start_proxy(d, "b", b, &common, "");
     let _proxy_c = start_proxy(d, "c", c, &common, "");
-    let bootstrap = bootstrap_token(&murl, &admin);
-    let reach = format!("tunnel_url = [\"{purl_a}\", \"{purl_b}\"]");
-    let _host = spawn_host(&host_config(d, &reach, &murl, &bootstrap));
-    let at = |purl: &str| {
-        the_host(&murl, &admin).is_some_and(|h| {
-            h["state"] == "up" && h["health"] == "ok" && h["endpoint"]["value"] == purl
-        })
-    };
+    let _host = hidden_host(d, &murl, &admin, &[&purl_a, &purl_b]);
+    let at = |purl: &str| the_host(&murl, &admin).is_some_and(|h| listed_at(&h, purl));
     // Up at A by A's own count (the master lists the endpoint before the
     // tunnel is up).
     let a_metrics_url = format!("http://127.0.0.1:{a_metrics}/metrics");
