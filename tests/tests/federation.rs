@@ -2039,6 +2039,23 @@ fn proxy_metrics_show(ingress: &std::sync::Arc<cocalc_proxy::Ingress>, lines: &[
     }
 }
 
+/// Sends `f` on `ws` and checks that it comes back (within 10 s).
+async fn echoed<S>(
+    ws: &mut tokio_tungstenite::WebSocketStream<S>,
+    f: &tokio_tungstenite::tungstenite::Message,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::{SinkExt, StreamExt};
+    ws.send(f.clone()).await.unwrap();
+    let back = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(&back, f);
+}
+
 /// A TLS connection to `addr` trusting only `root`.
 async fn tls_connect(
     addr: SocketAddr,
@@ -2495,7 +2512,6 @@ fn seen_over_https(status: u16, body: Vec<u8>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingress_over_https_answers_as_over_http() {
-    use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
 
     let dir = tempfile::tempdir().unwrap();
@@ -2572,13 +2588,7 @@ async fn ingress_over_https_answers_as_over_http() {
         Message::Binary((0..100_000u32).map(|i| i as u8).collect::<Vec<u8>>().into()),
     ];
     for f in &frames {
-        ws.send(f.clone()).await.unwrap();
-        let back = tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        assert_eq!(&back, f);
+        echoed(&mut ws, f).await;
     }
     ws.close(None).await.unwrap();
 
@@ -2683,13 +2693,7 @@ async fn ingress_over_https_answers_as_over_http() {
     )
     .await;
     for f in &frames {
-        ws.send(f.clone()).await.unwrap();
-        let back = tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        assert_eq!(&back, f);
+        echoed(&mut ws, f).await;
         let (status, body) = h2_send(h2_request(
             "GET",
             format!("/{pid}/port/{hport}/h"),
