@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::backup::BackupError;
 use crate::id::IdError;
 use crate::placement::PlacementError;
 use crate::runner::RunnerError;
@@ -123,10 +124,23 @@ impl From<&StorageError> for ApiError {
             StorageError::AlreadyExists(_) => (409, "already_exists"),
             StorageError::SnapshotNotFound { .. } => (404, "snapshot_not_found"),
             StorageError::PathEscape(_) => (400, "path_escape"),
+            StorageError::InvalidSnapshotName(_) => (400, "invalid_snapshot_name"),
             StorageError::QuotaExceeded(_) => (507, "quota_exceeded"),
             StorageError::Unsupported(_) => (501, "unsupported"),
             StorageError::StreamIncomplete(_) => (502, "stream_incomplete"),
             StorageError::Io(_) => (503, "storage_io"),
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+impl From<&BackupError> for ApiError {
+    fn from(e: &BackupError) -> Self {
+        let (status, code) = match e {
+            BackupError::NotFound { .. } => (404, "backup_not_found"),
+            BackupError::Repository(_) => (503, "backup_repository"),
+            BackupError::Io(_) => (503, "backup_io"),
+            BackupError::Invalid(_) => (400, "invalid_request"),
         };
         ApiError::new(status, code, e.to_string())
     }

@@ -42,6 +42,7 @@
 //! ```
 
 pub mod audit;
+pub mod backup;
 pub mod config;
 pub mod counters;
 pub mod error;
@@ -57,6 +58,7 @@ pub mod transport;
 pub mod wire;
 
 pub use audit::{AuditOutcome, AuditRecord};
+pub use backup::{BackupError, BackupInfo, BackupStore};
 pub use counters::StatusCounts;
 pub use error::ApiError;
 pub use id::{HostId, IdError, ProjectId, UserId};

@@ -94,6 +94,10 @@ pub enum StorageError {
         /// The snapshot name asked for.
         name: String,
     },
+    /// A name given as a snapshot's is not one (snapshot names are UTC
+    /// times, `YYYY-MM-DDTHH:MM:SS.mmmZ`).
+    #[error("not a snapshot name: {0:?}")]
+    InvalidSnapshotName(String),
     /// A path leaves the project (`..`, absolute, symlink out).
     #[error("path escapes the project: {0}")]
     PathEscape(String),
@@ -186,6 +190,31 @@ pub trait Storage: Send + Sync {
         snapshot: &str,
         parent: Option<&str>,
     ) -> Result<ByteStream, StorageError>;
+
+    /// The read-only directory tree of snapshot `name`, for tools that read
+    /// a snapshot in place (backups). It stays valid until the snapshot is
+    /// deleted. Default: [`StorageError::Unsupported`].
+    async fn snapshot_tree(&self, project: ProjectId, name: &str) -> Result<PathBuf, StorageError> {
+        let _ = (project, name);
+        Err(StorageError::Unsupported("reading snapshots in place"))
+    }
+
+    /// Makes a read-only snapshot of `project` named `name` (a snapshot
+    /// name: a UTC time) from the directory `tree`, which is copied, not
+    /// moved; a backup brought back comes in this way. Creates the volume
+    /// from it if the project has none here, as
+    /// [`receive`](Storage::receive) does. A snapshot of that name already
+    /// here is [`StorageError::AlreadyExists`]; on any failure nothing is
+    /// left behind. Default: [`StorageError::Unsupported`].
+    async fn import_snapshot(
+        &self,
+        project: ProjectId,
+        name: &str,
+        tree: &std::path::Path,
+    ) -> Result<SnapshotInfo, StorageError> {
+        let _ = (project, name, tree);
+        Err(StorageError::Unsupported("importing snapshots"))
+    }
 
     /// Turns a stream from [`send`](Storage::send) into a snapshot of
     /// `project` on this host (creating the volume from it if it is new).

@@ -31,7 +31,7 @@ use libbtrfsutil::{
 };
 use tokio::process::Command;
 
-use crate::common::{blocking, io_err, restore_path, unique, Layout};
+use crate::common::{blocking, copy_tree, importable, io_err, restore_path, unique, Layout};
 use crate::locks::ProjectLocks;
 use crate::names::{parse_snapshot_name, snapshot_name};
 use crate::pool::{init_pool, PoolInfo, QuotaMode, QuotaPreference};
@@ -590,6 +590,85 @@ impl Storage for BtrfsStorage {
             Inner::delete_subvol(&old)
         })
         .await
+    }
+
+    async fn snapshot_tree(&self, project: ProjectId, name: &str) -> Result<PathBuf, StorageError> {
+        let _g = self.locks.lock(project).await;
+        let name = name.to_string();
+        self.run(move |i| {
+            i.require(project)?;
+            i.snapshot_path(project, &name)
+        })
+        .await
+    }
+
+    /// The tree is copied (with reflinks where it is on the same pool) into
+    /// a new subvolume, which is made read-only and then moved into place.
+    async fn import_snapshot(
+        &self,
+        project: ProjectId,
+        name: &str,
+        tree: &Path,
+    ) -> Result<SnapshotInfo, StorageError> {
+        let _g = self.locks.lock(project).await;
+        let dst = importable(&self.inner.layout, project, name, tree)?;
+        if dst.exists() {
+            return Err(StorageError::AlreadyExists(format!(
+                "snapshot {name} of project {project}"
+            )));
+        }
+        let staging = self.inner.layout.incoming().join(unique("import"));
+        blocking({
+            let staging = staging.clone();
+            move || libbtrfsutil::create_subvolume(&staging).map_err(|e| lib_err(&staging, e))
+        })
+        .await?;
+        let copied = copy_tree(project, tree, &staging).await;
+        let name = name.to_string();
+        let t = parse_snapshot_name(&name).unwrap_or_default();
+        let moved = match copied {
+            Err(e) => Err(e),
+            Ok(()) => {
+                let staging = staging.clone();
+                let dst = dst.clone();
+                // Btrfs will not move a read-only subvolume to another
+                // directory (its `..` would change): move it, then seal it.
+                self.run(move |i| {
+                    let dir = i.layout.snapdir(project);
+                    std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
+                    std::fs::rename(&staging, &dst).map_err(|e| io_err(&dst, e))?;
+                    libbtrfsutil::set_subvolume_read_only(&dst, true).map_err(|e| {
+                        let _ = std::fs::rename(&dst, &staging);
+                        lib_err(&dst, e)
+                    })
+                })
+                .await
+            }
+        };
+        if let Err(e) = moved {
+            let _ = blocking(move || Inner::delete_subvol(&staging)).await;
+            return Err(e);
+        }
+        let imported = dst.clone();
+        let made = self
+            .run(move |i| {
+                let home = i.layout.home(project);
+                if !home.exists() {
+                    CreateSnapshotOptions::new()
+                        .create(&dst, &home)
+                        .map_err(|e| lib_err(&home, e))?;
+                    i.finish_volume(project, i.default_quota)?;
+                }
+                let excl = libbtrfsutil::subvolume_id(&dst)
+                    .ok()
+                    .and_then(|id| read_u64(&qgroup_dir(&i.pool.sysfs, id).join("exclusive")).ok());
+                Ok(SnapshotInfo::new(name, t, excl))
+            })
+            .await;
+        if made.is_err() {
+            let _ = blocking(move || Inner::delete_subvol(&imported)).await;
+        }
+        made
     }
 
     /// The stream is produced after this call returns, without holding the

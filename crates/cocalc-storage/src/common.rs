@@ -113,6 +113,27 @@ impl Layout {
     }
 }
 
+/// Checks an import's name and source tree; returns where the snapshot
+/// would go.
+pub(crate) fn importable(
+    layout: &Layout,
+    p: ProjectId,
+    name: &str,
+    tree: &Path,
+) -> Result<PathBuf, StorageError> {
+    if parse_snapshot_name(name).is_none() {
+        return Err(StorageError::InvalidSnapshotName(name.to_string()));
+    }
+    match std::fs::symlink_metadata(tree) {
+        Ok(m) if m.is_dir() => Ok(layout.snapdir(p).join(name)),
+        Ok(_) => Err(StorageError::Io(format!(
+            "{}: not a directory, nothing imported",
+            tree.display()
+        ))),
+        Err(e) => Err(io_err(tree, e)),
+    }
+}
+
 /// An I/O error with the path it concerns.
 pub(crate) fn io_err(path: &Path, e: io::Error) -> StorageError {
     StorageError::Io(format!("{}: {e}", path.display()))

@@ -16,7 +16,9 @@ use cocalc_core::{
 use tokio::sync::mpsc;
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
-use crate::common::{blocking, copy_tree, io_err, remove_any, restore_path, unique, Layout};
+use crate::common::{
+    blocking, copy_tree, importable, io_err, remove_any, restore_path, unique, Layout,
+};
 use crate::locks::ProjectLocks;
 use crate::names::{parse_snapshot_name, snapshot_name};
 use crate::stream::ChannelStream;
@@ -408,6 +410,35 @@ impl Storage for DirStorage {
                 blocking(move || remove_any(&old).map_err(|e| io_err(&old, e))).await
             }
         }
+    }
+
+    async fn snapshot_tree(&self, project: ProjectId, name: &str) -> Result<PathBuf, StorageError> {
+        let _g = self.locks.lock(project).await;
+        self.require(project)?;
+        self.existing_snapshot(project, name)
+    }
+
+    async fn import_snapshot(
+        &self,
+        project: ProjectId,
+        name: &str,
+        tree: &Path,
+    ) -> Result<SnapshotInfo, StorageError> {
+        let _g = self.locks.lock(project).await;
+        let dst = importable(&self.layout, project, name, tree)?;
+        if dst.exists() {
+            return Err(StorageError::AlreadyExists(format!(
+                "snapshot {name} of project {project}"
+            )));
+        }
+        let staging = self.layout.incoming().join(unique("import"));
+        std::fs::create_dir_all(&staging).map_err(|e| io_err(&staging, e))?;
+        let result = match copy_tree(project, tree, &staging.join(name)).await {
+            Ok(()) => self.adopt(project, &staging, name.to_string()).await,
+            Err(e) => Err(e),
+        };
+        let _ = blocking(move || remove_any(&staging).map_err(|e| io_err(&staging, e))).await;
+        result
     }
 
     async fn send(

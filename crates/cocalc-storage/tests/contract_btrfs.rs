@@ -42,6 +42,7 @@ one!(snapshot_only_when_changed);
 one!(restore_path_and_whole_project);
 one!(paths_leaving_the_project_are_refused);
 one!(quota_is_supported_or_says_so);
+one!(import_snapshot_round_trip);
 two!(send_receive_full_then_incremental);
 two!(cut_stream_leaves_nothing_behind);
 two!(local_changes_survive_a_later_receive);

@@ -546,3 +546,91 @@ pub async fn quota_is_supported_or_says_so(s: &dyn Storage) {
     assert!(u.exclusive_bytes <= u.referenced_bytes, "{u:?}");
     s.delete(p).await.unwrap();
 }
+
+/// A snapshot's tree ([`Storage::snapshot_tree`]) reads as the home did;
+/// [`Storage::import_snapshot`] makes a snapshot from a tree, creating the
+/// volume of a project new here, and restores work from it; bad names,
+/// names already taken and missing trees are refused with nothing left
+/// behind.
+pub async fn import_snapshot_round_trip(s: &dyn Storage) {
+    let (p, q) = (project(11), project(12));
+    let v = s.create(p).await.unwrap();
+    put(&v.home, "dir/a.txt", b"hello");
+    put(&v.home, "c.txt", b"one");
+    std::fs::set_permissions(
+        v.home.join("c.txt"),
+        std::fs::Permissions::from_mode(0o640),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("dir/a.txt", v.home.join("link")).unwrap();
+    let snap = s.snapshot(p).await.unwrap().expect("changed");
+    let tree = s.snapshot_tree(p, &snap.name).await.unwrap();
+    assert_eq!(tree_digest(&tree), tree_digest(&v.home), "tree = home");
+    let missing = "2001-02-03T04:05:06.007Z";
+    assert_eq!(
+        s.snapshot_tree(p, missing).await,
+        Err(StorageError::SnapshotNotFound {
+            project: p,
+            name: missing.to_string()
+        })
+    );
+
+    // A project with no volume here gets one, made from the snapshot.
+    assert!(matches!(s.volume(q).await, Err(StorageError::NotFound(_))));
+    let got = s.import_snapshot(q, &snap.name, &tree).await.unwrap();
+    assert_eq!(got.name, snap.name);
+    assert_eq!(got.created, snap.created);
+    let qv = s.volume(q).await.unwrap();
+    assert_eq!(tree_digest(&qv.home), tree_digest(&tree), "new home");
+    let names = |l: Vec<cocalc_core::SnapshotInfo>| -> Vec<String> {
+        l.into_iter().map(|x| x.name).collect()
+    };
+    assert_eq!(names(s.snapshots(q).await.unwrap()), [snap.name.clone()]);
+    put(&qv.home, "c.txt", b"q's own");
+
+    // Refusals leave the snapshot list as it was.
+    assert!(
+        matches!(
+            s.import_snapshot(q, &snap.name, &tree).await,
+            Err(StorageError::AlreadyExists(_))
+        ),
+        "a name already taken"
+    );
+    for bad in ["latest", "../x", "2001-02-03T04:05:06Z", ""] {
+        assert_eq!(
+            s.import_snapshot(q, bad, &tree).await,
+            Err(StorageError::InvalidSnapshotName(bad.to_string())),
+            "{bad:?}"
+        );
+    }
+    let nowhere = tree.join("no-such-dir");
+    assert!(s.import_snapshot(q, missing, &nowhere).await.is_err());
+    assert!(s
+        .import_snapshot(q, missing, &tree.join("c.txt"))
+        .await
+        .is_err());
+    assert_eq!(names(s.snapshots(q).await.unwrap()), [snap.name.clone()]);
+    assert_eq!(std::fs::read(qv.home.join("c.txt")).unwrap(), b"q's own");
+
+    // Into a project that exists: an older snapshot, listed in time order,
+    // that restores as any snapshot does.
+    put(&v.home, "c.txt", b"two");
+    let later = s.snapshot(p).await.unwrap().expect("changed");
+    let old = s.import_snapshot(q, missing, &tree).await.unwrap();
+    assert_eq!(old.name, missing);
+    assert_eq!(
+        names(s.snapshots(q).await.unwrap()),
+        [missing.to_string(), snap.name.clone()]
+    );
+    s.restore(q, missing, Some("c.txt")).await.unwrap();
+    assert_eq!(std::fs::read(qv.home.join("c.txt")).unwrap(), b"one");
+    // The imported copy is its own: the source's later state is not in it.
+    let later_tree = s.snapshot_tree(p, &later.name).await.unwrap();
+    assert_eq!(std::fs::read(later_tree.join("c.txt")).unwrap(), b"two");
+    assert_eq!(
+        std::fs::read(s.snapshot_tree(q, missing).await.unwrap().join("c.txt")).unwrap(),
+        b"one"
+    );
+    s.delete(p).await.unwrap();
+    s.delete(q).await.unwrap();
+}
