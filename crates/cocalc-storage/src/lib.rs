@@ -8,11 +8,13 @@
 //! | [`BtrfsStorage`] | a subvolume per project (`project-<uuid>`) plus a scratch subvolume for `/tmp`; quotas (simple quotas where the kernel has them, classic qgroups otherwise); read-only snapshots named by UTC time, taken only when something changed; full and incremental `btrfs send`/`receive` streams; clone | root, Btrfs, `btrfs-progs`, `libbtrfsutil` |
 //! | [`DirStorage`] | the same contract on plain directories: snapshots as (reflink) copies, tar streams, no quotas | any filesystem |
 //! | [`pool`] | [`init_pool`] on an existing Btrfs mount; [`LoopPool`], a loop-file Btrfs pool for development and tests that unmounts itself when dropped | |
+//! | [`backup`] | [`BackupStore`](cocalc_core::BackupStore)s: `RusticBackups` (a restic-format repository, local or S3, through `rustic_core`) and `DirBackups` (plain copies, for development); retention for backups | `rustic` feature for `RusticBackups` |
 //! | [`retention`] | which snapshots to keep: counts per bucket (4 frequent, 7 daily, 4 weekly, 2 monthly by default) as a pure function | |
 //!
 //! | feature | default | enables |
 //! | --- | --- | --- |
 //! | `btrfs` | yes | [`BtrfsStorage`] (builds against `libbtrfsutil`; needs `libbtrfsutil-dev` and `libclang-dev`) |
+//! | `rustic` | yes | `backup::RusticBackups` (rustic_core and rustic_backend with OpenDAL) |
 //!
 //! All calls must run inside a tokio runtime (blocking work goes to its
 //! blocking pool; `btrfs send`/`receive` and copies are child processes).
@@ -59,6 +61,7 @@
 // are idle.
 #![cfg_attr(not(feature = "btrfs"), allow(dead_code))]
 
+pub mod backup;
 #[cfg(feature = "btrfs")]
 mod btrfs;
 mod common;

@@ -35,6 +35,7 @@ use cocalc_core::{BoxedConnection, HostEndpoint, HostId, Transport, TransportErr
 use tokio::io::DuplexStream;
 use tokio::sync::mpsc;
 
+pub mod backup_contract;
 pub mod storage_contract;
 
 /// Buffer size of each in-memory connection, bytes per direction.

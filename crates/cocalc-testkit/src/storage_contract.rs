@@ -557,11 +557,7 @@ pub async fn import_snapshot_round_trip(s: &dyn Storage) {
     let v = s.create(p).await.unwrap();
     put(&v.home, "dir/a.txt", b"hello");
     put(&v.home, "c.txt", b"one");
-    std::fs::set_permissions(
-        v.home.join("c.txt"),
-        std::fs::Permissions::from_mode(0o640),
-    )
-    .unwrap();
+    std::fs::set_permissions(v.home.join("c.txt"), std::fs::Permissions::from_mode(0o640)).unwrap();
     std::os::unix::fs::symlink("dir/a.txt", v.home.join("link")).unwrap();
     let snap = s.snapshot(p).await.unwrap().expect("changed");
     let tree = s.snapshot_tree(p, &snap.name).await.unwrap();
@@ -585,7 +581,10 @@ pub async fn import_snapshot_round_trip(s: &dyn Storage) {
     let names = |l: Vec<cocalc_core::SnapshotInfo>| -> Vec<String> {
         l.into_iter().map(|x| x.name).collect()
     };
-    assert_eq!(names(s.snapshots(q).await.unwrap()), [snap.name.clone()]);
+    assert_eq!(
+        names(s.snapshots(q).await.unwrap()),
+        vec![snap.name.clone()]
+    );
     put(&qv.home, "c.txt", b"q's own");
 
     // Refusals leave the snapshot list as it was.
@@ -609,7 +608,10 @@ pub async fn import_snapshot_round_trip(s: &dyn Storage) {
         .import_snapshot(q, missing, &tree.join("c.txt"))
         .await
         .is_err());
-    assert_eq!(names(s.snapshots(q).await.unwrap()), [snap.name.clone()]);
+    assert_eq!(
+        names(s.snapshots(q).await.unwrap()),
+        vec![snap.name.clone()]
+    );
     assert_eq!(std::fs::read(qv.home.join("c.txt")).unwrap(), b"q's own");
 
     // Into a project that exists: an older snapshot, listed in time order,
