@@ -2787,3 +2787,136 @@ async fn ingress_over_https_answers_as_over_http() {
     let _ = h.task.await;
     m.shut_down().await;
 }
+
+/// Backups end to end, on two hosts sharing one rustic repository: a host
+/// backs a project up when asked (once per change), restores one path
+/// from its own snapshot, refuses bad requests; then the host is lost
+/// with its disk, the project is placed on the other host, and comes back
+/// whole there from the repository.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backups_bring_a_project_back_on_another_host() {
+    use cocalc_client::HostClient;
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("backup-password"), "correct horse\n").unwrap();
+    let backup = format!(
+        "[backup]\nrepository = \"{}\"\npassword_file = \"{}\"\n",
+        d.path().join("repo").display(),
+        d.path().join("backup-password").display()
+    );
+    let Solo { m, h: a, c, o } = one_host_one_project(d.path(), &backup).await;
+    let admin = MasterClient::new(&m.url, &m.admin);
+    let on_a = HostClient::new(url_of(&o), o.project, o.token.clone());
+
+    on_a.write("notes.txt", b"v1".to_vec()).await.unwrap();
+    on_a.mkdir("data").await.unwrap();
+    on_a.write("data/table.csv", b"a,b\n".to_vec())
+        .await
+        .unwrap();
+    let b1 = on_a.backup().await.unwrap();
+    assert_eq!(
+        (b1.project, b1.host, b1.files),
+        (o.project, a.id, 2),
+        "{b1:?}"
+    );
+    assert_eq!(
+        on_a.backup().await.unwrap(),
+        b1,
+        "nothing changed: same backup"
+    );
+    on_a.write("notes.txt", b"v2".to_vec()).await.unwrap();
+    on_a.remove("data/table.csv").await.unwrap();
+    let b2 = on_a.backup().await.unwrap();
+    assert_ne!(b2.id, b1.id);
+    assert!(b2.snapshot > b1.snapshot);
+    assert_eq!(on_a.backups().await.unwrap(), vec![b1.clone(), b2.clone()]);
+
+    // One path back from the first backup, with the project running; the
+    // host still has that snapshot, so nothing is fetched.
+    let (status, _) = exec(&url_of(&o), &o.project.to_string(), &o.token, &["true"]).await;
+    assert_eq!(status, 200);
+    let r = on_a
+        .restore_backup(&b1.id, Some("notes.txt"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.snapshot.as_str(), r.fetched),
+        (b1.snapshot.as_str(), false)
+    );
+    let before = r.previous.expect("the state before is kept");
+    assert!(before >= b2.snapshot, "{before} vs {}", b2.snapshot);
+    assert_eq!(on_a.read("notes.txt").await.unwrap(), b"v1");
+    assert!(on_a.read("data/table.csv").await.is_err(), "only the path");
+
+    // Bad requests change nothing.
+    let e = on_a.restore_backup("0123abcd", None).await.unwrap_err();
+    assert_eq!(
+        (e.status, e.code.as_str()),
+        (404, "backup_not_found"),
+        "{e:?}"
+    );
+    let e = on_a
+        .restore_backup(&b1.id, Some("../escape"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, "path_escape", "{e:?}");
+    let e = on_a.restore_backup("../../x", None).await.unwrap_err();
+    assert_eq!(e.status, 400, "{e:?}");
+    let e = on_a.restore_backup(&b1.id, None).await.unwrap_err();
+    assert_eq!(
+        (e.status, e.code.as_str()),
+        (409, "project_running"),
+        "{e:?}"
+    );
+    assert_eq!(on_a.read("notes.txt").await.unwrap(), b"v1");
+
+    // Host A is lost with its disk; the project is placed on B.
+    let t = admin.bootstrap_token().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let b = start_host_with(&d.path().join("b"), &m.url, &t, &backup).await;
+    admin.drain(a.id, true).await.unwrap();
+    let _ = a.stop.send(true);
+    let _ = a.task.await;
+    std::fs::remove_dir_all(d.path().join("h")).unwrap();
+    let placed = admin.replace(&o.project.to_string()).await.unwrap();
+    assert_eq!(placed.decision.host, b.id);
+    let o2 = c.open("p").await.unwrap();
+    assert_eq!(url_of(&o2), b.url);
+    let on_b = HostClient::new(url_of(&o2), o2.project, o2.token.clone());
+    assert_eq!(
+        on_b.backups().await.unwrap(),
+        vec![b1.clone(), b2.clone()],
+        "B sees A's backups"
+    );
+    let _ = on_b.stop().await;
+    let r = on_b.restore_backup(&b2.id, None).await.unwrap();
+    assert_eq!(
+        (r.snapshot.as_str(), r.fetched),
+        (b2.snapshot.as_str(), true)
+    );
+    assert_eq!(on_b.read("notes.txt").await.unwrap(), b"v2");
+    assert!(on_b.read("data/table.csv").await.is_err());
+    // And one path from the older backup, which B fetches in turn.
+    let r = on_b
+        .restore_backup(&b1.id, Some("data/table.csv"))
+        .await
+        .unwrap();
+    assert!(r.fetched && r.previous.is_some(), "{r:?}");
+    assert_eq!(on_b.read("data/table.csv").await.unwrap(), b"a,b\n");
+    let (status, v) = exec(
+        &url_of(&o2),
+        &o2.project.to_string(),
+        &o2.token,
+        &["cat", "notes.txt"],
+    )
+    .await;
+    assert_eq!((status, stdout(&v).as_str()), (200, "v2"), "{v}");
+    let b3 = on_b.backup().await.unwrap();
+    assert_eq!(b3.host, b.id);
+    assert_eq!(on_b.backups().await.unwrap().len(), 3);
+
+    let _ = b.stop.send(true);
+    let _ = b.task.await;
+    m.shut_down().await;
+}

@@ -135,6 +135,40 @@ impl HostClient {
             .map(|_| ())
     }
 
+    /// Backs the project up now (the last backup again if nothing
+    /// changed since).
+    pub async fn backup(&self) -> Result<cocalc_core::BackupInfo, ApiError> {
+        self.json(self.http.post(self.url("backups"))).await
+    }
+
+    /// The project's backups, oldest first.
+    pub async fn backups(&self) -> Result<Vec<cocalc_core::BackupInfo>, ApiError> {
+        self.json(self.http.get(self.url("backups"))).await
+    }
+
+    /// Restores `path` (or, with `None`, the whole stopped project) from
+    /// backup `id`.
+    pub async fn restore_backup(
+        &self,
+        id: &str,
+        path: Option<&str>,
+    ) -> Result<cocalc_core::wire::RestoredBackup, ApiError> {
+        if !id.bytes().all(|b| b.is_ascii_alphanumeric()) || id.is_empty() {
+            return Err(ApiError::new(
+                400,
+                "bad_request",
+                format!("not a backup id: {id:?}"),
+            ));
+        }
+        let body = cocalc_core::wire::RestoreBackupRequest::new(path.map(str::to_string));
+        self.json(
+            self.http
+                .post(self.url(&format!("backups/{id}/restore")))
+                .json(&body),
+        )
+        .await
+    }
+
     /// Lists a directory.
     pub async fn list(&self, path: &str) -> Result<Vec<FileEntry>, ApiError> {
         self.json(

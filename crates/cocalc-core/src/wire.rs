@@ -885,3 +885,55 @@ mod tests {
         assert_eq!(serde_json::from_str::<PushFrame>(&j).unwrap(), f);
     }
 }
+
+/// Body of `POST /<project>/backups/<id>/restore` on a host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct RestoreBackupRequest {
+    /// The path to restore, relative to the project's home; `None`
+    /// restores the whole project (which must be stopped).
+    #[serde(default)]
+    pub path: Option<String>,
+}
+
+impl RestoreBackupRequest {
+    /// Restores `path` (or, with `None`, everything).
+    pub fn new(path: Option<String>) -> Self {
+        RestoreBackupRequest { path }
+    }
+}
+
+/// What a host did to restore a backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct RestoredBackup {
+    /// The backup restored.
+    pub backup: crate::backup::BackupInfo,
+    /// The local snapshot it was restored from (its own snapshot, brought
+    /// back from the store unless the host still had it).
+    pub snapshot: String,
+    /// Whether the snapshot was brought back from the store (`false`: the
+    /// host still had it).
+    pub fetched: bool,
+    /// The snapshot of the project's state just before the restore, taken
+    /// so that the restore can be undone; `None` when the project had no
+    /// volume here.
+    pub previous: Option<String>,
+}
+
+impl RestoredBackup {
+    /// A restore's outcome.
+    pub fn new(
+        backup: crate::backup::BackupInfo,
+        snapshot: String,
+        fetched: bool,
+        previous: Option<String>,
+    ) -> Self {
+        RestoredBackup {
+            backup,
+            snapshot,
+            fetched,
+            previous,
+        }
+    }
+}

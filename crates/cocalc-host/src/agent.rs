@@ -74,6 +74,15 @@ pub enum AgentError {
     /// The storage failed.
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// The backup store failed.
+    #[error(transparent)]
+    Backup(#[from] cocalc_core::BackupError),
+    /// This host has no backup store configured.
+    #[error("this host keeps no backups (no [backup] in its configuration)")]
+    NoBackups,
+    /// The call needs the project stopped.
+    #[error("project {0} is running; stop it first")]
+    Running(ProjectId),
 }
 
 impl From<&AgentError> for ApiError {
@@ -87,6 +96,11 @@ impl From<&AgentError> for ApiError {
             }
             AgentError::Runner(r) => ApiError::from(r),
             AgentError::Storage(s) => ApiError::from(s),
+            AgentError::Backup(b) => ApiError::from(b),
+            AgentError::NoBackups => ApiError::new(501, "backups_not_configured", e.to_string())
+                .with_hint("configure [backup] on the host"),
+            AgentError::Running(_) => ApiError::new(409, "project_running", e.to_string())
+                .with_hint("stop the project, or restore a single path"),
         }
     }
 }
@@ -107,6 +121,8 @@ pub struct HostAgent {
     port_upstream: cocalc_client::upstream::Upstream<(ProjectId, u16)>,
     /// The data plane's answers by status code.
     responses: cocalc_core::StatusCounts,
+    /// Where backups go, if anywhere.
+    backups: Option<Arc<crate::backups::Backups>>,
 }
 
 impl std::fmt::Debug for HostAgent {
@@ -138,6 +154,7 @@ impl HostAgent {
             active: Mutex::new(std::collections::HashSet::new()),
             ports: cocalc_client::relay::Pool::new(PORT_POOL_PER_PORT),
             port_upstream: cocalc_client::upstream::Upstream::new(PORT_POOL_PER_PORT),
+            backups: None,
             responses: Default::default(),
         }
     }
@@ -386,6 +403,79 @@ impl HostAgent {
         spec.limits = self.cfg.limits;
         spec.hostname = format!("project-{}", &project.to_string()[..8]);
         Ok(self.runner.start(&spec).await?)
+    }
+
+    /// Backs projects up to `backups` ([`crate::backups`]).
+    pub fn with_backups(mut self, backups: crate::backups::Backups) -> Self {
+        self.backups = Some(Arc::new(backups));
+        self
+    }
+
+    fn backup_store(&self) -> Result<&crate::backups::Backups, AgentError> {
+        self.backups.as_deref().ok_or(AgentError::NoBackups)
+    }
+
+    /// Backs the project up: snapshots it if it changed since its newest
+    /// snapshot, and backs that snapshot up unless this host already did.
+    pub async fn backup(&self, project: ProjectId) -> Result<cocalc_core::BackupInfo, AgentError> {
+        self.backup_store()?
+            .backup(self.storage.as_ref(), self.cfg.host, project)
+            .await
+    }
+
+    /// The project's backups in the store (from every host), oldest first.
+    pub async fn backups(
+        &self,
+        project: ProjectId,
+    ) -> Result<Vec<cocalc_core::BackupInfo>, AgentError> {
+        Ok(self.backup_store()?.store().backups(project).await?)
+    }
+
+    /// Restores `path` (or, with `None`, the whole project, which must be
+    /// stopped) from backup `id`; see [`crate::backups`].
+    pub async fn restore_backup(
+        &self,
+        project: ProjectId,
+        id: &str,
+        path: Option<&str>,
+    ) -> Result<cocalc_core::wire::RestoredBackup, AgentError> {
+        let b = self.backup_store()?;
+        let running =
+            path.is_none() && self.runner.status(project).await?.state == ProjectState::Running;
+        b.restore(self.storage.as_ref(), project, id, path, running)
+            .await
+    }
+
+    /// Backs up every project with a volume here, one at a time, and then
+    /// forgets what `keep` does not keep of each (all hosts' backups of it
+    /// counted together). Answers the projects that failed, with errors.
+    pub async fn backup_all(
+        &self,
+        keep: Option<&cocalc_storage::RetentionPolicy>,
+        now: cocalc_core::Timestamp,
+    ) -> Result<Vec<(ProjectId, AgentError)>, AgentError> {
+        let b = self.backup_store()?;
+        let mut failed = Vec::new();
+        for project in self.storage.list().await? {
+            let r = async {
+                self.backup(project).await?;
+                if let Some(policy) = keep {
+                    cocalc_storage::backup::forget_by_retention(
+                        b.store().as_ref(),
+                        project,
+                        policy,
+                        now,
+                    )
+                    .await?;
+                }
+                Ok::<_, AgentError>(())
+            }
+            .await;
+            if let Err(e) = r {
+                failed.push((project, e));
+            }
+        }
+        Ok(failed)
     }
 
     /// The project's status (no start).

@@ -205,6 +205,122 @@ pub struct HostConfig {
     /// its proxy.)
     #[serde(default)]
     pub access_log: Option<String>,
+    /// Where the host backs its projects up (none when absent: the backup
+    /// API then answers 501).
+    #[serde(default)]
+    pub backup: Option<BackupSettings>,
+}
+
+/// The `[backup]` table of a host's config.
+///
+/// ```toml
+/// [backup]
+/// repository = "opendal:s3"          # or a directory: "/srv/cocalc-backups"
+/// password_file = "/etc/cocalc/backup-password"
+/// every_secs = 3600                  # 0: only when asked
+/// keep = { frequent = 4, daily = 7, weekly = 4, monthly = 2 }
+/// [backup.options]
+/// bucket = "cocalc-backups"
+/// root = "/fleet-1"
+/// endpoint = "https://s3.example.org"
+/// region = "us-east-1"
+/// access_key_id = "..."
+/// secret_access_key = "..."
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupSettings {
+    /// `rustic` (the default): a restic-format repository; `dir`: plain
+    /// copies in the directory `repository` (development only).
+    #[serde(default = "default_backup_kind")]
+    pub kind: String,
+    /// A directory, or `opendal:<service>` with `options`.
+    pub repository: String,
+    /// The file holding the repository's password (rustic; required).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Backend options (for `opendal:s3`: bucket, root, endpoint, region,
+    /// access_key_id, secret_access_key).
+    #[serde(default)]
+    pub options: std::collections::BTreeMap<String, String>,
+    /// Back every project up this often, seconds (0, the default: only
+    /// when asked through the API).
+    #[serde(default)]
+    pub every_secs: u64,
+    /// After each scheduled round, keep this many backups per bucket of
+    /// each project (absent: keep everything).
+    #[serde(default)]
+    pub keep: Option<KeepCounts>,
+}
+
+/// Retention counts (see [`cocalc_storage::RetentionPolicy`]).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeepCounts {
+    /// The newest backups kept regardless of time.
+    #[serde(default)]
+    pub frequent: usize,
+    /// Newest backup of each of this many most recent days.
+    #[serde(default)]
+    pub daily: usize,
+    /// Newest backup of each of this many most recent weeks.
+    #[serde(default)]
+    pub weekly: usize,
+    /// Newest backup of each of this many most recent months.
+    #[serde(default)]
+    pub monthly: usize,
+}
+
+impl From<KeepCounts> for cocalc_storage::RetentionPolicy {
+    fn from(k: KeepCounts) -> Self {
+        cocalc_storage::RetentionPolicy {
+            frequent: k.frequent,
+            daily: k.daily,
+            weekly: k.weekly,
+            monthly: k.monthly,
+        }
+    }
+}
+
+fn default_backup_kind() -> String {
+    "rustic".into()
+}
+
+/// Opens the backup store `b` names.
+async fn backup_store(
+    b: &BackupSettings,
+    data_dir: &Path,
+) -> Result<Arc<dyn cocalc_core::BackupStore>, String> {
+    match b.kind.as_str() {
+        "dir" => Ok(Arc::new(
+            cocalc_storage::backup::DirBackups::new(&b.repository).map_err(|e| e.to_string())?,
+        )),
+        #[cfg(feature = "rustic")]
+        "rustic" => {
+            let file = b
+                .password_file
+                .as_ref()
+                .ok_or("[backup] password_file is required for a rustic repository")?;
+            let password = std::fs::read_to_string(file)
+                .map_err(|e| format!("[backup] password_file {}: {e}", file.display()))?;
+            let mut c = cocalc_storage::backup::RusticConfig::new(
+                b.repository.clone(),
+                password.trim_end_matches(['\n', '\r']),
+            )
+            .cache_dir(data_dir.join("rustic-cache"));
+            for (k, v) in &b.options {
+                c = c.option(k.clone(), v.clone());
+            }
+            Ok(Arc::new(
+                cocalc_storage::backup::RusticBackups::open_or_init(c)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            ))
+        }
+        other => Err(format!(
+            "[backup] kind {other:?}: not one of rustic, dir (or not in this build)"
+        )),
+    }
 }
 
 fn default_activity_interval() -> u64 {
@@ -515,6 +631,8 @@ pub struct Host {
     tls_failures: Arc<std::sync::atomic::AtomicU64>,
     /// The per-client connection cap on `listen`.
     admission: crate::admission::Admission,
+    /// Scheduled backups: how often, and what to keep.
+    backup_every: Option<(Duration, Option<cocalc_storage::RetentionPolicy>)>,
 }
 
 impl std::fmt::Debug for Host {
@@ -725,8 +843,17 @@ async fn build_at(cfg: &HostConfig, endpoint: HostEndpoint) -> Result<Host, Host
         }
         _ => None,
     };
-    let agent =
+    let mut agent =
         HostAgent::new(AgentConfig::new(host), runner, storage, gate).with_local_store(local);
+    if let Some(b) = &cfg.backup {
+        let store = backup_store(b, &cfg.data_dir)
+            .await
+            .map_err(|e| start_err("backup store", e))?;
+        agent = agent.with_backups(crate::backups::Backups::new(
+            store,
+            cfg.data_dir.join("backup-staging"),
+        ));
+    }
     let known = agent
         .restore()
         .await
@@ -766,6 +893,11 @@ async fn build_at(cfg: &HostConfig, endpoint: HostEndpoint) -> Result<Host, Host
         tls_versions: cocalc_client::tls::HttpVersions::with_http2(cfg.tls_http2),
         tls_failures: Arc::default(),
         admission,
+        backup_every: cfg
+            .backup
+            .as_ref()
+            .filter(|b| b.every_secs > 0)
+            .map(|b| (Duration::from_secs(b.every_secs), b.keep.map(Into::into))),
     })
 }
 
@@ -981,6 +1113,27 @@ impl Host {
         };
         // Every activity interval (default a minute): report recent use to the master, and stop projects
         // that are truly idle (no requests, no CPU, no connections).
+        // Scheduled backups: every project, one at a time, then retention.
+        let backups = me.backup_every.map(|(every, keep)| {
+            let me = me.clone();
+            let stop = wait(rx.clone());
+            tokio::spawn(async move {
+                let round = async {
+                    loop {
+                        tokio::time::sleep(every).await;
+                        match me.agent.backup_all(keep.as_ref(), me.clock.now()).await {
+                            Ok(failed) => {
+                                for (project, e) in failed {
+                                    tracing::warn!(%project, error = %e, "backup failed");
+                                }
+                            }
+                            Err(e) => tracing::warn!(error = %e, "backup round failed"),
+                        }
+                    }
+                };
+                tokio::select! { _ = round => {}, _ = stop => {} }
+            })
+        });
         let culler = {
             let me = me.clone();
             let stop = wait(rx.clone());
@@ -1074,6 +1227,9 @@ impl Host {
         let _ = counter.await;
         let _ = saver.await;
         let _ = culler.await;
+        if let Some(b) = backups {
+            let _ = b.await;
+        }
         if let Some(log) = me.admission.access_log() {
             if !log.flush(Duration::from_secs(5)) {
                 tracing::warn!("the access log's last lines were not written within 5 s");

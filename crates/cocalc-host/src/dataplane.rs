@@ -162,6 +162,8 @@ pub fn router(agent: Arc<HostAgent>) -> Router {
             "/{project}/server/{port}/{*rest}",
             axum::routing::any(ports),
         )
+        .route("/{project}/backups", get(backups_list).post(backup_now))
+        .route("/{project}/backups/{id}/restore", post(backup_restore))
         .route("/{project}/files", get(files_get))
         .route(
             "/{project}/files/{*path}",
@@ -424,6 +426,60 @@ async fn exec(State(a): State<AppState>, Path(p): Path<String>, req: Request) ->
         return Err(Failure(ApiError::new(400, "bad_request", "argv is empty")));
     }
     Ok(Json(a.exec(&g, req).await?).into_response())
+}
+
+/// `GET /<project>/backups`: the project's backups, oldest first (read
+/// access).
+async fn backups_list(
+    State(a): State<AppState>,
+    Path(p): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Result<Response> {
+    let (g, ..) = grant(&a, &p, &headers, &uri, Permission::Read, "backups", false).await?;
+    Ok(Json(a.backups(g.claims.project).await?).into_response())
+}
+
+/// `POST /<project>/backups`: backs the project up now (write access);
+/// answers the backup (the last one again if nothing changed since).
+async fn backup_now(
+    State(a): State<AppState>,
+    Path(p): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Result<Response> {
+    let g = check_write(&a, &p, &headers, &uri, "backup").await?;
+    Ok(Json(a.backup(g.claims.project).await?).into_response())
+}
+
+/// `POST /<project>/backups/<id>/restore` with a
+/// [`RestoreBackupRequest`](cocalc_core::wire::RestoreBackupRequest)
+/// (write access): one path, or the whole stopped project.
+async fn backup_restore(
+    State(a): State<AppState>,
+    Path((p, id)): Path<(String, String)>,
+    req: Request,
+) -> Result<Response> {
+    let (parts, body) = req.into_parts();
+    let g = check_write(&a, &p, &parts.headers, &parts.uri, "backup_restore").await?;
+    let body: Bytes = axum::body::to_bytes(body, 64 << 10)
+        .await
+        .map_err(|e| Failure(ApiError::new(400, "bad_body", format!("request body: {e}"))))?;
+    let req: cocalc_core::wire::RestoreBackupRequest = if body.is_empty() {
+        Default::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            Failure(ApiError::new(
+                400,
+                "bad_request",
+                format!("invalid RestoreBackupRequest: {e}"),
+            ))
+        })?
+    };
+    let done = a
+        .restore_backup(g.claims.project, &id, req.path.as_deref())
+        .await?;
+    Ok(Json(done).into_response())
 }
 
 fn query_param<'a>(uri: &'a Uri, name: &str) -> Option<&'a str> {

@@ -60,6 +60,7 @@
 pub mod activity;
 pub mod admission;
 pub mod agent;
+pub mod backups;
 pub mod daemon;
 pub mod dataplane;
 pub mod files;

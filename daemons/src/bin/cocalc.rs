@@ -196,6 +196,27 @@ enum ProjectCommand {
         /// Project name or id.
         project: String,
     },
+    /// Back a project up now (its host must have a `[backup]` store).
+    Backup {
+        /// Project name or id.
+        project: String,
+    },
+    /// List a project's backups, oldest first (from every host).
+    Backups {
+        /// Project name or id.
+        project: String,
+    },
+    /// Restore a path, or the whole (stopped) project, from a backup. The
+    /// state before is kept as a snapshot.
+    Restore {
+        /// Project name or id.
+        project: String,
+        /// Backup id (from `cocalc project backups`).
+        backup: String,
+        /// Only this path, relative to the project's home.
+        #[arg(long)]
+        path: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -639,6 +660,59 @@ fn run_remote(
                         st.project,
                         format!("{:?}", st.state).to_lowercase()
                     );
+                }
+            }
+            ProjectCommand::Backup { project } => {
+                let b = rt.block_on(host_of(project)?.backup()).map_err(api)?;
+                if json {
+                    print_json(&b)?;
+                } else {
+                    println!(
+                        "backup {} of snapshot {}: {} files, {} bytes ({} bytes new in the store)",
+                        b.id, b.snapshot, b.files, b.bytes, b.added_bytes
+                    );
+                }
+            }
+            ProjectCommand::Backups { project } => {
+                let list = rt.block_on(host_of(project)?.backups()).map_err(api)?;
+                if json {
+                    print_json(&list)?;
+                } else if list.is_empty() {
+                    println!("no backups");
+                } else {
+                    for b in list {
+                        println!(
+                            "{}  {}  host {}  {} files  {} bytes",
+                            b.id, b.snapshot, b.host, b.files, b.bytes
+                        );
+                    }
+                }
+            }
+            ProjectCommand::Restore {
+                project,
+                backup,
+                path,
+            } => {
+                let h = host_of(project)?;
+                let r = rt
+                    .block_on(h.restore_backup(backup, path.as_deref()))
+                    .map_err(api)?;
+                if json {
+                    print_json(&r)?;
+                } else {
+                    let what = path.as_deref().unwrap_or("the whole project");
+                    let from = if r.fetched {
+                        "brought back from the store"
+                    } else {
+                        "still on the host"
+                    };
+                    println!(
+                        "restored {what} from backup {} (snapshot {}, {from})",
+                        r.backup.id, r.snapshot
+                    );
+                    if let Some(p) = r.previous {
+                        println!("the state before is snapshot {p}");
+                    }
                 }
             }
             ProjectCommand::Stop { project } => {

@@ -1,0 +1,172 @@
+//! Backups of a host's projects: a project snapshot copied to a
+//! [`BackupStore`], and brought back as a snapshot to restore from.
+//!
+//! [`HostAgent::backup`](crate::agent::HostAgent::backup) takes a snapshot
+//! if the project changed since its newest one and backs that snapshot
+//! up; asked again with nothing changed it answers the same backup
+//! without storing anything. [`HostAgent::restore_backup`](crate::agent::HostAgent::restore_backup)
+//! first snapshots the project as it is (so a restore can be undone),
+//! then uses the backup's own snapshot if this host still has it, or
+//! restores the backup from the store into a staging directory and
+//! imports it as that snapshot, and finally restores one path, or the
+//! whole project, from it. A project with no volume here (its host was
+//! lost, and it was placed on this one) gets its volume from the backup.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use cocalc_core::wire::RestoredBackup;
+use cocalc_core::{
+    BackupInfo, BackupStore, HostId, ProjectId, SnapshotInfo, Storage, StorageError,
+};
+
+use crate::agent::AgentError;
+
+/// A host's backup store and what it needs beside it.
+pub struct Backups {
+    store: Arc<dyn BackupStore>,
+    staging: PathBuf,
+    /// The newest backup this host made of each project (its snapshot's
+    /// name and the backup), so an unchanged project costs no store query.
+    last: Mutex<HashMap<ProjectId, BackupInfo>>,
+}
+
+impl std::fmt::Debug for Backups {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backups")
+            .field("staging", &self.staging)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Backups {
+    /// Backups to `store`; restores are staged in directories under
+    /// `staging` (best on the same filesystem as the projects, so imports
+    /// can share extents), each removed when its restore ends.
+    pub fn new(store: Arc<dyn BackupStore>, staging: impl Into<PathBuf>) -> Self {
+        Backups {
+            store,
+            staging: staging.into(),
+            last: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn BackupStore> {
+        &self.store
+    }
+
+    pub(crate) async fn backup(
+        &self,
+        storage: &dyn Storage,
+        host: HostId,
+        project: ProjectId,
+    ) -> Result<BackupInfo, AgentError> {
+        storage.volume(project).await?;
+        let snap: SnapshotInfo = match storage.snapshot(project).await? {
+            Some(s) => s,
+            None => storage
+                .snapshots(project)
+                .await?
+                .pop()
+                .ok_or(AgentError::Storage(StorageError::NotFound(project)))?,
+        };
+        let remembered = self.last.lock().unwrap().get(&project).cloned();
+        if let Some(b) = remembered.filter(|b| b.snapshot == snap.name) {
+            return Ok(b);
+        }
+        let done = self
+            .store
+            .backups(project)
+            .await?
+            .into_iter()
+            .rev()
+            .find(|b| b.host == host && b.snapshot == snap.name);
+        let info = match done {
+            Some(b) => b,
+            None => {
+                let tree = storage.snapshot_tree(project, &snap.name).await?;
+                self.store.backup(project, host, &snap, &tree).await?
+            }
+        };
+        self.last.lock().unwrap().insert(project, info.clone());
+        Ok(info)
+    }
+
+    pub(crate) async fn restore(
+        &self,
+        storage: &dyn Storage,
+        project: ProjectId,
+        id: &str,
+        path: Option<&str>,
+        running: bool,
+    ) -> Result<RestoredBackup, AgentError> {
+        let info = self
+            .store
+            .backups(project)
+            .await?
+            .into_iter()
+            .find(|b| b.id == id)
+            .ok_or_else(|| {
+                AgentError::Backup(cocalc_core::BackupError::NotFound {
+                    project,
+                    id: id.to_string(),
+                })
+            })?;
+        if running {
+            return Err(AgentError::Running(project));
+        }
+        let exists = match storage.volume(project).await {
+            Ok(_) => true,
+            Err(StorageError::NotFound(_)) => false,
+            Err(e) => return Err(e.into()),
+        };
+        let previous = if exists {
+            storage.snapshot(project).await?;
+            storage.snapshots(project).await?.pop().map(|s| s.name)
+        } else {
+            if path.is_some() {
+                storage.create(project).await?;
+            }
+            None
+        };
+        // Within one project, snapshot names are unique across hosts: a
+        // project is on one host at a time and names are times to the
+        // millisecond. A snapshot of that name here is the backup's own.
+        let have = (exists || path.is_some())
+            && storage
+                .snapshots(project)
+                .await?
+                .iter()
+                .any(|s| s.name == info.snapshot);
+        let fetched = !have;
+        if fetched {
+            let dir = self.staging.join(format!(
+                "restore-{project}-{}-{}",
+                std::process::id(),
+                STAGE.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ));
+            let r = async {
+                self.store.restore(project, id, &dir).await?;
+                storage
+                    .import_snapshot(project, &info.snapshot, &dir)
+                    .await?;
+                Ok::<_, AgentError>(())
+            }
+            .await;
+            let d = dir.clone();
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(d)).await;
+            r?;
+        }
+        // A volume made just now from the imported snapshot is already the
+        // whole restore.
+        if exists || path.is_some() {
+            storage.restore(project, &info.snapshot, path).await?;
+        }
+        let snapshot = info.snapshot.clone();
+        Ok(RestoredBackup::new(info, snapshot, fetched, previous))
+    }
+}
+
+static STAGE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
