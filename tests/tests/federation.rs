@@ -1039,9 +1039,13 @@ async fn federation_with_podman_and_btrfs() {
         .as_str()
         .unwrap()
         .to_string();
+    std::fs::write(dir.path().join("backup-password"), "pw").unwrap();
     let backend = format!(
-        "runner = \"podman\"\nstorage = \"btrfs\"\nbtrfs_pool = \"{}\"\n",
-        pool.path().display()
+        "runner = \"podman\"\nstorage = \"btrfs\"\nbtrfs_pool = \"{}\"\n\
+         [backup]\nrepository = \"{}\"\npassword_file = \"{}\"\n",
+        pool.path().display(),
+        dir.path().join("repo").display(),
+        dir.path().join("backup-password").display()
     );
     let hdir = dir.path().join("h");
     let h = start_host_with(&hdir, &m.url, &t, &backend).await;
@@ -1130,6 +1134,57 @@ async fn federation_with_podman_and_btrfs() {
     let (s, v) = exec(&h.url, &pa, &a2.token, &["cat", "f.txt"]).await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(stdout(&v), "data\n");
+
+    // Backups of a Btrfs snapshot: one file back while the container
+    // runs, with the owner the container gave it; then the whole project,
+    // stopped.
+    let ha = cocalc_client::HostClient::new(h.url.clone(), a.project, a2.token.clone());
+    let backup = ha.backup().await.unwrap();
+    assert_eq!(backup.files, 1, "{backup:?}");
+    let (s, v) = exec(
+        &h.url,
+        &pa,
+        &a2.token,
+        &["sh", "-c", "echo changed > f.txt; echo new > g.txt"],
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let r = ha.restore_backup(&backup.id, Some("f.txt")).await.unwrap();
+    assert!(!r.fetched, "the host still has the snapshot: {r:?}");
+    let (s, v) = exec(
+        &h.url,
+        &pa,
+        &a2.token,
+        &["sh", "-c", "stat -c %u f.txt; cat f.txt g.txt"],
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(stdout(&v), "2001\ndata\nnew\n");
+    let e = ha.restore_backup(&backup.id, None).await.unwrap_err();
+    assert_eq!(e.code, "project_running", "{e:?}");
+    ha.stop().await.unwrap();
+    // Drop the local snapshots, so the whole restore comes from the store.
+    for s in std::fs::read_dir(pool.path().join("snapshots").join(format!("project-{pa}"))).unwrap()
+    {
+        let s = s.unwrap().path();
+        let out = std::process::Command::new("btrfs")
+            .args(["subvolume", "delete"])
+            .arg(&s)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    let r = ha.restore_backup(&backup.id, None).await.unwrap();
+    assert!(r.fetched, "{r:?}");
+    let (s, v) = exec(
+        &h.url,
+        &pa,
+        &a2.token,
+        &["sh", "-c", "stat -c %u f.txt; cat f.txt; ls"],
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(stdout(&v), "2001\ndata\nf.txt\n");
     let r = http
         .post(format!("{}/{pa}/stop", h.url))
         .bearer_auth(&a2.token)
