@@ -185,6 +185,9 @@ pub async fn up(
     let proxy_url = format!("http://127.0.0.1:{}", opts.proxy_port);
     let all_hosts = opts.hosts + opts.hidden_hosts;
     let mut tunnels = Vec::new();
+    // Every host backs up to one rustic repository under the dev directory,
+    // so a project can be brought back on any of them.
+    let backup = dev_backup_table(&opts.dir)?;
     for i in 1..=all_hosts {
         let hidden = i > opts.hosts;
         let hdir = opts.dir.join(format!("host-{i}"));
@@ -226,7 +229,7 @@ pub async fn up(
             "listen = \"127.0.0.1:0\"\n".to_string()
         };
         let hcfg: HostConfig = toml::from_str(&format!(
-            "{place}master_url = \"{url}\"\ndata_dir = \"{}\"\nrunner = \"{backend}\"\n{storage}{token_line}",
+            "{place}master_url = \"{url}\"\ndata_dir = \"{}\"\nrunner = \"{backend}\"\n{storage}{token_line}{backup}",
             hdir.display()
         ))
         .map_err(|e| err("host config", e))?;
@@ -332,6 +335,7 @@ pub async fn up(
     println!("  echo hi | cocalc file put demo hello.txt && cocalc file get demo hello.txt");
     println!("  cocalc file ls demo");
     println!("  cocalc project explain demo");
+    println!("  cocalc project backup demo && cocalc project backups demo");
     println!("  cocalc project stop demo");
     if opts.proxy_port != 0 {
         println!(
@@ -391,4 +395,30 @@ pub fn default_dir() -> PathBuf {
         .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/state")))
         .unwrap_or_else(std::env::temp_dir)
         .join("cocalc-dev")
+}
+
+/// The `[backup]` table of `dev up`'s hosts: a rustic repository at
+/// `<dir>/backups`, with a password made on first use and kept in
+/// `<dir>/backup-password` (mode 0600).
+fn dev_backup_table(dir: &std::path::Path) -> Result<String, DevError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let pw = dir.join("backup-password");
+    if !pw.exists() {
+        let mut bytes = [0u8; 24];
+        getrandom::getrandom(&mut bytes).map_err(|e| err("backup password", e))?;
+        let text: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&pw)
+            .map_err(|e| err("backup password", e))?;
+        std::io::Write::write_all(&mut f, format!("{text}\n").as_bytes())
+            .map_err(|e| err("backup password", e))?;
+    }
+    Ok(format!(
+        "[backup]\nrepository = \"{}\"\npassword_file = \"{}\"\n",
+        dir.join("backups").display(),
+        pw.display()
+    ))
 }

@@ -180,6 +180,46 @@ fn next_steps_work_and_ctrl_c_stops(backend: &str) {
     );
     assert_eq!(o.status.code(), Some(3), "{o:?}");
     assert_eq!(o.stdout, b"hi\n", "{o:?}");
+    // Backups to the repository dev up made: back up, change, restore
+    // one path, then the whole (stopped) project.
+    let o = cocalc(&d, &["project", "backup", "demo", "--json"], None);
+    assert!(o.status.success(), "{o:?}");
+    let backup: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let id = backup["id"].as_str().unwrap().to_string();
+    let o = cocalc(
+        &d,
+        &["file", "put", "demo", "hello.txt"],
+        Some(b"changed\n"),
+    );
+    assert!(o.status.success(), "{o:?}");
+    let o = cocalc(&d, &["file", "put", "demo", "later.txt"], Some(b"later\n"));
+    assert!(o.status.success(), "{o:?}");
+    let o = cocalc(&d, &["project", "backups", "demo"], None);
+    assert!(String::from_utf8_lossy(&o.stdout).contains(&id), "{o:?}");
+    let o = cocalc(
+        &d,
+        &["project", "restore", "demo", &id, "--path", "hello.txt"],
+        None,
+    );
+    assert!(o.status.success(), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).starts_with("restored hello.txt from backup"),
+        "{o:?}"
+    );
+    let o = cocalc(&d, &["file", "get", "demo", "hello.txt"], None);
+    assert_eq!(o.stdout, b"hi\n", "{o:?}");
+    let o = cocalc(&d, &["project", "restore", "demo", &id], None);
+    assert!(!o.status.success(), "the project runs: {o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("stop it first"),
+        "{o:?}"
+    );
+    let o = cocalc(&d, &["project", "stop", "demo"], None);
+    assert!(o.status.success(), "{o:?}");
+    let o = cocalc(&d, &["project", "restore", "demo", &id], None);
+    assert!(o.status.success(), "{o:?}");
+    let o = cocalc(&d, &["file", "get", "demo", "later.txt"], None);
+    assert!(!o.status.success(), "the whole project is as it was: {o:?}");
     let o = cocalc(&d, &["project", "stop", "demo"], None);
     assert!(o.status.success(), "{o:?}");
 
