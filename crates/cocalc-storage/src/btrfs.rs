@@ -612,11 +612,6 @@ impl Storage for BtrfsStorage {
     ) -> Result<SnapshotInfo, StorageError> {
         let _g = self.locks.lock(project).await;
         let dst = importable(&self.inner.layout, project, name, tree)?;
-        if dst.exists() {
-            return Err(StorageError::AlreadyExists(format!(
-                "snapshot {name} of project {project}"
-            )));
-        }
         let staging = self.inner.layout.incoming().join(unique("import"));
         blocking({
             let staging = staging.clone();

@@ -113,8 +113,8 @@ impl Layout {
     }
 }
 
-/// Checks an import's name and source tree; returns where the snapshot
-/// would go.
+/// Checks an import's name, that no snapshot has it yet, and its source
+/// tree; returns where the snapshot would go.
 pub(crate) fn importable(
     layout: &Layout,
     p: ProjectId,
@@ -125,7 +125,15 @@ pub(crate) fn importable(
         return Err(StorageError::InvalidSnapshotName(name.to_string()));
     }
     match std::fs::symlink_metadata(tree) {
-        Ok(m) if m.is_dir() => Ok(layout.snapdir(p).join(name)),
+        Ok(m) if m.is_dir() => {
+            let dst = layout.snapdir(p).join(name);
+            if dst.exists() {
+                return Err(StorageError::AlreadyExists(format!(
+                    "snapshot {name} of project {p}"
+                )));
+            }
+            Ok(dst)
+        }
         Ok(_) => Err(StorageError::Io(format!(
             "{}: not a directory, nothing imported",
             tree.display()

@@ -425,12 +425,7 @@ impl Storage for DirStorage {
         tree: &Path,
     ) -> Result<SnapshotInfo, StorageError> {
         let _g = self.locks.lock(project).await;
-        let dst = importable(&self.layout, project, name, tree)?;
-        if dst.exists() {
-            return Err(StorageError::AlreadyExists(format!(
-                "snapshot {name} of project {project}"
-            )));
-        }
+        importable(&self.layout, project, name, tree)?;
         let staging = self.layout.incoming().join(unique("import"));
         std::fs::create_dir_all(&staging).map_err(|e| io_err(&staging, e))?;
         let result = match copy_tree(project, tree, &staging.join(name)).await {

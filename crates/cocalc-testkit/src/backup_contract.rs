@@ -9,18 +9,9 @@
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
-use cocalc_core::{BackupError, BackupStore, HostId, SnapshotInfo, Timestamp};
+use cocalc_core::{BackupError, BackupStore, SnapshotInfo, Timestamp};
 
-use crate::storage_contract::{project, put, tree_digest};
-
-fn host(n: u8) -> HostId {
-    let mut b = [0u8; 16];
-    b[0] = 0xb0;
-    b[15] = n;
-    b[6] = 0x40;
-    b[8] = 0x80;
-    HostId::from_bytes(b)
-}
+use crate::storage_contract::{host, project, put, tree_digest};
 
 fn snap(name: &str, ms: i64) -> SnapshotInfo {
     SnapshotInfo::new(name.to_string(), Timestamp(ms), None)

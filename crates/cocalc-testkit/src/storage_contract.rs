@@ -28,13 +28,22 @@ use sha2::{Digest, Sha256};
 
 /// A project id unique to one check (`n` distinguishes checks).
 pub fn project(n: u8) -> ProjectId {
+    ProjectId::from_bytes(canonical(0xc0, n))
+}
+
+/// A host id unique to one check.
+pub fn host(n: u8) -> cocalc_core::HostId {
+    cocalc_core::HostId::from_bytes(canonical(0xb0, n))
+}
+
+/// Version 4, RFC 4122 variant bytes (a canonical id) from a tag and `n`.
+fn canonical(tag: u8, n: u8) -> [u8; 16] {
     let mut b = [0u8; 16];
-    b[0] = 0xc0;
+    b[0] = tag;
     b[15] = n;
-    // Version 4, RFC 4122 variant: a canonical id.
     b[6] = 0x40;
     b[8] = 0x80;
-    ProjectId::from_bytes(b)
+    b
 }
 
 /// A digest of a tree: every path, its type, mode, content or link target.
