@@ -30,6 +30,10 @@ pub struct Backups {
     /// The newest backup this host made of each project (its snapshot's
     /// name and the backup), so an unchanged project costs no store query.
     last: Mutex<HashMap<ProjectId, BackupInfo>>,
+    /// One backup or restore at a time on this host: two backups of one
+    /// unchanged project must not both store it, and the store works one
+    /// call at a time anyway.
+    busy: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Backups {
@@ -49,6 +53,7 @@ impl Backups {
             store,
             staging: staging.into(),
             last: Mutex::new(HashMap::new()),
+            busy: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -63,6 +68,7 @@ impl Backups {
         host: HostId,
         project: ProjectId,
     ) -> Result<BackupInfo, AgentError> {
+        let _one = self.busy.lock().await;
         storage.volume(project).await?;
         let snap: SnapshotInfo = match storage.snapshot(project).await? {
             Some(s) => s,
@@ -102,18 +108,9 @@ impl Backups {
         path: Option<&str>,
         running: bool,
     ) -> Result<RestoredBackup, AgentError> {
-        let info = self
-            .store
-            .backups(project)
-            .await?
-            .into_iter()
-            .find(|b| b.id == id)
-            .ok_or_else(|| {
-                AgentError::Backup(cocalc_core::BackupError::NotFound {
-                    project,
-                    id: id.to_string(),
-                })
-            })?;
+        let _one = self.busy.lock().await;
+        let info = pick(self.store.backups(project).await?, project, id)?;
+        let id = info.id.as_str();
         if running {
             return Err(AgentError::Running(project));
         }
@@ -170,3 +167,77 @@ impl Backups {
 }
 
 static STAGE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The backup `id` names: its whole id, or (as with git) a prefix of at
+/// least [`MIN_PREFIX`] characters that only one of them has.
+fn pick(list: Vec<BackupInfo>, project: ProjectId, id: &str) -> Result<BackupInfo, AgentError> {
+    let not_found = || {
+        AgentError::Backup(cocalc_core::BackupError::NotFound {
+            project,
+            id: id.to_string(),
+        })
+    };
+    if let Some(b) = list.iter().find(|b| b.id == id) {
+        return Ok(b.clone());
+    }
+    if id.len() < MIN_PREFIX {
+        return Err(not_found());
+    }
+    let mut hits = list.into_iter().filter(|b| b.id.starts_with(id));
+    match (hits.next(), hits.next()) {
+        (Some(b), None) => Ok(b),
+        (None, _) => Err(not_found()),
+        (Some(_), Some(_)) => Err(AgentError::Backup(cocalc_core::BackupError::Invalid(
+            format!("{id} is the start of several backups' ids; give more of it"),
+        ))),
+    }
+}
+
+/// The shortest id prefix a restore accepts.
+pub const MIN_PREFIX: usize = 8;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cocalc_core::Timestamp;
+
+    fn info(id: &str) -> BackupInfo {
+        let p: ProjectId = "6ba7b810-9dad-41d1-80b4-00c04fd430c8".parse().unwrap();
+        let h: HostId = "7d444840-9dc0-41d1-b245-5ffdce74fad2".parse().unwrap();
+        BackupInfo::new(
+            id.into(),
+            p,
+            h,
+            "2026-01-01T00:00:00.000Z".into(),
+            Timestamp(0),
+            0,
+            0,
+            0,
+        )
+    }
+
+    #[test]
+    fn ids_or_unique_prefixes_of_eight_name_a_backup() {
+        let list = vec![info("abcdef0123"), info("abcdef0199"), info("12345678ff")];
+        let p = list[0].project;
+        let got = |id: &str| pick(list.clone(), p, id).map(|b| b.id);
+        assert_eq!(got("abcdef0199").unwrap(), "abcdef0199");
+        assert_eq!(got("12345678").unwrap(), "12345678ff");
+        let short = got("1234567").unwrap_err();
+        assert!(
+            matches!(
+                short,
+                AgentError::Backup(cocalc_core::BackupError::NotFound { .. })
+            ),
+            "{short}"
+        );
+        let both = got("abcdef01").unwrap_err();
+        assert!(both.to_string().contains("several"), "{both}");
+        assert!(matches!(
+            got("ffffffff"),
+            Err(AgentError::Backup(
+                cocalc_core::BackupError::NotFound { .. }
+            ))
+        ));
+    }
+}

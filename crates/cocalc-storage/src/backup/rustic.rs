@@ -137,7 +137,7 @@ fn info_of(p: ProjectId, s: &SnapshotFile) -> Option<BackupInfo> {
         })
         .unwrap_or_default();
     Some(BackupInfo::new(
-        s.id.to_string(),
+        full_id(s),
         p,
         host,
         snapshot,
@@ -146,6 +146,11 @@ fn info_of(p: ProjectId, s: &SnapshotFile) -> Option<BackupInfo> {
         bytes,
         added,
     ))
+}
+
+/// A snapshot's whole id, 64 hex digits (rustic prints 8).
+fn full_id(s: &SnapshotFile) -> String {
+    s.id.to_hex().as_str().to_string()
 }
 
 type Open = Repository<rustic_core::OpenStatus>;
@@ -171,7 +176,7 @@ impl Inner {
     fn find(&self, repo: &Open, p: ProjectId, id: &str) -> Result<SnapshotFile, BackupError> {
         self.snapshots(repo, p)?
             .into_iter()
-            .find(|s| s.id.to_string() == id)
+            .find(|s| full_id(s) == id)
             .ok_or_else(|| BackupError::NotFound {
                 project: p,
                 id: id.to_string(),
