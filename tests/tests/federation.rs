@@ -2980,3 +2980,73 @@ async fn backups_bring_a_project_back_on_another_host() {
     let _ = b.task.await;
     m.shut_down().await;
 }
+
+/// Scheduled backups: with `every_secs`, a host backs each changed
+/// project up by itself, not an unchanged one again, and keeps what `keep`
+/// says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_backups_follow_changes_and_retention() {
+    use cocalc_client::HostClient;
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("pw"), "pw").unwrap();
+    let backup = format!(
+        "[backup]\nrepository = \"{}\"\npassword_file = \"{}\"\nevery_secs = 1\n\
+         keep = {{ frequent = 2 }}\n",
+        d.path().join("repo").display(),
+        d.path().join("pw").display()
+    );
+    let Solo { m, h, o, .. } = one_host_one_project(d.path(), &backup).await;
+    let on = HostClient::new(url_of(&o), o.project, o.token.clone());
+    let mut seen = Vec::new();
+    for round in 0..3 {
+        on.write("f.txt", format!("round {round}").into_bytes())
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let b = loop {
+            let list = on.backups().await.unwrap();
+            match list.last() {
+                Some(b) if !seen.contains(&b.id) => break b.clone(),
+                _ => {}
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no scheduled backup of round {round}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let r = d.path().join(format!("r{round}"));
+        // The backup holds this round's content.
+        let store = cocalc_storage::backup::RusticBackups::open_or_init(
+            cocalc_storage::backup::RusticConfig::new(
+                d.path().join("repo").to_string_lossy(),
+                "pw",
+            ),
+        )
+        .await
+        .unwrap();
+        cocalc_core::BackupStore::restore(&store, o.project, &b.id, &r)
+            .await
+            .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(r.join("f.txt")).unwrap(),
+            format!("round {round}")
+        );
+        seen.push(b.id);
+    }
+    // Unchanged: more rounds pass and nothing new is stored; retention
+    // keeps the two newest.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let ids: Vec<String> = on
+        .backups()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| b.id)
+        .collect();
+    assert_eq!(ids, seen[1..].to_vec());
+
+    let _ = h.stop.send(true);
+    let _ = h.task.await;
+    m.shut_down().await;
+}
