@@ -2989,8 +2989,10 @@ async fn scheduled_backups_follow_changes_and_retention() {
     use cocalc_client::HostClient;
     let d = tempfile::tempdir().unwrap();
     std::fs::write(d.path().join("pw"), "pw").unwrap();
+    let mport = free_port();
     let backup = format!(
-        "[backup]\nrepository = \"{}\"\npassword_file = \"{}\"\nevery_secs = 1\n\
+        "metrics_listen = \"127.0.0.1:{mport}\"\n\
+         [backup]\nrepository = \"{}\"\npassword_file = \"{}\"\nevery_secs = 1\n\
          keep = {{ frequent = 2 }}\n",
         d.path().join("repo").display(),
         d.path().join("pw").display()
@@ -3045,6 +3047,28 @@ async fn scheduled_backups_follow_changes_and_retention() {
         .map(|b| b.id)
         .collect();
     assert_eq!(ids, seen[1..].to_vec());
+    let text = reqwest::get(format!("http://127.0.0.1:{mport}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("cocalc_host_backups_stored_total 3\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("cocalc_host_backup_failures_total 0\n"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("cocalc_host_backups_unchanged_total 0\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("cocalc_host_backup_last_success_timestamp_seconds "),
+        "{text}"
+    );
 
     let _ = h.stop.send(true);
     let _ = h.task.await;

@@ -411,6 +411,12 @@ impl HostAgent {
         self
     }
 
+    /// What backups and restores did since start, if this host keeps
+    /// backups.
+    pub fn backup_stats(&self) -> Option<crate::backups::BackupStats> {
+        self.backups.as_ref().map(|b| b.stats())
+    }
+
     fn backup_store(&self) -> Result<&crate::backups::Backups, AgentError> {
         self.backups.as_deref().ok_or(AgentError::NoBackups)
     }

@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cocalc_core::wire::RestoredBackup;
@@ -34,6 +35,37 @@ pub struct Backups {
     /// unchanged project must not both store it, and the store works one
     /// call at a time anyway.
     busy: tokio::sync::Mutex<()>,
+    stats: Stats,
+}
+
+/// Counts of what a host's backups did since it started, for its metrics.
+#[derive(Debug, Default)]
+struct Stats {
+    stored: AtomicU64,
+    unchanged: AtomicU64,
+    failed: AtomicU64,
+    restored: AtomicU64,
+    restore_failed: AtomicU64,
+    /// Unix seconds of the last backup that succeeded (stored or not).
+    last_ok: AtomicU64,
+}
+
+/// A reading of [`Backups`]' counters ([`Backups::stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BackupStats {
+    /// Backups that stored a new snapshot.
+    pub stored: u64,
+    /// Backups asked for with nothing changed (the last one answered).
+    pub unchanged: u64,
+    /// Backups that failed.
+    pub failed: u64,
+    /// Restores done.
+    pub restored: u64,
+    /// Restores that failed (refusals of bad requests included).
+    pub restore_failed: u64,
+    /// Unix seconds of the last backup that succeeded, if any.
+    pub last_success: Option<u64>,
 }
 
 impl std::fmt::Debug for Backups {
@@ -54,6 +86,21 @@ impl Backups {
             staging: staging.into(),
             last: Mutex::new(HashMap::new()),
             busy: tokio::sync::Mutex::new(()),
+            stats: Stats::default(),
+        }
+    }
+
+    /// What backups and restores did since this value was made.
+    pub fn stats(&self) -> BackupStats {
+        let s = &self.stats;
+        let last = s.last_ok.load(Ordering::Relaxed);
+        BackupStats {
+            stored: s.stored.load(Ordering::Relaxed),
+            unchanged: s.unchanged.load(Ordering::Relaxed),
+            failed: s.failed.load(Ordering::Relaxed),
+            restored: s.restored.load(Ordering::Relaxed),
+            restore_failed: s.restore_failed.load(Ordering::Relaxed),
+            last_success: (last > 0).then_some(last),
         }
     }
 
@@ -69,6 +116,31 @@ impl Backups {
         project: ProjectId,
     ) -> Result<BackupInfo, AgentError> {
         let _one = self.busy.lock().await;
+        let r = self.backup_locked(storage, host, project).await;
+        let s = &self.stats;
+        match &r {
+            Ok((_, stored)) => {
+                let n = if *stored { &s.stored } else { &s.unchanged };
+                n.fetch_add(1, Ordering::Relaxed);
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                s.last_ok.store(now, Ordering::Relaxed);
+            }
+            Err(_) => {
+                s.failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        r.map(|(b, _)| b)
+    }
+
+    /// A backup, and whether it stored anything new.
+    async fn backup_locked(
+        &self,
+        storage: &dyn Storage,
+        host: HostId,
+        project: ProjectId,
+    ) -> Result<(BackupInfo, bool), AgentError> {
         storage.volume(project).await?;
         let snap: SnapshotInfo = match storage.snapshot(project).await? {
             Some(s) => s,
@@ -80,7 +152,7 @@ impl Backups {
         };
         let remembered = self.last.lock().unwrap().get(&project).cloned();
         if let Some(b) = remembered.filter(|b| b.snapshot == snap.name) {
-            return Ok(b);
+            return Ok((b, false));
         }
         let done = self
             .store
@@ -89,15 +161,15 @@ impl Backups {
             .into_iter()
             .rev()
             .find(|b| b.host == host && b.snapshot == snap.name);
-        let info = match done {
-            Some(b) => b,
+        let (info, stored) = match done {
+            Some(b) => (b, false),
             None => {
                 let tree = storage.snapshot_tree(project, &snap.name).await?;
-                self.store.backup(project, host, &snap, &tree).await?
+                (self.store.backup(project, host, &snap, &tree).await?, true)
             }
         };
         self.last.lock().unwrap().insert(project, info.clone());
-        Ok(info)
+        Ok((info, stored))
     }
 
     pub(crate) async fn restore(
@@ -109,6 +181,25 @@ impl Backups {
         running: bool,
     ) -> Result<RestoredBackup, AgentError> {
         let _one = self.busy.lock().await;
+        let r = self
+            .restore_locked(storage, project, id, path, running)
+            .await;
+        let n = match r {
+            Ok(_) => &self.stats.restored,
+            Err(_) => &self.stats.restore_failed,
+        };
+        n.fetch_add(1, Ordering::Relaxed);
+        r
+    }
+
+    async fn restore_locked(
+        &self,
+        storage: &dyn Storage,
+        project: ProjectId,
+        id: &str,
+        path: Option<&str>,
+        running: bool,
+    ) -> Result<RestoredBackup, AgentError> {
         let info = pick(self.store.backups(project).await?, project, id)?;
         let id = info.id.as_str();
         if running {

@@ -1,7 +1,7 @@
 //! The host's metrics for Prometheus: running projects against slots, how
 //! long ago the master last granted a lease (the clock that the offline
-//! grace runs on), the reverse tunnel of a hidden host, and the data
-//! plane's answers by status code.
+//! grace runs on), the reverse tunnel of a hidden host, backups, and the
+//! data plane's answers by status code.
 //!
 //! [`HostMetrics`] reads, at scrape time, what the host keeps anyway (a
 //! `prometheus-client` collector); the answers cost one atomic increment
@@ -133,6 +133,47 @@ impl Collector for HostMetrics {
                 "Dial-back connections opened to the proxy for user connections",
                 t.dials(),
             )?;
+        }
+        if let Some(b) = self.agent.backup_stats() {
+            counter(
+                &mut encoder,
+                "backups_stored",
+                "Backups that stored a new snapshot of a project",
+                b.stored,
+            )?;
+            counter(
+                &mut encoder,
+                "backups_unchanged",
+                "Backups asked for (by the API or the schedule) of projects unchanged since \
+                 their last one",
+                b.unchanged,
+            )?;
+            counter(
+                &mut encoder,
+                "backup_failures",
+                "Backups that failed",
+                b.failed,
+            )?;
+            counter(
+                &mut encoder,
+                "backup_restores",
+                "Restores from backups",
+                b.restored,
+            )?;
+            counter(
+                &mut encoder,
+                "backup_restore_failures",
+                "Restores from backups that failed or were refused",
+                b.restore_failed,
+            )?;
+            if let Some(t) = b.last_success {
+                gauge(
+                    &mut encoder,
+                    "backup_last_success_timestamp_seconds",
+                    "Unix time of the last backup that succeeded; alert when it grows old",
+                    i64::try_from(t).unwrap_or(i64::MAX),
+                )?;
+            }
         }
         if let Some(n) = &self.tls_failures {
             counter(
