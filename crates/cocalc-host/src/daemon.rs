@@ -282,6 +282,37 @@ impl From<KeepCounts> for cocalc_storage::RetentionPolicy {
     }
 }
 
+impl BackupSettings {
+    /// Checks choices that serde cannot.
+    pub fn check(&self) -> Result<(), String> {
+        match self.kind.as_str() {
+            "rustic" if self.password_file.is_none() => {
+                return Err("[backup] password_file is required for a rustic repository".into())
+            }
+            "rustic" => {}
+            "dir" if self.password_file.is_some() || !self.options.is_empty() => {
+                return Err(
+                    "[backup] kind = \"dir\" takes no password_file or options (plain copies)"
+                        .into(),
+                )
+            }
+            "dir" => {}
+            other => {
+                return Err(format!(
+                    "[backup] kind {other:?}: not one of \"rustic\", \"dir\""
+                ))
+            }
+        }
+        if self.repository.is_empty() {
+            return Err("[backup] repository is empty".into());
+        }
+        if self.keep.is_some() && self.every_secs == 0 {
+            return Err("[backup] keep applies after scheduled backups: set every_secs too".into());
+        }
+        Ok(())
+    }
+}
+
 fn default_backup_kind() -> String {
     "rustic".into()
 }
@@ -417,6 +448,9 @@ impl HostConfig {
                 .is_some_and(|u| u.urls().iter().any(|u| u.starts_with("https://")))
         {
             return Err("tunnel_ca_file goes with an https:// tunnel_url".into());
+        }
+        if let Some(b) = &self.backup {
+            b.check()?;
         }
         cocalc_client::conncap::parse_nets(&self.trusted_proxies)?;
         if let Some(t) = &self.access_log {
@@ -1288,6 +1322,68 @@ mod tests {
             .contains("tunnel_ca_file goes with an https://"));
         let public = check("tunnel_url = \"http://p:1\"\npublic_url = \"http://h:2\"\n");
         assert!(public.unwrap_err().contains("public_url has no meaning"));
+    }
+
+    #[test]
+    fn backup_settings_are_checked() {
+        let listen = "listen = \"127.0.0.1:0\"\n";
+        let with = |b: &str| {
+            let cfg: HostConfig = toml::from_str(&format!(
+                "{listen}master_url = \"http://m:1\"\ndata_dir = \"/tmp/x\"\n[backup]\n{b}"
+            ))
+            .map_err(|e| e.to_string())?;
+            cfg.check()
+        };
+        assert!(with("repository = \"/r\"\npassword_file = \"/p\"\n").is_ok());
+        assert!(with("kind = \"dir\"\nrepository = \"/r\"\n").is_ok());
+        assert!(with(
+            "repository = \"opendal:s3\"\npassword_file = \"/p\"\nevery_secs = 60\n\
+             keep = { daily = 7 }\n[backup.options]\nbucket = \"b\"\n"
+        )
+        .is_ok());
+        for (bad, why) in [
+            ("repository = \"/r\"\n", "password_file is required"),
+            ("kind = \"tape\"\nrepository = \"/r\"\n", "not one of"),
+            (
+                "kind = \"dir\"\nrepository = \"/r\"\npassword_file = \"/p\"\n",
+                "takes no password_file",
+            ),
+            (
+                "repository = \"\"\npassword_file = \"/p\"\n",
+                "repository is empty",
+            ),
+            (
+                "repository = \"/r\"\npassword_file = \"/p\"\nkeep = { daily = 1 }\n",
+                "set every_secs",
+            ),
+            ("repository = \"/r\"\npassword = \"x\"\n", "unknown field"),
+        ] {
+            let e = with(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn backup_stores_open_or_say_why() {
+        let d = tempfile::tempdir().unwrap();
+        let settings = |b: &str| -> super::BackupSettings { toml::from_str(b).unwrap() };
+        let dir = settings(&format!(
+            "kind = \"dir\"\nrepository = \"{}\"\n",
+            d.path().join("copies").display()
+        ));
+        assert!(super::backup_store(&dir, d.path()).await.is_ok());
+        assert!(d.path().join("copies").is_dir());
+        let missing = settings(&format!(
+            "repository = \"{}\"\npassword_file = \"{}\"\n",
+            d.path().join("repo").display(),
+            d.path().join("no-such-file").display()
+        ));
+        let e = super::backup_store(&missing, d.path()).await.err().unwrap();
+        assert!(
+            e.contains("password_file") && e.contains("no-such-file"),
+            "{e}"
+        );
+        assert!(!d.path().join("repo").exists(), "nothing created");
     }
 
     #[test]
