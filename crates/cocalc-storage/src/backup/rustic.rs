@@ -172,16 +172,20 @@ impl Inner {
         v.sort_by(|a, b| a.time.cmp(&b.time).then_with(|| a.id.cmp(&b.id)));
         Ok(v)
     }
+}
 
-    fn find(&self, repo: &Open, p: ProjectId, id: &str) -> Result<SnapshotFile, BackupError> {
-        self.snapshots(repo, p)?
-            .into_iter()
-            .find(|s| full_id(s) == id)
-            .ok_or_else(|| BackupError::NotFound {
-                project: p,
-                id: id.to_string(),
-            })
-    }
+/// Backup `id` among `held`, the project's snapshots.
+fn find<'a>(
+    held: &'a [SnapshotFile],
+    p: ProjectId,
+    id: &str,
+) -> Result<&'a SnapshotFile, BackupError> {
+    held.iter()
+        .find(|s| full_id(s) == id)
+        .ok_or_else(|| BackupError::NotFound {
+            project: p,
+            id: id.to_string(),
+        })
 }
 
 impl RusticBackups {
@@ -301,7 +305,7 @@ impl BackupStore for RusticBackups {
         let into = into.to_path_buf();
         self.run(move |i| {
             let repo = i.open()?;
-            let snap = i.find(&repo, project, &id)?;
+            let snap = find(&i.snapshots(&repo, project)?, project, &id)?.clone();
             let info = info_of(project, &snap).ok_or_else(|| BackupError::NotFound {
                 project,
                 id: id.clone(),
@@ -328,9 +332,11 @@ impl BackupStore for RusticBackups {
         let ids = ids.to_vec();
         self.run(move |i| {
             let repo = i.open()?;
+            // One listing for all of them: each reads every snapshot file.
+            let held = i.snapshots(&repo, project)?;
             let found = ids
                 .iter()
-                .map(|id| i.find(&repo, project, id).map(|s| s.id))
+                .map(|id| find(&held, project, id).map(|s| s.id))
                 .collect::<Result<Vec<_>, _>>()?;
             if found.is_empty() {
                 return Ok(());
