@@ -2897,7 +2897,7 @@ async fn backups_bring_a_project_back_on_another_host() {
         .await
         .unwrap();
     assert_eq!(
-        (r.snapshot.as_str(), r.fetched),
+        (r.backup.snapshot.as_str(), r.fetched),
         (b1.snapshot.as_str(), false)
     );
     let before = r.previous.expect("the state before is kept");
@@ -2950,7 +2950,7 @@ async fn backups_bring_a_project_back_on_another_host() {
     let _ = on_b.stop().await;
     let r = on_b.restore_backup(&b2.id, None).await.unwrap();
     assert_eq!(
-        (r.snapshot.as_str(), r.fetched),
+        (r.backup.snapshot.as_str(), r.fetched),
         (b2.snapshot.as_str(), true)
     );
     assert_eq!(on_b.read("notes.txt").await.unwrap(), b"v2");

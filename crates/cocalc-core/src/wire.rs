@@ -907,12 +907,11 @@ impl RestoreBackupRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct RestoredBackup {
-    /// The backup restored.
+    /// The backup restored. It was restored from its own snapshot (named
+    /// in `backup.snapshot`), brought back from the store unless the host
+    /// still had it.
     pub backup: crate::backup::BackupInfo,
-    /// The local snapshot it was restored from (its own snapshot, brought
-    /// back from the store unless the host still had it).
-    pub snapshot: String,
-    /// Whether the snapshot was brought back from the store (`false`: the
+    /// Whether that snapshot was brought back from the store (`false`: the
     /// host still had it).
     pub fetched: bool,
     /// The snapshot of the project's state just before the restore, taken
@@ -923,15 +922,9 @@ pub struct RestoredBackup {
 
 impl RestoredBackup {
     /// A restore's outcome.
-    pub fn new(
-        backup: crate::backup::BackupInfo,
-        snapshot: String,
-        fetched: bool,
-        previous: Option<String>,
-    ) -> Self {
+    pub fn new(backup: crate::backup::BackupInfo, fetched: bool, previous: Option<String>) -> Self {
         RestoredBackup {
             backup,
-            snapshot,
             fetched,
             previous,
         }

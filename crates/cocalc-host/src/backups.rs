@@ -210,30 +210,28 @@ impl Backups {
             Err(StorageError::NotFound(_)) => false,
             Err(e) => return Err(e.into()),
         };
-        let previous = if exists {
+        if exists {
             storage.snapshot(project).await?;
-            storage.snapshots(project).await?.pop().map(|s| s.name)
+        } else if path.is_some() {
+            storage.create(project).await?;
+        }
+        let here = if exists || path.is_some() {
+            storage.snapshots(project).await?
         } else {
-            if path.is_some() {
-                storage.create(project).await?;
-            }
-            None
+            Vec::new()
         };
+        // The newest snapshot: the one just taken, or the state it would
+        // have taken (nothing changed since).
+        let previous = here.last().filter(|_| exists).map(|s| s.name.clone());
         // Within one project, snapshot names are unique across hosts: a
         // project is on one host at a time and names are times to the
         // millisecond. A snapshot of that name here is the backup's own.
-        let have = (exists || path.is_some())
-            && storage
-                .snapshots(project)
-                .await?
-                .iter()
-                .any(|s| s.name == info.snapshot);
-        let fetched = !have;
+        let fetched = !here.iter().any(|s| s.name == info.snapshot);
         if fetched {
             let dir = self.staging.join(format!(
                 "restore-{project}-{}-{}",
                 std::process::id(),
-                STAGE.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                STAGE.fetch_add(1, Ordering::Relaxed)
             ));
             let r = async {
                 self.store.restore(project, id, &dir).await?;
@@ -252,12 +250,11 @@ impl Backups {
         if exists || path.is_some() {
             storage.restore(project, &info.snapshot, path).await?;
         }
-        let snapshot = info.snapshot.clone();
-        Ok(RestoredBackup::new(info, snapshot, fetched, previous))
+        Ok(RestoredBackup::new(info, fetched, previous))
     }
 }
 
-static STAGE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static STAGE: AtomicU64 = AtomicU64::new(0);
 
 /// The backup `id` names: its whole id, or (as with git) a prefix of at
 /// least [`MIN_PREFIX`] characters that only one of them has.

@@ -708,7 +708,7 @@ fn run_remote(
                     };
                     println!(
                         "restored {what} from backup {} (snapshot {}, {from})",
-                        r.backup.id, r.snapshot
+                        r.backup.id, r.backup.snapshot
                     );
                     if let Some(p) = r.previous {
                         println!("the state before is snapshot {p}");
