@@ -57,6 +57,12 @@ fn from_storage(e: cocalc_core::StorageError) -> BackupError {
     BackupError::Io(e.to_string())
 }
 
+/// A backup's record, from its `info.json`.
+fn read_info(f: &Path) -> Result<BackupInfo, BackupError> {
+    let data = std::fs::read(f).map_err(|e| io(f, e))?;
+    serde_json::from_slice(&data).map_err(|e| BackupError::Io(format!("{}: {e}", f.display())))
+}
+
 /// Files and bytes of file data under `dir`.
 fn count(dir: &Path) -> std::io::Result<(u64, u64)> {
     let (mut files, mut bytes) = (0, 0);
@@ -144,10 +150,7 @@ impl BackupStore for DirBackups {
             if e.file_name().to_string_lossy().starts_with('.') || !f.is_file() {
                 continue;
             }
-            let data = std::fs::read(&f).map_err(|e| io(&f, e))?;
-            let info: BackupInfo = serde_json::from_slice(&data)
-                .map_err(|e| BackupError::Io(format!("{}: {e}", f.display())))?;
-            out.push(info);
+            out.push(read_info(&f)?);
         }
         out.sort_by(|a, b| a.taken.cmp(&b.taken).then_with(|| a.id.cmp(&b.id)));
         Ok(out)
@@ -160,10 +163,7 @@ impl BackupStore for DirBackups {
         into: &Path,
     ) -> Result<BackupInfo, BackupError> {
         let dir = self.existing(project, id)?;
-        let f = dir.join("info.json");
-        let data = std::fs::read(&f).map_err(|e| io(&f, e))?;
-        let info: BackupInfo = serde_json::from_slice(&data)
-            .map_err(|e| BackupError::Io(format!("{}: {e}", f.display())))?;
+        let info = read_info(&dir.join("info.json"))?;
         empty_destination(into)?;
         copy_tree(project, &dir.join("tree"), into)
             .await
