@@ -427,6 +427,7 @@ impl HostAgent {
         self.backup_store()?
             .backup(self.storage.as_ref(), self.cfg.host, project)
             .await
+            .map(|(b, _)| b)
     }
 
     /// The project's backups in the store (from every host), oldest first.
@@ -452,9 +453,10 @@ impl HostAgent {
             .await
     }
 
-    /// Backs up every project with a volume here, one at a time, and then
-    /// forgets what `keep` does not keep of each (all hosts' backups of it
-    /// counted together). Answers the projects that failed, with errors.
+    /// Backs up every project with a volume here, one at a time, and for
+    /// each that got a new backup forgets what `keep` does not keep (all
+    /// hosts' backups of it counted together). Answers the projects that
+    /// failed, with errors.
     pub async fn backup_all(
         &self,
         keep: Option<&cocalc_storage::RetentionPolicy>,
@@ -464,8 +466,13 @@ impl HostAgent {
         let mut failed = Vec::new();
         for project in self.storage.list().await? {
             let r = async {
-                self.backup(project).await?;
-                if let Some(policy) = keep {
+                let (_, stored) = b
+                    .backup(self.storage.as_ref(), self.cfg.host, project)
+                    .await?;
+                // What retention keeps changes only when a backup is added
+                // (it counts periods that hold a backup, not back from now),
+                // so an unchanged project costs no listing of the store.
+                if let Some(policy) = keep.filter(|_| stored) {
                     cocalc_storage::backup::forget_by_retention(
                         b.store().as_ref(),
                         project,

@@ -109,12 +109,13 @@ impl Backups {
         &self.store
     }
 
+    /// A backup of `project`, and whether it stored anything new.
     pub(crate) async fn backup(
         &self,
         storage: &dyn Storage,
         host: HostId,
         project: ProjectId,
-    ) -> Result<BackupInfo, AgentError> {
+    ) -> Result<(BackupInfo, bool), AgentError> {
         let _one = self.busy.lock().await;
         let r = self.backup_locked(storage, host, project).await;
         let s = &self.stats;
@@ -131,7 +132,7 @@ impl Backups {
                 s.failed.fetch_add(1, Ordering::Relaxed);
             }
         }
-        r.map(|(b, _)| b)
+        r
     }
 
     /// A backup, and whether it stored anything new.
