@@ -3074,3 +3074,165 @@ async fn scheduled_backups_follow_changes_and_retention() {
     let _ = h.task.await;
     m.shut_down().await;
 }
+
+/// Waits for the latest move of `project` to finish and answers it.
+async fn move_finished(admin: &MasterClient, project: &str) -> cocalc_core::MoveRecord {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mv = admin.project_move(project).await.unwrap();
+        if mv.phase.is_finished() {
+            return mv;
+        }
+        assert!(Instant::now() < deadline, "move still {}: {mv:?}", mv.phase);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Moving a project: its files and its running state go to the other
+/// host, the map flips with the next generation, the old host deletes its
+/// copy and refuses the old tokens; the host calls of a move take the
+/// master's tokens only; a move the target cannot take rolls back and
+/// leaves both hosts as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moves_carry_a_project_to_another_host_or_roll_back() {
+    use cocalc_client::HostClient;
+    use cocalc_core::MovePhase;
+    let d = tempfile::tempdir().unwrap();
+    let Solo { m, h: a, c, o } = one_host_one_project(d.path(), "").await;
+    let admin = MasterClient::new(&m.url, &m.admin);
+    let pid = o.project.to_string();
+    let on_a = HostClient::new(url_of(&o), o.project, o.token.clone());
+    on_a.write("notes.txt", b"before the move".to_vec())
+        .await
+        .unwrap();
+    on_a.mkdir("data").await.unwrap();
+    on_a.write("data/big.bin", vec![7u8; 3 << 20])
+        .await
+        .unwrap();
+    let (status, _) = exec(&url_of(&o), &pid, &o.token, &["true"]).await;
+    assert_eq!(status, 200, "the project runs on A");
+
+    // Refusals, before there is anywhere to go.
+    let e = admin.move_project(&pid, None).await.unwrap_err();
+    assert_eq!(
+        (e.status, e.code.as_str()),
+        (503, "no_eligible_host"),
+        "{e:?}"
+    );
+    let e = admin.move_project(&pid, Some(a.id)).await.unwrap_err();
+    assert_eq!(e.status, 409, "{e:?}");
+    let e = c.move_project(&pid, None).await.unwrap_err();
+    assert_eq!(e.status, 403, "users cannot move projects: {e:?}");
+    let e = admin.project_move(&pid).await.unwrap_err();
+    assert_eq!(e.status, 404, "{e:?}");
+    // A user's admin-level token cannot make a move's host calls.
+    let e = on_a.move_snapshot(true).await.unwrap_err();
+    assert_eq!((e.status, e.code.as_str()), (403, "master_only"), "{e:?}");
+    let e = on_a.move_release().await.unwrap_err();
+    assert_eq!(e.code, "master_only", "{e:?}");
+    assert!(on_a.move_stream("x", None).await.is_err());
+    assert_eq!(on_a.read("notes.txt").await.unwrap(), b"before the move");
+
+    let t = admin.bootstrap_token().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let b = start_host_with(&d.path().join("b"), &m.url, &t, "").await;
+    eventually("two hosts up", Duration::from_secs(15), || async {
+        admin.hosts().await.map(|v| v.len() == 2).unwrap_or(false)
+    })
+    .await;
+    let e = admin
+        .move_project(&pid, Some(HostId::new_v4([9; 16])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status, 409, "unknown target: {e:?}");
+
+    // The move: placement picks B, the only other host.
+    let begun = admin.move_project(&pid, None).await.unwrap();
+    assert_eq!((begun.from, begun.to), (a.id, b.id));
+    assert_eq!(begun.phase, MovePhase::Copying);
+    let e = admin.move_project(&pid, None).await.unwrap_err();
+    assert_eq!(e.status, 409, "one move at a time: {e:?}");
+    let mv = move_finished(&admin, &pid).await;
+    assert_eq!(mv.phase, MovePhase::Done, "{mv:?}");
+    assert!(
+        mv.was_running && mv.base.is_some() && mv.last.is_some(),
+        "{mv:?}"
+    );
+    assert_eq!(mv.error, None);
+
+    let o2 = c.open("p").await.unwrap();
+    assert_eq!((o2.host, url_of(&o2)), (b.id, b.url.clone()));
+    assert_eq!(o2.generation, o.generation.next());
+    let on_b = HostClient::new(url_of(&o2), o2.project, o2.token.clone());
+    assert_eq!(
+        on_b.status().await.unwrap().state,
+        cocalc_core::ProjectState::Running,
+        "it ran before, so it runs on B"
+    );
+    assert_eq!(on_b.read("notes.txt").await.unwrap(), b"before the move");
+    assert_eq!(on_b.read("data/big.bin").await.unwrap(), vec![7u8; 3 << 20]);
+    let snaps = on_b.snapshots().await.unwrap();
+    assert!(
+        snaps.iter().any(|s| Some(&s.name) == mv.last.as_ref()),
+        "{snaps:?}"
+    );
+    let x = admin.explain(&pid).await.unwrap();
+    assert_eq!(x.decision.host, b.id);
+    // A deleted its copy and refuses the old placement's tokens.
+    let a_home = d.path().join("h/projects").join(format!("project-{pid}"));
+    assert!(!a_home.exists(), "{} is left", a_home.display());
+    let (status, v) = exec(&url_of(&o), &pid, &o.token, &["true"]).await;
+    assert_eq!(
+        (status, v["code"].as_str()),
+        (409, Some("stale_generation")),
+        "{v}"
+    );
+
+    // Back to A, which now holds a stale copy the move must not touch:
+    // the target refuses the full copy, the move rolls back, B keeps the
+    // project running and A's copy is as it was.
+    std::fs::create_dir_all(&a_home).unwrap();
+    std::fs::write(a_home.join("stale.txt"), b"keep me").unwrap();
+    let begun = admin.move_project(&pid, Some(a.id)).await.unwrap();
+    assert_eq!(begun.to, a.id);
+    let mv = move_finished(&admin, &pid).await;
+    assert_eq!(mv.phase, MovePhase::RolledBack, "{mv:?}");
+    let why = mv.error.clone().unwrap();
+    assert!(why.contains("volume_exists"), "{why}");
+    assert_eq!(std::fs::read(a_home.join("stale.txt")).unwrap(), b"keep me");
+    let o3 = c.open("p").await.unwrap();
+    assert_eq!((o3.host, o3.generation), (b.id, o2.generation));
+    assert_eq!(on_b.read("notes.txt").await.unwrap(), b"before the move");
+    assert_eq!(
+        on_b.status().await.unwrap().state,
+        cocalc_core::ProjectState::Running
+    );
+
+    // Without the stale copy, a stopped project moves back and stays
+    // stopped; changes made between the copies arrive too.
+    std::fs::remove_dir_all(&a_home).unwrap();
+    on_b.stop().await.unwrap();
+    on_b.write("notes.txt", b"after".to_vec()).await.unwrap();
+    admin.move_project(&pid, Some(a.id)).await.unwrap();
+    let mv = move_finished(&admin, &pid).await;
+    assert_eq!(mv.phase, MovePhase::Done, "{mv:?}");
+    let o4 = c.open("p").await.unwrap();
+    assert_eq!((o4.host, o4.generation), (a.id, o2.generation.next()));
+    let on_a = HostClient::new(url_of(&o4), o4.project, o4.token.clone());
+    assert_eq!(
+        on_a.status().await.unwrap().state,
+        cocalc_core::ProjectState::Stopped,
+        "it was stopped, so it stays stopped"
+    );
+    assert_eq!(on_a.read("notes.txt").await.unwrap(), b"after");
+    let b_home = d.path().join("b/projects").join(format!("project-{pid}"));
+    assert!(!b_home.exists());
+
+    let _ = b.stop.send(true);
+    let _ = b.task.await;
+    let _ = a.stop.send(true);
+    let _ = a.task.await;
+    m.shut_down().await;
+}

@@ -118,6 +118,32 @@ fn push_invalidation_removes_and_replaces_entries() {
 }
 
 #[test]
+fn master_tokens_carry_their_own_permission_but_not_past_revocation() {
+    let (clock, acl, _u, p) = setup();
+    let m = UserId::MASTER;
+    assert!(m.is_master() && !UserId::new_v4([0; 16]).is_master());
+    // No entry, and the link counts as down: a user's token would be
+    // refused; the master's own is served with what it carries.
+    let c = claims(m, p, Permission::Admin, T0, "move-1");
+    assert_eq!(acl.check(&c, Permission::Admin), Ok(Permission::Admin));
+    clock.advance(120 * MIN);
+    assert_eq!(acl.check(&c, Permission::Write), Ok(Permission::Admin));
+    let weak = claims(m, p, Permission::Read, T0, "move-2");
+    assert_eq!(
+        acl.check(&weak, Permission::Write),
+        Err(AccessError::Insufficient {
+            needed: Permission::Write,
+            has: Permission::Read
+        })
+    );
+    acl.revoke_token("move-1", c.expires);
+    assert!(matches!(
+        acl.check(&c, Permission::Read),
+        Err(AccessError::TokenRevoked { .. })
+    ));
+}
+
+#[test]
 fn user_cutoff_and_token_revocation_apply_at_once() {
     let (clock, acl, u, p) = setup();
     acl.master_up();

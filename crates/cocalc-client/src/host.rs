@@ -79,27 +79,36 @@ impl HostClient {
         format!("{}/{}/{rest}", self.base, self.project)
     }
 
-    async fn send(&self, req: reqwest::RequestBuilder) -> Result<bytes::Bytes, ApiError> {
+    /// Sends `req` with the token; a successful answer is returned before
+    /// its body is read, any other becomes the host's [`ApiError`].
+    async fn respond(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, ApiError> {
         let resp = req
             .bearer_auth(&self.token)
             .send()
             .await
             .map_err(|e| unreachable(&self.base, e))?;
         let status = resp.status();
-        let body = resp.bytes().await.map_err(|e| unreachable(&self.base, e))?;
         if status.is_success() {
-            Ok(body)
-        } else {
-            Err(
-                serde_json::from_slice::<ApiError>(&body).unwrap_or_else(|_| {
-                    ApiError::new(
-                        status.as_u16(),
-                        "http_error",
-                        String::from_utf8_lossy(&body),
-                    )
-                }),
-            )
+            return Ok(resp);
         }
+        let body = resp.bytes().await.map_err(|e| unreachable(&self.base, e))?;
+        Err(
+            serde_json::from_slice::<ApiError>(&body).unwrap_or_else(|_| {
+                ApiError::new(
+                    status.as_u16(),
+                    "http_error",
+                    String::from_utf8_lossy(&body),
+                )
+            }),
+        )
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<bytes::Bytes, ApiError> {
+        self.respond(req)
+            .await?
+            .bytes()
+            .await
+            .map_err(|e| unreachable(&self.base, e))
     }
 
     async fn json<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T, ApiError> {
@@ -167,6 +176,84 @@ impl HostClient {
                 .json(&body),
         )
         .await
+    }
+
+    /// The project's snapshots on this host, oldest first.
+    pub async fn snapshots(&self) -> Result<Vec<cocalc_core::SnapshotInfo>, ApiError> {
+        self.json(self.http.get(self.url("snapshots"))).await
+    }
+
+    /// A move's first and last step on the source (master tokens only):
+    /// the newest snapshot, taken now if anything changed; with `freeze`
+    /// the project is stopped first and kept from starting.
+    pub async fn move_snapshot(
+        &self,
+        freeze: bool,
+    ) -> Result<cocalc_core::moves::MoveSnapshot, ApiError> {
+        let body = cocalc_core::moves::MoveSnapshotRequest { freeze };
+        self.json(self.http.post(self.url("move/snapshot")).json(&body))
+            .await
+    }
+
+    /// The send stream of `snapshot` (changes since `parent` if given), as
+    /// it arrives (master tokens only). A stream cut in transit ends with
+    /// an error, never early without one.
+    pub async fn move_stream(
+        &self,
+        snapshot: &str,
+        parent: Option<&str>,
+    ) -> Result<cocalc_core::ByteStream, ApiError> {
+        let mut q = vec![("snapshot", snapshot)];
+        if let Some(p) = parent {
+            q.push(("parent", p));
+        }
+        let resp = self
+            .respond(self.http.get(self.url("move/stream")).query(&q))
+            .await?;
+        let stream = futures_util::stream::unfold(Some(resp), |resp| async move {
+            let mut resp = resp?;
+            match resp.chunk().await {
+                Ok(Some(chunk)) => Some((Ok(chunk), Some(resp))),
+                Ok(None) => None,
+                Err(e) => Some((Err(std::io::Error::other(e)), None)),
+            }
+        });
+        Ok(Box::pin(stream))
+    }
+
+    /// Has this host (a move's target) fetch a snapshot from the source and
+    /// receive it (master tokens only).
+    pub async fn move_pull(
+        &self,
+        req: &cocalc_core::moves::MovePullRequest,
+    ) -> Result<cocalc_core::SnapshotInfo, ApiError> {
+        self.json(self.http.post(self.url("move/pull")).json(req))
+            .await
+    }
+
+    /// Ends a move's freeze on the source, restarting the project if asked
+    /// (master tokens only).
+    pub async fn move_thaw(&self, restart: bool) -> Result<(), ApiError> {
+        let body = cocalc_core::moves::MoveThawRequest { restart };
+        self.send(self.http.post(self.url("move/thaw")).json(&body))
+            .await
+            .map(|_| ())
+    }
+
+    /// Deletes the copy a rolled-back move made on this host (master
+    /// tokens only).
+    pub async fn move_discard(&self) -> Result<(), ApiError> {
+        self.send(self.http.post(self.url("move/discard")))
+            .await
+            .map(|_| ())
+    }
+
+    /// Deletes the source's copy after the flip (master tokens of the new
+    /// generation only).
+    pub async fn move_release(&self) -> Result<(), ApiError> {
+        self.send(self.http.post(self.url("move/release")))
+            .await
+            .map(|_| ())
     }
 
     /// Lists a directory.

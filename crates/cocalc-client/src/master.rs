@@ -180,6 +180,33 @@ impl MasterClient {
         .await
     }
 
+    /// Starts moving a project (admin) to `to`, or to the host placement
+    /// picks; answers the move as stored when it began (phase `copying`).
+    pub async fn move_project(
+        &self,
+        project: &str,
+        to: Option<HostId>,
+    ) -> Result<cocalc_core::MoveRecord, ApiError> {
+        let body = serde_json::to_value(cocalc_core::moves::MoveRequest { to })
+            .map_err(|e| ApiError::new(400, "bad_request", e.to_string()))?;
+        self.call(
+            reqwest::Method::POST,
+            &format!("/v1/projects/{project}/move"),
+            Some(body),
+        )
+        .await
+    }
+
+    /// The latest move of a project (admin), finished or not.
+    pub async fn project_move(&self, project: &str) -> Result<cocalc_core::MoveRecord, ApiError> {
+        self.call(
+            reqwest::Method::GET,
+            &format!("/v1/projects/{project}/move"),
+            None,
+        )
+        .await
+    }
+
     /// How to reach one host (any API key).
     pub async fn host_endpoint(&self, host: HostId) -> Result<cocalc_core::HostEndpoint, ApiError> {
         self.call(

@@ -245,6 +245,20 @@ uuid_id!(
     "user"
 );
 
+impl UserId {
+    /// The master acting for itself, not for a user: the subject of the
+    /// tokens it mints for the host calls of a move. It is the nil UUID,
+    /// which no user has (user ids are random, version 4). A host grants
+    /// such a token the permission it carries without an ACL lookup, and
+    /// only such a token may make the calls reserved to the master.
+    pub const MASTER: UserId = UserId([0; 16]);
+
+    /// True for [`UserId::MASTER`].
+    pub const fn is_master(&self) -> bool {
+        u128::from_be_bytes(self.0) == 0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -47,6 +47,7 @@ pub mod config;
 pub mod counters;
 pub mod error;
 pub mod id;
+pub mod moves;
 pub mod placement;
 pub mod record;
 pub mod runner;
@@ -62,6 +63,7 @@ pub use backup::{BackupError, BackupInfo, BackupStore};
 pub use counters::StatusCounts;
 pub use error::ApiError;
 pub use id::{HostId, IdError, ProjectId, UserId};
+pub use moves::{MovePhase, MoveRecord};
 pub use placement::{
     Candidate, Exclusion, Placement, PlacementDecision, PlacementError, PlacementRequest,
     StaticPlacement,

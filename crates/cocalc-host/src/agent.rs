@@ -83,6 +83,19 @@ pub enum AgentError {
     /// The call needs the project stopped.
     #[error("project {0} is running; stop it first")]
     Running(ProjectId),
+    /// The project is being moved away from this host: it is stopped and
+    /// may not start until the move ends.
+    #[error("project {0} is being moved to another host; it cannot start here meanwhile")]
+    Moving(ProjectId),
+    /// The call is one only the master makes (a move's steps).
+    #[error("only the master may {0}")]
+    MasterOnly(&'static str),
+    /// A move's full copy found a volume of the project here already.
+    #[error("this host already holds a volume of project {0}")]
+    VolumeExists(ProjectId),
+    /// A move's pull from the source host failed.
+    #[error("pulling from the source host: {0}")]
+    Pull(ApiError),
 }
 
 impl From<&AgentError> for ApiError {
@@ -101,6 +114,19 @@ impl From<&AgentError> for ApiError {
                 .with_hint("configure [backup] on the host"),
             AgentError::Running(_) => ApiError::new(409, "project_running", e.to_string())
                 .with_hint("stop the project, or restore a single path"),
+            AgentError::Moving(_) => ApiError::new(409, "project_moving", e.to_string())
+                .with_hint("wait for the move to end, then open the project again"),
+            AgentError::MasterOnly(_) => ApiError::new(403, "master_only", e.to_string()),
+            AgentError::VolumeExists(_) => ApiError::new(409, "volume_exists", e.to_string())
+                .with_hint(
+                    "a copy left from an earlier placement; delete it on this host, or move the \
+                     project to another host",
+                ),
+            AgentError::Pull(a) => ApiError::new(
+                if a.status == 503 { 503 } else { 502 },
+                "move_source",
+                e.to_string(),
+            ),
         }
     }
 }
@@ -123,6 +149,9 @@ pub struct HostAgent {
     responses: cocalc_core::StatusCounts,
     /// Where backups go, if anywhere.
     backups: Option<Arc<crate::backups::Backups>>,
+    /// Projects being moved away (stopped, not to be started), each with
+    /// whether it ran when frozen.
+    pub(crate) frozen: Mutex<HashMap<ProjectId, bool>>,
 }
 
 impl std::fmt::Debug for HostAgent {
@@ -156,6 +185,7 @@ impl HostAgent {
             port_upstream: cocalc_client::upstream::Upstream::new(PORT_POOL_PER_PORT),
             backups: None,
             responses: Default::default(),
+            frozen: Mutex::new(HashMap::new()),
         }
     }
 
@@ -249,6 +279,11 @@ impl HostAgent {
     /// The runner.
     pub fn runner(&self) -> &Arc<dyn Runner> {
         &self.runner
+    }
+
+    /// The storage.
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
     }
 
     /// Records generations known from elsewhere (the local store after a
@@ -388,11 +423,14 @@ impl HostAgent {
         self.run_at(project, generation).await
     }
 
-    async fn run_at(
+    pub(crate) async fn run_at(
         &self,
         project: ProjectId,
         generation: Generation,
     ) -> Result<RunStatus, AgentError> {
+        if self.is_frozen(project) {
+            return Err(AgentError::Moving(project));
+        }
         let status = self.runner.status(project).await?;
         if status.state == ProjectState::Running {
             return Ok(status);

@@ -164,6 +164,13 @@ pub fn router(agent: Arc<HostAgent>) -> Router {
         )
         .route("/{project}/backups", get(backups_list).post(backup_now))
         .route("/{project}/backups/{id}/restore", post(backup_restore))
+        .route("/{project}/snapshots", get(snapshots))
+        .route("/{project}/move/snapshot", post(move_snapshot))
+        .route("/{project}/move/stream", get(move_stream))
+        .route("/{project}/move/pull", post(move_pull))
+        .route("/{project}/move/thaw", post(move_thaw))
+        .route("/{project}/move/discard", post(move_discard))
+        .route("/{project}/move/release", post(move_release))
         .route("/{project}/files", get(files_get))
         .route(
             "/{project}/files/{*path}",
@@ -462,24 +469,168 @@ async fn backup_restore(
 ) -> Result<Response> {
     let (parts, body) = req.into_parts();
     let g = check_write(&a, &p, &parts.headers, &parts.uri, "backup_restore").await?;
-    let body: Bytes = axum::body::to_bytes(body, 64 << 10)
-        .await
-        .map_err(|e| Failure(ApiError::new(400, "bad_body", format!("request body: {e}"))))?;
-    let req: cocalc_core::wire::RestoreBackupRequest = if body.is_empty() {
-        Default::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| {
-            Failure(ApiError::new(
-                400,
-                "bad_request",
-                format!("invalid RestoreBackupRequest: {e}"),
-            ))
-        })?
-    };
+    let req: cocalc_core::wire::RestoreBackupRequest =
+        json_body(body, "RestoreBackupRequest").await?;
     let done = a
         .restore_backup(g.claims.project, &id, req.path.as_deref())
         .await?;
     Ok(Json(done).into_response())
+}
+
+/// A small JSON request body (at most 64 KiB) as a `T`; an empty body is
+/// `T::default()`.
+async fn json_body<T: serde::de::DeserializeOwned + Default>(
+    body: axum::body::Body,
+    what: &str,
+) -> Result<T> {
+    let body: Bytes = axum::body::to_bytes(body, 64 << 10)
+        .await
+        .map_err(|e| Failure(ApiError::new(400, "bad_body", format!("request body: {e}"))))?;
+    if body.is_empty() {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(&body).map_err(|e| {
+        Failure(ApiError::new(
+            400,
+            "bad_request",
+            format!("invalid {what}: {e}"),
+        ))
+    })
+}
+
+/// `GET /<project>/snapshots` (read access): the project's snapshots on
+/// this host, oldest first.
+async fn snapshots(
+    State(a): State<AppState>,
+    Path(p): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Result<Response> {
+    let (g, ..) = grant(&a, &p, &headers, &uri, Permission::Read, "snapshots", true).await?;
+    let list = a
+        .storage()
+        .snapshots(g.claims.project)
+        .await
+        .map_err(crate::agent::AgentError::from)?;
+    Ok(Json(list).into_response())
+}
+
+/// Authorizes one of a move's calls: admin access, not counted as use of
+/// the project; [`crate::moving`] then refuses any token but the
+/// master's own.
+async fn move_grant(
+    a: &HostAgent,
+    p: &str,
+    headers: &HeaderMap,
+    uri: &Uri,
+    action: &str,
+) -> Result<Grant> {
+    let (g, ..) = grant(a, p, headers, uri, Permission::Admin, action, true).await?;
+    Ok(g)
+}
+
+/// `POST /<project>/move/snapshot` with a
+/// [`MoveSnapshotRequest`](cocalc_core::moves::MoveSnapshotRequest).
+async fn move_snapshot(
+    State(a): State<AppState>,
+    Path(p): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: axum::body::Body,
+) -> Result<Response> {
+    let g = move_grant(&a, &p, &headers, &uri, "move_snapshot").await?;
+    let body: cocalc_core::moves::MoveSnapshotRequest =
+        json_body(body, "MoveSnapshotRequest").await?;
+    Ok(Json(a.move_snapshot(&g, body.freeze).await?).into_response())
+}
+
+/// `GET /<project>/move/stream?snapshot=S[&parent=P]`: the send stream.
+async fn move_stream(
+    State(a): State<AppState>,
+    Path(p): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Result<Response> {
+    let g = move_grant(&a, &p, &headers, &uri, "move_stream").await?;
+    let snapshot = query_param(&uri, "snapshot")
+        .map(decode_path)
+        .transpose()?
+        .ok_or_else(|| {
+            Failure(ApiError::new(
+                400,
+                "bad_request",
+                "missing ?snapshot= (the snapshot to send)",
+            ))
+        })?;
+    let parent = query_param(&uri, "parent").map(decode_path).transpose()?;
+    let stream = a.move_stream(&g, &snapshot, parent.as_deref()).await?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// `POST /<project>/move/pull` with a
+/// [`MovePullRequest`](cocalc_core::moves::MovePullRequest).
+async fn move_pull(
+    State(a): State<AppState>,
+    Path(p): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: axum::body::Body,
+) -> Result<Response> {
+    let g = move_grant(&a, &p, &headers, &uri, "move_pull").await?;
+    let body: Bytes = axum::body::to_bytes(body, 64 << 10)
+        .await
+        .map_err(|e| Failure(ApiError::new(400, "bad_body", format!("request body: {e}"))))?;
+    let pull: cocalc_core::moves::MovePullRequest = serde_json::from_slice(&body).map_err(|e| {
+        Failure(ApiError::new(
+            400,
+            "bad_request",
+            format!("invalid MovePullRequest: {e}"),
+        ))
+    })?;
+    Ok(Json(a.move_pull(&g, &pull).await?).into_response())
+}
+
+/// `POST /<project>/move/thaw` with a
+/// [`MoveThawRequest`](cocalc_core::moves::MoveThawRequest).
+async fn move_thaw(
+    State(a): State<AppState>,
+    Path(p): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: axum::body::Body,
+) -> Result<Response> {
+    let g = move_grant(&a, &p, &headers, &uri, "move_thaw").await?;
+    let body: cocalc_core::moves::MoveThawRequest = json_body(body, "MoveThawRequest").await?;
+    a.move_thaw(&g, body.restart).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `POST /<project>/move/discard`.
+async fn move_discard(
+    State(a): State<AppState>,
+    Path(p): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Result<Response> {
+    let g = move_grant(&a, &p, &headers, &uri, "move_discard").await?;
+    a.move_discard(&g).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `POST /<project>/move/release`.
+async fn move_release(
+    State(a): State<AppState>,
+    Path(p): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Result<Response> {
+    let g = move_grant(&a, &p, &headers, &uri, "move_release").await?;
+    a.move_release(&g).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 fn query_param<'a>(uri: &'a Uri, name: &str) -> Option<&'a str> {

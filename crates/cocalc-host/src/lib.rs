@@ -9,6 +9,7 @@
 //! | [`HostAgent`] | one host's projects: every request checked (token, project, revocations, ACL fetched from the master when stale, **generation fence**), start on demand, exec, terminals, stop | always |
 //! | [`dataplane`] | the HTTP/WebSocket data plane over an agent: exec, files, terminals, `/port/<p>/` and `/server/<p>/` into the project, browser token → cookie exchange | always |
 //! | [`backups`] | backups of projects to a [`BackupStore`](cocalc_core::BackupStore) (a snapshot each, once per change), and restores of a path or a whole project from one, on this host or another | always (`rustic` for rustic repositories in the daemon) |
+//! | [`moving`] | the host's part in moving a project to another host: snapshot and freeze on the source, the send stream, pull and receive on the target, thaw, discard and release; master tokens only | always |
 //! | [`admission`] | the cap on connections one client address holds on the host's listener (WebSockets until they close), the proxies in front not counted | always |
 //! | [`files`] | [`ProjectFiles`](files::ProjectFiles): file access confined to a project's home with `cap-std` (`..`, absolute paths and symlinks out are refused) | always |
 //! | [`MasterLink`] | registration with a bootstrap token, signed keepalives, the push channel (ACL changes, revocations, keys, start/stop), ACL lookups, activity; reconnects with backoff and drives the ACL cache's offline grace | always |
@@ -69,6 +70,7 @@ pub mod image;
 pub mod local_store;
 pub mod master_link;
 pub mod metrics;
+pub mod moving;
 #[cfg(feature = "podman")]
 pub mod podman;
 pub mod process;

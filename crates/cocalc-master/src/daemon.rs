@@ -244,6 +244,28 @@ pub async fn serve(
     served
 }
 
+/// How often unfinished moves are taken up again; the first time is one
+/// period after the start, when hosts have had time to reconnect.
+pub const MOVE_RESUME_EVERY: Duration = Duration::from_secs(15);
+
+/// Takes up unfinished moves every [`MOVE_RESUME_EVERY`]: those a previous
+/// run left before the flip are rolled back, flipped ones finished,
+/// failed rollbacks and clean-ups retried ([`Master::resume_moves`]).
+pub async fn resume_moves(master: Arc<Master>) {
+    loop {
+        tokio::time::sleep(MOVE_RESUME_EVERY).await;
+        match master.resume_moves().await {
+            Ok(done) => {
+                for mv in done {
+                    tracing::info!(project = %mv.project, phase = %mv.phase,
+                        error = mv.error.as_deref().unwrap_or(""), "resumed move");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "resuming moves failed"),
+        }
+    }
+}
+
 /// Binds the configured address.
 pub async fn bind(cfg: &DaemonConfig) -> Result<tokio::net::TcpListener, DaemonError> {
     tokio::net::TcpListener::bind(cfg.listen)
@@ -296,12 +318,14 @@ pub async fn run(
     };
     tracing::info!(%addr, admin_key_file = %cfg.admin_key_path().display(), "cocalc-master listening");
     eprintln!("cocalc-master: listening on http://{addr}");
+    let resumer = tokio::spawn(resume_moves(master.clone()));
     let served = serve(master, listener, shutdown)
         .await
         .map_err(|e| DaemonError::Listen {
             addr,
             message: e.to_string(),
         });
+    resumer.abort();
     let _ = stop_metrics.send(());
     if let Some(t) = metrics_task {
         let _ = t.await;

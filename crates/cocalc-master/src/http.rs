@@ -82,6 +82,7 @@ pub fn router(master: Arc<Master>) -> Router {
         .route("/v1/projects/{p}/start", post(forward_start))
         .route("/v1/projects/{p}/stop", post(forward_stop))
         .route("/v1/projects/{p}/replace", post(replace))
+        .route("/v1/projects/{p}/move", get(get_move).post(start_move))
         .route("/v1/admin/bootstrap-tokens", post(bootstrap_token))
         .route("/v1/admin/keys/rotate", post(rotate_key))
         .route("/v1/hosts", get(list_hosts))
@@ -116,6 +117,7 @@ pub fn router(master: Arc<Master>) -> Router {
     paths(
         create_user, sign_out, list_projects, create_project, get_project, put_collaborator,
         delete_collaborator, open_project, explain, forward_exec, forward_start, forward_stop, replace,
+        start_move, get_move,
         bootstrap_token, host_endpoint, host_key, public_keys, rotate_key, list_hosts,
         drain, undrain, register, keepalive, activity, host_acl, push
     ),
@@ -652,6 +654,33 @@ async fn replace(
     let p: ProjectId = id(&p)?;
     m.replace_project(&c, p).await?;
     Ok(Json(m.explain(&c, p).await?).into_response())
+}
+
+#[utoipa::path(post, path = "/v1/projects/{p}/move", tag = "admin", params(("p" = String, Path, description = "project id")), request_body = cocalc_core::moves::MoveRequest, security(("api_key" = [])), responses((status = 202, body = cocalc_core::MoveRecord), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError), (status = 503, body = ApiError)))]
+async fn start_move(
+    State(m): State<AppState>,
+    Auth(c): Auth,
+    Path(p): Path<String>,
+    body: Bytes,
+) -> Result<Response> {
+    let p: ProjectId = id(&p)?;
+    let req: cocalc_core::moves::MoveRequest = if body.is_empty() {
+        Default::default()
+    } else {
+        json(&body)?
+    };
+    let mv = m.move_project(&c, p, &req).await?;
+    Ok((StatusCode::ACCEPTED, Json(mv)).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/projects/{p}/move", tag = "admin", params(("p" = String, Path, description = "project id")), security(("api_key" = [])), responses((status = 200, body = cocalc_core::MoveRecord), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]
+async fn get_move(
+    State(m): State<AppState>,
+    Auth(c): Auth,
+    Path(p): Path<String>,
+) -> Result<Response> {
+    let p: ProjectId = id(&p)?;
+    Ok(Json(m.project_move(&c, p).await?).into_response())
 }
 
 #[utoipa::path(get, path = "/v1/hosts/{h}/endpoint", tag = "hosts", params(("h" = String, Path, description = "host id")), security(("api_key" = [])), responses((status = 200, body = cocalc_core::HostEndpoint), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 404, body = ApiError)))]

@@ -62,6 +62,7 @@ pub mod error;
 pub mod http;
 pub mod master;
 pub mod metrics;
+pub mod moves;
 pub mod proxy_keys;
 pub mod push;
 pub mod ssh;

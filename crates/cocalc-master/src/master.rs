@@ -126,6 +126,7 @@ pub struct Master {
     push: PushHub,
     host_keys: RwLock<std::collections::HashMap<HostId, (String, ed25519_dalek::VerifyingKey)>>,
     responses: cocalc_core::StatusCounts,
+    moves: cocalc_placement::MoveCoordinator,
 }
 
 impl std::fmt::Debug for Master {
@@ -151,7 +152,9 @@ impl Master {
             .map_err(|e| MasterError::Internal(format!("signing keys: {e}")))?;
         registry.load(store.hosts().await?);
         let minter = Minter::new(cfg.issuer.clone(), keys, clock.clone());
+        let moves = cocalc_placement::MoveCoordinator::new(store.clone(), clock.clone());
         Ok(Master {
+            moves,
             cfg,
             clock,
             dir,
@@ -163,6 +166,35 @@ impl Master {
             host_keys: RwLock::new(std::collections::HashMap::new()),
             responses: Default::default(),
         })
+    }
+
+    /// The map store.
+    pub fn store(&self) -> &Arc<dyn MapStore> {
+        &self.store
+    }
+
+    /// The host registry.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The placement strategy.
+    pub fn placement(&self) -> &dyn Placement {
+        self.placement.as_ref()
+    }
+
+    /// The move coordinator.
+    pub fn moves(&self) -> &cocalc_placement::MoveCoordinator {
+        &self.moves
+    }
+
+    /// A token minted with the current signing key.
+    pub(crate) fn mint_for(&self, req: &MintRequest) -> Result<String, MasterError> {
+        self.minter()
+            .minter
+            .mint(req)
+            .map(|(token, _)| token)
+            .map_err(|e| MasterError::Internal(e.to_string()))
     }
 
     /// The configuration.
@@ -361,6 +393,7 @@ impl Master {
     ) -> Result<OpenProjectResponse, MasterError> {
         let user = caller.user()?.clone();
         let (_, perm) = self.visible(caller, project)?;
+        self.refuse_if_moving(project)?;
         let entry = match self.store.placement(project).await? {
             Some(e) => e,
             None => self.place(project).await?,

@@ -17,8 +17,13 @@
 //! Time comes from an injected clock and randomness from a seeded
 //! [`SeededRng`], so the control-plane simulator can drive all of it.
 //! The HTTP API, bootstrap tokens and the push channel live in
-//! `cocalc-master` (host request signatures in `cocalc-auth`); the move
-//! coordinator is not written yet.
+//! `cocalc-master` (host request signatures in `cocalc-auth`).
+//!
+//! * [`MoveCoordinator`]: moves a project between hosts as a persisted
+//!   state machine (full copy while it runs, stop, incremental copy,
+//!   validation, compare-and-set flip of the map, then deletion of the
+//!   source's copy; rollback before the flip), with the hosts' calls
+//!   behind [`MoveSteps`].
 //!
 //! ## Example
 //!
@@ -48,12 +53,14 @@
 //! # Ok::<(), cocalc_core::PlacementError>(())
 //! ```
 
+pub mod moves;
 pub mod registry;
 pub mod rng;
 pub mod store;
 pub mod strategy;
 
 pub use cocalc_core::placement::*;
+pub use moves::{MoveCoordinator, MoveError, MoveSteps};
 pub use registry::{keepalive_interval, HostRecord, Registry, RegistryError, RegistryPolicy};
 pub use rng::SeededRng;
 pub use store::{MapStore, MemoryStore, SqliteStore, StoreError, StoredDecision};

@@ -17,7 +17,8 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use async_trait::async_trait;
 use cocalc_core::{
-    Generation, HostId, PlacementDecision, ProjectId, ProjectPlacement, ProjectState, Timestamp,
+    Generation, HostId, MoveRecord, PlacementDecision, ProjectId, ProjectPlacement, ProjectState,
+    Timestamp,
 };
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
@@ -94,6 +95,17 @@ pub trait MapStore: Send + Sync {
 
     /// Every host record.
     async fn hosts(&self) -> Result<Vec<HostRecord>, StoreError>;
+
+    /// Stores `mv` as its project's latest move (replacing an earlier
+    /// record of that project), durably before it returns: the move
+    /// coordinator stores every phase before doing its work.
+    async fn put_move(&self, mv: &MoveRecord) -> Result<(), StoreError>;
+
+    /// The latest move of `project`, finished or not.
+    async fn move_of(&self, project: ProjectId) -> Result<Option<MoveRecord>, StoreError>;
+
+    /// Every move that is not finished, oldest first.
+    async fn unfinished_moves(&self) -> Result<Vec<MoveRecord>, StoreError>;
 }
 
 fn state_str(s: ProjectState) -> &'static str {
@@ -141,6 +153,7 @@ struct MemInner {
     map: HashMap<ProjectId, ProjectPlacement>,
     decisions: HashMap<ProjectId, StoredDecision>,
     hosts: HashMap<HostId, HostRecord>,
+    moves: HashMap<ProjectId, MoveRecord>,
 }
 
 impl MemoryStore {
@@ -241,6 +254,27 @@ impl MapStore for MemoryStore {
         v.sort_by_key(|h| h.info.id);
         Ok(v)
     }
+
+    async fn put_move(&self, mv: &MoveRecord) -> Result<(), StoreError> {
+        self.lock().moves.insert(mv.project, mv.clone());
+        Ok(())
+    }
+
+    async fn move_of(&self, project: ProjectId) -> Result<Option<MoveRecord>, StoreError> {
+        Ok(self.lock().moves.get(&project).cloned())
+    }
+
+    async fn unfinished_moves(&self) -> Result<Vec<MoveRecord>, StoreError> {
+        let mut v: Vec<_> = self
+            .lock()
+            .moves
+            .values()
+            .filter(|m| !m.phase.is_finished())
+            .cloned()
+            .collect();
+        v.sort_by_key(|m| (m.started, m.project));
+        Ok(v)
+    }
 }
 
 /// The map in SQLite (WAL mode, `synchronous=FULL`): the default store of
@@ -301,7 +335,19 @@ CREATE TABLE IF NOT EXISTS hosts (
     host TEXT PRIMARY KEY NOT NULL,
     record TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS moves (
+    project TEXT PRIMARY KEY NOT NULL,
+    phase TEXT NOT NULL,
+    started INTEGER NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS moves_unfinished ON moves(started)
+    WHERE phase NOT IN ('done', 'rolled_back');
 ";
+
+fn decode_move(json: &str) -> Result<MoveRecord, StoreError> {
+    serde_json::from_str(json).map_err(|e| StoreError::Backend(format!("corrupt move record: {e}")))
+}
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path`.
@@ -608,6 +654,57 @@ impl MapStore for SqliteStore {
                     .map_err(|e| StoreError::Backend(format!("corrupt host record: {e}")))
             })
             .collect()
+        })
+        .await
+    }
+
+    async fn put_move(&self, mv: &MoveRecord) -> Result<(), StoreError> {
+        let json = serde_json::to_string(mv)
+            .map_err(|e| StoreError::Backend(format!("encode move: {e}")))?;
+        let (project, phase, started) = (
+            mv.project.to_string(),
+            mv.phase.as_str(),
+            mv.started.as_millis(),
+        );
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO moves (project, phase, started, record) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(project) DO UPDATE SET phase = ?2, started = ?3, record = ?4",
+                params![project, phase, started, json],
+            )
+            .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn move_of(&self, project: ProjectId) -> Result<Option<MoveRecord>, StoreError> {
+        self.with(move |c| {
+            c.query_row(
+                "SELECT record FROM moves WHERE project = ?1",
+                [project.to_string()],
+                |r| r.get::<_, String>(0),
+            )
+            .optional()
+            .map_err(db_err)?
+            .map(|json| decode_move(&json))
+            .transpose()
+        })
+        .await
+    }
+
+    async fn unfinished_moves(&self) -> Result<Vec<MoveRecord>, StoreError> {
+        self.with(|c| {
+            let mut st = c
+                .prepare(
+                    "SELECT record FROM moves WHERE phase NOT IN ('done', 'rolled_back')
+                     ORDER BY started, project",
+                )
+                .map_err(db_err)?;
+            let rows = st
+                .query_map([], |r| r.get::<_, String>(0))
+                .map_err(db_err)?;
+            rows.map(|r| decode_move(&r.map_err(db_err)?)).collect()
         })
         .await
     }

@@ -181,6 +181,25 @@ enum ProjectCommand {
         /// Project id.
         project: String,
     },
+    /// Move a project to another host with its data (admin): a full copy
+    /// while it runs, a short stop for the changes since, then the map
+    /// flips and the old host's copy is deleted. Waits for the end unless
+    /// --no-wait; a move that fails is rolled back (exit status 1).
+    Move {
+        /// Project id.
+        project: String,
+        /// The target host's id; by default placement picks one.
+        #[arg(long)]
+        to: Option<HostId>,
+        /// Answer once the move has begun (see `cocalc project move-status`).
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// The latest move of a project (admin).
+    MoveStatus {
+        /// Project id.
+        project: String,
+    },
     /// Start a project (idempotent).
     Start {
         /// Project name or id.
@@ -733,6 +752,40 @@ fn run_remote(
                     );
                 }
             }
+            ProjectCommand::Move {
+                project,
+                to,
+                no_wait,
+            } => {
+                let mut mv = rt
+                    .block_on(client.move_project(project, *to))
+                    .map_err(api)?;
+                if !*no_wait {
+                    while !mv.phase.is_finished() {
+                        std::thread::sleep(Duration::from_millis(200));
+                        mv = rt.block_on(client.project_move(project)).map_err(api)?;
+                    }
+                }
+                if json {
+                    print_json(&mv)?;
+                } else {
+                    print_move(&mv);
+                }
+                if mv.phase == cocalc_core::MovePhase::RolledBack {
+                    return Err(CliError::local(format!(
+                        "the move was rolled back: {}",
+                        mv.error.as_deref().unwrap_or("no reason recorded")
+                    )));
+                }
+            }
+            ProjectCommand::MoveStatus { project } => {
+                let mv = rt.block_on(client.project_move(project)).map_err(api)?;
+                if json {
+                    print_json(&mv)?;
+                } else {
+                    print_move(&mv);
+                }
+            }
             ProjectCommand::Explain { project } => {
                 let x = rt.block_on(client.explain(project)).map_err(api)?;
                 if json {
@@ -893,6 +946,23 @@ fn read_public_key(file: Option<&Path>) -> Result<String, CliError> {
         }
     };
     std::fs::read_to_string(&path).map_err(|e| CliError::usage(format!("{}: {e}", path.display())))
+}
+
+/// One line per fact of a move, for people.
+fn print_move(mv: &cocalc_core::MoveRecord) {
+    println!(
+        "project {}: move from host {} to host {}: {}",
+        mv.project, mv.from, mv.to, mv.phase
+    );
+    if let Some(b) = &mv.base {
+        println!("  copied in full: snapshot {b}");
+    }
+    if let Some(l) = &mv.last {
+        println!("  last changes:   snapshot {l}");
+    }
+    if let Some(e) = &mv.error {
+        println!("  error: {e}");
+    }
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> Result<(), CliError> {
