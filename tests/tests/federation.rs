@@ -18,6 +18,8 @@ struct Master {
     url: String,
     addr: SocketAddr,
     admin: String,
+    /// The master itself, for driving its move coordinator directly.
+    lib: std::sync::Arc<cocalc_master::Master>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -28,6 +30,7 @@ async fn start_master(dir: &Path, addr: &str) -> Master {
         dir.display()
     ));
     let master = master_daemon::build(&cfg).await.unwrap();
+    let lib = master.clone();
     let listener = tokio::net::TcpListener::bind(cfg.listen).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, mut rx) = watch::channel(false);
@@ -46,6 +49,7 @@ async fn start_master(dir: &Path, addr: &str) -> Master {
         url: format!("http://{addr}"),
         addr,
         admin,
+        lib,
         stop,
         task,
     }
@@ -1185,17 +1189,72 @@ async fn federation_with_podman_and_btrfs() {
     .await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(stdout(&v), "2001\ndata\nf.txt\n");
+
+    // A move to a second Btrfs host while the container runs: a full
+    // `btrfs send` of a snapshot, a write, then the changes since as an
+    // incremental stream; owners kept; the first host's subvolumes gone.
+    let pool2_dir = dir.path().join("pool2");
+    std::fs::create_dir_all(&pool2_dir).unwrap();
+    let pool2 = cocalc_storage::LoopPool::create(&pool2_dir, 1 << 30).unwrap();
+    let t2 = admin.bootstrap_token().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let backend2 = backend.replace(
+        &pool.path().display().to_string(),
+        &pool2.path().display().to_string(),
+    );
+    let h2 = start_host_with(&dir.path().join("h2"), &m.url, &t2, &backend2).await;
+    eventually("second host up", Duration::from_secs(30), || async {
+        admin.hosts().await.map(|v| v.len() == 2).unwrap_or(false)
+    })
+    .await;
+    let mv = move_with_a_write_between(&m, a.project, h2.id, ha.clone()).await;
+    assert_eq!(mv.phase, cocalc_core::MovePhase::Done, "{mv:?}");
+    assert!(mv.was_running && mv.base < mv.last, "{mv:?}");
+    let a3 = c.open("a").await.unwrap();
+    assert_eq!(a3.host, h2.id);
+    let (s, v) = exec(
+        &h2.url,
+        &pa,
+        &a3.token,
+        &["sh", "-c", "stat -c %u f.txt; cat f.txt between.txt"],
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(stdout(&v), "2001\ndata\nwritten during the copy");
+    assert!(!pool.path().join(format!("project-{pa}")).exists());
+    assert!(
+        !pool
+            .path()
+            .join("snapshots")
+            .join(format!("project-{pa}"))
+            .exists()
+            || std::fs::read_dir(pool.path().join("snapshots").join(format!("project-{pa}")))
+                .unwrap()
+                .next()
+                .is_none()
+    );
+    let (s, v) = exec(&h.url, &pa, &a2.token, &["true"]).await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (409, Some("stale_generation")),
+        "{v}"
+    );
     let r = http
-        .post(format!("{}/{pa}/stop", h.url))
-        .bearer_auth(&a2.token)
+        .post(format!("{}/{pa}/stop", h2.url))
+        .bearer_auth(&a3.token)
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 204);
 
+    let _ = h2.stop.send(true);
+    let _ = h2.task.await;
     let _ = h.stop.send(true);
     let _ = h.task.await;
     m.shut_down().await;
+    pool2.teardown().unwrap();
     pool.teardown().unwrap();
 }
 
@@ -3211,13 +3270,13 @@ async fn moves_carry_a_project_to_another_host_or_roll_back() {
     );
 
     // Without the stale copy, a stopped project moves back and stays
-    // stopped; changes made between the copies arrive too.
+    // stopped; what is written between the two copies arrives too.
     std::fs::remove_dir_all(&a_home).unwrap();
     on_b.stop().await.unwrap();
     on_b.write("notes.txt", b"after".to_vec()).await.unwrap();
-    admin.move_project(&pid, Some(a.id)).await.unwrap();
-    let mv = move_finished(&admin, &pid).await;
+    let mv = move_with_a_write_between(&m, o.project, a.id, on_b.clone()).await;
     assert_eq!(mv.phase, MovePhase::Done, "{mv:?}");
+    assert!(mv.base < mv.last && !mv.was_running, "{mv:?}");
     let o4 = c.open("p").await.unwrap();
     assert_eq!((o4.host, o4.generation), (a.id, o2.generation.next()));
     let on_a = HostClient::new(url_of(&o4), o4.project, o4.token.clone());
@@ -3227,6 +3286,10 @@ async fn moves_carry_a_project_to_another_host_or_roll_back() {
         "it was stopped, so it stays stopped"
     );
     assert_eq!(on_a.read("notes.txt").await.unwrap(), b"after");
+    assert_eq!(
+        on_a.read("between.txt").await.unwrap(),
+        b"written during the copy"
+    );
     let b_home = d.path().join("b/projects").join(format!("project-{pid}"));
     assert!(!b_home.exists());
 
@@ -3235,4 +3298,96 @@ async fn moves_carry_a_project_to_another_host_or_roll_back() {
     let _ = a.stop.send(true);
     let _ = a.task.await;
     m.shut_down().await;
+}
+
+/// The master's own move steps, with a write into the project on the
+/// source right after the full copy, so that the last copy has changes to
+/// carry (an incremental stream on Btrfs).
+struct WriteAfterFullCopy {
+    inner: cocalc_master::moves::HostSteps,
+    source: cocalc_client::HostClient,
+}
+
+#[async_trait::async_trait]
+impl cocalc_placement::MoveSteps for WriteAfterFullCopy {
+    async fn snapshot(
+        &self,
+        mv: &cocalc_core::MoveRecord,
+        freeze: bool,
+    ) -> Result<cocalc_core::moves::MoveSnapshot, cocalc_core::ApiError> {
+        self.inner.snapshot(mv, freeze).await
+    }
+
+    async fn pull(
+        &self,
+        mv: &cocalc_core::MoveRecord,
+        snapshot: &str,
+        parent: Option<&str>,
+        last: bool,
+    ) -> Result<(), cocalc_core::ApiError> {
+        self.inner.pull(mv, snapshot, parent, last).await?;
+        if parent.is_none() {
+            self.source
+                .write("between.txt", b"written during the copy".to_vec())
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn target_snapshots(
+        &self,
+        mv: &cocalc_core::MoveRecord,
+    ) -> Result<Vec<String>, cocalc_core::ApiError> {
+        self.inner.target_snapshots(mv).await
+    }
+
+    async fn thaw(
+        &self,
+        mv: &cocalc_core::MoveRecord,
+        restart: bool,
+    ) -> Result<(), cocalc_core::ApiError> {
+        self.inner.thaw(mv, restart).await
+    }
+
+    async fn discard(&self, mv: &cocalc_core::MoveRecord) -> Result<(), cocalc_core::ApiError> {
+        self.inner.discard(mv).await
+    }
+
+    async fn release(
+        &self,
+        mv: &cocalc_core::MoveRecord,
+        generation: cocalc_core::Generation,
+    ) -> Result<(), cocalc_core::ApiError> {
+        self.inner.release(mv, generation).await
+    }
+
+    async fn start(
+        &self,
+        mv: &cocalc_core::MoveRecord,
+        generation: cocalc_core::Generation,
+    ) -> Result<(), cocalc_core::ApiError> {
+        self.inner.start(mv, generation).await
+    }
+}
+
+/// Moves `project` to `to` through the master's coordinator with
+/// [`WriteAfterFullCopy`] (`source` reaches the project where it is now,
+/// with write access); answers the finished move.
+async fn move_with_a_write_between(
+    m: &Master,
+    project: cocalc_core::ProjectId,
+    to: HostId,
+    source: cocalc_client::HostClient,
+) -> cocalc_core::MoveRecord {
+    let now = m.lib.now();
+    let at = m.lib.store().placement(project).await.unwrap().unwrap();
+    let decision =
+        cocalc_core::PlacementDecision::new(to, "test", "a move with a write", vec![], vec![]);
+    let mv = cocalc_core::MoveRecord::new(project, at.host, at.generation, decision, now);
+    let mv = m.lib.moves().begin(mv).await.unwrap();
+    let steps = WriteAfterFullCopy {
+        inner: cocalc_master::moves::HostSteps::new(m.lib.clone()),
+        source,
+    };
+    m.lib.moves().run(mv, &steps).await.unwrap()
 }
