@@ -291,11 +291,51 @@ fn next_steps_work_and_ctrl_c_stops(backend: &str) {
     let fp = keys[0]["fingerprint"].as_str().unwrap();
     let o = cocalc(&d, &["ssh-key", "rm", fp], None);
     assert!(o.status.success(), "{o:?}");
-    let o = cocalc(&d, &["project", "stop", "behind-nat"], None);
-    assert!(o.status.success(), "{o:?}");
     for h in &visible {
         assert!(as_admin(&["host", "undrain", h]).status.success());
     }
+    // `cocalc project move`, out of the hidden host (the target pulls
+    // through the proxy's tunnel) and back into it (the master reaches the
+    // target through the tunnel), with the project running.
+    let hidden = hosts
+        .iter()
+        .find(|h| h["endpoint"]["kind"] == "tunnel")
+        .map(|h| h["id"].as_str().unwrap().to_string())
+        .unwrap();
+    let nat_id = open["project"].as_str().unwrap();
+    let o = cocalc(
+        &d,
+        &["file", "put", "behind-nat", "moved.txt"],
+        Some(b"moved\n"),
+    );
+    assert!(o.status.success(), "{o:?}");
+    for to in [&visible[0], &hidden] {
+        let o = as_admin(&["project", "move", nat_id, "--to", to]);
+        assert!(o.status.success(), "{o:?}");
+        let said = String::from_utf8_lossy(&o.stdout);
+        assert!(said.contains(&format!("to host {to}: done")), "{said}");
+        let o = cocalc(
+            &d,
+            &["project", "exec", "behind-nat", "--", "cat", "moved.txt"],
+            None,
+        );
+        assert_eq!(
+            (o.status.success(), o.stdout.as_slice()),
+            (true, &b"moved\n"[..]),
+            "{o:?}"
+        );
+    }
+    let o = as_admin(&["project", "move-status", nat_id, "--json"]);
+    let mv: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (mv["phase"].as_str(), mv["to"].as_str()),
+        (Some("done"), Some(hidden.as_str())),
+        "{mv}"
+    );
+    let o = as_admin(&["project", "move", nat_id, "--to", &hidden]);
+    assert!(!o.status.success(), "already there: {o:?}");
+    let o = cocalc(&d, &["project", "stop", "behind-nat"], None);
+    assert!(o.status.success(), "{o:?}");
 
     // Ctrl-C with two projects running, one on a visible host and one on
     // the hidden host: it stops them, every host and the master, and the
