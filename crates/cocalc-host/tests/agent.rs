@@ -38,6 +38,11 @@ async fn agent(dir: &std::path::Path, local: LocalStore) -> (HostAgent, ProjectI
     let mut v = StaticTokenVerifier::new(host, clock.clone());
     for g in 1..=3 {
         v.insert(format!("gen{g}"), claims(project, host, g));
+        let mut m = claims(project, host, g);
+        m.user = UserId::MASTER;
+        m.permission = Permission::Admin;
+        m.token_id = format!("master-{g}");
+        v.insert(format!("master{g}"), m);
     }
     let acl = Arc::new(AclCache::new(clock.clone(), AclPolicy::default()));
     acl.master_up();
@@ -141,4 +146,81 @@ async fn stop_all_stops_every_running_project() {
         listed.iter().all(|s| s.state != ProjectState::Running),
         "{listed:?}"
     );
+}
+
+#[tokio::test]
+async fn a_move_freezes_the_source_and_only_the_master_drives_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, p) = agent(
+        dir.path(),
+        LocalStore::open(&dir.path().join("local.db")).unwrap(),
+    )
+    .await;
+    let user = a
+        .authorize("gen2", p, Permission::Write, "exec")
+        .await
+        .unwrap();
+    a.ensure_running(&user).await.unwrap();
+    // A user's token, even one allowed to write, makes no move calls.
+    assert!(matches!(
+        a.move_snapshot(&user, true).await,
+        Err(AgentError::MasterOnly(_))
+    ));
+    assert!(matches!(
+        a.move_release(&user).await,
+        Err(AgentError::MasterOnly(_))
+    ));
+    let m = a
+        .authorize("master2", p, Permission::Admin, "move_snapshot")
+        .await
+        .unwrap();
+    let base = a.move_snapshot(&m, false).await.unwrap();
+    assert!(!base.was_running && !a.is_frozen(p));
+    assert_eq!(a.status(p).await.unwrap().state, ProjectState::Running);
+    // Frozen: stopped, and no start gets through until thawed.
+    let frozen = a.move_snapshot(&m, true).await.unwrap();
+    assert!(frozen.was_running && a.is_frozen(p), "{frozen:?}");
+    assert_eq!(frozen.snapshot, base.snapshot, "nothing changed");
+    assert_eq!(a.status(p).await.unwrap().state, ProjectState::Stopped);
+    let e = a.ensure_running(&user).await.unwrap_err();
+    assert!(matches!(e, AgentError::Moving(_)), "{e}");
+    assert_eq!(cocalc_core::ApiError::from(&e).code, "project_moving");
+    assert!(matches!(
+        a.start_at(p, Generation(2)).await,
+        Err(AgentError::Moving(_))
+    ));
+    // A second freeze answers what the first saw.
+    assert!(a.move_snapshot(&m, true).await.unwrap().was_running);
+    // A full copy into a host that holds the project is refused first.
+    let pull = cocalc_core::moves::MovePullRequest::new(
+        "http://127.0.0.1:9".into(),
+        "t".into(),
+        base.snapshot.clone(),
+        None,
+        false,
+    );
+    assert!(matches!(
+        a.move_pull(&m, &pull).await,
+        Err(AgentError::VolumeExists(_))
+    ));
+    // Thawed with restart: it runs again, as before the freeze.
+    a.move_thaw(&m, true).await.unwrap();
+    assert!(!a.is_frozen(p));
+    assert_eq!(a.status(p).await.unwrap().state, ProjectState::Running);
+    // Frozen again and thawed without restart: it stays stopped.
+    a.move_snapshot(&m, true).await.unwrap();
+    a.move_thaw(&m, false).await.unwrap();
+    assert_eq!(a.status(p).await.unwrap().state, ProjectState::Stopped);
+    // Released with the next generation: the copy is gone and the old
+    // placement's tokens are refused.
+    let m3 = a
+        .authorize("master3", p, Permission::Admin, "move_release")
+        .await
+        .unwrap();
+    a.move_release(&m3).await.unwrap();
+    assert!(a.storage().volume(p).await.is_err());
+    assert!(matches!(
+        a.authorize("gen2", p, Permission::Write, "exec").await,
+        Err(AgentError::StaleGeneration { .. })
+    ));
 }
