@@ -3292,6 +3292,15 @@ async fn moves_carry_a_project_to_another_host_or_roll_back() {
     );
     let b_home = d.path().join("b/projects").join(format!("project-{pid}"));
     assert!(!b_home.exists());
+    let metrics = cocalc_master::metrics::MasterMetrics::new(m.lib.clone()).render();
+    for line in [
+        "cocalc_master_moves_begun_total 3",
+        "cocalc_master_moves_ended_total{outcome=\"done\"} 2",
+        "cocalc_master_moves_ended_total{outcome=\"rolled_back\"} 1",
+        "cocalc_master_moves_running 0",
+    ] {
+        assert!(metrics.contains(line), "{line} not in:\n{metrics}");
+    }
 
     let _ = b.stop.send(true);
     let _ = b.task.await;

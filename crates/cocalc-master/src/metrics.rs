@@ -1,6 +1,7 @@
 //! The master's metrics for Prometheus: its hosts by state and health,
 //! each host's load against its capacity, users and projects, the hosts
-//! listening on the push channel, and the API's answers by status code.
+//! listening on the push channel, moves of projects between hosts, and
+//! the API's answers by status code.
 //!
 //! Everything but the answer counts is read at scrape time from state the
 //! master keeps anyway (a `prometheus-client` collector); the answers are
@@ -10,7 +11,7 @@
 
 use std::sync::Arc;
 
-use cocalc_core::counters::encode::{gauge, gauges, responses};
+use cocalc_core::counters::encode::{counter, counters, gauge, gauges, responses};
 use cocalc_core::{Health, HostState};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
@@ -115,6 +116,29 @@ impl Collector for MasterMetrics {
             gauge(&mut encoder, "users", "Users", users as i64)?;
             gauge(&mut encoder, "projects", "Projects", projects as i64)?;
         }
+        let moves = m.moves().stats();
+        counter(
+            &mut encoder,
+            "moves_begun",
+            "Moves of projects between hosts begun since the master started",
+            moves.begun,
+        )?;
+        counters(
+            &mut encoder,
+            "moves_ended",
+            "Moves ended since the master started, by outcome (done: moved; rolled_back: left \
+             where it was)",
+            [
+                ([("outcome", "done".to_string())], moves.done),
+                ([("outcome", "rolled_back".to_string())], moves.rolled_back),
+            ],
+        )?;
+        gauge(
+            &mut encoder,
+            "moves_running",
+            "Moves running now",
+            moves.running as i64,
+        )?;
         responses(
             &mut encoder,
             "API answers by HTTP status code (401 and 403 are refused callers)",

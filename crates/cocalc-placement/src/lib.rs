@@ -60,7 +60,7 @@ pub mod store;
 pub mod strategy;
 
 pub use cocalc_core::placement::*;
-pub use moves::{MoveCoordinator, MoveError, MoveSteps};
+pub use moves::{MoveCoordinator, MoveError, MoveStats, MoveSteps};
 pub use registry::{keepalive_interval, HostRecord, Registry, RegistryError, RegistryPolicy};
 pub use rng::SeededRng;
 pub use store::{MapStore, MemoryStore, SqliteStore, StoreError, StoredDecision};

@@ -24,6 +24,7 @@
 //! coordinated beyond the flip's compare-and-set.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -87,12 +88,29 @@ pub enum MoveError {
     Store(#[from] StoreError),
 }
 
+/// What a coordinator did since it was made (for metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MoveStats {
+    /// Moves begun.
+    pub begun: u64,
+    /// Moves that ended moved.
+    pub done: u64,
+    /// Moves that ended rolled back.
+    pub rolled_back: u64,
+    /// Moves running in this process now.
+    pub running: u64,
+}
+
 /// Runs moves: see the [module docs](self).
 pub struct MoveCoordinator {
     store: Arc<dyn MapStore>,
     clock: SharedClock,
     /// Moves running in this process, by project, with their phase.
     running: Mutex<HashMap<ProjectId, MovePhase>>,
+    begun: AtomicU64,
+    done: AtomicU64,
+    rolled_back: AtomicU64,
 }
 
 impl std::fmt::Debug for MoveCoordinator {
@@ -135,6 +153,19 @@ impl MoveCoordinator {
             store,
             clock,
             running: Mutex::new(HashMap::new()),
+            begun: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+            rolled_back: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts of moves begun and ended since this coordinator was made.
+    pub fn stats(&self) -> MoveStats {
+        MoveStats {
+            begun: self.begun.load(Ordering::Relaxed),
+            done: self.done.load(Ordering::Relaxed),
+            rolled_back: self.rolled_back.load(Ordering::Relaxed),
+            running: self.lock().len() as u64,
         }
     }
 
@@ -174,6 +205,7 @@ impl MoveCoordinator {
         }
         self.store.put_move(&mv).await?;
         drop(guard);
+        self.begun.fetch_add(1, Ordering::Relaxed);
         Ok(mv)
     }
 
@@ -254,6 +286,7 @@ impl MoveCoordinator {
                         Ok(()) => {
                             mv.phase = MovePhase::RolledBack;
                             self.save(&mut mv).await?;
+                            self.rolled_back.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(e) => {
                             tracing::warn!(%project, error = %e, "move rollback step failed; will retry");
@@ -284,6 +317,7 @@ impl MoveCoordinator {
                             }
                             mv.phase = MovePhase::Done;
                             self.save(&mut mv).await?;
+                            self.done.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(e) => {
                             let e = step_err(RELEASE, &e);
