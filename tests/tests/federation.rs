@@ -3220,6 +3220,10 @@ async fn moves_carry_a_project_to_another_host_or_roll_back() {
         "{mv:?}"
     );
     assert_eq!(mv.error, None);
+    assert!(
+        mv.started <= mv.stopped_at.unwrap() && mv.stopped_at <= mv.flipped_at,
+        "{mv:?}"
+    );
 
     let o2 = c.open("p").await.unwrap();
     assert_eq!((o2.host, url_of(&o2)), (b.id, b.url.clone()));
@@ -3260,6 +3264,11 @@ async fn moves_carry_a_project_to_another_host_or_roll_back() {
     assert_eq!(mv.phase, MovePhase::RolledBack, "{mv:?}");
     let why = mv.error.clone().unwrap();
     assert!(why.contains("volume_exists"), "{why}");
+    assert_eq!(
+        (mv.stopped_at, mv.flipped_at),
+        (None, None),
+        "never stopped"
+    );
     assert_eq!(std::fs::read(a_home.join("stale.txt")).unwrap(), b"keep me");
     let o3 = c.open("p").await.unwrap();
     assert_eq!((o3.host, o3.generation), (b.id, o2.generation));

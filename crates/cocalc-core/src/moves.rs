@@ -128,6 +128,14 @@ pub struct MoveRecord {
     pub restarted: bool,
     /// When the move began.
     pub started: Timestamp,
+    /// When the stop for the last copy began (the move entered
+    /// [`MovePhase::Syncing`]).
+    #[serde(default)]
+    pub stopped_at: Option<Timestamp>,
+    /// When the map was flipped to the target. With `stopped_at`, how long
+    /// the project could not be used (plus its start on the target).
+    #[serde(default)]
+    pub flipped_at: Option<Timestamp>,
     /// When the record last changed.
     pub updated: Timestamp,
     /// Why the move is rolling back or rolled back; the last error of a
@@ -157,6 +165,8 @@ impl MoveRecord {
             was_running: false,
             restarted: false,
             started: now,
+            stopped_at: None,
+            flipped_at: None,
             updated: now,
             error: None,
         }

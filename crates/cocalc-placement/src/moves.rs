@@ -250,6 +250,7 @@ impl MoveCoordinator {
                 MovePhase::Copying => match self.copy(&mut mv, steps).await? {
                     Ok(()) => {
                         mv.phase = MovePhase::Syncing;
+                        mv.stopped_at = Some(self.clock.now());
                         self.save(&mut mv).await?;
                     }
                     Err(e) => self.fail(&mut mv, e).await?,
@@ -443,6 +444,7 @@ impl MoveCoordinator {
             }
         };
         mv.phase = MovePhase::Flipped;
+        mv.flipped_at = Some(self.clock.now());
         mv.error = None;
         self.save(mv).await?;
         Ok(Ok(generation))

@@ -960,6 +960,12 @@ fn print_move(mv: &cocalc_core::MoveRecord) {
     if let Some(l) = &mv.last {
         println!("  last changes:   snapshot {l}");
     }
+    if let (Some(s), Some(f)) = (mv.stopped_at, mv.flipped_at) {
+        println!(
+            "  stopped for:    {} ms (until the map named the target)",
+            f.as_millis().saturating_sub(s.as_millis())
+        );
+    }
     if let Some(e) = &mv.error {
         println!("  error: {e}");
     }
