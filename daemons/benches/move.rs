@@ -5,13 +5,19 @@
 //! Real processes: a `cocalc-master` and two `cocalc-host`s (process
 //! runner, Btrfs storage, each on its own loop-mounted pool). One project
 //! holds `--mib` MiB (default 256): three quarters in 4 MiB files of
-//! incompressible bytes, a quarter in 4 KiB files. It is moved A → B and
-//! back, `--rounds` times (default 2); each move is timed from the request
-//! to its end (`done`, polled every 5 ms), and its stop window is the
-//! move record's `flipped_at - stopped_at` (the master's clock, in ms: from
-//! the stop on the source to the map naming the target). The anchor is
+//! incompressible bytes, a quarter in 4 KiB files; 0.5 s into each move,
+//! `--changed` MiB (default 16) more are written into it on the source,
+//! so the last copy (while the project is stopped) is an incremental
+//! stream of that much. It is moved A → B and
+//! back, `--rounds` times (default 2). Each move is timed by its record
+//! (the master's clock, in ms; polled every 100 ms, which the move does
+//! not wait for): from `started` to its last update (`done`), and its stop
+//! window from `stopped_at` (the stop on the source) to `flipped_at` (the
+//! map naming the target). The anchor is
 //! timed between the same pools on a read-only snapshot of the same home.
-//! The fastest round of each counts.
+//! Every timed op starts after a `sync` and a `btrfs subvolume sync` of
+//! both pools (no write-back or subvolume clean-up of an earlier op goes
+//! on during it). The fastest round of each counts.
 //!
 //! Needs root, `btrfs-progs` and loop devices; without them it says so
 //! and exits. Run: `cargo bench -p cocalc-daemons --bench move`
@@ -71,10 +77,21 @@ fn fill(home: &Path, mib: usize) {
     }
 }
 
+/// Waits until both pools have written everything back and cleaned every
+/// deleted subvolume.
+fn settle(a: &Path, b: &Path) {
+    run("sync");
+    for p in [a, b] {
+        run(&format!("btrfs subvolume sync {} >/dev/null", p.display()));
+    }
+    run("sync");
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let mib = arg("--mib", 256);
     let rounds = arg("--rounds", 2).max(1);
+    let changed = arg("--changed", 16);
     let root = nix::unistd::Uid::effective().is_root();
     let btrfs = Command::new("sh")
         .args(["-c", "command -v mkfs.btrfs && command -v btrfs"])
@@ -167,7 +184,8 @@ async fn main() {
     fill(&first.join(format!("project-{pid}")), mib);
     run(&format!("sync -f {}", first.display()));
     println!(
-        "move bench: {mib} MiB in one project, two Btrfs hosts (process runner), {rounds} round(s) each way"
+        "move bench: {mib} MiB in one project, {changed} MiB written during each full copy, \
+         two Btrfs hosts (process runner), {rounds} round(s) each way"
     );
 
     let mut best_move = [f64::MAX; 2];
@@ -189,6 +207,10 @@ async fn main() {
                 from_pool.join(format!("project-{pid}")).display(),
                 snap.display()
             ));
+            // Each timed op starts with nothing left to write back and no
+            // deleted subvolume left to clean (the previous op's work
+            // would otherwise go on during it).
+            settle(&from_pool, &to_pool);
             let t = Instant::now();
             run(&format!(
                 "btrfs send -q {} | btrfs receive {} >/dev/null 2>&1",
@@ -202,27 +224,58 @@ async fn main() {
                 recv.join("anchor-snapshot").display()
             ));
 
+            settle(&from_pool, &to_pool);
             let t = Instant::now();
             admin.move_project(&pid, Some(to)).await.unwrap();
+            // The project changes while its full copy runs: the last copy,
+            // made while it is stopped, carries those changes.
+            let writer = {
+                let file = from_pool
+                    .join(format!("project-{pid}"))
+                    .join(format!("changed-{round}-{way}.bin"));
+                tokio::task::spawn_blocking(move || {
+                    std::thread::sleep(Duration::from_millis(500));
+                    let mut x: u64 = 0x2545_f491_4f6c_dd1d ^ file.as_os_str().len() as u64;
+                    let mut buf = Vec::with_capacity(changed << 20);
+                    while buf.len() < changed << 20 {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        buf.extend_from_slice(&x.to_le_bytes());
+                    }
+                    std::fs::write(file, buf).unwrap();
+                })
+            };
             let mv = loop {
                 let mv = admin.project_move(&pid).await.unwrap();
                 if mv.phase.is_finished() {
                     break mv;
                 }
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
             };
-            let total = t.elapsed().as_secs_f64();
+            let waited = t.elapsed().as_secs_f64();
+            writer.await.unwrap();
             assert_eq!(mv.phase, cocalc_core::MovePhase::Done, "{mv:?}");
+            assert!(
+                changed == 0 || mv.base < mv.last,
+                "the change landed before the full copy's snapshot: {mv:?}"
+            );
             let (Some(stopped), Some(flipped)) = (mv.stopped_at, mv.flipped_at) else {
                 panic!("a finished move has both times: {mv:?}");
             };
-            let stop = (flipped.as_millis() - stopped.as_millis()) as f64 / 1000.0;
+            let secs = |a: cocalc_core::Timestamp, b: cocalc_core::Timestamp| {
+                (b.as_millis() - a.as_millis()) as f64 / 1000.0
+            };
+            let stop = secs(stopped, flipped);
+            let total = secs(mv.started, mv.updated);
+            assert!(total <= waited, "{total} s recorded, {waited} s waited");
             println!(
-                "  round {round}, move {}: {total:.3} s ({:.0} MiB/s), stopped {:.3} s; \
-                 btrfs send | receive {anchor:.3} s",
+                "  round {round}, move {}: {total:.3} s ({:.0} MiB/s): full copy {:.3} s, \
+                 stopped {stop:.3} s, clean-up {:.3} s; btrfs send | receive {anchor:.3} s",
                 if way == 0 { "A → B" } else { "B → A" },
                 mib as f64 / total,
-                stop
+                secs(mv.started, stopped),
+                secs(flipped, mv.updated),
             );
             best_move[way] = best_move[way].min(total);
             best_stop[way] = best_stop[way].min(stop);
