@@ -20,21 +20,8 @@ async fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(1000);
     let dir = tempfile::tempdir().unwrap();
-    let mcfg = dir.path().join("m.toml");
-    std::fs::write(
-        &mcfg,
-        format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n",
-            dir.path().join("m").display()
-        ),
-    )
-    .unwrap();
-    let (_master, murl) = spawn(env!("CARGO_BIN_EXE_cocalc-master"), &mcfg, "listening on");
-    let admin = std::fs::read_to_string(dir.path().join("m/admin.key"))
-        .unwrap()
-        .trim()
-        .to_string();
-    let master = cocalc_client::MasterClient::new(&murl, &admin);
+    let (_master, murl, master) =
+        common::spawn_master(env!("CARGO_BIN_EXE_cocalc-master"), dir.path());
     let token = master.bootstrap_token().await.unwrap()["token"]
         .as_str()
         .unwrap()

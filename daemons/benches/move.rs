@@ -111,21 +111,8 @@ async fn main() {
             cocalc_storage::LoopPool::create(&d, size).unwrap()
         })
         .collect();
-    let mcfg = dir.path().join("m.toml");
-    std::fs::write(
-        &mcfg,
-        format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n",
-            dir.path().join("m").display()
-        ),
-    )
-    .unwrap();
-    let (_master, murl) = spawn(env!("CARGO_BIN_EXE_cocalc-master"), &mcfg, "listening on");
-    let admin_key = std::fs::read_to_string(dir.path().join("m/admin.key"))
-        .unwrap()
-        .trim()
-        .to_string();
-    let admin = cocalc_client::MasterClient::new(&murl, &admin_key);
+    let (_master, murl, admin) =
+        common::spawn_master(env!("CARGO_BIN_EXE_cocalc-master"), dir.path());
     let mut hosts = Vec::new();
     let mut urls = Vec::new();
     for (i, pool) in pools.iter().enumerate() {

@@ -511,19 +511,7 @@ async fn main() {
         std::fs::write(&p, text).unwrap();
         p
     };
-    let mcfg = w(
-        "m.toml",
-        format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n",
-            dir.path().join("m").display()
-        ),
-    );
-    let (_m, murl) = spawn(env!("CARGO_BIN_EXE_cocalc-master"), &mcfg, "listening on");
-    let admin = std::fs::read_to_string(dir.path().join("m/admin.key"))
-        .unwrap()
-        .trim()
-        .to_string();
-    let master = cocalc_client::MasterClient::new(&murl, &admin);
+    let (_m, murl, master) = common::spawn_master(env!("CARGO_BIN_EXE_cocalc-master"), dir.path());
     let token = master.bootstrap_token().await.unwrap()["token"]
         .as_str()
         .unwrap()

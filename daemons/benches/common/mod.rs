@@ -66,6 +66,27 @@ pub(crate) fn spawn_under(
     (Daemon(child), url)
 }
 
+/// Starts a `cocalc-master` (its own binary, `master_bin`) with its data
+/// in `dir/m`; returns it, its URL and an admin client.
+pub(crate) fn spawn_master(
+    master_bin: &str,
+    dir: &Path,
+) -> (Daemon, String, cocalc_client::MasterClient) {
+    let cfg = dir.join("m.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n",
+            dir.join("m").display()
+        ),
+    )
+    .unwrap();
+    let (daemon, url) = spawn(master_bin, &cfg, "listening on");
+    let admin = std::fs::read_to_string(dir.join("m/admin.key")).unwrap();
+    let client = cocalc_client::MasterClient::new(&url, admin.trim());
+    (daemon, url, client)
+}
+
 /// A port nobody listens on right now.
 pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
