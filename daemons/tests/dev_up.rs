@@ -334,6 +334,24 @@ fn next_steps_work_and_ctrl_c_stops(backend: &str) {
     );
     let o = as_admin(&["project", "move", nat_id, "--to", &hidden]);
     assert!(!o.status.success(), "already there: {o:?}");
+    // `cocalc host evacuate` on the host of "demo": drained, and "demo"
+    // goes elsewhere with its files.
+    let o = cocalc(&d, &["project", "explain", "demo", "--json"], None);
+    let x: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let demo_host = x["decision"]["host"].as_str().unwrap().to_string();
+    let o = as_admin(&["host", "evacuate", &demo_host]);
+    assert!(o.status.success(), "{o:?}");
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        said.contains(&format!("host {demo_host} is empty")),
+        "{said}"
+    );
+    let o = cocalc(&d, &["project", "explain", "demo", "--json"], None);
+    let x: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_ne!(x["decision"]["host"].as_str(), Some(demo_host.as_str()));
+    let o = cocalc(&d, &["file", "get", "demo", "hello.txt"], None);
+    assert_eq!(o.stdout, b"hi\n", "{o:?}");
+    assert!(as_admin(&["host", "undrain", &demo_host]).status.success());
     let o = cocalc(&d, &["project", "stop", "behind-nat"], None);
     assert!(o.status.success(), "{o:?}");
 

@@ -3409,3 +3409,80 @@ async fn move_with_a_write_between(
     };
     m.lib.moves().run(mv, &steps).await.unwrap()
 }
+
+/// Evacuating a host: it is drained and every project on it moves to the
+/// other host, with its files; refusals for users and unknown hosts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evacuating_a_host_moves_every_project_off_it() {
+    use cocalc_client::HostClient;
+    let d = tempfile::tempdir().unwrap();
+    let Solo { m, h: a, c, o } = one_host_one_project(d.path(), "").await;
+    let admin = MasterClient::new(&m.url, &m.admin);
+    c.create_project(&CreateProjectRequest::new("q"))
+        .await
+        .unwrap();
+    let oq = c.open("q").await.unwrap();
+    assert_eq!(oq.host, a.id);
+    for (open, text) in [(&o, "in p"), (&oq, "in q")] {
+        HostClient::new(url_of(open), open.project, open.token.clone())
+            .write("where.txt", text.as_bytes().to_vec())
+            .await
+            .unwrap();
+    }
+    let t = admin.bootstrap_token().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let b = start_host_with(&d.path().join("b"), &m.url, &t, "").await;
+    eventually("two hosts up", Duration::from_secs(15), || async {
+        admin.hosts().await.map(|v| v.len() == 2).unwrap_or(false)
+    })
+    .await;
+
+    let e = c.evacuate(a.id).await.unwrap_err();
+    assert_eq!(e.status, 403, "{e:?}");
+    let e = admin.evacuate(HostId::new_v4([9; 16])).await.unwrap_err();
+    assert_eq!(e.status, 404, "{e:?}");
+
+    let ev = admin.evacuate(a.id).await.unwrap();
+    let mut expected = vec![o.project, oq.project];
+    expected.sort();
+    let mut got = ev.projects.clone();
+    got.sort();
+    assert_eq!((ev.host, got), (a.id, expected));
+    let hosts = admin.hosts().await.unwrap();
+    let state_of_a = hosts.iter().find(|h| h.id == a.id).unwrap().state;
+    assert_eq!(state_of_a, cocalc_core::HostState::Draining);
+    for p in &ev.projects {
+        eventually("moved off A", Duration::from_secs(30), || async {
+            admin
+                .explain(&p.to_string())
+                .await
+                .is_ok_and(|x| x.decision.host == b.id)
+        })
+        .await;
+        let mv = move_finished(&admin, &p.to_string()).await;
+        assert_eq!(
+            (mv.phase, mv.from, mv.to),
+            (cocalc_core::MovePhase::Done, a.id, b.id),
+            "{mv:?}"
+        );
+    }
+    for (name, text) in [("p", "in p"), ("q", "in q")] {
+        let open = c.open(name).await.unwrap();
+        assert_eq!(open.host, b.id);
+        let on_b = HostClient::new(url_of(&open), open.project, open.token.clone());
+        assert_eq!(on_b.read("where.txt").await.unwrap(), text.as_bytes());
+    }
+    // Nothing new lands on the drained host.
+    c.create_project(&CreateProjectRequest::new("r"))
+        .await
+        .unwrap();
+    assert_eq!(c.open("r").await.unwrap().host, b.id);
+
+    let _ = b.stop.send(true);
+    let _ = b.task.await;
+    let _ = a.stop.send(true);
+    let _ = a.task.await;
+    m.shut_down().await;
+}

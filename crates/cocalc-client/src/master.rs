@@ -197,6 +197,17 @@ impl MasterClient {
         .await
     }
 
+    /// Drains a host and moves every project off it, one at a time, in
+    /// the background (admin); answers which projects it will move.
+    pub async fn evacuate(&self, host: HostId) -> Result<cocalc_core::moves::Evacuation, ApiError> {
+        self.call(
+            reqwest::Method::POST,
+            &format!("/v1/hosts/{host}/evacuate"),
+            None,
+        )
+        .await
+    }
+
     /// The latest move of a project (admin), finished or not.
     pub async fn project_move(&self, project: &str) -> Result<cocalc_core::MoveRecord, ApiError> {
         self.call(

@@ -266,3 +266,30 @@ pub struct MoveThawRequest {
     #[serde(default)]
     pub restart: bool,
 }
+
+/// The answer to `POST /v1/hosts/{h}/evacuate` (master, admin): the host
+/// is draining, and its projects are being moved off it, one at a time,
+/// each to the host placement picks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Evacuation {
+    /// The host being emptied.
+    pub host: HostId,
+    /// The projects on it when the evacuation began, in the order they are
+    /// moved.
+    pub projects: Vec<ProjectId>,
+    /// When it began: each project's move begins at or after this time.
+    pub started: Timestamp,
+}
+
+impl Evacuation {
+    /// An answer.
+    pub fn new(host: HostId, projects: Vec<ProjectId>, started: Timestamp) -> Self {
+        Evacuation {
+            host,
+            projects,
+            started,
+        }
+    }
+}

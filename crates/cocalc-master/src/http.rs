@@ -91,6 +91,7 @@ pub fn router(master: Arc<Master>) -> Router {
         .route("/v1/keys", get(public_keys))
         .route("/v1/hosts/{h}/drain", post(drain))
         .route("/v1/hosts/{h}/undrain", post(undrain))
+        .route("/v1/hosts/{h}/evacuate", post(evacuate))
         .route("/v1/hosts/register", post(register))
         .route("/v1/hosts/{h}/keepalive", post(keepalive))
         .route("/v1/hosts/{h}/activity", post(activity))
@@ -117,7 +118,7 @@ pub fn router(master: Arc<Master>) -> Router {
     paths(
         create_user, sign_out, list_projects, create_project, get_project, put_collaborator,
         delete_collaborator, open_project, explain, forward_exec, forward_start, forward_stop, replace,
-        start_move, get_move,
+        start_move, get_move, evacuate,
         bootstrap_token, host_endpoint, host_key, public_keys, rotate_key, list_hosts,
         drain, undrain, register, keepalive, activity, host_acl, push
     ),
@@ -671,6 +672,16 @@ async fn start_move(
     };
     let mv = m.move_project(&c, p, &req).await?;
     Ok((StatusCode::ACCEPTED, Json(mv)).into_response())
+}
+
+#[utoipa::path(post, path = "/v1/hosts/{h}/evacuate", tag = "admin", params(("h" = String, Path, description = "host id")), security(("api_key" = [])), responses((status = 202, body = cocalc_core::moves::Evacuation), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn evacuate(
+    State(m): State<AppState>,
+    Auth(c): Auth,
+    Path(h): Path<String>,
+) -> Result<Response> {
+    let ev = m.evacuate_host(&c, id(&h)?).await?;
+    Ok((StatusCode::ACCEPTED, Json(ev)).into_response())
 }
 
 #[utoipa::path(get, path = "/v1/projects/{p}/move", tag = "admin", params(("p" = String, Path, description = "project id")), security(("api_key" = [])), responses((status = 200, body = cocalc_core::MoveRecord), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]

@@ -12,7 +12,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use cocalc_auth::MintRequest;
-use cocalc_core::moves::{MovePhase, MovePullRequest, MoveRecord, MoveRequest, MoveSnapshot};
+use cocalc_core::moves::{
+    Evacuation, MovePhase, MovePullRequest, MoveRecord, MoveRequest, MoveSnapshot,
+};
 use cocalc_core::{
     ApiError, Generation, HostId, HostState, Permission, PlacementDecision, PlacementRequest,
     ProjectId, UserId,
@@ -37,8 +39,8 @@ impl Master {
     /// placement picks among the others, and answers the stored record;
     /// the move goes on in the background ([`Master::project_move`] shows
     /// it). Refused: a project not placed (404); a move of it unfinished,
-    /// its host not up (use `replace` for a lost host), a target that is
-    /// its host, unknown, not up or draining (409).
+    /// its host down (use `replace` for a lost host), a target that is its
+    /// host, unknown, not up or draining (409).
     pub async fn move_project(
         self: &Arc<Self>,
         caller: &Caller,
@@ -46,21 +48,110 @@ impl Master {
         req: &MoveRequest,
     ) -> Result<MoveRecord, MasterError> {
         caller.require_admin()?;
+        let mv = self.plan_move(project, req.to).await?;
+        let mv = self.moves().begin(mv).await?;
+        let master = self.clone();
+        let started = mv.clone();
+        tokio::spawn(async move {
+            master.run_move(started).await;
+        });
+        Ok(mv)
+    }
+
+    /// Runs a begun move to its end, logging how it ended.
+    async fn run_move(self: &Arc<Self>, mv: MoveRecord) {
+        let project = mv.project;
+        let steps = HostSteps::new(self.clone());
+        match self.moves().run(mv, &steps).await {
+            Ok(done) => tracing::info!(
+                project = %done.project, phase = %done.phase,
+                error = done.error.as_deref().unwrap_or(""), "move ended"
+            ),
+            Err(e) => tracing::error!(%project, error = %e, "move could not be stored"),
+        }
+    }
+
+    /// Empties a host (admin): drains it (no new projects land there),
+    /// then moves every project on it, one at a time, each to the host
+    /// placement picks, in the background. Refused for a host that is not
+    /// registered or is down (its data cannot be copied: re-place its
+    /// projects instead). A project whose move cannot begin (one is
+    /// running already, no host can take it) is skipped, with a warning in
+    /// the log.
+    pub async fn evacuate_host(
+        self: &Arc<Self>,
+        caller: &Caller,
+        host: HostId,
+    ) -> Result<Evacuation, MasterError> {
+        caller.require_admin()?;
+        let now = self.now();
+        match self.registry().inspect(host, |h| h.state_at(now)) {
+            None => return Err(MasterError::NotFound(format!("no host {host}"))),
+            Some(HostState::Down) => {
+                return Err(MasterError::Conflict(format!(
+                    "host {host} is down, so its data cannot be copied; re-place its projects \
+                     instead (replace)"
+                )))
+            }
+            Some(_) => {}
+        }
+        self.set_draining(caller, host, true).await?;
+        let projects: Vec<ProjectId> = self
+            .store()
+            .projects_on(host)
+            .await?
+            .into_iter()
+            .map(|p| p.project)
+            .collect();
+        let master = self.clone();
+        let todo = projects.clone();
+        tokio::spawn(async move {
+            for project in todo {
+                let still_there = matches!(
+                    master.store().placement(project).await,
+                    Ok(Some(p)) if p.host == host
+                );
+                if !still_there {
+                    continue;
+                }
+                let begun = match master.plan_move(project, None).await {
+                    Ok(mv) => master.moves().begin(mv).await.map_err(MasterError::from),
+                    Err(e) => Err(e),
+                };
+                match begun {
+                    Ok(mv) => master.run_move(mv).await,
+                    Err(e) => tracing::warn!(%project, %host, error = %e,
+                        "evacuation: this project's move could not begin; skipped"),
+                }
+            }
+            tracing::info!(%host, "evacuation ended");
+        });
+        Ok(Evacuation::new(host, projects, now))
+    }
+
+    /// The checks before a move, and its record (not stored yet).
+    async fn plan_move(
+        &self,
+        project: ProjectId,
+        to: Option<HostId>,
+    ) -> Result<MoveRecord, MasterError> {
         let current = self
             .store()
             .placement(project)
             .await?
             .ok_or_else(|| MasterError::NotFound(format!("project {project} is not placed")))?;
         let now = self.now();
+        // A draining host is one to move projects off: only a host that
+        // stopped renewing its lease cannot be copied from.
         let from_state = self.registry().inspect(current.host, |h| h.state_at(now));
-        if from_state != Some(HostState::Up) {
+        if matches!(from_state, None | Some(HostState::Down)) {
             return Err(MasterError::Conflict(format!(
-                "host {} of project {project} is not up, so its data cannot be copied; \
+                "host {} of project {project} is down, so its data cannot be copied; \
                  an operator can re-place the project instead (replace)",
                 current.host
             )));
         }
-        let decision = match req.to {
+        let decision = match to {
             Some(to) if to == current.host => {
                 return Err(MasterError::Conflict(format!(
                     "project {project} is on host {to} already"
@@ -97,21 +188,13 @@ impl Master {
                     .place(&PlacementRequest::new(project), &hosts)?
             }
         };
-        let mv = MoveRecord::new(project, current.host, current.generation, decision, now);
-        let mv = self.moves().begin(mv).await?;
-        let master = self.clone();
-        let started = mv.clone();
-        tokio::spawn(async move {
-            let steps = HostSteps::new(master.clone());
-            match master.moves().run(started, &steps).await {
-                Ok(done) => tracing::info!(
-                    project = %done.project, phase = %done.phase,
-                    error = done.error.as_deref().unwrap_or(""), "move ended"
-                ),
-                Err(e) => tracing::error!(%project, error = %e, "move could not be stored"),
-            }
-        });
-        Ok(mv)
+        Ok(MoveRecord::new(
+            project,
+            current.host,
+            current.generation,
+            decision,
+            now,
+        ))
     }
 
     /// The latest move of `project` (admin), finished or not.

@@ -292,6 +292,20 @@ enum HostCommand {
         /// Host id.
         host: HostId,
     },
+    /// Drain a host and move every project off it, one at a time, each to
+    /// the host placement picks (see `cocalc project move`). Waits until
+    /// each has left (or its move rolled back) unless --no-wait; exit
+    /// status 1 if any is still there.
+    Evacuate {
+        /// Host id.
+        host: HostId,
+        /// Answer once the evacuation has begun.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up waiting after this long (30m, 2h); the moves go on.
+        #[arg(long, value_parser = parse_duration, default_value = "1h")]
+        timeout: Duration,
+    },
     /// Mint a one-time token a new host registers with (valid 24 h).
     BootstrapToken,
 }
@@ -841,6 +855,78 @@ fn run_remote(
                         h.id,
                         format!("{:?}", h.state).to_lowercase()
                     );
+                }
+            }
+            HostCommand::Evacuate {
+                host,
+                no_wait,
+                timeout,
+            } => {
+                let ev = rt.block_on(client.evacuate(*host)).map_err(api)?;
+                if *no_wait {
+                    if json {
+                        print_json(&ev)?;
+                    } else {
+                        println!(
+                            "host {} is draining; moving {} project(s) off it",
+                            ev.host,
+                            ev.projects.len()
+                        );
+                    }
+                    return Ok(());
+                }
+                let deadline = std::time::Instant::now() + *timeout;
+                let mut left: Vec<ProjectId> = ev.projects.clone();
+                let mut moved = Vec::new();
+                let mut failed = Vec::new();
+                while !left.is_empty() && std::time::Instant::now() < deadline {
+                    let mut still = Vec::new();
+                    for p in left {
+                        let id = p.to_string();
+                        let at = rt.block_on(client.explain(&id)).map_err(api)?;
+                        if at.decision.host != *host {
+                            if !json {
+                                println!("project {p}: moved to host {}", at.decision.host);
+                            }
+                            moved.push(p);
+                            continue;
+                        }
+                        match rt.block_on(client.project_move(&id)) {
+                            Ok(mv)
+                                if mv.started >= ev.started
+                                    && mv.phase == cocalc_core::MovePhase::RolledBack =>
+                            {
+                                if !json {
+                                    println!(
+                                        "project {p}: not moved: {}",
+                                        mv.error.as_deref().unwrap_or("rolled back")
+                                    );
+                                }
+                                failed.push(p);
+                            }
+                            _ => still.push(p),
+                        }
+                    }
+                    left = still;
+                    if !left.is_empty() {
+                        std::thread::sleep(Duration::from_millis(250));
+                    }
+                }
+                if json {
+                    print_json(&serde_json::json!({
+                        "host": ev.host, "moved": moved, "failed": failed, "left": left,
+                    }))?;
+                }
+                if !failed.is_empty() || !left.is_empty() {
+                    return Err(CliError::local(format!(
+                        "host {host}: {} project(s) moved, {} rolled back, {} still there",
+                        moved.len(),
+                        failed.len(),
+                        left.len()
+                    )));
+                }
+                if !json {
+                    println!("host {host} is empty: {} project(s) moved", moved.len());
                 }
             }
             HostCommand::BootstrapToken => {
