@@ -266,13 +266,16 @@ impl MoveCoordinator {
                 MovePhase::RollingBack => {
                     // Restart the source only while the map still names
                     // it: a map changed under the move names another host.
-                    let restart = self
-                        .store
-                        .placement(project)
-                        .await?
+                    // And if it names the target (an operator re-placed
+                    // the project there meanwhile), the copy there is the
+                    // project's volume now: not this move's to delete.
+                    let now_at = self.store.placement(project).await?;
+                    let restart = now_at
+                        .as_ref()
                         .is_some_and(|p| p.host == mv.from && p.generation == mv.generation);
+                    let target_owns = now_at.as_ref().is_some_and(|p| p.host == mv.to);
                     let undo = async {
-                        if mv.copy_started {
+                        if mv.copy_started && !target_owns {
                             steps
                                 .discard(&mv)
                                 .await

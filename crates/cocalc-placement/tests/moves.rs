@@ -975,3 +975,27 @@ async fn move_records_survive_reopening_the_sqlite_file() {
         Some(MovePhase::RolledBack)
     );
 }
+
+/// An operator re-places the project onto the move's own target while it
+/// copies: the flip fails, and the rollback leaves the target's copy
+/// alone (it is the project's volume now) and does not restart the source.
+#[tokio::test]
+async fn rollback_keeps_the_copy_when_the_map_names_the_target() {
+    let env = Env::new(Arc::new(MemoryStore::new())).await;
+    let mv = env.begin().await;
+    let (s, p, to, at) = (env.store.clone(), env.p, env.to, env.clock.now());
+    let steps = FakeSteps::new(&["s1", "s2"], true).on_pull(async move {
+        s.assign(p, to, None, decision(to, "operator"), at)
+            .await
+            .unwrap();
+    });
+    let out = env.coord.run(mv, &steps).await.unwrap();
+    assert_eq!(out.phase, MovePhase::RolledBack);
+    let calls = steps.calls();
+    assert!(!calls.contains(&"discard".to_string()), "{calls:?}");
+    assert_eq!(
+        calls.last().map(String::as_str),
+        Some("thaw(restart=false)")
+    );
+    assert_eq!(env.map().await, (to, Generation(2)));
+}
