@@ -108,6 +108,11 @@ pub struct MoveCoordinator {
     clock: SharedClock,
     /// Moves running in this process, by project, with their phase.
     running: Mutex<HashMap<ProjectId, MovePhase>>,
+    /// Moves [`begin`](MoveCoordinator::begin) stored and kept in
+    /// `running` for the [`run`](MoveCoordinator::run) that follows, so
+    /// that [`resume`](MoveCoordinator::resume) never takes them for
+    /// interrupted ones in between.
+    reserved: Mutex<std::collections::HashSet<ProjectId>>,
     begun: AtomicU64,
     done: AtomicU64,
     rolled_back: AtomicU64,
@@ -153,6 +158,7 @@ impl MoveCoordinator {
             store,
             clock,
             running: Mutex::new(HashMap::new()),
+            reserved: Mutex::new(std::collections::HashSet::new()),
             begun: AtomicU64::new(0),
             done: AtomicU64::new(0),
             rolled_back: AtomicU64::new(0),
@@ -181,7 +187,9 @@ impl MoveCoordinator {
 
     /// Stores `mv` (phase [`MovePhase::Copying`]) as a new move, refused
     /// while the project has an unfinished one. Then call
-    /// [`run`](MoveCoordinator::run).
+    /// [`run`](MoveCoordinator::run): until then the move counts as
+    /// running in this process (resume leaves it alone, a second `begin`
+    /// is refused).
     pub async fn begin(&self, mv: MoveRecord) -> Result<MoveRecord, MoveError> {
         let project = mv.project;
         {
@@ -204,7 +212,12 @@ impl MoveCoordinator {
             }
         }
         self.store.put_move(&mv).await?;
-        drop(guard);
+        // Stays in `running`, reserved for the run that follows.
+        self.reserved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(project);
+        std::mem::forget(guard);
         self.begun.fetch_add(1, Ordering::Relaxed);
         Ok(mv)
     }
@@ -232,7 +245,12 @@ impl MoveCoordinator {
         let project = mv.project;
         let already = {
             let mut g = self.lock();
-            let already = g.contains_key(&project);
+            let reserved = self
+                .reserved
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&project);
+            let already = g.contains_key(&project) && !reserved;
             if !already {
                 g.insert(project, mv.phase);
             }

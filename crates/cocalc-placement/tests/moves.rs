@@ -190,6 +190,13 @@ struct Env {
 }
 
 impl Env {
+    /// A new coordinator over the same store and clock: the master after a
+    /// crash (nothing of the old one's memory is kept).
+    fn restart(&mut self) {
+        let shared: SharedClock = Arc::new(self.clock.clone());
+        self.coord = Arc::new(MoveCoordinator::new(self.store.clone(), shared));
+    }
+
     async fn new(store: Arc<dyn MapStore>) -> Env {
         let clock = ManualClock::new(Timestamp::from_secs(1_000));
         let shared: SharedClock = Arc::new(clock.clone());
@@ -842,8 +849,9 @@ async fn begin_is_refused_while_the_move_runs_in_this_process() {
 /// back (discarding the copy the map now points at); it should finish it.
 #[tokio::test]
 async fn resume_finishes_a_move_whose_flip_committed_before_the_crash() {
-    let env = Env::new(Arc::new(MemoryStore::new())).await;
+    let mut env = Env::new(Arc::new(MemoryStore::new())).await;
     let mut mv = env.begin().await;
+    env.restart();
     mv.phase = MovePhase::Syncing;
     mv.base = Some("s1".into());
     mv.last = Some("s2".into());
@@ -998,4 +1006,20 @@ async fn rollback_keeps_the_copy_when_the_map_names_the_target() {
         Some("thaw(restart=false)")
     );
     assert_eq!(env.map().await, (to, Generation(2)));
+}
+
+/// Between `begin` and `run`, a periodic `resume` leaves the move alone
+/// (it is not an interrupted one), and `run` then runs it.
+#[tokio::test]
+async fn resume_leaves_a_begun_move_to_its_run() {
+    let env = Env::new(Arc::new(MemoryStore::new())).await;
+    let mv = env.begin().await;
+    assert_eq!(env.coord.running_phase(env.p), Some(MovePhase::Copying));
+    let idle = Arc::new(FakeSteps::new(&["s1"], false));
+    assert!(env.resume(idle.clone()).await.is_empty());
+    assert!(idle.calls().is_empty(), "{:?}", idle.calls());
+    let steps = FakeSteps::new(&["s1"], false);
+    let out = env.coord.run(mv, &steps).await.unwrap();
+    assert_eq!(out.phase, MovePhase::Done, "{out:?}");
+    assert_eq!(env.coord.running_phase(env.p), None);
 }
