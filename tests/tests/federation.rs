@@ -3280,7 +3280,14 @@ async fn moves_carry_a_project_to_another_host_or_roll_back() {
 
     // Without the stale copy, a stopped project moves back and stays
     // stopped; what is written between the two copies arrives too.
-    std::fs::remove_dir_all(&a_home).unwrap();
+    // The stale copy goes by the API; the live copy cannot.
+    let e = admin.discard_copy(b.id, &pid).await.unwrap_err();
+    assert_eq!(e.status, 409, "the live copy: {e:?}");
+    let e = c.discard_copy(a.id, &pid).await.unwrap_err();
+    assert_eq!(e.status, 403, "{e:?}");
+    admin.discard_copy(a.id, &pid).await.unwrap();
+    assert!(!a_home.exists(), "{}", a_home.display());
+    assert_eq!(on_b.read("notes.txt").await.unwrap(), b"before the move");
     on_b.stop().await.unwrap();
     on_b.write("notes.txt", b"after".to_vec()).await.unwrap();
     let mv = move_with_a_write_between(&m, o.project, a.id, on_b.clone()).await;

@@ -208,6 +208,19 @@ impl MasterClient {
         .await
     }
 
+    /// Deletes the copy of `project` that `host` holds although the map
+    /// names another host (admin).
+    pub async fn discard_copy(&self, host: HostId, project: &str) -> Result<(), ApiError> {
+        let _: serde_json::Value = self
+            .call(
+                reqwest::Method::DELETE,
+                &format!("/v1/hosts/{host}/projects/{project}"),
+                None,
+            )
+            .await?;
+        Ok(())
+    }
+
     /// The latest move of a project (admin), finished or not.
     pub async fn project_move(&self, project: &str) -> Result<cocalc_core::MoveRecord, ApiError> {
         self.call(

@@ -119,8 +119,8 @@ impl From<&AgentError> for ApiError {
             AgentError::MasterOnly(_) => ApiError::new(403, "master_only", e.to_string()),
             AgentError::VolumeExists(_) => ApiError::new(409, "volume_exists", e.to_string())
                 .with_hint(
-                    "a copy left from an earlier placement; delete it on this host, or move the \
-                     project to another host",
+                    "a copy left from an earlier placement: `cocalc host discard-copy` deletes \
+                     it, or move the project to another host",
                 ),
             AgentError::Pull(a) => ApiError::new(
                 if a.status == 503 { 503 } else { 502 },

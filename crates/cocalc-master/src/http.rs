@@ -92,6 +92,10 @@ pub fn router(master: Arc<Master>) -> Router {
         .route("/v1/hosts/{h}/drain", post(drain))
         .route("/v1/hosts/{h}/undrain", post(undrain))
         .route("/v1/hosts/{h}/evacuate", post(evacuate))
+        .route(
+            "/v1/hosts/{h}/projects/{p}",
+            axum::routing::delete(discard_copy),
+        )
         .route("/v1/hosts/register", post(register))
         .route("/v1/hosts/{h}/keepalive", post(keepalive))
         .route("/v1/hosts/{h}/activity", post(activity))
@@ -118,7 +122,7 @@ pub fn router(master: Arc<Master>) -> Router {
     paths(
         create_user, sign_out, list_projects, create_project, get_project, put_collaborator,
         delete_collaborator, open_project, explain, forward_exec, forward_start, forward_stop, replace,
-        start_move, get_move, evacuate,
+        start_move, get_move, evacuate, discard_copy,
         bootstrap_token, host_endpoint, host_key, public_keys, rotate_key, list_hosts,
         drain, undrain, register, keepalive, activity, host_acl, push
     ),
@@ -682,6 +686,16 @@ async fn evacuate(
 ) -> Result<Response> {
     let ev = m.evacuate_host(&c, id(&h)?).await?;
     Ok((StatusCode::ACCEPTED, Json(ev)).into_response())
+}
+
+#[utoipa::path(delete, path = "/v1/hosts/{h}/projects/{p}", tag = "admin", params(("h" = String, Path, description = "host id"), ("p" = String, Path, description = "project id")), security(("api_key" = [])), responses((status = 204), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError), (status = 503, body = ApiError)))]
+async fn discard_copy(
+    State(m): State<AppState>,
+    Auth(c): Auth,
+    Path((h, p)): Path<(String, String)>,
+) -> Result<Response> {
+    m.discard_copy(&c, id(&h)?, id(&p)?).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 #[utoipa::path(get, path = "/v1/projects/{p}/move", tag = "admin", params(("p" = String, Path, description = "project id")), security(("api_key" = [])), responses((status = 200, body = cocalc_core::MoveRecord), (status = 400, body = ApiError), (status = 401, body = ApiError), (status = 403, body = ApiError), (status = 404, body = ApiError)))]

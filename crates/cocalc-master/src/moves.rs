@@ -129,6 +129,47 @@ impl Master {
         Ok(Evacuation::new(host, projects, now))
     }
 
+    /// Deletes the copy of `project` that `host` holds although the map
+    /// names another host (admin): what a move into that host refuses
+    /// with `volume_exists` (left by an earlier placement, or by a move
+    /// cut short). Refused for the copy the map names (409), while a move
+    /// of the project is unfinished (409), and by the host while the
+    /// project runs there (409 `project_running`).
+    pub async fn discard_copy(
+        self: &Arc<Self>,
+        caller: &Caller,
+        host: HostId,
+        project: ProjectId,
+    ) -> Result<(), MasterError> {
+        caller.require_admin()?;
+        let current = self
+            .store()
+            .placement(project)
+            .await?
+            .ok_or_else(|| MasterError::NotFound(format!("project {project} is not placed")))?;
+        if current.host == host {
+            return Err(MasterError::Conflict(format!(
+                "host {host} holds the live copy of project {project}; move or re-place it first"
+            )));
+        }
+        if let Some(mv) = self.store().move_of(project).await? {
+            if !mv.phase.is_finished() {
+                return Err(MasterError::Conflict(format!(
+                    "project {project} is being moved (phase {}); wait for the move to end",
+                    mv.phase
+                )));
+            }
+        }
+        let steps = HostSteps::new(self.clone());
+        let client = steps
+            .client(host, project, current.generation)
+            .map_err(MasterError::Upstream)?;
+        steps
+            .on(host, client.move_discard())
+            .await
+            .map_err(MasterError::Upstream)
+    }
+
     /// The checks before a move, and its record (not stored yet).
     async fn plan_move(
         &self,

@@ -306,6 +306,15 @@ enum HostCommand {
         #[arg(long, value_parser = parse_duration, default_value = "1h")]
         timeout: Duration,
     },
+    /// Delete the copy of a project a host holds although the project
+    /// lives elsewhere (left by an earlier placement; a move into that host
+    /// refuses it with volume_exists). Refused for the live copy.
+    DiscardCopy {
+        /// Host id.
+        host: HostId,
+        /// Project id.
+        project: String,
+    },
     /// Mint a one-time token a new host registers with (valid 24 h).
     BootstrapToken,
 }
@@ -927,6 +936,13 @@ fn run_remote(
                 }
                 if !json {
                     println!("host {host} is empty: {} project(s) moved", moved.len());
+                }
+            }
+            HostCommand::DiscardCopy { host, project } => {
+                rt.block_on(client.discard_copy(*host, project))
+                    .map_err(api)?;
+                if !json {
+                    println!("host {host}: copy of project {project} deleted");
                 }
             }
             HostCommand::BootstrapToken => {
