@@ -144,6 +144,13 @@ impl Drop for Running<'_> {
 /// succeeds).
 const RELEASE: &str = "deleting the source's copy";
 
+/// The step named in the error of a failed start on the target (kept
+/// once the move is done: the project is moved, but not running).
+const START: &str = "starting on the target";
+
+/// Between a failed start's error and a failed release's.
+const AND: &str = " || ";
+
 /// Between a move's error and that of its failed rollback.
 const ROLLBACK_PENDING: &str = "; rollback not finished: ";
 
@@ -327,16 +334,19 @@ impl MoveCoordinator {
                         // retried (the project is the target's now, and
                         // opening it starts it).
                         if let Err(e) = steps.start(&mv, generation).await {
-                            mv.error = Some(step_err("starting on the target", &e));
+                            mv.error = Some(step_err(START, &e));
                         }
                         mv.restarted = true;
                         self.save(&mut mv).await?;
                     }
                     match steps.release(&mv, generation).await {
                         Ok(()) => {
-                            if mv.error.as_deref().is_some_and(|e| e.starts_with(RELEASE)) {
-                                mv.error = None;
-                            }
+                            // What stays reported is a failed start.
+                            mv.error = mv
+                                .error
+                                .take()
+                                .filter(|e| e.starts_with(START))
+                                .map(|e| e.split(AND).next().unwrap_or_default().to_string());
                             mv.phase = MovePhase::Done;
                             self.save(&mut mv).await?;
                             self.done.fetch_add(1, Ordering::Relaxed);
@@ -344,7 +354,15 @@ impl MoveCoordinator {
                         Err(e) => {
                             let e = step_err(RELEASE, &e);
                             tracing::warn!(%project, error = %e, "move cleanup failed; will retry");
-                            mv.error = Some(e);
+                            // A failed start stays reported; an earlier
+                            // failed release is replaced by this one.
+                            mv.error = Some(match mv.error.take() {
+                                Some(start) if start.starts_with(START) => {
+                                    let start = start.split(AND).next().unwrap_or_default();
+                                    format!("{start}{AND}{e}")
+                                }
+                                _ => e,
+                            });
                             self.save(&mut mv).await?;
                             return Ok(mv);
                         }

@@ -1023,3 +1023,48 @@ async fn resume_leaves_a_begun_move_to_its_run() {
     assert_eq!(out.phase, MovePhase::Done, "{out:?}");
     assert_eq!(env.coord.running_phase(env.p), None);
 }
+
+/// A failed start and a failed release are both reported; once a later
+/// release succeeds, the failed start is what stays (the project is
+/// moved, but not running).
+#[tokio::test]
+async fn a_failed_start_stays_reported_past_release_retries() {
+    let env = Env::new(Arc::new(MemoryStore::new())).await;
+    let mv = env.begin().await;
+    let steps = FakeSteps::new(&["s1", "s2"], true)
+        .failing(
+            "start",
+            ApiError::new(500, "runner", "no image; try another"),
+        )
+        .failing("release", ApiError::new(503, "host_unreachable", "gone"));
+    let out = env.coord.run(mv, &steps).await.unwrap();
+    assert_eq!(out.phase, MovePhase::Flipped);
+    let err = out.error.clone().unwrap();
+    assert!(
+        err.starts_with("starting on the target: no image; try another")
+            && err.contains("deleting the source's copy: gone"),
+        "{err}"
+    );
+    let retry = Arc::new(FakeSteps::new(&["s2"], true).failing(
+        "release",
+        ApiError::new(503, "host_unreachable", "still gone"),
+    ));
+    let out = env.resume(retry.clone()).await.remove(0);
+    let err = out.error.clone().unwrap();
+    assert!(
+        err.contains("no image; try another")
+            && err.contains("still gone")
+            && !err.contains(": gone"),
+        "{err}"
+    );
+    assert_eq!(retry.calls(), strings(&["release(2)"]), "no second start");
+    let out = env
+        .resume(Arc::new(FakeSteps::new(&["s2"], true)))
+        .await
+        .remove(0);
+    assert_eq!(out.phase, MovePhase::Done);
+    assert_eq!(
+        out.error.as_deref(),
+        Some("starting on the target: no image; try another (runner)")
+    );
+}
