@@ -3487,6 +3487,63 @@ async fn evacuating_a_host_moves_every_project_off_it() {
         .unwrap();
     assert_eq!(c.open("r").await.unwrap().host, b.id);
 
+    // Re-placing projects away from a host that still listens. Project r
+    // was used there (its access is cached, its generation seen): the
+    // push channel's `Fence` makes the host refuse the old placement's
+    // token at once, not after the cache's TTL. Project s never was: the
+    // host asks the master, which says it is not placed there, and the
+    // host refuses with that (403), its link to the master still up.
+    let or = c.open("r").await.unwrap();
+    let (status, v) = exec(&url_of(&or), &or.project.to_string(), &or.token, &["true"]).await;
+    assert_eq!(status, 200, "{v}");
+    c.create_project(&CreateProjectRequest::new("s"))
+        .await
+        .unwrap();
+    let os = c.open("s").await.unwrap();
+    assert_eq!((or.host, os.host), (b.id, b.id));
+    admin.drain(a.id, false).await.unwrap();
+    admin.drain(b.id, true).await.unwrap();
+    for o in [&or, &os] {
+        let placed = admin.replace(&o.project.to_string()).await.unwrap();
+        assert_eq!(placed.decision.host, a.id);
+    }
+    eventually(
+        "B refuses r's old placement",
+        Duration::from_secs(10),
+        || {
+            let (url, token, id) = (url_of(&or), or.token.clone(), or.project.to_string());
+            async move {
+                let (status, v) = exec(&url, &id, &token, &["true"]).await;
+                status == 409 && v["code"] == "stale_generation"
+            }
+        },
+    )
+    .await;
+    let (status, v) = exec(&url_of(&os), &os.project.to_string(), &os.token, &["true"]).await;
+    assert_eq!(
+        (status, v["code"].as_str()),
+        (403, Some("master_refused")),
+        "{v}"
+    );
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("not placed on host"),
+        "{v}"
+    );
+    // The link stayed up: r's new placement on A works, and B still
+    // serves a project it holds (p, opened again after the re-placements).
+    let on_b_p = c.open("p").await.unwrap();
+    let (status, v) = exec(
+        &url_of(&on_b_p),
+        &on_b_p.project.to_string(),
+        &on_b_p.token,
+        &["true"],
+    )
+    .await;
+    assert_eq!((on_b_p.host, status), (b.id, 200), "{v}");
+
     let _ = b.stop.send(true);
     let _ = b.task.await;
     let _ = a.stop.send(true);

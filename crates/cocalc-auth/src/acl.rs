@@ -108,6 +108,15 @@ pub enum AccessError {
         /// The user.
         user: UserId,
     },
+    /// The master, asked, refused to answer for this project on this host
+    /// (it is placed on another host now); the master is reachable.
+    #[error("the master refuses access to project {project} on this host: {reason}")]
+    RefusedByMaster {
+        /// The project.
+        project: ProjectId,
+        /// What the master said.
+        reason: String,
+    },
     /// The user's access (or the token's) is below what the action needs.
     #[error("{needed} access needed, {has} granted")]
     Insufficient {
@@ -128,6 +137,7 @@ impl AccessError {
             AccessError::NotCachedOffline { .. } => "acl_not_cached_offline",
             AccessError::NeedsRefresh { .. } => "acl_needs_refresh",
             AccessError::Denied { .. } => "acl_denied",
+            AccessError::RefusedByMaster { .. } => "master_refused",
             AccessError::Insufficient { .. } => "acl_insufficient",
         }
     }
@@ -138,7 +148,9 @@ impl AccessError {
             AccessError::MasterUnreachable { .. } | AccessError::NotCachedOffline { .. } => 503,
             AccessError::NeedsRefresh { .. } => 503,
             AccessError::TokenRevoked { .. } | AccessError::UserRevoked { .. } => 401,
-            AccessError::Denied { .. } | AccessError::Insufficient { .. } => 403,
+            AccessError::Denied { .. }
+            | AccessError::RefusedByMaster { .. }
+            | AccessError::Insufficient { .. } => 403,
         }
     }
 }

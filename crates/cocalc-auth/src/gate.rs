@@ -59,8 +59,28 @@ pub struct Grant {
 #[async_trait::async_trait]
 pub trait AclRefresher: Send + Sync {
     /// Stores the master's current answer for `(project, user)` in the ACL
-    /// cache; an error means the master could not be asked.
-    async fn refresh(&self, project: ProjectId, user: cocalc_core::UserId) -> Result<(), String>;
+    /// cache. [`RefreshError::Unreachable`] means the master could not be
+    /// asked (the gate then counts the link as down);
+    /// [`RefreshError::Refused`] that it answered with a refusal to say
+    /// (the project is not on this host any more): the request is refused,
+    /// and the link stays up.
+    async fn refresh(
+        &self,
+        project: ProjectId,
+        user: cocalc_core::UserId,
+    ) -> Result<(), RefreshError>;
+}
+
+/// Why an [`AclRefresher`] has no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RefreshError {
+    /// The master could not be reached.
+    #[error("master unreachable: {0}")]
+    Unreachable(String),
+    /// The master refused to answer for this project on this host.
+    #[error("master refused: {0}")]
+    Refused(String),
 }
 
 /// Token verification plus ACL check plus audit, for one host.
@@ -183,11 +203,20 @@ impl Gate {
                 Err(AccessError::NeedsRefresh { .. } | AccessError::NotCachedOffline { .. }),
                 Some(r),
             ) => {
-                if let Err(why) = r.refresh(project, claims.user).await {
-                    tracing::warn!(%project, error = %why, "ACL refresh failed; master link marked down");
-                    self.acl.master_down();
+                match r.refresh(project, claims.user).await {
+                    Ok(()) => self.acl.check(&claims, needed),
+                    Err(RefreshError::Refused(reason)) => {
+                        // The master answered: the link is up, and its
+                        // "not here" is the answer.
+                        self.acl.master_up();
+                        Err(AccessError::RefusedByMaster { project, reason })
+                    }
+                    Err(why) => {
+                        tracing::warn!(%project, error = %why, "ACL refresh failed; master link marked down");
+                        self.acl.master_down();
+                        self.acl.check(&claims, needed)
+                    }
                 }
-                self.acl.check(&claims, needed)
             }
             (result, _) => result,
         }

@@ -65,7 +65,7 @@ pub mod token;
 
 pub use acl::{AccessError, AclCache, AclEntry, AclPolicy};
 pub use audit::{AuditSink, LogBudget, MemoryAuditSink, TracingAuditSink};
-pub use gate::{AclRefresher, AuthError, Gate, Grant};
+pub use gate::{AclRefresher, AuthError, Gate, Grant, RefreshError};
 pub use host_auth::{BootstrapToken, HostAuthError};
 pub use keys::{KeyEntry, KeyError, KeySet};
 pub use token::{encode_claims, MintError, MintRequest, Minter, TokenPolicy, Verifier};

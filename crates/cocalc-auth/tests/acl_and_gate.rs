@@ -367,16 +367,29 @@ struct FakeMaster {
     acl: Arc<AclCache>,
     permission: Option<Permission>,
     reachable: std::sync::atomic::AtomicBool,
+    /// Answers "not on this host" (a project moved away).
+    refuses: std::sync::atomic::AtomicBool,
     calls: std::sync::atomic::AtomicUsize,
 }
 
 #[async_trait::async_trait]
 impl cocalc_auth::AclRefresher for FakeMaster {
-    async fn refresh(&self, project: ProjectId, user: UserId) -> Result<(), String> {
+    async fn refresh(
+        &self,
+        project: ProjectId,
+        user: UserId,
+    ) -> Result<(), cocalc_auth::RefreshError> {
         use std::sync::atomic::Ordering;
         self.calls.fetch_add(1, Ordering::Relaxed);
         if !self.reachable.load(Ordering::Relaxed) {
-            return Err("connection refused".into());
+            return Err(cocalc_auth::RefreshError::Unreachable(
+                "connection refused".into(),
+            ));
+        }
+        if self.refuses.load(Ordering::Relaxed) {
+            return Err(cocalc_auth::RefreshError::Refused(format!(
+                "project {project} is not placed on this host"
+            )));
         }
         self.acl.set(project, user, self.permission);
         self.acl.master_up();
@@ -403,6 +416,7 @@ fn a_missing_entry_is_asked_for_even_while_the_link_is_thought_down() {
         acl: acl.clone(),
         permission: Some(Permission::Write),
         reachable: true.into(),
+        refuses: false.into(),
         calls: 0.into(),
     });
     let gate = gate.with_refresher(master.clone());
@@ -436,6 +450,21 @@ fn a_missing_entry_is_asked_for_even_while_the_link_is_thought_down() {
             .unwrap_err();
         assert_eq!(e.code(), "acl_not_cached_offline");
         assert_eq!(master.calls.load(Ordering::Relaxed), 2);
+        // A master that answers "not on this host" (the project moved
+        // away): refused with its reason, and the link counts as up, so
+        // other projects are not pushed into offline mode.
+        master.reachable.store(true, Ordering::Relaxed);
+        master.refuses.store(true, Ordering::Relaxed);
+        acl.master_up();
+        let e = gate
+            .authorize(&token, p, Permission::Write, "exec")
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "master_refused");
+        assert_eq!(cocalc_core::ApiError::from(&e).status, 403);
+        assert!(e.to_string().contains("not placed on this host"), "{e}");
+        assert_eq!(acl.master_down_since(), None, "the master answered");
+        assert_eq!(master.calls.load(Ordering::Relaxed), 3);
     });
 }
 

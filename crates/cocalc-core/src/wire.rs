@@ -512,6 +512,15 @@ pub enum PushMessage {
         /// The project.
         project: ProjectId,
     },
+    /// The project is placed on another host now, at `generation`: refuse
+    /// its tokens and commands of older generations from now on, and stop
+    /// it if it runs here (sent when a project is moved or re-placed away).
+    Fence {
+        /// The project.
+        project: ProjectId,
+        /// Its new generation.
+        generation: Generation,
+    },
     /// The master's current signing keys (PASERK `k4.public`), newest first.
     SigningKeys {
         /// The keys.

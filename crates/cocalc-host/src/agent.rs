@@ -390,6 +390,30 @@ impl HostAgent {
             .await
     }
 
+    /// Records that `project` is placed elsewhere at `generation` (the push
+    /// channel's `Fence`): from now on, tokens and commands of older
+    /// generations are refused here, also after a restart (the local store
+    /// keeps it); the project is stopped if it runs here. Never lowers a
+    /// fence.
+    pub async fn fence_at(
+        &self,
+        project: ProjectId,
+        generation: Generation,
+    ) -> Result<(), AgentError> {
+        self.seed_fences([(project, generation)]);
+        if let Some(local) = &self.local {
+            match local.admit(project, generation, None).await {
+                Ok(_) | Err(crate::local_store::LocalStoreError::StaleGeneration { .. }) => {}
+                Err(e) => {
+                    return Err(AgentError::Runner(RunnerError::Backend(format!(
+                        "recording generation {generation} of project {project}: {e}"
+                    ))))
+                }
+            }
+        }
+        self.stop(project).await
+    }
+
     /// Starts `project` at `generation` on the master's command (the push
     /// channel's `Start`): refused if this host has seen a newer generation.
     pub async fn start_at(

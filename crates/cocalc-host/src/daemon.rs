@@ -643,6 +643,16 @@ impl HostEvents for Events {
             });
         }
     }
+
+    fn fence(&self, project: cocalc_core::ProjectId, generation: cocalc_core::Generation) {
+        if let Some(agent) = self.agent.get().and_then(Weak::upgrade) {
+            tokio::spawn(async move {
+                if let Err(e) = agent.fence_at(project, generation).await {
+                    tracing::warn!(%project, error = %e, "fence pushed by the master failed");
+                }
+            });
+        }
+    }
 }
 
 /// A built host: the agent, its master link, and the status it reports.

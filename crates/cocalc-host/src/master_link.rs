@@ -49,6 +49,11 @@ pub trait HostEvents: Send + Sync {
     fn stop(&self, project: ProjectId) {
         let _ = project;
     }
+    /// The project was placed on another host at `generation`: older
+    /// generations are to be refused from now on, and the project stopped.
+    fn fence(&self, project: ProjectId, generation: Generation) {
+        let _ = (project, generation);
+    }
 }
 
 /// [`HostEvents`] that ignores everything.
@@ -387,6 +392,10 @@ impl MasterLink {
                 generation,
             } => self.events.start(*project, *generation),
             PushMessage::Stop { project } => self.events.stop(*project),
+            PushMessage::Fence {
+                project,
+                generation,
+            } => self.events.fence(*project, *generation),
             PushMessage::Lease { grant } => {
                 if let Err(e) = self.apply_grant(grant) {
                     tracing::warn!(error = %e, "ignoring a lease from the push channel");
@@ -600,11 +609,20 @@ impl MasterLink {
 
 #[async_trait::async_trait]
 impl cocalc_auth::AclRefresher for MasterLink {
-    async fn refresh(&self, project: ProjectId, user: UserId) -> Result<(), String> {
-        self.fetch_acl(project, user)
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+    async fn refresh(
+        &self,
+        project: ProjectId,
+        user: UserId,
+    ) -> Result<(), cocalc_auth::RefreshError> {
+        match self.fetch_acl(project, user).await {
+            Ok(_) => Ok(()),
+            // The master answered, with a refusal (the project is placed
+            // on another host): not a sign that it is away.
+            Err(LinkError::Refused(e)) if (400..500).contains(&e.status) && e.status != 401 => {
+                Err(cocalc_auth::RefreshError::Refused(e.message))
+            }
+            Err(e) => Err(cocalc_auth::RefreshError::Unreachable(e.to_string())),
+        }
     }
 }
 

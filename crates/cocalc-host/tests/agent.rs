@@ -224,3 +224,29 @@ async fn a_move_freezes_the_source_and_only_the_master_drives_it() {
         Err(AgentError::StaleGeneration { .. })
     ));
 }
+
+#[tokio::test]
+async fn a_pushed_fence_stops_the_project_and_outlives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("local.db");
+    {
+        let (a, p) = agent(dir.path(), LocalStore::open(&db).unwrap()).await;
+        let g = a
+            .authorize("gen1", p, Permission::Write, "exec")
+            .await
+            .unwrap();
+        a.ensure_running(&g).await.unwrap();
+        a.fence_at(p, Generation(3)).await.unwrap();
+        assert_eq!(a.status(p).await.unwrap().state, ProjectState::Stopped);
+        assert_eq!(a.fence(p), Some(Generation(3)));
+        assert!(matches!(
+            a.authorize("gen2", p, Permission::Write, "exec").await,
+            Err(AgentError::StaleGeneration { .. })
+        ));
+        // A fence never goes back.
+        a.fence_at(p, Generation(2)).await.unwrap();
+        assert_eq!(a.fence(p), Some(Generation(3)));
+    }
+    let (a, p) = agent(dir.path(), LocalStore::open(&db).unwrap()).await;
+    assert_eq!(a.fence(p), Some(Generation(3)));
+}

@@ -500,6 +500,13 @@ impl Master {
             .assign(project, to, Some(current.generation), decision, now)
             .await?;
         self.push.send(current.host, PushMessage::Stop { project });
+        self.push.send(
+            current.host,
+            PushMessage::Fence {
+                project,
+                generation: placed.generation,
+            },
+        );
         Ok(placed)
     }
 

@@ -398,6 +398,15 @@ impl MoveSteps for HostSteps {
     }
 
     async fn release(&self, mv: &MoveRecord, generation: Generation) -> Result<(), ApiError> {
+        // At once over the push channel if the source listens, so that it
+        // refuses the old placement even while the release below fails.
+        self.master.push().send(
+            mv.from,
+            cocalc_core::wire::PushMessage::Fence {
+                project: mv.project,
+                generation,
+            },
+        );
         let c = self.client(mv.from, mv.project, generation)?;
         self.on(mv.from, c.move_release()).await
     }
