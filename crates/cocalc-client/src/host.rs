@@ -240,12 +240,21 @@ impl HostClient {
             .map(|_| ())
     }
 
-    /// Deletes the copy a rolled-back move made on this host (master
-    /// tokens only).
-    pub async fn move_discard(&self) -> Result<(), ApiError> {
-        self.send(self.http.post(self.url("move/discard")))
-            .await
-            .map(|_| ())
+    /// Deletes the project's copy on this host (master tokens only); with
+    /// `snapshot`, only a copy holding that snapshot (the one a move
+    /// copied first). Answers whether a copy was deleted.
+    pub async fn move_discard(&self, snapshot: Option<&str>) -> Result<bool, ApiError> {
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            deleted: bool,
+        }
+        let body = cocalc_core::moves::MoveDiscardRequest {
+            snapshot: snapshot.map(str::to_string),
+        };
+        let a: Answer = self
+            .json(self.http.post(self.url("move/discard")).json(&body))
+            .await?;
+        Ok(a.deleted)
     }
 
     /// Deletes the source's copy after the flip (master tokens of the new

@@ -256,6 +256,18 @@ impl MovePullRequest {
     }
 }
 
+/// `POST /<project>/move/discard` (host, master only): delete the
+/// project's copy here.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoveDiscardRequest {
+    /// Delete the copy only if it holds this snapshot (the one a move
+    /// copied first): a copy without it is not that move's, and is left
+    /// alone. `None` deletes whatever copy is here (an operator's call).
+    #[serde(default)]
+    pub snapshot: Option<String>,
+}
+
 /// `POST /<project>/move/thaw` (host, master only): undo a freeze.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -609,16 +609,21 @@ async fn move_thaw(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-/// `POST /<project>/move/discard`.
+/// `POST /<project>/move/discard` with a
+/// [`MoveDiscardRequest`](cocalc_core::moves::MoveDiscardRequest); answers
+/// `{"deleted": bool}`.
 async fn move_discard(
     State(a): State<AppState>,
     Path(p): Path<String>,
     headers: HeaderMap,
     uri: Uri,
+    body: axum::body::Body,
 ) -> Result<Response> {
     let g = move_grant(&a, &p, &headers, &uri, "move_discard").await?;
-    a.move_discard(&g).await?;
-    Ok(StatusCode::NO_CONTENT.into_response())
+    let body: cocalc_core::moves::MoveDiscardRequest =
+        json_body(body, "MoveDiscardRequest").await?;
+    let deleted = a.move_discard(&g, body.snapshot.as_deref()).await?;
+    Ok(Json(serde_json::json!({ "deleted": deleted })).into_response())
 }
 
 /// `POST /<project>/move/release`.

@@ -160,14 +160,34 @@ impl HostAgent {
         Ok(())
     }
 
-    /// Deletes the copy a rolled-back move made here (refused while the
-    /// project runs here).
-    pub async fn move_discard(&self, grant: &Grant) -> Result<(), AgentError> {
+    /// Deletes the project's copy here (refused while the project runs
+    /// here). With `snapshot`, only a copy that holds that snapshot is
+    /// deleted: a rolled-back move names the one it copied first, so a
+    /// copy it did not make (one that refused its full copy, though the
+    /// refusal never reached the master) is left alone, and the answer is
+    /// `false`. Answers whether a copy was deleted.
+    pub async fn move_discard(
+        &self,
+        grant: &Grant,
+        snapshot: Option<&str>,
+    ) -> Result<bool, AgentError> {
         let project = master_only(grant, "discard a project's copy")?;
         if self.runner().status(project).await?.state == ProjectState::Running {
             return Err(AgentError::Running(project));
         }
-        Ok(self.storage().delete(project).await?)
+        let storage = self.storage();
+        if let Some(name) = snapshot {
+            let ours = match storage.snapshots(project).await {
+                Ok(list) => list.iter().any(|s| s.name == name),
+                Err(StorageError::NotFound(_)) => false,
+                Err(e) => return Err(e.into()),
+            };
+            if !ours {
+                return Ok(false);
+            }
+        }
+        storage.delete(project).await?;
+        Ok(true)
     }
 
     /// After the flip: stops the project here (if it runs at all), deletes

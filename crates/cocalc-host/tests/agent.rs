@@ -211,6 +211,13 @@ async fn a_move_freezes_the_source_and_only_the_master_drives_it() {
     a.move_snapshot(&m, true).await.unwrap();
     a.move_thaw(&m, false).await.unwrap();
     assert_eq!(a.status(p).await.unwrap().state, ProjectState::Stopped);
+    // A discard naming a snapshot this copy does not hold leaves it alone
+    // (it is not that move's copy).
+    assert!(!a
+        .move_discard(&m, Some("2000-01-01T00:00:00.000Z"))
+        .await
+        .unwrap());
+    assert!(a.storage().volume(p).await.is_ok());
     // Released with the next generation: the copy is gone and the old
     // placement's tokens are refused.
     let m3 = a

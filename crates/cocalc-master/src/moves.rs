@@ -165,8 +165,9 @@ impl Master {
             .client(host, project, current.generation)
             .map_err(MasterError::Upstream)?;
         steps
-            .on(host, client.move_discard())
+            .on(host, client.move_discard(None))
             .await
+            .map(|_| ())
             .map_err(MasterError::Upstream)
     }
 
@@ -394,7 +395,10 @@ impl MoveSteps for HostSteps {
 
     async fn discard(&self, mv: &MoveRecord) -> Result<(), ApiError> {
         let c = self.client(mv.to, mv.project, mv.generation)?;
-        self.on(mv.to, c.move_discard()).await
+        // Only a copy holding the move's first snapshot is this move's.
+        self.on(mv.to, c.move_discard(mv.base.as_deref()))
+            .await
+            .map(|_| ())
     }
 
     async fn release(&self, mv: &MoveRecord, generation: Generation) -> Result<(), ApiError> {
