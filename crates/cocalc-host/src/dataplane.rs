@@ -24,6 +24,19 @@
 //! | POST | `/{project}/files/{path}?op=mkdir` | write | create the directory (and parents) |
 //! | POST | `/{project}/files/{path}?op=rename&to={path}` | write | rename |
 //! | DELETE | `/{project}/files/{path}` | write | remove (directories recursively) |
+//! | GET | `/{project}/backups` | read | the project's backups (`BackupInfo` list) |
+//! | POST | `/{project}/backups` | write | back up now |
+//! | POST | `/{project}/backups/{id}/restore` | write | `RestoreBackupRequest` → `RestoredBackup` |
+//! | GET | `/{project}/snapshots` | read | the project's snapshots here (`SnapshotInfo` list) |
+//! | POST | `/{project}/move/snapshot` | master | `MoveSnapshotRequest` → `MoveSnapshot` (with `freeze`: stop, refuse starts) |
+//! | GET | `/{project}/move/stream?snapshot=&parent=` | master | the snapshot's send stream |
+//! | POST | `/{project}/move/pull` | master | `MovePullRequest`: fetch a stream from the source and receive it |
+//! | POST | `/{project}/move/thaw` | master | `MoveThawRequest`: end the freeze |
+//! | POST | `/{project}/move/discard` | master | `MoveDiscardRequest` → `{"deleted": bool}` |
+//! | POST | `/{project}/move/release` | master | after the flip: delete the copy here |
+//!
+//! "master": only a token the master minted for itself
+//! ([`UserId::MASTER`](cocalc_core::UserId::MASTER)); see [`crate::moving`].
 //!
 //! File paths are relative to the project's home and confined to it
 //! ([`ProjectFiles`]): `..`, absolute paths and symlinks out are refused.
