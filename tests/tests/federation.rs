@@ -3134,6 +3134,20 @@ async fn scheduled_backups_follow_changes_and_retention() {
     m.shut_down().await;
 }
 
+/// A second host (plain config) for `m`, up when this returns.
+async fn second_host(m: &Master, admin: &MasterClient, dir: &Path) -> Host {
+    let t = admin.bootstrap_token().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let h = start_host_with(dir, &m.url, &t, "").await;
+    eventually("two hosts up", Duration::from_secs(15), || async {
+        admin.hosts().await.map(|v| v.len() == 2).unwrap_or(false)
+    })
+    .await;
+    h
+}
+
 /// Waits for the latest move of `project` to finish and answers it.
 async fn move_finished(admin: &MasterClient, project: &str) -> cocalc_core::MoveRecord {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -3192,15 +3206,7 @@ async fn moves_carry_a_project_to_another_host_or_roll_back() {
     assert!(on_a.move_stream("x", None).await.is_err());
     assert_eq!(on_a.read("notes.txt").await.unwrap(), b"before the move");
 
-    let t = admin.bootstrap_token().await.unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let b = start_host_with(&d.path().join("b"), &m.url, &t, "").await;
-    eventually("two hosts up", Duration::from_secs(15), || async {
-        admin.hosts().await.map(|v| v.len() == 2).unwrap_or(false)
-    })
-    .await;
+    let b = second_host(&m, &admin, &d.path().join("b")).await;
     let e = admin
         .move_project(&pid, Some(HostId::new_v4([9; 16])))
         .await
@@ -3436,15 +3442,7 @@ async fn evacuating_a_host_moves_every_project_off_it() {
             .await
             .unwrap();
     }
-    let t = admin.bootstrap_token().await.unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let b = start_host_with(&d.path().join("b"), &m.url, &t, "").await;
-    eventually("two hosts up", Duration::from_secs(15), || async {
-        admin.hosts().await.map(|v| v.len() == 2).unwrap_or(false)
-    })
-    .await;
+    let b = second_host(&m, &admin, &d.path().join("b")).await;
 
     let e = c.evacuate(a.id).await.unwrap_err();
     assert_eq!(e.status, 403, "{e:?}");
