@@ -152,6 +152,8 @@ pub struct HostAgent {
     /// Projects being moved away (stopped, not to be started), each with
     /// whether it ran when frozen.
     pub(crate) frozen: Mutex<HashMap<ProjectId, bool>>,
+    /// Per project: held by a move's pull while it runs ([`crate::moving`]).
+    pub(crate) move_locks: Mutex<HashMap<ProjectId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl std::fmt::Debug for HostAgent {
@@ -186,6 +188,7 @@ impl HostAgent {
             backups: None,
             responses: Default::default(),
             frozen: Mutex::new(HashMap::new()),
+            move_locks: Mutex::new(HashMap::new()),
         }
     }
 

@@ -18,7 +18,9 @@
 
 use cocalc_auth::Grant;
 use cocalc_core::moves::{MovePullRequest, MoveSnapshot};
-use cocalc_core::{ByteStream, ProjectId, ProjectState, SnapshotInfo, StorageError};
+use cocalc_core::{
+    ByteStream, ProjectId, ProjectState, Runner, SnapshotInfo, Storage, StorageError,
+};
 
 use crate::agent::{AgentError, HostAgent};
 
@@ -31,6 +33,17 @@ fn master_only(grant: &Grant, what: &'static str) -> Result<ProjectId, AgentErro
 }
 
 impl HostAgent {
+    /// The project's move lock: held by a pull while it runs, taken by a
+    /// discard before it looks.
+    fn move_lock(&self, project: ProjectId) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+        self.move_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(project)
+            .or_default()
+            .clone()
+    }
+
     /// True while `project` is frozen for a move away from this host.
     pub fn is_frozen(&self, project: ProjectId) -> bool {
         self.frozen
@@ -103,44 +116,27 @@ impl HostAgent {
     /// is here already, so a move never overwrites a copy it did not make.
     /// With `req.last`, the project's volume is then made exactly that
     /// snapshot. A cut stream leaves nothing behind (the storage contract).
+    ///
+    /// The work runs in a task of its own under the project's move lock:
+    /// a caller that goes away (the master stopped, or gave up on this
+    /// host) does not cut a receive half way, and a
+    /// [`discard`](HostAgent::move_discard) waits for it to end, so it sees
+    /// what the pull left.
     pub async fn move_pull(
         &self,
         grant: &Grant,
         req: &MovePullRequest,
     ) -> Result<SnapshotInfo, AgentError> {
         let project = master_only(grant, "pull a project from another host")?;
-        if self.runner().status(project).await?.state == ProjectState::Running {
-            return Err(AgentError::Running(project));
-        }
-        let storage = self.storage();
-        if req.parent.is_none() {
-            match storage.volume(project).await {
-                Ok(_) => return Err(AgentError::VolumeExists(project)),
-                Err(StorageError::NotFound(_)) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        let source = cocalc_client::HostClient::new(req.source.clone(), project, req.token.clone());
-        let stream = source
-            .move_stream(&req.snapshot, req.parent.as_deref())
-            .await
-            .map_err(AgentError::Pull)?;
-        let got = storage.receive(project, stream).await?;
-        if got.name != req.snapshot {
-            let _ = storage.delete_snapshot(project, &got.name).await;
-            return Err(AgentError::Pull(cocalc_core::ApiError::new(
-                502,
-                "wrong_snapshot",
-                format!(
-                    "asked for snapshot {}, the stream held {}; it was deleted",
-                    req.snapshot, got.name
-                ),
-            )));
-        }
-        if req.last {
-            storage.restore(project, &req.snapshot, None).await?;
-        }
-        Ok(got)
+        let guard = self.move_lock(project).lock_owned().await;
+        let (runner, storage, req) = (self.runner().clone(), self.storage().clone(), req.clone());
+        let task = tokio::spawn(async move {
+            let _guard = guard;
+            pull(runner.as_ref(), storage.as_ref(), project, &req).await
+        });
+        task.await.map_err(|e| {
+            AgentError::Storage(StorageError::Io(format!("the pull's task failed: {e}")))
+        })?
     }
 
     /// Ends a freeze; with `restart`, starts the project again (at the
@@ -172,6 +168,7 @@ impl HostAgent {
         snapshot: Option<&str>,
     ) -> Result<bool, AgentError> {
         let project = master_only(grant, "discard a project's copy")?;
+        let _pulls_done = self.move_lock(project).lock_owned().await;
         if self.runner().status(project).await?.state == ProjectState::Running {
             return Err(AgentError::Running(project));
         }
@@ -208,4 +205,44 @@ impl HostAgent {
             .remove(&project);
         Ok(())
     }
+}
+
+/// [`HostAgent::move_pull`]'s work.
+async fn pull(
+    runner: &dyn Runner,
+    storage: &dyn Storage,
+    project: ProjectId,
+    req: &MovePullRequest,
+) -> Result<SnapshotInfo, AgentError> {
+    if runner.status(project).await?.state == ProjectState::Running {
+        return Err(AgentError::Running(project));
+    }
+    if req.parent.is_none() {
+        match storage.volume(project).await {
+            Ok(_) => return Err(AgentError::VolumeExists(project)),
+            Err(StorageError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let source = cocalc_client::HostClient::new(req.source.clone(), project, req.token.clone());
+    let stream = source
+        .move_stream(&req.snapshot, req.parent.as_deref())
+        .await
+        .map_err(AgentError::Pull)?;
+    let got = storage.receive(project, stream).await?;
+    if got.name != req.snapshot {
+        let _ = storage.delete_snapshot(project, &got.name).await;
+        return Err(AgentError::Pull(cocalc_core::ApiError::new(
+            502,
+            "wrong_snapshot",
+            format!(
+                "asked for snapshot {}, the stream held {}; it was deleted",
+                req.snapshot, got.name
+            ),
+        )));
+    }
+    if req.last {
+        storage.restore(project, &req.snapshot, None).await?;
+    }
+    Ok(got)
 }

@@ -32,8 +32,16 @@ fn claims(project: ProjectId, host: HostId, generation: u64) -> TokenClaims {
 }
 
 async fn agent(dir: &std::path::Path, local: LocalStore) -> (HostAgent, ProjectId) {
+    agent_on(dir, local, HostId::new_v4([1; 16])).await
+}
+
+/// [`agent`] for another host id (its tokens name that host).
+async fn agent_on(
+    dir: &std::path::Path,
+    local: LocalStore,
+    host: HostId,
+) -> (HostAgent, ProjectId) {
     let clock = Arc::new(ManualClock::new(Timestamp::from_secs(T0)));
-    let host = HostId::new_v4([1; 16]);
     let project = ProjectId::new_v4([3; 16]);
     let mut v = StaticTokenVerifier::new(host, clock.clone());
     for g in 1..=3 {
@@ -256,4 +264,60 @@ async fn a_pushed_fence_stops_the_project_and_outlives_a_restart() {
     }
     let (a, p) = agent(dir.path(), LocalStore::open(&db).unwrap()).await;
     assert_eq!(a.fence(p), Some(Generation(3)));
+}
+
+/// A pull whose caller goes away (the master stopped, or gave up on the
+/// target) still runs to its end, and a discard waits for it, so it sees
+/// the copy the pull made and deletes it: nothing half-received is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_outlives_its_caller_and_a_discard_waits_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let src_dir = dir.path().join("src");
+    let dst_dir = dir.path().join("dst");
+    std::fs::create_dir_all(&src_dir).unwrap();
+    std::fs::create_dir_all(&dst_dir).unwrap();
+    let (src, p) = agent(&src_dir, LocalStore::open(&src_dir.join("l.db")).unwrap()).await;
+    let (dst, _) = agent_on(
+        &dst_dir,
+        LocalStore::open(&dst_dir.join("l.db")).unwrap(),
+        HostId::new_v4([4; 16]),
+    )
+    .await;
+    let home = src.volume(p).await.unwrap().home;
+    std::fs::write(home.join("big.bin"), vec![5u8; 24 << 20]).unwrap();
+    let src = Arc::new(src);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        axum::serve(listener, cocalc_host::dataplane::router(src.clone()))
+            .await
+            .unwrap();
+    });
+    let on_src = cocalc_client::HostClient::new(&url, p, "master2");
+    let base = on_src.move_snapshot(false).await.unwrap().snapshot;
+
+    let m = dst
+        .authorize("master2", p, Permission::Admin, "move_pull")
+        .await
+        .unwrap();
+    let req = cocalc_core::moves::MovePullRequest::new(
+        url.clone(),
+        "master2".into(),
+        base.clone(),
+        None,
+        false,
+    );
+    // The caller gives up almost at once: the pull goes on.
+    let cut = tokio::time::timeout(Duration::from_millis(5), dst.move_pull(&m, &req)).await;
+    assert!(cut.is_err(), "the pull ended within 5 ms: {cut:?}");
+    assert!(
+        dst.move_discard(&m, Some(&base)).await.unwrap(),
+        "the pull's copy was deleted"
+    );
+    assert!(dst.storage().volume(p).await.is_err());
+    // Done again, to the end: the copy is whole.
+    let got = dst.move_pull(&m, &req).await.unwrap();
+    assert_eq!(got.name, base);
+    let copied = dst.storage().volume(p).await.unwrap().home.join("big.bin");
+    assert_eq!(std::fs::read(copied).unwrap().len(), 24 << 20);
 }
