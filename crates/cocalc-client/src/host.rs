@@ -15,6 +15,7 @@ pub struct HostClient {
     project: ProjectId,
     token: String,
     http: reqwest::Client,
+    stream_idle: std::time::Duration,
 }
 
 fn unreachable(base: &str, e: reqwest::Error) -> ApiError {
@@ -51,6 +52,11 @@ fn file_rest(path: &str, query: &str) -> String {
     }
 }
 
+/// How long [`HostClient::move_stream`] waits for the next bytes before it
+/// ends the stream with an error: a source whose machine vanished sends
+/// no FIN, and the receiving host would otherwise wait without end.
+pub const MOVE_STREAM_IDLE: std::time::Duration = std::time::Duration::from_secs(120);
+
 impl HostClient {
     /// A client of `project` on the host at `base` (its URL), with `token`.
     pub fn new(base: impl Into<String>, project: ProjectId, token: impl Into<String>) -> Self {
@@ -59,7 +65,16 @@ impl HostClient {
             project,
             token: token.into(),
             http: crate::http_client(),
+            stream_idle: MOVE_STREAM_IDLE,
         }
+    }
+
+    /// This client with another stall limit for
+    /// [`move_stream`](HostClient::move_stream) (default
+    /// [`MOVE_STREAM_IDLE`]).
+    pub fn with_stream_idle(mut self, idle: std::time::Duration) -> Self {
+        self.stream_idle = idle;
+        self
     }
 
     /// Refuses `..` before sending: URL normalisation would otherwise
@@ -197,7 +212,8 @@ impl HostClient {
 
     /// The send stream of `snapshot` (changes since `parent` if given), as
     /// it arrives (master tokens only). A stream cut in transit ends with
-    /// an error, never early without one.
+    /// an error, never early without one; so does one that stalls for
+    /// [`MOVE_STREAM_IDLE`] (see [`with_stream_idle`](HostClient::with_stream_idle)).
     pub async fn move_stream(
         &self,
         snapshot: &str,
@@ -210,12 +226,20 @@ impl HostClient {
         let resp = self
             .respond(self.http.get(self.url("move/stream")).query(&q))
             .await?;
-        let stream = futures_util::stream::unfold(Some(resp), |resp| async move {
+        let idle = self.stream_idle;
+        let stream = futures_util::stream::unfold(Some(resp), move |resp| async move {
             let mut resp = resp?;
-            match resp.chunk().await {
-                Ok(Some(chunk)) => Some((Ok(chunk), Some(resp))),
-                Ok(None) => None,
-                Err(e) => Some((Err(std::io::Error::other(e)), None)),
+            match tokio::time::timeout(idle, resp.chunk()).await {
+                Ok(Ok(Some(chunk))) => Some((Ok(chunk), Some(resp))),
+                Ok(Ok(None)) => None,
+                Ok(Err(e)) => Some((Err(std::io::Error::other(e)), None)),
+                Err(_) => Some((
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no byte from the source for {idle:?}"),
+                    )),
+                    None,
+                )),
             }
         });
         Ok(Box::pin(stream))
@@ -328,6 +352,45 @@ impl HostClient {
 
 #[cfg(test)]
 mod tests {
+    /// A source that sends part of a stream and then stalls, its
+    /// connection open: the stream ends with a timeout error.
+    #[tokio::test]
+    async fn a_stalled_move_stream_ends_with_an_error() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            crate::test_util::read_head(&mut s).await.unwrap();
+            s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+                .await
+                .unwrap();
+            // Stalls with the connection open.
+            tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+            drop(s);
+        });
+        let project = cocalc_core::ProjectId::new_v4([1; 16]);
+        let c = super::HostClient::new(format!("http://{addr}"), project, "t")
+            .with_stream_idle(std::time::Duration::from_millis(200));
+        let mut stream = c.move_stream("s1", None).await.unwrap();
+        let first = std::future::poll_fn(|cx| stream.as_mut().poll_next(cx))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&first[..], b"hello");
+        let t = std::time::Instant::now();
+        let e = std::future::poll_fn(|cx| stream.as_mut().poll_next(cx))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
+        assert!(std::future::poll_fn(|cx| stream.as_mut().poll_next(cx))
+            .await
+            .is_none());
+        server.abort();
+    }
+
     #[test]
     fn paths_are_encoded_but_keep_slashes() {
         assert_eq!(super::encode_path("a b/c?d"), "a%20b/c%3Fd");

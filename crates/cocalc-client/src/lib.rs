@@ -61,7 +61,7 @@ pub mod splice;
 pub mod tls;
 pub mod upstream;
 
-pub use host::{encode_path, HostClient};
+pub use host::{encode_path, HostClient, MOVE_STREAM_IDLE};
 pub use master::MasterClient;
 
 /// The TLS client configuration of every HTTP client this crate makes,

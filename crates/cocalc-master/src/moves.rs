@@ -379,7 +379,11 @@ impl MoveSteps for HostSteps {
             last,
         );
         let c = self.client(mv.to, mv.project, mv.generation)?;
-        self.on(mv.to, c.move_pull(&req)).await.map(|_| ())
+        // Given up if either host goes down: the target pulls from the
+        // source (its own pull then ends by itself: the stream errs when
+        // the source is gone or stalls).
+        let on_target = self.on(mv.to, c.move_pull(&req));
+        self.on(mv.from, on_target).await.map(|_| ())
     }
 
     async fn target_snapshots(&self, mv: &MoveRecord) -> Result<Vec<String>, ApiError> {
