@@ -3448,6 +3448,14 @@ async fn evacuating_a_host_moves_every_project_off_it() {
     assert_eq!(e.status, 403, "{e:?}");
     let e = admin.evacuate(HostId::new_v4([9; 16])).await.unwrap_err();
     assert_eq!(e.status, 404, "{e:?}");
+    // With B draining there is nowhere to go: refused, and A not drained.
+    admin.drain(b.id, true).await.unwrap();
+    let e = admin.evacuate(a.id).await.unwrap_err();
+    assert_eq!(e.status, 409, "{e:?}");
+    let hosts = admin.hosts().await.unwrap();
+    let a_state = hosts.iter().find(|h| h.id == a.id).unwrap().state;
+    assert_eq!(a_state, cocalc_core::HostState::Up);
+    admin.drain(b.id, false).await.unwrap();
 
     let ev = admin.evacuate(a.id).await.unwrap();
     let mut expected = vec![o.project, oq.project];

@@ -74,8 +74,9 @@ impl Master {
     /// Empties a host (admin): drains it (no new projects land there),
     /// then moves every project on it, one at a time, each to the host
     /// placement picks, in the background. Refused for a host that is not
-    /// registered or is down (its data cannot be copied: re-place its
-    /// projects instead). A project whose move cannot begin (one is
+    /// registered (404) or is down (its data cannot be copied: re-place its
+    /// projects instead), and when no other host can take projects (409),
+    /// before anything changes. A project whose move cannot begin (one is
     /// running already, no host can take it) is skipped, with a warning in
     /// the log.
     pub async fn evacuate_host(
@@ -94,6 +95,17 @@ impl Master {
                 )))
             }
             Some(_) => {}
+        }
+        let elsewhere = self
+            .registry()
+            .hosts()
+            .iter()
+            .any(|h| h.id != host && cocalc_core::placement::ineligibility(h).is_none());
+        if !elsewhere && !self.store().projects_on(host).await?.is_empty() {
+            return Err(MasterError::Conflict(format!(
+                "no other host can take projects now, so host {host} cannot be emptied; \
+                 add or undrain a host first"
+            )));
         }
         self.set_draining(caller, host, true).await?;
         let projects: Vec<ProjectId> = self
