@@ -62,7 +62,7 @@ pub mod tls;
 pub mod upstream;
 
 pub use host::{encode_path, HostClient, MOVE_STREAM_IDLE};
-pub use master::MasterClient;
+pub use master::{EvacuationOutcome, MasterClient};
 
 /// The TLS client configuration of every HTTP client this crate makes,
 /// and of hidden hosts' tunnels without a CA file of their own: the

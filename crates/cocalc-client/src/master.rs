@@ -221,6 +221,59 @@ impl MasterClient {
         Ok(())
     }
 
+    /// Polls the latest move of `project` (admin) every 200 ms until it is
+    /// finished, and answers it.
+    pub async fn wait_move(&self, project: &str) -> Result<cocalc_core::MoveRecord, ApiError> {
+        loop {
+            let mv = self.project_move(project).await?;
+            if mv.phase.is_finished() {
+                return Ok(mv);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Follows an evacuation (admin) until every project it listed has
+    /// left the host, or its move (begun after the evacuation) rolled back,
+    /// or `timeout` passed: polls each project's placement and latest move
+    /// every 250 ms.
+    pub async fn wait_evacuation(
+        &self,
+        ev: &cocalc_core::moves::Evacuation,
+        timeout: std::time::Duration,
+    ) -> Result<EvacuationOutcome, ApiError> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut out = EvacuationOutcome::default();
+        let mut left = ev.projects.clone();
+        while !left.is_empty() && std::time::Instant::now() < deadline {
+            let mut still = Vec::new();
+            for p in left {
+                let id = p.to_string();
+                let at = self.explain(&id).await?.decision.host;
+                if at != ev.host {
+                    out.moved.push((p, at));
+                    continue;
+                }
+                match self.project_move(&id).await {
+                    Ok(mv)
+                        if mv.started >= ev.started
+                            && mv.phase == cocalc_core::MovePhase::RolledBack =>
+                    {
+                        let why = mv.error.unwrap_or_else(|| "rolled back".into());
+                        out.failed.push((p, why));
+                    }
+                    _ => still.push(p),
+                }
+            }
+            left = still;
+            if !left.is_empty() {
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+        }
+        out.left = left;
+        Ok(out)
+    }
+
     /// The latest move of a project (admin), finished or not.
     pub async fn project_move(&self, project: &str) -> Result<cocalc_core::MoveRecord, ApiError> {
         self.call(
@@ -358,4 +411,15 @@ impl MasterClient {
         self.call(reqwest::Method::POST, "/v1/ssh/authorize", Some(body))
             .await
     }
+}
+
+/// How an evacuation ended, as [`MasterClient::wait_evacuation`] saw it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct EvacuationOutcome {
+    /// Projects that left the host, with the host each is on now.
+    pub moved: Vec<(cocalc_core::ProjectId, HostId)>,
+    /// Projects whose move rolled back, with why.
+    pub failed: Vec<(cocalc_core::ProjectId, String)>,
+    /// Projects still on the host when the wait ended.
+    pub left: Vec<cocalc_core::ProjectId>,
 }

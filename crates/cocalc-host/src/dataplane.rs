@@ -482,27 +482,28 @@ async fn backup_restore(
 ) -> Result<Response> {
     let (parts, body) = req.into_parts();
     let g = check_write(&a, &p, &parts.headers, &parts.uri, "backup_restore").await?;
-    let req: cocalc_core::wire::RestoreBackupRequest =
-        json_body(body, "RestoreBackupRequest").await?;
+    let req: cocalc_core::wire::RestoreBackupRequest = json_body(body, "RestoreBackupRequest")
+        .await?
+        .unwrap_or_default();
     let done = a
         .restore_backup(g.claims.project, &id, req.path.as_deref())
         .await?;
     Ok(Json(done).into_response())
 }
 
-/// A small JSON request body (at most 64 KiB) as a `T`; an empty body is
-/// `T::default()`.
-async fn json_body<T: serde::de::DeserializeOwned + Default>(
+/// A small JSON request body (at most 64 KiB) as a `T`; `None` for an
+/// empty body.
+async fn json_body<T: serde::de::DeserializeOwned>(
     body: axum::body::Body,
     what: &str,
-) -> Result<T> {
+) -> Result<Option<T>> {
     let body: Bytes = axum::body::to_bytes(body, 64 << 10)
         .await
         .map_err(|e| Failure(ApiError::new(400, "bad_body", format!("request body: {e}"))))?;
     if body.is_empty() {
-        return Ok(T::default());
+        return Ok(None);
     }
-    serde_json::from_slice(&body).map_err(|e| {
+    serde_json::from_slice(&body).map(Some).map_err(|e| {
         Failure(ApiError::new(
             400,
             "bad_request",
@@ -552,8 +553,9 @@ async fn move_snapshot(
     body: axum::body::Body,
 ) -> Result<Response> {
     let g = move_grant(&a, &p, &headers, &uri, "move_snapshot").await?;
-    let body: cocalc_core::moves::MoveSnapshotRequest =
-        json_body(body, "MoveSnapshotRequest").await?;
+    let body: cocalc_core::moves::MoveSnapshotRequest = json_body(body, "MoveSnapshotRequest")
+        .await?
+        .unwrap_or_default();
     Ok(Json(a.move_snapshot(&g, body.freeze).await?).into_response())
 }
 
@@ -594,16 +596,14 @@ async fn move_pull(
     body: axum::body::Body,
 ) -> Result<Response> {
     let g = move_grant(&a, &p, &headers, &uri, "move_pull").await?;
-    let body: Bytes = axum::body::to_bytes(body, 64 << 10)
-        .await
-        .map_err(|e| Failure(ApiError::new(400, "bad_body", format!("request body: {e}"))))?;
-    let pull: cocalc_core::moves::MovePullRequest = serde_json::from_slice(&body).map_err(|e| {
-        Failure(ApiError::new(
-            400,
-            "bad_request",
-            format!("invalid MovePullRequest: {e}"),
-        ))
-    })?;
+    let pull: cocalc_core::moves::MovePullRequest =
+        json_body(body, "MovePullRequest").await?.ok_or_else(|| {
+            Failure(ApiError::new(
+                400,
+                "bad_request",
+                "a MovePullRequest body is needed",
+            ))
+        })?;
     Ok(Json(a.move_pull(&g, &pull).await?).into_response())
 }
 
@@ -617,7 +617,9 @@ async fn move_thaw(
     body: axum::body::Body,
 ) -> Result<Response> {
     let g = move_grant(&a, &p, &headers, &uri, "move_thaw").await?;
-    let body: cocalc_core::moves::MoveThawRequest = json_body(body, "MoveThawRequest").await?;
+    let body: cocalc_core::moves::MoveThawRequest = json_body(body, "MoveThawRequest")
+        .await?
+        .unwrap_or_default();
     a.move_thaw(&g, body.restart).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -633,8 +635,9 @@ async fn move_discard(
     body: axum::body::Body,
 ) -> Result<Response> {
     let g = move_grant(&a, &p, &headers, &uri, "move_discard").await?;
-    let body: cocalc_core::moves::MoveDiscardRequest =
-        json_body(body, "MoveDiscardRequest").await?;
+    let body: cocalc_core::moves::MoveDiscardRequest = json_body(body, "MoveDiscardRequest")
+        .await?
+        .unwrap_or_default();
     let deleted = a.move_discard(&g, body.snapshot.as_deref()).await?;
     Ok(Json(serde_json::json!({ "deleted": deleted })).into_response())
 }

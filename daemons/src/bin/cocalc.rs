@@ -784,10 +784,7 @@ fn run_remote(
                     .block_on(client.move_project(project, *to))
                     .map_err(api)?;
                 if !*no_wait {
-                    while !mv.phase.is_finished() {
-                        std::thread::sleep(Duration::from_millis(200));
-                        mv = rt.block_on(client.project_move(project)).map_err(api)?;
-                    }
+                    mv = rt.block_on(client.wait_move(project)).map_err(api)?;
                 }
                 if json {
                     print_json(&mv)?;
@@ -884,58 +881,29 @@ fn run_remote(
                     }
                     return Ok(());
                 }
-                let deadline = std::time::Instant::now() + *timeout;
-                let mut left: Vec<ProjectId> = ev.projects.clone();
-                let mut moved = Vec::new();
-                let mut failed = Vec::new();
-                while !left.is_empty() && std::time::Instant::now() < deadline {
-                    let mut still = Vec::new();
-                    for p in left {
-                        let id = p.to_string();
-                        let at = rt.block_on(client.explain(&id)).map_err(api)?;
-                        if at.decision.host != *host {
-                            if !json {
-                                println!("project {p}: moved to host {}", at.decision.host);
-                            }
-                            moved.push(p);
-                            continue;
-                        }
-                        match rt.block_on(client.project_move(&id)) {
-                            Ok(mv)
-                                if mv.started >= ev.started
-                                    && mv.phase == cocalc_core::MovePhase::RolledBack =>
-                            {
-                                if !json {
-                                    println!(
-                                        "project {p}: not moved: {}",
-                                        mv.error.as_deref().unwrap_or("rolled back")
-                                    );
-                                }
-                                failed.push(p);
-                            }
-                            _ => still.push(p),
-                        }
-                    }
-                    left = still;
-                    if !left.is_empty() {
-                        std::thread::sleep(Duration::from_millis(250));
-                    }
-                }
+                let out = rt
+                    .block_on(client.wait_evacuation(&ev, *timeout))
+                    .map_err(api)?;
                 if json {
-                    print_json(&serde_json::json!({
-                        "host": ev.host, "moved": moved, "failed": failed, "left": left,
-                    }))?;
+                    print_json(&out)?;
+                } else {
+                    for (p, to) in &out.moved {
+                        println!("project {p}: moved to host {to}");
+                    }
+                    for (p, why) in &out.failed {
+                        println!("project {p}: not moved: {why}");
+                    }
                 }
-                if !failed.is_empty() || !left.is_empty() {
+                if !out.failed.is_empty() || !out.left.is_empty() {
                     return Err(CliError::local(format!(
                         "host {host}: {} project(s) moved, {} rolled back, {} still there",
-                        moved.len(),
-                        failed.len(),
-                        left.len()
+                        out.moved.len(),
+                        out.failed.len(),
+                        out.left.len()
                     )));
                 }
                 if !json {
-                    println!("host {host} is empty: {} project(s) moved", moved.len());
+                    println!("host {host} is empty: {} project(s) moved", out.moved.len());
                 }
             }
             HostCommand::DiscardCopy { host, project } => {
