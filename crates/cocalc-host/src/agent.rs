@@ -352,21 +352,8 @@ impl HostAgent {
             seen != Some(got)
         };
         if newer {
-            if let Some(local) = &self.local {
-                // Written before the request is served: a restart must not
-                // forget a generation this host has acted on.
-                match local.admit(project, got, None).await {
-                    Ok(_) => {}
-                    Err(crate::local_store::LocalStoreError::StaleGeneration { seen, .. }) => {
-                        return Err(AgentError::StaleGeneration { project, got, seen });
-                    }
-                    Err(e) => {
-                        return Err(AgentError::Runner(RunnerError::Backend(format!(
-                            "recording generation {got} of project {project}: {e}"
-                        ))))
-                    }
-                }
-            }
+            // Written before the request is served.
+            self.persist_generation(project, got).await?;
         }
         if in_use {
             self.active
@@ -404,15 +391,9 @@ impl HostAgent {
         generation: Generation,
     ) -> Result<(), AgentError> {
         self.seed_fences([(project, generation)]);
-        if let Some(local) = &self.local {
-            match local.admit(project, generation, None).await {
-                Ok(_) | Err(crate::local_store::LocalStoreError::StaleGeneration { .. }) => {}
-                Err(e) => {
-                    return Err(AgentError::Runner(RunnerError::Backend(format!(
-                        "recording generation {generation} of project {project}: {e}"
-                    ))))
-                }
-            }
+        match self.persist_generation(project, generation).await {
+            Ok(()) | Err(AgentError::StaleGeneration { .. }) => {}
+            Err(e) => return Err(e),
         }
         self.stop(project).await
     }
@@ -436,18 +417,34 @@ impl HostAgent {
             }
             *seen = generation;
         }
-        if let Some(local) = &self.local {
-            if let Err(crate::local_store::LocalStoreError::StaleGeneration { seen, .. }) =
-                local.admit(project, generation, None).await
-            {
-                return Err(AgentError::StaleGeneration {
+        self.persist_generation(project, generation).await?;
+        self.run_at(project, generation).await
+    }
+
+    /// Records in the local store (if there is one) that this host acts on
+    /// `generation` of `project`, so a restart does not forget it; a newer
+    /// generation recorded there is [`AgentError::StaleGeneration`].
+    async fn persist_generation(
+        &self,
+        project: ProjectId,
+        generation: Generation,
+    ) -> Result<(), AgentError> {
+        let Some(local) = &self.local else {
+            return Ok(());
+        };
+        match local.admit(project, generation, None).await {
+            Ok(_) => Ok(()),
+            Err(crate::local_store::LocalStoreError::StaleGeneration { seen, .. }) => {
+                Err(AgentError::StaleGeneration {
                     project,
                     got: generation,
                     seen,
-                });
+                })
             }
+            Err(e) => Err(AgentError::Runner(RunnerError::Backend(format!(
+                "recording generation {generation} of project {project}: {e}"
+            )))),
         }
-        self.run_at(project, generation).await
     }
 
     pub(crate) async fn run_at(
