@@ -81,5 +81,5 @@ pub use stream::{BoxStream, ByteStream};
 pub use time::{Clock, ManualClock, SharedClock, SystemClock, Timestamp};
 pub use token::{StaticTokenVerifier, TokenClaims, TokenError, TokenVerifier};
 pub use transport::{
-    parse_host_url, parse_root_url, BoxedConnection, Connection, Transport, TransportError,
+    parse_host_url, parse_root_url, BoxedConnection, Connection, Dialer, Transport, TransportError,
 };

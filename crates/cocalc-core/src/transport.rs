@@ -133,6 +133,19 @@ pub trait Transport: Send + Sync {
     }
 }
 
+/// Opens byte connections to one fixed peer (a host's master, say): the
+/// seam through which a control-plane client reaches its server, so a
+/// network simulator can carry the bytes instead of the kernel.
+///
+/// Contract: `dial` returns a fresh connection on which plain HTTP/1.1
+/// (and WebSocket upgrades) can be spoken, or an error; it never hangs
+/// longer than the implementation's documented connect timeout.
+#[async_trait]
+pub trait Dialer: Send + Sync + std::fmt::Debug {
+    /// Opens a new connection to the peer.
+    async fn dial(&self) -> std::io::Result<BoxedConnection>;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,8 +27,8 @@ use cocalc_core::wire::{
     RegisterHostRequest,
 };
 use cocalc_core::{
-    ApiError, Capacity, Generation, Health, HostEndpoint, HostId, Load, Permission, ProjectId,
-    Region, SharedClock, Timestamp, UserId,
+    ApiError, Capacity, Dialer, Generation, Health, HostEndpoint, HostId, Load, Permission,
+    ProjectId, Region, SharedClock, Timestamp, UserId,
 };
 use ed25519_dalek::SigningKey;
 use futures_util::StreamExt;
@@ -138,10 +138,22 @@ pub struct AclAnswer {
     pub not_before: Option<Timestamp>,
 }
 
+/// How the link's requests reach the master.
+enum Wire {
+    /// reqwest over TCP, with TLS for an `https` master (the daemon's).
+    Http(reqwest::Client),
+    /// Plain HTTP/1.1 over connections from a [`Dialer`], one per call
+    /// (a network simulator's).
+    Dialed(Arc<dyn Dialer>),
+}
+
+/// The time one control call may take, connecting included.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The host's connection to its master.
 pub struct MasterLink {
     cfg: LinkConfig,
-    http: reqwest::Client,
+    wire: Wire,
     clock: SharedClock,
     acl: Arc<AclCache>,
     events: Arc<dyn HostEvents>,
@@ -153,6 +165,9 @@ pub struct MasterLink {
     last_lease_ms: std::sync::atomic::AtomicI64,
     /// Wakes the keepalive loop early when the host's status changed.
     status_changed: tokio::sync::Notify,
+    /// Closes the push channel: beats went out on it and no lease came
+    /// back, so it is open at this end only (a cut that sent no reset).
+    push_reset: tokio::sync::Notify,
     /// How users and proxies reach this host now.
     endpoint: std::sync::Mutex<HostEndpoint>,
     /// The endpoint changed since the master was last told it.
@@ -196,7 +211,7 @@ impl MasterLink {
             endpoint: std::sync::Mutex::new(cfg.endpoint.clone()),
             endpoint_changed: std::sync::atomic::AtomicBool::new(false),
             cfg,
-            http,
+            wire: Wire::Http(http),
             clock,
             acl,
             events,
@@ -204,7 +219,19 @@ impl MasterLink {
             next_keepalive_ms: std::sync::atomic::AtomicU64::new(5_000),
             last_lease_ms: std::sync::atomic::AtomicI64::new(0),
             status_changed: tokio::sync::Notify::new(),
+            push_reset: tokio::sync::Notify::new(),
         }
+    }
+
+    /// The same link, reaching the master through `dialer` instead of
+    /// TCP: plain HTTP/1.1 and the push channel's WebSocket on a fresh
+    /// connection per call, the host name taken from the configured
+    /// `master_url`. Everything above the bytes (signatures, retries,
+    /// backoff, the ACL cache's link state) is unchanged. This is how a
+    /// deterministic network simulator runs the real link.
+    pub fn with_dialer(mut self, dialer: Arc<dyn Dialer>) -> Self {
+        self.wire = Wire::Dialed(dialer);
+        self
     }
 
     /// This host's id.
@@ -252,30 +279,41 @@ impl MasterLink {
         body: Option<Vec<u8>>,
     ) -> Result<T, LinkError> {
         let body = body.unwrap_or_default();
-        let mut req = self
-            .http
-            .request(method.clone(), format!("{}{path}", self.cfg.master_url))
-            .header("content-type", "application/json");
-        for (k, v) in sign_request(
+        let signed = sign_request(
             &self.cfg.key,
             self.cfg.host,
             method.as_str(),
             path,
             self.clock.now(),
             &body,
-        ) {
-            req = req.header(k, v);
-        }
-        let resp = req
-            .body(body)
-            .send()
+        );
+        let (status, bytes) = match &self.wire {
+            Wire::Http(http) => {
+                let mut req = http
+                    .request(method.clone(), format!("{}{path}", self.cfg.master_url))
+                    .header("content-type", "application/json");
+                for (k, v) in signed {
+                    req = req.header(k, v);
+                }
+                let resp = req
+                    .body(body)
+                    .send()
+                    .await
+                    .map_err(|e| LinkError::Unreachable(e.to_string()))?;
+                let status = resp.status();
+                let bytes = resp
+                    .bytes()
+                    .await
+                    .map_err(|e| LinkError::Unreachable(e.to_string()))?;
+                (status, bytes)
+            }
+            Wire::Dialed(dialer) => tokio::time::timeout(
+                CALL_TIMEOUT,
+                self.call_dialed(dialer.as_ref(), method, path, signed, body),
+            )
             .await
-            .map_err(|e| LinkError::Unreachable(e.to_string()))?;
-        let status = resp.status();
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|e| LinkError::Unreachable(e.to_string()))?;
+            .map_err(|_| LinkError::Unreachable(format!("no answer in {CALL_TIMEOUT:?}")))??,
+        };
         if !status.is_success() {
             let err = serde_json::from_slice::<ApiError>(&bytes).unwrap_or_else(|_| {
                 ApiError::new(
@@ -292,6 +330,57 @@ impl MasterLink {
             &bytes[..]
         };
         serde_json::from_slice(bytes).map_err(|e| LinkError::Protocol(e.to_string()))
+    }
+
+    /// One request on a fresh dialed connection: the status and the body.
+    async fn call_dialed(
+        &self,
+        dialer: &dyn Dialer,
+        method: reqwest::Method,
+        path: &str,
+        signed: [(&'static str, String); 3],
+        body: Vec<u8>,
+    ) -> Result<(reqwest::StatusCode, bytes::Bytes), LinkError> {
+        use http_body_util::BodyExt;
+        let unreachable = |e: &dyn std::fmt::Display| LinkError::Unreachable(e.to_string());
+        let conn = dialer.dial().await.map_err(|e| unreachable(&e))?;
+        let (mut send, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(conn))
+                .await
+                .map_err(|e| unreachable(&e))?;
+        let driver = tokio::spawn(connection);
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", self.master_authority())
+            .header("content-type", "application/json");
+        for (k, v) in signed {
+            req = req.header(k, v);
+        }
+        let req = req
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .map_err(|e| LinkError::Protocol(e.to_string()))?;
+        let answer = async {
+            let resp = send.send_request(req).await.map_err(|e| unreachable(&e))?;
+            let status = resp.status();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| unreachable(&e))?
+                .to_bytes();
+            Ok((status, bytes))
+        }
+        .await;
+        driver.abort();
+        answer
+    }
+
+    /// The `host:port` of the configured master URL.
+    fn master_authority(&self) -> &str {
+        let url = &self.cfg.master_url;
+        let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+        rest.split('/').next().unwrap_or(rest)
     }
 
     fn apply_grant(&self, grant: &LeaseGrant) -> Result<(), LinkError> {
@@ -438,15 +527,48 @@ impl MasterLink {
                 .map_err(|_| LinkError::Protocol("header value".into()))?;
             req.headers_mut().insert(k, v);
         }
-        let (mut ws, _) = tokio_tungstenite::connect_async(req)
-            .await
-            .map_err(|e| LinkError::Unreachable(format!("push channel: {e}")))?;
+        match &self.wire {
+            Wire::Http(_) => {
+                let (ws, _) = tokio_tungstenite::connect_async(req)
+                    .await
+                    .map_err(|e| LinkError::Unreachable(format!("push channel: {e}")))?;
+                self.drive_push(ws, connected).await
+            }
+            Wire::Dialed(dialer) => {
+                let conn = dialer
+                    .dial()
+                    .await
+                    .map_err(|e| LinkError::Unreachable(format!("push channel: {e}")))?;
+                let (ws, _) =
+                    tokio::time::timeout(CALL_TIMEOUT, tokio_tungstenite::client_async(req, conn))
+                        .await
+                        .map_err(|_| LinkError::Unreachable("push channel: no answer".into()))?
+                        .map_err(|e| LinkError::Unreachable(format!("push channel: {e}")))?;
+                self.drive_push(ws, connected).await
+            }
+        }
+    }
+
+    /// Applies frames from an open push channel and sends what the link
+    /// queues on it, until either side closes it.
+    async fn drive_push<S>(
+        &self,
+        mut ws: tokio_tungstenite::WebSocketStream<S>,
+        connected: impl FnOnce(),
+    ) -> Result<(), LinkError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
         self.acl.master_up();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
         *self.push_tx.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
         connected();
         let result = loop {
             tokio::select! {
+                () = self.push_reset.notified() => {
+                    tracing::warn!("no lease came back on the push channel; opening it again");
+                    break Ok(());
+                }
                 out = rx.recv() => {
                     let Some(text) = out else { break Ok(()) };
                     if let Err(e) = futures_util::SinkExt::send(&mut ws, tokio_tungstenite::tungstenite::Message::Text(text.into())).await {
@@ -523,11 +645,22 @@ impl MasterLink {
         let (registered_tx, mut registered_rx) = tokio::sync::watch::channel(false);
         let push = {
             let me = self.clone();
+            let status = status.clone();
             async move {
                 let _ = registered_rx.wait_for(|r| *r).await;
                 let mut backoff = Backoff::new(self_seed(&me.cfg.host));
                 loop {
-                    match me.push_channel(|| {}).await {
+                    // A channel that opens (again, after a cut) carries a
+                    // beat at once, since the lease may have run out at the
+                    // master, and wakes the control loop, which may be
+                    // waiting out its backoff (up to 30 s) or a call lost in
+                    // the cut, and would let the new lease lapse.
+                    let beat = || {
+                        let (health, capacity, load) = status.status();
+                        me.keepalive_on_push(health, capacity, load);
+                        me.status_changed();
+                    };
+                    match me.push_channel(beat).await {
                         Ok(()) => backoff.reset(),
                         Err(e) => {
                             tracing::warn!(error = %e, "push channel failed");
@@ -544,15 +677,21 @@ impl MasterLink {
             loop {
                 let (health, capacity, load) = status.status();
                 // Beats go on the push channel while leases keep coming back
-                // on it; if none came for three intervals, fall back to HTTP
-                // (which also notices a master that is gone).
+                // on it; if none came for two intervals, fall back to HTTP
+                // (which also notices a master that is gone), a beat before
+                // the lease (three intervals) runs out, and open the channel
+                // again: it may be dead at the far end without a word (a
+                // network cut), and beats on it would go nowhere.
                 let interval =
                     self.next_keepalive_ms
                         .load(std::sync::atomic::Ordering::Relaxed) as i64;
                 let last = self
                     .last_lease_ms
                     .load(std::sync::atomic::Ordering::Relaxed);
-                let leases_flow = self.clock.now().as_millis() - last < 3 * interval;
+                let leases_flow = self.clock.now().as_millis() - last < 2 * interval;
+                if registered && !leases_flow {
+                    self.push_reset.notify_waiters();
+                }
                 // A moved endpoint goes to the master by registering again
                 // (signed with the host key: no bootstrap token is used).
                 let moved = self

@@ -1,0 +1,145 @@
+//! The control plane at fleet scale, in simulated time: the real master and
+//! the real host links over turmoil's network, with racks cut off and
+//! healed. Every run is fixed by its seed.
+
+use std::time::Duration;
+
+use cocalc_core::{HostId, HostState, ProjectId};
+use cocalc_master::Caller;
+use cocalc_sim::{Fleet, FleetConfig};
+
+/// A user with `n` projects, each opened once (placed) and started on the
+/// host the master named, as the user's first data-plane request would.
+fn open_projects(fleet: &mut Fleet, n: usize) -> (Caller, Vec<ProjectId>) {
+    let admin = fleet.admin();
+    let user = fleet.call(move |m| async move {
+        let (_, key) = m.create_user(&admin, "alice").expect("create user");
+        m.authenticate(&key).expect("the new key")
+    });
+    let mut projects = Vec::new();
+    for i in 0..n {
+        let caller = user.clone();
+        let opened = fleet.call(move |m| async move {
+            let p = m
+                .create_project(&caller, &format!("p{i}"), None)
+                .await
+                .expect("create project");
+            m.open_project(&caller, p.id).await.expect("open project")
+        });
+        let host = fleet.host(opened.host).expect("placed on a fleet host");
+        host.model
+            .start(opened.project, opened.generation)
+            .expect("a first start is never stale");
+        projects.push(opened.project);
+    }
+    (user, projects)
+}
+
+fn hosts_in_state(fleet: &mut Fleet, hosts: &[HostId], state: HostState) -> usize {
+    hosts
+        .iter()
+        .filter(|h| fleet.state_of(**h) == Some(state))
+        .count()
+}
+
+#[test]
+fn a_thousand_hosts_register_and_keep_their_leases() {
+    let mut fleet = Fleet::new(FleetConfig::new(1000).seed(11));
+    let took = fleet.run_until(Duration::from_secs(60), |f| {
+        f.hosts().iter().all(|h| h.model.key_sets() > 0)
+    });
+    assert!(took.is_some(), "every host registered within a minute");
+    // Five minutes is several keepalive intervals (1000 hosts at 50 beats/s:
+    // 20 s) and lease lengths (3 intervals): a lease that is not renewed
+    // would have run out.
+    fleet.run_for(Duration::from_secs(300));
+    let states = fleet.states();
+    assert_eq!(states.up, 1000, "{states:?}");
+    for h in fleet.hosts() {
+        assert_eq!(
+            h.acl.master_down_since(),
+            None,
+            "host {} sees the master up",
+            h.name
+        );
+    }
+}
+
+#[test]
+fn a_rack_cut_off_goes_down_gets_no_projects_and_comes_back() {
+    let mut cfg = FleetConfig::new(400).seed(23);
+    cfg.racks = 8;
+    let mut fleet = Fleet::new(cfg);
+    fleet.run_for(Duration::from_secs(30));
+    assert_eq!(fleet.states().up, 400);
+
+    let cut = fleet.rack(3);
+    assert_eq!(cut.len(), 50);
+    fleet.partition(3);
+    // 400 hosts: keepalives every 8 s, leases of 3 beats (jittered by 10 %).
+    let took = {
+        let start = fleet.elapsed();
+        loop {
+            if hosts_in_state(&mut fleet, &cut, HostState::Down) == cut.len() {
+                break fleet.elapsed() - start;
+            }
+            assert!(
+                fleet.elapsed() - start < Duration::from_secs(60),
+                "the cut rack's leases ran out within a minute"
+            );
+            fleet.run_for(Duration::from_secs(1));
+        }
+    };
+    assert!(
+        took >= Duration::from_secs(15),
+        "a lease lasts about three 8 s beats, not {took:?}"
+    );
+    assert_eq!(fleet.states().up, 350, "only the cut rack went down");
+    // The hosts notice a little later than the master: beats go on the
+    // push channel, which a cut does not close; after three intervals
+    // without a lease back the link falls back to HTTP, and that call
+    // fails after the 5 s connect timeout.
+    let noticed = fleet.run_until(Duration::from_secs(45) - took, |f| {
+        f.hosts()
+            .iter()
+            .filter(|h| h.rack == 3)
+            .all(|h| h.acl.master_down_since().is_some())
+    });
+    assert!(
+        noticed.is_some(),
+        "the cut hosts saw the master gone within 45 s of the cut"
+    );
+    for h in fleet.hosts() {
+        assert_eq!(
+            h.acl.master_down_since().is_some(),
+            h.rack == 3,
+            "host {} (rack {}) knows whether it reaches the master",
+            h.name,
+            h.rack
+        );
+    }
+
+    // Placement skips the hosts that are down.
+    let (_, projects) = open_projects(&mut fleet, 40);
+    let master = fleet.master();
+    for p in &projects {
+        let placed = fleet.call({
+            let master = master.clone();
+            let p = *p;
+            move |_| async move { master.store().placement(p).await.unwrap().unwrap() }
+        });
+        assert!(!cut.contains(&placed.host), "{p} placed on a cut host");
+    }
+
+    fleet.repair(3);
+    let back = fleet.run_until(Duration::from_secs(120), |f| {
+        f.hosts()
+            .iter()
+            .all(|h| h.acl.master_down_since().is_none())
+    });
+    assert!(back.is_some(), "every host of the rack reconnected");
+    // A reconnected push channel wakes the keepalive loop, so the lease
+    // is renewed at once, not after the link's backoff (up to 30 s).
+    fleet.run_for(Duration::from_secs(5));
+    assert_eq!(fleet.states().up, 400, "{:?}", fleet.states());
+}
