@@ -547,6 +547,25 @@ pub enum HostMessage {
         /// The keepalive.
         keepalive: KeepaliveRequest,
     },
+    /// The projects this host knows, each with the newest generation it
+    /// has seen, sent each time the push channel opens. The master answers
+    /// a [`PushMessage::Fence`] for every one placed elsewhere since (a
+    /// re-placement or a move the host missed while it was cut off), so the
+    /// host stops it and refuses its old generation.
+    Holding {
+        /// The projects and generations.
+        projects: Vec<HeldProject>,
+    },
+}
+
+/// A project a host knows, in [`HostMessage::Holding`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct HeldProject {
+    /// The project.
+    pub project: ProjectId,
+    /// The newest generation the host has seen for it.
+    pub generation: Generation,
 }
 
 /// The collected result of a command run in a project (`POST

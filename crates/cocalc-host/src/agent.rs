@@ -308,6 +308,18 @@ impl HostAgent {
             .copied()
     }
 
+    /// Every project this host has seen, with the newest generation seen:
+    /// what the master link reports when its push channel opens, so the
+    /// master can fence those placed elsewhere meanwhile.
+    pub fn known_generations(&self) -> Vec<(ProjectId, Generation)> {
+        self.fences
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(p, g)| (*p, *g))
+            .collect()
+    }
+
     /// Checks a request (see the [module docs](self)); returns the grant.
     /// The project counts as in use (for the idle culler and the master).
     pub async fn authorize(

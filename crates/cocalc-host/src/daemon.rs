@@ -644,6 +644,14 @@ impl HostEvents for Events {
         }
     }
 
+    fn held(&self) -> Vec<(cocalc_core::ProjectId, cocalc_core::Generation)> {
+        self.agent
+            .get()
+            .and_then(Weak::upgrade)
+            .map(|agent| agent.known_generations())
+            .unwrap_or_default()
+    }
+
     fn fence(&self, project: cocalc_core::ProjectId, generation: cocalc_core::Generation) {
         if let Some(agent) = self.agent.get().and_then(Weak::upgrade) {
             tokio::spawn(async move {

@@ -23,8 +23,8 @@ use std::time::Duration;
 use cocalc_auth::host_auth::sign_request;
 use cocalc_auth::{paserk, AclCache, KeySet};
 use cocalc_core::wire::{
-    ActivityReport, KeepaliveRequest, LeaseGrant, ProjectActivity, PushFrame, PushMessage,
-    RegisterHostRequest,
+    ActivityReport, HeldProject, KeepaliveRequest, LeaseGrant, ProjectActivity, PushFrame,
+    PushMessage, RegisterHostRequest,
 };
 use cocalc_core::{
     ApiError, Capacity, Dialer, Generation, Health, HostEndpoint, HostId, Load, Permission,
@@ -53,6 +53,13 @@ pub trait HostEvents: Send + Sync {
     /// generations are to be refused from now on, and the project stopped.
     fn fence(&self, project: ProjectId, generation: Generation) {
         let _ = (project, generation);
+    }
+    /// The projects this host knows, each with the newest generation it
+    /// has seen; reported to the master each time the push channel opens
+    /// ([`HostMessage::Holding`](cocalc_core::wire::HostMessage::Holding)),
+    /// which answers with a fence for every one placed elsewhere since.
+    fn held(&self) -> Vec<(ProjectId, Generation)> {
+        Vec::new()
     }
 }
 
@@ -561,6 +568,24 @@ impl MasterLink {
     {
         self.acl.master_up();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let held: Vec<HeldProject> = self
+            .events
+            .held()
+            .into_iter()
+            .map(|(project, generation)| HeldProject {
+                project,
+                generation,
+            })
+            .collect();
+        if !held.is_empty() {
+            let msg = cocalc_core::wire::HostMessage::Holding { projects: held };
+            match serde_json::to_string(&msg) {
+                Ok(text) => {
+                    let _ = tx.send(text);
+                }
+                Err(e) => tracing::warn!(error = %e, "encoding the held projects failed"),
+            }
+        }
         *self.push_tx.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
         connected();
         let result = loop {

@@ -309,3 +309,108 @@ async fn run_marks_the_link_down_when_the_master_goes_and_up_when_it_returns() {
     runner.await.unwrap();
     back.task.abort();
 }
+
+/// Reports two projects as held; records the fences pushed back.
+#[derive(Default)]
+struct Holder {
+    held: Vec<(ProjectId, Generation)>,
+    fences: Mutex<Vec<(ProjectId, Generation)>>,
+}
+
+impl HostEvents for Holder {
+    fn held(&self) -> Vec<(ProjectId, Generation)> {
+        self.held.clone()
+    }
+    fn fence(&self, project: ProjectId, generation: Generation) {
+        self.fences.lock().unwrap().push((project, generation));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_opened_push_channel_reports_held_projects_and_gets_fences_for_those_placed_elsewhere() {
+    let m = master().await;
+    let srv = serve(m.clone(), "127.0.0.1:0").await;
+    let admin = m.authenticate(ADMIN).unwrap();
+    let (here, elsewhere, unknown) = (
+        ProjectId::from_bytes([1; 16]),
+        ProjectId::from_bytes([2; 16]),
+        ProjectId::from_bytes([3; 16]),
+    );
+    let host = HostId::new_v4([4; 16]);
+    let other = HostId::new_v4([5; 16]);
+    let decision = |h| cocalc_core::PlacementDecision::new(h, "test", "by hand", vec![], vec![]);
+    // `here` is placed on this host at generation 1; `elsewhere` went to
+    // another host at generation 2 while this one (which saw 1) was away.
+    m.store()
+        .assign(
+            here,
+            host,
+            Some(Generation(0)),
+            decision(host),
+            Timestamp(1),
+        )
+        .await
+        .unwrap();
+    m.store()
+        .assign(
+            elsewhere,
+            other,
+            Some(Generation(0)),
+            decision(other),
+            Timestamp(1),
+        )
+        .await
+        .unwrap();
+    m.store()
+        .assign(
+            elsewhere,
+            other,
+            Some(Generation(1)),
+            decision(other),
+            Timestamp(2),
+        )
+        .await
+        .unwrap();
+
+    let holder = Arc::new(Holder {
+        held: vec![
+            (here, Generation(1)),
+            (elsewhere, Generation(1)),
+            (unknown, Generation(7)),
+        ],
+        ..Holder::default()
+    });
+    let clock: SharedClock = Arc::new(SystemClock);
+    let link = Arc::new(MasterLink::new(
+        LinkConfig {
+            master_url: srv.url.clone(),
+            host,
+            key: SigningKey::from_bytes(&[4; 32]),
+            bootstrap_token: Some(m.bootstrap_token(&admin).unwrap().0),
+            region: Region("local".into()),
+            endpoint: HostEndpoint::Url("http://127.0.0.1:1".into()),
+        },
+        clock.clone(),
+        Arc::new(AclCache::new(clock, AclPolicy::default())),
+        holder.clone(),
+    ));
+    link.register(capacity()).await.unwrap();
+    let channel = tokio::spawn({
+        let link = link.clone();
+        async move { link.push_channel(|| {}).await }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while holder.fences.lock().unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no fence came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Only the project placed elsewhere at a newer generation is fenced.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        *holder.fences.lock().unwrap(),
+        vec![(elsewhere, Generation(2))]
+    );
+    channel.abort();
+    let _ = srv.stop.send(());
+    let _ = srv.task.await;
+}

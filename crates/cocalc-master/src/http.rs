@@ -584,6 +584,15 @@ async fn serve_push(m: AppState, host: HostId, mut socket: WebSocket) {
                                 Err(e) => tracing::warn!(%host, error = %e, "keepalive on the push channel refused"),
                             }
                         }
+                        Ok(cocalc_core::wire::HostMessage::Holding { projects }) => {
+                            match m.reconcile_host(host, &projects).await {
+                                Ok(fenced) if !fenced.is_empty() => {
+                                    tracing::info!(%host, fenced = fenced.len(), "fenced projects placed elsewhere while the host was away");
+                                }
+                                Ok(_) => {}
+                                Err(e) => tracing::warn!(%host, error = %e, "reconciling the host's projects failed"),
+                            }
+                        }
                         Ok(other) => tracing::warn!(%host, ?other, "unknown host message ignored"),
                         Err(e) => tracing::warn!(%host, error = %e, "undecodable host message ignored"),
                     }

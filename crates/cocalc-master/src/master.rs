@@ -714,6 +714,37 @@ impl Master {
         Ok(self.with_keys(grant))
     }
 
+    /// Answers a host's [`HostMessage::Holding`](cocalc_core::wire::HostMessage::Holding):
+    /// pushes a [`PushMessage::Fence`] for every project it names that is
+    /// placed on another host at a newer generation, which the host missed
+    /// while it could not be told (cut off during a re-placement or a
+    /// move's release). Projects placed on `host`, unknown projects and
+    /// generations not older than the map's are left alone. Returns the
+    /// fences sent.
+    pub async fn reconcile_host(
+        &self,
+        host: HostId,
+        held: &[cocalc_core::wire::HeldProject],
+    ) -> Result<Vec<(ProjectId, Generation)>, MasterError> {
+        let mut fenced = Vec::new();
+        for h in held {
+            let Some(placed) = self.store.placement(h.project).await? else {
+                continue;
+            };
+            if placed.host != host && placed.generation > h.generation {
+                self.push.send(
+                    host,
+                    PushMessage::Fence {
+                        project: h.project,
+                        generation: placed.generation,
+                    },
+                );
+                fenced.push((h.project, placed.generation));
+            }
+        }
+        Ok(fenced)
+    }
+
     /// Records the last use of projects on `host` (only projects it holds).
     pub async fn activity(&self, host: HostId, report: &ActivityReport) -> Result<(), MasterError> {
         for a in &report.projects {

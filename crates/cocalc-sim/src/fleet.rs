@@ -404,6 +404,26 @@ impl Fleet {
         c
     }
 
+    /// Every registered host with its state at the master, as of the
+    /// master's last reading of the simulated clock.
+    pub fn master_now(&self) -> Vec<(HostId, HostState)> {
+        let Some(master) = self
+            .shared
+            .master
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        else {
+            return Vec::new();
+        };
+        master
+            .registry()
+            .hosts()
+            .into_iter()
+            .map(|h| (h.id, h.state))
+            .collect()
+    }
+
     /// The master's state of one host, `None` before it registered.
     pub fn state_of(&mut self, host: HostId) -> Option<HostState> {
         let master = self.master();

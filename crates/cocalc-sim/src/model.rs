@@ -106,6 +106,10 @@ impl HostEvents for HostModel {
         let _ = HostModel::start(self, project, generation);
     }
 
+    fn held(&self) -> Vec<(ProjectId, Generation)> {
+        self.known_generations()
+    }
+
     fn stop(&self, project: ProjectId) {
         let mut s = self.lock();
         s.stops += 1;

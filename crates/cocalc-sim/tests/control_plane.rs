@@ -143,3 +143,83 @@ fn a_rack_cut_off_goes_down_gets_no_projects_and_comes_back() {
     fleet.run_for(Duration::from_secs(5));
     assert_eq!(fleet.states().up, 400, "{:?}", fleet.states());
 }
+
+#[test]
+fn a_project_re_placed_while_its_host_was_cut_off_stops_there_when_it_returns() {
+    let mut cfg = FleetConfig::new(40).seed(5);
+    cfg.racks = 4;
+    let mut fleet = Fleet::new(cfg);
+    fleet.run_for(Duration::from_secs(10));
+    let (_, projects) = open_projects(&mut fleet, 40);
+
+    // Cut off the rack of the first project's host and wait for the master
+    // to see its hosts down.
+    let master = fleet.master();
+    let first = projects[0];
+    let old = fleet
+        .call({
+            let master = master.clone();
+            move |_| async move { master.store().placement(first).await }
+        })
+        .expect("store")
+        .expect("placed");
+    let rack = fleet.host(old.host).expect("fleet host").rack;
+    let cut = fleet.rack(rack);
+    fleet.partition(rack);
+    let took = fleet.run_until(Duration::from_secs(60), |f| {
+        let m = f.master_now();
+        m.iter()
+            .filter(|(h, _)| cut.contains(h))
+            .all(|(_, s)| *s == HostState::Down)
+    });
+    assert!(took.is_some(), "the cut rack went down at the master");
+
+    // An operator re-places every project of the cut rack; each starts
+    // where it went, as its users come back.
+    let admin = fleet.admin();
+    let mut moved = Vec::new();
+    for p in &projects {
+        let placed = fleet.call({
+            let master = master.clone();
+            let p = *p;
+            move |_| async move { master.store().placement(p).await }
+        });
+        let placed = placed.expect("store").expect("placed");
+        if !cut.contains(&placed.host) {
+            continue;
+        }
+        let admin = admin.clone();
+        let p = *p;
+        let new = fleet.call(move |m| async move { m.replace_project(&admin, p).await });
+        let new = new.expect("re-placed");
+        assert!(!cut.contains(&new.host), "not onto a cut host");
+        assert_eq!(new.generation.0, placed.generation.0 + 1);
+        fleet
+            .host(new.host)
+            .expect("fleet host")
+            .model
+            .start(p, new.generation)
+            .expect("the new generation starts");
+        moved.push((p, placed.host, new.host));
+    }
+    assert!(!moved.is_empty());
+    // While the cut lasts, the old hosts cannot be told: both run.
+    assert_eq!(fleet.double_runs().len(), moved.len());
+
+    fleet.repair(rack);
+    let settled = fleet.run_until(Duration::from_secs(60), |f| f.double_runs().is_empty());
+    assert!(
+        settled.is_some(),
+        "a minute after the cut healed, projects still run on two hosts: {:?}",
+        fleet.double_runs()
+    );
+    for (p, old_host, new_host) in &moved {
+        let old = fleet.host(*old_host).expect("fleet host");
+        assert_eq!(old.model.running(*p), None, "{p} stopped on {old_host}");
+        assert!(
+            old.model.start(*p, cocalc_core::Generation(1)).is_err(),
+            "{p}: the old host refuses the old generation from now on"
+        );
+        assert!(fleet.host(*new_host).unwrap().model.running(*p).is_some());
+    }
+}
