@@ -647,6 +647,17 @@ impl MasterLink {
         self.status_changed.notify_one();
     }
 
+    /// No lease came for a whole keepalive interval or more.
+    fn lease_is_late(&self) -> bool {
+        let interval = self
+            .next_keepalive_ms
+            .load(std::sync::atomic::Ordering::Relaxed) as i64;
+        let last = self
+            .last_lease_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        self.clock.now().as_millis() - last >= interval
+    }
+
     /// Sleeps `d`, or less if the host's status changes meanwhile.
     async fn pause(&self, d: Duration) {
         tokio::select! {
@@ -675,15 +686,19 @@ impl MasterLink {
                 let _ = registered_rx.wait_for(|r| *r).await;
                 let mut backoff = Backoff::new(self_seed(&me.cfg.host));
                 loop {
-                    // A channel that opens (again, after a cut) carries a
-                    // beat at once, since the lease may have run out at the
-                    // master, and wakes the control loop, which may be
-                    // waiting out its backoff (up to 30 s) or a call lost in
-                    // the cut, and would let the new lease lapse.
+                    // A channel that opens again after a cut, with no lease
+                    // for an interval or more, carries a beat at once, since
+                    // the lease may have run out at the master, and wakes
+                    // the control loop, which may be waiting out its backoff
+                    // (up to 30 s) or a call lost in the cut, and would let
+                    // the new lease lapse. (Right after a registration the
+                    // lease is fresh, and the first beat waits its turn.)
                     let beat = || {
-                        let (health, capacity, load) = status.status();
-                        me.keepalive_on_push(health, capacity, load);
-                        me.status_changed();
+                        if me.lease_is_late() {
+                            let (health, capacity, load) = status.status();
+                            me.keepalive_on_push(health, capacity, load);
+                            me.status_changed();
+                        }
                     };
                     match me.push_channel(beat).await {
                         Ok(()) => backoff.reset(),

@@ -447,7 +447,10 @@ impl Master {
             .assign(project, host, Some(Generation(0)), decision, self.now())
             .await
         {
-            Ok(e) => Ok(e),
+            Ok(e) => {
+                self.registry.note_placement(host);
+                Ok(e)
+            }
             // Someone placed it concurrently: theirs stands.
             Err(cocalc_placement::StoreError::Conflict { .. }) => self
                 .store
@@ -499,6 +502,7 @@ impl Master {
             .store
             .assign(project, to, Some(current.generation), decision, now)
             .await?;
+        self.registry.note_placement(to);
         self.push.send(current.host, PushMessage::Stop { project });
         self.push.send(
             current.host,

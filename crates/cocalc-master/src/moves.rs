@@ -238,8 +238,13 @@ impl Master {
                     .into_iter()
                     .filter(|h| h.id != current.host)
                     .collect();
-                self.placement()
-                    .place(&PlacementRequest::new(project), &hosts)?
+                let decision = self
+                    .placement()
+                    .place(&PlacementRequest::new(project), &hosts)?;
+                // Evacuations pick targets one after another, faster
+                // than keepalives report load.
+                self.registry().note_placement(decision.host);
+                decision
             }
         };
         Ok(MoveRecord::new(

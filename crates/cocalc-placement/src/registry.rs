@@ -198,6 +198,17 @@ impl Registry {
         (rec, grant)
     }
 
+    /// Counts a project just placed on `host` as running there until the
+    /// host's next keepalive reports its own figures. Placement reads load
+    /// from keepalives, which come every few seconds to minutes; without
+    /// this, every placement between two beats would go to the host that
+    /// looked emptiest at the last one. No-op for an unknown host.
+    pub fn note_placement(&self, host: HostId) {
+        if let Some(rec) = self.write().get_mut(&host) {
+            rec.info.load.running_projects = rec.info.load.running_projects.saturating_add(1);
+        }
+    }
+
     /// Renews `host`'s lease with the health, capacity and load it reports.
     pub fn keepalive(
         &self,
@@ -392,6 +403,30 @@ mod tests {
             restarted.get(rec.info.id).unwrap().info.state,
             HostState::Down
         );
+    }
+
+    #[test]
+    fn placements_count_as_load_until_the_next_keepalive() {
+        let clock = ManualClock::new(Timestamp::from_secs(1000));
+        let reg = Registry::new(Arc::new(clock.clone()), RegistryPolicy::default(), 1);
+        let (rec, _) = reg.register(&req(1));
+        let id = rec.info.id;
+        let running = |reg: &Registry| reg.get(id).unwrap().info.load.running_projects;
+        reg.note_placement(id);
+        reg.note_placement(id);
+        assert_eq!(running(&reg), 2);
+        assert_eq!(reg.hosts()[0].load.running_projects, 2, "placement sees it");
+        // The host's own figure replaces the estimate.
+        let load = Load {
+            running_projects: 1,
+            ..Load::default()
+        };
+        let ka = KeepaliveRequest::new(id, Health::Ok, Capacity::default(), load);
+        reg.renew(id, &ka).unwrap();
+        assert_eq!(running(&reg), 1);
+        // An unknown host is ignored.
+        reg.note_placement(HostId::new_v4([9; 16]));
+        assert_eq!(reg.hosts().len(), 1);
     }
 
     #[test]

@@ -70,12 +70,37 @@ impl FleetConfig {
     }
 }
 
-/// What the master and the hosts share before the network does: the
-/// master, once built, and one bootstrap token per host.
-#[derive(Default)]
+/// A call [`Fleet::call`] hands to the operators' machine.
+type Job =
+    Box<dyn FnOnce(Arc<Master>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>> + Send>;
+
+/// What the master, the hosts and the operators' machine share before the
+/// network does: the master, once built, one bootstrap token per host, and
+/// the calls waiting to run.
 struct Shared {
     master: Mutex<Option<Arc<Master>>>,
     tokens: Mutex<Vec<String>>,
+    jobs_tx: tokio::sync::mpsc::UnboundedSender<Job>,
+    jobs_rx: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<Job>>,
+}
+
+impl Shared {
+    fn new() -> Self {
+        let (jobs_tx, jobs_rx) = tokio::sync::mpsc::unbounded_channel();
+        Shared {
+            master: Mutex::new(None),
+            tokens: Mutex::new(Vec::new()),
+            jobs_tx,
+            jobs_rx: tokio::sync::Mutex::new(jobs_rx),
+        }
+    }
+
+    fn master(&self) -> Option<Arc<Master>> {
+        self.master
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 /// One simulated host: its identity, what it runs, and its ACL cache.
@@ -120,7 +145,6 @@ pub struct Fleet {
     sim: turmoil::Sim<'static>,
     shared: Arc<Shared>,
     hosts: Vec<SimHost>,
-    ops: u64,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -174,11 +198,11 @@ impl Fleet {
             .build();
         let mut fleet = Fleet {
             sim,
-            shared: Arc::new(Shared::default()),
+            shared: Arc::new(Shared::new()),
             hosts: Vec::with_capacity(cfg.hosts),
-            ops: 0,
         };
         fleet.add_master(&cfg);
+        fleet.add_operators();
         for i in 0..cfg.hosts {
             fleet.add_host(&cfg, i);
         }
@@ -216,6 +240,29 @@ impl Fleet {
                 let listener = turmoil::net::TcpListener::bind(("0.0.0.0", MASTER.1)).await?;
                 axum::serve(SimListener(listener), cocalc_master::http::router(master)).await?;
                 Ok(())
+            }
+        });
+    }
+
+    /// The machine [`Fleet::call`] runs operators' and users' calls on, one
+    /// after another. (One machine for all of them: each machine added to
+    /// turmoil makes every later step slower.)
+    fn add_operators(&mut self) {
+        let shared = self.shared.clone();
+        self.sim.host("operators", move || {
+            let shared = shared.clone();
+            async move {
+                loop {
+                    let job = shared.jobs_rx.lock().await.recv().await;
+                    let Some(job) = job else { return Ok(()) };
+                    let master = loop {
+                        if let Some(m) = shared.master() {
+                            break m;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    };
+                    job(master).await;
+                }
             }
         });
     }
@@ -279,8 +326,15 @@ impl Fleet {
                     let clock: SharedClock = Arc::new(SimClock::new());
                     let link = MasterLink::new(cfg, clock, host.acl.clone(), host.model.clone())
                         .with_dialer(Arc::new(SimDialer::new(MASTER.0, MASTER.1)));
-                    let status: Arc<dyn HostStatus> =
-                        Arc::new(move || (Health::Ok, capacity, Load::default()));
+                    let model = host.model.clone();
+                    let status: Arc<dyn HostStatus> = Arc::new(move || {
+                        let running = model.running_projects().len();
+                        let load = Load {
+                            running_projects: u32::try_from(running).unwrap_or(u32::MAX),
+                            ..Load::default()
+                        };
+                        (Health::Ok, capacity, load)
+                    });
                     links.spawn(Arc::new(link).run(status, std::future::pending()));
                 }
                 while links.join_next().await.is_some() {}
@@ -362,26 +416,27 @@ impl Fleet {
             .expect("the simulated admin key")
     }
 
-    /// Runs `op` against the master on a machine of its own in the
+    /// Runs `op` against the master on the operators' machine of the
     /// simulation (so it reads the simulated clock), stepping until it
     /// ends: what an operator's or a user's call does, without the HTTP in
     /// front of it.
     pub fn call<T, F, Fut>(&mut self, op: F) -> T
     where
-        T: 'static,
-        F: FnOnce(Arc<Master>) -> Fut,
+        T: Send + 'static,
+        F: FnOnce(Arc<Master>) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = T> + 'static,
     {
-        let master = self.master();
         let slot: Arc<Mutex<Option<T>>> = Arc::new(Mutex::new(None));
         let out = slot.clone();
-        let fut = op(master);
-        self.ops += 1;
-        self.sim.client(format!("op{}", self.ops), async move {
-            let v = fut.await;
-            *out.lock().unwrap_or_else(|p| p.into_inner()) = Some(v);
-            Ok(())
+        let job: Job = Box::new(move |master| {
+            Box::pin(async move {
+                let v = op(master).await;
+                *out.lock().unwrap_or_else(|p| p.into_inner()) = Some(v);
+            })
         });
+        if self.shared.jobs_tx.send(job).is_err() {
+            panic!("the operators' machine of the simulation is gone");
+        }
         loop {
             if let Some(v) = slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
                 return v;

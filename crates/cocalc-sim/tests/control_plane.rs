@@ -223,3 +223,178 @@ fn a_project_re_placed_while_its_host_was_cut_off_stops_there_when_it_returns() 
         assert!(fleet.host(*new_host).unwrap().model.running(*p).is_some());
     }
 }
+
+/// A small deterministic generator for the scenario's choices.
+struct Choices(u64);
+
+impl Choices {
+    fn below(&mut self, n: u64) -> u64 {
+        // splitmix64
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (z ^ (z >> 31)) % n.max(1)
+    }
+}
+
+/// Random cuts and heals of racks, new projects and re-placements off
+/// hosts that are down; then every cut heals. Whatever happened, once the
+/// fleet has settled every running project runs on the one host the map
+/// names, at the map's generation, and every host is up.
+fn cuts_and_re_placements(seed: u64) {
+    let mut cfg = FleetConfig::new(120).seed(seed);
+    cfg.racks = 6;
+    let mut fleet = Fleet::new(cfg);
+    fleet.run_for(Duration::from_secs(10));
+    let (user, mut projects) = open_projects(&mut fleet, 30);
+    let admin = fleet.admin();
+    let master = fleet.master();
+    let mut choices = Choices(seed);
+    let mut cut = std::collections::BTreeSet::new();
+    let (mut cuts, mut replaced, mut opened) = (0, 0, 0);
+    for round in 0..24 {
+        match choices.below(4) {
+            // Cut a rack, leaving at least two reachable.
+            0 if cut.len() < 4 => {
+                let rack = choices.below(6) as usize;
+                if cut.insert(rack) {
+                    fleet.partition(rack);
+                    cuts += 1;
+                }
+            }
+            1 => {
+                if let Some(&rack) = cut.iter().nth(choices.below(cut.len() as u64) as usize) {
+                    cut.remove(&rack);
+                    fleet.repair(rack);
+                }
+            }
+            2 => {
+                let caller = user.clone();
+                let opened_now = fleet.call(move |m| async move {
+                    let p = m
+                        .create_project(&caller, &format!("r{round}"), None)
+                        .await
+                        .expect("create project");
+                    m.open_project(&caller, p.id).await
+                });
+                let o = opened_now.expect("a new project is placed on a host that is up");
+                assert_eq!(
+                    fleet.state_of(o.host),
+                    Some(HostState::Up),
+                    "placed on a host the master sees up"
+                );
+                fleet
+                    .host(o.host)
+                    .unwrap()
+                    .model
+                    .start(o.project, o.generation)
+                    .expect("first start");
+                projects.push(o.project);
+                opened += 1;
+            }
+            _ => {
+                // Re-place every project whose host the master sees down.
+                for p in projects.clone() {
+                    let placed = fleet.call({
+                        let master = master.clone();
+                        move |_| async move { master.store().placement(p).await }
+                    });
+                    let placed = placed.expect("store").expect("placed");
+                    if fleet.state_of(placed.host) != Some(HostState::Down) {
+                        continue;
+                    }
+                    let admin = admin.clone();
+                    let new = fleet
+                        .call(move |m| async move { m.replace_project(&admin, p).await })
+                        .expect("re-placed off a host that is down");
+                    fleet
+                        .host(new.host)
+                        .unwrap()
+                        .model
+                        .start(p, new.generation)
+                        .expect("the new generation starts");
+                    replaced += 1;
+                }
+            }
+        }
+        fleet.run_for(Duration::from_secs(5 + choices.below(40)));
+    }
+    for rack in std::mem::take(&mut cut) {
+        fleet.repair(rack);
+    }
+    let settled = fleet.run_until(Duration::from_secs(120), |f| {
+        f.double_runs().is_empty()
+            && f.hosts()
+                .iter()
+                .all(|h| h.acl.master_down_since().is_none())
+    });
+    assert!(
+        settled.is_some(),
+        "seed {seed}: not settled two minutes after the last heal: {:?}",
+        fleet.double_runs()
+    );
+    fleet.run_for(Duration::from_secs(10));
+    assert_eq!(fleet.states().up, 120, "seed {seed}");
+    for p in &projects {
+        let placed = fleet.call({
+            let master = master.clone();
+            let p = *p;
+            move |_| async move { master.store().placement(p).await }
+        });
+        let placed = placed.expect("store").expect("placed");
+        for h in fleet.hosts() {
+            match h.model.running(*p) {
+                Some(g) => assert!(
+                    h.id == placed.host && g == placed.generation,
+                    "seed {seed}: {p} runs on {} at {g:?}; the map says {} at {:?}",
+                    h.name,
+                    placed.host,
+                    placed.generation
+                ),
+                None => assert_ne!(h.id, placed.host, "seed {seed}: {p} stopped where placed"),
+            }
+        }
+    }
+    eprintln!(
+        "seed {seed}: {cuts} cuts, {opened} opened, {replaced} re-placed, {} projects",
+        projects.len()
+    );
+}
+
+#[test]
+fn random_cuts_and_re_placements_settle_to_one_host_per_project() {
+    for seed in 1..=6 {
+        cuts_and_re_placements(seed);
+    }
+}
+
+#[test]
+fn a_burst_of_opens_between_two_keepalives_spreads_over_the_hosts() {
+    let mut fleet = Fleet::new(FleetConfig::new(20).seed(3));
+    fleet.run_for(Duration::from_secs(10));
+    let admin = fleet.admin();
+    // A class of 100 opens its projects at once: all between two beats.
+    let opened = fleet.call(move |m| async move {
+        let (_, key) = m.create_user(&admin, "teacher").expect("create user");
+        let user = m.authenticate(&key).expect("the new key");
+        let mut opened = Vec::new();
+        for i in 0..100 {
+            let p = m
+                .create_project(&user, &format!("s{i}"), None)
+                .await
+                .expect("create project");
+            opened.push(m.open_project(&user, p.id).await.expect("open"));
+        }
+        opened
+    });
+    let mut per_host = std::collections::HashMap::new();
+    for o in &opened {
+        *per_host.entry(o.host).or_insert(0) += 1;
+    }
+    assert_eq!(per_host.len(), 20, "every host got some: {per_host:?}");
+    assert!(
+        per_host.values().all(|n| *n == 5),
+        "five each, as least-loaded would with fresh load: {per_host:?}"
+    );
+}
