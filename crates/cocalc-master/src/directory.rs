@@ -312,6 +312,26 @@ impl Directory {
             .transpose()
     }
 
+    /// Every user whose revocation cutoff is later than `after`, with the
+    /// cutoff.
+    pub fn cutoffs_after(&self, after: Timestamp) -> Result<Vec<(UserId, Timestamp)>, MasterError> {
+        let c = self.lock_cache_unchanged();
+        let mut stmt = c
+            .prepare("SELECT id, not_before FROM users WHERE not_before > ?1")
+            .map_err(db)?;
+        let rows = stmt
+            .query_map([after.as_millis()], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+            })
+            .map_err(db)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, t) = row.map_err(db)?;
+            out.push((parse(id)?, Timestamp(t)));
+        }
+        Ok(out)
+    }
+
     /// Sets the user's revocation cutoff.
     pub fn set_not_before(&self, user: UserId, t: Timestamp) -> Result<(), MasterError> {
         self.lock()
@@ -558,6 +578,11 @@ mod tests {
             d.user_by_key_hash("hb").unwrap().unwrap().not_before,
             Some(Timestamp(7))
         );
+        assert_eq!(
+            d.cutoffs_after(Timestamp(6)).unwrap(),
+            vec![(bob, Timestamp(7))]
+        );
+        assert_eq!(d.cutoffs_after(Timestamp(7)).unwrap(), vec![]);
         // Unknown keys are refused every time and never cached.
         assert_eq!(d.user_by_key_hash("nope").unwrap(), None);
         assert!(!d.caches().users_by_key.contains_key("nope"));

@@ -563,6 +563,9 @@ async fn push(
 async fn serve_push(m: AppState, host: HostId, mut socket: WebSocket) {
     let mut sub = m.push().subscribe(host);
     tracing::info!(%host, "push channel connected");
+    if let Err(e) = m.replay_sign_outs(host) {
+        tracing::warn!(%host, error = %e, "replaying sign-outs to the host failed");
+    }
     loop {
         tokio::select! {
             frame = sub.rx.recv() => {

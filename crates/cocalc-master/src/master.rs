@@ -718,6 +718,31 @@ impl Master {
         Ok(self.with_keys(grant))
     }
 
+    /// Pushes to `host` every sign-out ([`PushMessage::RevokeUser`]) that
+    /// can still matter: those within the last token lifetime, since a
+    /// token issued before an older cutoff has expired anyway. Called when
+    /// a host's push channel opens, so a host that was cut off when a user
+    /// signed out refuses the user's old tokens from its reconnection on,
+    /// not only once its cached ACL entries age out. Returns how many.
+    pub fn replay_sign_outs(&self, host: HostId) -> Result<usize, MasterError> {
+        let since = Timestamp(
+            self.now()
+                .as_millis()
+                .saturating_sub(i64::try_from(self.cfg.token_ttl.as_millis()).unwrap_or(i64::MAX)),
+        );
+        let cutoffs = self.dir.cutoffs_after(since)?;
+        for (user, not_before) in &cutoffs {
+            self.push.send(
+                host,
+                PushMessage::RevokeUser {
+                    user: *user,
+                    not_before: *not_before,
+                },
+            );
+        }
+        Ok(cutoffs.len())
+    }
+
     /// Answers a host's [`HostMessage::Holding`](cocalc_core::wire::HostMessage::Holding):
     /// pushes a [`PushMessage::Fence`] for every project it names that is
     /// placed on another host at a newer generation, which the host missed

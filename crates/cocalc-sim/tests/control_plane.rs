@@ -398,3 +398,47 @@ fn a_burst_of_opens_between_two_keepalives_spreads_over_the_hosts() {
         "five each, as least-loaded would with fresh load: {per_host:?}"
     );
 }
+
+#[test]
+fn a_sign_out_reaches_a_cut_off_host_when_it_returns() {
+    let mut cfg = FleetConfig::new(40).seed(9);
+    cfg.racks = 4;
+    let mut fleet = Fleet::new(cfg);
+    fleet.run_for(Duration::from_secs(10));
+    let (user, _) = open_projects(&mut fleet, 8);
+    let alice = match &user {
+        Caller::User(u) => u.id,
+        other => panic!("not a user: {other:?}"),
+    };
+    let knows = |h: &cocalc_sim::SimHost| h.acl.revocations().0.iter().any(|(u, _)| *u == alice);
+
+    fleet.partition(2);
+    fleet.run_for(Duration::from_secs(1));
+    let admin = fleet.admin();
+    let pushed = fleet.call(move |m| async move {
+        m.sign_out_everywhere(&admin, &alice.to_string())
+            .expect("sign out")
+    });
+    assert!(pushed >= 30, "pushed to the hosts connected: {pushed}");
+    fleet.run_for(Duration::from_secs(2));
+    for h in fleet.hosts() {
+        assert_eq!(
+            knows(h),
+            h.rack != 2,
+            "host {} (rack {}): the sign-out arrived at once where connected",
+            h.name,
+            h.rack
+        );
+    }
+
+    // The cut lasts past the hosts' lease; when it heals, each host of the
+    // rack learns the sign-out as its push channel opens again, not after
+    // its cached entries expire (five minutes by default).
+    fleet.run_for(Duration::from_secs(40));
+    fleet.repair(2);
+    let took = fleet.run_until(Duration::from_secs(60), |f| f.hosts().iter().all(knows));
+    assert!(
+        took.is_some(),
+        "the cut rack learned the sign-out within a minute of the heal"
+    );
+}
