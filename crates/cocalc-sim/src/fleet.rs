@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use cocalc_auth::{AclCache, AclPolicy, KeySet};
 use cocalc_core::{
-    Capacity, Generation, Health, HostEndpoint, HostId, HostState, Load, ProjectId, Region,
-    SharedClock,
+    Capacity, Generation, Health, HostEndpoint, HostId, HostState, Load, ProjectId,
+    ProjectPlacement, Region, SharedClock,
 };
 use cocalc_host::master_link::{HostStatus, LinkConfig, MasterLink};
 use cocalc_master::{Caller, Directory, Master, MasterConfig};
@@ -443,6 +443,17 @@ impl Fleet {
             }
             self.step();
         }
+    }
+
+    /// Where the map places `project` now (`None`: not placed); panics if
+    /// the store fails, which the in-memory store does not.
+    pub fn placement(&mut self, project: ProjectId) -> Option<ProjectPlacement> {
+        self.call(move |m| async move {
+            m.store()
+                .placement(project)
+                .await
+                .expect("the in-memory map store")
+        })
     }
 
     /// How many registered hosts the master sees in each state now.

@@ -121,13 +121,8 @@ fn a_rack_cut_off_goes_down_gets_no_projects_and_comes_back() {
 
     // Placement skips the hosts that are down.
     let (_, projects) = open_projects(&mut fleet, 40);
-    let master = fleet.master();
     for p in &projects {
-        let placed = fleet.call({
-            let master = master.clone();
-            let p = *p;
-            move |_| async move { master.store().placement(p).await.unwrap().unwrap() }
-        });
+        let placed = fleet.placement(*p).expect("placed");
         assert!(!cut.contains(&placed.host), "{p} placed on a cut host");
     }
 
@@ -138,8 +133,9 @@ fn a_rack_cut_off_goes_down_gets_no_projects_and_comes_back() {
             .all(|h| h.acl.master_down_since().is_none())
     });
     assert!(back.is_some(), "every host of the rack reconnected");
-    // A reconnected push channel wakes the keepalive loop, so the lease
-    // is renewed at once, not after the link's backoff (up to 30 s).
+    // A push channel that reopens with the lease late beats at once and
+    // wakes the keepalive loop, so the lease does not wait out the link's
+    // backoff (up to 30 s).
     fleet.run_for(Duration::from_secs(5));
     assert_eq!(fleet.states().up, 400, "{:?}", fleet.states());
 }
@@ -154,15 +150,8 @@ fn a_project_re_placed_while_its_host_was_cut_off_stops_there_when_it_returns() 
 
     // Cut off the rack of the first project's host and wait for the master
     // to see its hosts down.
-    let master = fleet.master();
     let first = projects[0];
-    let old = fleet
-        .call({
-            let master = master.clone();
-            move |_| async move { master.store().placement(first).await }
-        })
-        .expect("store")
-        .expect("placed");
+    let old = fleet.placement(first).expect("placed");
     let rack = fleet.host(old.host).expect("fleet host").rack;
     let cut = fleet.rack(rack);
     fleet.partition(rack);
@@ -179,12 +168,7 @@ fn a_project_re_placed_while_its_host_was_cut_off_stops_there_when_it_returns() 
     let admin = fleet.admin();
     let mut moved = Vec::new();
     for p in &projects {
-        let placed = fleet.call({
-            let master = master.clone();
-            let p = *p;
-            move |_| async move { master.store().placement(p).await }
-        });
-        let placed = placed.expect("store").expect("placed");
+        let placed = fleet.placement(*p).expect("placed");
         if !cut.contains(&placed.host) {
             continue;
         }
@@ -249,7 +233,6 @@ fn cuts_and_re_placements(seed: u64) {
     fleet.run_for(Duration::from_secs(10));
     let (user, mut projects) = open_projects(&mut fleet, 30);
     let admin = fleet.admin();
-    let master = fleet.master();
     let mut choices = Choices(seed);
     let mut cut = std::collections::BTreeSet::new();
     let (mut cuts, mut replaced, mut opened) = (0, 0, 0);
@@ -296,11 +279,7 @@ fn cuts_and_re_placements(seed: u64) {
             _ => {
                 // Re-place every project whose host the master sees down.
                 for p in projects.clone() {
-                    let placed = fleet.call({
-                        let master = master.clone();
-                        move |_| async move { master.store().placement(p).await }
-                    });
-                    let placed = placed.expect("store").expect("placed");
+                    let placed = fleet.placement(p).expect("placed");
                     if fleet.state_of(placed.host) != Some(HostState::Down) {
                         continue;
                     }
@@ -337,12 +316,7 @@ fn cuts_and_re_placements(seed: u64) {
     fleet.run_for(Duration::from_secs(10));
     assert_eq!(fleet.states().up, 120, "seed {seed}");
     for p in &projects {
-        let placed = fleet.call({
-            let master = master.clone();
-            let p = *p;
-            move |_| async move { master.store().placement(p).await }
-        });
-        let placed = placed.expect("store").expect("placed");
+        let placed = fleet.placement(*p).expect("placed");
         for h in fleet.hosts() {
             match h.model.running(*p) {
                 Some(g) => assert!(
