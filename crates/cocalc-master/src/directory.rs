@@ -103,6 +103,8 @@ CREATE TABLE IF NOT EXISTS collaborators (
     PRIMARY KEY (project, user)
 );
 CREATE INDEX IF NOT EXISTS collaborators_user ON collaborators(user);
+-- Recent sign-outs, replayed to every host whose push channel opens.
+CREATE INDEX IF NOT EXISTS users_not_before ON users(not_before);
 CREATE TABLE IF NOT EXISTS bootstrap_tokens (
     hash TEXT PRIMARY KEY NOT NULL,
     expires INTEGER NOT NULL,

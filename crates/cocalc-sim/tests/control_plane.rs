@@ -284,9 +284,17 @@ fn cuts_and_re_placements(seed: u64) {
                         continue;
                     }
                     let admin = admin.clone();
-                    let new = fleet
+                    let new = match fleet
                         .call(move |m| async move { m.replace_project(&admin, p).await })
-                        .expect("re-placed off a host that is down");
+                    {
+                        Ok(new) => new,
+                        // The host came back between the look and the
+                        // call: the master refuses, as it should.
+                        Err(cocalc_master::MasterError::Conflict(why)) if why.contains("is up") => {
+                            continue
+                        }
+                        Err(e) => panic!("seed {seed}: re-placing {p}: {e}"),
+                    };
                     fleet
                         .host(new.host)
                         .unwrap()
