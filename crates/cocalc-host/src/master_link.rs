@@ -175,6 +175,9 @@ pub struct MasterLink {
     /// Closes the push channel: beats went out on it and no lease came
     /// back, so it is open at this end only (a cut that sent no reset).
     push_reset: tokio::sync::Notify,
+    /// When the push channel last opened (ms, by the link's clock): a
+    /// channel gets one interval to bring a lease before it counts as dead.
+    push_opened_ms: std::sync::atomic::AtomicI64,
     /// How users and proxies reach this host now.
     endpoint: std::sync::Mutex<HostEndpoint>,
     /// The endpoint changed since the master was last told it.
@@ -227,6 +230,7 @@ impl MasterLink {
             last_lease_ms: std::sync::atomic::AtomicI64::new(0),
             status_changed: tokio::sync::Notify::new(),
             push_reset: tokio::sync::Notify::new(),
+            push_opened_ms: std::sync::atomic::AtomicI64::new(0),
         }
     }
 
@@ -587,6 +591,10 @@ impl MasterLink {
             }
         }
         *self.push_tx.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        self.push_opened_ms.store(
+            self.clock.now().as_millis(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         connected();
         let result = loop {
             tokio::select! {
@@ -729,7 +737,10 @@ impl MasterLink {
                     .last_lease_ms
                     .load(std::sync::atomic::Ordering::Relaxed);
                 let leases_flow = self.clock.now().as_millis() - last < 2 * interval;
-                if registered && !leases_flow {
+                let opened = self
+                    .push_opened_ms
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                if registered && !leases_flow && self.clock.now().as_millis() - opened >= interval {
                     self.push_reset.notify_waiters();
                 }
                 // A moved endpoint goes to the master by registering again
