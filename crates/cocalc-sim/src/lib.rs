@@ -20,7 +20,14 @@
 //! * the host agent below the link: a [`HostModel`] keeps what the control
 //!   plane needs of it, the projects running and the generation fence;
 //! * operators' and users' calls: [`Fleet::call`] runs them against the
-//!   master on a simulated machine of their own, without the HTTP client.
+//!   master, one after another on one simulated "operators" machine,
+//!   without the HTTP client.
+//!
+//! Hosts share a simulated machine per rack ([`FleetConfig::racks`]), so a
+//! cut ([`Fleet::partition`]) takes a whole rack off. A run is seeded but
+//! not reproducible bit for bit (tokio's `select!` order, std `HashMap`
+//! order and the master's random ids vary), so scenarios assert what must
+//! hold for every interleaving.
 //!
 //! ## Example
 //!
