@@ -214,7 +214,7 @@ impl MasterLink {
     ) -> Self {
         let http = cocalc_client::http_client_builder()
             .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30))
+            .timeout(CALL_TIMEOUT)
             .build()
             .unwrap_or_default();
         MasterLink {
@@ -354,6 +354,8 @@ impl MasterLink {
     ) -> Result<(reqwest::StatusCode, bytes::Bytes), LinkError> {
         use http_body_util::BodyExt;
         let unreachable = |e: &dyn std::fmt::Display| LinkError::Unreachable(e.to_string());
+        let authority = cocalc_core::parse_host_url(&self.cfg.master_url)
+            .map_err(|e| LinkError::Protocol(format!("master_url: {e}")))?;
         let conn = dialer.dial().await.map_err(|e| unreachable(&e))?;
         let (mut send, connection) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(conn))
@@ -363,7 +365,7 @@ impl MasterLink {
         let mut req = hyper::Request::builder()
             .method(method)
             .uri(path)
-            .header("host", self.master_authority())
+            .header("host", authority)
             .header("content-type", "application/json");
         for (k, v) in signed {
             req = req.header(k, v);
@@ -385,13 +387,6 @@ impl MasterLink {
         .await;
         driver.abort();
         answer
-    }
-
-    /// The `host:port` of the configured master URL.
-    fn master_authority(&self) -> &str {
-        let url = &self.cfg.master_url;
-        let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
-        rest.split('/').next().unwrap_or(rest)
     }
 
     fn apply_grant(&self, grant: &LeaseGrant) -> Result<(), LinkError> {

@@ -588,13 +588,18 @@ async fn serve_push(m: AppState, host: HostId, mut socket: WebSocket) {
                             }
                         }
                         Ok(cocalc_core::wire::HostMessage::Holding { projects }) => {
-                            match m.reconcile_host(host, &projects).await {
-                                Ok(fenced) if !fenced.is_empty() => {
-                                    tracing::info!(%host, fenced = fenced.len(), "fenced projects placed elsewhere while the host was away");
+                            // A map lookup per project: off this loop, so the
+                            // channel's frames do not wait for it.
+                            let m = m.clone();
+                            tokio::spawn(async move {
+                                match m.reconcile_host(host, &projects).await {
+                                    Ok(fenced) if !fenced.is_empty() => {
+                                        tracing::info!(%host, fenced = fenced.len(), "fenced projects placed elsewhere while the host was away");
+                                    }
+                                    Ok(_) => {}
+                                    Err(e) => tracing::warn!(%host, error = %e, "reconciling the host's projects failed"),
                                 }
-                                Ok(_) => {}
-                                Err(e) => tracing::warn!(%host, error = %e, "reconciling the host's projects failed"),
-                            }
+                            });
                         }
                         Ok(other) => tracing::warn!(%host, ?other, "unknown host message ignored"),
                         Err(e) => tracing::warn!(%host, error = %e, "undecodable host message ignored"),

@@ -434,23 +434,36 @@ impl Master {
         ))
     }
 
+    /// Chooses a host for `project` among `hosts` and counts the project
+    /// in that host's load until its next keepalive
+    /// ([`Registry::note_placement`]): placements come faster than
+    /// keepalives report load, and would otherwise all go to the host that
+    /// looked emptiest at the last beat. Every placement, re-placement and
+    /// move target is chosen here.
+    pub(crate) fn choose_host(
+        &self,
+        project: ProjectId,
+        hosts: &[cocalc_core::HostInfo],
+    ) -> Result<cocalc_core::PlacementDecision, MasterError> {
+        let decision = self
+            .placement
+            .place(&PlacementRequest::new(project), hosts)?;
+        self.registry.note_placement(decision.host);
+        Ok(decision)
+    }
+
     async fn place(
         &self,
         project: ProjectId,
     ) -> Result<cocalc_core::ProjectPlacement, MasterError> {
-        let decision = self
-            .placement
-            .place(&PlacementRequest::new(project), &self.registry.hosts())?;
+        let decision = self.choose_host(project, &self.registry.hosts())?;
         let host = decision.host;
         match self
             .store
             .assign(project, host, Some(Generation(0)), decision, self.now())
             .await
         {
-            Ok(e) => {
-                self.registry.note_placement(host);
-                Ok(e)
-            }
+            Ok(e) => Ok(e),
             // Someone placed it concurrently: theirs stands.
             Err(cocalc_placement::StoreError::Conflict { .. }) => self
                 .store
@@ -494,15 +507,12 @@ impl Master {
             .into_iter()
             .filter(|h| h.id != current.host)
             .collect();
-        let decision = self
-            .placement
-            .place(&PlacementRequest::new(project), &hosts)?;
+        let decision = self.choose_host(project, &hosts)?;
         let to = decision.host;
         let placed = self
             .store
             .assign(project, to, Some(current.generation), decision, now)
             .await?;
-        self.registry.note_placement(to);
         self.push.send(current.host, PushMessage::Stop { project });
         self.push.send(
             current.host,

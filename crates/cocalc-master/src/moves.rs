@@ -16,8 +16,7 @@ use cocalc_core::moves::{
     Evacuation, MovePhase, MovePullRequest, MoveRecord, MoveRequest, MoveSnapshot,
 };
 use cocalc_core::{
-    ApiError, Generation, HostId, HostState, Permission, PlacementDecision, PlacementRequest,
-    ProjectId, UserId,
+    ApiError, Generation, HostId, HostState, Permission, PlacementDecision, ProjectId, UserId,
 };
 use cocalc_placement::{MoveError, MoveSteps};
 
@@ -238,13 +237,9 @@ impl Master {
                     .into_iter()
                     .filter(|h| h.id != current.host)
                     .collect();
-                let decision = self
-                    .placement()
-                    .place(&PlacementRequest::new(project), &hosts)?;
                 // Evacuations pick targets one after another, faster
-                // than keepalives report load.
-                self.registry().note_placement(decision.host);
-                decision
+                // than keepalives report load: counted as placed.
+                self.choose_host(project, &hosts)?
             }
         };
         Ok(MoveRecord::new(
